@@ -1,0 +1,200 @@
+"""TA-TiTok on the tiny presets: shapes, gradients, KL, text use, checkpoints, errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tokenizer as T
+
+
+@pytest.fixture(scope="module")
+def text_encoder():
+    torch.manual_seed(0)
+    return T.TextEncoder.from_config(**T.TEXT_PRESETS["tiny"])
+
+
+@pytest.fixture(scope="module")
+def text(text_encoder):
+    return text_encoder(["a red circle", "two blue squares"])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_kl"])
+def test_shapes(preset, text):
+    torch.manual_seed(0)
+    m = T.TATiTok(T.PRESETS[preset])
+    c = m.config
+    x = torch.rand(2, 3, c.image_size, c.image_size)
+    tok = m.encode(x)
+    if c.quantize_mode == "vq":
+        assert tok.shape == (2, c.num_latent_tokens) and tok.dtype == torch.long
+        assert 0 <= tok.min() and tok.max() < c.codebook_size
+    else:
+        assert tok.shape == (2, c.num_latent_tokens, c.token_size) and tok.is_floating_point()
+        post = m.encode(x, return_posterior=True)
+        assert post.mean.shape == post.logvar.shape == tok.shape
+        assert torch.equal(post.mode(), tok)
+    assert m.decode(tok, text.final).shape == x.shape
+    rec, extras = m(x, text.final)
+    assert rec.shape == x.shape
+
+
+def test_text_features(text_encoder, text):
+    assert text.final.shape == (2, text_encoder.context_length, text_encoder.width)
+    assert text.penultimate.shape == text.final.shape
+    assert text.pooled.shape == (2, text_encoder.embed_dim)
+    # final = ln_final(last block(penultimate)): recompute it by hand.
+    blk = text_encoder.transformer.resblocks[-1]
+    manual = text_encoder.ln_final(blk(text.penultimate, attn_mask=text_encoder.attn_mask))
+    assert torch.allclose(manual, text.final, atol=1e-5)
+    # pooled is read at the end-of-text token, so padding after it changes nothing,
+    # and a different caption changes it.
+    other = text_encoder(["a red circle", "three green triangles"])
+    assert torch.allclose(other.pooled[0], text.pooled[0], atol=1e-6)
+    assert not torch.allclose(other.pooled[1], text.pooled[1])
+    assert not any(p.requires_grad for p in text_encoder.parameters())
+    text_encoder.train()
+    assert not text_encoder.training  # stays frozen in eval mode
+
+
+def test_straight_through_gradients(text):
+    torch.manual_seed(0)
+    m = T.TATiTok(T.PRESETS["tiny"])
+    x = torch.rand(2, 3, 32, 32)
+    rec, extras = m(x, text.final)
+    loss = (rec - x).pow(2).mean() + extras["quantizer_loss"]
+    loss.backward()
+    # The reconstruction loss reaches the encoder only through the straight-through copy.
+    g = m.encoder.patch_embed.weight.grad
+    assert g is not None and g.abs().sum() > 0
+    assert m.latent_tokens.grad.abs().sum() > 0
+    assert m.quantize.embedding.weight.grad.abs().sum() > 0  # codebook loss trains the codes
+
+
+def test_quantizer_picks_nearest_code():
+    q = T.VectorQuantizer(16, 4, clustering_vq=False)
+    z = q.embedding.weight[torch.tensor([[3, 7, 11]])] + 1e-4  # (1, 3, 4): near codes 3, 7, 11
+    zq, out = q(z)
+    assert out["ids"].tolist() == [[3, 7, 11]]
+    assert torch.allclose(zq, q.embedding.weight[[3, 7, 11]][None], atol=1e-3)
+
+
+def test_clustering_vq_revives_dead_codes():
+    torch.manual_seed(0)
+    q = T.VectorQuantizer(8, 2, clustering_vq=True).train()
+    # Every feature sits far from the tiny initial codebook, so a single code wins them all.
+    z = 10 + 0.1 * torch.randn(1, 64, 2)
+    before = q.embedding.weight.detach().clone()
+    _, out = q(z)
+    used = out["ids"].unique()
+    assert len(used) == 1
+    moved = (q.embedding.weight - before).norm(dim=1)
+    dead = torch.ones(8, dtype=torch.bool)
+    dead[used] = False
+    # The seven unused codes jump onto features (|z| ~ 14); the used one stays put.
+    assert (moved[dead] > 10).all() and moved[used].item() < 1e-6
+    assert torch.isclose(q.embed_prob.sum(), torch.tensor(0.01))  # usage EMA: (1 - 0.99) * 1
+    _, out = q(z)
+    assert len(out["ids"].unique()) > 1  # the revived codes now take part
+
+
+def test_kl_nonnegative_and_zero_at_prior():
+    torch.manual_seed(0)
+    post = T.DiagonalGaussian(torch.randn(4, 8, 6) * 3)
+    assert (post.kl() >= 0).all() and post.kl().shape == (4,)
+    prior = T.DiagonalGaussian(torch.zeros(4, 8, 6))  # mean 0, logvar 0 = N(0, I)
+    assert torch.allclose(prior.kl(), torch.zeros(4))
+    s = post.sample(generator=torch.Generator().manual_seed(1))
+    assert s.shape == post.mean.shape
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_kl"])
+def test_decoder_uses_text(preset, text_encoder):
+    torch.manual_seed(0)
+    m = T.TATiTok(T.PRESETS[preset]).eval()
+    with torch.no_grad():  # weights of a trained scale, so the text's effect is not tiny
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    tok = m.encode(torch.rand(1, 3, 32, 32))
+    a = m.decode(tok, text_encoder(["a red circle"]).final)
+    b = m.decode(tok, text_encoder(["three yellow triangles"]).final)
+    assert torch.equal(a, m.decode(tok, text_encoder(["a red circle"]).final))  # deterministic
+    assert (a - b).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_kl"])
+def test_from_official_round_trip(preset, tmp_path, text):
+    torch.manual_seed(0)
+    m = T.TATiTok(T.PRESETS[preset]).eval()
+    with torch.no_grad():  # non-trivial weights everywhere, so a wrong mapping shows
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    sd = m.official_state_dict()
+    # The official names, e.g. nn.MultiheadAttention's fused projection and the 1x1 convs.
+    assert "encoder.transformer.0.attn.in_proj_weight" in sd
+    assert sd["decoder.ffn.0.weight"].ndim == 4 and sd["encoder.conv_out.weight"].ndim == 4
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(m.official_config()))
+    m2 = T.TATiTok.from_official(str(tmp_path)).eval()
+    assert m2.config == m.config
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m.encode(x), m2.encode(x))
+        tok = m.encode(x)
+        assert torch.equal(m.decode(tok, text.final), m2.decode(tok, text.final))
+
+    # The same directory with pytorch_model.bin instead of safetensors.
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    m3 = T.TATiTok.from_official(str(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m3.state_dict().values()))
+
+
+def test_from_official_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        T.TATiTok.from_official(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        T.TATiTok.from_official(str(tmp_path))
+    m = T.TATiTok(T.PRESETS["tiny"])
+    (tmp_path / "config.json").write_text(json.dumps(m.official_config()))
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        T.TATiTok.from_official(str(tmp_path))
+    sd = m.official_state_dict()
+    sd.pop("decoder.mask_token")
+    sd["decoder.extra_weight"] = torch.zeros(3)
+    sd["latent_tokens"] = torch.zeros(5, 5)
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    with pytest.raises(RuntimeError) as e:
+        T.TATiTok.from_official(str(tmp_path))
+    msg = str(e.value)
+    assert "decoder.mask_token" in msg and "decoder.extra_weight" in msg and "latent_tokens" in msg
+
+
+def test_wrong_inputs_are_rejected(text):
+    m = T.TATiTok(T.PRESETS["tiny"])
+    with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\)"):
+        m.encode(torch.rand(2, 3, 64, 64))
+    tok = m.encode(torch.rand(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="text_hidden"):
+        m.decode(tok, torch.zeros(2, 77, 768))
+    with pytest.raises(ValueError, match="out of range"):
+        m.decode(torch.full_like(tok, 10_000), text.final)
+    with pytest.raises(ValueError, match="quantize_mode"):
+        T.TATiTok(T.TATiTokConfig(quantize_mode="fsq"))
+
+
+def test_presets_match_paper():
+    p = T.PRESETS
+    assert (p["tatitok_bl32_vq"].enc_width, p["tatitok_bl32_vq"].dec_width) == (768, 1024)
+    assert (p["tatitok_sl128_vae"].enc_width, p["tatitok_sl128_vae"].enc_depth) == (512, 8)
+    assert p["tatitok_bl128_vq"].num_latent_tokens == 128 and p["tatitok_bl64_vae"].token_size == 16
+    assert p["tatitok_bl32_vq"].codebook_size == 8192 and p["tatitok_bl32_vq"].token_size == 64
+
+
+def test_import_is_silent():
+    out = subprocess.run([sys.executable, "-c", "import tokenizer"], capture_output=True, text=True, cwd=".")
+    assert out.returncode == 0 and out.stdout == "" and out.stderr == ""

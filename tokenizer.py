@@ -1,0 +1,669 @@
+"""
+TA-TiTok: the Text-Aware Transformer-based 1-Dimensional Tokenizer.
+
+Paper: "Democratizing Text-to-Image Masked Generative Models with Compact
+Text-Aware One-Dimensional Tokens" (Kim et al., arXiv 2501.07730), §3.2 and §4.1.
+
+An image is cut into patches, and a ViT encoder reads them together with K
+learnable "latent tokens". Only the latent tokens are kept at the output, so the
+image becomes a 1D sequence of K tokens (K = 32, 64 or 128) instead of a 2D grid.
+They are either quantized against a codebook (the VQ variant, discrete ids) or
+read as the parameters of a diagonal Gaussian (the KL variant, continuous tokens).
+The decoder is a second ViT that reads the K tokens, a grid of mask tokens that
+become the output patches, and -- new in TA-TiTok (paper Eq. 3) -- the CLIP text
+embedding of the image's caption, so that the tokens themselves can spend their
+capacity on what the caption does not already say.
+
+Data flow, in the order the classes below appear:
+
+    images (B,3,H,W) in [0,1]
+      -> Encoder            patches + latent tokens -> ViT -> (B, K, C) or (B, K, 2C)
+      -> VectorQuantizer    (VQ)  nearest codebook entry, straight-through gradient
+         DiagonalGaussian   (KL)  mean / log-variance, sample() / mode() / kl()
+      -> Decoder            tokens + mask grid + CLIP text -> ViT -> pixels
+    TextEncoder             frozen open_clip text tower giving the text features
+
+Public API:
+    tok = TATiTok(PRESETS["tatitok_bl32_vq"])      or TATiTok.from_official(dir)
+    ids = tok.encode(images)                       # VQ: (B,K) long; KL: (B,K,C) mean
+    rec = tok.decode(ids, text.final)              # (B,3,H,W), nominally in [0,1]
+    text = TextEncoder()(["a photo of a cat"])     # .final / .penultimate / .pooled
+"""
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Transformer building blocks (pre-LN ViT, as in CLIP / the official TiTok).
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection.
+
+    The fused weight has the same [q; k; v] row layout as nn.MultiheadAttention's
+    `in_proj_weight`, which the official checkpoints use, so loading is a rename.
+    """
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads)  # (B, N, 3, h, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, h, N, d)
+        # SDPA picks the fastest kernel for the device (flash / memory-efficient / math).
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, ratio=4.0):
+        super().__init__()
+        self.c_fc = nn.Linear(dim, int(dim * ratio))
+        self.gelu = nn.GELU()  # exact (erf) GELU, as nn.GELU() in the official blocks
+        self.c_proj = nn.Linear(int(dim * ratio), dim)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+# -----------------------------------------------------------------------------
+# Encoder: image patches + K latent tokens -> K token vectors (paper §3.2).
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        W, self.grid = cfg.enc_width, cfg.image_size // cfg.enc_patch_size
+        # Non-overlapping patches: a conv whose stride equals its kernel is a
+        # per-patch linear projection.
+        self.patch_embed = nn.Conv2d(3, W, cfg.enc_patch_size, stride=cfg.enc_patch_size)
+        s = W**-0.5  # CLIP-style init scale for the embeddings
+        self.class_embedding = nn.Parameter(s * torch.randn(1, W))
+        # One learned position per patch, plus one for the class token.
+        self.positional_embedding = nn.Parameter(s * torch.randn(self.grid**2 + 1, W))
+        # The latent tokens' content lives in TATiTok.latent_tokens; here only
+        # their positions, so that each of the K slots can specialise.
+        self.latent_token_positional_embedding = nn.Parameter(s * torch.randn(cfg.num_latent_tokens, W))
+        self.ln_pre = nn.LayerNorm(W)
+        self.blocks = nn.ModuleList(Block(W, cfg.enc_heads) for _ in range(cfg.enc_depth))
+        self.ln_post = nn.LayerNorm(W)
+        # The KL variant predicts a mean and a log-variance per channel.
+        out = cfg.token_size * (2 if cfg.quantize_mode == "kl" else 1)
+        self.proj_out = nn.Linear(W, out)
+
+    def forward(self, images, latent_tokens):
+        B = images.shape[0]
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, G*G, W)
+        cls = self.class_embedding.expand(B, -1, -1)  # (B, 1, W)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding  # (B, 1+G*G, W)
+        lat = latent_tokens + self.latent_token_positional_embedding  # (K, W)
+        x = torch.cat([x, lat.expand(B, -1, -1)], dim=1)  # (B, 1+G*G+K, W)
+        x = self.ln_pre(x)
+        for blk in self.blocks:
+            x = blk(x)
+        # Keep only the latent tokens: everything the decoder will see about the
+        # image has to pass through these K slots.
+        z = self.ln_post(x[:, 1 + self.grid**2 :])  # (B, K, W)
+        return self.proj_out(z)  # (B, K, C) or (B, K, 2C)
+
+
+# -----------------------------------------------------------------------------
+# The two bottlenecks: vector quantization (VQ) and a diagonal Gaussian (KL).
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-neighbour codebook lookup with the straight-through estimator.
+
+    Losses follow VQ-VAE: the codebook term pulls codes towards the (frozen)
+    encoder outputs, the commitment term (x commitment_cost) pulls encoder
+    outputs towards the (frozen) codes.
+
+    clustering_vq (CVQ-VAE, Zheng & Vedaldi 2023) revives dead codes: each code
+    tracks an EMA of how often it is used, and rarely used codes are moved
+    towards the encoder output closest to them in the current (global) batch.
+    """
+
+    def __init__(self, codebook_size, token_size, commitment_cost=0.25, use_l2_norm=False, clustering_vq=False):
+        super().__init__()
+        self.codebook_size, self.token_size = codebook_size, token_size
+        self.commitment_cost, self.use_l2_norm, self.clustering_vq = commitment_cost, use_l2_norm, clustering_vq
+        self.embedding = nn.Embedding(codebook_size, token_size)
+        self.embedding.weight.data.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
+        if clustering_vq:
+            self.decay = 0.99
+            self.register_buffer("embed_prob", torch.zeros(codebook_size))
+
+    def codebook(self):
+        w = self.embedding.weight
+        return F.normalize(w, dim=-1) if self.use_l2_norm else w
+
+    def lookup(self, ids):
+        """(...,) long -> (..., C): the code vectors the decoder reads."""
+        return F.embedding(ids, self.codebook())
+
+    # Distances, losses and the revival update run in fp32 even under autocast:
+    # bf16 argmin over 8192 near-equal distances would pick codes at random.
+    @torch.autocast("cuda", enabled=False)
+    def forward(self, z):
+        z = z.float()  # (B, K, C)
+        flat = z.reshape(-1, self.token_size)  # (B*K, C)
+        raw = flat  # un-normalised features, used for code revival
+        if self.use_l2_norm:
+            flat, z = F.normalize(flat, dim=-1), F.normalize(z, dim=-1)
+        emb = self.codebook()  # (V, C)
+        # Squared distance ||a-b||^2 = |a|^2 + |b|^2 - 2 a.b, for every (token, code).
+        d = flat.pow(2).sum(1, keepdim=True) + emb.pow(2).sum(1) - 2 * flat @ emb.t()  # (B*K, V)
+        ids = d.argmin(dim=1)  # (B*K,)
+        zq = F.embedding(ids, emb).view_as(z)  # (B, K, C)
+
+        commitment = self.commitment_cost * (zq.detach() - z).pow(2).mean()
+        codebook = (zq - z.detach()).pow(2).mean()
+        if self.clustering_vq and self.training:
+            self._revive_codes(ids, d, raw)
+        # Straight-through: forward uses the code, backward copies the gradient to z.
+        zq = z + (zq - z).detach()
+        ids = ids.view(z.shape[:-1])  # (B, K)
+        return zq, dict(quantizer_loss=commitment + codebook, commitment_loss=commitment, codebook_loss=codebook, ids=ids)
+
+    @torch.no_grad()
+    def _revive_codes(self, ids, d, raw):
+        # Under DDP every rank must make the same update, so gather the batch.
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ids, d, raw = (_all_gather_cat(t) for t in (ids, d, raw))
+        usage = torch.bincount(ids, minlength=self.codebook_size).float() / ids.numel()  # (V,)
+        self.embed_prob.mul_(self.decay).add_(usage, alpha=1 - self.decay)
+        # For every code, the batch feature nearest to it.
+        anchors = raw[d.argmin(dim=0)]  # (V, C)
+        # Codes in constant use get decay ~0 (untouched); unused ones decay ~1
+        # (replaced by their anchor). Constants as in the official code.
+        decay = torch.exp(-(self.embed_prob * self.codebook_size * 10) / (1 - self.decay) - 1e-3)
+        w = self.embedding.weight.data
+        w.mul_(1 - decay[:, None]).add_(anchors * decay[:, None])
+
+
+def _all_gather_cat(t):
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+class DiagonalGaussian:
+    """Posterior q(z|x) = N(mean, exp(logvar)) per token channel (LDM's distribution)."""
+
+    def __init__(self, params):  # params: (B, K, 2C) -> mean, logvar each (B, K, C)
+        self.mean, logvar = params.float().chunk(2, dim=-1)
+        # Clamp as LDM does: keeps exp() finite early in training.
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator=None):
+        noise = torch.randn(self.mean.shape, device=self.mean.device, generator=generator)
+        return self.mean + self.std * noise
+
+    def mode(self):
+        return self.mean
+
+    def kl(self):
+        """KL(q || N(0, I)) summed over tokens and channels: (B,)."""
+        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2))
+
+
+# -----------------------------------------------------------------------------
+# Text-aware decoder (paper Eq. 3): [cls + mask grid] ++ [latent tokens] ++ [text].
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        W, self.grid, self.patch = cfg.dec_width, cfg.image_size // cfg.dec_patch_size, cfg.dec_patch_size
+        s = W**-0.5
+        self.decoder_embed = nn.Linear(cfg.token_size, W)
+        self.class_embedding = nn.Parameter(s * torch.randn(1, W))
+        self.positional_embedding = nn.Parameter(s * torch.randn(self.grid**2 + 1, W))
+        # One shared learned vector fills every output patch slot; the grid
+        # positions tell the slots apart and attention fills in the content.
+        self.mask_token = nn.Parameter(s * torch.randn(1, 1, W))
+        self.latent_token_positional_embedding = nn.Parameter(s * torch.randn(cfg.num_latent_tokens, W))
+        # CLIP text states (B, 77, 768) -> decoder width, with their own positions.
+        self.text_guidance_proj = nn.Linear(cfg.text_embed_dim, W)
+        self.text_guidance_positional_embedding = nn.Parameter(s * torch.randn(cfg.text_context_length, W))
+        self.ln_pre = nn.LayerNorm(W)
+        self.blocks = nn.ModuleList(Block(W, cfg.dec_heads) for _ in range(cfg.dec_depth))
+        self.ln_post = nn.LayerNorm(W)
+        # Each grid slot predicts its p x p x 3 pixels directly (a 1x1 conv on the
+        # grid, written as a Linear on tokens); a 3x3 conv then smooths the seams
+        # between neighbouring patches.
+        self.to_pixels = nn.Linear(W, self.patch * self.patch * 3)
+        self.conv_out = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, z, text):  # z: (B, K, C); text: (B, L, Dt)
+        B, G, p = z.shape[0], self.grid, self.patch
+        x = self.decoder_embed(z) + self.latent_token_positional_embedding  # (B, K, W)
+        grid = torch.cat([self.class_embedding[None], self.mask_token.expand(1, G * G, -1)], dim=1)
+        grid = (grid + self.positional_embedding).expand(B, -1, -1)  # (B, 1+G*G, W)
+        t = self.text_guidance_proj(text) + self.text_guidance_positional_embedding  # (B, L, W)
+        x = self.ln_pre(torch.cat([grid, x, t], dim=1))  # (B, 1+G*G+K+L, W)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.ln_post(x[:, 1 : 1 + G * G])  # (B, G*G, W): the output patch slots
+        x = self.to_pixels(x)  # (B, G*G, p*p*3), channel order (p1, p2, rgb)
+        x = x.view(B, G, G, p, p, 3).permute(0, 5, 1, 3, 2, 4)  # (B, 3, G, p, G, p)
+        x = x.reshape(B, 3, G * p, G * p)  # (B, 3, H, W)
+        return self.conv_out(x)
+
+
+# -----------------------------------------------------------------------------
+# The CLIP text encoder (frozen), shared by the TA-TiTok decoder and MaskGen.
+
+
+class TextFeatures(NamedTuple):
+    final: torch.Tensor  # (B, L, W) last block + ln_final: the TA-TiTok decoder's input
+    penultimate: torch.Tensor  # (B, L, W) all blocks but the last, no ln_final: MaskGen's text stream
+    pooled: torch.Tensor  # (B, E) ln_final(last)[EOT] @ text_projection: MaskGen's pooled condition
+
+
+class TextEncoder(nn.Module):
+    """A frozen open_clip text tower that returns the three features the system uses.
+
+    TextEncoder()                       -> ViT-L-14-336 with OpenAI weights (downloads once)
+    TextEncoder.from_config(cfg, dim)   -> a randomly initialised tower (tests, shapes world)
+
+    We run the blocks ourselves instead of calling encode_text(), because MaskGen
+    needs the states before the last block and encode_text() only returns the end.
+    """
+
+    def __init__(self, model_name="ViT-L-14-336", pretrained="openai", *, _tower=None, _tokenizer=None):
+        super().__init__()
+        import open_clip  # imported here so `import tokenizer` stays light and silent
+
+        if _tower is None:
+            # OpenAI's CLIP weights were trained with QuickGELU; recent open_clip
+            # builds nn.GELU for this name unless told otherwise.
+            model = open_clip.create_model(model_name, pretrained=pretrained, force_quick_gelu=True)
+            _tower, _tokenizer = model, open_clip.get_tokenizer(model_name)
+            del model.visual  # the image tower is never used: free ~300M parameters
+        # The same attribute names exist on open_clip's CLIP and on its TextTransformer.
+        self.token_embedding = _tower.token_embedding
+        self.positional_embedding = _tower.positional_embedding
+        self.transformer = _tower.transformer
+        self.ln_final = _tower.ln_final
+        self.text_projection = _tower.text_projection
+        self.register_buffer("attn_mask", _tower.attn_mask, persistent=False)  # causal (L, L)
+        self.tokenizer = _tokenizer
+        self.context_length = self.positional_embedding.shape[0]
+        self.width = self.token_embedding.weight.shape[1]
+        proj = self.text_projection
+        self.embed_dim = proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def from_config(cls, text_cfg, embed_dim):
+        """A randomly initialised tower from an open_clip CLIPTextCfg-style dict."""
+        import open_clip
+        from open_clip.model import CLIPTextCfg, _build_text_tower
+
+        tower = _build_text_tower(embed_dim, CLIPTextCfg(**text_cfg))
+        tok = open_clip.tokenizer.SimpleTokenizer(context_length=tower.context_length)
+        return cls(_tower=tower, _tokenizer=tok)
+
+    def train(self, mode=True):  # always frozen: ignore .train() from a parent module
+        return super().train(False)
+
+    def tokenize(self, captions):
+        return self.tokenizer(list(captions))  # (B, L) long
+
+    @torch.no_grad()
+    def forward(self, text):
+        ids = self.tokenize(text) if not torch.is_tensor(text) else text
+        ids = ids.to(self.token_embedding.weight.device)  # (B, L)
+        x = self.token_embedding(ids) + self.positional_embedding  # (B, L, W)
+        blocks = self.transformer.resblocks
+        # open_clip >= 2.31 runs its blocks batch-first; older versions want (L, B, W).
+        seq_first = not getattr(self.transformer, "batch_first", False)
+        x = x.transpose(0, 1) if seq_first else x
+        for blk in blocks[:-1]:
+            x = blk(x, attn_mask=self.attn_mask)
+        penultimate = x
+        x = blocks[-1](x, attn_mask=self.attn_mask)
+        if seq_first:
+            x, penultimate = x.transpose(0, 1), penultimate.transpose(0, 1)
+        final = self.ln_final(x)  # (B, L, W)
+        # The end-of-text token has the largest id in CLIP's vocabulary, so argmax finds it.
+        eot = final[torch.arange(final.shape[0], device=final.device), ids.argmax(dim=-1)]  # (B, W)
+        proj = self.text_projection
+        pooled = proj(eot) if isinstance(proj, nn.Linear) else eot @ proj  # (B, E)
+        return TextFeatures(final, penultimate, pooled)
+
+
+# -----------------------------------------------------------------------------
+# The tokenizer.
+
+
+@dataclass
+class TATiTokConfig:
+    image_size: int = 256
+    enc_patch_size: int = 16
+    dec_patch_size: int = 16
+    enc_width: int = 768  # ViT sizes: small 512/8/8, base 768/12/12, large 1024/24/16
+    enc_depth: int = 12
+    enc_heads: int = 12
+    dec_width: int = 1024
+    dec_depth: int = 24
+    dec_heads: int = 16
+    num_latent_tokens: int = 32
+    quantize_mode: str = "vq"  # "vq" (discrete ids) or "kl" (continuous Gaussian tokens)
+    codebook_size: int = 8192
+    token_size: int = 64  # channels per token: 64 for VQ, 16 for KL in the paper
+    commitment_cost: float = 0.25
+    use_l2_norm: bool = False
+    clustering_vq: bool = True  # the training configs revive dead codes
+    text_context_length: int = 77
+    text_embed_dim: int = 768
+
+
+class TATiTok(nn.Module):
+    def __init__(self, cfg: TATiTokConfig):
+        super().__init__()
+        if cfg.quantize_mode not in ("vq", "kl"):
+            raise ValueError(f"quantize_mode must be 'vq' or 'kl', got {cfg.quantize_mode!r}")
+        for side in ("enc", "dec"):
+            if cfg.image_size % getattr(cfg, f"{side}_patch_size"):
+                raise ValueError(f"image_size {cfg.image_size} is not a multiple of {side}_patch_size")
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        # The K latent tokens' content: learned, shared by every image.
+        self.latent_tokens = nn.Parameter(cfg.enc_width**-0.5 * torch.randn(cfg.num_latent_tokens, cfg.enc_width))
+        self.apply(_init_weights)
+        if cfg.quantize_mode == "vq":  # after apply(): the codebook keeps its own init
+            self.quantize = VectorQuantizer(
+                cfg.codebook_size, cfg.token_size, cfg.commitment_cost, cfg.use_l2_norm, cfg.clustering_vq
+            )
+
+    def _check_images(self, images):
+        S = self.config.image_size
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (S, S):
+            raise ValueError(
+                f"expected images of shape (B, 3, {S}, {S}) in [0, 1], got {tuple(images.shape)}; "
+                f"resize/crop them to {S}x{S} first (data.py does this)"
+            )
+
+    def encode(self, images, return_posterior=False):
+        """(B,3,H,W) in [0,1] -> VQ: ids (B,K) long; KL: posterior mean (B,K,C)
+        (or the DiagonalGaussian itself with return_posterior=True)."""
+        self._check_images(images)
+        z = self.encoder(images, self.latent_tokens)  # (B, K, C) or (B, K, 2C)
+        if self.config.quantize_mode == "vq":
+            return self.quantize(z)[1]["ids"]
+        post = DiagonalGaussian(z)
+        return post if return_posterior else post.mode()
+
+    def decode(self, tokens, text_hidden):
+        """tokens: VQ ids (B,K) or KL tokens (B,K,C); text_hidden: (B,77,768) CLIP
+        final states (TextEncoder(...).final). Returns (B,3,H,W), nominally [0,1]."""
+        cfg = self.config
+        if cfg.quantize_mode == "vq":
+            if tokens.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"a VQ tokenizer decodes integer code ids, got {tokens.dtype}")
+            if tokens.numel() and (tokens.min() < 0 or tokens.max() >= cfg.codebook_size):
+                raise ValueError(f"code ids must lie in [0, {cfg.codebook_size}); got a value out of range")
+            tokens = self.quantize.lookup(tokens.long())  # (B, K, C)
+        want = (tokens.shape[0], cfg.num_latent_tokens, cfg.token_size)
+        if tuple(tokens.shape) != want:
+            raise ValueError(f"expected tokens of shape {want[1:]} per image, got {tuple(tokens.shape[1:])}")
+        tshape = (tokens.shape[0], cfg.text_context_length, cfg.text_embed_dim)
+        if tuple(text_hidden.shape) != tshape:
+            raise ValueError(
+                f"text_hidden must be (B, {tshape[1]}, {tshape[2]}) CLIP final-layer states for the same "
+                f"batch, got {tuple(text_hidden.shape)}; pass TextEncoder(...)(captions).final"
+            )
+        return self.decoder(tokens, text_hidden.to(tokens.dtype))
+
+    def forward(self, images, text_hidden):
+        """Training pass: (reconstruction (B,3,H,W), extras for the loss)."""
+        self._check_images(images)
+        z = self.encoder(images, self.latent_tokens)
+        if self.config.quantize_mode == "vq":
+            zq, extras = self.quantize(z)
+        else:
+            post = DiagonalGaussian(z)
+            zq, extras = post.sample(), {"posterior": post}
+        return self.decoder(zq.to(z.dtype), text_hidden), extras
+
+    # ---- official checkpoints (Hugging Face layout: config.json + weights) ----
+
+    @classmethod
+    def from_official(cls, path, strict=True):
+        """Load a released TA-TiTok directory (e.g. turkeyju/tokenizer_tatitok_bl32_vq)."""
+        cfg_dict, sd = load_official_dir(path)
+        model = cls(config_from_official(cfg_dict))
+        load_checked(model, {_rename(k): _reshape(k, v) for k, v in sd.items()}, path, strict)
+        return model
+
+    def official_state_dict(self):
+        """Our weights under the official key names and shapes (the inverse of from_official)."""
+        out = {}
+        for k, v in self.state_dict().items():
+            ok = _rename(k, inverse=True)
+            if ok.endswith(("encoder.conv_out.weight", "decoder.ffn.0.weight")):
+                v = v[:, :, None, None]  # our Linear (out, in) -> their 1x1 conv (out, in, 1, 1)
+            out[ok] = v
+        return out
+
+    def official_config(self):
+        """config.json content in the official (OmegaConf) layout."""
+        c = self.config
+        vq = dict(
+            quantize_mode="vq" if c.quantize_mode == "vq" else "vae", token_size=c.token_size,
+            vit_enc_patch_size=c.enc_patch_size, vit_dec_patch_size=c.dec_patch_size,
+            num_latent_tokens=c.num_latent_tokens, finetune_decoder=False, is_legacy=False,
+            text_context_length=c.text_context_length, text_embed_dim=c.text_embed_dim,
+        )  # fmt: skip
+        for side in ("enc", "dec"):
+            arch = tuple(getattr(c, f"{side}_{k}") for k in ("width", "depth", "heads"))
+            names = [n for n, a in _VIT.items() if a == arch]
+            if names:
+                vq[f"vit_{side}_model_size"] = names[0]
+            else:  # not an official size (e.g. the tiny presets): spell it out
+                vq[f"vit_{side}_model_size"] = "custom"
+                vq.update({f"vit_{side}_{k}": v for k, v in zip(("width", "depth", "heads"), arch)})
+        if c.quantize_mode == "vq":
+            vq.update(codebook_size=c.codebook_size, commitment_cost=c.commitment_cost,
+                      use_l2_norm=c.use_l2_norm, clustering_vq=c.clustering_vq)  # fmt: skip
+        return {"model": {"vq_model": vq}, "dataset": {"preprocessing": {"crop_size": c.image_size}}}
+
+
+def _init_weights(m):
+    # The official initialisation: truncated normal(0.02) for linear maps and
+    # convs, zero biases, unit LayerNorms.
+    if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+# Official name fragment -> ours. Everything else is already named the same.
+_RENAMES = [
+    (".transformer.", ".blocks."),
+    (".attn.in_proj_weight", ".attn.qkv.weight"),
+    (".attn.in_proj_bias", ".attn.qkv.bias"),
+    (".attn.out_proj.", ".attn.proj."),
+    ("encoder.conv_out.", "encoder.proj_out."),
+    ("decoder.ffn.0.", "decoder.to_pixels."),
+]
+
+
+def _rename(key, inverse=False):
+    for a, b in _RENAMES:
+        key = key.replace(b, a) if inverse else key.replace(a, b)
+    return key
+
+
+def _reshape(key, v):
+    # Their 1x1 convs on a fake (B, C, 1, K) grid are our Linears on (B, K, C).
+    if key.endswith(("encoder.conv_out.weight", "decoder.ffn.0.weight")):
+        return v.flatten(1)
+    return v
+
+
+_VIT = {"small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
+
+
+def _vit_arch(vq, side):
+    """(width, depth, heads) from a named size, or from explicit fields for "custom"."""
+    name = vq[f"vit_{side}_model_size"]
+    if name == "custom":  # our extension, used by the tiny presets
+        return tuple(vq[f"vit_{side}_{k}"] for k in ("width", "depth", "heads"))
+    if name not in _VIT:
+        raise ValueError(f"unknown vit_{side}_model_size {name!r}; expected one of {sorted(_VIT)}")
+    return _VIT[name]
+
+
+def config_from_official(d):
+    """The official nested config dict -> TATiTokConfig."""
+    try:
+        vq, size = d["model"]["vq_model"], d["dataset"]["preprocessing"]["crop_size"]
+        enc, dec = (_vit_arch(vq, side) for side in ("enc", "dec"))
+        mode = {"vq": "vq", "vae": "kl"}[vq.get("quantize_mode", "vq")]
+        kw = dict(
+            image_size=size, enc_patch_size=vq["vit_enc_patch_size"], dec_patch_size=vq["vit_dec_patch_size"],
+            enc_width=enc[0], enc_depth=enc[1], enc_heads=enc[2],
+            dec_width=dec[0], dec_depth=dec[1], dec_heads=dec[2],
+            num_latent_tokens=vq["num_latent_tokens"], quantize_mode=mode, token_size=vq["token_size"],
+            text_context_length=vq.get("text_context_length", 77), text_embed_dim=vq.get("text_embed_dim", 768),
+        )  # fmt: skip
+        if mode == "vq":
+            kw.update(codebook_size=vq["codebook_size"], commitment_cost=vq.get("commitment_cost", 0.25),
+                      use_l2_norm=vq.get("use_l2_norm", False), clustering_vq=vq.get("clustering_vq", False))  # fmt: skip
+    except KeyError as e:
+        raise ValueError(f"config.json is not a TA-TiTok config: missing field {e}") from None
+    if vq.get("is_legacy", True):
+        # The legacy path reshapes the encoder output without a permute (a bug);
+        # every released TA-TiTok config has is_legacy: False.
+        raise ValueError("config.json has is_legacy: True; only is_legacy: False checkpoints are supported")
+    if vq.get("finetune_decoder", False):
+        raise ValueError("finetune_decoder: True (TiTok's two-stage decoder) is not part of TA-TiTok")
+    return TATiTokConfig(**kw)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint helpers shared with maskgen.py.
+
+
+def load_official_dir(path):
+    """Read a Hugging Face-layout directory: (config dict, state_dict)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"checkpoint directory {path!r} does not exist; download a release, e.g. "
+            f"`huggingface-cli download turkeyju/tokenizer_tatitok_bl32_vq --local-dir {path}`"
+        )
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"{path!r} has no config.json; it is not an official checkpoint directory")
+    with open(cfg_file) as f:
+        cfg = json.load(f)
+    st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+
+        sd = load_file(st)
+    elif os.path.isfile(pt):
+        sd = torch.load(pt, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{path!r} has neither model.safetensors nor pytorch_model.bin")
+    return cfg, sd
+
+
+def load_checked(model, sd, path, strict=True):
+    """load_state_dict that names every missing / unexpected / mis-shaped key."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(sd) & set(own)) if sd[k].shape != own[k].shape]  # fmt: skip
+    if strict and (missing or unexpected or shapes):
+        def show(xs):
+            return "\n    ".join(xs[:20]) + (f"\n    ... and {len(xs) - 20} more" if len(xs) > 20 else "")
+
+        msg = [f"checkpoint {path!r} does not match the model built from its config.json:"]
+        if missing:
+            msg.append(f"  missing keys ({len(missing)}):\n    {show(missing)}")
+        if unexpected:
+            msg.append(f"  unexpected keys ({len(unexpected)}):\n    {show(unexpected)}")
+        if shapes:
+            msg.append(f"  shape mismatches ({len(shapes)}):\n    {show(shapes)}")
+        msg.append("  Check that config.json belongs to these weights (same variant and size).")
+        raise RuntimeError("\n".join(msg))
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Presets. "BL" = ViT-Base encoder + ViT-Large decoder; "SL" = Small + Large.
+
+
+def _preset(enc, dec, K, mode, **kw):
+    e, d = _VIT[enc], _VIT[dec]
+    return TATiTokConfig(
+        enc_width=e[0], enc_depth=e[1], enc_heads=e[2], dec_width=d[0], dec_depth=d[1], dec_heads=d[2],
+        num_latent_tokens=K, quantize_mode=mode, token_size=64 if mode == "vq" else 16, **kw,
+    )  # fmt: skip
+
+
+PRESETS = {
+    "tatitok_bl32_vq": _preset("base", "large", 32, "vq"),
+    "tatitok_bl64_vq": _preset("base", "large", 64, "vq"),
+    "tatitok_bl128_vq": _preset("base", "large", 128, "vq"),
+    "tatitok_bl32_vae": _preset("base", "large", 32, "kl"),
+    "tatitok_bl64_vae": _preset("base", "large", 64, "kl"),
+    "tatitok_sl128_vae": _preset("small", "large", 128, "kl"),
+    # For tests: 32 px, patch 8, two blocks each side, a 16-entry text context.
+    "tiny": TATiTokConfig(
+        image_size=32, enc_patch_size=8, dec_patch_size=8, enc_width=32, enc_depth=2, enc_heads=2,
+        dec_width=32, dec_depth=2, dec_heads=2, num_latent_tokens=8, codebook_size=64, token_size=8,
+        text_context_length=16, text_embed_dim=32,
+    ),  # fmt: skip
+    "tiny_kl": TATiTokConfig(
+        image_size=32, enc_patch_size=8, dec_patch_size=8, enc_width=32, enc_depth=2, enc_heads=2,
+        dec_width=32, dec_depth=2, dec_heads=2, num_latent_tokens=8, quantize_mode="kl", token_size=4,
+        text_context_length=16, text_embed_dim=32,
+    ),  # fmt: skip
+}
+
+# Text towers for the presets above: open_clip CLIPTextCfg fields + projection dim.
+TEXT_PRESETS = {
+    "tiny": dict(text_cfg=dict(context_length=16, width=32, heads=2, layers=2), embed_dim=32),
+}

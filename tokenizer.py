@@ -631,6 +631,41 @@ def load_checked(model, sd, path, strict=True):
     return model
 
 
+def load_tokenizer(path, device="cpu", with_text=True):
+    """A frozen TA-TiTok and the text encoder it was trained with, from either
+    - an official release directory (config.json + weights): text encoder = CLIP ViT-L-14-336, or
+    - one of our train_tokenizer.py run folders (newest checkpoint) or checkpoint files,
+      where the EMA weights are used and a small text tower saved inside is restored.
+    Returns (tokenizer.eval(), text_encoder), or (tokenizer.eval(), None) with with_text=False
+    (e.g. for pretokenization, which needs no text and should not download CLIP)."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        model = TATiTok.from_official(path).to(device).eval()
+        return model, (TextEncoder().to(device) if with_text else None)
+    ckpt_file = path
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.startswith("ckpt_") and f.endswith(".pt"))
+        if not found:
+            raise FileNotFoundError(f"{path!r} holds no config.json (official) and no ckpt_*.pt (our runs)")
+        ckpt_file = os.path.join(path, found[-1])
+    if not os.path.isfile(ckpt_file):
+        raise FileNotFoundError(f"tokenizer checkpoint {path!r} does not exist")
+    ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+    if "tokenizer_config" not in ckpt:
+        raise ValueError(f"{ckpt_file!r} is not a TA-TiTok checkpoint (no 'tokenizer_config'); "
+                         f"is it a MaskGen checkpoint? Pass it as the generator instead")  # fmt: skip
+    model = TATiTok(TATiTokConfig(**ckpt["tokenizer_config"]))
+    load_checked(model, ckpt.get("ema") or ckpt["model"], ckpt_file)
+    name = ckpt["config"]["text_encoder"]
+    if not with_text:
+        text = None
+    elif ckpt.get("text_encoder") is not None:  # a small tower trained-with, saved inside
+        text = TextEncoder.from_config(**TEXT_PRESETS[name])
+        text.load_state_dict(ckpt["text_encoder"])
+    else:
+        text = TextEncoder(name, ckpt["config"].get("text_pretrained", "openai"))
+    return model.to(device).eval(), (text.to(device) if text is not None else None)
+
+
 # -----------------------------------------------------------------------------
 # Presets. "BL" = ViT-Base encoder + ViT-Large decoder; "SL" = Small + Large.
 

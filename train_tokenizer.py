@@ -326,15 +326,22 @@ def image_batches(cfg, image_size, rank, world, start_step):
             return images, [s.caption for s in samples]
 
         return get
-    # Tar shards or an image folder: a seeded stream per rank; resuming skips what was consumed.
+    # Tar shards or an image folder: a seeded stream per rank, started at the batch where
+    # the run stopped. Corrupt or filtered samples are skipped and counted (get.skipped).
     loader = data.image_text_loader(
         cfg.data, image_size=image_size, batch_size=B, rank=rank, world_size=world,
-        num_workers=cfg.num_workers, seed=cfg.seed,
+        num_workers=cfg.num_workers, seed=cfg.seed, start_batch=start_step * A,
     )  # fmt: skip
     stream = iter(loader)
-    for _ in range(start_step * A):
-        next(stream)
-    return lambda step, k: (lambda b: (b["image"], b["caption"]))(next(stream))
+    p_recap = getattr(cfg, "recaption_prob", 0.0)  # MaskGen: prefer the recaption 95% of the time
+
+    def get(step, k):
+        b = next(stream)
+        caps = data.pick_captions(b["caption"], b["recaption"], p_recap) if p_recap > 0 else b["caption"]
+        return b["image"], caps
+
+    get.skipped = loader.dataset.skipped
+    return get
 
 
 def seed_for_slot(seed, step, slot):
@@ -436,9 +443,9 @@ def main(argv=None):
         stats = {}
         micro = []
         for k in range(cfg.grad_accum):
+            seed_for_slot(cfg.seed, step, rank * cfg.grad_accum + k)
             images, captions = get_batch(step, k)
             images = images.to(device, non_blocking=True)
-            seed_for_slot(cfg.seed, step, rank * cfg.grad_accum + k)
             text = text_encoder(captions).final  # (B, 77, 768), frozen CLIP
             micro.append((images, text))
             # Only the last micro-step all-reduces gradients across ranks.
@@ -485,7 +492,12 @@ def main(argv=None):
             dt = time.time() - t0
             rec = {"step": step, "lr": lr, "grad_norm": float(grad_norm), "img_per_s": seen / dt}
             rec.update({k: float(v) for k, v in stats.items()})
-            log(rec, f"step {step:7d} | " + " | ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "step"))
+            if hasattr(get_batch, "skipped"):  # corrupt / filtered samples so far, by reason
+                rec["skipped"] = get_batch.skipped.counts()
+            line = " | ".join(f"{k} {v:.4g}" for k, v in rec.items() if k not in ("step", "skipped"))
+            if "skipped" in rec:
+                line += f" | skipped {get_batch.skipped.summary()}"
+            log(rec, f"step {step:7d} | {line}")
             t0, seen = time.time(), 0
         if master and (step % cfg.sample_every == 0 or step == cfg.max_steps):
             with torch.no_grad():  # EMA weights; KL decodes the posterior mean, for a stable picture

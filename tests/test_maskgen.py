@@ -1,0 +1,368 @@
+"""MaskGen on the tiny presets: shapes, losses, weight tying, generate(), torch.compile,
+official-checkpoint round trips and their error messages."""
+
+import json
+import math
+import types
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from maskgen import (
+    PRESETS,
+    MaskGen,
+    MaskGenConfig,
+    MaskGenKL,
+    MaskGenVQ,
+    aesthetic_embedding_kl,
+    aesthetic_embedding_vq,
+    vq_mask_schedule,
+)
+
+B, L = 3, 7  # batch, text length
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The tiny models gain nothing from intra-op threads, and on a busy shared machine
+    # two spinning threads make each step many times slower. Restored afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def text_inputs(cfg, seed=0, batch=B):
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(batch, L, cfg.text_width, generator=g)
+    pooled = torch.randn(batch, cfg.pooled_dim, generator=g)
+    null_text = torch.randn(1, L, cfg.text_width, generator=g)
+    null_pooled = torch.randn(1, cfg.pooled_dim, generator=g)
+    return text, pooled, null_text, null_pooled
+
+
+def make(name, seed=0):
+    torch.manual_seed(seed)
+    return MaskGen(PRESETS[name]).eval()
+
+
+@pytest.fixture(scope="module")
+def vq():
+    return make("tiny_vq")
+
+
+@pytest.fixture(scope="module")
+def kl():
+    return make("tiny_kl")
+
+
+# ---------------------------------------------------------------------------- shapes
+
+
+def test_dispatch_and_shapes_vq(vq):
+    c = vq.config
+    assert isinstance(vq, MaskGenVQ)
+    text, pooled, _, _ = text_inputs(c)
+    txt, cond = vq.encode_condition(text, pooled, 6.0)
+    assert txt.shape == (B, L, c.width) and cond.shape == (B, c.width)
+    ids = torch.randint(0, c.codebook_size, (B, c.num_tokens))
+    assert vq.logits(ids, text, pooled).shape == (B, c.num_tokens, c.codebook_size)
+    assert vq.tok_emb.num_embeddings == c.codebook_size + 1 + c.num_class_rows + 1
+    vq.train()
+    loss = vq(ids, text, pooled, torch.full((B,), 5.0))
+    vq.eval()
+    assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+def test_dispatch_and_shapes_kl(kl):
+    c = kl.config
+    assert isinstance(kl, MaskGenKL)
+    text, pooled, _, _ = text_inputs(c)
+    txt, cond = kl.encode_condition(text, pooled, torch.tensor([4.0, 5.0, 6.0]))
+    x = torch.randn(B, c.num_tokens, c.token_size)
+    mask = torch.zeros(B, c.num_tokens)
+    mask[:, ::2] = 1
+    assert kl.token_conditions(x, mask, txt, cond).shape == (B, c.num_tokens, c.width)
+    posterior = torch.randn(B, c.num_tokens, 2 * c.token_size)  # cat(mean, logvar)
+    loss = kl(posterior, text, pooled, 6.0)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+def test_aesthetic_embedding_variants():
+    s = torch.tensor([650.0, 3.0])
+    vq, kl = aesthetic_embedding_vq(s, 8), aesthetic_embedding_kl(s, 8)
+    # VQ: [sin | cos] halves, first frequency 1; KL: interleaved, first frequency 1.
+    assert torch.allclose(vq[:, 0], torch.sin(s)) and torch.allclose(vq[:, 4], torch.cos(s))
+    assert torch.allclose(kl[:, 0], torch.sin(s)) and torch.allclose(kl[:, 1], torch.cos(s))
+    assert torch.allclose(vq[:, 1], torch.sin(s * math.exp(-math.log(1000) / 4)))
+    assert torch.allclose(kl[:, 2], torch.sin(s * 10000 ** (-2 / 8)))
+
+
+def test_tied_head_shares_storage(vq):
+    head, table = vq.head_weight, vq.tok_emb.weight
+    assert head.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()
+    assert head.shape == (vq.config.codebook_size, vq.config.width)
+    assert not any("lm_head" in k for k in vq.state_dict())  # one tensor, not two
+
+
+def test_vq_mask_schedule():
+    counts = vq_mask_schedule(128, 16)
+    assert counts[-1] == 1 and all(a > b for a, b in zip(counts[:-2], counts[1:-1]))
+    # arccos: few tokens are decoded in the first steps, many in the last ones
+    assert counts[0] == math.floor(128 * math.acos(1 / 16) / (math.pi / 2)) == 122
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def overfit(model, batch, steps=50, lr=3e-3):
+    torch.manual_seed(0)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(*batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    assert all(math.isfinite(x) for x in losses)
+    return sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+
+
+def test_vq_loss_falls_on_one_batch():
+    model = make("tiny_vq", seed=1)
+    c = model.config
+    text, pooled, _, _ = text_inputs(c, batch=4)
+    tokens = torch.randint(0, c.codebook_size, (4, c.num_tokens), generator=torch.Generator().manual_seed(0))
+    first, last = overfit(model, (tokens, text, pooled, 6.0))
+    assert last < 0.4 * first, (first, last)
+
+
+def test_kl_loss_falls_on_one_batch():
+    model = make("tiny_kl", seed=1)
+    c = model.config
+    text, pooled, _, _ = text_inputs(c, batch=4)
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(4, c.num_tokens, c.token_size, generator=g)
+    posterior = torch.cat([mean, torch.full_like(mean, -8.0)], dim=-1)  # nearly deterministic tokens
+    first, last = overfit(model, (posterior, text, pooled, 6.0), steps=60)
+    assert last < 0.5 * first, (first, last)
+
+
+# ---------------------------------------------------------------------------- generate
+
+
+def test_vq_generate_valid_and_reproducible(vq):
+    c = vq.config
+    text, pooled, nt, npool = text_inputs(c)
+    run = lambda seed: vq.generate(text, pooled, nt, npool, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    a, b, other = run(0), run(0), run(1)
+    assert a.shape == (B, c.num_tokens) and a.dtype == torch.long
+    assert (a != vq.mask_id).all() and a.min() >= 0 and a.max() < c.codebook_size
+    assert torch.equal(a, b) and not torch.equal(a, other)
+    # deterministic decoding needs no generator
+    d1 = vq.generate(text, pooled, nt, npool, randomize_temperature=0.0)
+    assert torch.equal(d1, vq.generate(text, pooled, nt, npool, randomize_temperature=0.0))
+
+
+def test_aesthetic_score_changes_output(vq, kl):
+    for model in (vq, kl):
+        text, pooled, nt, npool = text_inputs(model.config)
+
+        def run(aes):
+            return model.generate(text, pooled, nt, npool, aesthetic=aes, generator=torch.Generator().manual_seed(0))
+
+        assert torch.equal(run(6.0), run(torch.full((B,), 6.0)))
+        assert not torch.equal(run(2.0), run(9.0)), type(model).__name__
+        # per-sample scores: only the changed sample's condition changes
+        _, c1 = model.encode_condition(text, pooled, torch.tensor([2.0, 5.0, 8.0]))
+        _, c2 = model.encode_condition(text, pooled, torch.tensor([2.0, 5.0, 9.0]))
+        assert torch.equal(c1[:2], c2[:2]) and not torch.equal(c1[2], c2[2])
+
+
+@pytest.mark.parametrize("name", ["tiny_vq", "tiny_kl"])
+def test_guidance_one_skips_unconditional_pass(name, vq, kl):
+    model = vq if name == "tiny_vq" else kl
+    text, pooled, nt, npool = text_inputs(model.config)
+    seen = []
+    hook = model.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+    try:
+        model.generate(text, pooled, guidance_scale=1.0, num_steps=3)  # no null condition needed
+        assert seen and set(seen) == {B}
+        seen.clear()
+        model.generate(text, pooled, nt, npool, guidance_scale=3.0, num_steps=3)
+        assert seen and set(seen) == {2 * B}
+    finally:
+        hook.remove()
+    with pytest.raises(ValueError, match="null_text"):
+        model.generate(text, pooled, guidance_scale=3.0)
+
+
+def test_kl_generate_shape_and_reproducible(kl):
+    c = kl.config
+    text, pooled, nt, npool = text_inputs(c)
+    run = lambda seed: kl.generate(text, pooled, nt, npool, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    a = run(0)
+    assert a.shape == (B, c.num_tokens, c.token_size) and torch.isfinite(a).all()
+    assert torch.equal(a, run(0)) and not torch.equal(a, run(1))
+
+    # The static plan draws every token exactly once, also with more steps than tokens
+    # (then some steps draw nothing).
+    drawn, sample = [], kl.diffloss.sample
+
+    def counting_sample(z, **kw):
+        drawn.append(z.shape[0])
+        return sample(z, **kw)
+
+    kl.diffloss.sample = counting_sample
+    try:
+        for steps in (1, 3, 2 * c.num_tokens):
+            drawn.clear()
+            out = kl.generate(text, pooled, guidance_scale=1.0, num_steps=steps)
+            assert sum(drawn) == B * c.num_tokens and torch.isfinite(out).all()
+    finally:
+        del kl.diffloss.sample
+
+
+def test_kl_training_rows_stay_aligned(kl):
+    # Row r of DiffLoss's (target, z, mask) must be one token of one sample, the same
+    # token in all three, repeated diffusion_batch_mul times.
+    c, seen = kl.config, {}
+    text, pooled, _, _ = text_inputs(c)
+    means = torch.randn(B, c.num_tokens, c.token_size)
+    conditions, diffloss_forward = kl.token_conditions, kl.diffloss.forward
+
+    def record_conditions(x, mask, txt, cond):
+        seen["x"], seen["mask"] = x, mask
+        seen["z"] = conditions(x, mask, txt, cond)
+        return seen["z"]
+
+    def record_loss(target, z, mask):
+        seen["rows"] = (target, z, mask)
+        return diffloss_forward(target, z, mask)
+
+    kl.token_conditions, kl.diffloss.forward = record_conditions, record_loss
+    try:
+        kl(means, text, pooled)  # (B, K, C): the tokens themselves, no posterior sample
+    finally:
+        del kl.token_conditions, kl.diffloss.forward
+    target, z, mask = seen["rows"]
+    m = c.diffusion_batch_mul
+    assert torch.equal(seen["x"], means * c.scale_factor)
+    assert torch.equal(target.view(m, B, c.num_tokens, -1), seen["x"].expand(m, -1, -1, -1))
+    assert torch.equal(z.view(m, B, c.num_tokens, -1), seen["z"].expand(m, -1, -1, -1))
+    assert torch.equal(mask.view(m, B, c.num_tokens), seen["mask"].expand(m, -1, -1))
+    assert (seen["mask"].sum(1) == seen["mask"][0].sum()).all() and seen["mask"].sum() >= B  # one rate per batch
+
+
+def test_kl_generate_under_torch_compile(kl):
+    # fullgraph=True: no graph breaks, so no host syncs or data-dependent shapes in the
+    # loop. aot_eager keeps the test cheap (no C++ codegen) and reproduces eager RNG.
+    text, pooled, nt, npool = text_inputs(kl.config, batch=2)
+    torch._dynamo.reset()
+    compiled = torch.compile(kl.generate, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(5)
+    out = compiled(text, pooled, nt, npool, num_steps=2)
+    torch.manual_seed(5)
+    assert torch.equal(out, kl.generate(text, pooled, nt, npool, num_steps=2))
+
+
+def test_bad_inputs_are_explained(vq, kl):
+    text, pooled, _, _ = text_inputs(vq.config)
+    with pytest.raises(ValueError, match="penultimate"):
+        vq.logits(torch.zeros(B, 16, dtype=torch.long), text[..., :5], pooled)
+    with pytest.raises(ValueError, match="LongTensor"):
+        vq(torch.zeros(B, 16), text, pooled)
+    with pytest.raises(ValueError, match="one score per sample"):
+        vq.encode_condition(text, pooled, torch.ones(B + 1))
+    with pytest.raises(ValueError, match="cat\\(mean, logvar\\)"):
+        kl(torch.zeros(B, 8, 5), text, pooled)
+    cuda_generator = types.SimpleNamespace(device=torch.device("cuda"))  # stands in for one
+    with pytest.raises(ValueError, match="Generator"):
+        vq.generate(text, pooled, guidance_scale=1.0, generator=cuda_generator)
+    with pytest.raises(TypeError, match="MaskGenConfig"):
+        MaskGen("tiny_vq")
+    with pytest.raises(ValueError, match="divisible"):
+        MaskGenConfig(width=60, heads=8)
+
+
+# ---------------------------------------------------------------------------- official checkpoints
+
+
+def write_official(model, path, fmt="safetensors", drop=(), rename=None, config_edit=None):
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.official_config()
+    if config_edit:
+        config_edit(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+    sd = {k: v.contiguous() for k, v in model.official_state_dict().items() if k not in drop}
+    if rename:
+        sd[rename[1]] = sd.pop(rename[0])
+    if fmt == "safetensors":
+        save_file(sd, str(path / "model.safetensors"))
+    else:  # the .bin layout keeps the tied lm_head as an extra (shared) tensor
+        if model.config.mode == "vq":
+            sd["lm_head.weight"] = sd["embeddings.weight"]
+        torch.save(sd, path / "pytorch_model.bin")
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_from_official_round_trip(tmp_path, fmt):
+    vq, kl = make("tiny_vq", seed=3), make("tiny_kl", seed=3)
+    for model in (vq, kl):
+        sd = model.official_state_dict()
+        assert "lm_head.weight" not in sd and any(k.endswith("attn.add_q_proj.weight") for k in sd)
+        loaded = MaskGen.from_official(write_official(model, tmp_path / f"{model.config.mode}_{fmt}", fmt)).eval()
+        assert type(loaded) is type(model) and loaded.config == model.config
+        text, pooled, _, _ = text_inputs(model.config)
+        if model.config.mode == "vq":
+            ids = torch.randint(0, 65, (B, 16))
+            assert torch.equal(model.logits(ids, text, pooled, 5.0), loaded.logits(ids, text, pooled, 5.0))
+            assert loaded.head_weight.untyped_storage().data_ptr() == loaded.tok_emb.weight.untyped_storage().data_ptr()
+            # a file that kept the shared table under the head's name loads the same
+            alt_dir = tmp_path / f"alt_{fmt}"
+            alt = MaskGen.from_official(write_official(model, alt_dir, rename=("embeddings.weight", "lm_head.weight")))
+            assert torch.equal(alt.tok_emb.weight, model.tok_emb.weight)
+        else:
+            txt, cond = model.encode_condition(text, pooled, 5.0)
+            x, mask = torch.randn(B, 8, 4), (torch.rand(B, 8) < 0.5).float()
+            assert torch.equal(model.token_conditions(x, mask, txt, cond), loaded.token_conditions(x, mask, txt, cond))
+            xt, t, c = torch.randn(5, 4), torch.randint(0, 1000, (5,)), torch.randn(5, 64)
+            assert torch.equal(model.diffloss.net(xt, t, c), loaded.diffloss.net(xt, t, c))
+
+
+def test_from_official_errors(tmp_path, vq, kl):
+    with pytest.raises(FileNotFoundError, match="does not exist.*huggingface-cli download"):
+        MaskGen.from_official(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        MaskGen.from_official(tmp_path / "empty")
+
+    # a renamed key is reported as missing (its official name) and unexpected
+    p = write_official(vq, tmp_path / "renamed", rename=("blocks.0.attn.to_q.weight", "blocks.0.attn.q.weight"))
+    expected = r"(?s)missing keys \(1\).*blocks\.0\.attn\.to_q\.weight.*" r"unexpected keys \(1\).*blocks\.0\.attn\.q\.weight.*Fix"
+    with pytest.raises(RuntimeError, match=expected):
+        MaskGen.from_official(p)
+    p = write_official(kl, tmp_path / "dropped", drop=("diffloss.net.final_layer.linear.weight",))
+    with pytest.raises(RuntimeError, match=r"missing keys \(1\):\n    diffloss\.net\.final_layer\.linear\.weight"):
+        MaskGen.from_official(p)
+
+    # weights that do not fit config.json: every mismatched tensor is named
+    def wider(cfg):
+        cfg["model"]["maskgen"]["decoder_embed_dim"] = 128
+
+    expected = r"(?s)shape mismatches \(56\).*" r"blocks\.0\.attn\.to_q\.weight: checkpoint \(64, 64\) vs model \(128, 128\)"
+    with pytest.raises(RuntimeError, match=expected):
+        MaskGen.from_official(write_official(vq, tmp_path / "wider", config_edit=wider))
+
+    def not_maskgen(cfg):
+        del cfg["model"]["maskgen"]
+
+    with pytest.raises(ValueError, match="not a MaskGen config.json: missing field 'maskgen'"):
+        MaskGen.from_official(write_official(vq, tmp_path / "bad_cfg", config_edit=not_maskgen))
+    with pytest.raises(ValueError, match="MaskGen-KL"):
+        MaskGenVQ.from_official(write_official(kl, tmp_path / "kl"))

@@ -1,0 +1,383 @@
+"""sample.py end to end on tiny random models, on CPU: files, grid, GenEval layout,
+seeding, sharding, checkpoint errors, and the tokenizer visualisations."""
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import maskgen as M
+import sample as S
+import tokenizer as T
+
+# tokenizer.PRESETS["tiny"] has K = 8 tokens, a 64-code codebook and 8 channels; the
+# maskgen "tiny_vq" preset makes K = 16, so the generator here is tiny_vq with K = 8.
+TOK_VQ = T.PRESETS["tiny"]
+GEN_VQ = dataclasses.replace(M.PRESETS["tiny_vq"], num_tokens=8, num_steps=4)
+TOK_KL = T.PRESETS["tiny_kl"]  # K = 8, C = 4: matches maskgen "tiny_kl" as it is
+GEN_KL = dataclasses.replace(M.PRESETS["tiny_kl"], num_steps=2, num_sampling_steps="5")
+CPU = ["--device", "cpu"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models are dominated by thread hand-off on a busy 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -----------------------------------------------------------------------------
+# Fixture helpers: tiny random checkpoints in the formats the trainers write.
+
+
+def tiny_text(seed=0):
+    torch.manual_seed(seed)
+    return T.TextEncoder.from_config(**T.TEXT_PRESETS["tiny"])
+
+
+def save_tokenizer_run(folder, cfg=TOK_VQ, text=None, seed=1):
+    """A train_tokenizer.py-style run folder: ckpt_*.pt with model/ema/config/tokenizer_config/text_encoder."""
+    torch.manual_seed(seed)
+    tok = T.TATiTok(cfg)
+    with torch.no_grad():
+        # At its init a decoder outputs ~0 whatever the tokens; scale weights so the pixels
+        # vary and depend strongly on the tokens (else the seed tests would prove nothing).
+        tok.decoder.conv_out.weight.mul_(40)
+        tok.decoder.conv_out.bias.fill_(0.5)
+        tok.decoder.decoder_embed.weight.mul_(20)
+        for blk in tok.decoder.blocks:
+            blk.attn.qkv.weight.mul_(5)
+            blk.attn.proj.weight.mul_(50)
+        if cfg.quantize_mode == "vq":
+            tok.quantize.embedding.weight.mul_(100)
+    ckpt = {
+        "model": tok.state_dict(), "ema": tok.state_dict(), "tokenizer_config": dataclasses.asdict(cfg),
+        "config": {"tokenizer": "tiny", "text_encoder": "tiny"}, "text_encoder": (text or tiny_text()).state_dict(),
+    }  # fmt: skip
+    os.makedirs(folder, exist_ok=True)
+    torch.save(ckpt, os.path.join(folder, "ckpt_00000010.pt"))
+    return str(folder)
+
+
+def generator_ckpt(cfg, tokenizer_path, with_text=False, seed=2):
+    """A train_maskgen.py-style checkpoint dict; 'model' differs from 'ema' so the choice shows.
+    train_maskgen.py takes the text encoder from the tokenizer and records none;
+    with_text=True also stores it (name + weights), which sample.py accepts too."""
+    torch.manual_seed(seed)
+    ema, raw = M.MaskGen(cfg), M.MaskGen(cfg)
+    ckpt = {"model": raw.state_dict(), "ema": ema.state_dict(), "maskgen_config": dataclasses.asdict(cfg),
+            "config": {"tokenizer": tokenizer_path, "maskgen": "tiny_vq"}}  # fmt: skip
+    if with_text:
+        ckpt["config"]["text_encoder"] = "tiny"
+        ckpt["text_encoder"] = tiny_text().state_dict()
+    return ckpt
+
+
+def save_generator_run(folder, cfg, tokenizer_path, **kw):
+    os.makedirs(folder, exist_ok=True)
+    torch.save(generator_ckpt(cfg, tokenizer_path, **kw), os.path.join(folder, "ckpt_00000020.pt"))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts")
+    out = {}
+    out["tok"] = save_tokenizer_run(d / "tok")
+    # Recorded as training would record it: relative to where training ran (here: d).
+    out["gen"] = save_generator_run(d / "gen", GEN_VQ, "tok")
+    out["tok_kl"] = save_tokenizer_run(d / "tok_kl", TOK_KL)
+    out["gen_kl"] = save_generator_run(d / "gen_kl", GEN_KL, str(d / "tok_kl"), with_text=True)
+    # The shipped-bundle layout: one file with both stages (subsets of the run checkpoints),
+    # weights stored in fp16 as the shipped file may be.
+    tok = torch.load(os.path.join(out["tok"], "ckpt_00000010.pt"), weights_only=True)
+    gen = generator_ckpt(GEN_VQ, "unused")
+
+    def half(sd):
+        return {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+
+    bundle = {
+        "tokenizer": {"tokenizer_config": tok["tokenizer_config"], "config": tok["config"],
+                      "ema": half(tok["ema"]), "text_encoder": half(tok["text_encoder"])},
+        "generator": {"maskgen_config": gen["maskgen_config"], "config": gen["config"], "ema": half(gen["ema"])},
+    }  # fmt: skip
+    out["bundle"] = str(d / "shapes.pt")
+    torch.save(bundle, out["bundle"])
+    return out
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    rng = np.random.RandomState(0)
+    path = tmp_path / "img.png"
+    Image.fromarray((rng.rand(40, 48, 3) * 255).astype(np.uint8)).save(path)  # not square: resized + cropped
+    return str(path)
+
+
+def run(args, outdir):
+    return S.main(args + ["--outdir", str(outdir)] + CPU)
+
+
+def pixels(path):
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")).copy()
+
+
+def folder_pixels(outdir):
+    return {f: pixels(os.path.join(outdir, f)) for f in sorted(os.listdir(outdir)) if f.endswith(".png") and f != "grid.png"}
+
+
+# -----------------------------------------------------------------------------
+# Sampling.
+
+
+def test_writes_images_and_grid(ckpts, tmp_path):
+    res = run(["--generator", ckpts["gen"], "--prompt", "a red circle", "--prompt", "two blue squares", "--num_images", "2"], tmp_path)
+    assert sorted(os.listdir(tmp_path)) == [
+        "00000_s0000.png", "00000_s0001.png", "00001_s0002.png", "00001_s0003.png", "grid.png", "prompts.jsonl",
+    ]  # fmt: skip
+    imgs = folder_pixels(tmp_path)
+    assert all(a.shape == (32, 32, 3) for a in imgs.values())
+    # Seeds differ -> images differ clearly (so the seed tests below have power).
+    vals = [a.astype(float) for a in imgs.values()]
+    assert min(np.abs(x - y).mean() for i, x in enumerate(vals) for y in vals[i + 1 :]) > 5
+    assert pixels(res["grid"]).shape[0] > 32 * 2  # two labelled rows
+    lines = [json.loads(x) for x in open(tmp_path / "prompts.jsonl")]
+    assert lines == [{"index": 0, "prompt": "a red circle"}, {"index": 1, "prompt": "two blue squares"}]
+
+
+def test_seed_repeatable_and_batch_size_independent(ckpts, tmp_path):
+    args = ["--generator", ckpts["gen"], "--prompt", "a", "--prompt", "b", "--num_images", "3", "--seed", "7"]
+    run(args + ["--batch_size", "4"], tmp_path / "a")
+    run(args + ["--batch_size", "4"], tmp_path / "b")
+    run(args + ["--batch_size", "1"], tmp_path / "c")
+    a, b, c = (folder_pixels(tmp_path / x) for x in "abc")
+    assert list(a) == [f"0000{p}_s{7 + n:04d}.png" for p, n in [(0, 0), (0, 1), (0, 2), (1, 3), (1, 4), (1, 5)]]
+    assert all(np.array_equal(a[f], b[f]) for f in a)
+    # Batched decoding may round differently from single-image decoding by one level at most.
+    assert list(a) == list(c) and all(np.abs(a[f].astype(int) - c[f].astype(int)).max() <= 1 for f in a)
+
+
+def test_kl_generator(ckpts, tmp_path):
+    run(["--generator", ckpts["gen_kl"], "--prompt", "a red circle", "--num_images", "2", "--guidance_schedule", "constant"], tmp_path)
+    imgs = folder_pixels(tmp_path)
+    assert list(imgs) == ["00000_s0000.png", "00000_s0001.png"] and all(a.shape == (32, 32, 3) for a in imgs.values())
+
+
+def test_aesthetic_scores_give_one_row_each(ckpts, tmp_path):
+    res = run(["--generator", ckpts["gen"], "--prompt", "a red circle", "--num_images", "2", "--aesthetic", "5", "6", "7"], tmp_path)
+    names = sorted(f for f in os.listdir(tmp_path) if f.startswith("0"))
+    assert names == [f"00000_s000{i}_aes{a}.png" for i in (0, 1) for a in (5, 6, 7)]  # same seeds at each score
+    one = Image.new("RGB", (32, 32))
+    expect = S.labelled_grid([[one, one]] * 3, ["x"] * 3, [["s", "s"]] * 3)
+    assert Image.open(res["grid"]).size == expect.size  # 3 rows of 2
+
+
+def test_geneval_layout(ckpts, tmp_path):
+    meta = [
+        {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
+        {"tag": "counting", "include": [{"class": "cat", "count": 2}], "exclude": [{"class": "cat", "count": 3}], "prompt": "a photo of two cats"},
+    ]
+    lines = [json.dumps(m) for m in meta]
+    src = tmp_path / "evaluation_metadata.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "geneval"
+    run(["--generator", ckpts["gen"], "--geneval", str(src), "--num_images", "2"], out)
+    assert sorted(os.listdir(out)) == ["00000", "00001", "grid.png"]
+    for p in range(2):
+        d = out / f"{p:05d}"
+        assert sorted(os.listdir(d)) == ["metadata.jsonl", "samples"]
+        assert sorted(os.listdir(d / "samples")) == ["0000.png", "0001.png"]
+        text = (d / "metadata.jsonl").read_text()
+        assert text == lines[p] + "\n"
+        with open(d / "metadata.jsonl") as f:
+            assert json.load(f) == meta[p]  # how GenEval reads it
+
+
+def test_prompt_files(tmp_path):
+    txt, jsonl, bad = tmp_path / "p.txt", tmp_path / "p.jsonl", tmp_path / "bad.jsonl"
+    txt.write_text("a red circle\n\ntwo blue squares\n")
+    jsonl.write_text('{"prompt": "a red circle", "tag": "x"}\n{"prompt": "two blue squares"}\n')
+    bad.write_text('{"prompt": "ok"}\n{"caption": "no prompt field"}\n')
+    assert S.read_prompt_file(str(txt)) == S.read_prompt_file(str(jsonl)) == ["a red circle", "two blue squares"]
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2 has no \"prompt\""):
+        S.read_prompt_file(str(bad))
+
+
+def test_sharding_over_ranks_matches_one_process(ckpts, tmp_path, monkeypatch):
+    items = S.make_items(5, 3, 2, seed=0)
+    for world in (1, 2, 3, 4):
+        parts = [S.shard(items, r, world) for r in range(world)]
+        assert sorted(x for p in parts for x in p) == sorted(items)  # no gaps, no duplicates
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+    args = ["--generator", ckpts["gen"], "--prompt", "a", "--prompt", "b", "--prompt", "c", "--num_images", "2", "--batch_size", "2"]
+    run(args, tmp_path / "one")
+    monkeypatch.setattr(S, "_barrier", lambda: None)
+    for rank in (1, 0):  # rank 0 last: it draws the grid from every rank's files
+        monkeypatch.setattr(S, "_dist_setup", lambda r=rank: (r, 2))
+        res = run(args, tmp_path / "two")
+        assert len(res["images"]) == 3
+    one, two = folder_pixels(tmp_path / "one"), folder_pixels(tmp_path / "two")
+    assert list(one) == list(two) and all(np.abs(one[f].astype(int) - two[f].astype(int)).max() <= 1 for f in one)
+    assert os.path.isfile(tmp_path / "two" / "grid.png")
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: EMA preference, the bundle, the default, and clear errors before any work.
+
+
+def test_load_generator_prefers_ema(ckpts):
+    g = S.load_generator(ckpts["gen"])
+    ckpt = torch.load(os.path.join(ckpts["gen"], "ckpt_00000020.pt"), weights_only=True)
+    sd = g.model.state_dict()
+    assert all(torch.equal(sd[k], ckpt["ema"][k]) for k in sd)
+    assert not all(torch.equal(sd[k], ckpt["model"][k]) for k in sd)
+    assert "EMA" in g.source and g.tokenizer == "tok"
+    for gen in ("gen", "gen_kl"):  # text encoder not recorded / recorded with the same weights
+        m = S.load_models(ckpts[gen], None, "cpu")
+        assert m.gen_text is m.tok_text  # one text encoder serves both models
+
+
+def test_bundle_and_default_checkpoint(ckpts, tmp_path, monkeypatch, image_file):
+    monkeypatch.setattr(S, "DEFAULT_CHECKPOINT", ckpts["bundle"])
+    res = run(["--prompt", "a red circle"], tmp_path / "a")  # no checkpoint arguments at all
+    assert [os.path.basename(p) for p in res["images"]] == ["00000_s0000.png"]
+    run(["--generator", ckpts["bundle"], "--prompt", "a red circle"], tmp_path / "b")
+    assert np.array_equal(pixels(tmp_path / "a" / "00000_s0000.png"), pixels(tmp_path / "b" / "00000_s0000.png"))
+    viz = S.main(["tokviz", "--image", image_file, "--outdir", str(tmp_path / "viz")] + CPU)  # default tokenizer
+    assert viz["swaps"].shape == (8, 6, 3, 32, 32)
+    monkeypatch.setattr(S, "DEFAULT_CHECKPOINT", str(tmp_path / "checkpoints" / "shapes.pt"))
+    with pytest.raises(FileNotFoundError, match=r"shapes\.pt is missing.*train"):
+        run(["--prompt", "a red circle"], tmp_path / "c")
+
+
+def test_bad_inputs_fail_before_work(ckpts, tmp_path):
+    out = tmp_path / "out"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    # Prompts are checked first: the missing checkpoint is not even looked at.
+    with pytest.raises(ValueError, match="holds no prompts"):
+        run(["--generator", str(tmp_path / "nope"), "--prompts", str(empty)], out)
+    with pytest.raises(FileNotFoundError, match=r"generator checkpoint .*nope.* does not exist"):
+        run(["--generator", str(tmp_path / "nope"), "--prompt", "x"], out)
+    with pytest.raises(ValueError, match="no prompts"):
+        run(["--generator", ckpts["gen"]], out)
+
+    # Token count: the unmodified tiny_vq preset makes 16 tokens, the tokenizer 8.
+    bad_k = save_generator_run(tmp_path / "gen16", dataclasses.replace(GEN_VQ, num_tokens=16), ckpts["tok"])
+    with pytest.raises(ValueError, match=r"token count K: tokenizer has 8 latent tokens but the generator makes 16(.|\n)*Fix"):
+        run(["--generator", bad_k, "--prompt", "x"], out)
+    bad_v = save_generator_run(tmp_path / "gen32", dataclasses.replace(GEN_VQ, codebook_size=32), ckpts["tok"])
+    with pytest.raises(ValueError, match=r"codebook size: tokenizer 64 vs generator 32"):
+        run(["--generator", bad_v, "--prompt", "x"], out)
+    with pytest.raises(ValueError, match=r"token type: tokenizer is KL but the generator is MaskGen-VQ"):
+        run(["--generator", ckpts["gen"], "--tokenizer", ckpts["tok_kl"], "--prompt", "x"], out)
+    with pytest.raises(ValueError, match=r"tokenizer checkpoint.*pass it as --tokenizer"):
+        run(["--generator", ckpts["tok"], "--prompt", "x"], out)
+    with pytest.raises(ValueError, match=r"MaskGen checkpoint.*pass it as --generator"):
+        run(["--generator", ckpts["gen"], "--tokenizer", ckpts["gen"], "--prompt", "x"], out)
+    with pytest.raises(ValueError, match=r"guidance_schedule 'cosine' is not available for MaskGen-KL"):
+        run(["--generator", ckpts["gen_kl"], "--guidance_schedule", "cosine", "--prompt", "x"], out)
+    assert not out.exists()  # nothing was written by any of the failures
+
+
+def save_official(folder, model):
+    """A release-layout directory: config.json (official layout) + model.safetensors."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(model.official_config(), f)
+    save_file({k: v.detach().clone().contiguous() for k, v in model.official_state_dict().items()}, os.path.join(folder, "model.safetensors"))
+    return str(folder)
+
+
+def test_official_release_dirs(tmp_path):
+    torch.manual_seed(0)
+    gen_dir = save_official(tmp_path / "generator_tiny", M.MaskGen(GEN_VQ))
+    tok_dir = save_official(tmp_path / "tokenizer_tiny", T.TATiTok(dataclasses.replace(TOK_VQ, num_latent_tokens=16)))
+    g = S.load_generator(gen_dir)
+    assert g.model.config.num_tokens == 8 and g.tokenizer is None and g.text == S.OFFICIAL_TEXT
+    with pytest.raises(ValueError, match=r"tokenizer release.*pass it as --tokenizer"):
+        S.load_generator(tok_dir)
+    with pytest.raises(ValueError, match=r"does not say which tokenizer.*--tokenizer"):
+        S.load_models(gen_dir, None, "cpu")
+    # The mismatch is found from the two config.json files, before CLIP would be downloaded.
+    with pytest.raises(ValueError, match=r"tokenizer has 16 latent tokens but the generator makes 8"):
+        S.load_models(gen_dir, tok_dir, "cpu")
+
+
+def test_cli_subprocess(ckpts, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "sample.py", "--generator", ckpts["gen"], "--prompt", "a red circle", "--outdir", str(tmp_path)] + CPU
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"wrote 1 image to {tmp_path}" in r.stdout
+    assert os.path.isfile(tmp_path / "00000_s0000.png") and os.path.isfile(tmp_path / "grid.png")
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer visualisations (Fig. 4, Fig. 8).
+
+
+def test_swap_tokens_shapes_and_effect(ckpts):
+    src = S._resolve_tokenizer(ckpts["tok"])
+    tok = T.TATiTok(src.config)
+    T.load_checked(tok, src.ckpt["ema"], "tok")
+    text = S.build_text_encoder(src.text, "tok")
+    final = text(["a red circle"]).final
+    ids = tok.encode(torch.rand(1, 3, 32, 32))
+    out = S.swap_tokens(tok, ids, final, positions=[0, 5], replacements=[1, 2, 3])
+    assert out.shape == (2, 3, 3, 32, 32) and 0 <= out.min() and out.max() <= 1
+    same = S.swap_tokens(tok, ids, final, positions=[5], replacements=[int(ids[0, 5])])  # swap to its own code
+    assert torch.allclose(same[0, 0], tok.decode(ids, final).clamp(0, 1), atol=1e-5)
+    assert not torch.allclose(out[0, 0], out[0, 1])
+    with pytest.raises(ValueError, match="out of range"):
+        S.swap_tokens(tok, ids, final, positions=[8], replacements=[1])
+
+
+def test_encoder_attention_is_the_last_blocks_attention(ckpts):
+    tok = T.TATiTok(TOK_VQ).eval()
+    images = torch.rand(2, 3, 32, 32)
+    attn = S.encoder_attention(tok, images)
+    G, K = 4, 8
+    assert attn.shape == (2, K, G, G) and (attn >= 0).all()
+    assert (attn.sum(dim=(2, 3)) <= 1 + 1e-5).all()
+    # The recomputed weights, applied to v, must give the block's own attention output.
+    seen = {}
+    last = tok.encoder.blocks[-1]
+    h = last.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    tok.encoder(images, tok.latent_tokens)
+    h.remove()
+    x = last.ln_1(seen["x"])
+    B, N, W = x.shape
+    q, k, v = last.attn.qkv(x).view(B, N, 3, last.attn.heads, -1).permute(2, 0, 3, 1, 4)
+    w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(W // last.attn.heads), dim=-1)  # (B, h, N, N)
+    mine = last.attn.proj((w @ v).transpose(1, 2).reshape(B, N, W))
+    assert torch.allclose(mine, last.attn(x), atol=1e-5)
+    assert torch.allclose(attn, w.mean(1)[:, 1 + G * G :, 1 : 1 + G * G].reshape(B, K, G, G))
+    ov = S.attention_overlays(images[0], attn[0])
+    assert ov.shape == (K, 3, 32, 32) and 0 <= ov.min() and ov.max() <= 1
+
+
+def test_tokviz_command_vq_and_kl(ckpts, tmp_path, image_file):
+    res = S.main(["tokviz", "--tokenizer", ckpts["tok"], "--image", image_file, "--caption", "a red circle",
+                  "--outdir", str(tmp_path / "vq"), "--positions", "0", "3", "7", "--codes", "1", "2"] + CPU)  # fmt: skip
+    assert res["swaps"].shape == (3, 2, 3, 32, 32)
+    assert res["attention_maps"].shape == (8, 4, 4) and res["overlays"].shape == (8, 3, 32, 32)
+    assert Image.open(res["swap"]).size[1] > 3 * 32 and os.path.isfile(res["attention"])
+    # KL: replacements are other tokens' values (here from a second image), default positions.
+    res = S.main(["tokviz", "--tokenizer", ckpts["tok_kl"], "--image", image_file, "--swap_image", image_file,
+                  "--num_codes", "3", "--outdir", str(tmp_path / "kl")] + CPU)  # fmt: skip
+    assert res["swaps"].shape == (8, 3, 3, 32, 32)
+    assert os.path.isfile(res["swap"]) and os.path.isfile(res["attention"])

@@ -1,0 +1,194 @@
+"""The trainers on tiny presets and the shapes world, on CPU: the loss falls, resume is
+exact, a truncated checkpoint is never resumed from, DDP (gloo) equals one process."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_maskgen
+import train_tokenizer
+
+
+def run_tok(out, *args):
+    train_tokenizer.main([f"--out_dir={out}", "--config=tiny", *args])
+
+
+def run_mg(out, tok, mode="vq", *args):
+    train_maskgen.main([f"--out_dir={out}", f"--config=tiny_{mode}", f"--tokenizer={tok}", *args])
+
+
+def log(out):
+    return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+
+
+def final_ckpt(out):
+    return torch.load(sorted(glob.glob(f"{out}/ckpt_*.pt"))[-1], weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def tok_runs(tmp_path_factory):
+    """Tiny VQ and KL tokenizers trained for a few steps (shared by the MaskGen tests)."""
+    root = tmp_path_factory.mktemp("tok")
+    run_tok(root / "vq", "--max_steps=4", "--ckpt_every=4", "--sample_every=4")
+    run_tok(root / "kl", "--tokenizer=tiny_kl", "--max_steps=2", "--ckpt_every=2", "--sample_every=2")
+    return root
+
+
+def test_tokenizer_loss_falls(tmp_path):
+    run_tok(tmp_path, "--max_steps=16", "--log_every=1", "--disc_start=8")
+    totals = [r["total"] for r in log(tmp_path)]
+    assert len(totals) == 16 and all(map(torch.isfinite, torch.tensor(totals)))
+    assert sum(totals[-4:]) / 4 < 0.5 * sum(totals[:2]) / 2
+    assert "hinge" in log(tmp_path)[-1]  # the discriminator switched on at step 8
+    assert os.path.exists(tmp_path / "recon_00000016.png")
+
+
+@pytest.mark.parametrize("mode", ["vq", "kl"])
+def test_maskgen_loss_falls(mode, tmp_path, tok_runs):
+    run_mg(tmp_path, tok_runs / mode, mode, "--max_steps=20", "--log_every=1", "--lr=3e-3")
+    losses = [r["loss"] for r in log(tmp_path)]
+    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:3]) / 3, losses
+    assert os.path.exists(tmp_path / "samples_00000020.png")
+    ck = final_ckpt(tmp_path)
+    assert ck["maskgen_config"]["mode"] == mode and ck["config"]["tokenizer"] == str(tok_runs / mode)
+    assert not any(k.startswith("_orig_mod") for k in ck["model"])
+
+
+def _same_state(a, b):
+    ta = {k: v for k, v in a.items() if torch.is_tensor(v)}
+    return ta.keys() == {k for k, v in b.items() if torch.is_tensor(v)} and all(torch.equal(ta[k], b[k]) for k in ta)
+
+
+def _same_optimizer(a, b):
+    return all(_same_state(a["state"][i], b["state"][i]) for i in a["state"]) and a["state"].keys() == b["state"].keys()
+
+
+def test_tokenizer_exact_resume(tmp_path):
+    run_tok(tmp_path / "straight", "--max_steps=6", "--ckpt_every=3", "--disc_start=2")
+    run_tok(tmp_path / "resumed", "--max_steps=3", "--ckpt_every=3", "--disc_start=2")
+    run_tok(tmp_path / "resumed", "--max_steps=6", "--ckpt_every=3", "--disc_start=2")  # picks up step 3
+    a, b = final_ckpt(tmp_path / "straight"), final_ckpt(tmp_path / "resumed")
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema", "loss_state"):
+        assert _same_state(a[key], b[key]), key
+    assert _same_optimizer(a["optimizer"], b["optimizer"]) and _same_optimizer(a["optimizer_d"], b["optimizer_d"])
+
+
+def test_maskgen_exact_resume(tmp_path, tok_runs):
+    tok = tok_runs / "kl"  # KL: the posterior samples and diffusion noise must also replay
+    run_mg(tmp_path / "straight", tok, "kl", "--max_steps=4", "--ckpt_every=2")
+    run_mg(tmp_path / "resumed", tok, "kl", "--max_steps=2", "--ckpt_every=2")
+    run_mg(tmp_path / "resumed", tok, "kl", "--max_steps=4", "--ckpt_every=2")
+    a, b = final_ckpt(tmp_path / "straight"), final_ckpt(tmp_path / "resumed")
+    assert _same_state(a["model"], b["model"]) and _same_state(a["ema"], b["ema"])
+    assert _same_optimizer(a["optimizer"], b["optimizer"])
+
+
+def test_truncated_checkpoint_is_skipped(tmp_path, capsys):
+    run_tok(tmp_path, "--max_steps=4", "--ckpt_every=2", "--sample_every=100")
+    newest = tmp_path / "ckpt_00000004.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # a crash mid-write (without our atomic rename)
+    path, ck = train_tokenizer.load_latest_checkpoint(str(tmp_path), log=print)
+    assert path.endswith("ckpt_00000002.pt") and ck["step"] == 2
+    assert "ckpt_00000004.pt is unreadable" in capsys.readouterr().out
+    # A stray temporary file from an interrupted save is never considered.
+    (tmp_path / "ckpt_00000006.pt.tmp").write_bytes(b"garbage")
+    run_tok(tmp_path, "--max_steps=5", "--ckpt_every=5", "--sample_every=100")
+    assert final_ckpt(tmp_path)["step"] == 5
+
+
+def test_config_mismatch_is_refused(tmp_path):
+    run_tok(tmp_path, "--max_steps=2", "--ckpt_every=2", "--sample_every=100")
+    with pytest.raises(SystemExit, match=r"lr: checkpoint has 0.003, this run has 0.1"):
+        run_tok(tmp_path, "--max_steps=4", "--lr=0.1")
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(SystemExit, match="unknown option --lrr"):
+        run_tok("/tmp/unused", "--lrr=1")
+    with pytest.raises(SystemExit, match="not a valid int"):
+        run_tok("/tmp/unused", "--max_steps=ten")
+    with pytest.raises(SystemExit, match="unknown --config"):
+        train_tokenizer.main(["--config=nope"])
+
+
+def test_compile_runs(tmp_path, tok_runs):
+    run_mg(tmp_path, tok_runs / "vq", "vq", "--max_steps=2", "--compile=true", "--sample_every=100")
+    assert final_ckpt(tmp_path)["step"] == 2
+    assert not any(k.startswith("_orig_mod") for k in final_ckpt(tmp_path)["model"])
+
+
+def _torchrun(script, nproc, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_ddp_equals_single_process(tmp_path, tok_runs):
+    """2 ranks x batch 4 == 1 process x 2 micro-batches of 4 (same global batch, same data,
+    same noise per micro-batch slot): allclose weights. Ranks stay in sync by construction
+    (DDP all-reduce), and rank 0 writes the checkpoint.
+
+    The KL tokenizer without the GAN is used: clustering-VQ revival updates the codebook
+    once per forward pass (so 2 micro-batches of B revive twice, 2 ranks once on 2B
+    gathered tokens), and the GAN's LeCAM EMAs see per-step (not per-micro-batch) logits."""
+    common = ["--max_steps=3", "--ckpt_every=3", "--sample_every=100", "--disc_start=100", "--tokenizer=tiny_kl"]
+    _torchrun("train_tokenizer.py", 2, "--config=tiny", f"--out_dir={tmp_path}/tok_ddp", *common)
+    run_tok(tmp_path / "tok_one", "--grad_accum=2", *common)
+    a, b = final_ckpt(tmp_path / "tok_ddp"), final_ckpt(tmp_path / "tok_one")
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4), k
+
+    mg = ["--max_steps=3", "--ckpt_every=3", "--sample_every=100", f"--tokenizer={tok_runs / 'kl'}"]
+    _torchrun("train_maskgen.py", 2, "--config=tiny_kl", f"--out_dir={tmp_path}/mg_ddp", "--batch_size=4", *mg)
+    run_mg(tmp_path / "mg_one", tok_runs / "kl", "kl", "--batch_size=4", "--grad_accum=2", *mg[:-1])
+    a, b = final_ckpt(tmp_path / "mg_ddp"), final_ckpt(tmp_path / "mg_one")
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4), k
+
+
+def test_corrupt_shard_trains_through(tmp_path):
+    """A shard with a corrupt JPEG, an image without caption and a tar that ends inside
+    a member: training runs, and the skips are counted in the log."""
+    import io
+    import tarfile
+
+    import data
+
+    data.make_shapes_shards(str(tmp_path / "shards"), n=24, per_shard=12)
+    first, second = sorted((tmp_path / "shards").glob("*.tar"))
+    png = io.BytesIO()
+    from PIL import Image
+
+    Image.fromarray(data.ShapesWorld(1).sample(0).image).save(png, format="PNG")
+
+    def add(tf, name, payload):
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tf.addfile(info, io.BytesIO(payload))
+
+    with tarfile.open(first, "a") as tf:
+        add(tf, "zz_bad.jpg", b"\xff\xd8\xff\xe0 this is not a JPEG")
+        add(tf, "zz_bad.txt", b"a red circle")
+        add(tf, "zz_nocap.png", png.getvalue())
+    with tarfile.open(second, "a") as tf:
+        add(tf, "zz_trunc.png", png.getvalue() * 20)
+    with tarfile.open(second) as tf:
+        last = tf.getmember("zz_trunc.png")
+    raw = second.read_bytes()
+    second.write_bytes(raw[: last.offset_data + last.size // 2])  # the file ends inside the last member
+    shard = tmp_path / "shards" / "*.tar"
+
+    out = tmp_path / "run"
+    # 4 steps x 10 images: more than the 23 readable samples, so every sample is reached.
+    run_tok(out, f"--data={shard}", "--batch_size=10", "--max_steps=4", "--log_every=4", "--sample_every=100", "--ckpt_every=4")
+    skipped = log(out)[-1]["skipped"]
+    assert skipped["corrupt_image"] >= 1 and skipped["missing_caption"] >= 1 and skipped["truncated_member"] >= 1
+    assert final_ckpt(out)["step"] == 4

@@ -1,0 +1,287 @@
+"""
+Train MaskGen (paper §3.3, §4.2, App. A, Tab. 8) on the tokens of a frozen TA-TiTok,
+conditioned on a frozen CLIP text encoder and an aesthetic score.
+
+    python train_maskgen.py --config=tiny_vq --tokenizer=runs/tiny_tokenizer
+    torchrun --nproc_per_node=8 train_maskgen.py --config=maskgen_vq_l_stage1 \
+        --tokenizer=tokenizer_tatitok_bl128_vq --data='pretokenized:tokens/{00000..00999}.tar'
+
+The tokenizer is an official release directory or one of our train_tokenizer.py runs;
+the text encoder comes with it (CLIP ViT-L-14-336 for official releases). Images are
+encoded on the fly, or read as tokens written once by `python data.py pretokenize`
+(much faster: the tokenizer's encoder costs as much as MaskGen itself).
+
+Per micro-step: tokens + captions -> CLIP penultimate states and pooled embedding ->
+caption dropout (10%: the "" encoding, for classifier-free guidance) -> MaskGen's loss
+(VQ: masked cross-entropy; KL: masked diffusion loss). The rest -- DDP, precision,
+schedule, EMA, atomic checkpoints, exact resume -- is shared with train_tokenizer.py.
+"""
+
+import copy
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from train_tokenizer import (
+    Logger, adamw, check_resume_config, ema_update, gather_rng_states, image_batches, load_latest_checkpoint,
+    lr_at, parse_config, save_checkpoint, save_grid, seed_everything, seed_for_slot, set_rng_state,
+    setup_distributed, setup_precision,
+)  # fmt: skip
+
+
+@dataclass
+class TrainConfig:
+    maskgen: str = "maskgen_vq_l"  # a maskgen.PRESETS name (sizes; tokens follow the tokenizer)
+    tokenizer: str = ""  # official release dir, or a train_tokenizer.py run dir / checkpoint
+    # data: "shapes", a tar-shard pattern or image folder (encoded on the fly),
+    # or "pretokenized:PATTERN" (shards written by `python data.py pretokenize`)
+    data: str = "shapes"
+    num_workers: int = 4
+    caption_drop: float = 0.1  # the CFG null condition is trained on 10% of samples
+    recaption_prob: float = 0.95  # use the recaption (if a sample has one) with this probability
+    aesthetic_default: float = 6.5  # when a sample carries no aesthetic score
+    scale_factor: float = -1.0  # KL: token scale; -1 = the preset's for official tokenizers, else 1/std
+    # optimisation (Tab. 8 / official: VQ AdamW (0.9, 0.96) wd 0.03 lr 4e-4 cosine; KL (0.9, 0.95) wd 0.02 lr 1e-4 constant)
+    batch_size: int = 128  # per GPU, per micro-step
+    grad_accum: int = 1
+    max_steps: int = 500_000
+    lr: float = 4e-4
+    end_lr: float = 1e-5
+    schedule: str = "cosine"  # cosine | constant
+    warmup_steps: int = 10_000
+    weight_decay: float = 0.03
+    beta1: float = 0.9
+    beta2: float = 0.96
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    init_from: str = ""  # stage 2: start from a stage-1 run's EMA weights (dir or checkpoint)
+    # samples written every sample_every steps, for these prompts ("|"-separated; empty: defaults)
+    sample_prompts: str = ""
+    # system
+    out_dir: str = "runs/maskgen"
+    dtype: str = "bf16"
+    compile: bool = True
+    device: str = "auto"
+    seed: int = 42
+    log_every: int = 50
+    sample_every: int = 5_000
+    ckpt_every: int = 5_000
+    keep_ckpts: int = 2
+
+
+def token_batches(cfg, tokenizer, rank, world, start_step, device):
+    """Returns get(step, k) -> (tokens, captions, aesthetic (B,)) for micro-step k.
+
+    VQ tokens are ids (B, K); KL tokens are the posterior's cat(mean, logvar) (B, K, 2C),
+    from which MaskGen draws a fresh sample every time it sees the image."""
+    import data
+
+    B, mode = cfg.batch_size, tokenizer.config.quantize_mode
+    if cfg.data.startswith("pretokenized:"):
+        ds = data.PretokenizedDataset(
+            cfg.data.split(":", 1)[1], rank=rank, world_size=world, seed=cfg.seed, start_batch=start_step * cfg.grad_accum,
+            batch_size=B,
+        )  # fmt: skip
+        loader = torch.utils.data.DataLoader(ds, batch_size=B, num_workers=cfg.num_workers, collate_fn=data.collate)
+        stream = iter(loader)
+
+        def get(step, k):
+            b = next(stream)
+            key = "tokens" if mode == "vq" else "posterior"
+            if key not in b:
+                sys.exit(f"error: {cfg.data} holds {'posteriors' if key == 'tokens' else 'VQ ids'}, but the "
+                         f"tokenizer is {mode.upper()}; pretokenize with the same tokenizer")  # fmt: skip
+            aes = torch.tensor([cfg.aesthetic_default if a is None or math.isnan(a) else a for a in b["aesthetic"]])
+            return b[key].to(device), b["caption"], aes.to(device)
+
+        return get
+
+    get_images = image_batches(cfg, tokenizer.config.image_size, rank, world, start_step)
+    aes_const = data.SHAPES_AESTHETIC if cfg.data == "shapes" else cfg.aesthetic_default
+
+    def get(step, k):
+        images, captions = get_images(step, k)
+        with torch.no_grad():
+            out = tokenizer.encode(images.to(device), return_posterior=mode == "kl")
+        tokens = out if mode == "vq" else torch.cat([out.mean, out.logvar], dim=-1)  # (B, K, 2C)
+        return tokens, captions, torch.full((len(captions),), aes_const, device=device)
+
+    return get
+
+
+DEFAULT_PROMPTS = [
+    "a red circle", "two blue squares", "a green triangle to the left of a yellow circle",
+    "three purple circles", "a cyan square above a red triangle", "a yellow square",
+    "a blue circle below a green square", "two red triangles",
+]  # fmt: skip
+
+
+def main(argv=None):
+    import maskgen as M
+    import tokenizer as T
+
+    cfg = parse_config(TrainConfig, PRESETS, sys.argv[1:] if argv is None else argv)
+    rank, local_rank, world, device = setup_distributed(cfg.device)
+    master = rank == 0
+    autocast, scaler = setup_precision(cfg.dtype, device)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log = Logger(cfg.out_dir, master)
+    if not cfg.tokenizer:
+        sys.exit("error: --tokenizer is required: an official TA-TiTok directory or a train_tokenizer.py run")
+    if cfg.maskgen not in M.PRESETS:
+        sys.exit(f"error: unknown --maskgen={cfg.maskgen}; choose one of {sorted(M.PRESETS)}")
+
+    # ---- frozen tokenizer and text encoder
+    tokenizer, text_encoder = T.load_tokenizer(cfg.tokenizer, device)
+    tokenizer.requires_grad_(False)
+    tcfg = tokenizer.config
+
+    # ---- the MaskGen config: sizes from the preset, tokens from the tokenizer, text widths from CLIP
+    mcfg = copy.deepcopy(M.PRESETS[cfg.maskgen])
+    if mcfg.mode != tcfg.quantize_mode:
+        sys.exit(f"error: --maskgen={cfg.maskgen} is a {mcfg.mode.upper()} model but the tokenizer is "
+                 f"{tcfg.quantize_mode.upper()}; pick a maskgen_{tcfg.quantize_mode}_* preset")  # fmt: skip
+    mcfg.num_tokens, mcfg.codebook_size, mcfg.token_size = tcfg.num_latent_tokens, tcfg.codebook_size, tcfg.token_size
+    mcfg.text_width, mcfg.pooled_dim = text_encoder.width, text_encoder.embed_dim
+    get_batch = None  # built after resume, when the start step is known
+
+    # ---- resume or start
+    path, ckpt = load_latest_checkpoint(cfg.out_dir, log=lambda s: log(text=s) if master else None)
+    if ckpt is not None:
+        check_resume_config(ckpt["config"], dataclasses.asdict(cfg))
+        mcfg = M.MaskGenConfig(**ckpt["maskgen_config"])  # includes the scale factor chosen at the start
+    elif mcfg.mode == "kl" and cfg.scale_factor < 0 and not os.path.isfile(os.path.join(cfg.tokenizer, "config.json")):
+        # Our own tokenizer: scale tokens to unit variance (as LDM does), measured once on
+        # the first global batch (slot 0, the same data on every rank).
+        tokens, _, _ = token_batches(cfg, tokenizer, 0, 1, 0, device)(0, 0)
+        mean, logvar = tokens.chunk(2, dim=-1)
+        noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+        sample = mean + torch.exp(0.5 * logvar) * noise
+        mcfg.scale_factor = float(1.0 / sample.std())
+    elif cfg.scale_factor > 0:
+        mcfg.scale_factor = cfg.scale_factor
+
+    seed_everything(cfg.seed)  # identical initial weights on every rank
+    model = M.MaskGen(mcfg).to(device)
+    if cfg.init_from and ckpt is None:  # stage 2 fine-tuning starts from stage 1's EMA
+        init = load_latest_checkpoint(cfg.init_from)[1] if os.path.isdir(cfg.init_from) else \
+            torch.load(cfg.init_from, map_location="cpu", weights_only=True)  # fmt: skip
+        if init is None:
+            sys.exit(f"error: --init_from={cfg.init_from} holds no readable checkpoint")
+        model.load_state_dict(init.get("ema") or init["model"])
+    ema = copy.deepcopy(model).requires_grad_(False).eval()  # eval: no code revival, no dropout
+    opt = adamw(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        step = ckpt["step"]
+        if len(ckpt["rng"]) != world:
+            sys.exit(f"error: checkpoint was written by {len(ckpt['rng'])} processes, this run has {world}")
+        set_rng_state(ckpt["rng"][rank])
+        log(text=f"resumed from {path} at step {step}")
+    if master:
+        n = sum(p.numel() for p in model.parameters())
+        log(text=f"MaskGen-{mcfg.mode.upper()} ({cfg.maskgen}): {n / 1e6:.1f}M parameters, {mcfg.num_tokens} tokens, "
+                 f"{world} process(es) on {device}")  # fmt: skip
+
+    fwd_model = torch.compile(model) if cfg.compile else model
+    if world > 1:
+        fwd_model = DDP(fwd_model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    # The CFG null condition: the encoding of the empty caption, computed once.
+    null = text_encoder([""])
+    get_batch = token_batches(cfg, tokenizer, rank, world, step, device)
+    prompts = cfg.sample_prompts.split("|") if cfg.sample_prompts else DEFAULT_PROMPTS
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True)
+    t0, seen = time.time(), 0
+    while step < cfg.max_steps:
+        lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.schedule, cfg.end_lr)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        model.train()
+        loss_sum = 0.0
+        for k in range(cfg.grad_accum):
+            seed_for_slot(cfg.seed, step, rank * cfg.grad_accum + k)
+            tokens, captions, aes = get_batch(step, k)
+            feats = text_encoder(captions)
+            # Caption dropout: the model learns p(x | "") too, which CFG needs at sampling.
+            drop = torch.rand(len(captions), device=device) < cfg.caption_drop  # (B,)
+            text = torch.where(drop[:, None, None], null.penultimate, feats.penultimate)  # (B, L, Dt)
+            pooled = torch.where(drop[:, None], null.pooled, feats.pooled)  # (B, Dp)
+            if world > 1:
+                fwd_model.require_backward_grad_sync = k == cfg.grad_accum - 1
+            with autocast():
+                loss = fwd_model(tokens, text, pooled, aes) / cfg.grad_accum
+            (scaler.scale(loss) if scaler else loss).backward()
+            loss_sum += loss.detach()  # a tensor: no host sync until logging
+        if scaler:
+            scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        (scaler.step(opt) if scaler else opt.step())
+        if scaler:
+            scaler.update()
+        opt.zero_grad(set_to_none=True)
+        ema_update(ema, model, step, cfg.ema_decay)
+        step += 1
+        seen += cfg.batch_size * cfg.grad_accum * world
+        bar.update(1)
+
+        if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            dt = time.time() - t0
+            rec = {"step": step, "loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm), "img_per_s": seen / dt}
+            log(rec, f"step {step:7d} | " + " | ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "step"))
+            t0, seen = time.time(), 0
+        if master and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            with torch.no_grad():
+                f = text_encoder(prompts)
+                gen = torch.Generator(device=device).manual_seed(cfg.seed)
+                toks = ema.generate(f.penultimate, f.pooled, null.penultimate, null.pooled, generator=gen)
+                images = tokenizer.decode(toks, f.final).float().clamp(0, 1)
+            save_grid(images, os.path.join(cfg.out_dir, f"samples_{step:08d}.png"), nrow=len(prompts))
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            rngs = gather_rng_states(world)
+            if master:
+                payload = {
+                    "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                    "scaler": scaler.state_dict() if scaler else None, "step": step, "rng": rngs,
+                    "config": dataclasses.asdict(cfg), "maskgen_config": dataclasses.asdict(mcfg),
+                }  # fmt: skip
+                save_checkpoint(cfg.out_dir, step, payload, cfg.keep_ckpts)
+    bar.close()
+    if world > 1:
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# Presets: the paper's two stages for L/XL, VQ/KL (official configs), and tiny ones.
+
+_VQ = dict(lr=4e-4, beta2=0.96, weight_decay=0.03, schedule="cosine", warmup_steps=10_000, batch_size=128)
+_KL = dict(lr=1e-4, beta2=0.95, weight_decay=0.02, schedule="constant", warmup_steps=50_000, batch_size=32)
+PRESETS = {}
+for size in ("l", "xl"):
+    PRESETS[f"maskgen_vq_{size}_stage1"] = TrainConfig(maskgen=f"maskgen_vq_{size}", max_steps=500_000, **_VQ)
+    PRESETS[f"maskgen_vq_{size}_stage2"] = TrainConfig(
+        maskgen=f"maskgen_vq_{size}", max_steps=250_000, **{**_VQ, "lr": 1e-4})  # fmt: skip
+    PRESETS[f"maskgen_kl_{size}_stage1"] = TrainConfig(maskgen=f"maskgen_kl_{size}", max_steps=1_000_000, **_KL)
+    PRESETS[f"maskgen_kl_{size}_stage2"] = TrainConfig(maskgen=f"maskgen_kl_{size}", max_steps=500_000, **_KL)
+_TINY = dict(batch_size=8, max_steps=20, warmup_steps=2, lr=1e-3, dtype="fp32", compile=False, log_every=5,
+             sample_every=20, ckpt_every=10, num_workers=0)  # fmt: skip
+PRESETS["tiny_vq"] = TrainConfig(maskgen="tiny_vq", out_dir="runs/tiny_maskgen_vq", **_TINY)
+PRESETS["tiny_kl"] = TrainConfig(maskgen="tiny_kl", out_dir="runs/tiny_maskgen_kl", schedule="constant", **_TINY)
+
+if __name__ == "__main__":
+    main()

@@ -100,7 +100,8 @@ def token_batches(cfg, tokenizer, rank, world, start_step, device):
                 sys.exit(f"error: {cfg.data} holds {'posteriors' if key == 'tokens' else 'VQ ids'}, but the "
                          f"tokenizer is {mode.upper()}; pretokenize with the same tokenizer")  # fmt: skip
             aes = torch.tensor([cfg.aesthetic_default if a is None or math.isnan(a) else a for a in b["aesthetic"]])
-            return b[key].to(device), b["caption"], aes.to(device)
+            captions = data.pick_captions(b["caption"], b["recaption"], cfg.recaption_prob)  # 95% recaption
+            return b[key].to(device), captions, aes.to(device)
 
         return get
 

@@ -192,3 +192,17 @@ def test_corrupt_shard_trains_through(tmp_path):
     skipped = log(out)[-1]["skipped"]
     assert skipped["corrupt_image"] >= 1 and skipped["missing_caption"] >= 1 and skipped["truncated_member"] >= 1
     assert final_ckpt(out)["step"] == 4
+
+
+@pytest.mark.parametrize("mode", ["vq", "kl"])
+def test_maskgen_trains_on_pretokenized_shards(mode, tmp_path, tok_runs):
+    out = subprocess.run(
+        [sys.executable, "data.py", "pretokenize", "--tokenizer", str(tok_runs / mode), "--data", "shapes:24",
+         "--out", str(tmp_path / "tokens")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    run_mg(tmp_path / "run", tok_runs / mode, mode, f"--data=pretokenized:{tmp_path}/tokens/*.tar",
+           "--max_steps=3", "--log_every=1", "--sample_every=100", "--ckpt_every=3")  # fmt: skip
+    assert final_ckpt(tmp_path / "run")["step"] == 3
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log(tmp_path / "run"))

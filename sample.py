@@ -299,25 +299,6 @@ def _resolve_tokenizer(ref, gen=None):
     return _TokenizerSource("ckpt", where, ckpt, T.TATiTokConfig(**ckpt["tokenizer_config"]), _text_spec(ckpt))
 
 
-def build_text_encoder(spec, where):
-    """A TextEncoder from a TextSpec: a small tower with saved weights, or a named open_clip model."""
-    if spec.state is not None:
-        if spec.name not in T.TEXT_PRESETS:
-            raise ValueError(
-                f"{where!r} carries the weights of text tower {spec.name!r}, which tokenizer.TEXT_PRESETS does not "
-                f"define; add its shape there (known: {sorted(T.TEXT_PRESETS)})"
-            )
-        enc = T.TextEncoder.from_config(**T.TEXT_PRESETS[spec.name])
-        enc.load_state_dict(spec.state)
-        return enc
-    if spec.name is None or spec.name in T.TEXT_PRESETS:
-        raise ValueError(
-            f"{where!r} was trained with the randomly initialised text tower {spec.name!r} but does not carry its "
-            f"weights, so its text features cannot be reproduced; re-save the checkpoint with 'text_encoder' weights"
-        )
-    return T.TextEncoder(spec.name, spec.pretrained)  # downloads the weights once (open_clip cache)
-
-
 def _same_text(a, b):
     """Do two TextSpecs describe the same encoder? A generator that records no text encoder
     uses its tokenizer's (train_maskgen.py takes it from load_tokenizer), and a bundle
@@ -393,18 +374,16 @@ def load_models(generator=None, tokenizer=None, device="cpu"):
         tok, tok_text = T.load_tokenizer(src.where, device)  # text encoder: CLIP ViT-L-14-336
         tok_source = f"{src.where} (official release)"
     else:
-        tok = T.TATiTok(src.config)
-        sd, which = _weights(src.ckpt, src.where)
-        T.load_checked(tok, sd, src.where)
-        tok = tok.to(device).eval()
-        tok_text = build_text_encoder(src.text, src.where).to(device)
+        tok = T.tokenizer_from_checkpoint(src.ckpt, src.where).to(device)
+        which = _weights(src.ckpt, src.where)[1]
+        tok_text = T.build_text_encoder(*src.text, src.where).to(device)
         tok_source = f"{src.where} ({which})"
     # One text encoder serves both models unless the generator was trained with another.
     if _same_text(gen.text, src.text):
         gen_text = tok_text
     else:
         print(f"note: the generator's text encoder {gen.text.name!r} differs from the tokenizer's {src.text.name!r}; using both")
-        gen_text = build_text_encoder(gen.text, gen.where).to(device)
+        gen_text = T.build_text_encoder(*gen.text, gen.where).to(device)
     check_text(gen.config, src.config, gen_text, tok_text, gen.where, src.where)
     return Models(gen_model, tok, gen_text, tok_text, gen_source, tok_source)
 
@@ -901,9 +880,8 @@ def tokviz_main(argv):
     if src.kind == "official":
         tok, text_enc = T.load_tokenizer(src.where, device)
     else:
-        tok = T.TATiTok(src.config)
-        T.load_checked(tok, _weights(src.ckpt, src.where)[0], src.where)
-        tok, text_enc = tok.to(device).eval(), build_text_encoder(src.text, src.where).to(device)
+        tok = T.tokenizer_from_checkpoint(src.ckpt, src.where).to(device)
+        text_enc = T.build_text_encoder(*src.text, src.where).to(device)
     cfg = tok.config
     K, S = cfg.num_latent_tokens, cfg.image_size
     image = load_image(args.image, S).to(device)  # (1,3,S,S)

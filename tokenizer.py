@@ -31,10 +31,8 @@ Public API:
 """
 
 import json
-import math
 import os
-import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -618,17 +616,47 @@ def load_checked(model, sd, path, strict=True):
         def show(xs):
             return "\n    ".join(xs[:20]) + (f"\n    ... and {len(xs) - 20} more" if len(xs) > 20 else "")
 
-        msg = [f"checkpoint {path!r} does not match the model built from its config.json:"]
+        msg = [f"checkpoint {path!r} does not match the model built from its config:"]
         if missing:
             msg.append(f"  missing keys ({len(missing)}):\n    {show(missing)}")
         if unexpected:
             msg.append(f"  unexpected keys ({len(unexpected)}):\n    {show(unexpected)}")
         if shapes:
             msg.append(f"  shape mismatches ({len(shapes)}):\n    {show(shapes)}")
-        msg.append("  Check that config.json belongs to these weights (same variant and size).")
+        msg.append("  Check that the config belongs to these weights (same variant and size).")
         raise RuntimeError("\n".join(msg))
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     return model
+
+
+def build_text_encoder(name, pretrained="openai", state=None, where="checkpoint"):
+    """The text encoder a checkpoint was trained with: a small random tower whose
+    weights it carries (`state`, shape from TEXT_PRESETS[name]), or a named open_clip model."""
+    if state is not None:
+        if name not in TEXT_PRESETS:
+            raise ValueError(
+                f"{where!r} carries the weights of text tower {name!r}, which tokenizer.TEXT_PRESETS does not "
+                f"define; add its shape there (known: {sorted(TEXT_PRESETS)})"
+            )
+        enc = TextEncoder.from_config(**TEXT_PRESETS[name])
+        enc.load_state_dict(state)
+        return enc
+    if name is None or name in TEXT_PRESETS:
+        raise ValueError(
+            f"{where!r} was trained with the randomly initialised text tower {name!r} but does not carry its "
+            f"weights, so its text features cannot be reproduced; re-save the checkpoint with 'text_encoder' weights"
+        )
+    return TextEncoder(name, pretrained)  # downloads the weights once (open_clip cache)
+
+
+def tokenizer_from_checkpoint(ckpt, where="checkpoint"):
+    """A TA-TiTok from a train_tokenizer.py checkpoint dict, with its EMA weights when present."""
+    if "tokenizer_config" not in ckpt:
+        raise ValueError(f"{where!r} is not a TA-TiTok checkpoint (no 'tokenizer_config'); "
+                         f"is it a MaskGen checkpoint? Pass it as the generator instead")  # fmt: skip
+    model = TATiTok(TATiTokConfig(**ckpt["tokenizer_config"]))
+    load_checked(model, ckpt.get("ema") or ckpt["model"], where)
+    return model.eval()
 
 
 def load_tokenizer(path, device="cpu", with_text=True):
@@ -650,20 +678,12 @@ def load_tokenizer(path, device="cpu", with_text=True):
     if not os.path.isfile(ckpt_file):
         raise FileNotFoundError(f"tokenizer checkpoint {path!r} does not exist")
     ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
-    if "tokenizer_config" not in ckpt:
-        raise ValueError(f"{ckpt_file!r} is not a TA-TiTok checkpoint (no 'tokenizer_config'); "
-                         f"is it a MaskGen checkpoint? Pass it as the generator instead")  # fmt: skip
-    model = TATiTok(TATiTokConfig(**ckpt["tokenizer_config"]))
-    load_checked(model, ckpt.get("ema") or ckpt["model"], ckpt_file)
-    name = ckpt["config"]["text_encoder"]
+    model = tokenizer_from_checkpoint(ckpt, ckpt_file).to(device)
     if not with_text:
-        text = None
-    elif ckpt.get("text_encoder") is not None:  # a small tower trained-with, saved inside
-        text = TextEncoder.from_config(**TEXT_PRESETS[name])
-        text.load_state_dict(ckpt["text_encoder"])
-    else:
-        text = TextEncoder(name, ckpt["config"].get("text_pretrained", "openai"))
-    return model.to(device).eval(), (text.to(device) if text is not None else None)
+        return model, None
+    cfg = ckpt["config"]
+    text = build_text_encoder(cfg["text_encoder"], cfg.get("text_pretrained", "openai"), ckpt.get("text_encoder"), ckpt_file)
+    return model, text.to(device)
 
 
 # -----------------------------------------------------------------------------

@@ -25,15 +25,14 @@ import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from train_tokenizer import (
     Logger, adamw, check_resume_config, ema_update, gather_rng_states, image_batches, load_latest_checkpoint,
-    lr_at, parse_config, save_checkpoint, save_grid, seed_everything, seed_for_slot, set_rng_state,
-    setup_distributed, setup_precision,
+    lr_at, optimizer_step, parse_config, restore_run_state, save_checkpoint, save_grid, seed_everything,
+    seed_for_slot, setup_distributed, setup_precision,
 )  # fmt: skip
 
 
@@ -105,7 +104,7 @@ def token_batches(cfg, tokenizer, rank, world, start_step, device):
 
         return get
 
-    get_images = image_batches(cfg, tokenizer.config.image_size, rank, world, start_step)
+    get_images = image_batches(cfg, tokenizer.config.image_size, rank, world, start_step, cfg.recaption_prob)
     aes_const = data.SHAPES_AESTHETIC if cfg.data == "shapes" else cfg.aesthetic_default
 
     def get(step, k):
@@ -152,7 +151,6 @@ def main(argv=None):
                  f"{tcfg.quantize_mode.upper()}; pick a maskgen_{tcfg.quantize_mode}_* preset")  # fmt: skip
     mcfg.num_tokens, mcfg.codebook_size, mcfg.token_size = tcfg.num_latent_tokens, tcfg.codebook_size, tcfg.token_size
     mcfg.text_width, mcfg.pooled_dim = text_encoder.width, text_encoder.embed_dim
-    get_batch = None  # built after resume, when the start step is known
 
     # ---- resume or start
     path, ckpt = load_latest_checkpoint(cfg.out_dir, log=lambda s: log(text=s) if master else None)
@@ -185,12 +183,7 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        if len(ckpt["rng"]) != world:
-            sys.exit(f"error: checkpoint was written by {len(ckpt['rng'])} processes, this run has {world}")
-        set_rng_state(ckpt["rng"][rank])
+        step = restore_run_state(ckpt, scaler, rank, world)
         log(text=f"resumed from {path} at step {step}")
     if master:
         n = sum(p.numel() for p in model.parameters())
@@ -205,6 +198,7 @@ def main(argv=None):
     null = text_encoder([""])
     get_batch = token_batches(cfg, tokenizer, rank, world, step, device)
     prompts = cfg.sample_prompts.split("|") if cfg.sample_prompts else DEFAULT_PROMPTS
+    prompt_feats = text_encoder(prompts) if master else None  # for the sample grids
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True)
@@ -229,13 +223,9 @@ def main(argv=None):
                 loss = fwd_model(tokens, text, pooled, aes) / cfg.grad_accum
             (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += loss.detach()  # a tensor: no host sync until logging
-        if scaler:
-            scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        (scaler.step(opt) if scaler else opt.step())
+        grad_norm = optimizer_step(opt, model.parameters(), scaler, cfg.grad_clip)
         if scaler:
             scaler.update()
-        opt.zero_grad(set_to_none=True)
         ema_update(ema, model, step, cfg.ema_decay)
         step += 1
         seen += cfg.batch_size * cfg.grad_accum * world
@@ -248,7 +238,7 @@ def main(argv=None):
             t0, seen = time.time(), 0
         if master and (step % cfg.sample_every == 0 or step == cfg.max_steps):
             with torch.no_grad():
-                f = text_encoder(prompts)
+                f = prompt_feats
                 gen = torch.Generator(device=device).manual_seed(cfg.seed)
                 toks = ema.generate(f.penultimate, f.pooled, null.penultimate, null.pooled, generator=gen)
                 images = tokenizer.decode(toks, f.final).float().clamp(0, 1)

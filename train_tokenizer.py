@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
@@ -202,6 +201,29 @@ def load_latest_checkpoint(out_dir, log=print):
     return None, None
 
 
+def optimizer_step(opt, params, scaler, clip):
+    """Unscale (fp16), clip the global grad norm, step, clear grads. Returns the norm (a tensor:
+    reading it is left to logging, so there is no host sync here). scaler.update() stays with
+    the caller: with two optimizers it must run once per iteration, after both steps."""
+    if scaler:
+        scaler.unscale_(opt)
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    scaler.step(opt) if scaler else opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
+def restore_run_state(ckpt, scaler, rank, world):
+    """The part of a resume both trainers share: scaler, this rank's RNG state, the step."""
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if len(ckpt["rng"]) != world:
+        sys.exit(f"error: checkpoint was written by {len(ckpt['rng'])} processes, this run has {world}; "
+                 f"resume with the same number of processes (or start a new --out_dir)")  # fmt: skip
+    set_rng_state(ckpt["rng"][rank])
+    return ckpt["step"]
+
+
 # Fields that may change between a run and its resumption without changing the maths.
 RESUMABLE_FIELDS = {"max_steps", "log_every", "sample_every", "ckpt_every", "compile", "out_dir", "device",
                     "num_workers", "keep_ckpts"}  # fmt: skip
@@ -304,7 +326,7 @@ class TrainConfig:
 # Data: an endless, deterministic stream of (images, captions) batches
 
 
-def image_batches(cfg, image_size, rank, world, start_step):
+def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0):
     """Returns get(step, k) -> (images (B,3,S,S) in [0,1], captions) for micro-step k.
 
     Every micro-batch of the run has a global slot = rank * grad_accum + k. The shapes
@@ -333,11 +355,11 @@ def image_batches(cfg, image_size, rank, world, start_step):
         num_workers=cfg.num_workers, seed=cfg.seed, start_batch=start_step * A,
     )  # fmt: skip
     stream = iter(loader)
-    p_recap = getattr(cfg, "recaption_prob", 0.0)  # MaskGen: prefer the recaption 95% of the time
 
     def get(step, k):
         b = next(stream)
-        caps = data.pick_captions(b["caption"], b["recaption"], p_recap) if p_recap > 0 else b["caption"]
+        # MaskGen prefers a sample's recaption (where it has one) with probability 0.95.
+        caps = data.pick_captions(b["caption"], b["recaption"], recaption_prob) if recaption_prob else b["caption"]
         return b["image"], caps
 
     get.skipped = loader.dataset.skipped
@@ -407,15 +429,8 @@ def main(argv=None):
         opt.load_state_dict(ckpt["optimizer"])
         if opt_d is not None:
             opt_d.load_state_dict(ckpt["optimizer_d"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        if len(ckpt["rng"]) != world:
-            sys.exit(f"error: checkpoint was written by {len(ckpt['rng'])} processes, this run has {world}")
-        set_rng_state(ckpt["rng"][rank])
+        step = restore_run_state(ckpt, scaler, rank, world)
         log(text=f"resumed from {path} at step {step}")
-    else:
-        seed_everything(cfg.seed + rank)  # different noise per rank from here on
 
     # ---- compile, then wrap for DDP (compile the plain module; DDP syncs its grads)
     fwd_model = torch.compile(model) if cfg.compile else model
@@ -426,7 +441,7 @@ def main(argv=None):
         fwd_disc = DDP(fwd_disc, device_ids=ids) if disc is not None else None
 
     get_batch = image_batches(cfg, tcfg.image_size, rank, world, start_step=step)
-    fixed_images, fixed_captions = get_batch(0, 0) if cfg.data == "shapes" else get_batch(step, 0)  # for grids
+    fixed = get_batch(0, 0) if cfg.data == "shapes" else None  # grid inputs (shards: set in the loop)
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True)
@@ -441,13 +456,14 @@ def main(argv=None):
         # ---- generator (tokenizer) update, with gradient accumulation
         model.train()
         stats = {}
-        micro = []
+        micro = []  # (images, reconstruction) of each micro-step, for the discriminator update
         for k in range(cfg.grad_accum):
             seed_for_slot(cfg.seed, step, rank * cfg.grad_accum + k)
             images, captions = get_batch(step, k)
             images = images.to(device, non_blocking=True)
             text = text_encoder(captions).final  # (B, 77, 768), frozen CLIP
-            micro.append((images, text))
+            if fixed is None:  # the reconstruction grids follow the first batch this run trains on
+                fixed = (images[:8], captions[:8])
             # Only the last micro-step all-reduces gradients across ranks.
             if world > 1:
                 fwd_model.require_backward_grad_sync = k == cfg.grad_accum - 1
@@ -458,16 +474,12 @@ def main(argv=None):
             (scaler.scale(loss) if scaler else loss).backward()
             for name, v in terms.items():  # detached tensors: no host sync until logging
                 stats[name] = stats.get(name, 0.0) + v / cfg.grad_accum
-            micro[-1] = (images, text, recon.detach())
-        if scaler:
-            scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        (scaler.step(opt) if scaler else opt.step())
-        opt.zero_grad(set_to_none=True)
+            micro.append((images, recon.detach()))
+        grad_norm = optimizer_step(opt, model.parameters(), scaler, cfg.grad_clip)
 
         # ---- discriminator update on the same reconstructions (after disc_start)
         if disc_on:
-            for k, (images, _, recon) in enumerate(micro):
+            for k, (images, recon) in enumerate(micro):
                 if world > 1:
                     fwd_disc.require_backward_grad_sync = k == cfg.grad_accum - 1
                 with autocast():
@@ -475,11 +487,7 @@ def main(argv=None):
                 ((scaler.scale(d_loss) if scaler else d_loss) / cfg.grad_accum).backward()
                 for name, v in d_terms.items():
                     stats[name] = stats.get(name, 0.0) + v / cfg.grad_accum
-            if scaler:
-                scaler.unscale_(opt_d)
-            torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
-            (scaler.step(opt_d) if scaler else opt_d.step())
-            opt_d.zero_grad(set_to_none=True)
+            optimizer_step(opt_d, disc.parameters(), scaler, cfg.grad_clip)
         if scaler:
             scaler.update()
         ema_update(ema, model, step, cfg.ema_decay)
@@ -501,8 +509,8 @@ def main(argv=None):
             t0, seen = time.time(), 0
         if master and (step % cfg.sample_every == 0 or step == cfg.max_steps):
             with torch.no_grad():  # EMA weights; KL decodes the posterior mean, for a stable picture
-                x = fixed_images[:8].to(device)
-                r = ema.decode(ema.encode(x), text_encoder(fixed_captions[:8]).final)
+                x = fixed[0][:8].to(device)
+                r = ema.decode(ema.encode(x), text_encoder(fixed[1][:8]).final)
             save_grid(torch.cat([x, r.float().clamp(0, 1)]), os.path.join(cfg.out_dir, f"recon_{step:08d}.png"), 8)
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             rngs = gather_rng_states(world)  # collective: every rank takes part

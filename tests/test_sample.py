@@ -334,7 +334,7 @@ def test_swap_tokens_shapes_and_effect(ckpts):
     src = S._resolve_tokenizer(ckpts["tok"])
     tok = T.TATiTok(src.config)
     T.load_checked(tok, src.ckpt["ema"], "tok")
-    text = S.build_text_encoder(src.text, "tok")
+    text = T.build_text_encoder(*src.text, "tok")
     final = text(["a red circle"]).final
     ids = tok.encode(torch.rand(1, 3, 32, 32))
     out = S.swap_tokens(tok, ids, final, positions=[0, 5], replacements=[1, 2, 3])

@@ -175,8 +175,11 @@ def test_corrupt_shard_trains_through(tmp_path):
         tf.addfile(info, io.BytesIO(payload))
 
     with tarfile.open(first, "a") as tf:
-        add(tf, "zz_bad.jpg", b"\xff\xd8\xff\xe0 this is not a JPEG")
-        add(tf, "zz_bad.txt", b"a red circle")
+        # Several corrupt JPEGs: the shuffle buffer draws from many passes over the shards,
+        # so one bad sample among ~24 might not be drawn in a few steps.
+        for i in range(6):
+            add(tf, f"zz_bad{i}.jpg", b"\xff\xd8\xff\xe0 this is not a JPEG")
+            add(tf, f"zz_bad{i}.txt", b"a red circle")
         add(tf, "zz_nocap.png", png.getvalue())
     with tarfile.open(second, "a") as tf:
         add(tf, "zz_trunc.png", png.getvalue() * 20)
@@ -187,7 +190,7 @@ def test_corrupt_shard_trains_through(tmp_path):
     shard = tmp_path / "shards" / "*.tar"
 
     out = tmp_path / "run"
-    # 4 steps x 10 images: more than the 23 readable samples, so every sample is reached.
+    # 4 steps x 10 images: more samples than one pass over the shards holds.
     run_tok(out, f"--data={shard}", "--batch_size=10", "--max_steps=4", "--log_every=4", "--sample_every=100", "--ckpt_every=4")
     skipped = log(out)[-1]["skipped"]
     assert skipped["corrupt_image"] >= 1 and skipped["missing_caption"] >= 1 and skipped["truncated_member"] >= 1

@@ -110,8 +110,13 @@ class AdaLNZero(nn.Module):
         self.linear = nn.Linear(dim, 6 * dim)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
-    def forward(self, x, cond):
-        mod = self.linear(F.silu(cond))  # (B, 6D)
+    def modulation(self, cond):
+        """(B, D) condition -> (B, 6D). It depends only on the prompt, so generate()
+        computes it once (MaskGen.modulations) and passes it to every step as `mod`."""
+        return self.linear(F.silu(cond))
+
+    def forward(self, x, cond, mod=None):
+        mod = self.modulation(cond) if mod is None else mod  # (B, 6D)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=1)  # each (B, D)
         x = self.norm(x) * (1 + scale_a[:, None]) + shift_a[:, None]  # (B, T, D)
         return x, gate_a, shift_m, scale_m, gate_m
@@ -129,8 +134,12 @@ class AdaLNContinuous(nn.Module):
         self.linear = nn.Linear(dim, 2 * dim)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
-    def forward(self, x, cond):
-        scale, shift = self.linear(F.silu(cond)).chunk(2, dim=1)  # (B, D) each
+    def modulation(self, cond):  # (B, D) -> (B, 2D), prompt-only like AdaLNZero's
+        return self.linear(F.silu(cond))
+
+    def forward(self, x, cond, mod=None):
+        mod = self.modulation(cond) if mod is None else mod
+        scale, shift = mod.chunk(2, dim=1)  # (B, D) each
         return self.norm(x) * (1 + scale[:, None]) + shift[:, None]  # (B, T, D)
 
 
@@ -212,12 +221,17 @@ class JointBlock(nn.Module):
             self.txt_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
             self.txt_mlp = FeedForward(dim)
 
-    def forward(self, img, txt, cond):
-        img_in, gate_a, shift_m, scale_m, gate_m = self.img_adaln(img, cond)  # img_in (B, N, D)
+    def modulations(self, cond):
+        """The adaLN maps of both streams for a (B, D) condition: (img_mod, txt_mod)."""
+        return self.img_adaln.modulation(cond), self.txt_adaln.modulation(cond)
+
+    def forward(self, img, txt, cond, mods=None):
+        img_mod, txt_mod = (None, None) if mods is None else mods  # precomputed by generate()
+        img_in, gate_a, shift_m, scale_m, gate_m = self.img_adaln(img, cond, img_mod)  # img_in (B, N, D)
         if self.txt_pre_only:
-            txt_in = self.txt_adaln(txt, cond)  # (B, L, D)
+            txt_in = self.txt_adaln(txt, cond, txt_mod)  # (B, L, D)
         else:
-            txt_in, t_gate_a, t_shift_m, t_scale_m, t_gate_m = self.txt_adaln(txt, cond)
+            txt_in, t_gate_a, t_shift_m, t_scale_m, t_gate_m = self.txt_adaln(txt, cond, txt_mod)
         img_att, txt_att = self.attn(img_in, txt_in)  # (B, N, D), (B, L, D) or None
 
         # Image stream: gated attention residual, then a gated MLP residual whose input
@@ -443,14 +457,95 @@ class MaskGen(nn.Module):
 
     # --- the trunk -----------------------------------------------------------
 
-    def trunk(self, img, txt, cond):
-        """img (B, N, D) tokens, txt (B, L, D) projected text, cond (B, D) -> (B, N, D)."""
-        for blk in self.blocks:
+    def modulations(self, cond):
+        """Every adaLN modulation of the trunk for a (B, D) condition: one (img, txt) pair
+        per block, then the final norm's. They depend only on the prompt, so generate()
+        computes them once instead of at every step (for a small batch these weight
+        reads are ~1/5 of each step's memory traffic)."""
+        return [blk.modulations(cond) for blk in self.blocks] + [self.norm_out.modulation(cond)]
+
+    def trunk(self, img, txt, cond, mods=None):
+        """img (B, N, D) tokens, txt (B, L, D) projected text, cond (B, D) -> (B, N, D).
+        mods: self.modulations(cond), when precomputed."""
+        mods = [None] * (len(self.blocks) + 1) if mods is None else mods
+        for blk, m in zip(self.blocks, mods):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                img, txt = checkpoint(blk, img, txt, cond, use_reentrant=False)
+                img, txt = checkpoint(blk, img, txt, cond, m, use_reentrant=False)
             else:
-                img, txt = blk(img, txt, cond)
-        return self.norm_out(img, cond)
+                img, txt = blk(img, txt, cond, m)
+        return self.norm_out(img, cond, mods[-1])
+
+    def compile_sampling(self, **compile_kw):
+        """torch.compile the per-step work of generate(); its Python loop stays eager (it
+        only does index bookkeeping). VQ: the trunk and LM head (`predict`), whose shapes
+        are the same at every step, so it compiles once. KL: the trunk
+        (`token_conditions`, static too) and the DiffLoss MLP, compiled with dynamic rows
+        because each step draws a different number of tokens. Set as instance attributes,
+        so the weights and state_dict keys are untouched."""
+        if self.config.mode == "vq":
+            self.predict = torch.compile(self.predict, fullgraph=True, **compile_kw)
+        else:
+            self.token_conditions = torch.compile(self.token_conditions, fullgraph=True, **compile_kw)
+            net, compiled = self.diffloss.net, torch.compile(self.diffloss.net.forward, fullgraph=True, **compile_kw)
+
+            def forward(x, t, c):  # only the row count varies: one graph for every count
+                for a in (x, t, c):
+                    torch._dynamo.maybe_mark_dynamic(a, 0)
+                return compiled(x, t, c)
+
+            net.forward = forward
+        return self
+
+    # --- FLOP counts (for MFU in the trainers and bench.py) ----------------------
+
+    def flops(self, text_len):
+        """Forward FLOPs per sample, counted from the config, for a text stream of
+        text_len tokens (77 for CLIP). 2 FLOPs per multiply-add of every matmul, plus
+        attention's QK^T and AV; norms, activations and softmax are left out (the usual
+        MFU convention, and torch.utils.flop_counter's, which the tests compare against).
+
+        Returns {"condition": text + pooled projections and every adaLN modulation
+                              (prompt-only: once per generate() call),
+                 "step": one trunk pass over the K tokens incl. the token in/out layers,
+                 "diffloss_row": one DiffLoss MLP pass for one token row (KL; else 0)}."""
+        c, D, N, L = self.config, self.config.width, self.config.num_tokens, text_len
+        condition = 2 * L * c.text_width * D + 2 * (c.pooled_dim + c.aes_embed_dim) * D
+        # adaLN maps: two adaLN-Zero per block (2 x 12 D^2), except the last block's text
+        # AdaLNContinuous (4 D^2), and the final norm (4 D^2).
+        condition += (c.depth - 1) * 24 * D * D + 16 * D * D + 4 * D * D
+        T = N + L
+        # Blocks before the last: q/k/v/out and the MLP on all T tokens (24 T D^2),
+        # joint attention (4 T^2 D).
+        step = (c.depth - 1) * (24 * T * D * D + 4 * T * T * D)
+        # The last block: image q/k/v/out + MLP (24 N D^2), text k/v only (4 L D^2), N
+        # queries over T keys.
+        step += 24 * N * D * D + 4 * L * D * D + 4 * N * T * D
+        row = 0
+        if c.mode == "vq":
+            step += 2 * N * D * c.codebook_size  # the tied LM head
+        else:
+            step += 2 * N * c.token_size * D  # z_proj
+            W, C = c.diffloss_width, c.token_size
+            row = 2 * C * W + 2 * 256 * W + 2 * W * W + 2 * D * W  # input, timestep MLP, condition
+            row += c.diffloss_depth * 10 * W * W + 4 * W * W + 2 * W * 2 * C  # res blocks, final layer
+        return {"condition": condition, "step": step, "diffloss_row": row}
+
+    def train_flops(self, text_len):
+        """FLOPs of one training step per sample: 3x the forward (the backward is ~2x)."""
+        f = self.flops(text_len)
+        rows = self.config.diffusion_batch_mul * self.config.num_tokens  # KL: each token m times
+        return 3 * (f["condition"] + f["step"] + rows * f["diffloss_row"])
+
+    def generate_flops(self, text_len, num_steps=None, guided=True):
+        """FLOPs of generate() per image: the conditions once, then num_steps trunk
+        passes (both CFG halves when guided); KL adds, for each of the K tokens, one
+        DiffLoss MLP pass per respaced diffusion step."""
+        c, f, halves = self.config, self.flops(text_len), 2 if guided else 1
+        steps = c.num_steps if num_steps is None else num_steps
+        total = halves * (f["condition"] + steps * f["step"])
+        if c.mode == "kl":
+            total += halves * c.num_tokens * self.diffloss.gen_diffusion.num_timesteps * f["diffloss_row"]
+        return total
 
     def _check_generator(self, generator, device):
         if generator is not None and generator.device.type != device.type:
@@ -616,10 +711,11 @@ class MaskGenVQ(MaskGen):
         """The LM head: a view of the first V embedding rows (weight tying, shared storage)."""
         return self.tok_emb.weight[: self.config.codebook_size]  # (V, D)
 
-    def predict(self, ids, txt, cond):
-        """ids (B, K) with [MASK] = V, txt (B, L, D), cond (B, D) -> logits (B, K, V)."""
+    def predict(self, ids, txt, cond, mods=None):
+        """ids (B, K) with [MASK] = V, txt (B, L, D), cond (B, D) -> logits (B, K, V).
+        mods: the precomputed self.modulations(cond), if any."""
         x = self.tok_emb(ids) + self.pos_emb[:, : ids.shape[1]]  # (B, K, D)
-        x = self.trunk(x, txt, cond)  # (B, K, D)
+        x = self.trunk(x, txt, cond, mods)  # (B, K, D)
         return torch.matmul(x, self.head_weight.t())  # (B, K, V)
 
     def logits(self, ids, text, pooled, aesthetic=None):
@@ -699,17 +795,18 @@ class MaskGenVQ(MaskGen):
         guided = g != 1.0
 
         txt, cond = self._prompt_conditions(text, pooled, null_text, null_pooled, aesthetic, guided)  # once
+        mods = self.modulations(cond)  # once: every step reuses them
         remasked = vq_mask_schedule(K, N)
         ids = torch.full((B, K), self.mask_id, dtype=torch.long, device=device)
         for step in range(N):
             ratio = (step + 1) / N
             if guided:
-                both = self.predict(torch.cat([ids, ids]), txt, cond)  # (2B, K, V)
+                both = self.predict(torch.cat([ids, ids]), txt, cond, mods)  # (2B, K, V)
                 cond_logits, uncond_logits = both[:B], both[B:]
                 s = vq_guidance_scale(g, schedule, ratio, guidance_scale_pow)
                 logits = cond_logits + (cond_logits - uncond_logits) * s  # (B, K, V)
             else:
-                logits = self.predict(ids, txt, cond)  # (B, K, V)
+                logits = self.predict(ids, txt, cond, mods)  # (B, K, V)
             logits = logits / (0.5 + 0.8 * (1 - ratio) if temperature is None else temperature)
 
             # Sample ids by Gumbel-max; the noise temperature anneals to 0 at the last step.
@@ -772,17 +869,18 @@ class MaskGenKL(MaskGen):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def token_conditions(self, x, mask, txt, cond):
+    def token_conditions(self, x, mask, txt, cond, mods=None):
         """The per-token conditions z that DiffLoss is conditioned on.
 
         x (B, K, C) scaled tokens (values at masked positions are ignored), mask (B, K)
-        with 1 = masked, txt (B, L, D), cond (B, D) -> z (B, K, D).
+        with 1 = masked, txt (B, L, D), cond (B, D) -> z (B, K, D). mods: the
+        precomputed self.modulations(cond), if any.
         """
         x = self.z_norm(self.z_proj(x))  # (B, K, D)
         # The official drops the visible tokens and pads them back MAE-style; with no
         # separate encoder that is exactly "replace masked positions by the mask token".
         x = torch.where(mask[..., None].bool(), self.mask_token.to(x.dtype), x)
-        x = self.trunk(x + self.pos_emb, txt, cond)  # (B, K, D)
+        x = self.trunk(x + self.pos_emb, txt, cond, mods)  # (B, K, D)
         return x + self.diff_pos_emb  # (B, K, D)
 
     def forward(self, tokens, text, pooled, aesthetic=None):
@@ -861,6 +959,7 @@ class MaskGenKL(MaskGen):
         guided = g != 1.0
 
         txt, cond = self._prompt_conditions(text, pooled, null_text, null_pooled, aesthetic, guided)  # once
+        mods = self.modulations(cond)  # once: every step reuses them
         order = _rand((B, K), generator, device).argsort(dim=-1)  # (B, K) generation order
         tokens = torch.zeros(B, K, C, device=device)
         mask = torch.ones(B, K, device=device)  # 1 = still masked
@@ -875,10 +974,10 @@ class MaskGenKL(MaskGen):
             idx = order[:, lo:masked]  # (B, n)
             n = masked - lo
             if guided:
-                z = self.token_conditions(torch.cat([tokens, tokens]), torch.cat([mask, mask]), txt, cond)  # (2B, K, D)
+                z = self.token_conditions(torch.cat([tokens, tokens]), torch.cat([mask, mask]), txt, cond, mods)
                 z_idx = torch.cat([idx, idx])  # (2B, n)
             else:
-                z = self.token_conditions(tokens, mask, txt, cond)  # (B, K, D)
+                z = self.token_conditions(tokens, mask, txt, cond, mods)  # (B, K, D)
                 z_idx = idx
             z = z.gather(1, z_idx[..., None].expand(-1, -1, D)).reshape(-1, D)  # ([2]B*n, D): [cond; uncond]
             new = self.diffloss.sample(z, temperature=temperature, cfg=s if guided else 1.0, generator=generator)
@@ -1080,5 +1179,17 @@ PRESETS = {
         mode="kl", width=64, depth=2, heads=4, num_tokens=8, token_size=4, scale_factor=0.75, text_width=32,
         pooled_dim=32, aes_embed_dim=16, diffloss_depth=2, diffloss_width=64, num_sampling_steps="10", num_steps=4,
         guidance_scale=3.0, guidance_schedule="linear", temperature=1.0,
+    ),
+    # The shapes world: 32 tokens from tokenizer.PRESETS["shapes"/"shapes_kl"] and the
+    # 64-wide "shapes" text tower; four 256-wide blocks (~9M parameters) train in ~30 min
+    # on 2 CPU cores.
+    "shapes_vq": MaskGenConfig(
+        mode="vq", width=256, depth=4, heads=4, num_tokens=32, codebook_size=512, num_class_rows=0, token_size=16,
+        text_width=64, pooled_dim=64, aes_embed_dim=32, num_steps=16, guidance_scale=3.0, randomize_temperature=1.0,
+    ),
+    "shapes_kl": MaskGenConfig(
+        mode="kl", width=256, depth=4, heads=4, num_tokens=32, token_size=8, text_width=64, pooled_dim=64,
+        aes_embed_dim=32, diffloss_depth=3, diffloss_width=256, num_sampling_steps="50", num_steps=16,
+        guidance_scale=2.0, guidance_schedule="linear", temperature=1.0,
     ),
 }

@@ -447,6 +447,33 @@ class TATiTok(nn.Module):
             )
         return self.decoder(tokens, text_hidden.to(tokens.dtype))
 
+    def flops(self):
+        """Forward FLOPs per image, counted from the config: {"encode": ..., "decode": ...}.
+
+        Every matmul and convolution counts 2 FLOPs per multiply-add, attention counts
+        QK^T and AV (4 T^2 W per layer); norms, activations and softmax are left out, as
+        in the usual MFU convention (and in torch.utils.flop_counter, which the tests
+        compare against). A training step costs ~3x the forward (backward = 2x)."""
+        c = self.config
+        P = (c.image_size // c.enc_patch_size) ** 2  # patches (= output slots: both patch sizes match in presets)
+        K, C = c.num_latent_tokens, c.token_size
+
+        def blocks(T, W, depth):  # qkv 6TW^2 + proj 2TW^2 + MLP 16TW^2, attention 4T^2W
+            return depth * (24 * T * W * W + 4 * T * T * W)
+
+        W = c.enc_width
+        enc = 2 * P * 3 * c.enc_patch_size**2 * W  # patch embedding
+        enc += blocks(1 + P + K, W, c.enc_depth)  # [cls, patches, latent tokens]
+        enc += 2 * K * W * C * (2 if c.quantize_mode == "kl" else 1)  # proj_out
+        if c.quantize_mode == "vq":
+            enc += 2 * K * C * c.codebook_size  # distances to every code
+        W, Pd, L = c.dec_width, (c.image_size // c.dec_patch_size) ** 2, c.text_context_length
+        dec = 2 * K * C * W + 2 * L * c.text_embed_dim * W  # token and text projections
+        dec += blocks(1 + Pd + K + L, W, c.dec_depth)  # [cls, mask grid, tokens, text]
+        dec += 2 * Pd * W * 3 * c.dec_patch_size**2  # to_pixels
+        dec += 2 * 3 * c.image_size**2 * 3 * 9  # the 3x3 output conv
+        return {"encode": enc, "decode": dec}
+
     def forward(self, images, text_hidden):
         """Training pass: (reconstruction (B,3,H,W), extras for the loss)."""
         self._check_images(images)
@@ -716,9 +743,26 @@ PRESETS = {
         dec_width=32, dec_depth=2, dec_heads=2, num_latent_tokens=8, quantize_mode="kl", token_size=4,
         text_context_length=16, text_embed_dim=32,
     ),  # fmt: skip
+    # The shapes world (data.ShapesWorld): 64 px, patch 8 (64 patches) -> 32 tokens, six
+    # 128-wide blocks each side. Sized to train in ~20 min on 2 CPU cores. l2-normalised
+    # codes keep the tokens at unit norm: with the tiny default code init, a short run
+    # otherwise sits for hundreds of steps with near-zero tokens the decoder ignores.
+    "shapes": TATiTokConfig(
+        image_size=64, enc_patch_size=8, dec_patch_size=8, enc_width=128, enc_depth=6, enc_heads=4,
+        dec_width=128, dec_depth=6, dec_heads=4, num_latent_tokens=32, codebook_size=512, token_size=16,
+        use_l2_norm=True, text_context_length=16, text_embed_dim=64,
+    ),  # fmt: skip
+    "shapes_kl": TATiTokConfig(
+        image_size=64, enc_patch_size=8, dec_patch_size=8, enc_width=128, enc_depth=6, enc_heads=4,
+        dec_width=128, dec_depth=6, dec_heads=4, num_latent_tokens=32, quantize_mode="kl", token_size=8,
+        text_context_length=16, text_embed_dim=64,
+    ),  # fmt: skip
 }
 
 # Text towers for the presets above: open_clip CLIPTextCfg fields + projection dim.
 TEXT_PRESETS = {
     "tiny": dict(text_cfg=dict(context_length=16, width=32, heads=2, layers=2), embed_dim=32),
+    # Shapes captions are at most 14 BPE tokens with start/end; a random, frozen tower
+    # still gives every word a distinct embedding, which is all the generator needs.
+    "shapes": dict(text_cfg=dict(context_length=16, width=64, heads=2, layers=2), embed_dim=64),
 }

@@ -31,8 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from train_tokenizer import (
     Logger, adamw, check_resume_config, ema_update, gather_rng_states, image_batches, load_latest_checkpoint,
-    lr_at, optimizer_step, parse_config, restore_run_state, save_checkpoint, save_grid, seed_everything,
-    seed_for_slot, setup_distributed, setup_precision,
+    lr_at, optimizer_step, parse_config, peak_flops, restore_run_state, save_checkpoint, save_grid,
+    seed_everything, seed_for_slot, setup_distributed, setup_precision,
 )  # fmt: skip
 
 
@@ -69,6 +69,7 @@ class TrainConfig:
     dtype: str = "bf16"
     compile: bool = True
     device: str = "auto"
+    peak_tflops: float = 0.0  # per device, for MFU; 0 = the bf16 peak of a known GPU (PEAK_BF16_TFLOPS)
     seed: int = 42
     log_every: int = 50
     sample_every: int = 5_000
@@ -185,10 +186,13 @@ def main(argv=None):
         opt.load_state_dict(ckpt["optimizer"])
         step = restore_run_state(ckpt, scaler, rank, world)
         log(text=f"resumed from {path} at step {step}")
+    # MFU counts MaskGen's own FLOPs (3x its forward per sample); encoding images with the
+    # frozen tokenizer and captions with CLIP is extra work it leaves out.
+    train_flops, peak = model.train_flops(text_encoder.context_length), peak_flops(device, cfg.peak_tflops)
     if master:
         n = sum(p.numel() for p in model.parameters())
         log(text=f"MaskGen-{mcfg.mode.upper()} ({cfg.maskgen}): {n / 1e6:.1f}M parameters, {mcfg.num_tokens} tokens, "
-                 f"{world} process(es) on {device}")  # fmt: skip
+                 f"{train_flops / 1e9:.2f} GFLOP per sample per step, {world} process(es) on {device}")  # fmt: skip
 
     fwd_model = torch.compile(model) if cfg.compile else model
     if world > 1:
@@ -234,6 +238,8 @@ def main(argv=None):
         if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
             dt = time.time() - t0
             rec = {"step": step, "loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm), "img_per_s": seen / dt}
+            if peak:  # model FLOP/s over the peak of all devices
+                rec["mfu"] = rec["img_per_s"] * train_flops / (world * peak)
             log(rec, f"step {step:7d} | " + " | ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "step"))
             t0, seen = time.time(), 0
         if master and (step % cfg.sample_every == 0 or step == cfg.max_steps):
@@ -273,6 +279,14 @@ _TINY = dict(batch_size=8, max_steps=20, warmup_steps=2, lr=1e-3, dtype="fp32", 
              sample_every=20, ckpt_every=10, num_workers=0)  # fmt: skip
 PRESETS["tiny_vq"] = TrainConfig(maskgen="tiny_vq", out_dir="runs/tiny_maskgen_vq", **_TINY)
 PRESETS["tiny_kl"] = TrainConfig(maskgen="tiny_kl", out_dir="runs/tiny_maskgen_kl", schedule="constant", **_TINY)
+# The shapes world on 2 CPU cores (~30 min), on top of train_tokenizer.py --config=shapes(_kl).
+_SHAPES = dict(batch_size=64, max_steps=2400, warmup_steps=200, lr=1e-3, end_lr=1e-5, schedule="cosine",
+               beta2=0.96, weight_decay=0.03, ema_decay=0.995, dtype="fp32", compile=False, log_every=50,
+               sample_every=600, ckpt_every=300, num_workers=0)  # fmt: skip
+PRESETS["shapes_vq"] = TrainConfig(
+    maskgen="shapes_vq", tokenizer="runs/shapes_tokenizer", out_dir="runs/shapes_maskgen_vq", **_SHAPES)  # fmt: skip
+PRESETS["shapes_kl"] = TrainConfig(
+    maskgen="shapes_kl", tokenizer="runs/shapes_tokenizer_kl", out_dir="runs/shapes_maskgen_kl", **_SHAPES)  # fmt: skip
 
 if __name__ == "__main__":
     main()

@@ -103,6 +103,27 @@ def setup_precision(dtype, device):
     return (lambda: torch.autocast("cuda", dtype=amp_dtype)), scaler
 
 
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s per GPU, from the vendor data
+# sheets, matched in this order against torch.cuda.get_device_name(): first hit wins.
+PEAK_BF16_TFLOPS = [
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("B200", 2250.0),
+    ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0),
+]  # fmt: skip
+
+
+def peak_flops(device, override_tflops=0.0):
+    """Peak FLOP/s of one device for MFU: the override when given, else the table's bf16
+    figure for a known GPU, else None (then no MFU is logged: a guess would mislead)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in PEAK_BF16_TFLOPS:
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -226,7 +247,7 @@ def restore_run_state(ckpt, scaler, rank, world):
 
 # Fields that may change between a run and its resumption without changing the maths.
 RESUMABLE_FIELDS = {"max_steps", "log_every", "sample_every", "ckpt_every", "compile", "out_dir", "device",
-                    "num_workers", "keep_ckpts"}  # fmt: skip
+                    "num_workers", "keep_ckpts", "peak_tflops"}  # fmt: skip
 
 
 def check_resume_config(saved, current):
@@ -315,6 +336,7 @@ class TrainConfig:
     dtype: str = "bf16"  # bf16 | fp16 | fp32 (autocast is used on CUDA only)
     compile: bool = True
     device: str = "auto"
+    peak_tflops: float = 0.0  # per device, for MFU; 0 = the bf16 peak of a known GPU (PEAK_BF16_TFLOPS)
     seed: int = 42
     log_every: int = 50
     sample_every: int = 5_000
@@ -414,9 +436,14 @@ def main(argv=None):
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # eval: no code revival, no dropout
     opt = adamw(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
     opt_d = adamw(disc, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay) if disc is not None else None
+    # MFU counts the tokenizer's own FLOPs (3x its forward per image); the frozen text
+    # encoder and the loss networks are extra work it leaves out, so it is a lower bound.
+    f = model.flops()
+    train_flops, peak = 3 * (f["encode"] + f["decode"]), peak_flops(device, cfg.peak_tflops)
     if master:
         n = sum(p.numel() for p in model.parameters())
-        log(text=f"TA-TiTok {cfg.tokenizer}: {n / 1e6:.1f}M parameters, {world} process(es) on {device}")
+        log(text=f"TA-TiTok {cfg.tokenizer}: {n / 1e6:.1f}M parameters, {train_flops / 1e9:.2f} GFLOP per "
+                 f"image per step, {world} process(es) on {device}")  # fmt: skip
 
     # ---- resume (config check, weights, optimisers, step, RNG of every rank)
     step = 0
@@ -499,6 +526,8 @@ def main(argv=None):
         if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
             dt = time.time() - t0
             rec = {"step": step, "lr": lr, "grad_norm": float(grad_norm), "img_per_s": seen / dt}
+            if peak:  # model FLOP/s over the peak of all devices
+                rec["mfu"] = rec["img_per_s"] * train_flops / (world * peak)
             rec.update({k: float(v) for k, v in stats.items()})
             if hasattr(get_batch, "skipped"):  # corrupt / filtered samples so far, by reason
                 rec["skipped"] = get_batch.skipped.counts()
@@ -539,6 +568,15 @@ PRESETS["tiny"] = TrainConfig(
     loss="tiny", disc_start=10, out_dir="runs/tiny_tokenizer",
     dtype="fp32", compile=False, log_every=5, sample_every=20, ckpt_every=10, num_workers=0,
 )  # fmt: skip
+# The shapes world on 2 CPU cores (~20 min): L2 and quantizer (or KL) losses only (the GAN
+# never switches on: in so short a run it costs more than it sharpens), a short EMA.
+_SHAPES = dict(
+    text_encoder="shapes", batch_size=32, max_steps=3000, warmup_steps=200, lr=1e-3, end_lr=1e-4, loss="shapes",
+    disc_start=3000, ema_decay=0.995, dtype="fp32", compile=False, log_every=50, sample_every=500, ckpt_every=250,
+    num_workers=0,
+)  # fmt: skip
+PRESETS["shapes"] = TrainConfig(tokenizer="shapes", out_dir="runs/shapes_tokenizer", **_SHAPES)
+PRESETS["shapes_kl"] = TrainConfig(tokenizer="shapes_kl", out_dir="runs/shapes_tokenizer_kl", **_SHAPES)
 
 if __name__ == "__main__":
     main()

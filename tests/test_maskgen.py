@@ -366,3 +366,47 @@ def test_from_official_errors(tmp_path, vq, kl):
         MaskGen.from_official(write_official(vq, tmp_path / "bad_cfg", config_edit=not_maskgen))
     with pytest.raises(ValueError, match="MaskGen-KL"):
         MaskGenVQ.from_official(write_official(kl, tmp_path / "kl"))
+
+
+@pytest.mark.parametrize("name", ["vq", "kl"])
+def test_prompt_only_work_runs_once_per_generate(name, vq, kl):
+    # Text projections and every adaLN modulation depend only on the prompt: generate()
+    # computes them once (both CFG halves in one batch), and the precomputed modulations
+    # give exactly the per-step result.
+    model = vq if name == "vq" else kl
+    text, pooled, nt, npool = text_inputs(model.config)
+    txt, cond = model.encode_condition(text, pooled)
+    img = torch.randn(B, model.config.num_tokens, model.config.width)
+    with torch.no_grad():
+        assert torch.equal(model.trunk(img, txt, cond), model.trunk(img, txt, cond, model.modulations(cond)))
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a, key=key: calls.append(key)) for key, m in [
+        ("text", model.text_proj), ("pooled", model.pooled_proj), ("adaln0", model.blocks[0].img_adaln.linear),
+        ("adaln_last", model.blocks[-1].txt_adaln.linear), ("final", model.norm_out.linear),
+    ]]  # fmt: skip
+    try:
+        model.generate(text, pooled, nt, npool, num_steps=4)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sorted(calls) == sorted(["text", "pooled", "adaln0", "adaln_last", "final"])
+
+
+@pytest.mark.parametrize("name", ["vq", "kl"])
+def test_compiled_sampling_never_recompiles(name):
+    # compile_sampling() compiles the step functions once; later steps (and later calls
+    # with the same batch) must reuse the graph. aot_eager: no C++ codegen, cheap.
+    model = make(f"tiny_{name}", seed=1)
+    text, pooled, nt, npool = text_inputs(model.config, batch=2)
+    torch.manual_seed(3)
+    eager = model.generate(text, pooled, nt, npool)
+    torch._dynamo.reset()
+    model.compile_sampling(backend="aot_eager")
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            torch.manual_seed(3)
+            out = model.generate(text, pooled, nt, npool)
+            model.generate(text, pooled, nt, npool)
+    finally:
+        torch._dynamo.reset()
+    assert torch.allclose(out.float(), eager.float(), atol=1e-5)

@@ -1,0 +1,207 @@
+"""Throughput, MFU and memory of TA-TiTok and MaskGen on this machine (issue: performance).
+
+    python bench.py --preset tiny                            # seconds: a smoke run
+    python bench.py --preset shapes                          # the CPU table in README.md
+    python bench.py --preset l --compile 0,1 --dtype fp32,bf16   # MaskGen-L on a GPU
+
+For every (compile, dtype) pair it times, on random weights and random inputs of the
+real shapes (no downloads; the text features stand in for CLIP's):
+  - TA-TiTok encode and decode (VQ and KL tokenizers), img/s;
+  - MaskGen generate() with classifier-free guidance at the preset's defaults (the
+    paper's L/XL: VQ 16 steps; KL 32 steps with 100 DiffLoss steps), img/s, ms/step;
+  - a MaskGen training step (forward, backward, AdamW) and a tokenizer training step
+    (generator and discriminator updates), img/s.
+Each figure is the median of --repeats timed runs after --warmup untimed ones, with
+CUDA synchronisation. MFU = model FLOP/s (counted analytically: TATiTok.flops,
+MaskGen.flops) / peak FLOP/s. The peak is the bf16 dense figure of a known GPU (the
+trainers' table; --peak_tflops overrides), else the torch.matmul peak measured here, in
+the same run and dtype. Memory is the CUDA peak per row; on CPU the process's peak RSS.
+"""
+
+import argparse
+import copy
+import resource
+import statistics
+import time
+
+import torch
+
+import losses
+import maskgen as M
+import tokenizer as T
+from train_tokenizer import peak_flops
+
+# Which models a preset times: tokenizers (VQ, KL), MaskGens (VQ, KL), text (length,
+# width of the per-token states, pooled width), and the batch size of every row.
+PRESETS = {
+    "tiny": dict(tok=("tiny", "tiny_kl"), gen=("tiny_vq", "tiny_kl"), text=(16, 32, 32), batch=4, loss="tiny"),
+    "shapes": dict(tok=("shapes", "shapes_kl"), gen=("shapes_vq", "shapes_kl"), text=(16, 64, 64), batch=32,
+                   loss="shapes"),
+    # The paper's pairs: MaskGen-VQ on 128 VQ tokens, MaskGen-KL on 32 KL tokens; CLIP-L/14 text.
+    "l": dict(tok=("tatitok_bl128_vq", "tatitok_bl32_vae"), gen=("maskgen_vq_l", "maskgen_kl_l"),
+              text=(77, 768, 768), batch=32, loss="paper_resnet50"),
+    "xl": dict(tok=("tatitok_bl128_vq", "tatitok_bl32_vae"), gen=("maskgen_vq_xl", "maskgen_kl_xl"),
+               text=(77, 768, 768), batch=32, loss="paper_resnet50"),
+}  # fmt: skip
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, warmup, repeats):
+    """Median seconds of one call, after warm-up (which also absorbs compilation)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_peak(device, dtype, warmup, repeats):
+    """FLOP/s of a large square torch.matmul: the attainable peak of this machine."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n**3 / timed(lambda: a @ b, device, warmup, repeats)
+
+
+def maskgen_config(name, tok_cfg, text):
+    """A MaskGen preset with token and text sizes taken from its tokenizer and text encoder."""
+    c = copy.deepcopy(M.PRESETS[name])
+    c.num_tokens, c.codebook_size, c.token_size = tok_cfg.num_latent_tokens, tok_cfg.codebook_size, tok_cfg.token_size
+    c.text_width, c.pooled_dim = text[1], text[2]
+    return c
+
+
+def rows(p, device, dtype, compile_, args):
+    """Yield (name, batch, seconds per call, steps per call, FLOPs per call, CUDA peak bytes)."""
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")  # bf16: autocast
+    B, (L, Dt, Dp) = p["batch"], p["text"]
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def run(name, fn, flops, steps=1):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with amp:
+            t = timed(fn, device, args.warmup, args.repeats)
+        mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        return name, B, t, steps, flops, mem
+
+    for mode, tok_name, gen_name in zip(("VQ", "KL"), p["tok"], p["gen"]):
+        torch.manual_seed(0)
+        tc = T.PRESETS[tok_name]
+        tok = T.TATiTok(tc).to(device).eval()
+        images = torch.rand(B, 3, tc.image_size, tc.image_size, device=device, generator=g)
+        tok_text = torch.randn(B, tc.text_context_length, tc.text_embed_dim, device=device, generator=g)
+        f = tok.flops()
+        encode = torch.compile(tok.encode) if compile_ else tok.encode
+        decode = torch.compile(tok.decode) if compile_ else tok.decode
+        with torch.no_grad():
+            tokens = tok.encode(images)
+            yield run(f"TA-TiTok-{mode} encode", lambda: encode(images), B * f["encode"])
+            yield run(f"TA-TiTok-{mode} decode", lambda: decode(tokens, tok_text), B * f["decode"])
+
+        mc = maskgen_config(gen_name, tc, p["text"])
+        model = M.MaskGen(mc).to(device).eval()
+        text, pooled = torch.randn(B, L, Dt, device=device), torch.randn(B, Dp, device=device)
+        null_text, null_pooled = torch.randn(1, L, Dt, device=device), torch.randn(1, Dp, device=device)
+        if compile_:
+            model.compile_sampling()
+        steps = mc.num_steps
+        label = f"{steps} steps" + (f" x {model.diffloss.gen_diffusion.num_timesteps} diff." if mode == "KL" else "")
+        with torch.no_grad():
+            yield run(f"MaskGen-{mode} generate, CFG ({label})",
+                      lambda: model.generate(text, pooled, null_text, null_pooled, generator=g),
+                      B * model.generate_flops(L), steps)  # fmt: skip
+
+        # Training steps: fresh models in train mode, AdamW, gradient clipping.
+        train = M.MaskGen(mc).to(device).train()
+        opt = torch.optim.AdamW(train.parameters(), lr=1e-5, fused=device.type == "cuda")
+        fwd = torch.compile(train) if compile_ else train
+        train_tokens = tokens if mode == "VQ" else torch.randn(B, mc.num_tokens, 2 * mc.token_size, device=device)
+
+        def maskgen_step():
+            loss = fwd(train_tokens, text, pooled)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(train.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        yield run(f"MaskGen-{mode} train step", maskgen_step, B * train.train_flops(L))
+        del model, train, opt, fwd
+
+        tok.train()
+        lcfg = copy.deepcopy(losses.PRESETS[p["loss"]])
+        lcfg.discriminator_start, lcfg.perceptual_pretrained = 0, False  # the GAN on; random weights, same cost
+        loss_fn = losses.TokenizerLoss(lcfg).to(device)
+        opt_g = torch.optim.AdamW(tok.parameters(), lr=1e-5, fused=device.type == "cuda")
+        opt_d = torch.optim.AdamW(loss_fn.discriminator.parameters(), lr=1e-5, fused=device.type == "cuda")
+        fwd_tok = torch.compile(tok) if compile_ else tok
+
+        def tokenizer_step():
+            recon, extras = fwd_tok(images, tok_text)
+            loss, _ = loss_fn.generator_loss(images, recon, extras, step=1)
+            loss.backward()
+            opt_g.step()
+            opt_g.zero_grad(set_to_none=True)
+            d_loss, _ = loss_fn.discriminator_loss(images, recon.detach(), step=1)
+            d_loss.backward()
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+
+        # FLOPs: the tokenizer's 3x forward only (the loss networks are extra work), as in training.
+        yield run(f"TA-TiTok-{mode} train step (G + D)", tokenizer_step, B * 3 * (f["encode"] + f["decode"]))
+        del tok, loss_fn, opt_g, opt_d, fwd_tok
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="shapes", choices=sorted(PRESETS))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--compile", default="0", help="comma list of 0/1, e.g. 0,1 for eager and compiled")
+    ap.add_argument("--dtype", default="fp32", help="comma list of fp32/bf16 (bf16 = autocast)")
+    ap.add_argument("--batch", type=int, default=0, help="batch size of every row (0: the preset's)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak for MFU (0: table or measured)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # TF32 for fp32 matmuls on Ampere+, as in training (see train_tokenizer.setup_precision).
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    p = dict(PRESETS[args.preset])
+    p["batch"] = args.batch or p["batch"]
+    compiles = [bool(int(c)) for c in args.compile.split(",")]
+    dtypes = args.dtype.split(",")
+    if not set(dtypes) <= {"fp32", "bf16"}:
+        ap.error(f"--dtype takes fp32 and/or bf16, got {args.dtype}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"bench.py --preset {args.preset}: {name}, torch {torch.__version__}, batch {p['batch']}, "
+          f"median of {args.repeats} after {args.warmup} warm-up")  # fmt: skip
+    for dtype in dtypes:
+        peak = peak_flops(device, args.peak_tflops)
+        source = "table/override"
+        if peak is None:
+            mm_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+            peak, source = matmul_peak(device, mm_dtype, args.warmup, args.repeats), "measured torch.matmul"
+        for compile_ in compiles:
+            print(f"\n## {dtype}, {'torch.compile' if compile_ else 'eager'}; peak {peak / 1e12:.3g} TFLOP/s ({source})")
+            print(f"{'':50s} {'img/s':>9s} {'ms/step':>9s} {'GFLOP/img':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'mem':>9s}")
+            for row, B, t, steps, flops, mem in rows(p, device, dtype, compile_, args):
+                mem_s = f"{mem / 2**20:.0f} MiB" if mem is not None else "-"
+                print(f"{row:50s} {B / t:9.1f} {1e3 * t / steps:9.2f} {flops / B / 1e9:10.3f} "
+                      f"{flops / t / 1e12:8.3f} {flops / t / peak:6.1%} {mem_s:>9s}", flush=True)  # fmt: skip
+    if device.type == "cpu":  # ru_maxrss is in KiB on Linux
+        print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

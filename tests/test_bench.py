@@ -1,0 +1,24 @@
+"""bench.py smoke run on the tiny preset: every row is printed with finite, positive
+figures (no timing assertions: this machine's speed is not under test)."""
+
+import math
+
+import torch
+
+import bench
+
+
+def test_bench_tiny(capsys):
+    n = torch.get_num_threads()
+    try:
+        bench.main(["--preset", "tiny", "--dtype", "fp32,bf16", "--warmup", "0", "--repeats", "1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(n)
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("TA-TiTok", "MaskGen"))]
+    assert len(rows) == 2 * 10  # 10 rows per dtype
+    for line in rows:
+        img_s, ms, gflop, tflops, mfu = line[50:].split()[:5]
+        assert float(img_s) > 0 and float(ms) > 0 and float(gflop) > 0
+        assert math.isfinite(float(tflops)) and mfu.endswith("%")
+    assert "generate, CFG (8 steps)" in out and "(4 steps x 10 diff.)" in out

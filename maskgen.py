@@ -1181,15 +1181,15 @@ PRESETS = {
         guidance_scale=3.0, guidance_schedule="linear", temperature=1.0,
     ),
     # The shapes world: 32 tokens from tokenizer.PRESETS["shapes"/"shapes_kl"] and the
-    # 64-wide "shapes" text tower; four 256-wide blocks (~9M parameters) train in ~30 min
+    # 64-wide "shapes" text tower; four 192-wide blocks (~5M parameters) train in ~25 min
     # on 2 CPU cores.
     "shapes_vq": MaskGenConfig(
-        mode="vq", width=256, depth=4, heads=4, num_tokens=32, codebook_size=512, num_class_rows=0, token_size=16,
+        mode="vq", width=192, depth=4, heads=4, num_tokens=32, codebook_size=512, num_class_rows=0, token_size=16,
         text_width=64, pooled_dim=64, aes_embed_dim=32, num_steps=16, guidance_scale=3.0, randomize_temperature=1.0,
     ),
     "shapes_kl": MaskGenConfig(
-        mode="kl", width=256, depth=4, heads=4, num_tokens=32, token_size=8, text_width=64, pooled_dim=64,
-        aes_embed_dim=32, diffloss_depth=3, diffloss_width=256, num_sampling_steps="50", num_steps=16,
+        mode="kl", width=192, depth=4, heads=4, num_tokens=32, token_size=8, text_width=64, pooled_dim=64,
+        aes_embed_dim=32, diffloss_depth=3, diffloss_width=192, num_sampling_steps="50", num_steps=16,
         guidance_scale=2.0, guidance_schedule="linear", temperature=1.0,
     ),
 }

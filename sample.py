@@ -662,6 +662,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["tokviz"]:
         return tokviz_main(argv[1:])
+    if argv[:1] == ["bundle"]:
+        return bundle_main(argv[1:])
     args = build_parser().parse_args(argv)
 
     # 1. Prompts, read and checked before anything is loaded.
@@ -849,6 +851,41 @@ def _spread(n, k):
     """k indices evenly spread over range(n)."""
     k = min(k, n)
     return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+
+
+def bundle_main(argv):
+    """`python sample.py bundle --generator RUN --out FILE`: one self-contained file with
+    the generator's and its tokenizer's EMA weights, configs and small text tower (how
+    checkpoints/shapes.pt is made). Weights are stored in fp16 unless --fp32; they are
+    loaded back into fp32 models."""
+    p = argparse.ArgumentParser(prog="sample.py bundle", description=bundle_main.__doc__)
+    p.add_argument("--generator", required=True, help="a train_maskgen.py run folder or checkpoint")
+    p.add_argument("--tokenizer", help="its TA-TiTok run (default: the one the generator records)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--fp32", action="store_true", help="keep fp32 weights (twice the size)")
+    args = p.parse_args(argv)
+    gen = _resolve_generator(args.generator)
+    src = _resolve_tokenizer(args.tokenizer) if args.tokenizer else _resolve_tokenizer(gen.tokenizer, gen)
+    if gen.kind != "ckpt" or src.kind != "ckpt":
+        raise ValueError("bundle packs our own runs; official releases are already self-contained directories")
+    check_pair(src.config, gen.config, src.where, gen.where)
+
+    def small(sd):
+        return {k: v.half() if v.is_floating_point() and not args.fp32 else v for k, v in sd.items()}
+
+    tok, gen_ck = src.ckpt, gen.ckpt
+    bundle = {
+        "tokenizer": {"tokenizer_config": tok["tokenizer_config"], "ema": small(_weights(tok, src.where)[0]),
+                      "config": tok["config"], "text_encoder": small(tok["text_encoder"]) if tok.get("text_encoder") else None},
+        "generator": {"maskgen_config": gen_ck["maskgen_config"], "ema": small(_weights(gen_ck, gen.where)[0]),
+                      "config": gen_ck["config"]},
+    }  # fmt: skip
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    torch.save(bundle, tmp)
+    os.replace(tmp, args.out)  # atomic: a crash never leaves a half-written bundle
+    print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB) from {gen.where} + {src.where}")
+    return args.out
 
 
 def tokviz_main(argv):

@@ -387,6 +387,9 @@ class TATiTokConfig:
     clustering_vq: bool = True  # the training configs revive dead codes
     text_context_length: int = 77
     text_embed_dim: int = 768
+    # "official": the released models' init. "local": a locality-biased init for small
+    # models and short runs (the shapes presets); see _local_init.
+    init: str = "official"
 
 
 class TATiTok(nn.Module):
@@ -403,6 +406,10 @@ class TATiTok(nn.Module):
         # The K latent tokens' content: learned, shared by every image.
         self.latent_tokens = nn.Parameter(cfg.enc_width**-0.5 * torch.randn(cfg.num_latent_tokens, cfg.enc_width))
         self.apply(_init_weights)
+        if cfg.init == "local":
+            _local_init(self)
+        elif cfg.init != "official":
+            raise ValueError(f"init must be 'official' or 'local', got {cfg.init!r}")
         if cfg.quantize_mode == "vq":  # after apply(): the codebook keeps its own init
             self.quantize = VectorQuantizer(
                 cfg.codebook_size, cfg.token_size, cfg.commitment_cost, cfg.use_l2_norm, cfg.clustering_vq
@@ -538,6 +545,58 @@ def _init_weights(m):
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
+
+
+def sincos_2d(grid, width):
+    """Fixed 2D sine-cosine position codes (as in MAE): (grid*grid, width), row-major;
+    half the channels encode the row, half the column. Neighbours get similar codes."""
+    assert width % 4 == 0, f"width {width} must be a multiple of 4 for 2D sin-cos codes"
+    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))  # (W/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")  # fmt: skip
+
+    def code(pos):  # (G*G,) -> (G*G, W/2)
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([code(rows), code(cols)], dim=1).float()  # (G*G, W)
+
+
+@torch.no_grad()
+def _local_init(model, std=0.1, pos_scale=10.0, qk_std=0.4):
+    """A locality-biased initialisation for small models trained briefly (init="local").
+
+    With the official init (weights ~ N(0, 0.02), random position tables), a small
+    TA-TiTok on the shapes world sits at the mean image for thousands of steps: attention
+    starts uniform, so every latent token sees the same average of the image and every
+    output patch the same average of the tokens, and neither side can learn where to
+    look before the other does. This init breaks that symmetry, changing values only
+    (the same parameters, so checkpoints are interchangeable):
+      - image patches, decoder grid slots and latent tokens get 2D sin-cos positions
+        (x pos_scale, so position dominates after the LayerNorm), latent token k sitting
+        at an evenly spaced patch of the grid, with no extra learned content;
+      - every attention starts with W_k = W_q (std qk_std), so q.k is largest between
+        tokens at the same place: each latent token starts by reading "its" patch and each
+        output patch by reading the nearest latent token ("mimetic" init, Trockman &
+        Kolter 2023, makes W_q W_k^T ~ identity for the same reason);
+      - other weights ~ N(0, std) instead of 0.02, so an image changes the tokens, and
+        the tokens the output, by more than a rounding error at step 0.
+    """
+    c = model.config
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+    K = c.num_latent_tokens
+    for side, part in (("enc", model.encoder), ("dec", model.decoder)):
+        W, G = getattr(c, f"{side}_width"), c.image_size // getattr(c, f"{side}_patch_size")
+        pos = pos_scale * sincos_2d(G, W)  # (G*G, W)
+        part.positional_embedding[1:] = pos
+        part.latent_token_positional_embedding.copy_(pos[torch.arange(K) * (G * G) // K])  # evenly spaced
+        for blk in part.blocks:
+            qkv = blk.attn.qkv.weight  # rows [q; k; v]
+            nn.init.normal_(qkv[:W], std=qk_std)
+            qkv[W : 2 * W] = qkv[:W]
+    model.latent_tokens.zero_()
 
 
 # Official name fragment -> ours. Everything else is already named the same.
@@ -743,19 +802,18 @@ PRESETS = {
         dec_width=32, dec_depth=2, dec_heads=2, num_latent_tokens=8, quantize_mode="kl", token_size=4,
         text_context_length=16, text_embed_dim=32,
     ),  # fmt: skip
-    # The shapes world (data.ShapesWorld): 64 px, patch 8 (64 patches) -> 32 tokens, six
-    # 128-wide blocks each side. Sized to train in ~20 min on 2 CPU cores. l2-normalised
-    # codes keep the tokens at unit norm: with the tiny default code init, a short run
-    # otherwise sits for hundreds of steps with near-zero tokens the decoder ignores.
+    # The shapes world (data.ShapesWorld): 64 px, patch 8 (64 patches) -> 32 tokens, small
+    # widths, the locality-biased init (without it a short run never leaves the mean
+    # image, see _local_init), l2-normalised codes. Sized for ~15 min on 2 CPU cores.
     "shapes": TATiTokConfig(
-        image_size=64, enc_patch_size=8, dec_patch_size=8, enc_width=128, enc_depth=6, enc_heads=4,
-        dec_width=128, dec_depth=6, dec_heads=4, num_latent_tokens=32, codebook_size=512, token_size=16,
-        use_l2_norm=True, text_context_length=16, text_embed_dim=64,
+        image_size=64, enc_patch_size=8, dec_patch_size=8, enc_width=64, enc_depth=2, enc_heads=2,
+        dec_width=64, dec_depth=2, dec_heads=2, num_latent_tokens=32, codebook_size=512, token_size=16,
+        use_l2_norm=True, text_context_length=16, text_embed_dim=64, init="local",
     ),  # fmt: skip
     "shapes_kl": TATiTokConfig(
-        image_size=64, enc_patch_size=8, dec_patch_size=8, enc_width=128, enc_depth=6, enc_heads=4,
-        dec_width=128, dec_depth=6, dec_heads=4, num_latent_tokens=32, quantize_mode="kl", token_size=8,
-        text_context_length=16, text_embed_dim=64,
+        image_size=64, enc_patch_size=8, dec_patch_size=8, enc_width=64, enc_depth=2, enc_heads=2,
+        dec_width=64, dec_depth=2, dec_heads=2, num_latent_tokens=32, quantize_mode="kl", token_size=8,
+        text_context_length=16, text_embed_dim=64, init="local",
     ),  # fmt: skip
 }
 

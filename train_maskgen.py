@@ -279,10 +279,10 @@ _TINY = dict(batch_size=8, max_steps=20, warmup_steps=2, lr=1e-3, dtype="fp32", 
              sample_every=20, ckpt_every=10, num_workers=0)  # fmt: skip
 PRESETS["tiny_vq"] = TrainConfig(maskgen="tiny_vq", out_dir="runs/tiny_maskgen_vq", **_TINY)
 PRESETS["tiny_kl"] = TrainConfig(maskgen="tiny_kl", out_dir="runs/tiny_maskgen_kl", schedule="constant", **_TINY)
-# The shapes world on 2 CPU cores (~30 min), on top of train_tokenizer.py --config=shapes(_kl).
-_SHAPES = dict(batch_size=64, max_steps=2400, warmup_steps=200, lr=1e-3, end_lr=1e-5, schedule="cosine",
-               beta2=0.96, weight_decay=0.03, ema_decay=0.995, dtype="fp32", compile=False, log_every=50,
-               sample_every=600, ckpt_every=300, num_workers=0)  # fmt: skip
+# The shapes world on 2 CPU cores (~25 min), on top of train_tokenizer.py --config=shapes(_kl).
+_SHAPES = dict(batch_size=64, max_steps=5000, warmup_steps=300, lr=1e-3, end_lr=1e-5, schedule="cosine",
+               beta2=0.96, weight_decay=0.03, ema_decay=0.998, dtype="fp32", compile=False, log_every=100,
+               sample_every=1000, ckpt_every=500, num_workers=0)  # fmt: skip
 PRESETS["shapes_vq"] = TrainConfig(
     maskgen="shapes_vq", tokenizer="runs/shapes_tokenizer", out_dir="runs/shapes_maskgen_vq", **_SHAPES)  # fmt: skip
 PRESETS["shapes_kl"] = TrainConfig(

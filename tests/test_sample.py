@@ -97,21 +97,13 @@ def ckpts(tmp_path_factory):
     out["gen"] = save_generator_run(d / "gen", GEN_VQ, "tok")
     out["tok_kl"] = save_tokenizer_run(d / "tok_kl", TOK_KL)
     out["gen_kl"] = save_generator_run(d / "gen_kl", GEN_KL, str(d / "tok_kl"), with_text=True)
-    # The shipped-bundle layout: one file with both stages (subsets of the run checkpoints),
-    # weights stored in fp16 as the shipped file may be.
-    tok = torch.load(os.path.join(out["tok"], "ckpt_00000010.pt"), weights_only=True)
-    gen = generator_ckpt(GEN_VQ, "unused")
-
-    def half(sd):
-        return {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
-
-    bundle = {
-        "tokenizer": {"tokenizer_config": tok["tokenizer_config"], "config": tok["config"],
-                      "ema": half(tok["ema"]), "text_encoder": half(tok["text_encoder"])},
-        "generator": {"maskgen_config": gen["maskgen_config"], "config": gen["config"], "ema": half(gen["ema"])},
-    }  # fmt: skip
-    out["bundle"] = str(d / "shapes.pt")
-    torch.save(bundle, out["bundle"])
+    # The shipped-bundle layout, written by `sample.py bundle`: one file with both stages'
+    # EMA weights in fp16, their configs and the small text tower.
+    out["bundle"] = S.main(["bundle", "--generator", out["gen"], "--out", str(d / "shapes.pt")])
+    bundle = torch.load(out["bundle"], weights_only=True)
+    assert set(bundle) == {"tokenizer", "generator"}
+    assert all(v.dtype == torch.float16 for part in bundle.values() for v in part["ema"].values() if v.is_floating_point())
+    assert bundle["tokenizer"]["text_encoder"] is not None
     return out
 
 

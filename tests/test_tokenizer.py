@@ -198,3 +198,34 @@ def test_presets_match_paper():
 def test_import_is_silent():
     out = subprocess.run([sys.executable, "-c", "import tokenizer"], capture_output=True, text=True, cwd=".")
     assert out.returncode == 0 and out.stdout == "" and out.stderr == ""
+
+
+def test_local_init_breaks_attention_symmetry():
+    # init="local" (the shapes presets) changes values only: the same parameters as the
+    # official init, with k = q in every attention, 2D sin-cos positions, and tokens whose
+    # content actually reaches the output at step 0 (with the official init it does not).
+    import dataclasses
+
+    def make(init, preset="tiny"):
+        torch.manual_seed(0)
+        return T.TATiTok(dataclasses.replace(T.PRESETS[preset], init=init)).eval()
+
+    off, loc = make("official"), make("local")
+    assert {k: v.shape for k, v in off.state_dict().items()} == {k: v.shape for k, v in loc.state_dict().items()}
+    W = loc.config.enc_width
+    for blk in [*loc.encoder.blocks, *loc.decoder.blocks]:
+        assert torch.equal(blk.attn.qkv.weight[:W], blk.attn.qkv.weight[W : 2 * W])
+    G = loc.config.image_size // loc.config.enc_patch_size
+    assert torch.allclose(loc.encoder.positional_embedding[1:], 10 * T.sincos_2d(G, W))
+
+    def token_effect(m):  # how much giving each image another image's tokens changes the output
+        g = torch.Generator().manual_seed(1)
+        x, text = torch.rand(4, 3, 32, 32, generator=g), torch.randn(4, 16, 32, generator=g)
+        with torch.no_grad():
+            z = m.encode(x)  # KL posterior means: continuous, so every difference shows
+            a, b = m.decode(z, text), m.decode(z.roll(1, dims=0), text)
+        return ((a - b).abs().mean() / a.std()).item()
+
+    assert token_effect(make("local", "tiny_kl")) > 100 * token_effect(make("official", "tiny_kl"))
+    with pytest.raises(ValueError, match="init must be"):
+        T.TATiTok(dataclasses.replace(T.PRESETS["tiny"], init="xavier"))

@@ -209,3 +209,22 @@ def test_maskgen_trains_on_pretokenized_shards(mode, tmp_path, tok_runs):
            "--max_steps=3", "--log_every=1", "--sample_every=100", "--ckpt_every=3")  # fmt: skip
     assert final_ckpt(tmp_path / "run")["step"] == 3
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log(tmp_path / "run"))
+
+
+def test_mfu_logged_where_a_peak_is_known(tmp_path, tok_runs):
+    # CPU has no table entry, so no MFU by default; --peak_tflops gives the peak, and MFU
+    # is img/s x the analytic FLOPs per image (3x forward) / (peak x world size).
+    import maskgen as M
+    import tokenizer as T
+
+    run_tok(tmp_path / "plain", "--max_steps=2", "--log_every=1")
+    assert "mfu" not in log(tmp_path / "plain")[-1]
+    run_tok(tmp_path / "tok", "--max_steps=2", "--log_every=1", "--peak_tflops=0.5")
+    rec = log(tmp_path / "tok")[-1]
+    f = T.TATiTok(T.PRESETS["tiny"]).flops()
+    assert rec["mfu"] == pytest.approx(rec["img_per_s"] * 3 * (f["encode"] + f["decode"]) / 0.5e12)
+    run_mg(tmp_path / "mg", tok_runs / "vq", "vq", "--max_steps=2", "--log_every=1", "--peak_tflops=0.5")
+    rec = log(tmp_path / "mg")[-1]
+    ck = final_ckpt(tmp_path / "mg")
+    model = M.MaskGen(M.MaskGenConfig(**ck["maskgen_config"]))
+    assert rec["mfu"] == pytest.approx(rec["img_per_s"] * model.train_flops(16) / 0.5e12)

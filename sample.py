@@ -738,6 +738,7 @@ def main(argv=None):
             build_run_grid(args.outdir, prompts, items, aesthetics, geneval, args.grid_rows).save(grid_path)
         where = f"{args.outdir}/<prompt>/samples/" if geneval else f"{args.outdir}/"
         n = len(items)
+        where = ", ".join(written) if world == 1 and n <= 4 else where  # a few images: name each file
         print(f"wrote {n} image{'s' * (n != 1)} to {where}" + (f"; grid: {grid_path}" if grid_path else ""))
     if world > 1 and dist.is_initialized():
         dist.destroy_process_group()

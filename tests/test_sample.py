@@ -373,3 +373,14 @@ def test_tokviz_command_vq_and_kl(ckpts, tmp_path, image_file):
                   "--num_codes", "3", "--outdir", str(tmp_path / "kl")] + CPU)  # fmt: skip
     assert res["swaps"].shape == (8, 3, 3, 32, 32)
     assert os.path.isfile(res["swap"]) and os.path.isfile(res["attention"])
+
+
+def test_shipped_checkpoint_quickstart(tmp_path, capsys):
+    # The README's first command: the shipped model, no checkpoint arguments.
+    assert os.path.isfile(S.DEFAULT_CHECKPOINT), "checkpoints/shapes.pt ships with the repository"
+    assert os.path.getsize(S.DEFAULT_CHECKPOINT) <= 25e6
+    res = run(["--prompt", "a red circle to the left of a blue square"], tmp_path)
+    assert res["images"][0] in capsys.readouterr().out  # it says where the image went
+    img = pixels(res["images"][0])
+    assert img.shape == (64, 64, 3)
+    assert img.std() > 20 and (img.min(axis=-1) < 128).sum() > 50  # not blank: coloured shapes on white

@@ -27,7 +27,7 @@ CLI (each writes <out>.json and a readable table <out>.txt; default out/eval/<cm
     python evaluate.py recon  --tokenizer DIR_OR_RUN --data IMAGENET_VAL_DIR --class-names classes.txt
     python evaluate.py gen    --images GEN_DIR --ref REF_DIR|ref_stats.npz [--clip --prompts prompts.txt]
     python evaluate.py shapes [--generator CKPT] [--n-per-category 300]   # default: shipped checkpoint
-    python evaluate.py shapes --images SAMPLE_DIR | --ground-truth
+    python evaluate.py shapes --images SAMPLE_DIR | --ground-truth | --reconstruct
     torchrun --nproc_per_node=8 evaluate.py ...     # images / prompts sharded over ranks, features gathered
 """
 
@@ -846,9 +846,12 @@ def cmd_shapes(args, device):
         import data
 
         prompts = _heldout_prompts(data, args.n_per_category, args.seed)
-        if args.ground_truth:
+        if args.ground_truth or args.reconstruct:
             images, caps = _render_ground_truth(data, args.n_per_category, args.seed)
             source = "ground-truth renders (detector sanity check)"
+            if args.reconstruct:  # through the tokenizer: the ceiling for any generator on top of it
+                images = _reconstruct(images, caps, args.generator, args.tokenizer, device, args.batch_size)
+                source = f"ground-truth renders reconstructed by the tokenizer of {args.generator or 'checkpoints/shapes.pt'}"
         else:
             images = generate_shapes_images(prompts, args.generator, args.tokenizer, device, args.sample_seed,
                                             args.batch_size, args.steps, args.guidance_scale)  # fmt: skip
@@ -867,6 +870,22 @@ def _heldout_prompts(data, n_per_category, seed):
     """n held-out prompts per category from data.py (a seed no training run uses)."""
     out = data.heldout_prompts(n_per_category, seed=seed)
     return [p if isinstance(p, str) else p[0] for p in out]  # captions (or (caption, category) pairs)
+
+
+def _reconstruct(images, captions, generator, tokenizer, device, batch_size):
+    """Encode and decode uint8 (H, W, 3) images with the generator's tokenizer (and its
+    text encoder, since the decoder is text-aware)."""
+    import sample
+
+    models = sample.load_models(generator, tokenizer, device)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.stack(images[i : i + batch_size])).permute(0, 3, 1, 2).float().div(255).to(device)
+            text = models.tok_text(captions[i : i + batch_size]).final
+            recon = models.tokenizer.decode(models.tokenizer.encode(x), text)
+            out += list(to_uint8(recon).permute(0, 2, 3, 1).cpu().numpy())
+    return out
 
 
 def _render_ground_truth(data, n_per_category, seed):
@@ -915,6 +934,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the generator's config)")
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--ground-truth", action="store_true", help="score ground-truth renders (detector check)")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="score ground-truth renders after a trip through the tokenizer (the generator's ceiling)")
     p.add_argument("--n-per-category", type=int, default=300)
     p.add_argument("--seed", type=int, default=HELDOUT_SEED, help="held-out prompt seed (no training run uses it)")
     p.add_argument("--sample-seed", type=int, default=0, help="generation: prompt j is sampled with seed + j")

@@ -904,12 +904,12 @@ class MaskGenKL(MaskGen):
 
         txt, cond = self.encode_condition(text, pooled, aesthetic)
         # One masking rate for the whole batch (arccos schedule, at least one token), as
-        # the official and MAR; drawn on the host so the count is a Python int and the
-        # step has no host sync. The order in which tokens get masked is per sample.
-        rate = float(arccos_mask_rate(torch.rand(())).clamp(1e-6, 1.0))
-        n_masked = math.ceil(K * rate)
+        # the official and MAR; the order in which tokens get masked is per sample. The
+        # count stays a 0-d tensor: no host sync, and one compiled graph serves every count.
+        rate = arccos_mask_rate(torch.rand((), device=x.device)).clamp(1e-6, 1.0)
+        n_masked = torch.ceil(K * rate)  # () float, in [1, K]
         order = torch.rand(B, K, device=x.device).argsort(dim=-1)  # (B, K)
-        mask = torch.zeros(B, K, device=x.device).scatter(1, order[:, :n_masked], 1.0)  # 1 = masked
+        mask = (order.argsort(dim=-1) < n_masked).float()  # (B, K), 1 = masked: the first n_masked in the order
 
         z = self.token_conditions(x, mask, txt, cond)  # (B, K, D)
         # DiffLoss on every token, weighted by the mask, with each token's row repeated

@@ -192,6 +192,10 @@ class VectorQuantizer(nn.Module):
         ids = ids.view(z.shape[:-1])  # (B, K)
         return zq, dict(quantizer_loss=commitment + codebook, commitment_loss=commitment, codebook_loss=codebook, ids=ids)
 
+    # Eager, outside any compiled graph: it edits the codebook in place (through .data, as
+    # the official), which a compiled forward would turn into a tracked mutation of a
+    # weight its backward still holds.
+    @torch.compiler.disable
     @torch.no_grad()
     def _revive_codes(self, ids, d, raw):
         # Under DDP every rank must make the same update, so gather the batch.

@@ -119,6 +119,9 @@ def test_bad_options_are_refused():
 
 
 def test_compile_runs(tmp_path, tok_runs):
+    # The tokenizer too: VQ code revival edits the codebook in place, outside the graph.
+    run_tok(tmp_path / "tok", "--max_steps=2", "--compile=true", "--sample_every=100")
+    assert final_ckpt(tmp_path / "tok")["step"] == 2
     run_mg(tmp_path, tok_runs / "vq", "vq", "--max_steps=2", "--compile=true", "--sample_every=100")
     assert final_ckpt(tmp_path)["step"] == 2
     assert not any(k.startswith("_orig_mod") for k in final_ckpt(tmp_path)["model"])

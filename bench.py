@@ -80,14 +80,6 @@ def matmul_peak(device, dtype, warmup, repeats):
     return 2 * n**3 / best
 
 
-def maskgen_config(name, tok_cfg, text):
-    """A MaskGen preset with token and text sizes taken from its tokenizer and text encoder."""
-    c = copy.deepcopy(M.PRESETS[name])
-    c.num_tokens, c.codebook_size, c.token_size = tok_cfg.num_latent_tokens, tok_cfg.codebook_size, tok_cfg.token_size
-    c.text_width, c.pooled_dim = text[1], text[2]
-    return c
-
-
 def rows(p, device, dtype, compile_, args):
     """Yield (name, batch, seconds per call, steps per call, FLOPs per call, CUDA peak bytes)."""
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")  # bf16: autocast
@@ -116,7 +108,7 @@ def rows(p, device, dtype, compile_, args):
             yield run(f"TA-TiTok-{mode} encode", lambda: encode(images), B * f["encode"])
             yield run(f"TA-TiTok-{mode} decode", lambda: decode(tokens, tok_text), B * f["decode"])
 
-        mc = maskgen_config(gen_name, tc, p["text"])
+        mc = M.preset_for(gen_name, tc, Dt, Dp)
         model = M.MaskGen(mc).to(device).eval()
         text, pooled = torch.randn(B, L, Dt, device=device), torch.randn(B, Dp, device=device)
         null_text, null_pooled = torch.randn(1, L, Dt, device=device), torch.randn(1, Dp, device=device)

@@ -47,6 +47,7 @@ Public API:
 import json
 import math
 import os
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -1193,3 +1194,13 @@ PRESETS = {
         guidance_scale=2.0, guidance_schedule="linear", temperature=1.0,
     ),
 }
+
+
+def preset_for(name, tokenizer_config, text_width, pooled_dim):
+    """PRESETS[name] fitted to its inputs: the preset gives the transformer sizes, the
+    TA-TiTok config the token count, codebook and channels, the text encoder the widths."""
+    t = tokenizer_config
+    return dataclasses.replace(
+        PRESETS[name], num_tokens=t.num_latent_tokens, codebook_size=t.codebook_size, token_size=t.token_size,
+        text_width=text_width, pooled_dim=pooled_dim,
+    )  # fmt: skip

@@ -146,12 +146,10 @@ def main(argv=None):
     tcfg = tokenizer.config
 
     # ---- the MaskGen config: sizes from the preset, tokens from the tokenizer, text widths from CLIP
-    mcfg = copy.deepcopy(M.PRESETS[cfg.maskgen])
+    mcfg = M.preset_for(cfg.maskgen, tcfg, text_encoder.width, text_encoder.embed_dim)
     if mcfg.mode != tcfg.quantize_mode:
         sys.exit(f"error: --maskgen={cfg.maskgen} is a {mcfg.mode.upper()} model but the tokenizer is "
                  f"{tcfg.quantize_mode.upper()}; pick a maskgen_{tcfg.quantize_mode}_* preset")  # fmt: skip
-    mcfg.num_tokens, mcfg.codebook_size, mcfg.token_size = tcfg.num_latent_tokens, tcfg.codebook_size, tcfg.token_size
-    mcfg.text_width, mcfg.pooled_dim = text_encoder.width, text_encoder.embed_dim
 
     # ---- resume or start
     path, ckpt = load_latest_checkpoint(cfg.out_dir, log=lambda s: log(text=s) if master else None)

@@ -23,14 +23,7 @@ from maskgen import (
 B, L = 3, 7  # batch, text length
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tiny models gain nothing from intra-op threads, and on a busy shared machine
-    # two spinning threads make each step many times slower. Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def text_inputs(cfg, seed=0, batch=B):

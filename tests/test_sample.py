@@ -26,13 +26,7 @@ GEN_KL = dataclasses.replace(M.PRESETS["tiny_kl"], num_steps=2, num_sampling_ste
 CPU = ["--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models are dominated by thread hand-off on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # -----------------------------------------------------------------------------

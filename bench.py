@@ -119,7 +119,7 @@ def rows(p, device, dtype, compile_, args):
         with torch.no_grad():
             yield run(f"MaskGen-{mode} generate, CFG ({label})",
                       lambda: model.generate(text, pooled, null_text, null_pooled, generator=g),
-                      B * model.generate_flops(L), steps)  # fmt: skip
+                      B * model.generate_flops(L, batch=B), steps)  # fmt: skip
 
         # Training steps: fresh models in train mode, AdamW, gradient clipping.
         train = M.MaskGen(mc).to(device).train()

@@ -139,8 +139,14 @@ class SimpleMLPAdaLN(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def forward(self, x, t, c):
-        x = self.input_proj(x)                                   # (N, W)
         y = self.time_embed(t) + self.cond_embed(c)              # (N, W) shared condition
+        return self.denoise(x, y)                                # (N, out)
+
+    def denoise(self, x, y):
+        """The residual stream for an already-embedded condition y (N, W). sample() calls
+        this directly, so that the parts of y that do not change between diffusion steps
+        are not recomputed at every step."""
+        x = self.input_proj(x)                                   # (N, W)
         for block in self.res_blocks:
             x = block(x, y)                                      # (N, W)
         return self.final_layer(x, y)                            # (N, out) = cat(eps, v)
@@ -462,12 +468,19 @@ class DiffLoss(nn.Module):
         if generator is not None and generator.device.type != z.device.type:
             raise ValueError(f"DiffLoss.sample: the generator is on {generator.device} but z is on "
                              f"{z.device}; create it with torch.Generator(device=z.device)")
-        C = self.target_channels
+        C, net = self.target_channels, self.net
         guided = isinstance(cfg, torch.Tensor) or cfg != 1.0
+        # The same result as net(x, ts, z) at every step, for less work: z is fixed for the
+        # whole chain, so its embedding is computed once, not at each of the 100 steps; and
+        # every row is at the same step, so t is embedded for one row and broadcast.
+        z_emb = net.cond_embed(z)                                             # (N, W)
+
+        def fn(x, ts):
+            return net.denoise(x.to(z.dtype), net.time_embed(ts[:1]) + z_emb)  # (N, 2C)
+
         if not guided:
             noise = torch.randn((z.shape[0], C), generator=generator, device=z.device)
-            return self.gen_diffusion.p_sample_loop(
-                lambda x, ts: self.net(x.to(z.dtype), ts, z), noise, temperature, generator)
+            return self.gen_diffusion.p_sample_loop(fn, noise, temperature, generator)
 
         if z.shape[0] % 2:
             raise ValueError(f"DiffLoss.sample: with cfg != 1.0, z must stack [cond; uncond] "
@@ -479,7 +492,7 @@ class DiffLoss(nn.Module):
         def guided_fn(x, ts):
             # x (M, C) is the one shared state. Both halves of the net's batch see the same
             # x_t and t, and differ only by their condition.
-            out = self.net(torch.cat([x, x]).to(z.dtype), torch.cat([ts, ts]), z).float()
+            out = fn(torch.cat([x, x]), ts).float()
             eps, v = out[:, :C], out[:, C:]                                  # (2M, C) each
             cond_eps, uncond_eps = eps[:m], eps[m:]
             # Guidance acts on eps only; the variance comes from the conditional half (as

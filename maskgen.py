@@ -153,10 +153,16 @@ class JointAttention(nn.Module):
     projections per stream, so each modality keeps its own weights but every token
     can attend to every other.
 
+    Each stream's q, k and v projections are one fused Linear (img_qkv: rows q | k | v),
+    so they run as one matrix multiply instead of three. The official checkpoints hold
+    them separately (to_q, to_k, to_v); from_official loads them into the row blocks and
+    fuse_qkv() converts any state dict with separate projections.
+
     txt_queries=False is the last block's "pre-only" text stream: its outputs would be
-    thrown away, so we do not compute text queries or a text output at all. Each query
-    row of attention is independent, so the image outputs are unchanged. (The released
-    checkpoints carry an `add_q_proj` for that block; from_official skips it.)
+    thrown away, so we do not compute text queries or a text output at all (txt_kv: rows
+    k | v). Each query row of attention is independent, so the image outputs are
+    unchanged. (The released checkpoints carry an `add_q_proj` for that block;
+    from_official skips it.)
     """
 
     def __init__(self, dim, heads, txt_queries=True):
@@ -164,28 +170,33 @@ class JointAttention(nn.Module):
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads; pick heads that divide it")
         self.heads = heads
-        self.img_q, self.img_k, self.img_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.img_qkv = nn.Linear(dim, 3 * dim)
         self.img_out = nn.Linear(dim, dim)
-        self.txt_k, self.txt_v = nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.txt_q = nn.Linear(dim, dim) if txt_queries else None
-        self.txt_out = nn.Linear(dim, dim) if txt_queries else None
+        if txt_queries:
+            self.txt_qkv, self.txt_out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        else:
+            self.txt_kv = nn.Linear(dim, 2 * dim)
+        self.txt_queries = txt_queries
 
     def forward(self, img, txt):
         B, N, D = img.shape
         h = self.heads
 
-        def heads_first(t):  # (B, T, D) -> (B, h, T, D/h)
-            return t.view(B, -1, h, D // h).transpose(1, 2)
+        def heads_first(t, n):  # (B, T, n*D) -> n tensors (B, h, T, D/h)
+            return t.view(B, t.shape[1], n, h, D // h).permute(2, 0, 3, 1, 4).unbind(0)
 
-        k = torch.cat([heads_first(self.img_k(img)), heads_first(self.txt_k(txt))], dim=2)  # (B, h, N+L, d)
-        v = torch.cat([heads_first(self.img_v(img)), heads_first(self.txt_v(txt))], dim=2)  # (B, h, N+L, d)
-        q = heads_first(self.img_q(img))  # (B, h, N, d)
-        if self.txt_q is not None:
-            q = torch.cat([q, heads_first(self.txt_q(txt))], dim=2)  # (B, h, N+L, d)
+        img_q, img_k, img_v = heads_first(self.img_qkv(img), 3)
+        if self.txt_queries:
+            txt_q, txt_k, txt_v = heads_first(self.txt_qkv(txt), 3)
+            q = torch.cat([img_q, txt_q], dim=2)  # (B, h, N+L, d)
+        else:
+            (txt_k, txt_v), q = heads_first(self.txt_kv(txt), 2), img_q  # q: (B, h, N, d)
+        k = torch.cat([img_k, txt_k], dim=2)  # (B, h, N+L, d)
+        v = torch.cat([img_v, txt_v], dim=2)  # (B, h, N+L, d)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N or N+L, d)
         out = out.transpose(1, 2).reshape(B, -1, D)  # (B, N or N+L, D)
         img_out = self.img_out(out[:, :N])  # (B, N, D)
-        txt_out = self.txt_out(out[:, N:]) if self.txt_out is not None else None  # (B, L, D)
+        txt_out = self.txt_out(out[:, N:]) if self.txt_queries else None  # (B, L, D)
         return img_out, txt_out
 
 
@@ -288,6 +299,22 @@ def vq_mask_schedule(num_tokens, num_steps):
         masked = max(1, min(masked - 1, int(torch.floor(num_tokens * rate))))
         counts.append(masked)
     return counts
+
+
+def kl_draw_schedule(num_tokens, num_steps):
+    """MaskGen-KL's (MAR's) cosine schedule, as Python ints: one (lo, hi, left) per step
+    that draws tokens. Positions order[:, :hi] are masked before the step, which draws
+    order[:, lo:hi]; `left` = floor(K cos(pi/2 (s+1)/N)), kept in [1, hi - 1], sets the
+    guidance ramp. The last step draws everything still masked (lo = 0); with N > K some
+    steps would draw nothing and are left out."""
+    K, N, masked, draws = num_tokens, num_steps, num_tokens, []
+    for step in range(N):
+        left = max(1, min(masked - 1, math.floor(K * math.cos(math.pi / 2 * (step + 1) / N))))
+        lo = 0 if step == N - 1 else left
+        if masked - lo > 0:
+            draws.append((lo, masked, left))
+            masked = lo
+    return draws
 
 
 def vq_guidance_scale(scale, schedule, ratio, power=1.0):
@@ -481,20 +508,22 @@ class MaskGen(nn.Module):
         only does index bookkeeping). VQ: the trunk and LM head (`predict`), whose shapes
         are the same at every step, so it compiles once. KL: the trunk
         (`token_conditions`, static too) and the DiffLoss MLP, compiled with dynamic rows
-        because each step draws a different number of tokens. Set as instance attributes,
-        so the weights and state_dict keys are untouched."""
+        because each step draws a different number of tokens (DiffLoss.sample runs its
+        `denoise`). Set as instance attributes, so the weights and state_dict keys are
+        untouched."""
         if self.config.mode == "vq":
             self.predict = torch.compile(self.predict, fullgraph=True, **compile_kw)
         else:
             self.token_conditions = torch.compile(self.token_conditions, fullgraph=True, **compile_kw)
-            net, compiled = self.diffloss.net, torch.compile(self.diffloss.net.forward, fullgraph=True, **compile_kw)
+            net = self.diffloss.net
+            compiled = torch.compile(net.denoise, fullgraph=True, **compile_kw)
 
-            def forward(x, t, c):  # only the row count varies: one graph for every count
-                for a in (x, t, c):
+            def denoise(x, y):  # only the row count varies: one graph for every count
+                for a in (x, y):
                     torch._dynamo.maybe_mark_dynamic(a, 0)
-                return compiled(x, t, c)
+                return compiled(x, y)
 
-            net.forward = forward
+            net.denoise = denoise
         return self
 
     # --- FLOP counts (for MFU in the trainers and bench.py) ----------------------
@@ -508,7 +537,10 @@ class MaskGen(nn.Module):
         Returns {"condition": text + pooled projections and every adaLN modulation
                               (prompt-only: once per generate() call),
                  "step": one trunk pass over the K tokens incl. the token in/out layers,
-                 "diffloss_row": one DiffLoss MLP pass for one token row (KL; else 0)}."""
+                 "diffloss_row": one DiffLoss MLP pass for one token row (KL; else 0),
+                 "diffloss_time", "diffloss_cond": the part of a row that is the timestep
+                              MLP, and the condition embedding (sampling computes them
+                              once per step and once per chain, see DiffLoss.sample)}."""
         c, D, N, L = self.config, self.config.width, self.config.num_tokens, text_len
         condition = 2 * L * c.text_width * D + 2 * (c.pooled_dim + c.aes_embed_dim) * D
         # adaLN maps: two adaLN-Zero per block (2 x 12 D^2), except the last block's text
@@ -521,15 +553,16 @@ class MaskGen(nn.Module):
         # The last block: image q/k/v/out + MLP (24 N D^2), text k/v only (4 L D^2), N
         # queries over T keys.
         step += 24 * N * D * D + 4 * L * D * D + 4 * N * T * D
-        row = 0
+        row = time = cond = 0
         if c.mode == "vq":
             step += 2 * N * D * c.codebook_size  # the tied LM head
         else:
             step += 2 * N * c.token_size * D  # z_proj
             W, C = c.diffloss_width, c.token_size
-            row = 2 * C * W + 2 * 256 * W + 2 * W * W + 2 * D * W  # input, timestep MLP, condition
+            time, cond = 2 * 256 * W + 2 * W * W, 2 * D * W  # timestep MLP, condition embedding
+            row = 2 * C * W + time + cond  # + the input projection
             row += c.diffloss_depth * 10 * W * W + 4 * W * W + 2 * W * 2 * C  # res blocks, final layer
-        return {"condition": condition, "step": step, "diffloss_row": row}
+        return {"condition": condition, "step": step, "diffloss_row": row, "diffloss_time": time, "diffloss_cond": cond}
 
     def train_flops(self, text_len):
         """FLOPs of one training step per sample: 3x the forward (the backward is ~2x)."""
@@ -537,16 +570,21 @@ class MaskGen(nn.Module):
         rows = self.config.diffusion_batch_mul * self.config.num_tokens  # KL: each token m times
         return 3 * (f["condition"] + f["step"] + rows * f["diffloss_row"])
 
-    def generate_flops(self, text_len, num_steps=None, guided=True):
-        """FLOPs of generate() per image: the conditions once, then num_steps trunk
-        passes (both CFG halves when guided); KL adds, for each of the K tokens, one
-        DiffLoss MLP pass per respaced diffusion step."""
+    def generate_flops(self, text_len, num_steps=None, guided=True, batch=1):
+        """FLOPs of generate() per image: the conditions once, then one trunk pass per
+        step (both CFG halves when guided). KL adds, for each of the K tokens, one
+        DiffLoss MLP pass per respaced diffusion step, less the condition embedding
+        (once per token) and the timestep MLP (one row per step, shared by the `batch`
+        images of one generate() call)."""
         c, f, halves = self.config, self.flops(text_len), 2 if guided else 1
         steps = c.num_steps if num_steps is None else num_steps
-        total = halves * (f["condition"] + steps * f["step"])
-        if c.mode == "kl":
-            total += halves * c.num_tokens * self.diffloss.gen_diffusion.num_timesteps * f["diffloss_row"]
-        return total
+        if c.mode == "vq":
+            return halves * (f["condition"] + steps * f["step"])
+        draws, T = len(kl_draw_schedule(c.num_tokens, steps)), self.diffloss.gen_diffusion.num_timesteps
+        total = halves * (f["condition"] + draws * f["step"])  # KL: steps that draw nothing are skipped
+        per_step = f["diffloss_row"] - f["diffloss_time"] - f["diffloss_cond"]
+        total += halves * c.num_tokens * (T * per_step + f["diffloss_cond"])
+        return total + draws * T * f["diffloss_time"] / batch
 
     def _check_generator(self, generator, device):
         if generator is not None and generator.device.type != device.type:
@@ -572,7 +610,7 @@ class MaskGen(nn.Module):
                 f"{path!r} holds a MaskGen-{config.mode.upper()} model; load it with MaskGen.from_official"
             )
         model = MaskGen(config, init_weights=False)  # the checkpoint overwrites every weight
-        own = model.state_dict()
+        own = split_qkv(model.state_dict())  # q, k, v as views into the fused weights
 
         # Checkpoint keys that are deliberately not loaded: the tied LM head (the
         # embedding table itself; safetensors keeps one name for shared tensors, and
@@ -632,9 +670,10 @@ class MaskGen(nn.Module):
         the released model.safetensors.
         """
         mode, D = self.config.mode, self.config.width
-        out = {ours_to_official(k, mode): v for k, v in self.state_dict().items() if ours_to_official(k, mode)}
+        own = split_qkv(self.state_dict(), copy=True)  # copies: safetensors refuses shared storage
+        out = {ours_to_official(k, mode): v for k, v in own.items() if ours_to_official(k, mode)}
         blocks = "blocks." if mode == "vq" else "decoder_blocks."
-        ref = self.blocks[-1].attn.txt_k.weight
+        ref = self.blocks[-1].attn.txt_kv.weight
         last_q = f"{blocks}{self.config.depth - 1}.attn.add_q_proj"
         out[f"{last_q}.weight"] = torch.zeros(D, D, dtype=ref.dtype, device=ref.device)
         out[f"{last_q}.bias"] = torch.zeros(D, dtype=ref.dtype, device=ref.device)
@@ -861,9 +900,13 @@ class MaskGenKL(MaskGen):
         # zero-init of the adaLN and output layers, exactly as in the official model.
         for p in (self.mask_token, self.pos_emb, self.diff_pos_emb):
             nn.init.normal_(p, std=0.02)
-        for m in self.modules():
+        for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
+                # A fused q|k|v Linear gets Xavier block by block: the same distribution as
+                # the official separate (D, D) projections (fan-out D, not 3D).
+                with torch.no_grad():
+                    for w in m.weight.chunk(len(FUSED_QKV.get(name.rpartition(".")[2], "x"))):
+                        nn.init.xavier_uniform_(w)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm) and m.weight is not None:
@@ -937,7 +980,8 @@ class MaskGenKL(MaskGen):
         Each sample gets a random order; at each step the next tokens in that order
         are drawn by DiffLoss, conditioned on the transformer's output at their
         positions. The number left masked after step s is floor(K cos(pi/2 (s+1)/N))
-        (at least 1 until the last step). The counts are computed here in Python, so
+        (at least 1 until the last step). The counts are computed in Python
+        beforehand (kl_draw_schedule), so
         the loop only gathers/scatters fixed-size index blocks: static shapes, no
         boolean indexing and no host syncs, and it runs under torch.compile.
 
@@ -964,16 +1008,11 @@ class MaskGenKL(MaskGen):
         order = _rand((B, K), generator, device).argsort(dim=-1)  # (B, K) generation order
         tokens = torch.zeros(B, K, C, device=device)
         mask = torch.ones(B, K, device=device)  # 1 = still masked
-        masked = K
-        for step in range(N):
-            left = max(1, min(masked - 1, math.floor(K * math.cos(math.pi / 2 * (step + 1) / N))))
+        for lo, hi, left in kl_draw_schedule(K, N):
             s = 1 + (g - 1) * (K - left) / K if schedule == "linear" else g
-            lo = 0 if step == N - 1 else left  # the last step draws everything still masked
-            if masked - lo <= 0:
-                continue  # nothing to draw this step (only with N > K)
-            # Masked positions are order[:, :masked]; this step draws order[:, lo:masked].
-            idx = order[:, lo:masked]  # (B, n)
-            n = masked - lo
+            # Masked positions are order[:, :hi]; this step draws order[:, lo:hi].
+            idx = order[:, lo:hi]  # (B, n)
+            n = hi - lo
             if guided:
                 z = self.token_conditions(torch.cat([tokens, tokens]), torch.cat([mask, mask]), txt, cond, mods)
                 z_idx = torch.cat([idx, idx])  # (2B, n)
@@ -985,7 +1024,6 @@ class MaskGenKL(MaskGen):
             new = new[: B * n].reshape(B, n, C)  # the guided (cond-half) samples
             tokens = tokens.scatter(1, idx[..., None].expand(-1, -1, C), new.to(tokens.dtype))
             mask = mask.scatter(1, idx, 0.0)
-            masked = lo
         return tokens / c.scale_factor  # (B, K, C)
 
 
@@ -1015,7 +1053,8 @@ OFFICIAL_RENAMES = {
         ("diffloss.net.", "diffloss.net."),
     ],
 }
-# Inside a block: diffusers' JointTransformerBlock names -> ours.
+# Inside a block: diffusers' JointTransformerBlock names -> ours, with q, k and v as
+# separate parts (split_qkv / fuse_qkv map them to and from the fused weights).
 BLOCK_RENAMES = [
     ("norm1.linear.", "img_adaln.linear."),
     ("norm1_context.linear.", "txt_adaln.linear."),
@@ -1032,6 +1071,51 @@ BLOCK_RENAMES = [
     ("ff_context.net.0.proj.", "txt_mlp.fc1."),
     ("ff_context.net.2.", "txt_mlp.fc2."),
 ]
+
+# JointAttention's fused projections and the separate ones they stack, in row order.
+FUSED_QKV = {"img_qkv": ("img_q", "img_k", "img_v"), "txt_qkv": ("txt_q", "txt_k", "txt_v"), "txt_kv": ("txt_k", "txt_v")}
+QKV_PARTS = {"img_q", "img_k", "img_v", "txt_q", "txt_k", "txt_v"}
+
+
+def _attn_key(key):
+    """'blocks.3.attn.img_qkv.weight' -> ('blocks.3.attn', 'img_qkv', 'weight'), else None."""
+    mod, _, param = key.rpartition(".")
+    head, _, name = mod.rpartition(".")
+    return (head, name, param) if head == "attn" or head.endswith(".attn") else None
+
+
+def split_qkv(sd, copy=False):
+    """Our state dict with each fused projection replaced by its parts: row-block views of
+    the fused tensor (copying into a part writes the model's weight), or copies."""
+    out = {}
+    for key, t in sd.items():
+        parsed = _attn_key(key)
+        if parsed is None or parsed[1] not in FUSED_QKV:
+            out[key] = t
+            continue
+        head, name, param = parsed
+        for part, rows in zip(FUSED_QKV[name], t.chunk(len(FUSED_QKV[name]))):
+            out[f"{head}.{part}.{param}"] = rows.clone() if copy else rows
+    return out
+
+
+def fuse_qkv(sd):
+    """The inverse of split_qkv: a state dict with separate q/k/v projections (checkpoints
+    written before they were fused, or renamed diffusers weights) -> JointAttention's
+    fused layout. Anything else, including an incomplete set of parts, passes unchanged."""
+    out, groups = {}, {}
+    for key, t in sd.items():
+        parsed = _attn_key(key)
+        if parsed is not None and parsed[1] in QKV_PARTS:
+            groups.setdefault((parsed[0], parsed[2]), {})[parsed[1]] = t
+        else:
+            out[key] = t
+    for (head, param), parts in groups.items():
+        for fused, names in FUSED_QKV.items():  # txt_qkv before txt_kv: q decides
+            if all(n in parts for n in names):
+                out[f"{head}.{fused}.{param}"] = torch.cat([parts.pop(n) for n in names])
+        out.update({f"{head}.{n}.{param}": t for n, t in parts.items()})
+    return out
 
 
 def _rename(key, table):

@@ -225,7 +225,7 @@ def _build_generator(src, device):
         return M.MaskGen.from_official(src.where).to(device).eval(), f"{src.where} (official release)"
     model = M.MaskGen(src.config, init_weights=False)  # every weight comes from the checkpoint
     sd, which = _weights(src.ckpt, src.where)
-    T.load_checked(model, sd, src.where)
+    T.load_checked(model, M.fuse_qkv(sd), src.where)  # fuse: older files keep q/k/v apart
     return model.to(device).eval(), f"{src.where} ({which})"
 
 

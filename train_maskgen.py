@@ -174,14 +174,18 @@ def main(argv=None):
             torch.load(cfg.init_from, map_location="cpu", weights_only=True)  # fmt: skip
         if init is None:
             sys.exit(f"error: --init_from={cfg.init_from} holds no readable checkpoint")
-        model.load_state_dict(init.get("ema") or init["model"])
+        model.load_state_dict(M.fuse_qkv(init.get("ema") or init["model"]))  # fuse: older runs kept q/k/v apart
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # eval: no code revival, no dropout
     opt = adamw(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
     step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
+        model.load_state_dict(M.fuse_qkv(ckpt["model"]))
+        ema.load_state_dict(M.fuse_qkv(ckpt["ema"]))
+        try:
+            opt.load_state_dict(ckpt["optimizer"])
+        except ValueError as e:  # e.g. a run written before MaskGen's q/k/v were fused
+            sys.exit(f"error: the optimizer state in {path} does not fit this model ({e}); its weights load, so "
+                     f"start a new run from them with --init_from={path} in a new --out_dir")
         step = restore_run_state(ckpt, scaler, rank, world)
         log(text=f"resumed from {path} at step {step}")
     # MFU counts MaskGen's own FLOPs (3x its forward per sample); encoding images with the

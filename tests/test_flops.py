@@ -39,7 +39,7 @@ def test_maskgen_vq_hand_count():
     )  # fmt: skip
     step = block0 + block1 + mm(N, D, V)  # + the LM head
     f = m.flops(L)
-    assert f == {"condition": condition, "step": step, "diffloss_row": 0}
+    assert f == {"condition": condition, "step": step, "diffloss_row": 0, "diffloss_time": 0, "diffloss_cond": 0}
     assert m.train_flops(L) == 3 * (condition + step)
     assert m.generate_flops(L, num_steps=8) == 2 * (condition + 8 * step)
     assert m.generate_flops(L, num_steps=8, guided=False) == condition + 8 * step
@@ -75,4 +75,4 @@ def test_maskgen_flops_match_torch(preset):
         for guided in (True, False):
             g = c.guidance_scale if guided else 1.0
             n = counted(lambda: m.generate(text, pooled, null_t, null_p, guidance_scale=g))
-            assert n == B * m.generate_flops(L, guided=guided)
+            assert n == B * m.generate_flops(L, guided=guided, batch=B)

@@ -17,6 +17,8 @@ from maskgen import (
     MaskGenVQ,
     aesthetic_embedding_kl,
     aesthetic_embedding_vq,
+    fuse_qkv,
+    split_qkv,
     vq_mask_schedule,
 )
 
@@ -301,6 +303,34 @@ def write_official(model, path, fmt="safetensors", drop=(), rename=None, config_
             sd["lm_head.weight"] = sd["embeddings.weight"]
         torch.save(sd, path / "pytorch_model.bin")
     return path
+
+
+def test_fused_qkv_layout_converts_both_ways():
+    for model in (make("tiny_vq", seed=4), make("tiny_kl", seed=4)):
+        sd = model.state_dict()
+        old = split_qkv(sd, copy=True)  # the layout of checkpoints from before the fusion
+        last = f"blocks.{model.config.depth - 1}.attn."
+        assert {f"{last}txt_k.weight", f"{last}txt_v.weight"} <= old.keys() and f"{last}txt_q.weight" not in old
+        assert "blocks.0.attn.img_qkv.weight" not in old and "blocks.0.attn.txt_q.bias" in old
+        D = model.config.width
+        assert torch.equal(old["blocks.0.attn.img_k.weight"], sd["blocks.0.attn.img_qkv.weight"][D : 2 * D])
+        back = fuse_qkv(old)
+        assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+        # an incomplete set of parts is left as it is, so a strict load names it
+        del old["blocks.0.attn.img_v.bias"]
+        partial = fuse_qkv(old)
+        assert "blocks.0.attn.img_q.bias" in partial and "blocks.0.attn.img_qkv.bias" not in partial
+
+
+def test_kl_init_treats_each_fused_projection_as_its_own_linear():
+    # Xavier bound for a separate (D, D) projection, as the official init: sqrt(6 / 2D), not sqrt(6 / 4D).
+    torch.manual_seed(0)
+    model = MaskGenKL(MaskGenConfig(mode="kl", width=256, heads=4, depth=2, text_width=32, pooled_dim=32,
+                                   diffloss_depth=1, diffloss_width=64, guidance_schedule="linear"))
+    D = model.config.width
+    bound = math.sqrt(6 / (2 * D))
+    for w in model.blocks[0].attn.img_qkv.weight.chunk(3):
+        assert 0.95 * bound < w.abs().max() <= bound
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])

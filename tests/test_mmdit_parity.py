@@ -7,7 +7,7 @@ import torch
 diffusers_attention = pytest.importorskip("diffusers.models.attention")
 diffusers_norm = pytest.importorskip("diffusers.models.normalization")
 
-from maskgen import AdaLNContinuous, JointBlock, block_key_from_official  # noqa: E402
+from maskgen import AdaLNContinuous, JointBlock, block_key_from_official, fuse_qkv  # noqa: E402
 
 D, HEADS, N, L = 64, 4, 10, 7
 
@@ -29,7 +29,7 @@ def test_joint_block_matches_diffusers(pre_only):
     if pre_only:  # its text queries are unused; we do not hold them
         assert sd.pop("attn.txt_q.weight") is not None and sd.pop("attn.txt_q.bias") is not None
     assert None not in sd
-    ours.load_state_dict(sd, strict=True)
+    ours.load_state_dict(fuse_qkv(sd), strict=True)  # diffusers' separate to_q/to_k/to_v -> our fused rows
 
     g = torch.Generator().manual_seed(2)
     img, txt, cond = torch.randn(2, N, D, generator=g), torch.randn(2, L, D, generator=g), torch.randn(2, D, generator=g)

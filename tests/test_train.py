@@ -89,6 +89,27 @@ def test_maskgen_exact_resume(tmp_path, tok_runs):
     assert _same_optimizer(a["optimizer"], b["optimizer"])
 
 
+def test_run_from_before_the_qkv_fusion(tmp_path, tok_runs):
+    # A checkpoint whose MaskGen kept q/k/v as separate tensors (written before they were
+    # fused): its weights load, its optimizer state cannot, and the error says what to do.
+    import maskgen
+
+    old_run = tmp_path / "old"
+    run_mg(old_run, tok_runs / "vq", "vq", "--max_steps=2", "--ckpt_every=2")
+    path = old_run / "ckpt_00000002.pt"
+    ck = torch.load(path, weights_only=True)
+    ck["model"], ck["ema"] = maskgen.split_qkv(ck["model"], copy=True), maskgen.split_qkv(ck["ema"], copy=True)
+    group = ck["optimizer"]["param_groups"][0]
+    group["params"] = group["params"] + [10_000, 10_001]  # the old layout had more tensors
+    torch.save(ck, path)
+    with pytest.raises(SystemExit, match=r"optimizer state .* does not fit this model.*--init_from="):
+        run_mg(old_run, tok_runs / "vq", "vq", "--max_steps=4")
+    run_mg(tmp_path / "new", tok_runs / "vq", "vq", "--max_steps=1", "--lr=0", f"--init_from={old_run}")
+    new = final_ckpt(tmp_path / "new")["model"]  # lr 0: still exactly the weights it started from
+    parts = [ck["ema"][f"blocks.0.attn.img_{p}.weight"] for p in "qkv"]
+    assert torch.equal(new["blocks.0.attn.img_qkv.weight"], torch.cat(parts))
+
+
 def test_truncated_checkpoint_is_skipped(tmp_path, capsys):
     run_tok(tmp_path, "--max_steps=4", "--ckpt_every=2", "--sample_every=100")
     newest = tmp_path / "ckpt_00000004.pt"

@@ -58,13 +58,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, keep=None):
+        """keep: None, or a slice of the sequence whose rows alone are returned (every
+        row still supplies keys and values)."""
         B, N, D = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads)  # (B, N, 3, h, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, h, N, d)
+        h, d = self.heads, D // self.heads
+        if keep is None:
+            q, k, v = self.qkv(x).view(B, N, 3, h, d).permute(2, 0, 3, 1, 4)  # each (B, h, N, d)
+        else:  # queries for the kept rows only: rows [0, D) of the fused weight
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x[:, keep], w[:D], b[:D]).view(B, -1, h, d).transpose(1, 2)  # (B, h, n, d)
+            k, v = F.linear(x, w[D:], b[D:]).view(B, N, 2, h, d).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
         # SDPA picks the fastest kernel for the device (flash / memory-efficient / math).
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, h, N or n, d)
+        return self.proj(x.transpose(1, 2).reshape(B, -1, D))  # (B, N or n, D)
 
 
 class MLP(nn.Module):
@@ -88,8 +95,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, keep=None):
+        # keep (a slice): compute only those output rows. The last block of the encoder
+        # and of the decoder use it: each row of attention and the MLP is independent, so
+        # the rows that would be thrown away cost only their keys and values.
+        x = (x if keep is None else x[:, keep]) + self.attn(self.ln_1(x), keep)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -126,11 +136,12 @@ class Encoder(nn.Module):
         lat = latent_tokens + self.latent_token_positional_embedding  # (K, W)
         x = torch.cat([x, lat.expand(B, -1, -1)], dim=1)  # (B, 1+G*G+K, W)
         x = self.ln_pre(x)
-        for blk in self.blocks:
-            x = blk(x)
         # Keep only the latent tokens: everything the decoder will see about the
         # image has to pass through these K slots.
-        z = self.ln_post(x[:, 1 + self.grid**2 :])  # (B, K, W)
+        latents = slice(1 + self.grid**2, None)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, latents if i == len(self.blocks) - 1 else None)  # last: (B, K, W)
+        z = self.ln_post(x)  # (B, K, W)
         return self.proj_out(z)  # (B, K, C) or (B, K, 2C)
 
 
@@ -274,9 +285,10 @@ class Decoder(nn.Module):
         grid = (grid + self.positional_embedding).expand(B, -1, -1)  # (B, 1+G*G, W)
         t = self.text_guidance_proj(text) + self.text_guidance_positional_embedding  # (B, L, W)
         x = self.ln_pre(torch.cat([grid, x, t], dim=1))  # (B, 1+G*G+K+L, W)
-        for blk in self.blocks:
-            x = blk(x)
-        x = self.ln_post(x[:, 1 : 1 + G * G])  # (B, G*G, W): the output patch slots
+        slots = slice(1, 1 + G * G)  # the output patch slots
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, slots if i == len(self.blocks) - 1 else None)  # last: (B, G*G, W)
+        x = self.ln_post(x)  # (B, G*G, W)
         x = self.to_pixels(x)  # (B, G*G, p*p*3), channel order (p1, p2, rgb)
         x = x.view(B, G, G, p, p, 3).permute(0, 5, 1, 3, 2, 4)  # (B, 3, G, p, G, p)
         x = x.reshape(B, 3, G * p, G * p)  # (B, 3, H, W)
@@ -469,18 +481,20 @@ class TATiTok(nn.Module):
         P = (c.image_size // c.enc_patch_size) ** 2  # patches (= output slots: both patch sizes match in presets)
         K, C = c.num_latent_tokens, c.token_size
 
-        def blocks(T, W, depth):  # qkv 6TW^2 + proj 2TW^2 + MLP 16TW^2, attention 4T^2W
-            return depth * (24 * T * W * W + 4 * T * T * W)
+        def blocks(T, n, W, depth):  # T tokens, n rows kept by the last block
+            full = 24 * T * W * W + 4 * T * T * W  # qkv 6TW^2 + proj 2TW^2 + MLP 16TW^2, attention 4T^2W
+            last = 4 * T * W * W + 20 * n * W * W + 4 * n * T * W  # k/v for all, the rest for n rows
+            return (depth - 1) * full + last
 
         W = c.enc_width
         enc = 2 * P * 3 * c.enc_patch_size**2 * W  # patch embedding
-        enc += blocks(1 + P + K, W, c.enc_depth)  # [cls, patches, latent tokens]
+        enc += blocks(1 + P + K, K, W, c.enc_depth)  # [cls, patches, latent tokens]
         enc += 2 * K * W * C * (2 if c.quantize_mode == "kl" else 1)  # proj_out
         if c.quantize_mode == "vq":
             enc += 2 * K * C * c.codebook_size  # distances to every code
         W, Pd, L = c.dec_width, (c.image_size // c.dec_patch_size) ** 2, c.text_context_length
         dec = 2 * K * C * W + 2 * L * c.text_embed_dim * W  # token and text projections
-        dec += blocks(1 + Pd + K + L, W, c.dec_depth)  # [cls, mask grid, tokens, text]
+        dec += blocks(1 + Pd + K + L, Pd, W, c.dec_depth)  # [cls, mask grid, tokens, text]
         dec += 2 * Pd * W * 3 * c.dec_patch_size**2  # to_pixels
         dec += 2 * 3 * c.image_size**2 * 3 * 9  # the 3x3 output conv
         return {"encode": enc, "decode": dec}

@@ -1,6 +1,7 @@
 """The trainers on tiny presets and the shapes world, on CPU: the loss falls, resume is
 exact, a truncated checkpoint is never resumed from, DDP (gloo) equals one process."""
 
+import contextlib
 import glob
 import json
 import os
@@ -155,6 +156,19 @@ def _torchrun(script, nproc, *args):
     assert out.returncode == 0, out.stderr[-3000:]
 
 
+@contextlib.contextmanager
+def threads(n):
+    """Run the single-process reference with the ranks' thread count (OMP_NUM_THREADS=1):
+    the thread count changes float rounding, and Adam turns rounding noise in gradients
+    near its eps (many of a tiny model's are ~1e-8 at init) into visible weight changes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_ddp_equals_single_process(tmp_path, tok_runs):
     """2 ranks x batch 4 == 1 process x 2 micro-batches of 4 (same global batch, same data,
     same noise per micro-batch slot): allclose weights. Ranks stay in sync by construction
@@ -165,14 +179,16 @@ def test_ddp_equals_single_process(tmp_path, tok_runs):
     gathered tokens), and the GAN's LeCAM EMAs see per-step (not per-micro-batch) logits."""
     common = ["--max_steps=3", "--ckpt_every=3", "--sample_every=100", "--disc_start=100", "--tokenizer=tiny_kl"]
     _torchrun("train_tokenizer.py", 2, "--config=tiny", f"--out_dir={tmp_path}/tok_ddp", *common)
-    run_tok(tmp_path / "tok_one", "--grad_accum=2", *common)
+    with threads(1):
+        run_tok(tmp_path / "tok_one", "--grad_accum=2", *common)
     a, b = final_ckpt(tmp_path / "tok_ddp"), final_ckpt(tmp_path / "tok_one")
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4), k
 
     mg = ["--max_steps=3", "--ckpt_every=3", "--sample_every=100", f"--tokenizer={tok_runs / 'kl'}"]
     _torchrun("train_maskgen.py", 2, "--config=tiny_kl", f"--out_dir={tmp_path}/mg_ddp", "--batch_size=4", *mg)
-    run_mg(tmp_path / "mg_one", tok_runs / "kl", "kl", "--batch_size=4", "--grad_accum=2", *mg[:-1])
+    with threads(1):
+        run_mg(tmp_path / "mg_one", tok_runs / "kl", "kl", "--batch_size=4", "--grad_accum=2", *mg[:-1])
     a, b = final_ckpt(tmp_path / "mg_ddp"), final_ckpt(tmp_path / "mg_one")
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4), k

@@ -904,8 +904,9 @@ class MaskGenKL(MaskGen):
             if isinstance(m, nn.Linear):
                 # A fused q|k|v Linear gets Xavier block by block: the same distribution as
                 # the official separate (D, D) projections (fan-out D, not 3D).
+                short = name.rpartition(".")[2]
                 with torch.no_grad():
-                    for w in m.weight.chunk(len(FUSED_QKV.get(name.rpartition(".")[2], "x"))):
+                    for w in m.weight.chunk(len(FUSED_QKV[short]) if short in FUSED_QKV else 1):
                         nn.init.xavier_uniform_(w)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
@@ -980,10 +981,10 @@ class MaskGenKL(MaskGen):
         Each sample gets a random order; at each step the next tokens in that order
         are drawn by DiffLoss, conditioned on the transformer's output at their
         positions. The number left masked after step s is floor(K cos(pi/2 (s+1)/N))
-        (at least 1 until the last step). The counts are computed in Python
-        beforehand (kl_draw_schedule), so
-        the loop only gathers/scatters fixed-size index blocks: static shapes, no
-        boolean indexing and no host syncs, and it runs under torch.compile.
+        (at least 1 until the last step). The counts are computed in Python beforehand
+        (kl_draw_schedule), so the loop only gathers/scatters fixed-size index blocks:
+        static shapes, no boolean indexing and no host syncs, and it runs under
+        torch.compile.
 
         guidance_scale: DiffLoss's eps-guidance uncond + s (cond - uncond); "linear"
             ramps s = 1 + (scale - 1) (K - masked next) / K, "constant" keeps it.

@@ -73,6 +73,21 @@ def test_straight_through_gradients(text):
     assert m.quantize.embedding.weight.grad.abs().sum() > 0  # codebook loss trains the codes
 
 
+def test_block_keep_computes_only_the_kept_rows():
+    # The last encoder/decoder block returns only the rows that are used; each must equal
+    # the same row of the full block, gradients included.
+    torch.manual_seed(0)
+    blk = T.Block(32, 4)
+    x = torch.randn(2, 11, 32, requires_grad=True)
+    keep = slice(3, 9)
+    full, part = blk(x)[:, keep], blk(x, keep)
+    assert part.shape == (2, 6, 32)
+    torch.testing.assert_close(part, full, rtol=0, atol=1e-6)
+    (g_full,) = torch.autograd.grad(full.square().sum(), x)
+    (g_part,) = torch.autograd.grad(part.square().sum(), x)
+    torch.testing.assert_close(g_part, g_full, rtol=0, atol=1e-5)
+
+
 def test_quantizer_picks_nearest_code():
     q = T.VectorQuantizer(16, 4, clustering_vq=False)
     z = q.embedding.weight[torch.tensor([[3, 7, 11]])] + 1e-4  # (1, 3, 4): near codes 3, 7, 11

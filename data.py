@@ -46,6 +46,7 @@ import math
 import os
 import re
 import tarfile
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -1405,21 +1406,27 @@ def _cmd_pretokenize(args):
                          num_workers=args.num_workers, rank=rank, max_samples=args.max_samples,
                          progress=rank == 0)  # fmt: skip
     total = result["samples"]
-    skips = torch.tensor([result["skipped"][r] for r in SKIP_REASONS] + [total], dtype=torch.int64, device=device)
+    summed = torch.tensor([result["skipped"][r] for r in SKIP_REASONS] + [total], dtype=torch.int64, device=device)
     if distributed:
-        torch.distributed.all_reduce(skips)
-    skips = skips.cpu()
-    total = int(skips[-1])
+        torch.distributed.all_reduce(summed)  # also the last sync point: every rank's shards are written
+        # gloo's worker thread drops its own reference to `summed` a moment after the call
+        # returns. If Python let go of it first and this process were already exiting, that
+        # late release would need the interpreter and abort the process ("terminate called
+        # without an active exception", seen on a loaded CPU), so hold it until then.
+        deadline = time.monotonic() + 10.0
+        while summed._use_count() > 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+    counts = summed.cpu()
+    total = int(counts[-1])
     if rank == 0:
         meta = dict(tokenizer_meta(tok), tokenizer=os.path.abspath(args.tokenizer), data=str(args.data),
-                    num_samples=total, skipped={r: int(v) for r, v in zip(SKIP_REASONS, skips[:-1]) if v})  # fmt: skip
+                    num_samples=total, skipped={r: int(v) for r, v in zip(SKIP_REASONS, counts[:-1]) if v})  # fmt: skip
         with open(os.path.join(args.out, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
         print(f"pretokenized {total} samples ({tok.config.quantize_mode}) into {args.out}/ "
               f"on {world_size} rank(s); skipped: {meta['skipped'] or 'none'}")  # fmt: skip
     if distributed:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        torch.distributed.destroy_process_group()  # no barrier: it would hold on to `summed` again
 
 
 def main(argv=None):

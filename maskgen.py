@@ -1075,7 +1075,7 @@ BLOCK_RENAMES = [
 
 # JointAttention's fused projections and the separate ones they stack, in row order.
 FUSED_QKV = {"img_qkv": ("img_q", "img_k", "img_v"), "txt_qkv": ("txt_q", "txt_k", "txt_v"), "txt_kv": ("txt_k", "txt_v")}
-QKV_PARTS = {"img_q", "img_k", "img_v", "txt_q", "txt_k", "txt_v"}
+QKV_PARTS = {part for parts in FUSED_QKV.values() for part in parts}
 
 
 def _attn_key(key):

@@ -1,4 +1,4 @@
-"""Throughput, MFU and memory of TA-TiTok and MaskGen on this machine (issue: performance).
+"""Throughput, MFU and memory of TA-TiTok and MaskGen on this machine.
 
     python bench.py --preset tiny                            # seconds: a smoke run
     python bench.py --preset shapes                          # the CPU table in README.md
@@ -13,9 +13,10 @@ real shapes (no downloads; the text features stand in for CLIP's):
     (generator and discriminator updates), img/s.
 Each figure is the median of --repeats timed runs after --warmup untimed ones, with
 CUDA synchronisation. MFU = model FLOP/s (counted analytically: TATiTok.flops,
-MaskGen.flops) / peak FLOP/s. The peak is the bf16 dense figure of a known GPU (the
-trainers' table; --peak_tflops overrides), else the torch.matmul peak measured here, in
-the same run and dtype. Memory is the CUDA peak per row; on CPU the process's peak RSS.
+MaskGen.flops) / peak FLOP/s. The peak is the bf16 dense figure of a known GPU
+(runtime.PEAK_BF16_TFLOPS, as in training; --peak_tflops overrides), else the
+torch.matmul peak measured here, in the same run and dtype. Memory is the CUDA peak
+per row; on CPU the process's peak RSS.
 """
 
 import argparse
@@ -28,8 +29,8 @@ import torch
 
 import losses
 import maskgen as M
+import runtime
 import tokenizer as T
-from train_tokenizer import peak_flops
 
 # Which models a preset times: tokenizers (VQ, KL), MaskGens (VQ, KL), text (length,
 # width of the per-token states, pooled width), and the batch size of every row.
@@ -82,7 +83,7 @@ def matmul_peak(device, dtype, warmup, repeats):
 
 def rows(p, device, dtype, compile_, args):
     """Yield (name, batch, seconds per call, steps per call, FLOPs per call, CUDA peak bytes)."""
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")  # bf16: autocast
+    amp = runtime.autocast(device, dtype)  # bf16: autocast
     B, (L, Dt, Dp) = p["batch"], p["text"]
     g = torch.Generator(device=device).manual_seed(0)
 
@@ -164,7 +165,7 @@ def rows(p, device, dtype, compile_, args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="shapes", choices=sorted(PRESETS))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", help="auto = the GPU if there is one, else the CPU")
     ap.add_argument("--compile", default="0", help="comma list of 0/1, e.g. 0,1 for eager and compiled")
     ap.add_argument("--dtype", default="fp32", help="comma list of fp32/bf16 (bf16 = autocast)")
     ap.add_argument("--batch", type=int, default=0, help="batch size of every row (0: the preset's)")
@@ -173,11 +174,10 @@ def main(argv=None):
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak for MFU (0: table or measured)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    device = runtime.pick_device(args.device, mps=False)
     if args.threads:
         torch.set_num_threads(args.threads)
-    # TF32 for fp32 matmuls on Ampere+, as in training (see train_tokenizer.setup_precision).
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    runtime.allow_tf32()  # as in training
     p = dict(PRESETS[args.preset])
     p["batch"] = args.batch or p["batch"]
     compiles = [bool(int(c)) for c in args.compile.split(",")]
@@ -188,11 +188,11 @@ def main(argv=None):
     print(f"bench.py --preset {args.preset}: {name}, torch {torch.__version__}, batch {p['batch']}, "
           f"median of {args.repeats} after {args.warmup} warm-up")  # fmt: skip
     for dtype in dtypes:
-        peak = peak_flops(device, args.peak_tflops)
+        peak = runtime.peak_flops(device, args.peak_tflops)
         source = "table/override"
         if peak is None:
-            mm_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-            peak, source = matmul_peak(device, mm_dtype, args.warmup, args.repeats), "measured torch.matmul"
+            peak = matmul_peak(device, runtime.DTYPES[dtype], args.warmup, args.repeats)
+            source = "measured torch.matmul"
         for compile_ in compiles:
             print(f"\n## {dtype}, {'torch.compile' if compile_ else 'eager'}; peak {peak / 1e12:.3g} TFLOP/s ({source})")
             print(f"{'':50s} {'img/s':>9s} {'ms/step':>9s} {'GFLOP/img':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'mem':>9s}")

@@ -21,24 +21,25 @@ Data flow, in the order the classes below appear:
       -> VectorQuantizer    (VQ)  nearest codebook entry, straight-through gradient
          DiagonalGaussian   (KL)  mean / log-variance, sample() / mode() / kl()
       -> Decoder            tokens + mask grid + CLIP text -> ViT -> pixels
-    TextEncoder             frozen open_clip text tower giving the text features
+
+The CLIP text encoder is in text.py; the official release format (names, config.json,
+reading and writing release directories) in official.py.
 
 Public API:
     tok = TATiTok(PRESETS["tatitok_bl32_vq"])      or TATiTok.from_official(dir)
     ids = tok.encode(images)                       # VQ: (B,K) long; KL: (B,K,C) mean
+    text = TextEncoder()(["a photo of a cat"])     # text.py: .final / .penultimate / .pooled
     rec = tok.decode(ids, text.final)              # (B,3,H,W), nominally in [0,1]
-    text = TextEncoder()(["a photo of a cat"])     # .final / .penultimate / .pooled
 """
 
-import json
-import os
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+import official
 
 # -----------------------------------------------------------------------------
 # Transformer building blocks (pre-LN ViT, as in CLIP / the official TiTok).
@@ -296,90 +297,6 @@ class Decoder(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# The CLIP text encoder (frozen), shared by the TA-TiTok decoder and MaskGen.
-
-
-class TextFeatures(NamedTuple):
-    final: torch.Tensor  # (B, L, W) last block + ln_final: the TA-TiTok decoder's input
-    penultimate: torch.Tensor  # (B, L, W) all blocks but the last, no ln_final: MaskGen's text stream
-    pooled: torch.Tensor  # (B, E) ln_final(last)[EOT] @ text_projection: MaskGen's pooled condition
-
-
-class TextEncoder(nn.Module):
-    """A frozen open_clip text tower that returns the three features the system uses.
-
-    TextEncoder()                       -> ViT-L-14-336 with OpenAI weights (downloads once)
-    TextEncoder.from_config(cfg, dim)   -> a randomly initialised tower (tests, shapes world)
-
-    We run the blocks ourselves instead of calling encode_text(), because MaskGen
-    needs the states before the last block and encode_text() only returns the end.
-    """
-
-    def __init__(self, model_name="ViT-L-14-336", pretrained="openai", *, _tower=None, _tokenizer=None):
-        super().__init__()
-        import open_clip  # imported here so `import tokenizer` stays light and silent
-
-        if _tower is None:
-            # OpenAI's CLIP weights were trained with QuickGELU; recent open_clip
-            # builds nn.GELU for this name unless told otherwise.
-            model = open_clip.create_model(model_name, pretrained=pretrained, force_quick_gelu=True)
-            _tower, _tokenizer = model, open_clip.get_tokenizer(model_name)
-            del model.visual  # the image tower is never used: free ~300M parameters
-        # The same attribute names exist on open_clip's CLIP and on its TextTransformer.
-        self.token_embedding = _tower.token_embedding
-        self.positional_embedding = _tower.positional_embedding
-        self.transformer = _tower.transformer
-        self.ln_final = _tower.ln_final
-        self.text_projection = _tower.text_projection
-        self.register_buffer("attn_mask", _tower.attn_mask, persistent=False)  # causal (L, L)
-        self.tokenizer = _tokenizer
-        self.context_length = self.positional_embedding.shape[0]
-        self.width = self.token_embedding.weight.shape[1]
-        proj = self.text_projection
-        self.embed_dim = proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
-        self.requires_grad_(False)
-        self.eval()
-
-    @classmethod
-    def from_config(cls, text_cfg, embed_dim):
-        """A randomly initialised tower from an open_clip CLIPTextCfg-style dict."""
-        import open_clip
-        from open_clip.model import CLIPTextCfg, _build_text_tower
-
-        tower = _build_text_tower(embed_dim, CLIPTextCfg(**text_cfg))
-        tok = open_clip.tokenizer.SimpleTokenizer(context_length=tower.context_length)
-        return cls(_tower=tower, _tokenizer=tok)
-
-    def train(self, mode=True):  # always frozen: ignore .train() from a parent module
-        return super().train(False)
-
-    def tokenize(self, captions):
-        return self.tokenizer(list(captions))  # (B, L) long
-
-    @torch.no_grad()
-    def forward(self, text):
-        ids = self.tokenize(text) if not torch.is_tensor(text) else text
-        ids = ids.to(self.token_embedding.weight.device)  # (B, L)
-        x = self.token_embedding(ids) + self.positional_embedding  # (B, L, W)
-        blocks = self.transformer.resblocks
-        # open_clip >= 2.31 runs its blocks batch-first; older versions want (L, B, W).
-        seq_first = not getattr(self.transformer, "batch_first", False)
-        x = x.transpose(0, 1) if seq_first else x
-        for blk in blocks[:-1]:
-            x = blk(x, attn_mask=self.attn_mask)
-        penultimate = x
-        x = blocks[-1](x, attn_mask=self.attn_mask)
-        if seq_first:
-            x, penultimate = x.transpose(0, 1), penultimate.transpose(0, 1)
-        final = self.ln_final(x)  # (B, L, W)
-        # The end-of-text token has the largest id in CLIP's vocabulary, so argmax finds it.
-        eot = final[torch.arange(final.shape[0], device=final.device), ids.argmax(dim=-1)]  # (B, W)
-        proj = self.text_projection
-        pooled = proj(eot) if isinstance(proj, nn.Linear) else eot @ proj  # (B, E)
-        return TextFeatures(final, penultimate, pooled)
-
-
-# -----------------------------------------------------------------------------
 # The tokenizer.
 
 
@@ -387,21 +304,21 @@ class TextEncoder(nn.Module):
 class TATiTokConfig:
     image_size: int = 256
     enc_patch_size: int = 16
-    dec_patch_size: int = 16
-    enc_width: int = 768  # ViT sizes: small 512/8/8, base 768/12/12, large 1024/24/16
+    dec_patch_size: int = 16  # 16 for both in every release
+    enc_width: int = 768  # ViT sizes (width/depth/heads): small 512/8/8, base 768/12/12, large 1024/24/16
     enc_depth: int = 12
     enc_heads: int = 12
-    dec_width: int = 1024
+    dec_width: int = 1024  # the decoder is a ViT-Large in every release
     dec_depth: int = 24
     dec_heads: int = 16
-    num_latent_tokens: int = 32
+    num_latent_tokens: int = 32  # K: 32, 64 or 128 in the releases
     quantize_mode: str = "vq"  # "vq" (discrete ids) or "kl" (continuous Gaussian tokens)
     codebook_size: int = 8192
     token_size: int = 64  # channels per token: 64 for VQ, 16 for KL in the paper
-    commitment_cost: float = 0.25
+    commitment_cost: float = 0.25  # VQ-VAE's commitment weight
     use_l2_norm: bool = False
     clustering_vq: bool = True  # the training configs revive dead codes
-    text_context_length: int = 77
+    text_context_length: int = 77  # the CLIP text states the decoder reads: (B, 77, 768)
     text_embed_dim: int = 768
     # "official": the released models' init. "local": a locality-biased init for small
     # models and short runs (the shapes presets); see _local_init.
@@ -510,47 +427,12 @@ class TATiTok(nn.Module):
             zq, extras = post.sample(), {"posterior": post}
         return self.decoder(zq.to(z.dtype), text_hidden), extras
 
-    # ---- official checkpoints (Hugging Face layout: config.json + weights) ----
-
     @classmethod
-    def from_official(cls, path, strict=True):
-        """Load a released TA-TiTok directory (e.g. turkeyju/tokenizer_tatitok_bl32_vq)."""
-        cfg_dict, sd = load_official_dir(path)
-        model = cls(config_from_official(cfg_dict))
-        load_checked(model, {_rename(k): _reshape(k, v) for k, v in sd.items()}, path, strict)
-        return model
-
-    def official_state_dict(self):
-        """Our weights under the official key names and shapes (the inverse of from_official)."""
-        out = {}
-        for k, v in self.state_dict().items():
-            ok = _rename(k, inverse=True)
-            if ok.endswith(("encoder.conv_out.weight", "decoder.ffn.0.weight")):
-                v = v[:, :, None, None]  # our Linear (out, in) -> their 1x1 conv (out, in, 1, 1)
-            out[ok] = v
-        return out
-
-    def official_config(self):
-        """config.json content in the official (OmegaConf) layout."""
-        c = self.config
-        vq = dict(
-            quantize_mode="vq" if c.quantize_mode == "vq" else "vae", token_size=c.token_size,
-            vit_enc_patch_size=c.enc_patch_size, vit_dec_patch_size=c.dec_patch_size,
-            num_latent_tokens=c.num_latent_tokens, finetune_decoder=False, is_legacy=False,
-            text_context_length=c.text_context_length, text_embed_dim=c.text_embed_dim,
-        )  # fmt: skip
-        for side in ("enc", "dec"):
-            arch = tuple(getattr(c, f"{side}_{k}") for k in ("width", "depth", "heads"))
-            names = [n for n, a in _VIT.items() if a == arch]
-            if names:
-                vq[f"vit_{side}_model_size"] = names[0]
-            else:  # not an official size (e.g. the tiny presets): spell it out
-                vq[f"vit_{side}_model_size"] = "custom"
-                vq.update({f"vit_{side}_{k}": v for k, v in zip(("width", "depth", "heads"), arch)})
-        if c.quantize_mode == "vq":
-            vq.update(codebook_size=c.codebook_size, commitment_cost=c.commitment_cost,
-                      use_l2_norm=c.use_l2_norm, clustering_vq=c.clustering_vq)  # fmt: skip
-        return {"model": {"vq_model": vq}, "dataset": {"preprocessing": {"crop_size": c.image_size}}}
+    def from_official(cls, path):
+        """Load a released TA-TiTok directory (e.g. turkeyju/tokenizer_tatitok_bl32_vq):
+        config.json + model.safetensors, read tensor by tensor (official.py)."""
+        release = official.Release(path, "TA-TiTok")
+        return official.load_weights(cls(TATiTokConfig(**official.tatitok_kwargs(release.config))), release)
 
 
 def _init_weights(m):
@@ -617,185 +499,12 @@ def _local_init(model, std=0.1, pos_scale=10.0, qk_std=0.4):
     model.latent_tokens.zero_()
 
 
-# Official name fragment -> ours. Everything else is already named the same.
-_RENAMES = [
-    (".transformer.", ".blocks."),
-    (".attn.in_proj_weight", ".attn.qkv.weight"),
-    (".attn.in_proj_bias", ".attn.qkv.bias"),
-    (".attn.out_proj.", ".attn.proj."),
-    ("encoder.conv_out.", "encoder.proj_out."),
-    ("decoder.ffn.0.", "decoder.to_pixels."),
-]
-
-
-def _rename(key, inverse=False):
-    for a, b in _RENAMES:
-        key = key.replace(b, a) if inverse else key.replace(a, b)
-    return key
-
-
-def _reshape(key, v):
-    # Their 1x1 convs on a fake (B, C, 1, K) grid are our Linears on (B, K, C).
-    if key.endswith(("encoder.conv_out.weight", "decoder.ffn.0.weight")):
-        return v.flatten(1)
-    return v
-
-
-_VIT = {"small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
-
-
-def _vit_arch(vq, side):
-    """(width, depth, heads) from a named size, or from explicit fields for "custom"."""
-    name = vq[f"vit_{side}_model_size"]
-    if name == "custom":  # our extension, used by the tiny presets
-        return tuple(vq[f"vit_{side}_{k}"] for k in ("width", "depth", "heads"))
-    if name not in _VIT:
-        raise ValueError(f"unknown vit_{side}_model_size {name!r}; expected one of {sorted(_VIT)}")
-    return _VIT[name]
-
-
-def config_from_official(d):
-    """The official nested config dict -> TATiTokConfig."""
-    try:
-        vq, size = d["model"]["vq_model"], d["dataset"]["preprocessing"]["crop_size"]
-        enc, dec = (_vit_arch(vq, side) for side in ("enc", "dec"))
-        mode = {"vq": "vq", "vae": "kl"}[vq.get("quantize_mode", "vq")]
-        kw = dict(
-            image_size=size, enc_patch_size=vq["vit_enc_patch_size"], dec_patch_size=vq["vit_dec_patch_size"],
-            enc_width=enc[0], enc_depth=enc[1], enc_heads=enc[2],
-            dec_width=dec[0], dec_depth=dec[1], dec_heads=dec[2],
-            num_latent_tokens=vq["num_latent_tokens"], quantize_mode=mode, token_size=vq["token_size"],
-            text_context_length=vq.get("text_context_length", 77), text_embed_dim=vq.get("text_embed_dim", 768),
-        )  # fmt: skip
-        if mode == "vq":
-            kw.update(codebook_size=vq["codebook_size"], commitment_cost=vq.get("commitment_cost", 0.25),
-                      use_l2_norm=vq.get("use_l2_norm", False), clustering_vq=vq.get("clustering_vq", False))  # fmt: skip
-    except KeyError as e:
-        raise ValueError(f"config.json is not a TA-TiTok config: missing field {e}") from None
-    if vq.get("is_legacy", True):
-        # The legacy path reshapes the encoder output without a permute (a bug);
-        # every released TA-TiTok config has is_legacy: False.
-        raise ValueError("config.json has is_legacy: True; only is_legacy: False checkpoints are supported")
-    if vq.get("finetune_decoder", False):
-        raise ValueError("finetune_decoder: True (TiTok's two-stage decoder) is not part of TA-TiTok")
-    return TATiTokConfig(**kw)
-
-
-# -----------------------------------------------------------------------------
-# Checkpoint helpers shared with maskgen.py.
-
-
-def load_official_dir(path):
-    """Read a Hugging Face-layout directory: (config dict, state_dict)."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"checkpoint directory {path!r} does not exist; download a release, e.g. "
-            f"`huggingface-cli download turkeyju/tokenizer_tatitok_bl32_vq --local-dir {path}`"
-        )
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_file):
-        raise FileNotFoundError(f"{path!r} has no config.json; it is not an official checkpoint directory")
-    with open(cfg_file) as f:
-        cfg = json.load(f)
-    st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
-    if os.path.isfile(st):
-        from safetensors.torch import load_file
-
-        sd = load_file(st)
-    elif os.path.isfile(pt):
-        sd = torch.load(pt, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{path!r} has neither model.safetensors nor pytorch_model.bin")
-    return cfg, sd
-
-
-def load_checked(model, sd, path, strict=True):
-    """load_state_dict that names every missing / unexpected / mis-shaped key."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(sd) & set(own)) if sd[k].shape != own[k].shape]  # fmt: skip
-    if strict and (missing or unexpected or shapes):
-        def show(xs):
-            return "\n    ".join(xs[:20]) + (f"\n    ... and {len(xs) - 20} more" if len(xs) > 20 else "")
-
-        msg = [f"checkpoint {path!r} does not match the model built from its config:"]
-        if missing:
-            msg.append(f"  missing keys ({len(missing)}):\n    {show(missing)}")
-        if unexpected:
-            msg.append(f"  unexpected keys ({len(unexpected)}):\n    {show(unexpected)}")
-        if shapes:
-            msg.append(f"  shape mismatches ({len(shapes)}):\n    {show(shapes)}")
-        msg.append("  Check that the config belongs to these weights (same variant and size).")
-        raise RuntimeError("\n".join(msg))
-    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-    return model
-
-
-def build_text_encoder(name, pretrained="openai", state=None, where="checkpoint"):
-    """The text encoder a checkpoint was trained with: a small random tower whose
-    weights it carries (`state`, shape from TEXT_PRESETS[name]), or a named open_clip model."""
-    if state is not None:
-        if name not in TEXT_PRESETS:
-            raise ValueError(
-                f"{where!r} carries the weights of text tower {name!r}, which tokenizer.TEXT_PRESETS does not "
-                f"define; add its shape there (known: {sorted(TEXT_PRESETS)})"
-            )
-        enc = TextEncoder.from_config(**TEXT_PRESETS[name])
-        enc.load_state_dict(state)
-        return enc
-    if name is None or name in TEXT_PRESETS:
-        raise ValueError(
-            f"{where!r} was trained with the randomly initialised text tower {name!r} but does not carry its "
-            f"weights, so its text features cannot be reproduced; re-save the checkpoint with 'text_encoder' weights"
-        )
-    return TextEncoder(name, pretrained)  # downloads the weights once (open_clip cache)
-
-
-def tokenizer_from_checkpoint(ckpt, where="checkpoint"):
-    """A TA-TiTok from a train_tokenizer.py checkpoint dict, with its EMA weights when present."""
-    if "tokenizer_config" not in ckpt:
-        raise ValueError(f"{where!r} is not a TA-TiTok checkpoint (no 'tokenizer_config'); "
-                         f"is it a MaskGen checkpoint? Pass it as the generator instead")  # fmt: skip
-    model = TATiTok(TATiTokConfig(**ckpt["tokenizer_config"]))
-    load_checked(model, ckpt.get("ema") or ckpt["model"], where)
-    return model.eval()
-
-
-def load_tokenizer(path, device="cpu", with_text=True):
-    """A frozen TA-TiTok and the text encoder it was trained with, from either
-    - an official release directory (config.json + weights): text encoder = CLIP ViT-L-14-336, or
-    - one of our train_tokenizer.py run folders (newest checkpoint) or checkpoint files,
-      where the EMA weights are used and a small text tower saved inside is restored.
-    Returns (tokenizer.eval(), text_encoder), or (tokenizer.eval(), None) with with_text=False
-    (e.g. for pretokenization, which needs no text and should not download CLIP)."""
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
-        model = TATiTok.from_official(path).to(device).eval()
-        return model, (TextEncoder().to(device) if with_text else None)
-    ckpt_file = path
-    if os.path.isdir(path):
-        found = sorted(f for f in os.listdir(path) if f.startswith("ckpt_") and f.endswith(".pt"))
-        if not found:
-            raise FileNotFoundError(f"{path!r} holds no config.json (official) and no ckpt_*.pt (our runs)")
-        ckpt_file = os.path.join(path, found[-1])
-    if not os.path.isfile(ckpt_file):
-        raise FileNotFoundError(f"tokenizer checkpoint {path!r} does not exist")
-    ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
-    model = tokenizer_from_checkpoint(ckpt, ckpt_file).to(device)
-    if not with_text:
-        return model, None
-    cfg = ckpt["config"]
-    text = build_text_encoder(cfg["text_encoder"], cfg.get("text_pretrained", "openai"), ckpt.get("text_encoder"), ckpt_file)
-    return model, text.to(device)
-
-
 # -----------------------------------------------------------------------------
 # Presets. "BL" = ViT-Base encoder + ViT-Large decoder; "SL" = Small + Large.
 
 
 def _preset(enc, dec, K, mode, **kw):
-    e, d = _VIT[enc], _VIT[dec]
+    e, d = official.VIT_SIZES[enc], official.VIT_SIZES[dec]
     return TATiTokConfig(
         enc_width=e[0], enc_depth=e[1], enc_heads=e[2], dec_width=d[0], dec_depth=d[1], dec_heads=d[2],
         num_latent_tokens=K, quantize_mode=mode, token_size=64 if mode == "vq" else 16, **kw,
@@ -820,7 +529,7 @@ PRESETS = {
         dec_width=32, dec_depth=2, dec_heads=2, num_latent_tokens=8, quantize_mode="kl", token_size=4,
         text_context_length=16, text_embed_dim=32,
     ),  # fmt: skip
-    # The shapes world (data.ShapesWorld): 64 px, patch 8 (64 patches) -> 32 tokens, small
+    # The shapes world (shapes.ShapesWorld): 64 px, patch 8 (64 patches) -> 32 tokens, small
     # widths, the locality-biased init (without it a short run never leaves the mean
     # image, see _local_init), l2-normalised codes. Sized for ~15 min on 2 CPU cores.
     "shapes": TATiTokConfig(
@@ -833,12 +542,4 @@ PRESETS = {
         dec_width=64, dec_depth=2, dec_heads=2, num_latent_tokens=32, quantize_mode="kl", token_size=8,
         text_context_length=16, text_embed_dim=64, init="local",
     ),  # fmt: skip
-}
-
-# Text towers for the presets above: open_clip CLIPTextCfg fields + projection dim.
-TEXT_PRESETS = {
-    "tiny": dict(text_cfg=dict(context_length=16, width=32, heads=2, layers=2), embed_dim=32),
-    # Shapes captions are at most 14 BPE tokens with start/end; a random, frozen tower
-    # still gives every word a distinct embedding, which is all the generator needs.
-    "shapes": dict(text_cfg=dict(context_length=16, width=64, heads=2, layers=2), embed_dim=64),
 }

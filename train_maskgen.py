@@ -13,31 +13,38 @@ encoded on the fly, or read as tokens written once by `python data.py pretokeniz
 
 Per micro-step: tokens + captions -> CLIP penultimate states and pooled embedding ->
 caption dropout (10%: the "" encoding, for classifier-free guidance) -> MaskGen's loss
-(VQ: masked cross-entropy; KL: masked diffusion loss). The rest -- DDP, precision,
-schedule, EMA, atomic checkpoints, exact resume -- is shared with train_tokenizer.py.
+(VQ: masked cross-entropy; KL: masked diffusion loss). The rest -- precision,
+schedule, EMA, atomic checkpoints, exact resume -- is train_common.py, shared with
+train_tokenizer.py; the device and process group come from runtime.py.
 """
 
 import copy
-import dataclasses
 import math
 import os
 import sys
-import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from train_tokenizer import (
-    Logger, adamw, check_resume_config, ema_update, gather_rng_states, image_batches, load_latest_checkpoint,
-    lr_at, optimizer_step, parse_config, peak_flops, restore_run_state, save_checkpoint, save_grid,
-    seed_everything, seed_for_slot, setup_distributed, setup_precision,
+import data
+import load
+import maskgen as M
+import official
+import runtime
+from checkpoint import load_checked
+from pretokenize import PretokenizedDataset
+from shapes import SHAPES_AESTHETIC
+from train_common import (
+    Logger, Progress, RunConfig, adamw, check_choice, ema_update, find_resume, image_batches,
+    lr_at, optimizer_step, parse_config, restore_run_state, run_state, RunControl, save_grid, seed_for_slot,
+    setup_precision,
 )  # fmt: skip
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):  # RunConfig: dtype, compile, device, seed, log/sample/checkpoint intervals
     maskgen: str = "maskgen_vq_l"  # a maskgen.PRESETS name (sizes; tokens follow the tokenizer)
     tokenizer: str = ""  # official release dir, or a train_tokenizer.py run dir / checkpoint
     # data: "shapes", a tar-shard pattern or image folder (encoded on the fly),
@@ -64,17 +71,7 @@ class TrainConfig:
     init_from: str = ""  # stage 2: start from a stage-1 run's EMA weights (dir or checkpoint)
     # samples written every sample_every steps, for these prompts ("|"-separated; empty: defaults)
     sample_prompts: str = ""
-    # system
-    out_dir: str = "runs/maskgen"
-    dtype: str = "bf16"
-    compile: bool = True
-    device: str = "auto"
-    peak_tflops: float = 0.0  # per device, for MFU; 0 = the bf16 peak of a known GPU (PEAK_BF16_TFLOPS)
-    seed: int = 42
-    log_every: int = 50
-    sample_every: int = 5_000
-    ckpt_every: int = 5_000
-    keep_ckpts: int = 2
+    out_dir: str = "runs/maskgen"  # checkpoints, log.jsonl, sample grids
 
 
 def token_batches(cfg, tokenizer, rank, world, start_step, device):
@@ -82,11 +79,9 @@ def token_batches(cfg, tokenizer, rank, world, start_step, device):
 
     VQ tokens are ids (B, K); KL tokens are the posterior's cat(mean, logvar) (B, K, 2C),
     from which MaskGen draws a fresh sample every time it sees the image."""
-    import data
-
     B, mode = cfg.batch_size, tokenizer.config.quantize_mode
     if cfg.data.startswith("pretokenized:"):
-        ds = data.PretokenizedDataset(
+        ds = PretokenizedDataset(
             cfg.data.split(":", 1)[1], rank=rank, world_size=world, seed=cfg.seed, start_batch=start_step * cfg.grad_accum,
             batch_size=B,
         )  # fmt: skip
@@ -106,7 +101,7 @@ def token_batches(cfg, tokenizer, rank, world, start_step, device):
         return get
 
     get_images = image_batches(cfg, tokenizer.config.image_size, rank, world, start_step, cfg.recaption_prob)
-    aes_const = data.SHAPES_AESTHETIC if cfg.data == "shapes" else cfg.aesthetic_default
+    aes_const = SHAPES_AESTHETIC if cfg.data == "shapes" else cfg.aesthetic_default
 
     def get(step, k):
         images, captions = get_images(step, k)
@@ -126,22 +121,18 @@ DEFAULT_PROMPTS = [
 
 
 def main(argv=None):
-    import maskgen as M
-    import tokenizer as T
-
-    cfg = parse_config(TrainConfig, PRESETS, sys.argv[1:] if argv is None else argv)
-    rank, local_rank, world, device = setup_distributed(cfg.device)
-    master = rank == 0
-    autocast, scaler = setup_precision(cfg.dtype, device)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log = Logger(cfg.out_dir, master)
+    cfg = parse_config(TrainConfig, PRESETS, argv)
     if not cfg.tokenizer:
         sys.exit("error: --tokenizer is required: an official TA-TiTok directory or a train_tokenizer.py run")
-    if cfg.maskgen not in M.PRESETS:
-        sys.exit(f"error: unknown --maskgen={cfg.maskgen}; choose one of {sorted(M.PRESETS)}")
+    check_choice("maskgen", cfg.maskgen, M.PRESETS)
+    timeout = timedelta(seconds=cfg.dist_timeout_s)  # a stuck rank ends the job instead of hanging it
+    rank, world, device = runtime.setup_distributed(cfg.device, mps=False, timeout=timeout)
+    master = rank == 0
+    autocast, scaler = setup_precision(cfg.dtype, device)
+    log = Logger(cfg.out_dir, master)
 
     # ---- frozen tokenizer and text encoder
-    tokenizer, text_encoder = T.load_tokenizer(cfg.tokenizer, device)
+    tokenizer, text_encoder = load.load_tokenizer(cfg.tokenizer, device)
     tokenizer.requires_grad_(False)
     tcfg = tokenizer.config
 
@@ -152,9 +143,8 @@ def main(argv=None):
                  f"{tcfg.quantize_mode.upper()}; pick a maskgen_{tcfg.quantize_mode}_* preset")  # fmt: skip
 
     # ---- resume or start
-    path, ckpt = load_latest_checkpoint(cfg.out_dir, log=lambda s: log(text=s) if master else None)
+    path, ckpt = find_resume(cfg, log)
     if ckpt is not None:
-        check_resume_config(ckpt["config"], dataclasses.asdict(cfg))
         mcfg = M.MaskGenConfig(**ckpt["maskgen_config"])  # includes the scale factor chosen at the start
     elif mcfg.mode == "kl" and cfg.scale_factor < 0 and not os.path.isfile(os.path.join(cfg.tokenizer, "config.json")):
         # Our own tokenizer: scale tokens to unit variance (as LDM does), measured once on
@@ -167,20 +157,20 @@ def main(argv=None):
     elif cfg.scale_factor > 0:
         mcfg.scale_factor = cfg.scale_factor
 
-    seed_everything(cfg.seed)  # identical initial weights on every rank
+    runtime.seed_everything(cfg.seed)  # identical initial weights on every rank
     model = M.MaskGen(mcfg).to(device)
     if cfg.init_from and ckpt is None:  # stage 2 fine-tuning starts from stage 1's EMA
-        init = load_latest_checkpoint(cfg.init_from)[1] if os.path.isdir(cfg.init_from) else \
-            torch.load(cfg.init_from, map_location="cpu", weights_only=True)  # fmt: skip
-        if init is None:
-            sys.exit(f"error: --init_from={cfg.init_from} holds no readable checkpoint")
-        model.load_state_dict(M.fuse_qkv(init.get("ema") or init["model"]))  # fuse: older runs kept q/k/v apart
+        try:
+            init, where = load.generator_weights(cfg.init_from)  # a run folder, checkpoint file or bundle
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"error: --init_from={cfg.init_from}: {e}")
+        load_checked(model, init, where)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # eval: no code revival, no dropout
     opt = adamw(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
     step = 0
     if ckpt is not None:
-        model.load_state_dict(M.fuse_qkv(ckpt["model"]))
-        ema.load_state_dict(M.fuse_qkv(ckpt["ema"]))
+        model.load_state_dict(official.fuse_qkv(ckpt["model"]))
+        ema.load_state_dict(official.fuse_qkv(ckpt["ema"]))
         try:
             opt.load_state_dict(ckpt["optimizer"])
         except ValueError as e:  # e.g. a run written before MaskGen's q/k/v were fused
@@ -188,9 +178,10 @@ def main(argv=None):
                      f"start a new run from them with --init_from={path} in a new --out_dir")
         step = restore_run_state(ckpt, scaler, rank, world)
         log(text=f"resumed from {path} at step {step}")
+    control = RunControl(cfg, world, log, last_ckpt=path)  # non-finite steps, SIGTERM / SIGINT
     # MFU counts MaskGen's own FLOPs (3x its forward per sample); encoding images with the
     # frozen tokenizer and captions with CLIP is extra work it leaves out.
-    train_flops, peak = model.train_flops(text_encoder.context_length), peak_flops(device, cfg.peak_tflops)
+    train_flops = model.train_flops(text_encoder.context_length)
     if master:
         n = sum(p.numel() for p in model.parameters())
         log(text=f"MaskGen-{mcfg.mode.upper()} ({cfg.maskgen}): {n / 1e6:.1f}M parameters, {mcfg.num_tokens} tokens, "
@@ -198,17 +189,14 @@ def main(argv=None):
 
     fwd_model = torch.compile(model) if cfg.compile else model
     if world > 1:
-        fwd_model = DDP(fwd_model, device_ids=[local_rank] if device.type == "cuda" else None)
+        fwd_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # The CFG null condition: the encoding of the empty caption, computed once.
     null = text_encoder([""])
     get_batch = token_batches(cfg, tokenizer, rank, world, step, device)
     prompts = cfg.sample_prompts.split("|") if cfg.sample_prompts else DEFAULT_PROMPTS
     prompt_feats = text_encoder(prompts) if master else None  # for the sample grids
-    from tqdm import tqdm
-
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True)
-    t0, seen = time.time(), 0
+    progress = Progress(cfg, step, world, device, train_flops, enabled=master)  # the bar, img/s, MFU
     while step < cfg.max_steps:
         lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.schedule, cfg.end_lr)
         for g in opt.param_groups:
@@ -227,42 +215,38 @@ def main(argv=None):
                 fwd_model.require_backward_grad_sync = k == cfg.grad_accum - 1
             with autocast():
                 loss = fwd_model(tokens, text, pooled, aes) / cfg.grad_accum
-            (scaler.scale(loss) if scaler else loss).backward()
+            scaler.scale(loss).backward()
             loss_sum += loss.detach()  # a tensor: no host sync until logging
-        grad_norm = optimizer_step(opt, model.parameters(), scaler, cfg.grad_clip)
-        if scaler:
-            scaler.update()
-        ema_update(ema, model, step, cfg.ema_decay)
+        grad_norm, ok = optimizer_step(opt, model.parameters(), scaler, cfg.grad_clip)
+        scaler.update()  # once per iteration, after every optimizer step
+        if ok:  # a skipped (non-finite) step updates nothing
+            ema_update(ema, model, step, cfg.ema_decay)
+        control.step_done(ok, step)
         step += 1
-        seen += cfg.batch_size * cfg.grad_accum * world
-        bar.update(1)
+        progress.update()
 
         if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
-            dt = time.time() - t0
-            rec = {"step": step, "loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm), "img_per_s": seen / dt}
-            if peak:  # model FLOP/s over the peak of all devices
-                rec["mfu"] = rec["img_per_s"] * train_flops / (world * peak)
+            rec = {"step": step, "loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm), **progress.read()}
+            rec["skipped_nonfinite"] = control.skipped  # steps skipped so far (non-finite grad norm)
             log(rec, f"step {step:7d} | " + " | ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "step"))
-            t0, seen = time.time(), 0
         if master and (step % cfg.sample_every == 0 or step == cfg.max_steps):
             with torch.no_grad():
                 f = prompt_feats
                 gen = torch.Generator(device=device).manual_seed(cfg.seed)
                 toks = ema.generate(f.penultimate, f.pooled, null.penultimate, null.pooled, generator=gen)
-                images = tokenizer.decode(toks, f.final).float().clamp(0, 1)
+                images = tokenizer.decode(toks, f.final)
             save_grid(images, os.path.join(cfg.out_dir, f"samples_{step:08d}.png"), nrow=len(prompts))
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-            rngs = gather_rng_states(world)
+        stop = control.stop_requested()  # a signal on any rank: every rank saves, then exits
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop:
+            state = run_state(cfg, step, scaler, world)  # collective: every rank takes part
             if master:
-                payload = {
-                    "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                    "scaler": scaler.state_dict() if scaler else None, "step": step, "rng": rngs,
-                    "config": dataclasses.asdict(cfg), "maskgen_config": dataclasses.asdict(mcfg),
-                }  # fmt: skip
-                save_checkpoint(cfg.out_dir, step, payload, cfg.keep_ckpts)
-    bar.close()
-    if world > 1:
-        dist.destroy_process_group()
+                payload = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                           "maskgen_config": asdict(mcfg)}  # fmt: skip
+                control.save(step, {**payload, **state})
+        control.exit_if_stopped(step, master)
+    progress.close()
+    control.close()
+    runtime.teardown()
 
 
 # -----------------------------------------------------------------------------

@@ -1,12 +1,11 @@
-"""Tests for data.py: the shapes-world spec, tar shards, image folders, splitting,
-skip counting and pretokenization. Fast (CPU, tiny data)."""
+"""Tests for the data pipeline: shards.py (tar shards, splitting, resume, skip
+counting), data.py (image datasets, image helpers, the shapes world as a dataset)
+and pretokenize.py. Fast (CPU, tiny data)."""
 
 import io
-import itertools
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import tarfile
@@ -18,182 +17,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import data
+import pretokenize
+import shapes
+import shards
 
 # -----------------------------------------------------------------------------
-# The shapes world
-
-
-@pytest.fixture(scope="module")
-def samples():
-    world = data.ShapesWorld(seed=0)
-    return [world.sample(i) for i in range(300)]
-
-
-def test_palette_is_the_spec():
-    assert data.COLORS == {
-        "red": (220, 30, 30), "yellow": (235, 200, 20), "green": (30, 160, 60),
-        "cyan": (20, 180, 200), "blue": (40, 60, 220), "purple": (150, 50, 190),
-    }  # fmt: skip
-    assert data.SHAPES == ("circle", "square", "triangle")
-    assert data.RELATIONS == ("to the left of", "to the right of", "above", "below")
-
-
-def test_colours_exact(samples):
-    palette = {tuple(c) for c in data.COLORS.values()}
-    for s in samples:
-        assert s.image.shape == (64, 64, 3) and s.image.dtype == np.uint8
-        pixels = {tuple(p) for p in s.image.reshape(-1, 3)}
-        assert (255, 255, 255) in pixels
-        # No antialiasing: every pixel is white or exactly an object's palette colour.
-        assert pixels - {(255, 255, 255)} == {data.COLORS[o.color] for o in s.objects}
-        assert pixels <= palette | {(255, 255, 255)}
-        # Each object's pixels carry its colour.
-        for o in s.objects:
-            assert (s.image[data.shape_mask(o)] == data.COLORS[o.color]).all()
-
-
-def _dilate(mask, r):
-    """Chebyshev dilation by r pixels."""
-    out = np.zeros_like(mask)
-    padded = np.pad(mask, r)
-    for dy in range(2 * r + 1):
-        for dx in range(2 * r + 1):
-            out |= padded[dy : dy + mask.shape[0], dx : dx + mask.shape[1]]
-    return out
-
-
-def test_layout_rules(samples):
-    for s in samples:
-        assert 1 <= len(s.objects) <= 3
-        masks = []
-        for o in s.objects:
-            assert o.color in data.COLORS and o.shape in data.SHAPES
-            assert 16 <= o.size <= 24
-            x0, y0, x1, y1 = o.box
-            assert 0 <= x0 and 0 <= y0 and x1 <= 63 and y1 <= 63  # fully inside
-            m = data.shape_mask(o)
-            ys, xs = np.nonzero(m)
-            # The drawn shape spans exactly its box.
-            assert (xs.min(), ys.min(), xs.max(), ys.max()) == (x0, y0, x1, y1)
-            masks.append(m)
-        for a, b in itertools.combinations(range(len(masks)), 2):
-            # No overlap, and >= 3 white pixels between objects in every direction.
-            assert not (masks[a] & masks[b]).any()
-            assert not (_dilate(masks[a], 3) & masks[b]).any()
-            assert data.white_gap(s.objects[a], s.objects[b]) >= 3
-
-
-def test_shape_geometry():
-    for size in (16, 17, 23, 24):
-        sq = data.shape_mask(data.ShapeObject.at("red", "square", 5, 7, size))
-        assert sq.sum() == size * size
-        tri = data.ShapeObject.at("red", "triangle", 10, 12, size)
-        m = data.shape_mask(tri)[12 : 12 + size, 10 : 10 + size]
-        widths = m.sum(1)
-        assert (np.diff(widths) >= 0).all() and widths[0] in (1, 2) and widths[-1] == size  # upright, base at bottom
-        assert (m == m[:, ::-1]).all()  # isosceles: mirror-symmetric
-        circ = data.shape_mask(data.ShapeObject.at("red", "circle", 3, 4, size))[4 : 4 + size, 3 : 3 + size]
-        assert (circ == circ[::-1]).all() and (circ == circ.T).all()
-        assert 0.72 < circ.mean() < 0.86 and 0.45 < m.mean() < 0.6  # fill ratios the detector relies on
-
-
-def test_relation_geometry(samples):
-    relations = [s for s in samples if s.category == "relation"]
-    assert len(relations) > 60
-    seen = set()
-    for s in relations:
-        spec = data.parse_caption(s.caption)
-        sub, ref = s.objects
-        assert (sub.color, sub.shape) != (ref.color, ref.shape)
-        assert spec.objects == ((sub.color, sub.shape), (ref.color, ref.shape))
-        # Measured from the rendered pixels: the centres of the drawn boxes.
-        centres = []
-        for o in (sub, ref):
-            ys, xs = np.nonzero((s.image == data.COLORS[o.color]).all(-1) & data.shape_mask(o))
-            centres.append(((xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2))
-        dx, dy = centres[0][0] - centres[1][0], centres[0][1] - centres[1][1]
-        along, across = {"to the left of": (-dx, dy), "to the right of": (dx, dy),
-                         "above": (-dy, dx), "below": (dy, dx)}[spec.relation]  # fmt: skip
-        assert along >= 16 and abs(across) <= 8, (s.caption, centres)
-        seen.add(spec.relation)
-    assert seen == set(data.RELATIONS)
-
-
-def test_caption_grammar(samples):
-    number = {2: "two", 3: "three"}
-    for s in samples:
-        objs = s.objects
-        if s.category == "single":
-            (o,) = objs
-            assert s.caption == f"a {o.color} {o.shape}"
-        elif s.category == "count":
-            assert len(objs) in (2, 3) and len({(o.color, o.shape) for o in objs}) == 1
-            assert s.caption == f"{number[len(objs)]} {objs[0].color} {objs[0].shape}s"
-        else:
-            assert s.category == "relation" and len(objs) == 2
-            assert re.fullmatch(rf"a {objs[0].color} {objs[0].shape} "
-                                rf"(to the left of|to the right of|above|below) a {objs[1].color} {objs[1].shape}",
-                                s.caption)  # fmt: skip
-        assert s.caption == s.caption.lower() and s.aesthetic == data.SHAPES_AESTHETIC
-
-
-def test_category_mix(samples):
-    counts = {c: sum(s.category == c for s in samples) for c in data.CATEGORIES}
-    assert all(70 <= n <= 130 for n in counts.values()), counts  # equal thirds by default
-    w = data.ShapesWorld(0, category_mix={"count": 1.0})
-    assert {w.sample(i).category for i in range(30)} == {"count"}
-    with pytest.raises(ValueError, match="unknown categories"):
-        data.ShapesWorld(0, category_mix={"pairs": 1})
-
-
-def test_determinism():
-    a, b, c = data.ShapesWorld(0), data.ShapesWorld(0), data.ShapesWorld(1)
-    for i in (0, 5, 123456):
-        x, y = a.sample(i), b.sample(i)
-        assert np.array_equal(x.image, y.image) and x.caption == y.caption and x.objects == y.objects
-    # Out-of-order access gives the same samples.
-    assert [a.sample(i).caption for i in (3, 2, 1)] == [b.sample(i).caption for i in (3, 2, 1)]
-    differ = sum(not np.array_equal(a.sample(i).image, c.sample(i).image) for i in range(20))
-    assert differ >= 19
-    assert not np.array_equal(a.sample(0).image, a.sample(1).image)
-
-
-def test_heldout_prompts():
-    prompts = data.heldout_prompts(40)
-    assert len(prompts) == 120 and all(isinstance(p, str) for p in prompts)
-    cats = [data.parse_caption(p).category for p in prompts]
-    assert cats == ["single"] * 40 + ["count"] * 40 + ["relation"] * 40
-    assert data.HELDOUT_SEED != 0 and prompts == data.heldout_prompts(40)
-    # A different draw from the training seed's (same indices, same forced categories).
-    train = data.heldout_prompts(40, seed=0)
-    assert sum(p != q for p, q in zip(prompts, train)) > 60
-    assert len(set(prompts[80:])) > 30  # relation prompts are varied
-
-
-def test_parse_caption_round_trip(samples):
-    every = [f"a {c} {s}" for c in data.COLORS for s in data.SHAPES]
-    every += [f"{n} {c} {s}s" for n in ("two", "three") for c in data.COLORS for s in data.SHAPES]
-    kinds = [(c, s) for c in data.COLORS for s in data.SHAPES]
-    every += [f"a {c1} {s1} {r} a {c2} {s2}" for (c1, s1) in kinds for r in data.RELATIONS for (c2, s2) in kinds
-              if (c1, s1) != (c2, s2)]  # fmt: skip
-    assert len(every) == 18 + 36 + 18 * 17 * 4
-    for caption in every:
-        assert data.make_caption(data.parse_caption(caption)) == caption
-    for s in samples:
-        spec = data.parse_caption(s.caption)
-        assert spec.category == s.category
-        if s.category == "count":
-            assert spec.count == len(s.objects) and spec.objects == ((s.objects[0].color, s.objects[0].shape),)
-    spec = data.parse_caption("  A Red circle   to the left of a green TRIANGLE ")
-    assert spec == data.CaptionSpec("relation", (("red", "circle"), ("green", "triangle")), 1, "to the left of")
-    for bad in ("a pink circle", "two red circle", "four red circles", "a red circle near a blue square", ""):
-        with pytest.raises(ValueError, match="not a shapes caption"):
-            data.parse_caption(bad)
-
-
-def test_render_rejects_unknown_colour():
-    with pytest.raises(ValueError, match="unknown colour 'pink'"):
-        data.render([data.ShapeObject.at("pink", "circle", 0, 0, 16)])
+# The shapes world as a dataset
 
 
 def test_shapes_dataset_split_and_order():
@@ -216,7 +45,7 @@ def test_shapes_dataset_split_and_order():
     assert [a + b for a, b in zip(r0, r1)] == single
     assert batches(0, 1, 6, 0, start=2, n=3) == single[2:]  # exact resume
     item = data.ShapesDataset(0, image_size=32).item(7)
-    assert item["image"].shape == (3, 32, 32) and item["caption"] == data.ShapesWorld(0).sample(7).caption
+    assert item["image"].shape == (3, 32, 32) and item["caption"] == shapes.ShapesWorld(0).sample(7).caption
 
 
 # -----------------------------------------------------------------------------
@@ -224,23 +53,23 @@ def test_shapes_dataset_split_and_order():
 
 
 def test_expand_braces(tmp_path):
-    assert data.expand_braces("s/{000000..000002}.tar") == ["s/000000.tar", "s/000001.tar", "s/000002.tar"]
-    assert data.expand_braces("{8..11}") == ["8", "9", "10", "11"]
-    assert data.expand_braces("{3..1}") == ["3", "2", "1"]
-    assert data.expand_braces("{a,b}-{0..1}") == ["a-0", "a-1", "b-0", "b-1"]
-    assert data.expand_braces("x{a,b{1..2}}y") == ["xay", "xb1y", "xb2y"]
-    assert data.expand_braces("plain.tar") == ["plain.tar"]
-    assert data.expand_braces("{single}") == ["{single}"]
+    assert shards.expand_braces("s/{000000..000002}.tar") == ["s/000000.tar", "s/000001.tar", "s/000002.tar"]
+    assert shards.expand_braces("{8..11}") == ["8", "9", "10", "11"]
+    assert shards.expand_braces("{3..1}") == ["3", "2", "1"]
+    assert shards.expand_braces("{a,b}-{0..1}") == ["a-0", "a-1", "b-0", "b-1"]
+    assert shards.expand_braces("x{a,b{1..2}}y") == ["xay", "xb1y", "xb2y"]
+    assert shards.expand_braces("plain.tar") == ["plain.tar"]
+    assert shards.expand_braces("{single}") == ["{single}"]
     with pytest.raises(ValueError, match="unbalanced"):
-        data.expand_braces("s/{000..001.tar")
+        shards.expand_braces("s/{000..001.tar")
     pattern = str(tmp_path / "{000000..000123}.tar")
     with pytest.raises(FileNotFoundError, match=r"matched no files"):
-        data.list_shards(pattern)
+        shards.list_shards(pattern)
     (tmp_path / "000001.tar").write_bytes(b"")
-    assert data.list_shards(pattern)[:2] == [str(tmp_path / "000000.tar"), str(tmp_path / "000001.tar")]
-    assert data.list_shards(str(tmp_path)) == [str(tmp_path / "000001.tar")]
+    assert shards.list_shards(pattern)[:2] == [str(tmp_path / "000000.tar"), str(tmp_path / "000001.tar")]
+    assert shards.list_shards(str(tmp_path)) == [str(tmp_path / "000001.tar")]
     with pytest.raises(ValueError, match="only local shard files"):
-        data.list_shards("s3://bucket/{0..3}.tar")
+        shards.list_shards("s3://bucket/{0..3}.tar")
 
 
 def _png(w=64, h=64, color=(200, 40, 40)):
@@ -272,11 +101,11 @@ def test_tar_grouping_by_key(tmp_path):
         ("__meta__.json", b"{}"), ("._000003.jpg", b"mac"), ("noext", b"x"),
         ("000003.webp", b"W3"),
     ])  # fmt: skip
-    groups = list(data.iter_tar_groups(path))
+    groups = list(shards.iter_tar_groups(path))
     assert [g["__key__"] for g in groups] == ["000001", "sub/000002", "000003"]
     assert set(groups[0]) - {"__key__", "__shard__"} == {"jpg", "txt", "json"}
     assert groups[1]["txt"] == b"cap 2" and groups[1]["recap.txt"] == b"R" and groups[1]["png"] == b"P2"
-    assert data.split_key("a/b/k.seg.txt") == ("a/b/k", "seg.txt")
+    assert shards.split_key("a/b/k.seg.txt") == ("a/b/k", "seg.txt")
 
 
 def _corrupt_shard(tmp_path):
@@ -366,6 +195,26 @@ def test_image_transform():
     assert data.ImageTransform(32, random_crop=False, random_flip=False)(rgba, None).min() == 1.0  # white, not black
 
 
+def test_image_helpers(tmp_path):
+    arr = np.random.default_rng(0).integers(0, 256, (90, 140, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "x.png")
+    whole = data.load_image(str(tmp_path / "x.png"))  # size=None: the image as it is
+    assert whole.shape == (3, 90, 140) and torch.equal(data.to_uint8(whole).permute(1, 2, 0), torch.from_numpy(arr))
+    # With a size: the evaluation protocol, i.e. ImageTransform's resize + centre crop.
+    crop = data.load_image(str(tmp_path / "x.png"), 64)
+    assert torch.equal(crop, data.ImageTransform(64, random_crop=False, random_flip=False)(Image.fromarray(arr), None))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.load_image(str(tmp_path / "missing.png"))
+    # to_uint8 rounds to the nearest level and clamps to [0, 255].
+    assert data.to_uint8(torch.tensor([-0.5, 0.0, 0.4 / 255, 0.6 / 255, 1.0, 1.7])).tolist() == [0, 0, 0, 1, 255, 255]
+    # find_images: every image extension (any case), recursively, sorted; nothing else.
+    (tmp_path / "sub").mkdir()
+    for name in ("b.JPG", "c.bmp", "d.txt", "sub/e.webp", "noext", "f.apng"):
+        (tmp_path / name).write_bytes(b"")
+    assert [os.path.relpath(p, tmp_path) for p in data.find_images(str(tmp_path))] == [
+        "b.JPG", "c.bmp", os.path.join("sub", "e.webp"), "x.png"]  # fmt: skip
+
+
 def _many_shards(tmp_path, n_shards, per_shard):
     paths = []
     for s in range(n_shards):
@@ -428,12 +277,12 @@ def test_make_shapes_shards_read_back_exactly(tmp_path):
     paths = data.make_shapes_shards(str(tmp_path), n=10, per_shard=4, seed=2)
     assert [os.path.basename(p) for p in paths] == ["shapes-000000.tar", "shapes-000001.tar", "shapes-000002.tar"]
     ds = data.build_image_dataset(str(tmp_path), 64, train=False)
-    world = data.ShapesWorld(2)
+    world = shapes.ShapesWorld(2)
     out = list(ds)
     assert len(out) == 10
     for s in out:
         ref = world.sample(int(s["key"].split(":")[1]))
-        assert s["caption"] == ref.caption and float(s["aesthetic"]) == data.SHAPES_AESTHETIC
+        assert s["caption"] == ref.caption and float(s["aesthetic"]) == shapes.SHAPES_AESTHETIC
         assert torch.equal((s["image"] * 255).round().byte().permute(1, 2, 0), torch.from_numpy(ref.image))
 
 
@@ -443,8 +292,8 @@ def test_pick_captions_and_prefix():
     assert data.pick_captions(["a", "b"], ["A", "B"], 0.0, g) == ["a", "b"]
     picks = data.pick_captions(["c"] * 2000, ["r"] * 2000, 0.95, g)
     assert 0.93 < picks.count("r") / 2000 < 0.97
-    assert data.strip_recaption_prefix("The image shows a dog on grass.") == "A dog on grass."
-    assert data.strip_recaption_prefix("A cat.") == "A cat."
+    assert shards.strip_recaption_prefix("The image shows a dog on grass.") == "A dog on grass."
+    assert shards.strip_recaption_prefix("A cat.") == "A cat."
 
 
 # -----------------------------------------------------------------------------
@@ -454,33 +303,33 @@ def test_pick_captions_and_prefix():
 def test_pretokenized_vq_ids_round_trip_exactly(tmp_path):
     ids = np.array([8191, 4097, 2049, 2048, 0, 1, 8190, 6000], dtype=np.int64)
     assert int(np.float16(2049)) == 2048 and int(np.float16(8191)) == 8192  # what fp16 storage would do
-    with data.ShardWriter(str(tmp_path), "tok", per_shard=2) as w:
+    with shards.ShardWriter(str(tmp_path), "tok", per_shard=2) as w:
         for i in range(3):
-            w.write(f"{i:03d}", data.pretokenized_members(f"cap {i}", tokens=np.roll(ids, i), aesthetic=None,
-                                                          dtype=data.token_dtype(8192)))  # fmt: skip
+            w.write(f"{i:03d}", pretokenize.pretokenized_members(f"cap {i}", tokens=np.roll(ids, i), aesthetic=None,
+                                                          dtype=pretokenize.token_dtype(8192)))  # fmt: skip
     assert len(w.paths) == 2 and not any(p.endswith(".tmp") for p in os.listdir(tmp_path))
-    raw = next(g for g in data.iter_tar_groups(w.paths[0]))
-    assert data.decode_npy(raw["tokens.npy"]).dtype == np.int16
-    ds = data.PretokenizedDataset(str(tmp_path), infinite=False, shuffle=False, default_aesthetic=5.0)
+    raw = next(g for g in shards.iter_tar_groups(w.paths[0]))
+    assert shards.decode_npy(raw["tokens.npy"]).dtype == np.int16
+    ds = pretokenize.PretokenizedDataset(str(tmp_path), infinite=False, shuffle=False, default_aesthetic=5.0)
     out = list(ds)
     assert len(out) == 3
     for i, s in enumerate(out):
         assert s["tokens"].dtype == torch.int64 and s["tokens"].tolist() == np.roll(ids, i).tolist()
         assert s["caption"] == f"cap {i}" and float(s["aesthetic"]) == 5.0
-    assert data.token_dtype(2**16) == np.int32
+    assert pretokenize.token_dtype(2**16) == np.int32
     # A float16 token file (the official layout's bug) is refused, not silently read.
-    path = _write_tar(tmp_path / "fp16.tar", [("x.tokens.npy", data.encode_npy(ids.astype(np.float16))),
+    path = _write_tar(tmp_path / "fp16.tar", [("x.tokens.npy", shards.encode_npy(ids.astype(np.float16))),
                                               ("x.txt", b"c")])  # fmt: skip
     with pytest.raises(TypeError, match="not integers"):
-        list(data.PretokenizedDataset(path, infinite=False))
+        list(pretokenize.PretokenizedDataset(path, infinite=False))
 
 
 def test_pretokenized_kl_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     mean, logvar = rng.normal(size=(2, 32, 16)).astype(np.float32)
-    with data.ShardWriter(str(tmp_path), "kl", per_shard=10) as w:
-        w.write("k0", data.pretokenized_members("c", "The image features a recap", 6.25, mean=mean, logvar=logvar))
-    (s,) = list(data.PretokenizedDataset(str(tmp_path), infinite=False))
+    with shards.ShardWriter(str(tmp_path), "kl", per_shard=10) as w:
+        w.write("k0", pretokenize.pretokenized_members("c", "The image features a recap", 6.25, mean=mean, logvar=logvar))
+    (s,) = list(pretokenize.PretokenizedDataset(str(tmp_path), infinite=False))
     assert s["posterior"].shape == (32, 32) and s["posterior"].dtype == torch.float32
     assert torch.equal(s["posterior"], torch.from_numpy(np.concatenate([mean, logvar], -1)))
     assert s["recaption"] == "A recap" and float(s["aesthetic"]) == 6.25
@@ -507,14 +356,14 @@ class _StubTokenizer(torch.nn.Module):
 def test_pretokenize_with_stub(tmp_path, mode):
     tok = _StubTokenizer(mode)
     ds = data.build_image_dataset("shapes:10", 64, train=False)
-    res = data.pretokenize(tok, ds, str(tmp_path), batch_size=4, per_shard=6, rank=1)
+    res = pretokenize.pretokenize(tok, ds, str(tmp_path), batch_size=4, per_shard=6, rank=1)
     assert res["samples"] == 10 and [os.path.basename(p) for p in res["shards"]] == [
         "pretok-rank001-000000.tar", "pretok-rank001-000001.tar"]  # fmt: skip
-    out = list(data.PretokenizedDataset(str(tmp_path), infinite=False, shuffle=False))
-    world = data.ShapesWorld(0)
+    out = list(pretokenize.PretokenizedDataset(str(tmp_path), infinite=False, shuffle=False))
+    world = shapes.ShapesWorld(0)
     for i, s in enumerate(out):
         img = torch.from_numpy(world.sample(i).image).permute(2, 0, 1)[None].float() / 255
-        assert s["caption"] == world.sample(i).caption and float(s["aesthetic"]) == data.SHAPES_AESTHETIC
+        assert s["caption"] == world.sample(i).caption and float(s["aesthetic"]) == shapes.SHAPES_AESTHETIC
         if mode == "vq":
             assert torch.equal(s["tokens"], tok.encode(img)[0])
         else:
@@ -525,14 +374,12 @@ def test_pretokenize_with_stub(tmp_path, mode):
 def test_pretokenize_cli_end_to_end_ddp(tmp_path):
     """`torchrun --nproc_per_node=2 data.py pretokenize` with a tiny real TA-TiTok (gloo, CPU)."""
     tk = pytest.importorskip("tokenizer")
-    from safetensors.torch import save_file
+    import official
 
     torch.manual_seed(0)
     model = tk.TATiTok(tk.PRESETS["tiny"]).eval()
     tok_dir = tmp_path / "tok"
-    tok_dir.mkdir()
-    save_file({k: v.contiguous() for k, v in model.official_state_dict().items()}, str(tok_dir / "model.safetensors"))
-    (tok_dir / "config.json").write_text(json.dumps(model.official_config()))
+    official.save(model, str(tok_dir))
     out = tmp_path / "pretok"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "data.py",
            "pretokenize", "--tokenizer", str(tok_dir), "--data", "shapes:7", "--out", str(out),
@@ -543,16 +390,16 @@ def test_pretokenize_cli_end_to_end_ddp(tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["num_samples"] == 7 and meta["quantize_mode"] == "vq" and meta["token_dtype"] == "int16"
     assert sorted(os.listdir(out)) == ["meta.json", "pretok-rank000-000000.tar", "pretok-rank001-000000.tar"]
-    got = {s["caption"] + "|" + s["key"]: s["tokens"] for s in data.PretokenizedDataset(str(out), infinite=False)}
+    got = {s["caption"] + "|" + s["key"]: s["tokens"] for s in pretokenize.PretokenizedDataset(str(out), infinite=False)}
     assert len(got) == 7
     # Every shapes sample 0..6 appears once, with the tokens the model gives it.
-    world = data.ShapesWorld(0)
+    world = shapes.ShapesWorld(0)
     images = torch.stack([data.ShapesDataset(0, image_size=32).item(i)["image"] for i in range(7)])
     with torch.no_grad():
         ids = model.encode(images)
     expected = sorted((world.sample(i).caption, tuple(ids[i].tolist())) for i in range(7))
     assert sorted((k.split("|")[0], tuple(v.tolist())) for k, v in got.items()) == expected
-    assert data.read_pretokenized_meta(str(out))["codebook_size"] == tk.PRESETS["tiny"].codebook_size
+    assert pretokenize.read_pretokenized_meta(str(out))["codebook_size"] == tk.PRESETS["tiny"].codebook_size
 
 
 def test_pretokenize_real_tiny_kl(tmp_path):
@@ -560,8 +407,8 @@ def test_pretokenize_real_tiny_kl(tmp_path):
     torch.manual_seed(0)
     model = tk.TATiTok(tk.PRESETS["tiny_kl"]).eval()
     ds = data.build_image_dataset("shapes:3", model.config.image_size, train=False)
-    assert data.pretokenize(model, ds, str(tmp_path), batch_size=3)["samples"] == 3
-    out = list(data.PretokenizedDataset(str(tmp_path), infinite=False, shuffle=False))
+    assert pretokenize.pretokenize(model, ds, str(tmp_path), batch_size=3)["samples"] == 3
+    out = list(pretokenize.PretokenizedDataset(str(tmp_path), infinite=False, shuffle=False))
     images = torch.stack([data.ShapesDataset(0, image_size=32).item(i)["image"] for i in range(3)])
     with torch.no_grad():
         post = model.encode(images, return_posterior=True)

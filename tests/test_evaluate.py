@@ -1,6 +1,6 @@
-"""Tests for evaluate.py: the metric maths against closed forms, the pipelines on a
-tiny folder with a stand-in feature extractor, and the shapes-world detector on
-freshly rendered ground truth from data.py."""
+"""Tests for metrics.py and evaluate.py: the metric maths against closed forms, the pipelines on a
+tiny folder with a stand-in feature extractor, and the shapes-world command line
+(the detector itself is tested in test_shapes.py)."""
 
 import json
 import math
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import evaluate as E
+import metrics
 
 
 # ---------------------------------------------------------------------------- FID
@@ -18,8 +19,8 @@ import evaluate as E
 
 def test_frechet_identical_stats_is_zero():
     rng = np.random.default_rng(0)
-    mu, sigma = E.feature_stats(rng.normal(size=(500, 32)))
-    assert E.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-8)
+    mu, sigma = metrics.feature_stats(rng.normal(size=(500, 32)))
+    assert metrics.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-8)
 
 
 def test_frechet_diagonal_gaussians_match_closed_form():
@@ -29,7 +30,7 @@ def test_frechet_diagonal_gaussians_match_closed_form():
     mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
     s1, s2 = rng.uniform(0.1, 3.0, 16), rng.uniform(0.1, 3.0, 16)
     want = np.sum((mu1 - mu2) ** 2) + np.sum((s1 - s2) ** 2)
-    got = E.frechet_distance(mu1, np.diag(s1**2), mu2, np.diag(s2**2))
+    got = metrics.frechet_distance(mu1, np.diag(s1**2), mu2, np.diag(s2**2))
     assert got == pytest.approx(want, rel=1e-10)
 
 
@@ -41,26 +42,26 @@ def test_frechet_non_diagonal_against_rotation_invariance():
     q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
     rot = lambda s: q @ np.diag(s**2) @ q.T  # noqa: E731
     want = np.sum((mu1 - mu2) ** 2) + np.sum((s1 - s2) ** 2)
-    assert E.frechet_distance(q @ mu1, rot(s1), q @ mu2, rot(s2)) == pytest.approx(want, rel=1e-8)
+    assert metrics.frechet_distance(q @ mu1, rot(s1), q @ mu2, rot(s2)) == pytest.approx(want, rel=1e-8)
 
 
 def test_frechet_singular_covariances_no_nan():
     rng = np.random.default_rng(3)
     a, b = rng.normal(size=(5, 64)), rng.normal(size=(7, 64)) + 1  # N << D: rank-deficient
-    d = E.frechet_distance(*E.feature_stats(a), *E.feature_stats(b))
+    d = metrics.frechet_distance(*metrics.feature_stats(a), *metrics.feature_stats(b))
     assert math.isfinite(d) and d > 0
     zero = np.zeros((4, 4))  # fully degenerate: two point masses at distance 2
-    assert E.frechet_distance(np.zeros(4), zero, np.full(4, 1.0), zero) == pytest.approx(4.0, abs=1e-4)
+    assert metrics.frechet_distance(np.zeros(4), zero, np.full(4, 1.0), zero) == pytest.approx(4.0, abs=1e-4)
 
 
 # ---------------------------------------------------------------------------- IS, PSNR, codebook
 
 
 def test_inception_score_closed_forms():
-    assert E.inception_score(logits=np.tile(np.array([[3.0, 1.0, -2.0]]), (10, 1)))[0] == pytest.approx(1.0)
+    assert metrics.inception_score(logits=np.tile(np.array([[3.0, 1.0, -2.0]]), (10, 1)))[0] == pytest.approx(1.0)
     for n in (2, 7, 50):
-        assert E.inception_score(probs=np.eye(n))[0] == pytest.approx(n)
-    mean, std = E.inception_score(probs=np.tile(np.eye(5), (4, 1)), splits=4)  # each split sees 5 classes
+        assert metrics.inception_score(probs=np.eye(n))[0] == pytest.approx(n)
+    mean, std = metrics.inception_score(probs=np.tile(np.eye(5), (4, 1)), splits=4)  # each split sees 5 classes
     assert (mean, std) == (pytest.approx(5.0), pytest.approx(0.0, abs=1e-9))
 
 
@@ -68,23 +69,23 @@ def test_psnr_by_hand():
     a = torch.zeros(1, 3, 4, 4)
     b = a.clone()
     b[0, 0, 0, 0] = 0.5  # MSE = 0.25 / 48
-    assert E.psnr(a, b).item() == pytest.approx(10 * math.log10(1 / (0.25 / 48)))
+    assert metrics.psnr(a, b).item() == pytest.approx(10 * math.log10(1 / (0.25 / 48)))
     c = torch.full((2, 3, 8, 8), 100.0)
     d = torch.full((2, 3, 8, 8), 110.0)  # MSE = 100 on a 255 range
-    assert E.psnr(c, d, data_range=255).tolist() == pytest.approx([10 * math.log10(255**2 / 100)] * 2)
+    assert metrics.psnr(c, d, data_range=255).tolist() == pytest.approx([10 * math.log10(255**2 / 100)] * 2)
 
 
 def test_codebook_usage_and_perplexity():
     k = 64
-    res = E.CodebookCounter(k).update(torch.arange(k).repeat(3)).result()  # uniform usage
+    res = metrics.CodebookCounter(k).update(torch.arange(k).repeat(3)).result()  # uniform usage
     assert res["codebook_perplexity"] == pytest.approx(k)
     assert res["codebook_usage"] == 1.0 and res["codebook_entropy_bits"] == pytest.approx(6.0)
-    res = E.CodebookCounter(k).update(torch.tensor([5, 5, 5, 9])).result()
+    res = metrics.CodebookCounter(k).update(torch.tensor([5, 5, 5, 9])).result()
     p = np.array([0.75, 0.25])
     assert res["codebook_usage"] == 2 / k
     assert res["codebook_perplexity"] == pytest.approx(math.exp(-(p * np.log(p)).sum()))
     with pytest.raises(ValueError, match="code ids"):
-        E.CodebookCounter(4).update(torch.tensor([4]))
+        metrics.CodebookCounter(4).update(torch.tensor([4]))
 
 
 # ---------------------------------------------------------------------------- extractor, pipelines
@@ -94,7 +95,7 @@ def test_fid_without_torch_fidelity_gives_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # makes `import torch_fidelity...` fail
     monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
     with pytest.raises(ImportError, match="pip install torch-fidelity"):
-        E.inception_extractor()
+        metrics.inception_extractor()
 
 
 def stand_in_extractor():
@@ -145,7 +146,7 @@ def test_clip_score_with_tiny_model():
         vision_cfg=open_clip.CLIPVisionCfg(layers=1, width=32, patch_size=8, image_size=32, head_width=16),
         text_cfg=open_clip.CLIPTextCfg(context_length=16, vocab_size=49408, width=32, heads=2, layers=1),
     )
-    scorer = E.CLIPScorer(model=model)
+    scorer = metrics.CLIPScorer(model=model)
     s = scorer(torch.rand(3, 3, 64, 64), ["a red circle", "two blue squares", "a cat"])
     assert s.shape == (3,) and (s >= 0).all() and (s <= 100).all()
     with pytest.raises(ValueError, match="prompts"):
@@ -155,13 +156,14 @@ def test_clip_score_with_tiny_model():
 @pytest.mark.parametrize("preset", ["tiny", "tiny_kl"])
 def test_reconstruction_pipeline_tiny_tokenizer(preset):
     import tokenizer as tk
+    from text import TEXT_PRESETS, TextEncoder
 
     torch.manual_seed(0)
     tok = tk.TATiTok(tk.PRESETS[preset]).eval()
-    text = tk.TextEncoder.from_config(**tk.TEXT_PRESETS["tiny"])
+    text = TextEncoder.from_config(**TEXT_PRESETS["tiny"])
     imgs = torch.rand(6, 3, 32, 32)
     batches = [(imgs[:4], ["a red circle"] * 4), (imgs[4:], ["two blue squares"] * 2)]
-    res = E.evaluate_reconstruction(tok, text, batches, stand_in_extractor())
+    res = metrics.evaluate_reconstruction(tok, text, batches, stand_in_extractor())
     assert res["num_images"] == 6 and math.isfinite(res["rfid"]) and math.isfinite(res["psnr"])
     assert res["inception_score"] >= 1.0
     if preset == "tiny":
@@ -173,105 +175,21 @@ def test_reconstruction_pipeline_tiny_tokenizer(preset):
 # ---------------------------------------------------------------------------- shapes world
 
 
-def fresh_samples(seed, n_per_category):
-    import data
-
-    world = data.ShapesWorld(seed)
-    return [world.sample(i, cat) for cat in data.CATEGORIES for i in range(n_per_category)]
-
-
-def test_detector_on_fresh_ground_truth():
-    samples = fresh_samples(seed=2024, n_per_category=150)  # 450 fresh renders
-    correct = 0
-    for s in samples:
-        dets = E.detect_shapes(s.image)
-        want = sorted((o.color, o.shape) for o in s.objects)
-        # Right kinds, and each centroid within 1.5 px of the object's box centre
-        # (a triangle's centroid sits lower than its box centre, by ~h/6).
-        ok = sorted((d.color, d.shape) for d in dets) == want
-        for o in s.objects:
-            near = [d for d in dets if (d.color, d.shape) == (o.color, o.shape) and abs(d.cx - o.cx) <= 1.5]
-            ok &= bool(near) and min(abs(d.cy - o.cy) for d in near) <= (o.size / 6 + 1.5)
-        correct += ok
-    assert correct / len(samples) >= 0.99, f"detector correct on {correct}/{len(samples)} ground-truth images"
-
-
-def mismatched_captions(spec):
-    """Captions that the ground-truth scene of `spec` must NOT satisfy."""
-    import dataclasses
-
-    import data
-
-    (color, shape) = spec.objects[0]
-    other_color = next(c for c in data.COLORS if c != color)
-    other_shape = next(s for s in data.SHAPES if s != shape)
-    objs = list(spec.objects)
-    out = [
-        dataclasses.replace(spec, objects=((other_color, shape), *objs[1:])),
-        dataclasses.replace(spec, objects=((color, other_shape), *objs[1:])),
-    ]
-    if spec.category == "single":
-        out.append(data.CaptionSpec("count", ((color, shape),), 2))
-    elif spec.category == "count":
-        out.append(data.CaptionSpec("count", ((color, shape),), 5 - spec.count))  # 2 <-> 3
-        out.append(data.CaptionSpec("single", ((color, shape),), 1))
-    else:
-        flip = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
-                "below": "above"}  # fmt: skip
-        out.append(dataclasses.replace(spec, relation=flip[spec.relation]))
-        out.append(dataclasses.replace(spec, objects=(objs[1], objs[0])))  # subject and reference swapped
-    return [data.make_caption(s) for s in out]
-
-
-def test_scorer_accepts_own_captions_and_rejects_mismatches():
-    import data
-
-    samples = fresh_samples(seed=77, n_per_category=40)
-    res = E.shapes_score([s.image for s in samples], [s.caption for s in samples])
-    assert res == {"single": 1.0, "count": 1.0, "relation": 1.0, "overall": 1.0,
-                   "n": {"single": 40, "count": 40, "relation": 40}}  # fmt: skip
-    images, wrong = [], []
-    for s in samples:
-        for cap in mismatched_captions(data.parse_caption(s.caption)):
-            images.append(s.image)
-            wrong.append(cap)
-    res = E.shapes_score(images, wrong, return_details=True)
-    fooled = [d["prompt"] for d in res["per_prompt"] if d["correct"]]
-    assert res["overall"] == 0.0, f"scored correct for mismatched captions: {fooled[:5]}"
-    with pytest.raises(ValueError, match="not a shapes caption"):
-        E.shapes_score([samples[0].image], ["a dog on a sofa"])
-
-
-def test_detector_tolerates_blur_and_noise():
-    # A generator's output is never pixel-exact: blur (sigma 0.8 px) and add noise.
-    samples = fresh_samples(seed=5, n_per_category=30)
-    rng = np.random.default_rng(0)
-    k = torch.exp(-torch.arange(-3, 4.0) ** 2 / (2 * 0.8**2))
-    k = k / k.sum()
-    images = []
-    for s in samples:
-        x = torch.from_numpy(s.image).permute(2, 0, 1)[:, None].float()  # (3, 1, H, W)
-        x = torch.nn.functional.pad(x, (3, 3, 3, 3), mode="replicate")
-        x = torch.nn.functional.conv2d(x, (k[:, None] * k)[None, None])
-        x = x[:, 0].permute(1, 2, 0).numpy() + rng.normal(0, 8, s.image.shape)
-        images.append(np.clip(x, 0, 255).astype(np.uint8))
-    res = E.shapes_score(images, [s.caption for s in samples])
-    assert res["overall"] >= 0.95, res
-
-
 def test_shapes_cli_ground_truth_and_folder(tmp_path):
     from PIL import Image
 
-    import data
+    import shapes
 
     res = E.main(["shapes", "--ground-truth", "--n-per-category", "10", "--out", str(tmp_path / "gt")])
     assert res["overall"] == 1.0 and res["n"] == {"single": 10, "count": 10, "relation": 10}
     # The ground-truth scenes are those of the held-out prompts.
-    assert E._render_ground_truth(data, 3, data.HELDOUT_SEED)[1] == E._heldout_prompts(data, 3, data.HELDOUT_SEED)
+    truth = shapes.heldout_samples(3, shapes.HELDOUT_SEED)
+    assert [s.caption for s in truth] == shapes.heldout_prompts(3, shapes.HELDOUT_SEED)
     # A folder of images with sidecar captions (what sample.py-style outputs look like).
     folder = tmp_path / "imgs"
     folder.mkdir()
-    for i, s in enumerate(fresh_samples(seed=3, n_per_category=2)):
+    world = shapes.ShapesWorld(3)
+    for i, s in enumerate(world.sample(j, cat) for cat in shapes.CATEGORIES for j in range(2)):
         Image.fromarray(s.image).save(folder / f"{i:02d}.png")
         (folder / f"{i:02d}.txt").write_text(s.caption if i != 0 else "three red squares")
     res = E.main(["shapes", "--images", str(folder), "--out", str(tmp_path / "f"),

@@ -3,6 +3,7 @@ tiny MaskGen, and equality with torch.utils.flop_counter on every tiny model."""
 
 import pytest
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 import maskgen as M
@@ -11,9 +12,18 @@ import tokenizer as T
 L = 16  # text tokens
 
 
+# On CPU, F.scaled_dot_product_attention runs aten._scaled_dot_product_flash_attention_for_cpu.
+# Some torch releases (2.14) have no FLOP formula registered for that op, so the counter would
+# see 0 FLOPs of attention; give it torch's own SDPA formula, the one it uses for the CUDA ops.
+_CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_MISSING = {} if _CPU_SDPA in flop_counter.flop_registry else {
+    _CPU_SDPA: lambda q, k, v, *args, out_shape=None, **kw: flop_counter.sdpa_flop_count(q, k, v)
+}
+
+
 def counted(fn):
     """FLOPs torch counts (matmuls, convolutions, SDPA) while fn() runs."""
-    with FlopCounterMode(display=False) as fc:
+    with FlopCounterMode(display=False, custom_mapping=_MISSING) as fc:
         fn()
     return fc.get_total_flops()
 

@@ -1,13 +1,11 @@
 """MaskGen on the tiny presets: shapes, losses, weight tying, generate(), torch.compile,
-official-checkpoint round trips and their error messages."""
+initialisation. (Official-checkpoint round trips are in test_official.py.)"""
 
-import json
 import math
 import types
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from maskgen import (
     PRESETS,
@@ -15,12 +13,9 @@ from maskgen import (
     MaskGenConfig,
     MaskGenKL,
     MaskGenVQ,
-    aesthetic_embedding_kl,
-    aesthetic_embedding_vq,
-    fuse_qkv,
-    split_qkv,
-    vq_mask_schedule,
 )
+from mmdit import aesthetic_embedding_kl, aesthetic_embedding_vq
+from schedules import vq_mask_schedule
 
 B, L = 3, 7  # batch, text length
 
@@ -284,44 +279,6 @@ def test_bad_inputs_are_explained(vq, kl):
         MaskGenConfig(width=60, heads=8)
 
 
-# ---------------------------------------------------------------------------- official checkpoints
-
-
-def write_official(model, path, fmt="safetensors", drop=(), rename=None, config_edit=None):
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = model.official_config()
-    if config_edit:
-        config_edit(cfg)
-    (path / "config.json").write_text(json.dumps(cfg))
-    sd = {k: v.contiguous() for k, v in model.official_state_dict().items() if k not in drop}
-    if rename:
-        sd[rename[1]] = sd.pop(rename[0])
-    if fmt == "safetensors":
-        save_file(sd, str(path / "model.safetensors"))
-    else:  # the .bin layout keeps the tied lm_head as an extra (shared) tensor
-        if model.config.mode == "vq":
-            sd["lm_head.weight"] = sd["embeddings.weight"]
-        torch.save(sd, path / "pytorch_model.bin")
-    return path
-
-
-def test_fused_qkv_layout_converts_both_ways():
-    for model in (make("tiny_vq", seed=4), make("tiny_kl", seed=4)):
-        sd = model.state_dict()
-        old = split_qkv(sd, copy=True)  # the layout of checkpoints from before the fusion
-        last = f"blocks.{model.config.depth - 1}.attn."
-        assert {f"{last}txt_k.weight", f"{last}txt_v.weight"} <= old.keys() and f"{last}txt_q.weight" not in old
-        assert "blocks.0.attn.img_qkv.weight" not in old and "blocks.0.attn.txt_q.bias" in old
-        D = model.config.width
-        assert torch.equal(old["blocks.0.attn.img_k.weight"], sd["blocks.0.attn.img_qkv.weight"][D : 2 * D])
-        back = fuse_qkv(old)
-        assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
-        # an incomplete set of parts is left as it is, so a strict load names it
-        del old["blocks.0.attn.img_v.bias"]
-        partial = fuse_qkv(old)
-        assert "blocks.0.attn.img_q.bias" in partial and "blocks.0.attn.img_qkv.bias" not in partial
-
-
 def test_kl_init_treats_each_fused_projection_as_its_own_linear():
     # Xavier bound for a separate (D, D) projection, as the official init: sqrt(6 / 2D), not sqrt(6 / 4D).
     torch.manual_seed(0)
@@ -331,64 +288,6 @@ def test_kl_init_treats_each_fused_projection_as_its_own_linear():
     bound = math.sqrt(6 / (2 * D))
     for w in model.blocks[0].attn.img_qkv.weight.chunk(3):
         assert 0.95 * bound < w.abs().max() <= bound
-
-
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-def test_from_official_round_trip(tmp_path, fmt):
-    vq, kl = make("tiny_vq", seed=3), make("tiny_kl", seed=3)
-    for model in (vq, kl):
-        sd = model.official_state_dict()
-        assert "lm_head.weight" not in sd and any(k.endswith("attn.add_q_proj.weight") for k in sd)
-        loaded = MaskGen.from_official(write_official(model, tmp_path / f"{model.config.mode}_{fmt}", fmt)).eval()
-        assert type(loaded) is type(model) and loaded.config == model.config
-        text, pooled, _, _ = text_inputs(model.config)
-        if model.config.mode == "vq":
-            ids = torch.randint(0, 65, (B, 16))
-            assert torch.equal(model.logits(ids, text, pooled, 5.0), loaded.logits(ids, text, pooled, 5.0))
-            assert loaded.head_weight.untyped_storage().data_ptr() == loaded.tok_emb.weight.untyped_storage().data_ptr()
-            # a file that kept the shared table under the head's name loads the same
-            alt_dir = tmp_path / f"alt_{fmt}"
-            alt = MaskGen.from_official(write_official(model, alt_dir, rename=("embeddings.weight", "lm_head.weight")))
-            assert torch.equal(alt.tok_emb.weight, model.tok_emb.weight)
-        else:
-            txt, cond = model.encode_condition(text, pooled, 5.0)
-            x, mask = torch.randn(B, 8, 4), (torch.rand(B, 8) < 0.5).float()
-            assert torch.equal(model.token_conditions(x, mask, txt, cond), loaded.token_conditions(x, mask, txt, cond))
-            xt, t, c = torch.randn(5, 4), torch.randint(0, 1000, (5,)), torch.randn(5, 64)
-            assert torch.equal(model.diffloss.net(xt, t, c), loaded.diffloss.net(xt, t, c))
-
-
-def test_from_official_errors(tmp_path, vq, kl):
-    with pytest.raises(FileNotFoundError, match="does not exist.*huggingface-cli download"):
-        MaskGen.from_official(tmp_path / "nowhere")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no config.json"):
-        MaskGen.from_official(tmp_path / "empty")
-
-    # a renamed key is reported as missing (its official name) and unexpected
-    p = write_official(vq, tmp_path / "renamed", rename=("blocks.0.attn.to_q.weight", "blocks.0.attn.q.weight"))
-    expected = r"(?s)missing keys \(1\).*blocks\.0\.attn\.to_q\.weight.*" r"unexpected keys \(1\).*blocks\.0\.attn\.q\.weight.*Fix"
-    with pytest.raises(RuntimeError, match=expected):
-        MaskGen.from_official(p)
-    p = write_official(kl, tmp_path / "dropped", drop=("diffloss.net.final_layer.linear.weight",))
-    with pytest.raises(RuntimeError, match=r"missing keys \(1\):\n    diffloss\.net\.final_layer\.linear\.weight"):
-        MaskGen.from_official(p)
-
-    # weights that do not fit config.json: every mismatched tensor is named
-    def wider(cfg):
-        cfg["model"]["maskgen"]["decoder_embed_dim"] = 128
-
-    expected = r"(?s)shape mismatches \(56\).*" r"blocks\.0\.attn\.to_q\.weight: checkpoint \(64, 64\) vs model \(128, 128\)"
-    with pytest.raises(RuntimeError, match=expected):
-        MaskGen.from_official(write_official(vq, tmp_path / "wider", config_edit=wider))
-
-    def not_maskgen(cfg):
-        del cfg["model"]["maskgen"]
-
-    with pytest.raises(ValueError, match="not a MaskGen config.json: missing field 'maskgen'"):
-        MaskGen.from_official(write_official(vq, tmp_path / "bad_cfg", config_edit=not_maskgen))
-    with pytest.raises(ValueError, match="MaskGen-KL"):
-        MaskGenVQ.from_official(write_official(kl, tmp_path / "kl"))
 
 
 @pytest.mark.parametrize("name", ["vq", "kl"])

@@ -1,9 +1,9 @@
 """sample.py end to end on tiny random models, on CPU: files, grid, GenEval layout,
-seeding, sharding, checkpoint errors, and the tokenizer visualisations."""
+seeding, sharding, and loading checkpoints with load.py (every form, pairing errors).
+The fixtures here (tiny runs and a bundle) are shared with test_tokviz.py."""
 
 import dataclasses
 import json
-import math
 import os
 import subprocess
 import sys
@@ -13,9 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
+import load as L
 import maskgen as M
+import official
+import runtime
 import sample as S
 import tokenizer as T
+import tokviz
+from text import TEXT_PRESETS, TextEncoder
 
 # tokenizer.PRESETS["tiny"] has K = 8 tokens, a 64-code codebook and 8 channels; the
 # maskgen "tiny_vq" preset makes K = 16, so the generator here is tiny_vq with K = 8.
@@ -35,7 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 def tiny_text(seed=0):
     torch.manual_seed(seed)
-    return T.TextEncoder.from_config(**T.TEXT_PRESETS["tiny"])
+    return TextEncoder.from_config(**TEXT_PRESETS["tiny"])
 
 
 def save_tokenizer_run(folder, cfg=TOK_VQ, text=None, seed=1):
@@ -208,9 +213,9 @@ def test_sharding_over_ranks_matches_one_process(ckpts, tmp_path, monkeypatch):
 
     args = ["--generator", ckpts["gen"], "--prompt", "a", "--prompt", "b", "--prompt", "c", "--num_images", "2", "--batch_size", "2"]
     run(args, tmp_path / "one")
-    monkeypatch.setattr(S, "_barrier", lambda: None)
+    monkeypatch.setattr(runtime, "barrier", lambda: None)
     for rank in (1, 0):  # rank 0 last: it draws the grid from every rank's files
-        monkeypatch.setattr(S, "_dist_setup", lambda r=rank: (r, 2))
+        monkeypatch.setattr(runtime, "setup_distributed", lambda device, r=rank, **kw: (r, 2, runtime.pick_device(device)))
         res = run(args, tmp_path / "two")
         assert len(res["images"]) == 3
     one, two = folder_pixels(tmp_path / "one"), folder_pixels(tmp_path / "two")
@@ -223,26 +228,47 @@ def test_sharding_over_ranks_matches_one_process(ckpts, tmp_path, monkeypatch):
 
 
 def test_load_generator_prefers_ema(ckpts):
-    g = S.load_generator(ckpts["gen"])
+    g = L.load_generator(ckpts["gen"])
     ckpt = torch.load(os.path.join(ckpts["gen"], "ckpt_00000020.pt"), weights_only=True)
     sd = g.model.state_dict()
     assert all(torch.equal(sd[k], ckpt["ema"][k]) for k in sd)
     assert not all(torch.equal(sd[k], ckpt["model"][k]) for k in sd)
     assert "EMA" in g.source and g.tokenizer == "tok"
     for gen in ("gen", "gen_kl"):  # text encoder not recorded / recorded with the same weights
-        m = S.load_models(ckpts[gen], None, "cpu")
+        m = L.load_models(ckpts[gen], None, "cpu")
         assert m.gen_text is m.tok_text  # one text encoder serves both models
 
 
+def test_one_loader_for_every_form(ckpts):
+    # A tokenizer loads the same from its run folder, its checkpoint file and the bundle
+    # (given as the tokenizer: its tokenizer part, whose weights were stored in fp16).
+    from_run, text = L.load_tokenizer(ckpts["tok"])
+    from_file, none = L.load_tokenizer(os.path.join(ckpts["tok"], "ckpt_00000010.pt"), with_text=False)
+    from_bundle, bundle_text = L.load_tokenizer(ckpts["bundle"])
+    sd = from_run.state_dict()
+    assert none is None and not any(p.requires_grad for p in from_run.parameters())
+    assert all(torch.equal(sd[k], v) for k, v in from_file.state_dict().items())
+    assert all(torch.equal(sd[k].half().float() if v.is_floating_point() else sd[k], v) for k, v in from_bundle.state_dict().items())
+    assert (bundle_text.width, bundle_text.context_length) == (text.width, text.context_length)
+    with pytest.raises(ValueError, match=r"MaskGen checkpoint.*pass it as --generator"):
+        L.load_tokenizer(ckpts["gen"])
+    # --init_from's weights: the EMA ones, from a run folder or the bundle's generator part.
+    ema = torch.load(os.path.join(ckpts["gen"], "ckpt_00000020.pt"), weights_only=True)["ema"]
+    sd, where = L.generator_weights(ckpts["gen"])
+    assert where.endswith("ckpt_00000020.pt") and all(torch.equal(sd[k], ema[k]) for k in ema)
+    sd, _ = L.generator_weights(ckpts["bundle"])
+    assert all(torch.equal(sd[k].float(), ema[k].half().float()) for k in ema if ema[k].is_floating_point())
+
+
 def test_bundle_and_default_checkpoint(ckpts, tmp_path, monkeypatch, image_file):
-    monkeypatch.setattr(S, "DEFAULT_CHECKPOINT", ckpts["bundle"])
+    monkeypatch.setattr(L, "DEFAULT_CHECKPOINT", ckpts["bundle"])
     res = run(["--prompt", "a red circle"], tmp_path / "a")  # no checkpoint arguments at all
     assert [os.path.basename(p) for p in res["images"]] == ["00000_s0000.png"]
     run(["--generator", ckpts["bundle"], "--prompt", "a red circle"], tmp_path / "b")
     assert np.array_equal(pixels(tmp_path / "a" / "00000_s0000.png"), pixels(tmp_path / "b" / "00000_s0000.png"))
-    viz = S.main(["tokviz", "--image", image_file, "--outdir", str(tmp_path / "viz")] + CPU)  # default tokenizer
+    viz = tokviz.main(["--image", image_file, "--outdir", str(tmp_path / "viz")] + CPU)  # default tokenizer
     assert viz["swaps"].shape == (8, 6, 3, 32, 32)
-    monkeypatch.setattr(S, "DEFAULT_CHECKPOINT", str(tmp_path / "checkpoints" / "shapes.pt"))
+    monkeypatch.setattr(L, "DEFAULT_CHECKPOINT", str(tmp_path / "checkpoints" / "shapes.pt"))
     with pytest.raises(FileNotFoundError, match=r"shapes\.pt is missing.*train"):
         run(["--prompt", "a red circle"], tmp_path / "c")
 
@@ -279,28 +305,22 @@ def test_bad_inputs_fail_before_work(ckpts, tmp_path):
 
 def save_official(folder, model):
     """A release-layout directory: config.json (official layout) + model.safetensors."""
-    from safetensors.torch import save_file
-
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(model.official_config(), f)
-    save_file({k: v.detach().clone().contiguous() for k, v in model.official_state_dict().items()}, os.path.join(folder, "model.safetensors"))
-    return str(folder)
+    return official.save(model, str(folder))
 
 
 def test_official_release_dirs(tmp_path):
     torch.manual_seed(0)
     gen_dir = save_official(tmp_path / "generator_tiny", M.MaskGen(GEN_VQ))
     tok_dir = save_official(tmp_path / "tokenizer_tiny", T.TATiTok(dataclasses.replace(TOK_VQ, num_latent_tokens=16)))
-    g = S.load_generator(gen_dir)
-    assert g.model.config.num_tokens == 8 and g.tokenizer is None and g.text == S.OFFICIAL_TEXT
+    g = L.load_generator(gen_dir)
+    assert g.model.config.num_tokens == 8 and g.tokenizer is None and g.text == L.OFFICIAL_TEXT
     with pytest.raises(ValueError, match=r"tokenizer release.*pass it as --tokenizer"):
-        S.load_generator(tok_dir)
+        L.load_generator(tok_dir)
     with pytest.raises(ValueError, match=r"does not say which tokenizer.*--tokenizer"):
-        S.load_models(gen_dir, None, "cpu")
+        L.load_models(gen_dir, None, "cpu")
     # The mismatch is found from the two config.json files, before CLIP would be downloaded.
     with pytest.raises(ValueError, match=r"tokenizer has 16 latent tokens but the generator makes 8"):
-        S.load_models(gen_dir, tok_dir, "cpu")
+        L.load_models(gen_dir, tok_dir, "cpu")
 
 
 def test_cli_subprocess(ckpts, tmp_path):
@@ -312,67 +332,10 @@ def test_cli_subprocess(ckpts, tmp_path):
     assert os.path.isfile(tmp_path / "00000_s0000.png") and os.path.isfile(tmp_path / "grid.png")
 
 
-# -----------------------------------------------------------------------------
-# Tokenizer visualisations (Fig. 4, Fig. 8).
-
-
-def test_swap_tokens_shapes_and_effect(ckpts):
-    src = S._resolve_tokenizer(ckpts["tok"])
-    tok = T.TATiTok(src.config)
-    T.load_checked(tok, src.ckpt["ema"], "tok")
-    text = T.build_text_encoder(*src.text, "tok")
-    final = text(["a red circle"]).final
-    ids = tok.encode(torch.rand(1, 3, 32, 32))
-    out = S.swap_tokens(tok, ids, final, positions=[0, 5], replacements=[1, 2, 3])
-    assert out.shape == (2, 3, 3, 32, 32) and 0 <= out.min() and out.max() <= 1
-    same = S.swap_tokens(tok, ids, final, positions=[5], replacements=[int(ids[0, 5])])  # swap to its own code
-    assert torch.allclose(same[0, 0], tok.decode(ids, final).clamp(0, 1), atol=1e-5)
-    assert not torch.allclose(out[0, 0], out[0, 1])
-    with pytest.raises(ValueError, match="out of range"):
-        S.swap_tokens(tok, ids, final, positions=[8], replacements=[1])
-
-
-def test_encoder_attention_is_the_last_blocks_attention(ckpts):
-    tok = T.TATiTok(TOK_VQ).eval()
-    images = torch.rand(2, 3, 32, 32)
-    attn = S.encoder_attention(tok, images)
-    G, K = 4, 8
-    assert attn.shape == (2, K, G, G) and (attn >= 0).all()
-    assert (attn.sum(dim=(2, 3)) <= 1 + 1e-5).all()
-    # The recomputed weights, applied to v, must give the block's own attention output.
-    seen = {}
-    last = tok.encoder.blocks[-1]
-    h = last.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
-    tok.encoder(images, tok.latent_tokens)
-    h.remove()
-    x = last.ln_1(seen["x"])
-    B, N, W = x.shape
-    q, k, v = last.attn.qkv(x).view(B, N, 3, last.attn.heads, -1).permute(2, 0, 3, 1, 4)
-    w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(W // last.attn.heads), dim=-1)  # (B, h, N, N)
-    mine = last.attn.proj((w @ v).transpose(1, 2).reshape(B, N, W))
-    assert torch.allclose(mine, last.attn(x), atol=1e-5)
-    assert torch.allclose(attn, w.mean(1)[:, 1 + G * G :, 1 : 1 + G * G].reshape(B, K, G, G))
-    ov = S.attention_overlays(images[0], attn[0])
-    assert ov.shape == (K, 3, 32, 32) and 0 <= ov.min() and ov.max() <= 1
-
-
-def test_tokviz_command_vq_and_kl(ckpts, tmp_path, image_file):
-    res = S.main(["tokviz", "--tokenizer", ckpts["tok"], "--image", image_file, "--caption", "a red circle",
-                  "--outdir", str(tmp_path / "vq"), "--positions", "0", "3", "7", "--codes", "1", "2"] + CPU)  # fmt: skip
-    assert res["swaps"].shape == (3, 2, 3, 32, 32)
-    assert res["attention_maps"].shape == (8, 4, 4) and res["overlays"].shape == (8, 3, 32, 32)
-    assert Image.open(res["swap"]).size[1] > 3 * 32 and os.path.isfile(res["attention"])
-    # KL: replacements are other tokens' values (here from a second image), default positions.
-    res = S.main(["tokviz", "--tokenizer", ckpts["tok_kl"], "--image", image_file, "--swap_image", image_file,
-                  "--num_codes", "3", "--outdir", str(tmp_path / "kl")] + CPU)  # fmt: skip
-    assert res["swaps"].shape == (8, 3, 3, 32, 32)
-    assert os.path.isfile(res["swap"]) and os.path.isfile(res["attention"])
-
-
 def test_shipped_checkpoint_quickstart(tmp_path, capsys):
     # The README's first command: the shipped model, no checkpoint arguments.
-    assert os.path.isfile(S.DEFAULT_CHECKPOINT), "checkpoints/shapes.pt ships with the repository"
-    assert os.path.getsize(S.DEFAULT_CHECKPOINT) <= 25e6
+    assert os.path.isfile(L.DEFAULT_CHECKPOINT), "checkpoints/shapes.pt ships with the repository"
+    assert os.path.getsize(L.DEFAULT_CHECKPOINT) <= 25e6
     res = run(["--prompt", "a red circle to the left of a blue square"], tmp_path)
     assert res["images"][0] in capsys.readouterr().out  # it says where the image went
     img = pixels(res["images"][0])

@@ -1,6 +1,6 @@
-"""TA-TiTok on the tiny presets: shapes, gradients, KL, text use, checkpoints, errors."""
+"""TA-TiTok on the tiny presets: shapes, gradients, KL, text use, errors. (Official-checkpoint
+round trips are in test_official.py.)"""
 
-import json
 import subprocess
 import sys
 
@@ -8,12 +8,13 @@ import pytest
 import torch
 
 import tokenizer as T
+from text import TEXT_PRESETS, TextEncoder
 
 
 @pytest.fixture(scope="module")
 def text_encoder():
     torch.manual_seed(0)
-    return T.TextEncoder.from_config(**T.TEXT_PRESETS["tiny"])
+    return TextEncoder.from_config(**TEXT_PRESETS["tiny"])
 
 
 @pytest.fixture(scope="module")
@@ -137,56 +138,6 @@ def test_decoder_uses_text(preset, text_encoder):
     b = m.decode(tok, text_encoder(["three yellow triangles"]).final)
     assert torch.equal(a, m.decode(tok, text_encoder(["a red circle"]).final))  # deterministic
     assert (a - b).abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("preset", ["tiny", "tiny_kl"])
-def test_from_official_round_trip(preset, tmp_path, text):
-    torch.manual_seed(0)
-    m = T.TATiTok(T.PRESETS[preset]).eval()
-    with torch.no_grad():  # non-trivial weights everywhere, so a wrong mapping shows
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    sd = m.official_state_dict()
-    # The official names, e.g. nn.MultiheadAttention's fused projection and the 1x1 convs.
-    assert "encoder.transformer.0.attn.in_proj_weight" in sd
-    assert sd["decoder.ffn.0.weight"].ndim == 4 and sd["encoder.conv_out.weight"].ndim == 4
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps(m.official_config()))
-    m2 = T.TATiTok.from_official(str(tmp_path)).eval()
-    assert m2.config == m.config
-    x = torch.rand(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(m.encode(x), m2.encode(x))
-        tok = m.encode(x)
-        assert torch.equal(m.decode(tok, text.final), m2.decode(tok, text.final))
-
-    # The same directory with pytorch_model.bin instead of safetensors.
-    (tmp_path / "model.safetensors").unlink()
-    torch.save(sd, tmp_path / "pytorch_model.bin")
-    m3 = T.TATiTok.from_official(str(tmp_path))
-    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m3.state_dict().values()))
-
-
-def test_from_official_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        T.TATiTok.from_official(str(tmp_path / "nope"))
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        T.TATiTok.from_official(str(tmp_path))
-    m = T.TATiTok(T.PRESETS["tiny"])
-    (tmp_path / "config.json").write_text(json.dumps(m.official_config()))
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        T.TATiTok.from_official(str(tmp_path))
-    sd = m.official_state_dict()
-    sd.pop("decoder.mask_token")
-    sd["decoder.extra_weight"] = torch.zeros(3)
-    sd["latent_tokens"] = torch.zeros(5, 5)
-    torch.save(sd, tmp_path / "pytorch_model.bin")
-    with pytest.raises(RuntimeError) as e:
-        T.TATiTok.from_official(str(tmp_path))
-    msg = str(e.value)
-    assert "decoder.mask_token" in msg and "decoder.extra_weight" in msg and "latent_tokens" in msg
 
 
 def test_wrong_inputs_are_rejected(text):

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import train_maskgen
 import train_tokenizer
 
@@ -93,13 +94,13 @@ def test_maskgen_exact_resume(tmp_path, tok_runs):
 def test_run_from_before_the_qkv_fusion(tmp_path, tok_runs):
     # A checkpoint whose MaskGen kept q/k/v as separate tensors (written before they were
     # fused): its weights load, its optimizer state cannot, and the error says what to do.
-    import maskgen
+    import official
 
     old_run = tmp_path / "old"
     run_mg(old_run, tok_runs / "vq", "vq", "--max_steps=2", "--ckpt_every=2")
     path = old_run / "ckpt_00000002.pt"
     ck = torch.load(path, weights_only=True)
-    ck["model"], ck["ema"] = maskgen.split_qkv(ck["model"], copy=True), maskgen.split_qkv(ck["ema"], copy=True)
+    ck["model"], ck["ema"] = official.split_qkv(ck["model"], copy=True), official.split_qkv(ck["ema"], copy=True)
     group = ck["optimizer"]["param_groups"][0]
     group["params"] = group["params"] + [10_000, 10_001]  # the old layout had more tensors
     torch.save(ck, path)
@@ -116,7 +117,7 @@ def test_truncated_checkpoint_is_skipped(tmp_path, capsys):
     newest = tmp_path / "ckpt_00000004.pt"
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) // 2])  # a crash mid-write (without our atomic rename)
-    path, ck = train_tokenizer.load_latest_checkpoint(str(tmp_path), log=print)
+    path, ck = checkpoint.newest_checkpoint(str(tmp_path), log=print)
     assert path.endswith("ckpt_00000002.pt") and ck["step"] == 2
     assert "ckpt_00000004.pt is unreadable" in capsys.readouterr().out
     # A stray temporary file from an interrupted save is never considered.
@@ -201,13 +202,14 @@ def test_corrupt_shard_trains_through(tmp_path):
     import tarfile
 
     import data
+    import shapes
 
     data.make_shapes_shards(str(tmp_path / "shards"), n=24, per_shard=12)
     first, second = sorted((tmp_path / "shards").glob("*.tar"))
     png = io.BytesIO()
     from PIL import Image
 
-    Image.fromarray(data.ShapesWorld(1).sample(0).image).save(png, format="PNG")
+    Image.fromarray(shapes.ShapesWorld(1).sample(0).image).save(png, format="PNG")
 
     def add(tf, name, payload):
         info = tarfile.TarInfo(name)

@@ -1,0 +1,164 @@
+"""Fault cases of the trainers on the tiny presets, on CPU (issue 14): checkpoints that are
+corrupt, stray, damaged or hold inf are never resumed from nor counted by retention;
+non-finite steps are skipped and stop the run when they persist; SIGTERM writes a
+checkpoint and exits non-zero; the collective timeout reaches the process group."""
+
+import datetime
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import checkpoint
+import losses
+import tokenizer
+import train_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_tok(out, *args):
+    train_tokenizer.main([f"--out_dir={out}", "--config=tiny", "--sample_every=1000", *args])
+
+
+def ckpts(out):
+    return sorted(p.name for p in out.glob("ckpt_*.pt"))
+
+
+def test_stray_and_corrupt_checkpoints_are_not_resumed_nor_counted(tmp_path, capsys):
+    run_tok(tmp_path, "--max_steps=4", "--ckpt_every=2")
+    (tmp_path / "ckpt_99999999.pt").write_bytes(b"not a checkpoint")  # a stray / corrupt newest file
+    capsys.readouterr()
+    run_tok(tmp_path, "--max_steps=6", "--ckpt_every=2")
+    out = capsys.readouterr().out
+    assert "ckpt_99999999.pt is unreadable" in out and "falling back to the previous one" in out
+    assert "resumed from" in out and "ckpt_00000004.pt at step 4" in out
+    # keep_ckpts=2 good ones (4 and 6); the bad file is left alone and named, never counted
+    assert ckpts(tmp_path) == ["ckpt_00000004.pt", "ckpt_00000006.pt", "ckpt_99999999.pt"]
+    assert "left alone" in out and "ckpt_99999999.pt" in out.split("left alone")[1]
+    # readers fall back the same way
+    path, ck = checkpoint.newest_checkpoint(str(tmp_path), log=lambda s: None)
+    assert path.endswith("ckpt_00000006.pt") and ck["step"] == 6
+
+
+def test_no_usable_checkpoint_says_so_and_starts_from_scratch(tmp_path, capsys):
+    for step in (2, 4):
+        (tmp_path / f"ckpt_{step:08d}.pt").write_bytes(b"garbage")
+    run_tok(tmp_path, "--max_steps=2", "--ckpt_every=2")
+    out = capsys.readouterr().out
+    assert "ckpt_00000002.pt is unreadable (" in out and out.count("falling back") == 1  # only when there is one
+    assert f"no usable checkpoint in {tmp_path} (2 unreadable: ckpt_00000004.pt, ckpt_00000002.pt); " \
+           "starting from scratch" in out  # fmt: skip
+    # the new checkpoint (step 2) replaced nothing good; the garbage at step 4 is left alone
+    path, ck = checkpoint.newest_checkpoint(str(tmp_path), log=lambda s: None)
+    assert ck["step"] == 2 and ckpts(tmp_path) == ["ckpt_00000002.pt", "ckpt_00000004.pt"]
+
+
+def _rewrite(path, change, rehash):
+    ck = torch.load(path, weights_only=True)
+    digest = ck.pop("sha256")
+    change(ck)
+    torch.save({**ck, "sha256": checkpoint.content_digest(ck) if rehash else digest}, path)
+
+
+@pytest.mark.parametrize("fault", ["inf_weights", "damaged_bytes"])
+def test_damaged_or_nonfinite_checkpoint_is_never_resumed(fault, tmp_path, capsys):
+    run_tok(tmp_path, "--max_steps=4", "--ckpt_every=2")
+    newest = tmp_path / "ckpt_00000004.pt"
+    if fault == "inf_weights":  # a valid checksum over weights that hold inf
+        _rewrite(newest, lambda ck: ck["ema"]["decoder.ln_post.weight"].fill_(float("inf")), rehash=True)
+        why = "non-finite weights (ema.decoder.ln_post.weight)"
+    else:  # content changed but the file still unpickles: the checksum no longer matches
+        _rewrite(newest, lambda ck: ck["model"]["decoder.ln_post.weight"].add_(1e-3), rehash=False)
+        why = "checksum mismatch"
+    capsys.readouterr()
+    run_tok(tmp_path, "--max_steps=5", "--ckpt_every=5", "--log_every=1")
+    out = capsys.readouterr().out
+    assert f"ckpt_00000004.pt is {why}" in out and "ckpt_00000002.pt at step 2" in out
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert all(r["skipped_nonfinite"] == 0 and math.isfinite(r["total"]) for r in records)
+    assert ckpts(tmp_path) == ["ckpt_00000002.pt", "ckpt_00000004.pt", "ckpt_00000005.pt"]  # bad file kept, named
+
+
+def test_nonfinite_weights_are_never_written(tmp_path):
+    payload = {"model": {"w": torch.tensor([1.0, float("nan")])}, "ema": {}}
+    with pytest.raises(ValueError, match=r"non-finite weights \(model.w\)"):
+        checkpoint.save_checkpoint(str(tmp_path), 1, payload)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _nan_loss_at(monkeypatch, bad_steps):
+    """Make the tokenizer's generator loss nan at the given steps (a nan spike)."""
+    original = losses.TokenizerLoss.generator_loss
+
+    def spiky(self, images, recon, extras, step):
+        loss, terms = original(self, images, recon, extras, step)
+        return (loss * float("nan") if step in bad_steps else loss), terms
+
+    monkeypatch.setattr(losses.TokenizerLoss, "generator_loss", spiky)
+
+
+def test_nonfinite_step_is_skipped(tmp_path, monkeypatch):
+    run_tok(tmp_path / "a", "--max_steps=2", "--ckpt_every=2", "--log_every=1")
+    _nan_loss_at(monkeypatch, {2})
+    run_tok(tmp_path / "a", "--max_steps=3", "--ckpt_every=3", "--log_every=1")  # step index 2 is nan
+    before = torch.load(tmp_path / "a" / "ckpt_00000002.pt", weights_only=True)
+    after = torch.load(tmp_path / "a" / "ckpt_00000003.pt", weights_only=True)
+    # No optimizer update and no EMA update. (The VQ codebook's code revival runs in the
+    # forward pass, before the loss is known, so it is not the optimizer's to skip.)
+    params = [n for n, _ in tokenizer.TATiTok(tokenizer.PRESETS["tiny"]).named_parameters() if "quantize." not in n]
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in params)
+    assert all(torch.equal(before["ema"][k], after["ema"][k]) for k in before["ema"])
+    assert [r["skipped_nonfinite"] for r in map(json.loads, open(tmp_path / "a" / "log.jsonl"))] == [0, 0, 1]
+
+
+def test_persistent_nonfinite_steps_stop_the_run(tmp_path, monkeypatch):
+    _nan_loss_at(monkeypatch, set(range(2, 100)))
+    with pytest.raises(SystemExit, match=r"3 steps in a row \(up to step 5\).*last good checkpoint is "
+                                         r".*ckpt_00000004.pt"):  # fmt: skip
+        run_tok(tmp_path, "--max_steps=20", "--ckpt_every=2", "--max_nonfinite_steps=3")
+    # steps 3 and 4 were skipped, so the checkpoint at 4 holds step 2's (finite) weights
+    a, b = (torch.load(tmp_path / f"ckpt_{s:08d}.pt", weights_only=True)["ema"] for s in (2, 4))
+    assert ckpts(tmp_path) == ["ckpt_00000002.pt", "ckpt_00000004.pt"] and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, capsys):
+    cmd = [sys.executable, "train_tokenizer.py", "--config=tiny", f"--out_dir={tmp_path}", "--max_steps=100000",
+           "--ckpt_every=100000", "--sample_every=100000", "--log_every=1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out
+    saved = ckpts(tmp_path)
+    assert len(saved) == 1 and f"stopped by SIGTERM at step {int(saved[0][5:13])}; checkpoint " in out, out
+    assert str(tmp_path / saved[0]) in out and "Traceback" not in out
+    step = int(saved[0][5:13])
+    capsys.readouterr()
+    run_tok(tmp_path, f"--max_steps={step + 1}", "--ckpt_every=100000", "--sample_every=100000", "--log_every=1")
+    assert f"ckpt_{step:08d}.pt at step {step}" in capsys.readouterr().out
+    assert torch.load(tmp_path / f"ckpt_{step + 1:08d}.pt", weights_only=True)["step"] == step + 1
+
+
+def test_dist_timeout_reaches_the_process_group(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_init(backend, timeout=None):
+        seen["timeout"] = timeout
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", fake_init)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RuntimeError, match="stop here"):
+        run_tok(tmp_path, "--dist_timeout_s=7")
+    assert seen["timeout"] == datetime.timedelta(seconds=7)

@@ -1,0 +1,422 @@
+"""
+The plumbing both trainers share (train_tokenizer.py, train_maskgen.py): config
+overrides, numerics, the optimiser and its schedule (paper App. A, Tab. 7 and 8: AdamW,
+linear warm-up then cosine or constant, EMA weights), deterministic data slots, atomic
+checkpoints with exact resume, and logging. Each trainer's main() reads top to bottom
+and calls these; the device and process group come from runtime.py.
+
+Exact resume and DDP == one process rest on two rules kept here:
+  - every random draw of a micro-step is seeded from (seed, step, global micro-batch
+    slot) (`seed_for_slot`), and the data of a slot is fixed (`image_batches`);
+  - a checkpoint holds everything a run's future depends on: weights, EMA, optimiser,
+    grad scaler, step and every rank's RNG state (`run_state` / `restore_run_state`).
+"""
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+import data
+import runtime
+from checkpoint import newest_checkpoint, save_checkpoint
+from shapes import ShapesWorld
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class RunConfig:
+    """The fields of every training run that are not about the model, the data or the
+    optimisation (each trainer's TrainConfig adds those)."""
+
+    dtype: str = "bf16"  # bf16 | fp16 | fp32 (autocast is used on CUDA only)
+    compile: bool = True
+    device: str = "auto"  # auto = this process's GPU, else the CPU
+    peak_tflops: float = 0.0  # per device, for MFU; 0 = the bf16 peak of a known GPU (runtime.PEAK_BF16_TFLOPS)
+    seed: int = 42
+    log_every: int = 50
+    sample_every: int = 5_000
+    ckpt_every: int = 5_000
+    keep_ckpts: int = 2  # the newest good checkpoints kept (the newest good one is never deleted)
+    max_nonfinite_steps: int = 20  # stop after this many consecutive steps with a non-finite grad norm
+    dist_timeout_s: int = 600  # a collective that waits longer (a stuck rank) ends the job with an error
+
+
+def parse_config(cls, presets, argv=None):
+    """Build a config dataclass from `--config=NAME` (a preset) plus `--field=value` overrides
+    (argv: default sys.argv[1:]).
+
+    Values are converted to the field's declared type, and an unknown field or a
+    badly typed value stops with a message saying what is allowed.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    args = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "true") for a in argv if a.startswith("--"))
+    stray = [a for a in argv if not a.startswith("--")]
+    if stray:
+        sys.exit(f"error: arguments must look like --field=value, got {stray}")
+    name = args.pop("config", "tiny")
+    check_choice("config", name, presets)
+    cfg = copy.deepcopy(presets[name])
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    for key, raw in args.items():
+        if key not in types:
+            sys.exit(f"error: unknown option --{key}; valid options: {', '.join(sorted(types))}")
+        t = types[key] if isinstance(types[key], type) else eval(types[key])  # annotations may be strings
+        try:
+            if t is bool:
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                val = raw.lower() in ("true", "1")
+            else:
+                val = t(raw)
+        except ValueError:
+            sys.exit(f"error: --{key}={raw} is not a valid {t.__name__}")
+        setattr(cfg, key, val)
+    return cfg
+
+
+def check_choice(option, name, choices):
+    """Stop with the valid choices when --option=name is not one of them."""
+    if name not in choices:
+        sys.exit(f"error: unknown --{option}={name}; choose one of {sorted(choices)}")
+
+
+def setup_precision(dtype, device):
+    """The one place where training numerics are chosen. Returns (autocast context
+    factory, GradScaler)."""
+    runtime.allow_tf32()
+    # No autocast on CPU: CPU bf16 is slow on most machines and tests want fp32.
+    amp = dtype if device.type == "cuda" else "fp32"
+    # fp16 has a narrow exponent range, so its gradients need loss scaling; bf16 does not.
+    # A disabled scaler passes everything through: scale(loss) is loss, step(opt) is opt.step().
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+    return (lambda: runtime.autocast(device, amp)), scaler
+
+
+# -----------------------------------------------------------------------------
+# Optimisation
+
+
+def lr_at(step, base_lr, warmup, max_steps, schedule="cosine", end_lr=0.0):
+    """Linear warm-up from 0, then cosine decay to end_lr or constant (official schedules)."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    if schedule == "constant":
+        return base_lr
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return end_lr + (base_lr - end_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def adamw(model, lr, betas, weight_decay):
+    """AdamW with no weight decay on gains, biases, embeddings-as-vectors and latent tokens
+    (the official exclusion rule: ndim < 2, LayerNorms, biases, latent tokens)."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "ln" in n or "norm" in n or "bias" in n or "latent_tokens" in n
+        (no_decay if skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # fused AdamW is one kernel per step on CUDA; fall back elsewhere.
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def optimizer_step(opt, params, scaler, clip):
+    """Unscale (fp16), clip the global grad norm, step, clear grads. Returns (norm tensor, ok).
+
+    A step whose grad norm is not finite is skipped (ok False: no update; the caller skips
+    EMA too). A nan/inf loss gives non-finite gradients, so the norm catches it as well;
+    under DDP the norm is of the all-reduced gradients, so every rank decides the same.
+    Reading it is this step's one host sync. scaler.update() stays with the caller: with
+    two optimizers it must run once per iteration, after both steps."""
+    scaler.unscale_(opt)
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    ok = bool(torch.isfinite(norm))
+    if ok:
+        scaler.step(opt)
+    opt.zero_grad(set_to_none=True)
+    return norm, ok
+
+
+@torch.no_grad()
+def ema_update(ema, model, step, max_decay):
+    """EMA of the weights. The decay warms up as (1+t)/(10+t), so at step 0 it is a copy
+    (decay 0 at initialisation) and early EMA weights are not dominated by random init."""
+    decay = min(max_decay, (1 + step) / (10 + step)) if step > 0 else 0.0
+    for e, m in zip(ema.parameters(), model.parameters()):
+        e.lerp_(m.detach(), 1.0 - decay)
+    for e, m in zip(ema.buffers(), model.buffers()):
+        e.copy_(m)
+
+
+# -----------------------------------------------------------------------------
+# Data: an endless, deterministic stream of (images, captions) batches
+
+
+def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0):
+    """Returns get(step, k) -> (images (B,3,S,S) in [0,1], captions) for micro-step k.
+
+    Every micro-batch of the run has a global slot = rank * grad_accum + k. The shapes
+    world is indexed, so slot n of step s is a fixed set of sample ids: one process with
+    grad_accum=2 sees exactly the data of two DDP ranks with grad_accum=1, and a resumed
+    run sees exactly the data it would have seen."""
+    B, A = cfg.batch_size, cfg.grad_accum
+    if cfg.data == "shapes":
+        shapes = ShapesWorld(seed=cfg.seed)
+
+        def get(step, k):
+            first = ((step * world * A) + rank * A + k) * B
+            samples = [shapes.sample(i) for i in range(first, first + B)]
+            images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255
+            if images.shape[-1] != image_size:
+                images = torch.nn.functional.interpolate(images, size=image_size, mode="bilinear", antialias=True)
+            return images, [s.caption for s in samples]
+
+        return get
+    # Tar shards or an image folder: a seeded stream per rank, started at the batch where
+    # the run stopped. Corrupt or filtered samples are skipped and counted (get.skipped).
+    loader = data.image_text_loader(
+        cfg.data, image_size=image_size, batch_size=B, rank=rank, world_size=world,
+        num_workers=cfg.num_workers, seed=cfg.seed, start_batch=start_step * A,
+    )  # fmt: skip
+    stream = iter(loader)
+
+    def get(step, k):
+        b = next(stream)
+        # MaskGen prefers a sample's recaption (where it has one) with probability 0.95.
+        caps = data.pick_captions(b["caption"], b["recaption"], recaption_prob) if recaption_prob else b["caption"]
+        return b["image"], caps
+
+    get.skipped = loader.dataset.skipped
+    return get
+
+
+def seed_for_slot(seed, step, slot):
+    """Reseed every RNG from (seed, step, global micro-batch slot) before each micro-step:
+    random draws (masks, noise) then depend on which data they belong to, not on which
+    rank runs them, so DDP equals one process with the same global batch, and resuming
+    needs no RNG bookkeeping to be exact."""
+    runtime.seed_everything(hash((seed, step, slot)) % 2**62)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and exact resume
+
+
+def rng_state():
+    """This process's Python, NumPy, torch (and CUDA) RNG states, as tensors and plain
+    Python values only, so that checkpoints load with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    """The inverse of rng_state()."""
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gather_rng_states(world):
+    """Every rank's RNG state, so that a resumed run continues every rank's random stream."""
+    if world == 1:
+        return [rng_state()]
+    out = [None] * world
+    dist.all_gather_object(out, rng_state())
+    return out
+
+
+# Fields that may change between a run and its resumption without changing the maths.
+RESUMABLE_FIELDS = {"max_steps", "log_every", "sample_every", "ckpt_every", "compile", "out_dir", "device",
+                    "num_workers", "keep_ckpts", "peak_tflops", "max_nonfinite_steps",
+                    "dist_timeout_s"}  # fmt: skip
+
+
+def check_resume_config(saved, current):
+    """Stop, naming every differing field, when a run would resume a checkpoint written
+    with different maths (fields outside RESUMABLE_FIELDS)."""
+    diff = {k: (saved.get(k), v) for k, v in current.items() if k not in RESUMABLE_FIELDS and saved.get(k) != v}
+    if diff:
+        lines = "\n".join(f"  {k}: checkpoint has {a!r}, this run has {b!r}" for k, (a, b) in diff.items())
+        sys.exit(
+            f"error: the config does not match the checkpoint being resumed:\n{lines}\n"
+            f"Pass the same values, or use a new --out_dir to start a fresh run."
+        )
+
+
+def find_resume(cfg, log):
+    """(path, checkpoint) of the newest good checkpoint in cfg.out_dir, after checking
+    that it was written with this config; (None, None) for a fresh run."""
+    rejected = []
+    path, ckpt = newest_checkpoint(cfg.out_dir, log=lambda s: log(text=s), rejected=rejected)
+    if ckpt is not None:
+        check_resume_config(ckpt["config"], dataclasses.asdict(cfg))
+    elif rejected:
+        names = ", ".join(os.path.basename(p) for p, _ in rejected)
+        log(text=f"no usable checkpoint in {cfg.out_dir} ({len(rejected)} unreadable: {names}); starting from scratch")
+    return path, ckpt
+
+
+class RunControl:
+    """What stops a run early, the same way on every rank:
+      - non-finite steps: after cfg.max_nonfinite_steps skipped steps in a row the run
+        stops, naming the last good checkpoint;
+      - preemption: SIGTERM / SIGINT (what SLURM, Kubernetes and Ctrl-C send) set a flag;
+        the ranks agree on it after every step (one tiny all-reduce), write a checkpoint
+        and exit with 128 + the signal number. A second signal exits at once."""
+
+    def __init__(self, cfg, world, log, last_ckpt=None):
+        self.cfg, self.world, self.log, self.last_ckpt = cfg, world, log, last_ckpt
+        self.in_a_row, self.skipped, self.signum = 0, 0, 0
+        self.old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _on_signal(self, signum, frame):
+        if self.signum:  # the second signal: stop now, the way the signal normally does
+            self.close()
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        tqdm.write(f"received {signal.Signals(signum).name}: finishing this step and writing a checkpoint "
+                   f"(send it again to stop at once)")  # fmt: skip
+
+    def close(self):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+    def step_done(self, ok, step):
+        """Count a skipped (non-finite) step; stop after too many in a row."""
+        self.in_a_row = 0 if ok else self.in_a_row + 1
+        self.skipped += not ok
+        if self.in_a_row >= self.cfg.max_nonfinite_steps:
+            self.close()
+            sys.exit(f"error: {self.in_a_row} steps in a row (up to step {step + 1}) had a non-finite loss or gradient "
+                     f"norm; stopping. The last good checkpoint is {self.last_ckpt or 'none (nothing was saved)'}; "
+                     f"lower --lr or raise --grad_clip / use --dtype=fp32, and resume from it")  # fmt: skip
+
+    def stop_requested(self):
+        """Whether any rank got a signal (a collective: every rank calls it every step)."""
+        flag = self.signum
+        if self.world > 1:
+            t = torch.tensor([flag], device=runtime.collective_device())
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = int(t.item())
+        self.signum = self.signum or flag
+        return bool(flag)
+
+    def save(self, step, payload):
+        """save_checkpoint into the run folder (rank 0); weights that are not finite stop the run."""
+        try:
+            self.last_ckpt = save_checkpoint(self.cfg.out_dir, step, payload, self.cfg.keep_ckpts,
+                                             log=lambda s: self.log(text=s))  # fmt: skip
+        except ValueError as e:
+            self.close()
+            sys.exit(f"error: at step {step}: {e}. The last good checkpoint is {self.last_ckpt or 'none'}")
+
+    def exit_if_stopped(self, step, master):
+        """After the checkpoint of a preempted step: say where it is and exit 128 + signal."""
+        if not self.signum:
+            return
+        self.close()
+        if master:
+            self.log(text=f"stopped by {signal.Signals(self.signum).name} at step {step}; checkpoint "
+                          f"{self.last_ckpt}; run the same command to resume")  # fmt: skip
+        runtime.teardown()
+        sys.exit(128 + self.signum)
+
+
+def run_state(cfg, step, scaler, world):
+    """The part of a checkpoint both trainers write besides their models and optimisers:
+    config, step, grad scaler and every rank's RNG state. A collective: every rank calls it."""
+    scaler_state = scaler.state_dict() if scaler.is_enabled() else None
+    return {"config": dataclasses.asdict(cfg), "step": step, "scaler": scaler_state, "rng": gather_rng_states(world)}
+
+
+def restore_run_state(ckpt, scaler, rank, world):
+    """The part of a resume both trainers share: scaler, this rank's RNG state, the step."""
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if len(ckpt["rng"]) != world:
+        sys.exit(f"error: checkpoint was written by {len(ckpt['rng'])} processes, this run has {world}; "
+                 f"resume with the same number of processes (or start a new --out_dir)")  # fmt: skip
+    set_rng_state(ckpt["rng"][rank])
+    return ckpt["step"]
+
+
+# -----------------------------------------------------------------------------
+# Logging
+
+
+class Logger:
+    """A JSONL record per log interval plus a readable line, rank 0 only. Every rank
+    makes the run folder (out_dir)."""
+
+    def __init__(self, out_dir, enabled):
+        os.makedirs(out_dir, exist_ok=True)
+        self.enabled = enabled
+        self.f = open(os.path.join(out_dir, "log.jsonl"), "a") if enabled else None
+
+    def __call__(self, record=None, text=None):
+        if not self.enabled:
+            return
+        if record is not None:
+            self.f.write(json.dumps(record) + "\n")
+            self.f.flush()
+        if text is not None:
+            tqdm.write(text)  # keeps the progress bar intact
+
+
+class Progress:
+    """The progress bar (rank 0), and the throughput since the last reading: images per
+    second over all ranks, and the model FLOPs utilisation, model FLOP/s over the peak of
+    all devices (only where that peak is known: runtime.peak_flops)."""
+
+    def __init__(self, cfg, step, world, device, flops_per_image, enabled):
+        self.bar = tqdm(total=cfg.max_steps, initial=step, disable=not enabled, dynamic_ncols=True)
+        self.images_per_step = cfg.batch_size * cfg.grad_accum * world
+        self.flops_per_image, self.world = flops_per_image, world
+        self.peak = runtime.peak_flops(device, cfg.peak_tflops)
+        self.t0, self.steps = time.time(), 0
+
+    def update(self):
+        self.bar.update(1)
+        self.steps += 1
+
+    def read(self):
+        """{"img_per_s", and "mfu" where the peak is known} since the last read."""
+        rec = {"img_per_s": self.steps * self.images_per_step / (time.time() - self.t0)}
+        if self.peak:
+            rec["mfu"] = rec["img_per_s"] * self.flops_per_image / (self.world * self.peak)
+        self.t0, self.steps = time.time(), 0
+        return rec
+
+    def close(self):
+        self.bar.close()
+
+
+def save_grid(images, path, nrow):
+    """Tile (B, 3, H, W) images in [0, 1] into one PNG, nrow per row, 2 px white gaps."""
+    # Rounded to levels first by data.to_uint8 (halves to even), as these grids always were:
+    # save_image rounds halves up, and resized shapes images hold many exact halves.
+    save_image(data.to_uint8(images) / 255, path, nrow=nrow, padding=2, pad_value=1.0)

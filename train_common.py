@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -93,6 +94,16 @@ def check_choice(option, name, choices):
     """Stop with the valid choices when --option=name is not one of them."""
     if name not in choices:
         sys.exit(f"error: unknown --{option}={name}; choose one of {sorted(choices)}")
+
+
+def setup_run(cfg):
+    """The start both trainers share: DDP when launched by torchrun (with a collective
+    timeout, so a stuck rank ends the job with an error instead of hanging it), the
+    precision, and the rank-0 logger. Returns (rank, world, device, autocast, scaler, log)."""
+    timeout = timedelta(seconds=cfg.dist_timeout_s)
+    rank, world, device = runtime.setup_distributed(cfg.device, mps=False, timeout=timeout)
+    autocast, scaler = setup_precision(cfg.dtype, device)
+    return rank, world, device, autocast, scaler, Logger(cfg.out_dir, rank == 0)
 
 
 def setup_precision(dtype, device):
@@ -305,8 +316,13 @@ class RunControl:
         for s, h in self.old.items():
             signal.signal(s, h)
 
-    def step_done(self, ok, step):
-        """Count a skipped (non-finite) step; stop after too many in a row."""
+    def step_done(self, ok, step, scaler, ema, model):
+        """End of an iteration: update the loss scale (once, after every optimizer step), the
+        EMA (only when the step was applied), and count a skipped (non-finite) step; stop
+        after too many in a row."""
+        scaler.update()
+        if ok:  # a skipped (non-finite) step updates nothing
+            ema_update(ema, model, step, self.cfg.ema_decay)
         self.in_a_row = 0 if ok else self.in_a_row + 1
         self.skipped += not ok
         if self.in_a_row >= self.cfg.max_nonfinite_steps:

@@ -23,7 +23,6 @@ import math
 import os
 import sys
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -37,9 +36,8 @@ from checkpoint import load_checked
 from pretokenize import PretokenizedDataset
 from shapes import SHAPES_AESTHETIC
 from train_common import (
-    Logger, Progress, RunConfig, adamw, check_choice, ema_update, find_resume, image_batches,
-    lr_at, optimizer_step, parse_config, restore_run_state, run_state, RunControl, save_grid, seed_for_slot,
-    setup_precision,
+    adamw, check_choice, find_resume, image_batches, lr_at, optimizer_step, parse_config, Progress,
+    restore_run_state, run_state, RunConfig, RunControl, save_grid, seed_for_slot, setup_run,
 )  # fmt: skip
 
 
@@ -125,11 +123,8 @@ def main(argv=None):
     if not cfg.tokenizer:
         sys.exit("error: --tokenizer is required: an official TA-TiTok directory or a train_tokenizer.py run")
     check_choice("maskgen", cfg.maskgen, M.PRESETS)
-    timeout = timedelta(seconds=cfg.dist_timeout_s)  # a stuck rank ends the job instead of hanging it
-    rank, world, device = runtime.setup_distributed(cfg.device, mps=False, timeout=timeout)
+    rank, world, device, autocast, scaler, log = setup_run(cfg)  # DDP, precision, rank-0 logger
     master = rank == 0
-    autocast, scaler = setup_precision(cfg.dtype, device)
-    log = Logger(cfg.out_dir, master)
 
     # ---- frozen tokenizer and text encoder
     tokenizer, text_encoder = load.load_tokenizer(cfg.tokenizer, device)
@@ -218,10 +213,7 @@ def main(argv=None):
             scaler.scale(loss).backward()
             loss_sum += loss.detach()  # a tensor: no host sync until logging
         grad_norm, ok = optimizer_step(opt, model.parameters(), scaler, cfg.grad_clip)
-        scaler.update()  # once per iteration, after every optimizer step
-        if ok:  # a skipped (non-finite) step updates nothing
-            ema_update(ema, model, step, cfg.ema_decay)
-        control.step_done(ok, step)
+        control.step_done(ok, step, scaler, ema, model)  # loss scale, EMA, non-finite count
         step += 1
         progress.update()
 

@@ -21,7 +21,6 @@ import copy
 import os
 import sys
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -31,8 +30,8 @@ import runtime
 import tokenizer as T
 from text import TEXT_PRESETS, TextEncoder
 from train_common import (
-    Logger, Progress, RunConfig, adamw, check_choice, ema_update, find_resume, image_batches, lr_at, optimizer_step,
-    parse_config, restore_run_state, run_state, RunControl, save_grid, seed_for_slot, setup_precision,
+    adamw, check_choice, find_resume, image_batches, lr_at, optimizer_step, parse_config, Progress,
+    restore_run_state, run_state, RunConfig, RunControl, save_grid, seed_for_slot, setup_run,
 )  # fmt: skip
 
 
@@ -66,11 +65,8 @@ def main(argv=None):
     cfg = parse_config(TrainConfig, PRESETS, argv)
     check_choice("tokenizer", cfg.tokenizer, T.PRESETS)
     check_choice("loss", cfg.loss, losses.PRESETS)
-    timeout = timedelta(seconds=cfg.dist_timeout_s)  # a stuck rank ends the job instead of hanging it
-    rank, world, device = runtime.setup_distributed(cfg.device, mps=False, timeout=timeout)
+    rank, world, device, autocast, scaler, log = setup_run(cfg)  # DDP, precision, rank-0 logger
     master = rank == 0
-    autocast, scaler = setup_precision(cfg.dtype, device)
-    log = Logger(cfg.out_dir, master)
 
     # ---- models. Built with the same seed on every rank, so DDP starts in sync.
     runtime.seed_everything(cfg.seed)
@@ -170,10 +166,7 @@ def main(argv=None):
                 for name, v in d_terms.items():
                     stats[name] = stats.get(name, 0.0) + v / cfg.grad_accum
             ok = optimizer_step(opt_d, disc.parameters(), scaler, cfg.grad_clip)[1] and ok
-        scaler.update()  # once per iteration, after every optimizer step
-        if ok:  # a skipped (non-finite) step updates nothing
-            ema_update(ema, model, step, cfg.ema_decay)
-        control.step_done(ok, step)
+        control.step_done(ok, step, scaler, ema, model)  # loss scale, EMA, non-finite count
         step += 1
         progress.update()
 

@@ -152,11 +152,16 @@ def save_checkpoint(out_dir, step, payload, keep=2, log=print):
         raise ValueError(f"refusing to write a checkpoint with non-finite weights ({', '.join(bad)})")
     path = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save({**payload, "sha256": content_digest(payload)}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({**payload, "sha256": content_digest(payload)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX
+    except BaseException:  # a full disk, a signal: leave no half-written .tmp behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     st = os.stat(path)
     _GOOD[(path, st.st_size, st.st_mtime_ns)] = True
     good, unreadable = [], []

@@ -160,6 +160,15 @@ class VectorQuantizer(nn.Module):
     clustering_vq (CVQ-VAE, Zheng & Vedaldi 2023) revives dead codes: each code
     tracks an EMA of how often it is used, and rarely used codes are moved
     towards the encoder output closest to them in the current (global) batch.
+
+    The revival is split in two so that it sees the whole global batch of an
+    optimiser step, whatever the split into ranks and micro-batches: each training
+    forward only *collects* the batch's statistics (`_collect`), and the trainer calls
+    `revive_codes()` once per optimiser step, which gathers them over the ranks and
+    moves the codebook. So torchrun over N ranks and one process with N x gradient
+    accumulation make the same update. (The official code revives inside every
+    forward; with one micro-batch per step and no accumulation the two agree, except
+    that the update now comes after the optimiser step instead of before it.)
     """
 
     def __init__(self, codebook_size, token_size, commitment_cost=0.25, use_l2_norm=False, clustering_vq=False):
@@ -171,6 +180,7 @@ class VectorQuantizer(nn.Module):
         if clustering_vq:
             self.decay = 0.99
             self.register_buffer("embed_prob", torch.zeros(codebook_size))
+        self._pending = None  # statistics collected since the last revive_codes() (not saved)
 
     def codebook(self):
         w = self.embedding.weight
@@ -198,25 +208,53 @@ class VectorQuantizer(nn.Module):
         commitment = self.commitment_cost * (zq.detach() - z).pow(2).mean()
         codebook = (zq - z.detach()).pow(2).mean()
         if self.clustering_vq and self.training:
-            self._revive_codes(ids, d, raw)
+            self._collect(ids, d, raw)
         # Straight-through: forward uses the code, backward copies the gradient to z.
         zq = z + (zq - z).detach()
         ids = ids.view(z.shape[:-1])  # (B, K)
         return zq, dict(quantizer_loss=commitment + codebook, commitment_loss=commitment, codebook_loss=codebook, ids=ids)
 
-    # Eager, outside any compiled graph: it edits the codebook in place (through .data, as
-    # the official), which a compiled forward would turn into a tracked mutation of a
-    # weight its backward still holds.
+    # Eager, outside any compiled graph: plain tensors kept on the module between calls.
     @torch.compiler.disable
     @torch.no_grad()
-    def _revive_codes(self, ids, d, raw):
-        # Under DDP every rank must make the same update, so gather the batch.
+    def _collect(self, ids, d, raw):
+        """Add one micro-batch to the step's statistics: how often each code was picked,
+        and for every code the nearest feature seen so far (its distance and the
+        un-normalised feature). Micro-batches arrive in slot order and a strictly smaller
+        distance is needed to replace the kept one, so ties go to the earliest feature,
+        as an argmin over the concatenated global batch would pick."""
+        counts = torch.bincount(ids, minlength=self.codebook_size).float()  # (V,)
+        rows = d.argmin(dim=0)  # (V,) the nearest feature to every code (first of equals)
+        best = d.gather(0, rows[None])[0]  # (V,) its distance
+        anchors = raw[rows]  # (V, C)
+        if self._pending is None:
+            self._pending = [counts, ids.new_tensor(ids.numel()).float(), best, anchors]
+            return
+        n_counts, n, n_best, n_anchors = self._pending
+        closer = best < n_best  # (V,) codes for which this micro-batch holds a nearer feature
+        self._pending = [n_counts + counts, n + ids.numel(), torch.where(closer, best, n_best),
+                         torch.where(closer[:, None], anchors, n_anchors)]  # fmt: skip
+
+    @torch.no_grad()
+    def revive_codes(self):
+        """Once per optimiser step (the trainer calls it on every rank): update the usage EMA
+        with the step's global batch and move rarely used codes onto their nearest feature.
+        Does nothing when no training forward ran since the last call."""
+        if self._pending is None:
+            return
+        counts, n, best, anchors = self._pending
+        self._pending = None
+        # Under DDP every rank must make the same update: merge the ranks' statistics in
+        # rank order (rank r holds global slots r*A .. r*A+A-1, so this is slot order).
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            ids, d, raw = (_all_gather_cat(t) for t in (ids, d, raw))
-        usage = torch.bincount(ids, minlength=self.codebook_size).float() / ids.numel()  # (V,)
+            counts, n = (_all_gather_stack(t).sum(0) for t in (counts, n))
+            all_best, all_anchors = _all_gather_stack(best), _all_gather_stack(anchors)  # (R, V), (R, V, C)
+            best, anchors = all_best[0], all_anchors[0]
+            for b, a in zip(all_best[1:], all_anchors[1:]):
+                closer = b < best
+                best, anchors = torch.where(closer, b, best), torch.where(closer[:, None], a, anchors)
+        usage = counts / n  # (V,) share of the step's tokens that picked each code
         self.embed_prob.mul_(self.decay).add_(usage, alpha=1 - self.decay)
-        # For every code, the batch feature nearest to it.
-        anchors = raw[d.argmin(dim=0)]  # (V, C)
         # Codes in constant use get decay ~0 (untouched); unused ones decay ~1
         # (replaced by their anchor). Constants as in the official code.
         decay = torch.exp(-(self.embed_prob * self.codebook_size * 10) / (1 - self.decay) - 1e-3)
@@ -224,10 +262,11 @@ class VectorQuantizer(nn.Module):
         w.mul_(1 - decay[:, None]).add_(anchors * decay[:, None])
 
 
-def _all_gather_cat(t):
+def _all_gather_stack(t):
+    """(...) on every rank -> (world, ...), in rank order."""
     out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(out, t.contiguous())
-    return torch.cat(out)
+    return torch.stack(out)
 
 
 class DiagonalGaussian:
@@ -426,6 +465,15 @@ class TATiTok(nn.Module):
             post = DiagonalGaussian(z)
             zq, extras = post.sample(), {"posterior": post}
         return self.decoder(zq.to(z.dtype), text_hidden), extras
+
+    def end_step(self, applied=True):
+        """Called by the trainer once per optimiser step, on every rank: the VQ codebook's
+        dead-code revival over the step's global batch (VectorQuantizer.revive_codes).
+        A skipped step (non-finite gradients) drops the statistics it collected."""
+        if self.config.quantize_mode == "vq" and self.quantize.clustering_vq:
+            if applied:
+                self.quantize.revive_codes()
+            self.quantize._pending = None
 
     @classmethod
     def from_official(cls, path):

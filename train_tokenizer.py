@@ -166,6 +166,7 @@ def main(argv=None):
                 for name, v in d_terms.items():
                     stats[name] = stats.get(name, 0.0) + v / cfg.grad_accum
             ok = optimizer_step(opt_d, disc.parameters(), scaler, cfg.grad_clip)[1] and ok
+        model.end_step(ok)  # VQ: dead-code revival over the step's global batch (all ranks)
         control.step_done(ok, step, scaler, ema, model)  # loss scale, EMA, non-finite count
         step += 1
         progress.update()

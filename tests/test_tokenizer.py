@@ -104,6 +104,8 @@ def test_clustering_vq_revives_dead_codes():
     z = 10 + 0.1 * torch.randn(1, 64, 2)
     before = q.embedding.weight.detach().clone()
     _, out = q(z)
+    assert torch.equal(q.embedding.weight, before)  # the forward only collects statistics
+    q.revive_codes()  # the trainer's once-per-step call
     used = out["ids"].unique()
     assert len(used) == 1
     moved = (q.embedding.weight - before).norm(dim=1)
@@ -114,6 +116,29 @@ def test_clustering_vq_revives_dead_codes():
     assert torch.isclose(q.embed_prob.sum(), torch.tensor(0.01))  # usage EMA: (1 - 0.99) * 1
     _, out = q(z)
     assert len(out["ids"].unique()) > 1  # the revived codes now take part
+
+
+def test_revival_of_micro_batches_equals_revival_of_their_concatenation():
+    """Gradient accumulation: revival over micro-batches collected one after the other is
+    the revival over the whole global batch (what torchrun over ranks gathers), including
+    which feature a code moves to when several are equally near (the earliest)."""
+    torch.manual_seed(0)
+    a = T.VectorQuantizer(16, 3, clustering_vq=True).train()
+    b = T.VectorQuantizer(16, 3, clustering_vq=True).train()
+    b.load_state_dict(a.state_dict())
+    init = a.embedding.weight.detach().clone()
+    z = 5 + torch.randn(4, 8, 3)
+    z[2] = z[0]  # exact ties between micro-batches: the first one must win
+    a(z)  # one global batch
+    for part in z.chunk(4):  # four micro-batches of one image
+        b(part)
+    a.revive_codes(), b.revive_codes()
+    assert torch.equal(a.embedding.weight, b.embedding.weight) and torch.equal(a.embed_prob, b.embed_prob)
+    assert (a.embedding.weight - init).norm(dim=1).max() > 1  # dead codes did move
+    # Nothing collected since: a second call changes nothing.
+    w = a.embedding.weight.clone()
+    a.revive_codes()
+    assert torch.equal(a.embedding.weight, w)
 
 
 def test_kl_nonnegative_and_zero_at_prior():

@@ -23,6 +23,7 @@ import argparse
 import copy
 import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -164,23 +165,28 @@ def rows(p, device, dtype, compile_, args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="shapes", choices=sorted(PRESETS))
+    ap.add_argument("--preset", default="shapes", choices=sorted(PRESETS),
+                    help="model sizes: tiny (seconds), shapes (the README's CPU table), l / xl (the paper's)")
     ap.add_argument("--device", default="auto", help="auto = the GPU if there is one, else the CPU")
     ap.add_argument("--compile", default="0", help="comma list of 0/1, e.g. 0,1 for eager and compiled")
     ap.add_argument("--dtype", default="fp32", help="comma list of fp32/bf16 (bf16 = autocast)")
     ap.add_argument("--batch", type=int, default=0, help="batch size of every row (0: the preset's)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed runs before the timed ones")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs; each figure is their median")
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak for MFU (0: table or measured)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if not set(args.compile.split(",")) <= {"0", "1"}:
+        ap.error(f"--compile takes 0 and/or 1 (eager, compiled), got {args.compile}")
+    if args.warmup < 0 or args.repeats < 1:
+        ap.error(f"--warmup must be >= 0 and --repeats >= 1, got {args.warmup} and {args.repeats}")
     device = runtime.pick_device(args.device, mps=False)
     if args.threads:
         torch.set_num_threads(args.threads)
     runtime.allow_tf32()  # as in training
     p = dict(PRESETS[args.preset])
     p["batch"] = args.batch or p["batch"]
-    compiles = [bool(int(c)) for c in args.compile.split(",")]
+    compiles = [c == "1" for c in args.compile.split(",")]
     dtypes = args.dtype.split(",")
     if not set(dtypes) <= {"fp32", "bf16"}:
         ap.error(f"--dtype takes fp32 and/or bf16, got {args.dtype}")
@@ -205,4 +211,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # e.g. a --device this machine does not have
+        sys.exit(f"bench.py: error: {e}")

@@ -5,7 +5,9 @@ data command line.
 Paper: §5.1 "Training Data" and Appendix A ("Dataset Filtering", "Dataset
 Recaptioning", Tab. 7). The recipe this file implements:
   * web image-text pairs (DataComp, CC12M, LAION) stored as WebDataset tar shards,
-    the layout img2dataset writes (read by shards.py), or a plain image folder;
+    the layout img2dataset writes (read by shards.py: local files, "pipe:COMMAND"
+    such as "pipe:aws s3 cp s3://bucket/{000..099}.tar -", or http(s) URLs), or a
+    plain image folder;
   * a resolution filter on every dataset: longer side >= 256 and aspect ratio < 2;
     an optional aesthetic-score filter (5.0 for pre-training, 6.0 for fine-tuning);
   * resize the shorter edge, random crop, random flip (App. A / Tab. 8);
@@ -17,7 +19,7 @@ that every trainer takes --data=shapes as readily as a folder of shards.
 
 Sections, in reading order:
   1. Image helpers       IMAGE_EXTS, find_images, to_tensor, to_uint8, ImageTransform, load_image
-  2. Image datasets      TarShardDataset, ImageFolderDataset (on shards.StreamDataset)
+  2. Image datasets      MAX_PIXELS, size_filter, TarShardDataset, ImageFolderDataset (on shards.StreamDataset)
   3. The shapes world    ShapesDataset
   4. One entry point     build_image_dataset, image_text_loader, collate, pick_captions
   5. Command line        make_shapes_shards, main()
@@ -25,19 +27,23 @@ Sections, in reading order:
 Every dataset here is a torch IterableDataset that yields dicts:
     {"image": FloatTensor (3,S,S) in [0,1], "caption": str, "recaption": str ("" if none),
      "aesthetic": FloatTensor () , "key": str}
-All of them split their samples over DDP ranks and DataLoader workers without
-duplicates, and resume exactly from a batch count (see shards.StreamDataset).
-Bad inputs (corrupt images, missing captions, truncated tars, unreadable shards) are
-skipped and counted in `dataset.skipped`, never a crash. MaskGen's pretokenized
-tokens are written and read by pretokenize.py.
+and the stream-read ones (shards, folders) also "position": LongTensor (5,), their
+reader's position after the sample. All of them split their samples over DDP ranks
+and DataLoader workers without duplicates, and resume exactly: the shapes world from
+a batch count (it is indexed), the streams from the reader positions a checkpoint
+saved, at the same cost at any step (see shards.StreamDataset). Bad inputs (corrupt
+or oversized images, missing or non-UTF-8 captions, truncated tars, unreadable
+shards, failing pipes) are skipped and counted in `dataset.skipped`, never a crash.
+MaskGen's pretokenized tokens are written and read by pretokenize.py.
 
 Command line:
     python data.py make-shapes --out shards/shapes --n 10000
     python data.py pretokenize --tokenizer <dir> --data "shards/{000000..000099}.tar" --out pretok/
-    python data.py inspect --data shards/shapes
+    python data.py inspect --data shards/shapes      # what is there, and what a training filter would drop
 """
 
 import argparse
+import collections
 import io
 import json
 import logging
@@ -55,9 +61,9 @@ from torch.utils.data import DataLoader, IterableDataset
 import runtime
 import shapes
 from pretokenize import pretokenize, tokenizer_meta
+from shard_io import ShardWriter
 from shards import (
-    SHARD_EXTS, SKIP_REASONS, ShardWriter, SkipCounter, StreamDataset, list_shards, resolve_rank,
-    sample_name, worker_slot,
+    SHARD_EXTS, SKIP_REASONS, SkipCounter, StreamDataset, list_shards, resolve_rank, sample_name, worker_slot,
 )  # fmt: skip
 
 # =============================================================================
@@ -147,25 +153,43 @@ def load_image(path, size=None):
 # =============================================================================
 
 
+# The largest image decoded: width x height from the header, checked before any pixel
+# is read (PIL's own DecompressionBombError comes only at 2 x 89M pixels). 8192 x 8192,
+# 64 Mi pixels, is 200 MB of RGB; web datasets hold a few larger scans and panoramas.
+MAX_PIXELS = 8192 * 8192
+
+
+def size_filter(w, h, min_longer_side, max_aspect_ratio):
+    """The paper's resolution filter on an image's size: the skip reason, or None to keep it."""
+    if max(w, h) < min_longer_side:
+        return "filtered_resolution"
+    if max_aspect_ratio is not None and max(w, h) / max(1, min(w, h)) >= max_aspect_ratio:
+        return "filtered_aspect"
+    return None
+
+
 class _ImageStream(StreamDataset):
     """Decoding, filtering and transforming image samples (shared by tar shards and
     image folders).
 
-    image_size:        the crop size S of the output (3, S, S)
+    image_size:        the crop size S of the output (3, S, S); None keeps every image at
+                       its own size, (3, H, W), with no resolution filter (`data.py inspect`)
     resize:            shorter edge before cropping (default S)
     random_crop, random_flip: training augmentation (off for evaluation / pretokenizing)
     min_longer_side:   keep images whose longer side is >= this (default S: 256 in the paper)
     max_aspect_ratio:  keep images with long/short < this (paper: 2); None disables
+    max_pixels:        skip images whose header says width x height > this, without
+                       decoding them ("too_many_pixels"; default MAX_PIXELS, 8192 x 8192)
     min_aesthetic, default_aesthetic: see shards.StreamDataset
     """
 
     def __init__(self, image_size=256, *, resize=None, random_crop=True, random_flip=True, min_longer_side=None,
-                 max_aspect_ratio=2.0, **stream):  # fmt: skip
+                 max_aspect_ratio=2.0, max_pixels=MAX_PIXELS, **stream):  # fmt: skip
         super().__init__(**stream)
-        self.transform = ImageTransform(image_size, resize, random_crop, random_flip)
-        self.image_size = int(image_size)
-        self.min_longer_side = self.image_size if min_longer_side is None else int(min_longer_side)
-        self.max_aspect_ratio = max_aspect_ratio
+        self.transform = None if image_size is None else ImageTransform(image_size, resize, random_crop, random_flip)
+        self.image_size = None if image_size is None else int(image_size)
+        self.min_longer_side = int(min_longer_side if min_longer_side is not None else self.image_size or 0)
+        self.max_aspect_ratio, self.max_pixels = max_aspect_ratio, int(max_pixels)
 
     def _decode(self, group, check_only=False):
         where = sample_name(group)
@@ -180,13 +204,16 @@ class _ImageStream(StreamDataset):
         try:
             image = Image.open(io.BytesIO(group[image_ext]))  # reads the header only
             w, h = image.size
+        except Image.DecompressionBombError as e:  # PIL's own (higher) limit, also from the header
+            return self._reject("too_many_pixels", f"{where}: {e}", check_only)
         except Exception as e:
             return self._reject("corrupt_image", f"{where}: {type(e).__name__}: {e}", check_only)
-        # The paper's resolution filter, on the header size before any pixel is decoded.
-        if max(w, h) < self.min_longer_side:
-            return self._reject("filtered_resolution", f"{where}: {w}x{h}", check_only)
-        if self.max_aspect_ratio is not None and max(w, h) / max(1, min(w, h)) >= self.max_aspect_ratio:
-            return self._reject("filtered_aspect", f"{where}: {w}x{h}", check_only)
+        # The pixel limit and the paper's resolution filter, on the header size before any pixel is decoded.
+        if w * h > self.max_pixels:
+            return self._reject("too_many_pixels", f"{where}: {w}x{h} > max_pixels={self.max_pixels}", check_only)
+        reason = size_filter(w, h, self.min_longer_side, self.max_aspect_ratio)
+        if reason:
+            return self._reject(reason, f"{where}: {w}x{h}", check_only)
         try:
             if check_only:  # JPEG: decode at 1/8 scale, which still reads (and checks) every byte
                 image.draft("RGB", (max(1, w // 8), max(1, h // 8)))
@@ -195,6 +222,8 @@ class _ImageStream(StreamDataset):
             return self._reject("corrupt_image", f"{where}: {type(e).__name__}: {e}", check_only)
         if check_only:
             return True
+        if self.transform is None:  # image_size=None: the image as it is, (3, H, W)
+            return {"image": to_tensor(to_rgb(image)), **fields}
         # The crop and flip come from a generator keyed by the sample and the epoch,
         # so they do not depend on which worker decodes the sample.
         name = f"{os.path.basename(group['__shard__'])}/{group['__key__']}".encode()
@@ -240,14 +269,16 @@ class ImageFolderDataset(_ImageStream):
         kwargs["shuffle_buffer"] = 0
         super().__init__(image_size, **kwargs)
 
-    def _epoch_groups(self, epoch, slot, n_slots):
+    def _epoch_groups(self, epoch, slot, n_slots, start=(0, 0, 0)):
+        """This slot's files of one epoch, from place start[0] of the epoch's shuffled file
+        order on (StreamDataset's hook; a folder needs no byte offset)."""
         order = np.arange(len(self.files))
         if self.shuffle:
             order = np.random.default_rng([self.seed, 2, epoch]).permutation(len(self.files))
-        for position, i in enumerate(order):
-            if position % n_slots != slot:
+        for place in range(start[0], len(order)):
+            if place % n_slots != slot:
                 continue
-            path = self.files[i]
+            path = self.files[order[place]]
             stem, ext = os.path.splitext(path)
             group = {"__key__": os.path.relpath(stem, self.root), "__shard__": self.root}
             try:
@@ -260,6 +291,7 @@ class ImageFolderDataset(_ImageStream):
             except OSError as e:
                 self.skipped.add("unreadable_file", f"{path}: {e}")
                 continue
+            group["__next__"] = (place + 1, 0, 0)
             yield group
 
 
@@ -324,13 +356,16 @@ class ShapesDataset(IterableDataset):
 
 
 def build_image_dataset(spec, image_size=256, *, train=True, seed=0, rank=None, world_size=None,
-                        batch_size=None, start_batch=0, **kwargs):  # fmt: skip
+                        batch_size=None, start_batch=0, positions=None, **kwargs):  # fmt: skip
     """One entry point for the trainers' --data:
         "shapes"          the infinite shapes stream (64 px, resized to image_size if different)
         "shapes:N"        shapes samples 0..N-1 (repeated when training)
         a directory       tar shards inside it, else an image folder
-        anything else     a tar shard pattern (braces, globs, "::"-joined)
+        anything else     tar shards: a pattern (braces, globs, "::"-joined), "pipe:COMMAND"
+                          entries or http(s):// URLs (see shard_io.py)
     train=False: one pass, no shuffle, centre crop, no flip (evaluation, pretokenizing).
+    image_size=None: every image at its own size (the shapes world: 64).
+    positions: saved reader positions to resume from (shards.StreamPositions; streams only).
     Extra keyword arguments go to the image datasets (filters, resize, ...); the
     shapes world takes only category_mix."""
     split = dict(rank=rank, world_size=world_size, batch_size=batch_size, start_batch=start_batch)
@@ -339,12 +374,12 @@ def build_image_dataset(spec, image_size=256, *, train=True, seed=0, rank=None, 
         length = int(m.group(1)) if m.group(1) else None
         if not train and length is None:
             raise ValueError("a single pass over the shapes world needs a size: use 'shapes:N'")
-        return ShapesDataset(seed, category_mix=kwargs.get("category_mix"), image_size=image_size,
+        return ShapesDataset(seed, category_mix=kwargs.get("category_mix"), image_size=image_size or shapes.IMAGE_SIZE,
                              length=length, infinite=train, **split)  # fmt: skip
     kwargs.pop("category_mix", None)
     if not train:
         kwargs = dict(dict(random_crop=False, random_flip=False, shuffle=False), **kwargs)
-    kwargs = dict(kwargs, seed=seed, infinite=train, **split)
+    kwargs = dict(kwargs, seed=seed, infinite=train, positions=positions, **split)
     if isinstance(spec, str) and os.path.isdir(spec):
         has_tars = any(n.endswith(SHARD_EXTS) for n in os.listdir(spec))
         if not has_tars:
@@ -355,9 +390,11 @@ def build_image_dataset(spec, image_size=256, *, train=True, seed=0, rank=None, 
 def image_text_loader(spec, image_size=256, batch_size=32, *, rank=None, world_size=None, num_workers=0, seed=0,
                       start_batch=0, train=True, **kwargs):  # fmt: skip
     """A DataLoader of image-caption batches from build_image_dataset(spec, ...):
-    {"image": (B,3,S,S) in [0,1], "caption": [str], "recaption": [str], "aesthetic": (B,), "key": [str]}.
-    start_batch resumes exactly (same world_size / num_workers / batch_size / seed);
-    the skip counts are in loader.dataset.skipped."""
+    {"image": (B,3,S,S) in [0,1], "caption": [str], "recaption": [str], "aesthetic": (B,), "key": [str],
+     "position": (B, 5) (streams: each reader's position after the sample)}.
+    start_batch (with positions=, the saved reader positions, in O(1)) resumes exactly
+    (same world_size / num_workers / batch_size / seed); the skip counts are in
+    loader.dataset.skipped."""
     ds = build_image_dataset(spec, image_size, train=train, seed=seed, rank=rank, world_size=world_size,
                              batch_size=batch_size, start_batch=start_batch, **kwargs)  # fmt: skip
     return DataLoader(ds, batch_size=batch_size, num_workers=num_workers, persistent_workers=num_workers > 0)
@@ -414,14 +451,37 @@ def _cmd_make_shapes(args):
 
 
 def _cmd_inspect(args):
-    ds = build_image_dataset(args.data, args.image_size, train=False, min_longer_side=args.min_longer_side)
-    n = 0
-    for sample in ds:
+    # Every readable sample at its own size: the resolution filter is not applied but
+    # reported, since a dataset made for another image size (the shapes world is 64 px)
+    # would otherwise look empty.
+    ds = build_image_dataset(args.data, None, train=False, min_longer_side=0, max_aspect_ratio=None)
+    sizes = collections.Counter()
+    for n, sample in enumerate(ds):
+        h, w = sample["image"].shape[-2:]
+        sizes[(w, h)] += 1
         if n < args.show:
             print(f"{sample['key']}: {tuple(sample['image'].shape)} aesthetic={float(sample['aesthetic']):.2f} "
                   f"caption={sample['caption'][:80]!r}")  # fmt: skip
-        n += 1
+    n = sum(sizes.values())
     print(f"{n} usable samples; skipped: {ds.skipped.summary()}")
+    if not n:
+        return
+    common = ", ".join(f"{w}x{h} ({c})" for (w, h), c in sizes.most_common(5))
+    print(f"image sizes: {common}{' ...' if len(sizes) > 5 else ''}")
+    longer = args.image_size if args.min_longer_side is None else args.min_longer_side
+    aspect = args.max_aspect_ratio or None
+    dropped = collections.Counter()
+    for (w, h), c in sizes.items():
+        reason = size_filter(w, h, longer, aspect)
+        if reason:
+            dropped[reason] += c
+    rule = f"longer side >= {longer}" + (f", aspect ratio < {aspect:g}" if aspect else "")
+    verdict = f"keeps all {n}"
+    if dropped:
+        counts = " ".join(f"{k}={v}" for k, v in dropped.items())
+        verdict = f"would drop {sum(dropped.values())} of these {n}: {counts}"
+    print(f"the training filter for image size {args.image_size} ({rule}) {verdict} (the trainers apply it at "
+          f"their tokenizer's image size; --image-size checks another)")  # fmt: skip
 
 
 def _cmd_pretokenize(args):
@@ -452,7 +512,7 @@ def _cmd_pretokenize(args):
     counts = summed.cpu()
     total = int(counts[-1])
     if rank == 0:
-        meta = dict(tokenizer_meta(tok), tokenizer=os.path.abspath(args.tokenizer), data=str(args.data),
+        meta = dict(tokenizer_meta(tok), tokenizer=load.record_ref(args.tokenizer), data=str(args.data),
                     num_samples=total, skipped={r: int(v) for r, v in zip(SKIP_REASONS, counts[:-1]) if v})  # fmt: skip
         with open(os.path.join(args.out, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
@@ -472,10 +532,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_shapes)
 
-    p = sub.add_parser("inspect", help="read a dataset once; print a few samples and the skip counts")
-    p.add_argument("--data", required=True, help="tar pattern, folder, or 'shapes:N'")
-    p.add_argument("--image-size", type=int, default=256)
+    p = sub.add_parser("inspect", help="read a dataset once at its own image sizes; print a few samples, the skip "
+                                        "counts, the image sizes, and what the training filter would drop")  # fmt: skip
+    p.add_argument("--data", required=True, help="tar pattern, folder, pipe:/URL shards, or 'shapes:N'")
+    p.add_argument("--image-size", type=int, default=256, help="the training image size whose filter is reported")
     p.add_argument("--min-longer-side", type=int, default=None, help="resolution filter (default: image size)")
+    p.add_argument("--max-aspect-ratio", type=float, default=2.0, help="aspect filter (0: none)")
     p.add_argument("--show", type=int, default=5)
     p.set_defaults(func=_cmd_inspect)
 

@@ -25,7 +25,8 @@ Public API (MAR's shape):
     loss = dl(target (N, C), z (N, Zc), mask (N,) float or None)       -> scalar
     x = dl.sample(z (N, Zc), temperature=1.0, cfg=1.0, generator=None) -> (N, C)
         cfg != 1.0: z is [cond; uncond] stacked (2M rows) and the result has 2M rows; both
-        halves hold the same guided sample.
+        halves hold the same guided sample. generator may be a list, one per image (whose
+        rows then form equal contiguous blocks): each image's noise comes from its own.
     dl.net's parameter names equal the official checkpoints' `diffloss.net.*` keys.
 """
 
@@ -246,6 +247,49 @@ def _at(table, t):
 
 
 # ----------------------------------------------------------------------------------------------
+# Random draws with one generator per image (diffusers' convention; used here and by MaskGen)
+# ----------------------------------------------------------------------------------------------
+
+def check_generators(generator, device, count=None, where="generate"):
+    """A sampler's `generator`: None, one torch.Generator for the whole batch, or a list
+    (or tuple) of them, one per image (then `count` of them, when count is given). Each
+    must be on the inputs' device type. Returns it unchanged (a list as a list)."""
+    if generator is None:
+        return None
+    many = isinstance(generator, (list, tuple))
+    if many and count is not None and len(generator) != count:
+        raise ValueError(f"{where}: got {len(generator)} generators for {count} images; pass one "
+                         f"torch.Generator per image, or a single one for the whole batch")
+    for i, g in enumerate(generator if many else [generator]):
+        name = f"generator[{i}]" if many else "the generator"
+        g_device = getattr(g, "device", None)
+        if not isinstance(g_device, torch.device):
+            raise ValueError(f"{where}: {name} is a {type(g).__name__}, not a torch.Generator")
+        if g_device.type != device.type:
+            raise ValueError(f"{where}: {name} is on {g_device} but the inputs are on {device}; create "
+                             f"it with torch.Generator(device={str(device)!r}).manual_seed(seed)")
+    return list(generator) if many else generator
+
+
+def draw_rows(draw, shape, generator):
+    """draw(shape, generator) -> random numbers, drawn with one generator (or None) for all
+    of them, or with a list of G generators: then dim 0 (G equal blocks of rows, image j's
+    rows in block j) is drawn block by block, block j from generator j alone. So an image's
+    numbers are exactly those a batch of that image alone would draw from its generator."""
+    if not isinstance(generator, (list, tuple)):
+        return draw(shape, generator)
+    G = len(generator)
+    if shape[0] % G:
+        raise ValueError(f"{shape[0]} rows cannot be split evenly over {G} generators (one per image)")
+    return torch.cat([draw((shape[0] // G, *shape[1:]), g) for g in generator])
+
+
+def randn_rows(shape, generator, device, dtype=None):
+    """Standard normal (shape), per block of rows with a list of generators (draw_rows)."""
+    return draw_rows(lambda s, g: torch.randn(s, generator=g, device=device, dtype=dtype), shape, generator)
+
+
+# ----------------------------------------------------------------------------------------------
 # Gaussian diffusion: forward process, hybrid loss, ancestral sampling, respacing
 # ----------------------------------------------------------------------------------------------
 
@@ -373,7 +417,8 @@ class GaussianDiffusion:
 
         Each step draws x_{t-1} ~ N(mean, temperature^2 * variance); temperature < 1 gives
         sharper, less diverse tokens (MAR scales the per-step noise, not the initial noise).
-        The last step (t = 0) returns the mean.
+        The last step (t = 0) returns the mean. generator: None, one torch.Generator, or a
+        list of G (one per image; the N rows are G equal blocks, see draw_rows).
         """
         x = noise.float()
         n, device = x.shape[0], x.device
@@ -386,7 +431,7 @@ class GaussianDiffusion:
             if i == 0:
                 x = mean
             else:
-                z = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+                z = randn_rows(x.shape, generator, device, x.dtype)           # (N, C)
                 x = mean + torch.exp(0.5 * log_variance) * z * temperature  # (N, C)
         return x
 
@@ -462,12 +507,13 @@ class DiffLoss(nn.Module):
         guided noise estimate eps = uncond + cfg * (cond - uncond) is used; the result has 2M
         rows, both halves the same guided sample. A tensor cfg always takes the guided path,
         so a per-step schedule never forces a host sync.
-        generator: an optional torch.Generator on z's device, for reproducible samples.
+        generator: an optional torch.Generator on z's device, for reproducible samples; or a
+        list of G, one per image, when the (cond) rows are G equal blocks, one per image: each
+        block's noise then comes from its own generator only (draw_rows), so an image's
+        tokens do not depend on the other images in the batch.
         """
         self._check_z(z, None, "sample")
-        if generator is not None and generator.device.type != z.device.type:
-            raise ValueError(f"DiffLoss.sample: the generator is on {generator.device} but z is on "
-                             f"{z.device}; create it with torch.Generator(device=z.device)")
+        generator = check_generators(generator, z.device, where="DiffLoss.sample")
         C, net = self.target_channels, self.net
         guided = isinstance(cfg, torch.Tensor) or cfg != 1.0
         # The same result as net(x, ts, z) at every step, for less work: z is fixed for the
@@ -479,7 +525,7 @@ class DiffLoss(nn.Module):
             return net.denoise(x.to(z.dtype), net.time_embed(ts[:1]) + z_emb)  # (N, 2C)
 
         if not guided:
-            noise = torch.randn((z.shape[0], C), generator=generator, device=z.device)
+            noise = randn_rows((z.shape[0], C), generator, z.device)
             return self.gen_diffusion.p_sample_loop(fn, noise, temperature, generator)
 
         if z.shape[0] % 2:
@@ -502,6 +548,6 @@ class DiffLoss(nn.Module):
         # The reference carries 2M rows whose uncond half drifts with its own noise and is then
         # thrown away by the caller. We carry only the M guided rows (same cond-half result for
         # the same noise) and return them twice, so either half is the guided sample.
-        noise = torch.randn((m, C), generator=generator, device=z.device)
+        noise = randn_rows((m, C), generator, z.device)                      # (M, C)
         x = self.gen_diffusion.p_sample_loop(guided_fn, noise, temperature, generator)   # (M, C)
         return torch.cat([x, x])                                              # (2M, C)

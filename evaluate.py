@@ -9,8 +9,10 @@ by GenEval, a compositional (object / count / colour / position) benchmark. Here
 
   * `recon`: a tokenizer (any reference load.py takes) on an image folder or tar shards:
     rFID, IS, PSNR, codebook usage.
-  * `gen`: a folder of generated images (sample.py's or GenEval's layout, sidecar
-    captions, or a prompt file) against a reference: gFID, IS, CLIP score.
+  * `gen`: a folder of generated images (sample.py's, GenEval's or MJHQ-30K's layout,
+    sidecar captions, or a prompt file) against a reference: gFID, IS, CLIP score; in
+    MJHQ's layout (<dir>/<category>/<id>.png, and the reference's <ref>/<category>/*.jpg)
+    also the FID of each category.
   * `shapes`: the shapes-world compositional score, a GenEval stand-in for the project's
     own 64x64 world, scored by the rule-based detector that lives beside the world's
     spec in shapes.py (shapes.shapes_score).
@@ -18,6 +20,7 @@ by GenEval, a compositional (object / count / colour / position) benchmark. Here
 CLI (each writes <out>.json and a readable table <out>.txt; default out/eval/<cmd>):
     python evaluate.py recon  --tokenizer DIR_OR_RUN --data IMAGENET_VAL_DIR --class-names classes.txt
     python evaluate.py gen    --images GEN_DIR --ref REF_DIR|ref_stats.npz [--clip --prompts prompts.txt]
+    python evaluate.py gen    --images out/mjhq --ref mjhq30k_imgs/     # overall + per-category FID
     python evaluate.py shapes [--generator CKPT] [--n-per-category 300]   # default: shipped checkpoint
     python evaluate.py shapes --images SAMPLE_DIR | --ground-truth | --reconstruct
     torchrun --nproc_per_node=8 evaluate.py ...     # images / prompts sharded over ranks, features gathered
@@ -31,13 +34,16 @@ import sys
 
 import numpy as np
 import torch
+from PIL import Image
 
 import data
 import load
 import runtime
+import sample
 import shapes
 from data import load_image, to_uint8
 from metrics import CLIPScorer, evaluate_generation, evaluate_reconstruction, gather_rows, inception_extractor
+from shards import SKIP_REASONS
 
 # -----------------------------------------------------------------------------
 # Image folders, prompts and reports (the CLI's plumbing).
@@ -72,22 +78,59 @@ def read_class_names(path):
     return names
 
 
-_PROMPT_INDEX = {}
+def read_prompts(path):
+    """A prompt file for `--prompts` -> a list (one prompt per image, in sorted file order)
+    or a dict matched to each image's file name:
+      .txt                  one prompt per non-empty line (a list);
+      .jsonl with "id"      {id: prompt}, for the image <id>.png (sample.py --mjhq's prompts.jsonl);
+      .jsonl with "index"   {index: prompt}, for sample.py's <index>_s<seed>.png (its prompts.jsonl);
+      other .jsonl          one {"prompt": ...} per image, in order (a list);
+      .json                 MJHQ-30K's meta_data.json {id: {"category", "prompt"}} (by id)."""
+    if path.lower().endswith(".json"):
+        return {image_id: prompt for image_id, _, prompt in sample.read_mjhq(path)}
+    lines = [ln for ln in sample.read_text(path, "prompt file") if ln.strip()]
+    if not path.lower().endswith(".jsonl"):
+        return lines
+    rows = []
+    for n, line in enumerate(lines, 1):
+        sample._jsonl_prompt(line, path, n)  # a clear error for a bad line
+        rows.append(json.loads(line))
+    for key in ("id", "index"):
+        if all(key in r for r in rows):
+            return {r[key]: r["prompt"] for r in rows}
+    return [r["prompt"] for r in rows]
 
 
-def _prompt_index(path):
-    """sample.py's prompts.jsonl ({"index", "prompt"} per line) -> {index: prompt}, read once."""
-    if path not in _PROMPT_INDEX:
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(ln) for ln in f if ln.strip()]
-        _PROMPT_INDEX[path] = {r["index"]: r["prompt"] for r in rows}
-    return _PROMPT_INDEX[path]
+_PROMPT_FILES = {}
 
 
-def prompt_for(path, prompts_by_index=None, index=None, class_names=None, class_dirs=None):
+def _prompt_file(path):
+    """read_prompts(path), read once (sample.py's prompts.jsonl serves every image beside it)."""
+    if path not in _PROMPT_FILES:
+        _PROMPT_FILES[path] = read_prompts(path)
+    return _PROMPT_FILES[path]
+
+
+SAMPLE_NAME = re.compile(r"(\d+)_s-?\d+(?:_aes[^/]*)?")  # sample.py's flat layout: <prompt>_s<seed>[_aes<a>]
+
+
+def lookup_prompt(prompts, path, index, source):
+    """The prompt of image `path` (number `index` in sorted order) from read_prompts' result."""
+    if isinstance(prompts, list):
+        return prompts[index]
+    stem = os.path.splitext(os.path.basename(path))[0]
+    m = SAMPLE_NAME.fullmatch(stem)
+    for key in (stem, int(m.group(1)) if m else None):
+        if key in prompts:
+            return prompts[key]
+    raise ValueError(f"{source} has no prompt for {path} (matched by file name: {stem!r})")
+
+
+def prompt_for(path, prompts=None, index=None, class_names=None, class_dirs=None):
     """The caption of an image: a sidecar <stem>.txt; else GenEval's layout
     (<dir>/<k>/samples/x.png with <dir>/<k>/metadata.jsonl); else sample.py's layout
-    (<dir>/<prompt>_s<seed>.png with <dir>/prompts.jsonl); else the --prompts line;
+    (<dir>/<prompt>_s<seed>.png with <dir>/prompts.jsonl), or its MJHQ layout
+    (<dir>/<category>/<id>.png with <dir>/prompts.jsonl); else --prompts (read_prompts);
     else "A photo of a {class}." from its class folder; else ""."""
     side = os.path.splitext(path)[0] + ".txt"
     if os.path.exists(side):
@@ -97,12 +140,15 @@ def prompt_for(path, prompts_by_index=None, index=None, class_names=None, class_
     if os.path.basename(os.path.dirname(path)) == "samples" and os.path.exists(meta):
         with open(meta) as f:
             return json.loads(f.readline())["prompt"]
-    m = re.fullmatch(r"(\d+)_s\d+(?:_aes[\d.]+)?", os.path.splitext(os.path.basename(path))[0])
-    index_file = os.path.join(os.path.dirname(path), "prompts.jsonl")
-    if m and os.path.exists(index_file):  # sample.py's layout: <prompt>_s<seed>.png + prompts.jsonl
-        return _prompt_index(index_file)[int(m.group(1))]
-    if prompts_by_index is not None:
-        return prompts_by_index[index]
+    stem = os.path.splitext(os.path.basename(path))[0]
+    flat = os.path.join(os.path.dirname(path), "prompts.jsonl")  # beside <prompt>_s<seed>.png
+    mjhq = os.path.join(os.path.dirname(os.path.dirname(path)), "prompts.jsonl")  # above <category>/<id>.png
+    if SAMPLE_NAME.fullmatch(stem) and os.path.exists(flat):
+        return lookup_prompt(_prompt_file(flat), path, index, flat)
+    if os.path.exists(mjhq) and isinstance(_prompt_file(mjhq), dict) and stem in _prompt_file(mjhq):
+        return _prompt_file(mjhq)[stem]
+    if prompts is not None:
+        return lookup_prompt(prompts, path, index, "--prompts")
     if class_names is not None:
         folder = os.path.basename(os.path.dirname(path))
         name = class_names.get(folder) or class_names.get(str(class_dirs.index(folder)) if folder in class_dirs else "")
@@ -111,18 +157,38 @@ def prompt_for(path, prompts_by_index=None, index=None, class_names=None, class_
     return ""
 
 
-def folder_batches(files, batch_size, size=None, prompts=None, class_names=None):
-    """Yield (images (B,3,S,S), captions) over this rank's share of `files` (rank::world)."""
+def folder_batches(files, batch_size, size=None, prompts=None, class_names=None, groups=None, skipped=None):
+    """Yield (images (B,3,S,S), captions, group ids (B,) or None) over this rank's share of
+    `files` (rank::world). groups: one category id per file (or None). A file that does
+    not decode as an image is skipped and counted in `skipped` ({reason: count}, the
+    reasons of data.py's loaders), as data.py does, instead of ending the run."""
     rank, world = runtime.rank_world()
     class_dirs = sorted({os.path.basename(os.path.dirname(f)) for f in files})
     mine = list(range(len(files)))[rank::world]
+    skipped = {} if skipped is None else skipped
     for i in range(0, len(mine), batch_size):
-        idx = mine[i : i + batch_size]
-        imgs = [load_image(files[j], size) for j in idx]
+        idx, imgs = [], []
+        for j in mine[i : i + batch_size]:
+            try:
+                imgs.append(load_image(files[j], size))
+                idx.append(j)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's decode errors
+                reason = "unreadable_file" if isinstance(e, (FileNotFoundError, PermissionError)) else "corrupt_image"
+                skipped[reason] = skipped.get(reason, 0) + 1
+                if skipped[reason] <= 5:  # the first few, like data.py's SkipCounter
+                    print(f"skipped ({reason}) {files[j]}: {type(e).__name__}: {e}")
+        if not idx:
+            continue
         if len({tuple(t.shape) for t in imgs}) > 1:
             raise ValueError("images differ in size; pass --size to resize and centre-crop them")
         caps = [prompt_for(files[j], prompts, j, class_names, class_dirs) for j in idx]
-        yield torch.stack(imgs), caps
+        yield torch.stack(imgs), caps, None if groups is None else torch.tensor([groups[j] for j in idx])
+
+
+def sum_skipped(skipped):
+    """This rank's {reason: count} summed over all ranks (every rank calls it); nonzero only."""
+    counts = gather_rows(torch.tensor([[skipped.get(r, 0) for r in SKIP_REASONS]], dtype=torch.long)).sum(0)
+    return {r: int(n) for r, n in zip(SKIP_REASONS, counts) if n}
 
 
 def write_report(results, out_prefix, title):
@@ -147,17 +213,25 @@ def write_report(results, out_prefix, title):
 # Inputs: real images to reconstruct, generated images to score (models: load.py).
 
 
-def recon_batches(spec, batch_size, size, class_names=None):
+def recon_batches(spec, batch_size, size, class_names=None, skipped=None):
     """(images, captions) batches for `recon`: an image folder (with sidecar .txt captions
     or ImageNet-style class folders + a class-names file) is read here; tar shards and
-    everything else go through data.py's loader (one pass, centre crop, rank-sharded)."""
+    everything else go through data.py's loader (one pass, centre crop, rank-sharded).
+    Samples that cannot be read are skipped and counted in `skipped` ({reason: count})."""
+    skipped = {} if skipped is None else skipped
     if os.path.isdir(spec) and not any(n.endswith((".tar", ".tar.gz", ".tgz")) for n in os.listdir(spec)):
-        yield from folder_batches(list_images(spec), batch_size, size, class_names=class_names)
+        for images, captions, _ in folder_batches(list_images(spec), batch_size, size, class_names=class_names,
+                                                  skipped=skipped):  # fmt: skip
+            yield images, captions
         return
     rank, world = runtime.rank_world()
     loader = data.image_text_loader(spec, size, batch_size, rank=rank, world_size=world, train=False)
-    for batch in loader:
-        yield batch["image"], list(batch["caption"])
+    try:
+        for batch in loader:
+            yield batch["image"], list(batch["caption"])
+    finally:  # also when --limit stops early
+        for reason, n in loader.dataset.skipped.counts().items():
+            skipped[reason] = skipped.get(reason, 0) + n
 
 
 def generate_shapes_images(prompts, generator=None, tokenizer=None, device="cpu", seed=0, batch_size=50,
@@ -166,8 +240,6 @@ def generate_shapes_images(prompts, generator=None, tokenizer=None, device="cpu"
     sample.py (generator=None: the shipped checkpoints/shapes.pt). Under torchrun every rank draws
     prompts rank::world and rank 0 gets all images back, in prompt order.
     Returns a list of uint8 (H, W, 3) arrays (complete on rank 0)."""
-    import sample
-
     models = load.load_models(generator, tokenizer, device)
     aesthetic = models.generator.config.aesthetic
     opts = dict(num_steps=num_steps, guidance_scale=guidance_scale, guidance_schedule=None,
@@ -197,53 +269,111 @@ def generate_shapes_images(prompts, generator=None, tokenizer=None, device="cpu"
 
 def cmd_recon(args, device):
     class_names = read_class_names(args.class_names) if args.class_names else None
-    tok, text = load.load_tokenizer(args.tokenizer, device)  # frozen; text: the encoder its decoder was trained with
+    tok, text = load.load_tokenizer(args.tokenizer, device, revision=args.revision)  # frozen; text: the encoder its decoder was trained with
     size = args.size or tok.config.image_size
     extractor = None if args.no_fid else inception_extractor(device, args.inception_weights)
-    batches = recon_batches(args.data, args.batch_size, size, class_names)
+    skipped = {}
+    source = batches = recon_batches(args.data, args.batch_size, size, class_names, skipped)
     if args.limit:  # the first N batches' worth, per rank
-        batches = (b for b, _ in zip(batches, range(-(-args.limit // args.batch_size))))
+        batches = (b for b, _ in zip(source, range(-(-args.limit // args.batch_size))))
     res = evaluate_reconstruction(tok, text, batches, extractor, args.is_splits)
-    return res, f"reconstruction: {args.tokenizer} on {args.data}"
+    source.close()  # the loader's skip counts are read when it closes
+    return with_skips(res, skipped), f"reconstruction: {args.tokenizer} on {args.data}"
+
+
+def with_skips(res, skipped, key="skipped"):
+    """res plus {key: the skip counts summed over ranks}, when anything was skipped."""
+    total = sum_skipped(skipped)
+    if total:
+        print(f"{key}: " + ", ".join(f"{r}={n}" for r, n in total.items()))
+    return {**res, key: total} if total else res
+
+
+def categories_of(files, root):
+    """The first folder under root of each file (MJHQ's <root>/<category>/<id>.jpg), or
+    None for a file directly in root."""
+    parts = [os.path.relpath(f, root).split(os.sep) for f in files]
+    return [p[0] if len(p) > 1 else None for p in parts]
+
+
+def shared_categories(gen_cats, ref_cats, ref):
+    """The categories `gen` scores one by one: when every generated image lies in a
+    <category>/ folder and the reference has folders of those names (MJHQ-30K's layout,
+    which sample.py --mjhq writes), their sorted names; else None (overall FID only)."""
+    gen, refs = set(gen_cats), set(ref_cats) - {None}
+    if None in gen or not gen & refs:
+        return None
+    if gen - refs:
+        raise ValueError(
+            f"per-category FID: the reference {ref} has no category {sorted(gen - refs)} of the generated images; "
+            f"both sides need MJHQ-30K's layout, <dir>/<category>/<image> (sample.py --mjhq writes it)"
+        )
+    return sorted(gen)
+
+
+def save_ref_stats(path, stats):
+    """The reference statistics ({"": (mu, sigma), category: (mu, sigma)}) as a .npz:
+    mu, sigma, and per category (when there are any) categories, mu_per_category,
+    sigma_per_category."""
+    cats = [c for c in stats if c]
+    per = dict(categories=np.array(cats), mu_per_category=np.stack([stats[c][0] for c in cats]),
+               sigma_per_category=np.stack([stats[c][1] for c in cats])) if cats else {}  # fmt: skip
+    np.savez(path, mu=stats[""][0], sigma=stats[""][1], **per)
+
+
+def load_ref_stats(path):
+    """A .npz written by --save-ref-stats -> {"": (mu, sigma), category: (mu, sigma)}."""
+    z = np.load(path)
+    if not {"mu", "sigma"} <= set(z.files):
+        raise ValueError(f"{path} holds {z.files}, not mu and sigma; write it with `evaluate.py gen --save-ref-stats`")
+    stats = {"": (z["mu"], z["sigma"])}
+    for k, name in enumerate(z["categories"] if "categories" in z.files else []):
+        stats[str(name)] = (z["mu_per_category"][k], z["sigma_per_category"][k])
+    return stats
 
 
 def cmd_gen(args, device):
+    if args.no_fid and not args.clip:
+        raise ValueError("gen --no-fid without --clip would compute nothing; drop --no-fid (FID and IS) or add --clip")
     files = list_images(args.images)[: args.limit]
-    prompts = None
-    if args.prompts:
-        with open(args.prompts) as f:
-            prompts = [ln.rstrip("\n") for ln in f if ln.strip()]
-        if len(prompts) < len(files):
-            raise ValueError(
-                f"--prompts has {len(prompts)} lines for {len(files)} images (one line per image, sorted file order)"
-            )
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    if isinstance(prompts, list) and len(prompts) < len(files):
+        raise ValueError(
+            f"--prompts has {len(prompts)} lines for {len(files)} images (one line per image, sorted file order)"
+        )
     extractor = None if args.no_fid else inception_extractor(device, args.inception_weights)
-    ref_batches, ref_stats = None, None
+    ref_batches, ref_stats, categories, gen_skipped, ref_skipped = None, None, None, {}, {}
+    gen_cats = categories_of(files, args.images)
     if extractor is not None:
         if args.ref is None:
             raise ValueError("gFID needs --ref (a folder of reference images or a .npz with mu, sigma), or --no-fid")
         if args.ref.endswith(".npz"):
-            z = np.load(args.ref)
-            ref_stats = (z["mu"], z["sigma"])
+            ref_stats = load_ref_stats(args.ref)
+            categories = shared_categories(gen_cats, list(ref_stats), args.ref)
         else:
-            ref_batches = folder_batches(list_images(args.ref)[: args.ref_limit], args.batch_size, args.size)
+            ref_files = list_images(args.ref)[: args.ref_limit]
+            ref_cats = categories_of(ref_files, args.ref)
+            categories = shared_categories(gen_cats, ref_cats, args.ref)
+            ref_groups = [categories.index(c) if c in categories else -1 for c in ref_cats] if categories else None
+            ref_batches = folder_batches(ref_files, args.batch_size, args.size, groups=ref_groups, skipped=ref_skipped)
+    groups = [categories.index(c) for c in gen_cats] if categories else None
     clip = CLIPScorer(args.clip_model, args.clip_pretrained, device) if args.clip else None
-    gen = folder_batches(files, args.batch_size, args.size, prompts=prompts)
-    res, stats = evaluate_generation(gen, extractor, ref_batches, ref_stats, clip, args.is_splits)
+    gen = folder_batches(files, args.batch_size, args.size, prompts=prompts, groups=groups, skipped=gen_skipped)
+    res, stats = evaluate_generation(gen, extractor, ref_batches, ref_stats, clip, args.is_splits, categories)
+    res = with_skips(with_skips(res, gen_skipped), ref_skipped, "ref_skipped")
     if args.save_ref_stats and stats is not None and runtime.rank_world()[0] == 0:
-        np.savez(args.save_ref_stats, mu=stats[0], sigma=stats[1])
+        save_ref_stats(args.save_ref_stats, stats)
         print(f"saved reference statistics to {args.save_ref_stats}")
     return res, f"generation: {args.images} vs {args.ref}"
 
 
 def cmd_shapes(args, device):
+    if args.n_per_category < 1:
+        raise ValueError(f"--n-per-category must be at least 1, got {args.n_per_category}")
     if args.images:  # a folder of already generated images with their prompts
         files = list_images(args.images)
-        prompts = None
-        if args.prompts:
-            with open(args.prompts) as f:
-                prompts = [ln.rstrip("\n") for ln in f if ln.strip()]
-        if prompts is not None and len(prompts) < len(files):
+        prompts = read_prompts(args.prompts) if args.prompts else None
+        if isinstance(prompts, list) and len(prompts) < len(files):
             raise ValueError(f"--prompts has {len(prompts)} lines for {len(files)} images (one per image, in order)")
         caps = [prompt_for(p, prompts, i) for i, p in enumerate(files)]
         images = [to_uint8(load_image(p)).permute(1, 2, 0).numpy() for p in files]
@@ -298,7 +428,8 @@ def main(argv=None):
     fid.add_argument("--limit", type=int, default=None, help="use only the first N images")
 
     p = sub.add_parser("recon", parents=[common, fid], help="tokenizer reconstruction: rFID, IS, PSNR, codebook")
-    p.add_argument("--tokenizer", required=True, help="official checkpoint dir or project checkpoint")
+    p.add_argument("--tokenizer", required=True, help="official release dir or Hub id (owner/name[@rev]), or our run / checkpoint")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag, commit) for a --tokenizer Hub id")
     p.add_argument("--data", required=True, help="image folder (e.g. ImageNet val with class sub-folders)")
     p.add_argument("--class-names", default=None, help="class names file -> captions 'A photo of a {class}.'")
     p.add_argument("--size", type=int, default=None, help="resize+centre-crop side (default: tokenizer's)")
@@ -309,14 +440,16 @@ def main(argv=None):
     p.add_argument("--ref-limit", type=int, default=None)
     p.add_argument("--save-ref-stats", default=None, help="save the reference mu / sigma to this .npz")
     p.add_argument("--size", type=int, default=None, help="resize+centre-crop side (needed if sizes differ)")
-    p.add_argument("--prompts", default=None, help="prompt file, one line per image in sorted file order")
+    p.add_argument("--prompts", default=None,
+                   help="prompts for --clip: .txt (one line per image, sorted file order), sample.py's prompts.jsonl "
+                   "(matched by file name) or MJHQ-30K's meta_data.json; default: what the folder holds")  # fmt: skip
     p.add_argument("--clip", action="store_true", help="also compute the CLIP score")
     p.add_argument("--clip-model", default="ViT-L-14")
     p.add_argument("--clip-pretrained", default="openai")
 
     p = sub.add_parser("shapes", parents=[common], help="shapes-world compositional score")
     p.add_argument("--images", default=None, help="folder of generated images (prompts as in `gen`)")
-    p.add_argument("--prompts", default=None)
+    p.add_argument("--prompts", default=None, help="as for gen")
     p.add_argument("--generator", default=None, help="MaskGen checkpoint (default: the shipped one), via sample.py")
     p.add_argument("--tokenizer", default=None, help="TA-TiTok checkpoint (default: the one the generator records)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the generator's config)")
@@ -330,6 +463,8 @@ def main(argv=None):
     p.add_argument("--details", default=None, help="write per-prompt results to this .jsonl")
 
     args = ap.parse_args(argv)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     rank, _, device = runtime.setup_distributed(args.device or "auto")  # joins torchrun's process group
     res, title = {"recon": cmd_recon, "gen": cmd_gen, "shapes": cmd_shapes}[args.cmd](args, device)
     if rank == 0:

@@ -10,6 +10,8 @@ format in official.py, checkpoint files and run folders in checkpoint.py.
 Every entry point (sample.py, tokviz.py, evaluate.py, data.py pretokenize, train_maskgen.py)
 accepts the same references, for the tokenizer and for the generator alike:
     an official release directory   config.json + model.safetensors (Hugging Face layout)
+    its Hugging Face Hub id          owner/name, hf-hub:owner/name, owner/name@revision: fetched
+                                     into the Hub cache (official.local_path); a local path wins
     one of our training runs         a folder of ckpt_*.pt (the newest readable one is used)
     one checkpoint file              written by train_tokenizer.py / train_maskgen.py
     a bundle                         {"tokenizer": ..., "generator": ...}, like checkpoints/shapes.pt;
@@ -20,20 +22,23 @@ Weights: the EMA copy when a checkpoint has one (it samples better), else the ra
     g = load_generator(ref, device)          # LoadedGenerator(model, text, tokenizer, source, where)
     m = load_models(generator, tokenizer, device)   # Models: both, cross-checked, with text encoder(s)
     write_bundle(generator, tokenizer, out)  # one self-contained file from our two runs
+    export_release(ref, out)                 # a run / checkpoint / bundle -> release directories
 Every check runs on the configs, before any model is built, so a wrong pairing costs seconds.
 """
 
-import json
 import os
 from typing import NamedTuple, Optional
 
 import torch
+from safetensors.torch import save_file
 
 import maskgen as M
 import official
 import tokenizer as T
-from checkpoint import load_checked, newest_checkpoint, torch_load
-from text import TextEncoder, build_text_encoder
+from checkpoint import (
+    atomic_write, check_out_dir, check_out_file, load_checked, newest_checkpoint, run_checkpoints, torch_load, write_dir,
+)  # fmt: skip
+from text import TEXT_PRESETS, build_text_encoder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The small model trained on the shapes world that ships with the repository: one file
@@ -55,8 +60,11 @@ class TextSpec(NamedTuple):
     state: Optional[dict]  # weights of a small random tower saved inside the checkpoint
 
 
-# The official releases were all trained with OpenAI's CLIP ViT-L/14 at 336 px.
+# The official releases were all trained with OpenAI's CLIP ViT-L/14 at 336 px. A release
+# exported here from a run with another text encoder records it in config.json
+# ("text_encoder": {"name", "pretrained"}), and a small random tower's weights beside it.
 OFFICIAL_TEXT = TextSpec("ViT-L-14-336", "openai", None)
+TEXT_FILE = "text_encoder.safetensors"
 
 # Which official tokenizer each official generator was trained on (official inference configs).
 OFFICIAL_PAIRS = "MaskGen-VQ (L, XL) <- tokenizer_tatitok_bl128_vq;  MaskGen-KL (L, XL) <- tokenizer_tatitok_bl32_vae"
@@ -90,24 +98,28 @@ def default_checkpoint(missing):
 # Opening a reference and saying what it is (cheap: configs only, nothing built).
 
 
-def _open_checkpoint(path, role):
-    """path -> ("official", dir, dir) or ("file", ckpt dict, file). role: 'generator' | 'tokenizer'."""
-    path = os.fspath(path)
+def _open_checkpoint(path, role, revision=None):
+    """path -> ("official", dir, dir) or ("file", ckpt dict, file). role: 'generator' | 'tokenizer'
+    (or 'export': SRC of `sample.py export`). A Hub id becomes its snapshot directory
+    (revision: for ids that name none)."""
+    path = os.fspath(official.local_path(path, revision, f"{role} checkpoint"))
+    flag = "SRC" if role == "export" else f"--{role}"
     if not os.path.exists(path):
         raise FileNotFoundError(
-            f"{role} checkpoint {path!r} does not exist; pass --{role} an official release directory "
-            f"(config.json + model.safetensors), one of our run folders (ckpt_*.pt) or a checkpoint file"
+            f"{role} checkpoint {path!r} does not exist; pass {flag} an official release directory "
+            f"(config.json + model.safetensors) or its Hub id (owner/name[@revision]), one of our run folders "
+            f"(ckpt_*.pt) or a checkpoint file"
         )
     if not os.path.isdir(path):
         ckpt = torch_load(path)
-    elif os.path.isfile(os.path.join(path, "config.json")):
+    elif _release_dir(path):
         return "official", path, path
     else:
         found, ckpt = newest_checkpoint(path)
         if found is None:
             raise FileNotFoundError(
                 f"{role} directory {path!r} holds neither config.json (an official release) nor ckpt_*.pt "
-                f"(one of our training runs); point --{role} at one of those"
+                f"(one of our training runs); point {flag} at one of those"
             )
         path = found
     if not isinstance(ckpt, dict):
@@ -115,10 +127,16 @@ def _open_checkpoint(path, role):
     return "file", ckpt, path
 
 
-def _official_config(path):
-    """A release directory's config.json, as written (official.py's readers unwrap it)."""
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f)
+def _release_text(where, cfg):
+    """The text encoder a release was trained with: OpenAI's CLIP ViT-L-14-336, unless its
+    config.json records another (a release exported by export_release)."""
+    spec = cfg.get("text_encoder")
+    if spec is None:
+        return OFFICIAL_TEXT
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ValueError(f"{where}/config.json: 'text_encoder' must be {{\"name\": ..., \"pretrained\": ...}}, got {spec!r}")
+    f = os.path.join(where, TEXT_FILE)
+    return TextSpec(spec["name"], spec.get("pretrained", "openai"), official.load_tensors(f) if os.path.isfile(f) else None)
 
 
 def _official_role(cfg):
@@ -163,16 +181,21 @@ class Source(NamedTuple):
     tokenizer: object = None  # generators: the recorded tokenizer, a path (str), a ckpt dict (bundle), or None
 
 
-def resolve_generator(path):
-    kind, payload, where = _open_checkpoint(path, "generator")
+def resolve_generator(path, revision=None):
+    """A generator reference (module docstring) -> its Source. revision: for Hub ids."""
+    return _generator_source(*_open_checkpoint(path, "generator", revision))
+
+
+def _generator_source(kind, payload, where):
     if kind == "official":
-        cfg = _official_config(where)
+        cfg = official.read_config(where)
         if _official_role(cfg) == "tokenizer":
             raise ValueError(
                 f"{where!r} is a TA-TiTok tokenizer release (its config.json has no model.maskgen); pass it as "
                 f"--tokenizer, and a MaskGen release (turkeyju/generator_maskgen_*) as --generator"
             )
-        return Source("official", where, None, M.MaskGenConfig(**official.maskgen_kwargs(cfg, where)), OFFICIAL_TEXT)
+        mcfg = M.MaskGenConfig(**official.maskgen_kwargs(cfg, os.path.join(where, "config.json")))
+        return Source("official", where, None, mcfg, _release_text(where, cfg))
 
     ckpt, tokenizer_ref = payload, None
     role = _file_role(ckpt)
@@ -197,21 +220,23 @@ def resolve_generator(path):
 
 def _find_recorded_tokenizer(path, gen_where):
     """A tokenizer path recorded in a generator's config was relative to where training ran;
-    try it as given, then next to the generator checkpoint, then next to this script."""
+    try it as given, then next to the generator checkpoint, then next to this script. A Hub
+    id found nowhere locally is returned as it is, to be fetched."""
     if os.path.isabs(path):
         return path if os.path.exists(path) else None
     base = os.path.dirname(os.path.abspath(gen_where))
     for cand in (path, os.path.join(base, path), os.path.join(os.path.dirname(base), path), os.path.join(HERE, path)):
         if os.path.exists(cand):
             return cand
-    return None
+    return path if official.hub_id(path) else None
 
 
-def resolve_tokenizer(ref, gen=None):
+def resolve_tokenizer(ref, gen=None, revision=None):
     """Read the tokenizer's config (cheaply, without building it).
 
-    ref: a path given by the user, or (gen given) what the generator recorded: a path
-    from its training config or, for a bundle, the tokenizer's checkpoint dict."""
+    ref: a reference given by the user (revision: for Hub ids), or (gen given) what the
+    generator recorded: a path or Hub id from its training config or, for a bundle, the
+    tokenizer's checkpoint dict."""
     if ref is None:
         raise ValueError(
             f"the generator {gen.where!r} does not say which tokenizer it was trained with (official releases "
@@ -221,17 +246,24 @@ def resolve_tokenizer(ref, gen=None):
         kind, ckpt, where = "file", ref, f"{gen.where} [tokenizer]"
     else:
         found = ref if gen is None else _find_recorded_tokenizer(ref, gen.where)
+        recorded = f"the generator {gen.where!r} was trained with tokenizer {ref!r} (recorded in its config)" if gen else ""
         if found is None:
-            raise FileNotFoundError(
-                f"the generator {gen.where!r} was trained with tokenizer {ref!r} (recorded in its config), which "
-                f"is not found from here; pass --tokenizer PATH to that tokenizer run or release"
-            )
-        kind, ckpt, where = _open_checkpoint(found, "tokenizer")
+            raise FileNotFoundError(f"{recorded}, which is not found from here; pass --tokenizer PATH to that "
+                                    f"tokenizer run or release")  # fmt: skip
+        try:
+            kind, ckpt, where = _open_checkpoint(found, "tokenizer", None if gen else revision)
+        except official.HubError as e:
+            raise official.HubError(f"{recorded}: {e}" if gen else str(e)) from None
+    return _tokenizer_source(kind, ckpt, where)
+
+
+def _tokenizer_source(kind, ckpt, where):
     if kind == "official":
-        cfg = _official_config(where)
+        cfg = official.read_config(where)
         if _official_role(cfg) == "generator":
             raise ValueError(f"{where!r} is a MaskGen release, not a tokenizer; pass it as --generator")
-        return Source("official", where, None, T.TATiTokConfig(**official.tatitok_kwargs(cfg)), OFFICIAL_TEXT)
+        tcfg = T.TATiTokConfig(**official.tatitok_kwargs(cfg, os.path.join(where, "config.json")))
+        return Source("official", where, None, tcfg, _release_text(where, cfg))
     role = _file_role(ckpt)
     if role == "bundle":
         ckpt, where = ckpt["tokenizer"], where + " [tokenizer]"
@@ -270,25 +302,25 @@ def _build_tokenizer(src, device, with_text=True):
     model = model.to(device).eval().requires_grad_(False)
     if not with_text:  # e.g. pretokenization: no text needed, and no CLIP download
         return model, None, source
-    text = TextEncoder() if src.kind == "official" else build_text_encoder(*src.text, src.where)  # official: CLIP ViT-L-14-336
+    text = build_text_encoder(*src.text, src.where)  # official releases: CLIP ViT-L-14-336
     return model, text.to(device), source
 
 
-def load_tokenizer(ref, device="cpu", with_text=True):
+def load_tokenizer(ref, device="cpu", with_text=True, revision=None):
     """A frozen TA-TiTok (eval mode, no gradients) and the text encoder its decoder was trained
-    with, from any reference in the module docstring. Returns (tokenizer, text_encoder), or
-    (tokenizer, None) with with_text=False."""
-    tok, text, _ = _build_tokenizer(resolve_tokenizer(ref), device, with_text)
+    with, from any reference in the module docstring (revision: for Hub ids that name none).
+    Returns (tokenizer, text_encoder), or (tokenizer, None) with with_text=False."""
+    tok, text, _ = _build_tokenizer(resolve_tokenizer(ref, revision=revision), device, with_text)
     return tok, text
 
 
-def load_generator(path, device="cpu"):
-    """MaskGen (eval mode) from any reference in the module docstring.
+def load_generator(path, device="cpu", revision=None):
+    """MaskGen (eval mode) from any reference in the module docstring (revision: for Hub ids).
 
     Returns LoadedGenerator(model, text, tokenizer, source, where); `tokenizer` is where
     the matching tokenizer is (None for official releases: pass --tokenizer).
     """
-    src = resolve_generator(path)
+    src = resolve_generator(path, revision)
     model, source = _build_generator(src, device)
     return LoadedGenerator(model, src.text, src.tokenizer, source, src.where)
 
@@ -357,26 +389,27 @@ def check_text(gcfg, tcfg, gen_text, tok_text, gen_where, tok_where):
         raise ValueError("text encoder mismatch:\n  - " + "\n  - ".join(problems) + "\nFix: use the checkpoints as trained (same text encoder).")
 
 
-def _resolve_pair(generator, tokenizer):
+def _resolve_pair(generator, tokenizer, revision=None, gen=None):
     """Both configs, read and checked to fit. An explicit tokenizer wins; otherwise the one
-    the generator records (our runs, bundles)."""
-    gen = resolve_generator(generator)
-    src = resolve_tokenizer(tokenizer) if tokenizer is not None else resolve_tokenizer(gen.tokenizer, gen)
+    the generator records (our runs, bundles). gen: the generator's Source, if resolved."""
+    gen = gen or resolve_generator(generator, revision)
+    src = resolve_tokenizer(tokenizer, revision=revision) if tokenizer is not None else resolve_tokenizer(gen.tokenizer, gen)
     check_pair(src.config, gen.config, src.where, gen.where)
     return gen, src
 
 
-def load_models(generator=None, tokenizer=None, device="cpu"):
+def load_models(generator=None, tokenizer=None, device="cpu", revision=None):
     """Load and cross-check the generator, its tokenizer and their text encoder(s).
 
     With neither path, the shipped checkpoints/shapes.pt is used. For our runs and the
-    bundle, the tokenizer may be omitted: the generator knows its tokenizer.
+    bundle, the tokenizer may be omitted: the generator knows its tokenizer. revision: the
+    Hub revision for generator / tokenizer Hub ids that name none (owner/name@rev does).
     """
     if generator is None:
         if tokenizer is not None:
             raise ValueError("--tokenizer was given without --generator; pass the MaskGen checkpoint as --generator too")
         generator = default_checkpoint("no checkpoint given")
-    gen, src = _resolve_pair(generator, tokenizer)  # before building anything big
+    gen, src = _resolve_pair(generator, tokenizer, revision)  # before building anything big
     # Only now build the models and the text encoder(s) (possibly a CLIP download).
     gen_model, gen_source = _build_generator(gen, device)
     tok, tok_text, tok_source = _build_tokenizer(src, device)
@@ -390,10 +423,12 @@ def load_models(generator=None, tokenizer=None, device="cpu"):
     return Models(gen_model, tok, gen_text, tok_text, gen_source, tok_source)
 
 
-def write_bundle(generator, tokenizer, out, fp32=False):
+def write_bundle(generator, tokenizer, out, fp32=False, overwrite=False):
     """One self-contained file with our generator's and its tokenizer's EMA weights, configs
     and small text tower (how checkpoints/shapes.pt is made). Weights are stored in fp16
-    unless fp32; they are loaded back into fp32 models."""
+    unless fp32; they are loaded back into fp32 models. An existing `out` is replaced only
+    with overwrite; the file appears whole or not at all."""
+    check_out_file(out, overwrite)  # before any work
     gen, src = _resolve_pair(generator, tokenizer)
     if gen.kind != "ckpt" or src.kind != "ckpt":
         raise ValueError("bundle packs our own runs; official releases are already self-contained directories")
@@ -409,8 +444,87 @@ def write_bundle(generator, tokenizer, out, fp32=False):
                       "config": gen_ck["config"]},
     }  # fmt: skip
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    torch.save(bundle, tmp)
-    os.replace(tmp, out)  # atomic: a crash never leaves a half-written bundle
+    atomic_write(out, lambda f: torch.save(bundle, f))  # a crash never leaves a half-written bundle
     print(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB) from {gen.where} + {src.where}")
     return out
+
+
+# -----------------------------------------------------------------------------
+# Exporting to the release layout, and recording references.
+
+
+def _usable_text(text):
+    """Can this TextSpec rebuild its encoder? A random tower needs its weights."""
+    return text.name is not None and (text.state is not None or text.name not in TEXT_PRESETS)
+
+
+def export_release(ref, out, which=None, tokenizer=None, overwrite=False, revision=None):
+    """Write a model from `ref` (a run folder, checkpoint file, bundle, or release) in the
+    official release layout, which from_official and the official code read. EMA weights
+    when present, as the samplers use. which: "tokenizer" | "generator" | "both" (default:
+    both for a generator or bundle, the tokenizer for a tokenizer); tokenizer: the
+    generator's tokenizer when it records none. One model fills `out` itself; both go to
+    out/generator and out/tokenizer. A text encoder other than the official CLIP is
+    recorded in config.json ("text_encoder"), with a random tower's weights in
+    text_encoder.safetensors. Returns {role: directory}."""
+    if which not in (None, "tokenizer", "generator", "both"):
+        raise ValueError(f"--which must be tokenizer, generator or both, got {which!r}")
+    check_out_dir(out, overwrite)  # before any work
+    kind, payload, where = opened = _open_checkpoint(ref, "export", revision)
+    role = _official_role(official.read_config(where)) if kind == "official" else _file_role(payload)
+    if role == "unknown":
+        raise ValueError(f"{where!r} is neither a TA-TiTok nor a MaskGen checkpoint (keys: {sorted(payload)[:10]})")
+    which = which or ("tokenizer" if role == "tokenizer" else "both")
+    if role == "tokenizer" and which != "tokenizer":
+        raise ValueError(f"{where!r} is a TA-TiTok tokenizer; it holds no generator: use --which tokenizer")
+    gen = tok = None
+    if role == "tokenizer":
+        tok = _tokenizer_source(*opened)
+    else:
+        gen = _generator_source(*opened)
+        if which != "generator" or tokenizer is not None or gen.tokenizer is not None:  # its text encoder too
+            tok = _resolve_pair(None, tokenizer, revision, gen)[1]
+    parts = {}  # role -> (Source, the TextSpec to record)
+    if tok is not None and which != "generator":
+        parts["tokenizer"] = (tok, tok.text)
+    if gen is not None and which != "tokenizer":
+        # A generator that records no text encoder, or a bundle's (its tower is stored once,
+        # with the tokenizer), was trained with its tokenizer's.
+        parts["generator"] = (gen, tok.text if tok is not None and _same_text(gen.text, tok.text) else gen.text)
+    for role, (src, text) in parts.items():
+        if not _usable_text(text):
+            raise ValueError(f"the {role} {src.where!r} does not record the text encoder it was trained with (or a "
+                             f"random tower's weights); pass --tokenizer, the TA-TiTok run it was trained with")  # fmt: skip
+
+    def write(tmp):
+        for role, (src, text) in parts.items():  # built one at a time: one model in memory
+            model = _build_tokenizer(src, "cpu", with_text=False)[0] if role == "tokenizer" else _build_generator(src, "cpu")[0]
+            d = os.path.join(tmp, role) if len(parts) > 1 else tmp
+            extra = {} if text == OFFICIAL_TEXT else {"text_encoder": {"name": text.name, "pretrained": text.pretrained}}
+            official.save(model, d, **extra)
+            if text.state is not None:
+                save_file({k: v.contiguous().clone() for k, v in text.state.items()}, os.path.join(d, TEXT_FILE))
+
+    write_dir(out, write, overwrite)
+    dirs = {role: os.path.join(out, role) if len(parts) > 1 else out for role in parts}
+    for role, d in dirs.items():
+        print(f"wrote the {role} release {d}/ from {where}; load it with --{role} {d}")
+    return dirs
+
+
+def record_ref(ref):
+    """How to record a reference for later use (meta.json, configs): a Hub id as given,
+    a local path made absolute."""
+    return ref if official.hub_id(ref) else os.path.abspath(ref)
+
+
+def is_release(ref, revision=None):
+    """Is `ref` an official-layout release (a directory with config.json, or a Hub id of one)?"""
+    return _release_dir(official.local_path(ref, revision))
+
+
+def _release_dir(path):
+    """A directory with config.json that is not one of our run folders (the trainers write a
+    config.json of their own there, beside log.jsonl and ckpt_*.pt)."""
+    run = os.path.isfile(os.path.join(path, "log.jsonl")) or run_checkpoints(path)
+    return os.path.isfile(os.path.join(path, "config.json")) and not run

@@ -37,6 +37,7 @@ Public API:
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import official
-from diffloss import DiffLoss
+from diffloss import DiffLoss, check_generators, draw_rows
 from mmdit import AdaLNContinuous, MMDiT
 from schedules import (
     arccos_mask_rate, check_guidance_schedule, gumbel, kl_draw_schedule, kl_guidance_scale, vq_guidance_scale,
@@ -218,17 +219,18 @@ class MaskGen(MMDiT):
             linear | none; KL: linear | constant). 1.0 means NO guidance: one conditional
             pass per step, no unconditional batch.
         randomize_temperature (VQ), temperature, guidance_scale_pow (VQ): see _decode.
-        generator: optional torch.Generator on the inputs' device, for reproducibility.
+        generator: optional torch.Generator on the inputs' device, for reproducibility; or
+            a list of B of them, one per image (diffusers' convention): image b's random
+            draws then come from generator[b] alone, so it equals image 0 of a call for
+            caption b alone with an identically seeded generator (float rounding of the
+            batched matmuls aside), whatever else is in the batch.
         """
         c = self.config
         g = float(c.guidance_scale if guidance_scale is None else guidance_scale)
         schedule = c.guidance_schedule if guidance_schedule is None else guidance_schedule
         check_guidance_schedule(c.mode, schedule)
-        if generator is not None and generator.device.type != text.device.type:
-            raise ValueError(
-                f"the generator is on {generator.device} but the inputs are on {text.device}; "
-                f"create it with torch.Generator(device={str(text.device)!r}).manual_seed(seed)"
-            )
+        check_number("guidance_scale", g)
+        generator = check_generators(generator, text.device, count=text.shape[0])
         txt, cond = self._prompt_conditions(text, pooled, null_text, null_pooled, aesthetic, g != 1.0)  # once
         mods = self.modulations(cond)  # once: every step reuses them
         N = c.num_steps if num_steps is None else int(num_steps)
@@ -236,14 +238,19 @@ class MaskGen(MMDiT):
                             randomize_temperature, temperature, guidance_scale_pow)  # fmt: skip
 
     @classmethod
-    def from_official(cls, path):
-        """Load a released directory (turkeyju/generator_maskgen_{vq_l,vq_xl,kl_l,kl_xl}):
-        config.json + model.safetensors, read tensor by tensor (official.py)."""
-        release = official.Release(path, "MaskGen")
-        config = MaskGenConfig(**official.maskgen_kwargs(release.config, release.path))
+    def from_official(cls, path, revision=None):
+        """Load a released directory: config.json + model.safetensors, read tensor by tensor
+        (official.py). path may be a Hugging Face Hub id, e.g. "turkeyju/generator_maskgen_vq_l"
+        (or _vq_xl, _kl_l, _kl_xl), or "owner/name@revision" (revision=: the default)."""
+        release = official.Release(path, "MaskGen", revision)
+        config = MaskGenConfig(**official.maskgen_kwargs(release.config, release.config_file))
         if cls is not MaskGen and config.mode != cls.mode:
             raise ValueError(f"{path!r} holds a MaskGen-{config.mode.upper()} model; load it with MaskGen.from_official")
         return official.load_weights(MaskGen(config, init_weights=False), release)  # it overwrites every weight
+
+    def save_official(self, path):
+        """Write this model as a release directory that from_official (and the official code) reads."""
+        return official.save(self, path)
 
 
 class MaskGenVQ(MaskGen):
@@ -343,8 +350,12 @@ class MaskGenVQ(MaskGen):
         c = self.config
         rand_t = float(c.randomize_temperature if randomize_temperature is None else randomize_temperature)
         temperature = c.temperature if temperature is None else temperature
+        check_number("randomize_temperature", rand_t)
+        check_number("temperature", temperature, positive=True)  # it divides the logits
         device, K, guided = txt.device, c.num_tokens, g != 1.0
         remasked = vq_mask_schedule(K, N)
+        # Gumbel noise; with one generator per image, image b's rows come from generator b.
+        noise = lambda shape, gen: gumbel(shape, gen, device)  # noqa: E731
         ids = torch.full((B, K), self.mask_id, dtype=torch.long, device=device)
         for step in range(N):
             ratio = (step + 1) / N
@@ -359,7 +370,7 @@ class MaskGenVQ(MaskGen):
 
             # Sample ids by Gumbel-max; the noise temperature anneals to 0 at the last step.
             noise_t = rand_t * (1 - ratio)
-            noisy = logits + noise_t * gumbel(logits.shape, generator, device) if noise_t > 0 else logits
+            noisy = logits + noise_t * draw_rows(noise, logits.shape, generator) if noise_t > 0 else logits
             sampled = noisy.argmax(dim=-1)  # (B, K)
             is_mask = ids == self.mask_id
             sampled = torch.where(is_mask, sampled, ids)  # already decoded tokens stay
@@ -371,7 +382,7 @@ class MaskGenVQ(MaskGen):
             confidence = logits.gather(-1, sampled[..., None]).squeeze(-1)  # (B, K)
             confidence = torch.where(is_mask, confidence, torch.inf)
             if noise_t > 0:
-                confidence = confidence + noise_t * gumbel(confidence.shape, generator, device)
+                confidence = confidence + noise_t * draw_rows(noise, confidence.shape, generator)
             # Re-mask exactly the `remasked[step]` least confident tokens (a fixed count,
             # so the shapes are static; the official's `<= cut-off` picks the same set
             # unless two confidences tie exactly).
@@ -492,8 +503,11 @@ class MaskGenKL(MaskGen):
         """
         c = self.config
         temperature = (1.0 if c.temperature is None else c.temperature) if temperature is None else temperature
+        check_number("temperature", temperature)  # scales DiffLoss's noise: 0 = no noise
         device, K, C, D, guided = txt.device, c.num_tokens, c.token_size, c.width, g != 1.0
-        order = torch.rand((B, K), generator=generator, device=device).argsort(dim=-1)  # (B, K) generation order
+        # (B, K) generation order; with one generator per image, row b comes from generator b
+        order = draw_rows(lambda shape, gen: torch.rand(shape, generator=gen, device=device), (B, K), generator)
+        order = order.argsort(dim=-1)  # (B, K)
         tokens = torch.zeros(B, K, C, device=device)
         mask = torch.ones(B, K, device=device)  # 1 = still masked
         for lo, hi, left in kl_draw_schedule(K, N):
@@ -513,6 +527,13 @@ class MaskGenKL(MaskGen):
             tokens = tokens.scatter(1, idx[..., None].expand(-1, -1, C), new.to(tokens.dtype))
             mask = mask.scatter(1, idx, 0.0)
         return tokens / c.scale_factor  # (B, K, C)
+
+
+def check_number(name, value, positive=False):
+    """A sampling number of generate(): finite, and >= 0 (> 0 where `positive`); NaN or a
+    wrong sign would not fail, only give garbage tokens."""
+    if value is not None and not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise ValueError(f"generate(): {name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
 
 
 # -----------------------------------------------------------------------------

@@ -237,20 +237,24 @@ def gather_rows(x):
 
 
 class FeatureBank:
-    """Collects (features, logits) batch by batch on this rank; .gather() joins all ranks."""
+    """Collects (features, logits, group ids) batch by batch on this rank; .gather() joins
+    all ranks. A group id names the category of each image (-1: none)."""
 
     def __init__(self, extractor):
-        self.extractor, self.feats, self.logits = extractor, [], []
+        self.extractor, self.feats, self.logits, self.groups = extractor, [], [], []
 
-    def add(self, images):  # (B, 3, H, W) float in [0, 1]
+    def add(self, images, groups=None):  # images (B, 3, H, W) float in [0, 1]; groups (B,) ids or None
         f, l = self.extractor(to_uint8(images))
         self.feats.append(f.detach().float().cpu())
         self.logits.append(l.detach().float().cpu())
+        n = f.shape[0]
+        self.groups.append(torch.full((n,), -1) if groups is None else torch.as_tensor(groups).long().cpu())
 
     def gather(self):
         f = torch.cat(self.feats) if self.feats else torch.zeros(0, 1)
         l = torch.cat(self.logits) if self.logits else torch.zeros(0, 1)
-        return gather_rows(f).numpy(), gather_rows(l).numpy()
+        g = torch.cat(self.groups) if self.groups else torch.zeros(0, dtype=torch.long)
+        return gather_rows(f).numpy(), gather_rows(l).numpy(), gather_rows(g[:, None])[:, 0].numpy()
 
 
 # -----------------------------------------------------------------------------
@@ -337,42 +341,63 @@ def evaluate_reconstruction(tokenizer, text_encoder, batches, extractor=None, is
     if counter is not None:
         res.update(counter.result())
     if extractor is not None:
-        fr, _ = real_bank.gather()
-        ff, lf = fake_bank.gather()
+        fr, _, _ = real_bank.gather()
+        ff, lf, _ = fake_bank.gather()
         res["rfid"] = frechet_distance(*feature_stats(fr), *feature_stats(ff))
         res["inception_score"], res["inception_score_std"] = inception_score(lf, splits=is_splits)
     return res
 
 
+def stats_by_group(feats, groups, categories):
+    """{"": (mu, sigma) of all rows} plus {name: (mu, sigma)} for each category with at
+    least 2 rows (a Gaussian needs 2); groups (N,) holds row -> index into categories."""
+    stats = {"": feature_stats(feats)}
+    for k, name in enumerate(categories or []):
+        if (groups == k).sum() >= 2:
+            stats[name] = feature_stats(feats[groups == k])
+    return stats
+
+
 @torch.no_grad()
 def evaluate_generation(gen_batches, extractor=None, ref_batches=None, ref_stats=None, clip_scorer=None,
-                        is_splits=1):  # fmt: skip
-    """Generator metrics: FID against a reference set (its batches, or saved (mu, sigma)),
+                        is_splits=1, categories=None):  # fmt: skip
+    """Generator metrics: FID against a reference set (its batches, or saved statistics),
     IS of the generated images, and the CLIP score when a scorer is given.
 
-    gen_batches: iterable of (images (B,3,H,W) float [0,1], prompts list[str]).
-    ref_batches: iterable of (images, anything). Returns (metrics dict, ref (mu, sigma)).
+    gen_batches: iterable of (images (B,3,H,W) float [0,1], prompts list[str][, groups]).
+    ref_batches: iterable of (images, anything[, groups]).
+    categories: names for the optional groups, (B,) ids into this list (as MJHQ-30K's
+        categories): then also "fid_per_category", each category's generated images
+        against the same category's reference images, as MJHQ-30K reports it (a category
+        with fewer than 2 images on either side has no Gaussian, so no FID: left out).
+    ref_stats: {"": (mu, sigma) overall, name: (mu, sigma) per category}, as returned.
+    Returns (metrics dict, the reference statistics in that form).
     """
     bank = FeatureBank(extractor) if extractor else None
     clip = []
-    for images, prompts in gen_batches:
+    for images, prompts, *groups in gen_batches:
         if bank is not None:
-            bank.add(images)
+            bank.add(images, *groups)
         if clip_scorer is not None:
             clip.append(clip_scorer(images, prompts).float())
     res = {}
     stats = ref_stats
     if bank is not None:
-        feats, logits = bank.gather()
+        feats, logits, ids = bank.gather()
         res["num_images"] = int(feats.shape[0])
         if stats is None:
             if ref_batches is None:
                 raise ValueError("FID needs a reference: pass ref_batches or ref_stats")
             ref = FeatureBank(extractor)
-            for images, _ in ref_batches:
-                ref.add(images)
-            stats = feature_stats(ref.gather()[0])
-        res["fid"] = frechet_distance(*feature_stats(feats), *stats)
+            for images, _, *groups in ref_batches:
+                ref.add(images, *groups)
+            ref_feats, _, ref_ids = ref.gather()
+            stats = stats_by_group(ref_feats, ref_ids, categories)
+        mine = stats_by_group(feats, ids, categories)
+        res["fid"] = frechet_distance(*mine[""], *stats[""])
+        if categories:
+            res["fid_per_category"] = {c: frechet_distance(*mine[c], *stats[c]) for c in categories if c in mine and c in stats}
+            res["num_images_per_category"] = {c: int((ids == k).sum()) for k, c in enumerate(categories)}
         res["inception_score"], res["inception_score_std"] = inception_score(logits, splits=is_splits)
     if clip_scorer is not None:
         scores = gather_rows((torch.cat(clip) if clip else torch.zeros(0))[:, None])[:, 0]

@@ -21,6 +21,7 @@ the whole translation, so the model files hold only the models:
     state_dict(model), config(model)      the inverse: our model -> release weights / config.json
     save(model, path)                     write a release directory
     split_qkv(sd), fuse_qkv(sd)           MaskGen's fused <-> separate q/k/v projections
+    local_path(ref, revision)             a Hub id ('owner/name[@rev]') -> its downloaded snapshot directory
 
 It does not import tokenizer.py or maskgen.py (they import it): models are told apart by
 their config (a MaskGenConfig has `mode`, a TATiTokConfig `quantize_mode`).
@@ -28,6 +29,7 @@ their config (a MaskGenConfig has `mode`, a TATiTokConfig `quantize_mode`).
 
 import json
 import os
+import re
 
 import torch
 from safetensors import safe_open
@@ -47,26 +49,28 @@ class Release:
     Tensors are read one at a time when asked for (safetensors: straight from the file;
     pytorch_model.bin: memory-mapped when the file allows it), so loading into a model
     holds one copy of the weights, which matters for the 1.1B-parameter MaskGen-XL.
+    path may be a Hugging Face Hub id (see local_path; revision: for ids that name none).
     model ("TA-TiTok" or "MaskGen") only shapes the error messages.
     """
 
-    def __init__(self, path, model="MaskGen"):
+    def __init__(self, path, model="MaskGen", revision=None):
+        path = local_path(path, revision, f"{model} checkpoint")
         self.path = path = os.fspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(
                 f"{model} checkpoint directory {path!r} does not exist; download a release, e.g. "
-                f"`huggingface-cli download turkeyju/{_EXAMPLE[model]} --local-dir {path}`"
+                f"`hf download turkeyju/{_EXAMPLE[model]} --local-dir {path}` (`huggingface-cli download` before "
+                f"huggingface_hub 1.0), or pass its Hub id turkeyju/{_EXAMPLE[model]}"
             )
-        cfg_file = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_file):
+        self.config_file = os.path.join(path, "config.json")
+        if not os.path.isfile(self.config_file):
             raise FileNotFoundError(
                 f"{path!r} has no config.json; a release directory holds config.json and model.safetensors"
             )
-        with open(cfg_file) as f:
-            self.config = json.load(f)
+        self.config = read_config(self.config_file)
         st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
         if os.path.isfile(st):
-            self._st, self._sd = safe_open(st, framework="pt", device="cpu"), None
+            self._st, self._sd = open_safetensors(st), None
             self.keys = list(self._st.keys())
         elif os.path.isfile(pt):
             self._st, self._sd = None, torch_load(pt)
@@ -81,6 +85,43 @@ class Release:
 
     def get(self, key):
         return self._st.get_tensor(key) if self._st is not None else self._sd[key]
+
+
+def read_config(path):
+    """A release's config.json (path: the file or its directory) -> dict. Anything else
+    (empty, not JSON, not UTF-8, not an object) is a ValueError naming the file."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    fix = "re-download the release, or re-export it with `python sample.py export`"
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file (not UTF-8), so not a config.json; {fix}") from None
+    if not text.strip():
+        raise ValueError(f"{path} is empty (an interrupted download or copy?); {fix}")
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); {fix}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} holds a JSON {type(cfg).__name__}, not the object a config.json is; {fix}")
+    return cfg
+
+
+def open_safetensors(path):
+    """safe_open(path), with a damaged or truncated file named in the error."""
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # safetensors' own error type: "Error while deserializing header: ..."
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); it is damaged or incomplete: "
+                         f"download or write it again") from None  # fmt: skip
+
+
+def load_tensors(path):
+    """Every tensor of a safetensors file, {name: tensor}."""
+    f = open_safetensors(path)
+    return {k: f.get_tensor(k) for k in f.keys()}
 
 
 # -----------------------------------------------------------------------------
@@ -121,8 +162,10 @@ def _vit_arch(vq, side):
     return VIT_SIZES[name]
 
 
-def tatitok_kwargs(d):
+def tatitok_kwargs(d, path="config.json"):
     """The official TA-TiTok config.json dict -> TATiTokConfig(**kwargs)."""
+    if "model" not in d and isinstance(d.get("config"), dict):  # a hub-mixin wrapper
+        d = d["config"]
     try:
         vq, size = d["model"]["vq_model"], d["dataset"]["preprocessing"]["crop_size"]
         enc, dec = (_vit_arch(vq, side) for side in ("enc", "dec"))
@@ -137,14 +180,16 @@ def tatitok_kwargs(d):
         if mode == "vq":
             kw.update(codebook_size=vq["codebook_size"], commitment_cost=vq.get("commitment_cost", 0.25),
                       use_l2_norm=vq.get("use_l2_norm", False), clustering_vq=vq.get("clustering_vq", False))  # fmt: skip
-    except KeyError as e:
-        raise ValueError(f"config.json is not a TA-TiTok config: missing field {e}") from None
+    except (KeyError, TypeError, AttributeError) as e:  # a field missing, or of the wrong kind
+        what = f"missing field {e}" if isinstance(e, KeyError) else f"a field of the wrong kind ({e})"
+        raise ValueError(f"{path} is not a TA-TiTok config: {what} (expected model.vq_model and "
+                         f"dataset.preprocessing.crop_size)") from None  # fmt: skip
     if vq.get("is_legacy", True):
         # The legacy path reshapes the encoder output without a permute (a bug);
         # every released TA-TiTok config has is_legacy: False.
-        raise ValueError("config.json has is_legacy: True; only is_legacy: False checkpoints are supported")
+        raise ValueError(f"{path} has is_legacy: True; only is_legacy: False checkpoints are supported")
     if vq.get("finetune_decoder", False):
-        raise ValueError("finetune_decoder: True (TiTok's two-stage decoder) is not part of TA-TiTok")
+        raise ValueError(f"{path}: finetune_decoder: True (TiTok's two-stage decoder) is not part of TA-TiTok")
     return kw
 
 
@@ -323,9 +368,10 @@ def maskgen_kwargs(d, path="config.json"):
                 diffusion_batch_mul=mg.get("diffusion_batch_mul", 4), num_steps=mg.get("num_iter", 32),
                 guidance_schedule=mg.get("cfg_schedule", "linear"), temperature=mg.get("temperature", 1.0),
             )  # fmt: skip
-    except KeyError as e:
+    except (KeyError, TypeError, AttributeError) as e:  # a field missing, or of the wrong kind
+        what = f"missing field {e}" if isinstance(e, KeyError) else f"a field of the wrong kind ({e})"
         raise ValueError(
-            f"{path} is not a MaskGen config.json: missing field {e} (expected model.vq_model, model.maskgen, losses)"
+            f"{path} is not a MaskGen config.json: {what} (expected model.vq_model, model.maskgen, losses)"
         ) from None
     return kw
 
@@ -450,10 +496,87 @@ def config(model):
     return _maskgen_config(model.config) if _is_maskgen(model) else _tatitok_config(model.config)
 
 
-def save(model, path):
-    """Write `model` as a release directory (config.json + model.safetensors); returns path."""
+def save(model, path, **extra):
+    """Write `model` as a release directory (config.json + model.safetensors); returns path.
+    extra: more top-level config.json entries (load.py records a text encoder this way)."""
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config(model), f, indent=2)
+        json.dump({**config(model), **extra}, f, indent=2)
     save_file({k: v.contiguous() for k, v in state_dict(model).items()}, os.path.join(path, "model.safetensors"))
     return os.fspath(path)
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face Hub ids. The releases live on the Hub (turkeyju/...), so wherever a release
+# directory is accepted, so is its id: huggingface_hub (installed with open_clip) fetches
+# it once into its cache, and the snapshot directory there is read like any other.
+
+# owner/name, optionally with open_clip's "hf-hub:" before and "@revision" after (a branch,
+# tag or commit; it may hold slashes itself, e.g. refs/pr/1).
+_HUB_ID = re.compile(r"(?:hf-hub:)?([A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_])(?:@(.+))?")
+_FILE_EXTS = (".pt", ".pth", ".bin", ".safetensors", ".json")  # 'runs/ckpt.pt' is a missing file, not an id
+
+
+class HubError(FileNotFoundError):
+    """A Hub id that could not be fetched; the message says what was tried and what to do."""
+
+
+def hub_id(ref):
+    """(repo_id, revision or None) when `ref` names a Hub repository, else None. A local
+    path always wins: a path that exists is no id, nor is 'runs/x' when the folder runs/
+    exists (a typo under a local folder stays a missing path), nor a file name."""
+    if not isinstance(ref, (str, os.PathLike)):
+        return None
+    ref = os.fspath(ref)
+    m = _HUB_ID.fullmatch(ref)
+    if m is None or os.path.exists(ref) or m[1].endswith(_FILE_EXTS):
+        return None
+    if not ref.startswith("hf-hub:") and os.path.isdir(m[1].split("/")[0]):
+        return None
+    return m[1], m[2]
+
+
+def local_path(ref, revision=None, what="checkpoint"):
+    """`ref` as a local path: unchanged unless it is a Hub id (hub_id), which becomes the
+    directory of its snapshot, downloaded by huggingface_hub.snapshot_download or found in
+    the Hub cache (only there when HF_HUB_OFFLINE is set). revision: for ids that name
+    none. A failure raises HubError naming the id, the revision, what was tried and the fix."""
+    hub = hub_id(ref)
+    if hub is None:
+        return ref
+    repo_id, rev = hub[0], hub[1] or revision
+    from huggingface_hub import constants, snapshot_download  # here: only Hub ids need it
+
+    offline = bool(constants.HF_HUB_OFFLINE)
+    try:
+        return snapshot_download(repo_id, revision=rev, local_files_only=offline)
+    except Exception as e:  # the hub's errors, told apart by name (their module moved between versions)
+        raise HubError(_hub_failure(ref, repo_id, rev, e, what, constants)) from None
+
+
+def _hub_failure(ref, repo_id, rev, e, what, constants):
+    """The message for a Hub id that could not be fetched (see local_path)."""
+    names, offline = {c.__name__ for c in type(e).__mro__}, bool(constants.HF_HUB_OFFLINE)
+    at = f"revision {rev!r}" if rev else "its main branch"
+    if "RevisionNotFoundError" in names:
+        why = f"the repository has no {at}"
+    elif "GatedRepoError" in names:
+        why = "the repository is gated: accept its terms on huggingface.co, then log in with `hf auth login`"
+    elif "RepositoryNotFoundError" in names:
+        why = "the Hub has no such repository (or it is private: log in with `hf auth login`)"
+    elif offline:
+        why = f"HF_HUB_OFFLINE is set and the Hub cache holds no snapshot of {at}"
+    elif names & {"LocalEntryNotFoundError", "IncompleteSnapshotError"}:
+        why = f"the Hub could not be reached (no network?) and the Hub cache holds no complete snapshot of {at}"
+    else:
+        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no details'}"
+    tried = f"the local path {os.path.abspath(ref)!r}, the Hub cache {constants.HF_HUB_CACHE}"
+    tried += "" if offline else f", the Hub at {constants.ENDPOINT}"
+    get = f"hf download {repo_id}" + (f" --revision {rev}" if rev else "") + " --local-dir DIR"
+    return (
+        f"{what} {ref!r} is not a local path, and as the Hugging Face Hub id {repo_id!r} ({at}) it could not be "
+        f"fetched: {why}. Tried: {tried}. Fix: download it where there is network, `{get}` (`huggingface-cli "
+        f"download` before huggingface_hub 1.0), and pass DIR"
+        + ("; or unset HF_HUB_OFFLINE to let it download" if offline else "")
+        + "; or, if a local path was meant, correct it."
+    )

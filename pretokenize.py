@@ -5,7 +5,7 @@ TA-TiTok, store the tokens as tar shards, and read them back as a training strea
 Paper: §5.1 / Appendix A ("images pretokenized once by a frozen TA-TiTok for MaskGen
 training"). MaskGen never sees pixels: it learns on the frozen tokenizer's tokens, so
 encoding every image once (instead of every step) makes its training far cheaper.
-The output is again WebDataset tar shards (shards.py), one sample per image:
+The output is again WebDataset tar shards (shards.py, shard_io.py), one sample per image:
     <key>.tokens.npy     VQ ids, int16 (int32 for codebooks over 32768 entries), shape (K,)
  or <key>.mean.npy       KL posterior mean, float32 (K, C)
     <key>.logvar.npy     KL posterior log-variance, float32 (K, C)
@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from shards import ShardWriter, StreamDataset, decode_npy, expand_braces, list_shards, sample_name
+from shard_io import ShardWriter, decode_npy
+from shards import StreamDataset, expand_braces, list_shards, sample_name
 
 log = logging.getLogger("data")
 

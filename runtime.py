@@ -22,13 +22,24 @@ import torch.distributed as dist
 def pick_device(name="auto", mps=True):
     """The torch.device for --device=NAME. "auto" is this process's GPU, else Apple's GPU
     (MPS, where `mps`: the trainers keep to CUDA and CPU), else the CPU. A bare "cuda"
-    is this process's GPU too: torchrun starts one process per GPU, numbered LOCAL_RANK."""
+    is this process's GPU too: torchrun starts one process per GPU, numbered LOCAL_RANK.
+    A device this machine does not have is refused here, in words (torch's own error
+    would only say much later that a device index is invalid)."""
+    mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        has_mps = mps and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps and mps_ok else "cpu"
+    try:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for but torch.cuda.is_available() is False; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+    if device.type == "mps" and not mps_ok:
+        raise ValueError(f"--device {name} was asked for but torch.backends.mps.is_available() is False; "
+                         f"use --device cpu or auto")  # fmt: skip
+    return device
 
 
 def rank_world():

@@ -27,11 +27,15 @@ Usage:
     python sample.py --generator runs/maskgen --prompt "..."      # our run (tokenizer from its config)
     python sample.py --tokenizer tokenizer_tatitok_bl128_vq --generator generator_maskgen_vq_l \
         --geneval evaluation_metadata.jsonl --num_images 4 --outdir geneval_out
+    python sample.py --generator ... --mjhq meta_data.json --outdir out/mjhq   # <outdir>/<category>/<id>.png
     torchrun --nproc_per_node=8 sample.py ...                      # shards the prompts over GPUs
+    An --outdir that holds another run's images is refused; --overwrite deletes those first.
     python sample.py bundle --generator runs/maskgen --out my.pt    # both runs in one file, like shapes.pt
+    python sample.py export runs/maskgen --out release/    # release/{generator,tokenizer}/ in the official layout
 
 Public API (importable, used by the tests):
     generate_images(models, prompts, aesthetics, seeds, null, opts, device) -> (B, 3, H, W)
+    read_text(path, what), read_mjhq(path) -> [(id, category, prompt)]   (evaluate.py reads prompts with them)
     labelled_grid(rows, row_labels, tile_labels) -> PIL.Image
     main(argv)
 """
@@ -41,6 +45,7 @@ import datetime
 import json
 import math
 import os
+import re
 import sys
 from typing import NamedTuple
 
@@ -50,26 +55,39 @@ from tqdm import tqdm
 
 import load
 import runtime
-from data import to_uint8
+from data import find_images, to_uint8
 from schedules import check_guidance_schedule
 
 # -----------------------------------------------------------------------------
 # Prompts.
 
 
+def read_text(path, what, hint=""):
+    """The lines of a UTF-8 text file (a prompt or metadata file), with errors that name it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist{hint}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\r") for line in f.read().split("\n")]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path!r} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+
+
 def read_prompt_file(path):
     """.txt: one prompt per non-empty line; .jsonl: one JSON object with a "prompt" per line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file {path!r} does not exist")
+    if path.lower().endswith(".json"):
+        raise ValueError(
+            f"--prompts {path!r} is a .json file, which would be read as text; --prompts takes .txt (one prompt "
+            f'per line) or .jsonl (one {{"prompt": ...}} object per line). For MJHQ-30K\'s meta_data.json use --mjhq {path}'
+        )
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.endswith(".jsonl"):
-                prompts.append(_jsonl_prompt(line, path, n))
-            else:
-                prompts.append(line.rstrip("\r\n"))
+    for n, line in enumerate(read_text(path, "prompt file"), 1):
+        if not line.strip():
+            continue
+        if path.endswith(".jsonl"):
+            prompts.append(_jsonl_prompt(line, path, n))
+        else:
+            prompts.append(line)
     if not prompts:
         raise ValueError(
             f"prompt file {path!r} holds no prompts; write one prompt per line (.txt) or one "
@@ -90,17 +108,41 @@ def _jsonl_prompt(line, path, n):
 
 def read_geneval(path):
     """GenEval's evaluation_metadata.jsonl -> (prompts, the raw JSON lines, kept verbatim)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"GenEval metadata file {path!r} does not exist (it is prompts/evaluation_metadata.jsonl in GenEval)")
     prompts, lines = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                prompts.append(_jsonl_prompt(line, path, n))
-                lines.append(line.strip())
+    for n, line in enumerate(read_text(path, "GenEval metadata file", " (it is prompts/evaluation_metadata.jsonl in GenEval)"), 1):
+        if line.strip():
+            prompts.append(_jsonl_prompt(line, path, n))
+            lines.append(line.strip())
     if not prompts:
         raise ValueError(f"GenEval metadata file {path!r} holds no prompts; it should be GenEval's evaluation_metadata.jsonl")
     return prompts, lines
+
+
+MJHQ_SHAPE = '{"<image id>": {"category": "animals", "prompt": "..."}, ...}'
+
+
+def read_mjhq(path):
+    """MJHQ-30K's meta_data.json, {image id: {"category", "prompt"}} -> a list of (id,
+    category, prompt) in the file's order. sample.py writes image <id> to
+    <outdir>/<category>/<id>.png: MJHQ's own layout (its mjhq30k_imgs.zip unzips into
+    <category>/<id>.jpg), so that evaluate.py gen can score each category on its own."""
+    bad = f"MJHQ metadata file {path!r}"
+    try:
+        meta = json.loads("\n".join(read_text(path, "MJHQ metadata file", " (meta_data.json in playgroundai/MJHQ-30K)")))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{bad} is not valid JSON ({e}); --mjhq takes MJHQ-30K's meta_data.json: {MJHQ_SHAPE}") from None
+    if not isinstance(meta, dict) or not meta:
+        got = "an empty object" if meta == {} else f"a JSON {type(meta).__name__}"
+        raise ValueError(f"{bad} holds {got}; MJHQ-30K's meta_data.json is one object {MJHQ_SHAPE}")
+    entries = []
+    for key, row in meta.items():
+        if not (isinstance(row, dict) and isinstance(row.get("category"), str) and isinstance(row.get("prompt"), str)):
+            raise ValueError(f'{bad}: entry {key!r} needs string fields "category" and "prompt", like {MJHQ_SHAPE}')
+        for what, name in (("image id", key), ("category", row["category"])):
+            if name in ("", ".", "..") or any(sep in name for sep in "/\\\0"):
+                raise ValueError(f"{bad}: entry {key!r} has the {what} {name!r}, which cannot name a file or folder")
+        entries.append((key, row["category"], row["prompt"]))
+    return entries
 
 
 # -----------------------------------------------------------------------------
@@ -133,9 +175,14 @@ def shard(items, rank, world):
     return items[rank::world]
 
 
-def image_path(outdir, item, aesthetics, geneval):
+def image_path(outdir, item, aesthetics, geneval=False, mjhq=None):
+    """Where an item's PNG goes: sample.py's flat layout, GenEval's or MJHQ's (mjhq: the
+    read_mjhq entries)."""
     if geneval:  # GenEval's layout: <outdir>/<prompt:05d>/samples/<image:04d>.png
         return os.path.join(outdir, f"{item.prompt_index:05d}", "samples", f"{item.image_index:04d}.png")
+    if mjhq is not None:  # MJHQ's layout: <outdir>/<category>/<id>.png (one image per id)
+        image_id, category, _ = mjhq[item.prompt_index]
+        return os.path.join(outdir, category, image_id + ".png")
     name = f"{item.prompt_index:05d}_s{item.seed:04d}"
     if len(aesthetics) > 1:
         name += f"_aes{aesthetics[item.aes_index]:g}"
@@ -150,26 +197,19 @@ def generate_images(models, prompts, aesthetics, seeds, null, opts, device, seed
     """One batch: captions (list of B), aesthetic scores (list of B floats or None),
     seeds (list of B) -> images (B,3,H,W) in [0,1].
 
-    seeding="item": each image gets its own torch.Generator(seed), so an image does not
-    depend on what else is in its batch. MaskGen.generate takes one generator for the
-    whole batch, so this runs generate() once per image (text encoding and decoding
-    stay batched). seeding="batch": one generate() call per batch, seeded by the first
-    item's seed: faster, but an image then depends on the batch size and world size.
+    seeding="item": each image gets its own torch.Generator(seed), passed to one batched
+    generate() call as a list (one generator per image), so an image does not depend on
+    what else is in its batch: it is the image a batch of one would give. seeding="batch":
+    one generator for the whole batch, seeded by the first item's seed; an image then
+    depends on the batch size and world size.
     """
     gen, tok = models.generator, models.tokenizer
     text = models.gen_text(prompts)  # one forward: .penultimate (B,L,W), .pooled (B,E), .final (B,L,W)
     final = text.final if models.tok_text is models.gen_text else models.tok_text(prompts).final
-    kw = dict(null_text=null.penultimate, null_pooled=null.pooled, **opts)
-    if seeding == "item":
-        tokens = []
-        for b, seed in enumerate(seeds):
-            g = torch.Generator(device=device).manual_seed(seed)
-            tokens.append(gen.generate(text.penultimate[b : b + 1], text.pooled[b : b + 1], aesthetic=aesthetics[b], generator=g, **kw))
-        tokens = torch.cat(tokens)  # VQ (B,K) ids | KL (B,K,C)
-    else:
-        g = torch.Generator(device=device).manual_seed(seeds[0])
-        aes = None if aesthetics[0] is None else torch.tensor(aesthetics, dtype=torch.float32, device=device)
-        tokens = gen.generate(text.penultimate, text.pooled, aesthetic=aes, generator=g, **kw)
+    gens = [torch.Generator(device=device).manual_seed(seed) for seed in (seeds if seeding == "item" else seeds[:1])]
+    aes = None if aesthetics[0] is None else torch.tensor(aesthetics, dtype=torch.float32, device=device)  # (B,)
+    tokens = gen.generate(text.penultimate, text.pooled, null.penultimate, null.pooled, aesthetic=aes,
+                          generator=gens if seeding == "item" else gens[0], **opts)  # VQ (B,K) ids | KL (B,K,C)
     return tok.decode(tokens, final)  # (B,3,H,W)
 
 
@@ -181,8 +221,109 @@ def check_options(args, gcfg):
         print("note: --randomize_temperature only applies to MaskGen-VQ; ignored for this KL model")
     if args.aesthetic and any(a is not None for a in args.aesthetic) and not gcfg.aes_embed_dim:
         print("note: this generator has no aesthetic-score condition; --aesthetic is ignored")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    if gcfg.mode == "vq" and args.temperature == 0:
+        raise ValueError("--temperature must be > 0 for MaskGen-VQ: the logits are divided by it (omit it for "
+                         "the official annealed temperature)")  # fmt: skip
+
+
+def check_values(args, num_images):
+    """Numbers that would give garbage images or none at all, refused before any work.
+    Guidance, the Gumbel and the DiffLoss temperatures are meaningful from 0 up (0: no
+    noise; guidance 0 is the unconditional model for KL, the conditional one for VQ's
+    official formula); NaN and inf are never."""
+    for flag, value in (("--steps", args.steps), ("--num_images", num_images), ("--batch_size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    numbers = [("--guidance_scale", args.guidance_scale), ("--randomize_temperature", args.randomize_temperature),
+               ("--temperature", args.temperature)] + [("--aesthetic", a) for a in args.aesthetic or []]  # fmt: skip
+    for flag, value in numbers:
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{flag} must be a finite number, got {value}")
+        if value is not None and value < 0 and flag != "--aesthetic":
+            raise ValueError(f"{flag} must be >= 0, got {value}" + (" (1 = no guidance)" if flag == "--guidance_scale" else ""))
+
+
+def save_png(arr, path):
+    """Write a (H, W, 3) uint8 image atomically: a run stopped mid-write leaves either the
+    whole PNG or none (a partial file, removed on any error, never takes its name)."""
+    tmp = path + ".tmp"
+    try:
+        Image.fromarray(arr).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# -----------------------------------------------------------------------------
+# The output folder: never a mix of old and new samples.
+#
+# evaluate.py scores every image in a folder, so images from an earlier run left beside
+# this run's would be scored as this run's. The names sample.py gives its images
+# (relative to --outdir; MJHQ's <category>/<id>.png are those its prompts.jsonl lists),
+# and its other files besides prompts.jsonl:
+OWN_IMAGES = re.compile(
+    r"\d{5,}_s-?\d+(_aes[^/]*)?\.png"  # the flat layout: <prompt>_s<seed>[_aes<score>].png
+    r"|\d{5,}/samples/\d{4,}\.png"  # GenEval's: <prompt>/samples/<image>.png
+)
+OWN_OTHERS = re.compile(r"grid\.png|\d{5,}/metadata\.jsonl")  # the overview grid, GenEval's per-prompt metadata
+
+
+def earlier_mjhq_images(outdir):
+    """The <category>/<id>.png names that an earlier --mjhq run listed in its prompts.jsonl."""
+    names, index = set(), os.path.join(outdir, "prompts.jsonl")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("id"), str) and isinstance(row.get("category"), str):
+                    names.add(f"{row['category']}/{row['id']}.png")
+    return names
+
+
+def check_outdir(outdir, planned, overwrite, clear):
+    """Refuse an outdir holding images this run will not write (the paths in `planned`),
+    or, with overwrite, delete them first (only where `clear`: rank 0). Only files
+    sample.py writes (OWN_IMAGES, an earlier --mjhq run's, OWN_OTHERS) are ever deleted;
+    other images always stop the run. Returns the number of files deleted."""
+    if not os.path.isdir(outdir):
+        return 0
+    planned = {os.path.relpath(p, outdir).replace(os.sep, "/") for p in planned}
+    stale, foreign, mjhq = [], [], earlier_mjhq_images(outdir)
+    for path in find_images(outdir):
+        rel = os.path.relpath(path, outdir).replace(os.sep, "/")
+        if rel not in planned and rel != "grid.png":  # evaluate.py never scores grid.png
+            (stale if OWN_IMAGES.fullmatch(rel) or rel in mjhq else foreign).append(path)
+    if foreign:
+        raise ValueError(
+            f"--outdir {outdir} holds {len(foreign)} image file(s) sample.py did not write (e.g. {foreign[0]}); they "
+            f"would be scored with the new samples, and --overwrite deletes only sample.py's own files: move them "
+            f"or choose another --outdir"
+        )
+    if stale and not overwrite:
+        raise ValueError(
+            f"--outdir {outdir} already holds {len(stale)} image(s) this run will not write (e.g. {stale[0]}); old and "
+            f"new samples would be mixed (evaluate.py scores every image in the folder). Choose another --outdir, or "
+            f"pass --overwrite to delete those {len(stale)} file(s) first"
+        )
+    if not (overwrite and clear):
+        return 0
+    # Also the GenEval metadata and the grid this run will not rewrite, then emptied folders.
+    for d, _, names in os.walk(outdir):
+        for name in names:
+            rel = os.path.relpath(os.path.join(d, name), outdir).replace(os.sep, "/")
+            if OWN_OTHERS.fullmatch(rel) and rel not in planned:
+                stale.append(os.path.join(d, name))
+    for path in stale:
+        os.remove(path)
+    for d in sorted({os.path.dirname(p) for p in stale} | {os.path.dirname(os.path.dirname(p)) for p in stale}, reverse=True):
+        if os.path.abspath(d) != os.path.abspath(outdir) and os.path.isdir(d) and not os.listdir(d):
+            os.rmdir(d)
+    print(f"--overwrite: deleted {len(stale)} file(s) of an earlier run from {outdir}")
+    return len(stale)
 
 
 # -----------------------------------------------------------------------------
@@ -226,9 +367,9 @@ def labelled_grid(rows, row_labels=None, tile_labels=None, min_tile=128, pad=4):
     return grid
 
 
-def build_run_grid(outdir, prompts, items, aesthetics, geneval, max_rows, max_cols=16):
+def build_run_grid(path_of, prompts, items, aesthetics, max_rows, max_cols=16):
     """One row per (prompt, aesthetic score), one column per image, read back from disk
-    (so under torchrun rank 0 sees every rank's images)."""
+    (so under torchrun rank 0 sees every rank's images); path_of(item) is its file."""
     rows, labels, tile_labels = {}, {}, {}
     for it in items:
         key = (it.prompt_index, it.aes_index)
@@ -236,7 +377,7 @@ def build_run_grid(outdir, prompts, items, aesthetics, geneval, max_rows, max_co
             continue
         if len(rows.setdefault(key, [])) >= max_cols:
             continue
-        with Image.open(image_path(outdir, it, aesthetics, geneval)) as im:
+        with Image.open(path_of(it)) as im:
             rows[key].append(im.convert("RGB"))
         tile_labels.setdefault(key, []).append(f"seed {it.seed}")
         label = f"{it.prompt_index}: {prompts[it.prompt_index]}"
@@ -260,9 +401,11 @@ def build_parser():
     src.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     src.add_argument("--prompts", help="a .txt file (one prompt per line) or .jsonl file (a \"prompt\" field per line)")
     src.add_argument("--geneval", help="GenEval's evaluation_metadata.jsonl: writes GenEval's folder layout")
+    src.add_argument("--mjhq", help="MJHQ-30K's meta_data.json: writes <outdir>/<category>/<id>.png, one image per id")
     ck = p.add_argument_group("checkpoints (default: the shipped checkpoints/shapes.pt)")
-    ck.add_argument("--generator", help="MaskGen: official release dir, our run folder / ckpt file, or a bundled file")
-    ck.add_argument("--tokenizer", help="TA-TiTok: official release dir, our run / ckpt file, or a bundle; default: the one the generator records")
+    ck.add_argument("--generator", help="MaskGen: official release dir or its Hub id (owner/name), our run folder / ckpt file, or a bundled file")
+    ck.add_argument("--tokenizer", help="TA-TiTok: official release dir or Hub id, our run / ckpt file, or a bundle; default: the one the generator records")
+    ck.add_argument("--revision", help="Hub revision (branch, tag, commit) for --generator / --tokenizer Hub ids; owner/name@REV also works")
     s = p.add_argument_group("sampling (defaults: the generator's config)")
     s.add_argument("--steps", type=int, help="decoding steps (paper: 16 VQ, 32 KL)")
     s.add_argument("--guidance_scale", type=float, help="classifier-free guidance scale; 1 = no guidance")
@@ -272,11 +415,14 @@ def build_parser():
     s.add_argument("--aesthetic", type=float, nargs="+", help="aesthetic score(s); several give one grid row each (Fig. 7)")
     s.add_argument("--seed", type=int, default=0, help="image (p, i) uses seed + p * num_images + i")
     s.add_argument("--seeding", choices=("item", "batch"), default="item",
-                   help="item: per-image generators, results independent of batch/world size; batch: faster")  # fmt: skip
+                   help="item: one generator per image (still batched), so an image does not depend on the "
+                   "batch or world size; batch: one generator per batch")  # fmt: skip
     s.add_argument("--num_images", type=int, help="images per prompt (default 1; 4 with --geneval, as GenEval)")
     s.add_argument("--batch_size", type=int, default=16)
     o = p.add_argument_group("output and hardware")
     o.add_argument("--outdir", default="out/samples")
+    o.add_argument("--overwrite", action="store_true",
+                   help="delete images of an earlier run in --outdir first (else such a folder is refused)")  # fmt: skip
     o.add_argument("--grid_rows", type=int, default=16, help="rows in the run's grid.png (0: no grid)")
     o.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
     o.add_argument("--dtype", choices=sorted(runtime.DTYPES), default="fp32", help="autocast precision of the models")
@@ -285,35 +431,52 @@ def build_parser():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bundle"]:
-        return bundle_main(argv[1:])
+    if argv[:1] in (["bundle"], ["export"]):
+        return (bundle_main if argv[0] == "bundle" else export_main)(argv[1:])
     args = build_parser().parse_args(argv)
 
-    # 1. Prompts, read and checked before anything is loaded.
-    geneval_lines = None
+    # 1. Prompts, numbers and the work list, read and checked before anything is loaded.
+    geneval_lines, mjhq = None, None
+    layout_flag = "--geneval" if args.geneval else "--mjhq" if args.mjhq else None
+    if args.geneval and args.mjhq:
+        raise ValueError("--geneval and --mjhq each write their own folder layout; give one of them")
+    if layout_flag and (args.prompt or args.prompts):
+        raise ValueError(f"{layout_flag} takes its prompts from the metadata file; drop --prompt / --prompts")
     if args.geneval:
-        if args.prompt or args.prompts:
-            raise ValueError("--geneval takes its prompts from the metadata file; drop --prompt / --prompts")
         prompts, geneval_lines = read_geneval(args.geneval)
+    elif args.mjhq:
+        mjhq = read_mjhq(args.mjhq)  # [(id, category, prompt)]
+        prompts = [prompt for _, _, prompt in mjhq]
     else:
         prompts = list(args.prompt) + (read_prompt_file(args.prompts) if args.prompts else [])
     if not prompts:
-        raise ValueError("no prompts: give --prompt TEXT (repeatable), --prompts FILE or --geneval FILE")
+        raise ValueError("no prompts: give --prompt TEXT (repeatable), --prompts FILE, --geneval FILE or --mjhq FILE")
     geneval = geneval_lines is not None
     num_images = args.num_images if args.num_images is not None else (4 if geneval else 1)
     aesthetics = list(args.aesthetic) if args.aesthetic else [None]
-    if geneval and len(aesthetics) > 1:
-        raise ValueError("--geneval writes one image set per prompt; give a single --aesthetic score")
-    if num_images < 1 or args.batch_size < 1:
-        raise ValueError(f"--num_images and --batch_size must be at least 1, got {num_images} and {args.batch_size}")
+    if layout_flag and len(aesthetics) > 1:
+        raise ValueError(f"{layout_flag} writes one image set per prompt; give a single --aesthetic score")
+    if mjhq and num_images != 1:
+        raise ValueError("--mjhq writes one image per id (<category>/<id>.png, as MJHQ-30K's reference); drop --num_images")
+    check_values(args, num_images)
+    items = make_items(len(prompts), num_images, len(aesthetics), args.seed)
+
+    def path_of(item):  # where an item's PNG goes (aesthetics only name files when several are given)
+        return image_path(args.outdir, item, aesthetics, geneval, mjhq)
 
     # 2. Processes and device.
     # Under torchrun a process group serves only the final barrier: gloo runs anywhere
     # (CPU or GPU) and no tensors move; ranks may wait long there for the slowest.
     rank, world, device = runtime.setup_distributed(args.device, backend="gloo", timeout=datetime.timedelta(hours=4))
 
-    # 3. Checkpoints, cross-checked (tokens, codebook, text widths) before any sampling.
-    models = load.load_models(args.generator, args.tokenizer, device)
+    # 3. The output folder: another run's images there are refused, or deleted with
+    # --overwrite (by rank 0; never one this run writes, so no rank waits for it).
+    planned = [path_of(it) for it in items] + [os.path.join(args.outdir, "grid.png")] * (args.grid_rows > 0)
+    planned += [os.path.join(args.outdir, f"{p:05d}", "metadata.jsonl") for p in range(len(prompts))] if geneval else []
+    check_outdir(args.outdir, planned, args.overwrite, clear=rank == 0)
+
+    # 4. Checkpoints, cross-checked (tokens, codebook, text widths) before any sampling.
+    models = load.load_models(args.generator, args.tokenizer, device, revision=args.revision)
     gcfg = models.generator.config
     check_options(args, gcfg)
     aesthetics = [gcfg.aesthetic if a is None else a for a in aesthetics]  # labels show the real score
@@ -323,15 +486,15 @@ def main(argv=None):
     opts = dict(num_steps=args.steps, guidance_scale=args.guidance_scale, guidance_schedule=args.guidance_schedule,
                 randomize_temperature=args.randomize_temperature, temperature=args.temperature)  # fmt: skip
 
-    # 4. The work list: this rank's share, in batches.
-    items = make_items(len(prompts), num_images, len(aesthetics), args.seed)
+    # 5. This rank's share of the work list, in batches.
     mine = shard(items, rank, world)
     batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     os.makedirs(args.outdir, exist_ok=True)
     if rank == 0 and not geneval:  # an index from file name to prompt (GenEval has metadata.jsonl)
         with open(os.path.join(args.outdir, "prompts.jsonl"), "w", encoding="utf-8") as f:
             for p, text in enumerate(prompts):
-                f.write(json.dumps({"index": p, "prompt": text}) + "\n")
+                row = {"id": mjhq[p][0], "category": mjhq[p][1], "prompt": text} if mjhq else {"index": p, "prompt": text}
+                f.write(json.dumps(row) + "\n")
 
     written = []
     autocast = runtime.autocast(device, args.dtype)
@@ -343,22 +506,22 @@ def main(argv=None):
                 [it.seed for it in batch], null, opts, device, args.seeding,
             )  # fmt: skip
             for it, arr in zip(batch, to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()):  # (B,H,W,3)
-                path = image_path(args.outdir, it, aesthetics, geneval)
+                path = path_of(it)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                Image.fromarray(arr).save(path)
+                save_png(arr, path)
                 if geneval and it.image_index == 0:  # the rank that owns image 0 writes the metadata
                     with open(os.path.join(args.outdir, f"{it.prompt_index:05d}", "metadata.jsonl"), "w", encoding="utf-8") as f:
                         f.write(geneval_lines[it.prompt_index] + "\n")  # the line verbatim, as GenEval expects
                 written.append(path)
 
-    # 5. After every rank is done, rank 0 draws the grid from the files on disk.
+    # 6. After every rank is done, rank 0 draws the grid from the files on disk.
     runtime.barrier()
     grid_path = None
     if rank == 0:
         if args.grid_rows > 0:
             grid_path = os.path.join(args.outdir, "grid.png")  # outside the numbered folders: GenEval skips it
-            build_run_grid(args.outdir, prompts, items, aesthetics, geneval, args.grid_rows).save(grid_path)
-        where = f"{args.outdir}/<prompt>/samples/" if geneval else f"{args.outdir}/"
+            build_run_grid(path_of, prompts, items, aesthetics, args.grid_rows).save(grid_path)
+        where = f"{args.outdir}/<prompt>/samples/" if geneval else f"{args.outdir}/<category>/" if mjhq else f"{args.outdir}/"
         n = len(items)
         where = ", ".join(written) if world == 1 and n <= 4 else where  # a few images: name each file
         print(f"wrote {n} image{'s' * (n != 1)} to {where}" + (f"; grid: {grid_path}" if grid_path else ""))
@@ -370,14 +533,33 @@ def bundle_main(argv):
     """`python sample.py bundle --generator RUN --out FILE`: one self-contained file with
     the generator's and its tokenizer's EMA weights, configs and small text tower (how
     checkpoints/shapes.pt is made). Weights are stored in fp16 unless --fp32; they are
-    loaded back into fp32 models."""
+    loaded back into fp32 models. An existing FILE is replaced only with --overwrite."""
     p = argparse.ArgumentParser(prog="sample.py bundle", description=bundle_main.__doc__)
     p.add_argument("--generator", required=True, help="a train_maskgen.py run folder or checkpoint")
     p.add_argument("--tokenizer", help="its TA-TiTok run (default: the one the generator records)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the file to write (not a directory)")
     p.add_argument("--fp32", action="store_true", help="keep fp32 weights (twice the size)")
+    p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists (checkpoints/shapes.pt included)")
     args = p.parse_args(argv)
-    return load.write_bundle(args.generator, args.tokenizer, args.out, args.fp32)
+    return load.write_bundle(args.generator, args.tokenizer, args.out, args.fp32, args.overwrite)
+
+
+def export_main(argv):
+    """`python sample.py export SRC --out DIR`: a tokenizer or generator run folder, checkpoint
+    file or bundle (or a release) written in the official release layout (config.json +
+    model.safetensors), which TATiTok / MaskGen.from_official and the official code read.
+    EMA weights when present. A generator or bundle gives DIR/generator and DIR/tokenizer
+    (its tokenizer); one model (--which, or a tokenizer run) fills DIR itself."""
+    p = argparse.ArgumentParser(prog="sample.py export", description=export_main.__doc__)
+    p.add_argument("src", metavar="SRC", help="run folder, checkpoint file, bundle, release dir or Hub id")
+    p.add_argument("--out", required=True, help="the directory to write (new or empty, unless --overwrite)")
+    p.add_argument("--which", choices=("generator", "tokenizer", "both"),
+                   help="what to export (default: both for a generator or bundle, the tokenizer for a tokenizer)")
+    p.add_argument("--tokenizer", help="the generator's tokenizer (default: the one it records)")
+    p.add_argument("--revision", help="Hub revision for a Hub id SRC / --tokenizer")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR, replacing what export writes")
+    args = p.parse_args(argv)
+    return load.export_release(args.src, args.out, args.which, args.tokenizer, args.overwrite, args.revision)
 
 
 if __name__ == "__main__":

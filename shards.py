@@ -1,6 +1,6 @@
 """
-WebDataset tar shards: finding, reading and writing them, and the streaming dataset
-that every shard reader builds on.
+WebDataset tar shards: finding them, and the streaming dataset that every shard
+reader builds on.
 
 Paper: §5.1 "Training Data" / Appendix A. The web image-text pairs (DataComp, CC12M,
 LAION) come as WebDataset tar shards, the layout img2dataset writes, and MaskGen's
@@ -9,40 +9,47 @@ and the streaming machinery, read with the standard library only:
   * a shard like 000123.tar holds 000123001.jpg, 000123001.txt, 000123001.json,
     000123002.jpg, ... The files of one sample sit next to each other and share a
     key: the member path up to the first dot of its file name. Everything after that
-    dot is the "extension" ("jpg", "txt", "recap.txt").
+    dot is the "extension" ("jpg", "txt", "recap.txt"). A shard is a local file, a
+    "pipe:COMMAND" whose stdout is the tar, or an http(s):// URL (shard_io.py opens
+    them, groups the members into samples, and writes shards).
   * a sample's text fields: the caption (.txt, or a .json field), the Molmo
     recaption with its "The image depicts ..." prefix stripped (App. A), and the
     aesthetic score (MaskGen's micro-condition, also the paper's data filter).
   * StreamDataset splits the samples over DDP ranks and DataLoader workers without
-    duplicates, shuffles, repeats epochs, resumes exactly from a batch count, and
-    skips bad inputs (corrupt images, missing captions, truncated tars, unreadable
+    duplicates, shuffles, repeats epochs, resumes exactly, and skips bad inputs
+    (corrupt images, missing or non-UTF-8 captions, truncated tars, unreadable
     shards), counting them in `dataset.skipped`, never a crash.
+  * Resuming costs the same at step 300k as at step 10: every sample carries its
+    reader's position after it (epoch, shard, byte offset of its shuffle block, how
+    much of that block was used); the trainer keeps the position each reader reached
+    (StreamPositions) in its checkpoint, and a resumed reader opens the shard at that
+    byte offset and re-reads one shuffle block. Pipes, URLs and compressed tars cannot
+    seek: they read forward within that one shard.
 
 Sections, in reading order:
   1. Finding shards     expand_braces, list_shards
-  2. Reading a shard    split_key, iter_tar_groups, strip_recaption_prefix
+  2. A sample's text    strip_recaption_prefix, sample_name
   3. Skip counting      SKIP_REASONS, SkipCounter
-  4. The stream         resolve_rank, shuffle_buffer, StreamDataset
-  5. Writing shards     ShardWriter, encode_npy / decode_npy
+  4. The stream         resolve_rank, StreamDataset, StreamPositions
+Reading one shard's bytes and writing shards (ShardWriter) are in shard_io.py.
 
 data.py builds the image datasets on StreamDataset, pretokenize.py the token one.
 """
 
 import glob
-import io
+import itertools
 import json
 import logging
 import math
 import os
 import re
-import tarfile
-import zlib
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 import runtime
+from shard_io import is_remote, iter_tar_groups
 
 log = logging.getLogger("data")
 
@@ -94,17 +101,25 @@ def expand_braces(pattern):
 
 
 def list_shards(spec, exts=SHARD_EXTS):
-    """Shard paths from a spec: a brace pattern, a glob, a directory (its tar files),
-    several of those joined by "::", or a list of them. Names that do not exist are
-    kept (the reader counts them as unreadable shards); a spec matching no existing
-    file at all raises."""
+    """Shard names from a spec: a brace pattern, a glob, a directory (its tar files),
+    several of those joined by "::", or a list of them. Local names that do not exist
+    are kept (the reader counts them as unreadable shards); a spec matching no existing
+    file at all raises. "pipe:COMMAND" and "http(s)://URL" entries are brace-expanded
+    over the whole entry, one shard per expansion, and checked only when read:
+        "pipe:aws s3 cp s3://bucket/{000..009}.tar -"  ->  10 commands, one per shard"""
     if isinstance(spec, (list, tuple)):
         return [p for s in spec for p in list_shards(s, exts)]
     out = []
     for part in str(spec).split("::"):
+        if is_remote(part):
+            out += expand_braces(part)
+            continue
         if re.match(r"^[a-z0-9+]+:(//)?", part) and not os.path.exists(part):
-            raise ValueError(f"{part!r} looks like a URL or a pipe; only local shard files are supported, "
-                             f"download them first (e.g. with img2dataset)")  # fmt: skip
+            raise ValueError(
+                f"{part!r} is not a local file, a 'pipe:COMMAND' or an http(s):// URL; read other stores "
+                f"through a command that writes the tar to stdout, e.g. 'pipe:aws s3 cp s3://bucket/000.tar -' "
+                f"or 'pipe:gsutil cat gs://bucket/000.tar'"
+            )
         if os.path.isdir(part):
             names = sorted(p for p in glob.glob(os.path.join(part, "*")) if p.endswith(exts))
             if not names:
@@ -131,59 +146,10 @@ def list_shards(spec, exts=SHARD_EXTS):
 
 
 # =============================================================================
-# 2. Reading a shard: members grouped into samples, and a sample's text fields
+# 2. A sample's text fields
 # =============================================================================
 
-
-def split_key(name):
-    """Tar member name -> (key, extension): "a/b/000001.recap.txt" -> ("a/b/000001", "recap.txt")."""
-    directory, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    if not dot or not stem or stem.startswith("__"):
-        return None, None  # no extension, a hidden "._x" file, or a "__meta__" member
-    return (f"{directory}/{stem}" if directory else stem), ext.lower()
-
-
-def iter_tar_groups(path, skipped=None):
-    """Yield one dict per sample from a tar shard, in file order:
-        {"__key__": key, "__shard__": path, "<ext>": bytes, ...}
-    A shard that cannot be opened counts "unreadable_shard"; a tar that ends or breaks
-    inside a member counts "truncated_member" and drops the sample being read (the
-    samples before it are kept; nothing after it can be trusted). `skipped` is a
-    SkipCounter, or None to count nothing."""
-    count = skipped.add if skipped is not None else (lambda reason, detail="": None)
-    try:
-        # "r|*": a forward-only stream (gzip detected automatically). Shards are read
-        # once, front to back, so this is all we need and it never seeks.
-        stream = tarfile.open(path, mode="r|*")
-    except (OSError, EOFError, tarfile.TarError, zlib.error) as e:
-        count("unreadable_shard", f"{path}: {type(e).__name__}: {e}")
-        return
-    group = None
-    try:
-        with stream:
-            for member in stream:
-                if not member.isfile():
-                    continue
-                key, ext = split_key(member.name)
-                if key is None:
-                    continue
-                data = stream.extractfile(member).read()
-                if group is not None and key != group["__key__"]:
-                    yield group
-                    group = None
-                if group is None:
-                    group = {"__key__": key, "__shard__": path}
-                group[ext] = data
-    except (OSError, EOFError, tarfile.TarError, zlib.error) as e:
-        where = f" in sample {group['__key__']!r}" if group else ""
-        count("truncated_member", f"{path}{where}: {type(e).__name__}: {e}; the rest of this shard is skipped")
-        return
-    if group is not None:
-        yield group
-
-
-# A sample's text fields: where a caption, a recaption and an aesthetic score may sit.
+# Where a caption, a recaption and an aesthetic score may sit.
 CAPTION_FIELDS = ("caption", "text", "TEXT", "prompt")
 RECAPTION_EXTS = ("recap.txt", "recap_txt", "recaption.txt")
 RECAPTION_FIELDS = ("recaption", "recap_caption", "recap_txt", "molmo_caption")
@@ -204,13 +170,6 @@ def strip_recaption_prefix(text):
             text = text[len(prefix) :].strip()
             return text[:1].upper() + text[1:]
     return text
-
-
-def _text(data):
-    """Member bytes -> stripped utf-8 text ("" when absent or undecodable)."""
-    if data is None:
-        return ""
-    return data.decode("utf-8", errors="replace").strip()
 
 
 def _field(meta, names):
@@ -234,8 +193,8 @@ def sample_name(group):
 # "filtered_*" are the paper's data filters doing their job, not errors: they are
 # counted but logged only at DEBUG level.
 SKIP_REASONS = (
-    "unreadable_shard",  # missing file, not a tar, unreadable from the first byte
-    "truncated_member",  # the tar ends (or breaks) inside a member; the rest of that shard is lost
+    "unreadable_shard",  # missing file, not a tar, a failing pipe: command or URL (once per shard and pass)
+    "truncated_member",  # the tar is cut or damaged; the rest of that shard is lost (once per shard and pass)
     "unreadable_file",  # image folder: a file that cannot be read
     "missing_image",  # a sample with no image member (data.IMAGE_EXTS)
     "corrupt_image",  # image bytes that do not decode (garbage, truncated)
@@ -243,6 +202,8 @@ SKIP_REASONS = (
     "bad_json",  # a .json member that does not parse (the sample may still have a .txt caption)
     "bad_aesthetic",  # an aesthetic score that is not a number (the default is used)
     "bad_tokens",  # pretokenized: token arrays missing or unreadable
+    "invalid_utf8",  # a caption, recaption or .json that is not valid UTF-8
+    "too_many_pixels",  # an image whose header says width x height > max_pixels (never decoded)
     "filtered_resolution",  # longer side < min_longer_side
     "filtered_aspect",  # aspect ratio >= max_aspect_ratio
     "filtered_aesthetic",  # aesthetic score < min_aesthetic
@@ -311,42 +272,46 @@ def worker_slot():
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def shuffle_buffer(items, size, rng):
-    """Approximate shuffle of a stream: keep `size` items, emit a random one for each new one."""
-    buffer = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        j = int(rng.integers(size))
-        yield buffer[j]
-        buffer[j] = item
-    for j in rng.permutation(len(buffer)):
-        yield buffer[j]
-
-
 def _batches_before(start_batch, worker, num_workers):
     """How many of batches [0, start_batch) the given (logical) worker made."""
     return max(0, (start_batch - worker + num_workers - 1) // num_workers)
 
 
+# A reader's position, as a LongTensor (5,) that travels with each sample it yields.
+POSITION_FIELDS = ("epoch", "shard", "offset", "seen", "taken")
+START = (0, 0, 0, 0, 0)  # the position of a reader that has read nothing
+
+
 class StreamDataset(IterableDataset):
     """The part every stream-read dataset shares: splitting over ranks and workers,
-    epochs, the shuffle buffer, exact resume, skip counting, and a sample's text fields
-    with the paper's aesthetic filter.
+    epochs, shuffling, exact resume, skip counting, and a sample's text fields with
+    the paper's aesthetic filter.
 
     Splitting. The readers ("slots") are the world_size x num_workers DataLoader
     workers. Each epoch yields the raw samples of this slot (by default from the tar
     shards in self.shards); epochs repeat forever when infinite=True, each in a new
     seeded order.
 
+    Shuffling. Each reader cuts its epoch's stream into blocks of `shuffle_buffer`
+    consecutive samples and yields each block in a random order, drawn from a generator
+    seeded by where the block starts. So a reader's whole state is a position (a
+    LongTensor of POSITION_FIELDS): the epoch; which of its shards and the byte offset
+    in it where the current block starts; how many samples of the epoch came before
+    that (with fewer shards than readers, every reader reads every shard and keeps every
+    n_slots-th sample); and how many of the block's samples were already used. Every
+    yielded sample carries the position after it as sample["position"].
+
     Exact resume. DataLoader worker j of a run that starts at batch s makes batches
     s + j, s + j + W, ... So it plays the part of "logical worker" (s + j) % W of the
-    first run, whose stream it regenerates from the seed and fast-forwards past the
-    batches that worker already made. The resumed run then sees exactly the samples
-    the uninterrupted run would have, provided world_size, num_workers, batch_size
-    and seed are unchanged. Fast-forwarding decodes the skipped samples cheaply (to
-    know which ones were valid), so it costs time proportional to the position.
+    first run. positions: the (W, 5) positions those logical workers had reached
+    (StreamPositions keeps them from the batches a trainer consumed): the worker opens
+    the shard at that byte offset, re-reads one block and goes on, at the same cost at
+    any step. A row of -1 (unknown; also positions=None) makes that worker regenerate
+    its stream from the seed and fast-forward past the batches it already made (a cost
+    proportional to the position). Either way the resumed run sees exactly the samples
+    (and crops, and flips) the uninterrupted run would have, provided world_size,
+    num_workers, batch_size, shuffle_buffer and seed are unchanged. Pipes, URLs and
+    compressed tars cannot seek: they read forward from the start of that one shard.
 
     min_aesthetic:     keep samples scoring >= this (paper: 5.0 pre-training, 6.0
                        fine-tuning); samples without a score are kept
@@ -354,7 +319,8 @@ class StreamDataset(IterableDataset):
     """
 
     def __init__(self, *, shuffle=True, shuffle_buffer=1000, seed=0, infinite=True, rank=None, world_size=None,
-                 batch_size=None, start_batch=0, min_aesthetic=None, default_aesthetic=MISSING_AESTHETIC):  # fmt: skip
+                 batch_size=None, start_batch=0, positions=None, min_aesthetic=None,
+                 default_aesthetic=MISSING_AESTHETIC):  # fmt: skip
         super().__init__()
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
@@ -363,14 +329,16 @@ class StreamDataset(IterableDataset):
         self.shuffle, self.buffer_size, self.seed, self.infinite = shuffle, int(shuffle_buffer), int(seed), infinite
         self.rank, self.world_size = resolve_rank(rank, world_size)
         self.batch_size, self.start_batch = int(batch_size or 1), int(start_batch)
+        self.positions = None if positions is None else torch.as_tensor(positions, dtype=torch.int64)
         self.min_aesthetic, self.default_aesthetic = min_aesthetic, float(default_aesthetic)
         self.skipped = SkipCounter()
         self.max_consecutive_skips = 10_000  # infinite streams: give up (with the counts) after this many
 
     # --- subclass hooks ---
-    def _epoch_groups(self, epoch, slot, n_slots):
+    def _epoch_groups(self, epoch, slot, n_slots, start=(0, 0, 0)):
         """Raw samples (dicts of bytes) of one epoch that belong to this slot, from the
-        tar shards in self.shards.
+        tar shards in self.shards, beginning at start = (shard, offset, seen); each
+        carries "__next__", the (shard, offset, seen) just after it.
 
         With at least as many shards as readers, whole shards are dealt out (each shard
         is read by one reader only). With fewer, every reader reads every shard and
@@ -379,16 +347,17 @@ class StreamDataset(IterableDataset):
         order = np.arange(len(self.shards))
         if self.shuffle:  # the same order on every rank and worker: it depends on (seed, epoch) only
             order = np.random.default_rng([self.seed, 2, epoch]).permutation(len(self.shards))
-        if len(self.shards) >= n_slots:
-            for i in order[slot::n_slots]:
-                yield from iter_tar_groups(self.shards[i], self.skipped)
-            return
-        seen = 0
-        for i in order:
-            for group in iter_tar_groups(self.shards[i], self.skipped if slot == 0 else None):
-                if seen % n_slots == slot:
-                    yield group
+        few = len(self.shards) < n_slots
+        mine = order if few else order[slot::n_slots]
+        first, offset, seen = start
+        for k in range(first, len(mine)):
+            counter = self.skipped if slot == 0 or not few else None
+            for group in iter_tar_groups(self.shards[mine[k]], counter, offset if k == first else 0):
+                keep = not few or seen % n_slots == slot
                 seen += 1
+                group["__next__"] = (k, group["__end__"], seen)
+                if keep:
+                    yield group
 
     def _decode(self, group, check_only=False):
         """Raw sample -> training dict, or None when skipped. check_only: validate
@@ -405,25 +374,38 @@ class StreamDataset(IterableDataset):
         .json / score members, or None (counted) when the sample has no caption or scores
         below min_aesthetic. Samples without a score get default_aesthetic and are kept."""
         where = sample_name(group)
+        # Captions must be valid UTF-8: decoding with replacement characters would train on
+        # text nobody wrote, so such a sample is skipped ("invalid_utf8").
+        text = {}
+        for ext in ("txt", "json", *RECAPTION_EXTS):
+            if ext in group:
+                try:
+                    text[ext] = group[ext].decode("utf-8").strip()
+                except UnicodeDecodeError as e:
+                    return self._reject("invalid_utf8", f"{where}: its .{ext} is not valid UTF-8 ({e})", check_only)
         meta = {}
-        if "json" in group:
+        if "json" in text:
             try:
-                meta = json.loads(group["json"].decode("utf-8"))
+                meta = json.loads(text["json"])
                 if not isinstance(meta, dict):
                     raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
-            except (ValueError, UnicodeDecodeError) as e:
+            except ValueError as e:
                 self._reject("bad_json", f"{where}: {e}", check_only)
                 meta = {}
-        caption = _text(group.get("txt")) or _field(meta, CAPTION_FIELDS)
+        caption = text.get("txt") or _field(meta, CAPTION_FIELDS)
         if not caption:
             return self._reject("missing_caption", f"{where} has no .txt and no caption in its .json", check_only)
-        recap_ext = next((e for e in RECAPTION_EXTS if e in group), None)
-        recaption = _text(group[recap_ext]) if recap_ext else _field(meta, RECAPTION_FIELDS)
+        recap_ext = next((e for e in RECAPTION_EXTS if e in text), None)
+        recaption = text[recap_ext] if recap_ext else _field(meta, RECAPTION_FIELDS)
+        try:  # a JSON string may still hold an unpaired surrogate escape ("\\ud800"), which is not UTF-8
+            caption.encode("utf-8"), recaption.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return self._reject("invalid_utf8", f"{where}: a caption in its .json is not valid UTF-8 ({e})", check_only)
         # The aesthetic score: a json field, else a small text member.
         raw = next((meta[k] for k in AESTHETIC_FIELDS if meta.get(k) is not None), None)
         if raw is None:
             ext = next((e for e in AESTHETIC_EXTS if e in group), None)
-            raw = _text(group[ext]) if ext else None
+            raw = group[ext].decode("utf-8", "replace").strip() if ext else None
         aesthetic = None
         if raw is not None:
             try:
@@ -442,35 +424,51 @@ class StreamDataset(IterableDataset):
                 "aesthetic": torch.tensor(aesthetic, dtype=torch.float32), "key": where}  # fmt: skip
 
     # --- the shared machinery ---
-    def _epochs(self, slot, n_slots):
-        epoch = 0
+    def _stream(self, slot, n_slots, position):
+        """(raw sample, this reader's position after it) pairs from `position` on: each
+        epoch's samples in blocks of shuffle_buffer, each block permuted by a generator
+        seeded from where it starts, so that a block re-read from there comes out the same."""
+        epoch, shard, offset, seen, taken = position
+        size = self.buffer_size if self.shuffle and self.buffer_size > 1 else 1
         while True:
+            whole_pass = (shard, offset, seen) == (0, 0, 0)
+            groups = self._epoch_groups(epoch, slot, n_slots, (shard, offset, seen))
             n = 0
-            for group in self._epoch_groups(epoch, slot, n_slots):
-                group["__epoch__"] = epoch
-                n += 1
-                yield group
+            while block := list(itertools.islice(groups, size)):
+                n += len(block)
+                order = range(len(block))
+                if size > 1:
+                    rng = np.random.default_rng([self.seed, 1, slot, n_slots, epoch, shard, offset, seen])
+                    order = rng.permutation(len(block))
+                for i in range(taken, len(block)):
+                    group = block[order[i]]
+                    group["__epoch__"] = epoch
+                    yield group, (epoch, shard, offset, seen, i + 1)
+                (shard, offset, seen), taken = block[-1]["__next__"], 0
             if not self.infinite:
                 return
-            if n == 0:
+            if whole_pass and n == 0:
                 raise RuntimeError(
                     f"{type(self).__name__}: reader {slot} of {n_slots} (rank x DataLoader worker) got no "
                     f"readable sample in a whole pass (skips so far: {self.skipped.summary()}). "
                     f"Check the data path, or use fewer DataLoader workers than there are samples."
                 )
-            epoch += 1
+            epoch, shard, offset, seen = epoch + 1, 0, 0, 0
 
     def __iter__(self):
         worker, num_workers = worker_slot()
         logical = (self.start_batch + worker) % num_workers
         slot, n_slots = self.rank * num_workers + logical, self.world_size * num_workers
-        to_skip = _batches_before(self.start_batch, logical, num_workers) * self.batch_size
-        groups = self._epochs(slot, n_slots)
-        if self.shuffle and self.buffer_size > 1:
-            groups = shuffle_buffer(groups, self.buffer_size, np.random.default_rng([self.seed, 1, slot, n_slots]))
-        produced = failures = seen = 0
-        for group in groups:
-            seen += 1
+        if self.positions is not None and len(self.positions) != num_workers:
+            raise ValueError(f"{len(self.positions)} saved reader positions for {num_workers} DataLoader worker(s); "
+                             f"resume with the num_workers the positions were saved with")  # fmt: skip
+        saved = None if self.positions is None else self.positions[logical].tolist()
+        known = saved is not None and saved[0] >= 0
+        # Without a saved position, regenerate the stream and fast-forward past the batches made.
+        to_skip = 0 if known else _batches_before(self.start_batch, logical, num_workers) * self.batch_size
+        produced = failures = n_groups = 0
+        for group, after in self._stream(slot, n_slots, saved if known else START):
+            n_groups += 1
             fast_forward = produced < to_skip
             sample = self._decode(group, check_only=fast_forward)
             if sample is None:
@@ -485,90 +483,55 @@ class StreamDataset(IterableDataset):
             failures = 0
             produced += 1
             if not fast_forward:
+                sample["position"] = torch.tensor(after, dtype=torch.int64)  # (5,): where to resume after it
                 yield sample
-        if produced == 0 and seen:
+        if produced == 0 and n_groups:
             log.warning("data: %s yielded none of its samples in reader %d of %d; skipped: %s (for small images, lower "
                         "min_longer_side)", type(self).__name__, slot, n_slots, self.skipped.summary())  # fmt: skip
 
 
-# =============================================================================
-# 5. Writing shards
-# =============================================================================
+class StreamPositions:
+    """Where each reader of this rank stands after the batches a trainer has consumed:
+    what a checkpoint saves so that StreamDataset(positions=...) resumes in O(1).
 
+    The DataLoader hands out its workers' batches round-robin, so batch b (counted from
+    the start of the run) was made by logical worker b % W, and its last sample's
+    "position" is where that reader stands once the batch is consumed.
 
-def encode_npy(array):
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
+        positions = StreamPositions.resume(ckpt, rank, num_workers, start_batch)  # ckpt: None when fresh
+        ds = TarShardDataset(..., start_batch=start_batch, positions=positions.saved)
+        for batch in loader: positions.consumed(batch); ...
+        checkpoint["data_positions"] = [every rank's positions.state()]
+    """
 
+    def __init__(self, num_workers, start_batch=0, saved=None):
+        self.workers, self.batch = max(1, int(num_workers)), int(start_batch)
+        if saved is not None and saved["num_workers"] != self.workers:
+            raise ValueError(f"the checkpoint's data positions are for num_workers={saved['num_workers']}, this run "
+                             f"has {self.workers}; resume with --num_workers={saved['num_workers']} (the number of "
+                             f"readers decides which samples each one reads)")  # fmt: skip
+        self.saved = None if saved is None else saved["positions"].clone()
+        # A fresh run's readers are at their start; a run resumed without positions does not know yet (-1).
+        unknown = torch.full((self.workers, len(POSITION_FIELDS)), -1 if start_batch else 0, dtype=torch.int64)
+        self.table = unknown if self.saved is None else self.saved.clone()
+        self.tracked = False
 
-def decode_npy(data):
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    @classmethod
+    def resume(cls, ckpt, rank, num_workers, start_batch):
+        """This rank's positions saved in a trainer checkpoint (ckpt["data_positions"], one
+        state() per rank), or fresh ones (ckpt None), or unknown ones (a checkpoint written
+        before positions were saved: its readers fast-forward). ValueError if num_workers changed."""
+        saved = ckpt["data_positions"][rank] if ckpt is not None and ckpt.get("data_positions") else None
+        return cls(num_workers, start_batch, saved)
 
+    def consumed(self, batch):
+        """Record a batch the trainer took (batches without "position": nothing to track)."""
+        if "position" in batch:
+            self.table[self.batch % self.workers] = batch["position"][-1]
+            self.tracked = True
+        self.batch += 1
 
-class ShardWriter:
-    """Write samples into tar shards of at most `per_shard` samples each:
-    out_dir/<prefix>-000000.tar, -000001.tar, ... A shard is written under a .tmp
-    name and renamed when complete, so an interrupted run never leaves a
-    half-written shard that looks finished.
-
-        with ShardWriter("out", "train", per_shard=1000) as w:
-            w.write("000000001", {"png": png_bytes, "txt": "a red circle", "json": {...}})
-    Member values: bytes, str (utf-8), dict/list (JSON) or np.ndarray (.npy)."""
-
-    def __init__(self, out_dir, prefix="shard", per_shard=1000):
-        if per_shard < 1:
-            raise ValueError(f"per_shard must be >= 1, got {per_shard}")
-        os.makedirs(out_dir, exist_ok=True)
-        self.out_dir, self.prefix, self.per_shard = out_dir, prefix, int(per_shard)
-        self.paths, self.count = [], 0
-        self._tar = self._tmp = None
-
-    def _member_bytes(self, value):
-        if isinstance(value, bytes):
-            return value
-        if isinstance(value, str):
-            return value.encode("utf-8")
-        if isinstance(value, np.ndarray):
-            return encode_npy(value)
-        if isinstance(value, (dict, list)):
-            return json.dumps(value).encode("utf-8")
-        raise TypeError(f"cannot store a {type(value).__name__} in a tar shard; pass bytes, str, dict or np.ndarray")
-
-    def write(self, key, members):
-        if "." in key or "/" in key or not key:
-            raise ValueError(f"sample key {key!r} must be non-empty without '.' or '/' (the key ends at the first dot)")
-        if self._tar is None:
-            name = f"{self.prefix}-{len(self.paths):06d}.tar"
-            self._final = os.path.join(self.out_dir, name)
-            self._tmp = self._final + ".tmp"
-            self._tar = tarfile.open(self._tmp, "w")
-        for ext, value in members.items():
-            data = self._member_bytes(value)
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mode, info.mtime = len(data), 0o644, 0  # mtime 0: byte-identical reruns
-            self._tar.addfile(info, io.BytesIO(data))
-        self.count += 1
-        if self.count % self.per_shard == 0:
-            self._finish_shard()
-
-    def _finish_shard(self):
-        if self._tar is not None:
-            self._tar.close()
-            os.replace(self._tmp, self._final)
-            self.paths.append(self._final)
-            self._tar = None
-
-    def close(self):
-        self._finish_shard()
-        return self.paths
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is None:
-            self.close()
-        elif self._tar is not None:  # an error: leave the partial shard as .tmp
-            self._tar.close()
-            self._tar = None
+    def state(self):
+        """{"num_workers", "positions": LongTensor (W, 5)} for the checkpoint, or None when
+        the data is not a stream (the shapes world is indexed and needs none)."""
+        return {"num_workers": self.workers, "positions": self.table.clone()} if self.tracked else None

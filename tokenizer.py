@@ -476,11 +476,16 @@ class TATiTok(nn.Module):
             self.quantize._pending = None
 
     @classmethod
-    def from_official(cls, path):
-        """Load a released TA-TiTok directory (e.g. turkeyju/tokenizer_tatitok_bl32_vq):
-        config.json + model.safetensors, read tensor by tensor (official.py)."""
-        release = official.Release(path, "TA-TiTok")
-        return official.load_weights(cls(TATiTokConfig(**official.tatitok_kwargs(release.config))), release)
+    def from_official(cls, path, revision=None):
+        """Load a released directory (config.json + model.safetensors), tensor by tensor (official.py),
+        or a Hub id: "turkeyju/tokenizer_tatitok_bl32_vq", "owner/name@rev" (revision=: the default)."""
+        release = official.Release(path, "TA-TiTok", revision)
+        kwargs = official.tatitok_kwargs(release.config, release.config_file)
+        return official.load_weights(cls(TATiTokConfig(**kwargs)), release)
+
+    def save_official(self, path):
+        """Write this model as a release directory that from_official (and the official code) reads."""
+        return official.save(self, path)
 
 
 def _init_weights(m):

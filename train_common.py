@@ -1,9 +1,10 @@
 """
-The plumbing both trainers share (train_tokenizer.py, train_maskgen.py): config
-overrides, numerics, the optimiser and its schedule (paper App. A, Tab. 7 and 8: AdamW,
+The plumbing both trainers share (train_tokenizer.py, train_maskgen.py): the run's
+set-up, numerics, the optimiser and its schedule (paper App. A, Tab. 7 and 8: AdamW,
 linear warm-up then cosine or constant, EMA weights), deterministic data slots, atomic
-checkpoints with exact resume, and logging. Each trainer's main() reads top to bottom
-and calls these; the device and process group come from runtime.py.
+checkpoints with exact resume, preemption, and logging (log.jsonl, optional trackers).
+Each trainer's main() reads top to bottom and calls these; its command line and config
+checks come from train_config.py, the device and process group from runtime.py.
 
 Exact resume and DDP == one process rest on two rules kept here:
   - every random draw of a micro-step is seeded from (seed, step, global micro-batch
@@ -12,8 +13,8 @@ Exact resume and DDP == one process rest on two rules kept here:
     grad scaler, step and every rank's RNG state (`run_state` / `restore_run_state`).
 """
 
-import copy
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -21,7 +22,6 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
@@ -32,78 +32,28 @@ from tqdm import tqdm
 
 import data
 import runtime
-from checkpoint import newest_checkpoint, save_checkpoint
+from checkpoint import atomic_write, newest_checkpoint, save_checkpoint
 from shapes import ShapesWorld
+from shards import StreamPositions
 
 # -----------------------------------------------------------------------------
-# Config
-
-
-@dataclass
-class RunConfig:
-    """The fields of every training run that are not about the model, the data or the
-    optimisation (each trainer's TrainConfig adds those)."""
-
-    dtype: str = "bf16"  # bf16 | fp16 | fp32 (autocast is used on CUDA only)
-    compile: bool = True
-    device: str = "auto"  # auto = this process's GPU, else the CPU
-    peak_tflops: float = 0.0  # per device, for MFU; 0 = the bf16 peak of a known GPU (runtime.PEAK_BF16_TFLOPS)
-    seed: int = 42
-    log_every: int = 50
-    sample_every: int = 5_000
-    ckpt_every: int = 5_000
-    keep_ckpts: int = 2  # the newest good checkpoints kept (the newest good one is never deleted)
-    max_nonfinite_steps: int = 20  # stop after this many consecutive steps with a non-finite grad norm
-    dist_timeout_s: int = 600  # a collective that waits longer (a stuck rank) ends the job with an error
-
-
-def parse_config(cls, presets, argv=None):
-    """Build a config dataclass from `--config=NAME` (a preset) plus `--field=value` overrides
-    (argv: default sys.argv[1:]).
-
-    Values are converted to the field's declared type, and an unknown field or a
-    badly typed value stops with a message saying what is allowed.
-    """
-    argv = sys.argv[1:] if argv is None else argv
-    args = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "true") for a in argv if a.startswith("--"))
-    stray = [a for a in argv if not a.startswith("--")]
-    if stray:
-        sys.exit(f"error: arguments must look like --field=value, got {stray}")
-    name = args.pop("config", "tiny")
-    check_choice("config", name, presets)
-    cfg = copy.deepcopy(presets[name])
-    types = {f.name: f.type for f in dataclasses.fields(cls)}
-    for key, raw in args.items():
-        if key not in types:
-            sys.exit(f"error: unknown option --{key}; valid options: {', '.join(sorted(types))}")
-        t = types[key] if isinstance(types[key], type) else eval(types[key])  # annotations may be strings
-        try:
-            if t is bool:
-                if raw.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                val = raw.lower() in ("true", "1")
-            else:
-                val = t(raw)
-        except ValueError:
-            sys.exit(f"error: --{key}={raw} is not a valid {t.__name__}")
-        setattr(cfg, key, val)
-    return cfg
-
-
-def check_choice(option, name, choices):
-    """Stop with the valid choices when --option=name is not one of them."""
-    if name not in choices:
-        sys.exit(f"error: unknown --{option}={name}; choose one of {sorted(choices)}")
+# Run set-up
 
 
 def setup_run(cfg):
     """The start both trainers share: DDP when launched by torchrun (with a collective
     timeout, so a stuck rank ends the job with an error instead of hanging it), the
-    precision, and the rank-0 logger. Returns (rank, world, device, autocast, scaler, log)."""
+    precision, and the rank-0 logger, which says where the run folder is.
+    Returns (rank, world, device, autocast, scaler, log)."""
     timeout = timedelta(seconds=cfg.dist_timeout_s)
-    rank, world, device = runtime.setup_distributed(cfg.device, mps=False, timeout=timeout)
+    try:
+        rank, world, device = runtime.setup_distributed(cfg.device, mps=False, timeout=timeout)
+    except ValueError as e:  # a device this machine does not have
+        sys.exit(f"error: {e}")
     autocast, scaler = setup_precision(cfg.dtype, device)
-    return rank, world, device, autocast, scaler, Logger(cfg.out_dir, rank == 0)
+    log = Logger(cfg, rank == 0)
+    log(text=f"run folder: {os.path.abspath(cfg.out_dir)} (config.json, log.jsonl, checkpoints)")
+    return rank, world, device, autocast, scaler, log
 
 
 def setup_precision(dtype, device):
@@ -179,13 +129,18 @@ def ema_update(ema, model, step, max_decay):
 # Data: an endless, deterministic stream of (images, captions) batches
 
 
-def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0):
+def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0, resume=None):
     """Returns get(step, k) -> (images (B,3,S,S) in [0,1], captions) for micro-step k.
 
     Every micro-batch of the run has a global slot = rank * grad_accum + k. The shapes
     world is indexed, so slot n of step s is a fixed set of sample ids: one process with
     grad_accum=2 sees exactly the data of two DDP ranks with grad_accum=1, and a resumed
-    run sees exactly the data it would have seen."""
+    run sees exactly the data it would have seen.
+
+    Tar shards and image folders are streams: get.positions (shards.StreamPositions)
+    follows where each reader stands, run_state(..., data=get) saves it, and
+    resume=<the checkpoint resumed> starts every reader there, exactly and at the same
+    cost at any step (older checkpoints without positions fast-forward)."""
     B, A = cfg.batch_size, cfg.grad_accum
     if cfg.data == "shapes":
         shapes = ShapesWorld(seed=cfg.seed)
@@ -199,21 +154,26 @@ def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0):
             return images, [s.caption for s in samples]
 
         return get
-    # Tar shards or an image folder: a seeded stream per rank, started at the batch where
-    # the run stopped. Corrupt or filtered samples are skipped and counted (get.skipped).
+    # Tar shards or an image folder: a seeded stream per rank, started where the run
+    # stopped. Corrupt or filtered samples are skipped and counted (get.skipped).
+    try:
+        positions = StreamPositions.resume(resume, rank, cfg.num_workers, start_step * A)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     loader = data.image_text_loader(
-        cfg.data, image_size=image_size, batch_size=B, rank=rank, world_size=world,
-        num_workers=cfg.num_workers, seed=cfg.seed, start_batch=start_step * A,
+        cfg.data, image_size=image_size, batch_size=B, rank=rank, world_size=world, num_workers=cfg.num_workers,
+        seed=cfg.seed, start_batch=start_step * A, positions=positions.saved,
     )  # fmt: skip
     stream = iter(loader)
 
     def get(step, k):
         b = next(stream)
+        positions.consumed(b)  # where this batch's reader now stands, for the checkpoint
         # MaskGen prefers a sample's recaption (where it has one) with probability 0.95.
         caps = data.pick_captions(b["caption"], b["recaption"], recaption_prob) if recaption_prob else b["caption"]
         return b["image"], caps
 
-    get.skipped = loader.dataset.skipped
+    get.skipped, get.positions = loader.dataset.skipped, positions
     return get
 
 
@@ -259,34 +219,79 @@ def gather_rng_states(world):
     return out
 
 
-# Fields that may change between a run and its resumption without changing the maths.
-RESUMABLE_FIELDS = {"max_steps", "log_every", "sample_every", "ckpt_every", "compile", "out_dir", "device",
-                    "num_workers", "keep_ckpts", "peak_tflops", "max_nonfinite_steps",
-                    "dist_timeout_s"}  # fmt: skip
+# Fields that may change between a run and its resumption, because they do not change the
+# maths (tests/test_train.py shows each, bit for bit): what is logged, sampled and kept,
+# where and when, the stop conditions, the trackers, compile and device (float rounding
+# only), and init_from (read by fresh runs only). Not num_workers: the order of shard data
+# depends on it. max_steps only where no step trained so far depended on it (below).
+RESUMABLE_FIELDS = {"log_every", "sample_every", "ckpt_every", "stop_at", "keep_ckpts", "out_dir", "compile", "device",
+                    "peak_tflops", "max_nonfinite_steps", "dist_timeout_s", "wandb_project", "tensorboard_dir",
+                    "sample_prompts", "init_from"}  # fmt: skip
+WHY_FIXED = {"max_steps": " (the cosine decay's length, which the steps so far followed; to stop early and go on "
+                          "later, keep it and pass --stop_at=STEP)",
+             "num_workers": " (the order of the shard data depends on it)"}  # fmt: skip
 
 
-def check_resume_config(saved, current):
+def max_steps_may_change(saved, current, step):
+    """Whether a run resumed at `step` may change max_steps: when no step trained so far had
+    a learning rate that depended on it (a constant schedule, or a run still in warm-up).
+    The schedules read it only after warm-up, so the last trained step decides. (The
+    tokenizer's config has no schedule field: it is always cosine.)"""
+    def lr(max_steps):
+        return lr_at(step - 1, current["lr"], current["warmup_steps"], max_steps, current.get("schedule", "cosine"),
+                     current["end_lr"])  # fmt: skip
+
+    return step == 0 or lr(saved.get("max_steps")) == lr(current["max_steps"])
+
+
+def check_resume_config(saved, current, step, pinned=()):
     """Stop, naming every differing field, when a run would resume a checkpoint written
-    with different maths (fields outside RESUMABLE_FIELDS)."""
-    diff = {k: (saved.get(k), v) for k, v in current.items() if k not in RESUMABLE_FIELDS and saved.get(k) != v}
+    with different maths (fields outside RESUMABLE_FIELDS). `pinned`: fields naming files
+    whose content the checkpoint pins by hash (check_inputs), which may therefore move."""
+    free = RESUMABLE_FIELDS | set(pinned) | ({"max_steps"} if max_steps_may_change(saved, current, step) else set())
+    diff = {k: (saved.get(k), v) for k, v in current.items() if k not in free and saved.get(k) != v}
     if diff:
-        lines = "\n".join(f"  {k}: checkpoint has {a!r}, this run has {b!r}" for k, (a, b) in diff.items())
+        lines = "\n".join(f"  {k}: checkpoint has {a!r}, this run has {b!r}{WHY_FIXED.get(k, '')}"
+                          for k, (a, b) in diff.items())  # fmt: skip
         sys.exit(
             f"error: the config does not match the checkpoint being resumed:\n{lines}\n"
             f"Pass the same values, or use a new --out_dir to start a fresh run."
         )
 
 
-def find_resume(cfg, log):
-    """(path, checkpoint) of the newest good checkpoint in cfg.out_dir, after checking
-    that it was written with this config; (None, None) for a fresh run."""
+def check_inputs(recorded, current, path, log):
+    """Stop when a frozen model the run trains on is not the one the checkpoint at `path`
+    was trained on. recorded / current: {name: sha256 of its weights}."""
+    if not current:
+        return
+    if recorded is None:
+        log(text=f"warning: {path} predates recording the frozen models' hashes; {', '.join(current)} not checked")
+        return
+    diff = [f"  {k}: the checkpoint was trained on sha256 {recorded.get(k, 'none')[:16]}, this run has {h[:16]}"
+            for k, h in current.items() if recorded.get(k) != h]  # fmt: skip
+    if diff:
+        sys.exit(f"error: the frozen weights this run would train on are not those {path} was trained on:\n"
+                 + "\n".join(diff) + "\nResuming would go on with other tokens or text features. Give the run "
+                 "the files it started with (--tokenizer: that run or release, unchanged), or start a new --out_dir "
+                 "(--init_from=<that checkpoint> starts from its weights).")  # fmt: skip
+
+
+def find_resume(cfg, log, inputs=None):
+    """(path, checkpoint) of the newest good checkpoint in cfg.out_dir, after checking that
+    it was written with this config and, for `inputs` ({name: sha256} of the frozen models
+    the run trains on, recorded in its checkpoints), on the same weights; (None, None) for a
+    fresh run. Then rank 0 writes the resolved config to out_dir/config.json."""
     rejected = []
     path, ckpt = newest_checkpoint(cfg.out_dir, log=lambda s: log(text=s), rejected=rejected)
     if ckpt is not None:
-        check_resume_config(ckpt["config"], dataclasses.asdict(cfg))
+        check_resume_config(ckpt["config"], dataclasses.asdict(cfg), ckpt["step"], pinned=ckpt.get("inputs") or ())
+        check_inputs(ckpt.get("inputs"), inputs, path, log)
     elif rejected:
         names = ", ".join(os.path.basename(p) for p, _ in rejected)
         log(text=f"no usable checkpoint in {cfg.out_dir} ({len(rejected)} unreadable: {names}); starting from scratch")
+    if log.enabled:  # the config of the latest start (resumable fields may differ from the first's)
+        text = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
+        atomic_write(os.path.join(cfg.out_dir, "config.json"), lambda f: f.write(text.encode()))
     return path, ckpt
 
 
@@ -294,9 +299,11 @@ class RunControl:
     """What stops a run early, the same way on every rank:
       - non-finite steps: after cfg.max_nonfinite_steps skipped steps in a row the run
         stops, naming the last good checkpoint;
-      - preemption: SIGTERM / SIGINT (what SLURM, Kubernetes and Ctrl-C send) set a flag;
-        the ranks agree on it after every step (one tiny all-reduce), write a checkpoint
-        and exit with 128 + the signal number. A second signal exits at once."""
+      - preemption: SIGTERM / SIGINT (what SLURM, Kubernetes, torchrun and Ctrl-C send) set
+        a flag; the ranks agree on it after every step (one tiny all-reduce), write a
+        checkpoint and exit with 128 + the signal number. A second signal exits at once,
+        with the same status, leaving no partial checkpoint; a third is the default action.
+    Every way out goes through close(), which also closes log.jsonl and the trackers."""
 
     def __init__(self, cfg, world, log, last_ckpt=None):
         self.cfg, self.world, self.log, self.last_ckpt = cfg, world, log, last_ckpt
@@ -304,17 +311,19 @@ class RunControl:
         self.old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _on_signal(self, signum, frame):
-        if self.signum:  # the second signal: stop now, the way the signal normally does
-            self.close()
-            os.kill(os.getpid(), signum)
-            return
+        if self.signum:  # the second signal: stop now, wherever the run is. Raised, not killed,
+            self.close(logs=False)  # so cleanup runs (a checkpoint being written removes its .tmp)
+            raise SystemExit(128 + signum)  # (the trackers are left to exit: wandb may sync for long)
         self.signum = signum
         tqdm.write(f"received {signal.Signals(signum).name}: finishing this step and writing a checkpoint "
                    f"(send it again to stop at once)")  # fmt: skip
 
-    def close(self):
+    def close(self, logs=True):
+        """Give SIGTERM / SIGINT their previous handlers; close log.jsonl and the trackers."""
         for s, h in self.old.items():
             signal.signal(s, h)
+        if logs:
+            self.log.close()
 
     def step_done(self, ok, step, scaler, ema, model):
         """End of an iteration: update the loss scale (once, after every optimizer step), the
@@ -354,23 +363,42 @@ class RunControl:
         """After the checkpoint of a preempted step: say where it is and exit 128 + signal."""
         if not self.signum:
             return
-        self.close()
         if master:
             self.log(text=f"stopped by {signal.Signals(self.signum).name} at step {step}; checkpoint "
                           f"{self.last_ckpt}; run the same command to resume")  # fmt: skip
+        self.close()
         runtime.teardown()
         sys.exit(128 + self.signum)
 
+    def finish(self, progress, master):
+        """The end of a run that reached its last step: say where its checkpoint is."""
+        progress.close()
+        if master:
+            self.log(text=f"done: checkpoint {self.last_ckpt}")
+        self.close()
+        runtime.teardown()
 
-def run_state(cfg, step, scaler, world):
+
+def run_state(cfg, step, scaler, world, data=None):
     """The part of a checkpoint both trainers write besides their models and optimisers:
-    config, step, grad scaler and every rank's RNG state. A collective: every rank calls it."""
+    config, step, grad scaler, every rank's RNG state and, for a streamed dataset (`data`:
+    the batch function, with its .positions), every rank's reader positions. A
+    collective: every rank calls it."""
     scaler_state = scaler.state_dict() if scaler.is_enabled() else None
-    return {"config": dataclasses.asdict(cfg), "step": step, "scaler": scaler_state, "rng": gather_rng_states(world)}
+    state = {"config": dataclasses.asdict(cfg), "step": step, "scaler": scaler_state, "rng": gather_rng_states(world)}
+    positions = getattr(data, "positions", None)
+    mine = positions.state() if positions is not None else None
+    if mine is not None:  # the same kind of data on every rank, so every rank gathers
+        state["data_positions"] = [mine]
+        if world > 1:
+            state["data_positions"] = [None] * world
+            dist.all_gather_object(state["data_positions"], mine)
+    return state
 
 
 def restore_run_state(ckpt, scaler, rank, world):
-    """The part of a resume both trainers share: scaler, this rank's RNG state, the step."""
+    """The part of a resume both trainers share: scaler, this rank's RNG state, the step.
+    (The data stream's positions go to image_batches / the token loader: resume=ckpt.)"""
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     if len(ckpt["rng"]) != world:
@@ -385,13 +413,15 @@ def restore_run_state(ckpt, scaler, rank, world):
 
 
 class Logger:
-    """A JSONL record per log interval plus a readable line, rank 0 only. Every rank
-    makes the run folder (out_dir)."""
+    """A JSONL record per log interval plus a readable line, rank 0 only; the records also
+    go to the trackers asked for (--wandb_project, --tensorboard_dir). Every rank makes the
+    run folder (out_dir)."""
 
-    def __init__(self, out_dir, enabled):
-        os.makedirs(out_dir, exist_ok=True)
+    def __init__(self, cfg, enabled):
+        os.makedirs(cfg.out_dir, exist_ok=True)
         self.enabled = enabled
-        self.f = open(os.path.join(out_dir, "log.jsonl"), "a") if enabled else None
+        self.f = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if enabled else None
+        self.trackers = open_trackers(cfg) if enabled else []
 
     def __call__(self, record=None, text=None):
         if not self.enabled:
@@ -399,8 +429,57 @@ class Logger:
         if record is not None:
             self.f.write(json.dumps(record) + "\n")
             self.f.flush()
+            for write, _ in self.trackers:
+                write(scalars(record), record.get("step"))
         if text is not None:
             tqdm.write(text)  # keeps the progress bar intact
+
+    def close(self):
+        if self.enabled:
+            self.enabled = False
+            self.f.close()
+            for _, close in self.trackers:
+                close()
+
+
+def open_trackers(cfg):
+    """The optional trackers, as (write(scalars, step), close) pairs. Each package is
+    imported only when asked for, so neither is a dependency."""
+    out = []
+    if cfg.wandb_project:  # one W&B run per start of the run, named after its folder
+        wandb = import_for("wandb", "wandb", "--wandb_project")
+        run = wandb.init(project=cfg.wandb_project, name=os.path.basename(os.path.abspath(cfg.out_dir)),
+                         config=dataclasses.asdict(cfg), dir=cfg.out_dir)  # fmt: skip
+        out.append((lambda rec, step: run.log(rec, step=step), run.finish))
+    if cfg.tensorboard_dir:
+        tensorboard = import_for("torch.utils.tensorboard", "tensorboard", "--tensorboard_dir")
+        writer = tensorboard.SummaryWriter(cfg.tensorboard_dir)
+
+        def write(rec, step):
+            for k, v in rec.items():
+                writer.add_scalar(k, v, step)
+
+        out.append((write, writer.close))
+    return out
+
+
+def import_for(module, package, flag):
+    """import `module`, or stop naming the pip package that `flag` needs."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        sys.exit(f"error: {flag} needs the {package} package ({e}); pip install {package}, or leave {flag} unset")
+
+
+def scalars(record, prefix=""):
+    """A log record's numbers without the step, nested dicts flattened ("skipped/corrupt_image")."""
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            out.update(scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and k != "step":
+            out[prefix + k] = v
+    return out
 
 
 class Progress:

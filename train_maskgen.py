@@ -32,62 +32,79 @@ import load
 import maskgen as M
 import official
 import runtime
-from checkpoint import load_checked
+from checkpoint import content_digest, load_checked
 from pretokenize import PretokenizedDataset
+from shards import StreamPositions
 from shapes import SHAPES_AESTHETIC
 from train_common import (
-    adamw, check_choice, find_resume, image_batches, lr_at, optimizer_step, parse_config, Progress,
-    restore_run_state, run_state, RunConfig, RunControl, save_grid, seed_for_slot, setup_run,
+    adamw, find_resume, image_batches, lr_at, optimizer_step, Progress, restore_run_state, run_state, RunControl,
+    save_grid, seed_for_slot, setup_run,
 )  # fmt: skip
+from train_config import one_of, parse_config, Rule, RunConfig, within
 
 
 @dataclass
 class TrainConfig(RunConfig):  # RunConfig: dtype, compile, device, seed, log/sample/checkpoint intervals
+    # (the comment ending each field's line is its --help text)
     maskgen: str = "maskgen_vq_l"  # a maskgen.PRESETS name (sizes; tokens follow the tokenizer)
-    tokenizer: str = ""  # official release dir, or a train_tokenizer.py run dir / checkpoint
+    tokenizer: str = ""  # official release dir, or a train_tokenizer.py run dir / checkpoint (required)
     # data: "shapes", a tar-shard pattern or image folder (encoded on the fly),
     # or "pretokenized:PATTERN" (shards written by `python data.py pretokenize`)
-    data: str = "shapes"
-    num_workers: int = 4
-    caption_drop: float = 0.1  # the CFG null condition is trained on 10% of samples
+    data: str = "shapes"  # shapes | a tar-shard pattern | an image folder | pretokenized:PATTERN
+    num_workers: int = 4  # DataLoader processes reading shards / folders (the data order depends on it)
+    caption_drop: float = 0.1  # fraction of samples trained on the empty caption (CFG's null condition)
     recaption_prob: float = 0.95  # use the recaption (if a sample has one) with this probability
-    aesthetic_default: float = 6.5  # when a sample carries no aesthetic score
+    aesthetic_default: float = 6.5  # the aesthetic score of a sample that carries none
     scale_factor: float = -1.0  # KL: token scale; -1 = the preset's for official tokenizers, else 1/std
     # optimisation (Tab. 8 / official: VQ AdamW (0.9, 0.96) wd 0.03 lr 4e-4 cosine; KL (0.9, 0.95) wd 0.02 lr 1e-4 constant)
     batch_size: int = 128  # per GPU, per micro-step
-    grad_accum: int = 1
-    max_steps: int = 500_000
-    lr: float = 4e-4
-    end_lr: float = 1e-5
-    schedule: str = "cosine"  # cosine | constant
-    warmup_steps: int = 10_000
-    weight_decay: float = 0.03
-    beta1: float = 0.9
-    beta2: float = 0.96
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    grad_accum: int = 1  # micro-steps per optimiser step (global batch = batch_size x grad_accum x GPUs)
+    max_steps: int = 500_000  # optimiser steps; a cosine schedule decays until here
+    lr: float = 4e-4  # peak learning rate, after the linear warm-up
+    end_lr: float = 1e-5  # learning rate at the end of a cosine decay
+    schedule: str = "cosine"  # cosine | constant (after the warm-up)
+    warmup_steps: int = 10_000  # steps of linear warm-up from 0
+    weight_decay: float = 0.03  # AdamW's, on weight matrices only (not gains, biases, embeddings-as-vectors)
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.96  # AdamW's second-moment decay
+    grad_clip: float = 1.0  # the global gradient norm is clipped to this
+    ema_decay: float = 0.999  # of the EMA weights (warmed up as (1+t)/(10+t))
     init_from: str = ""  # stage 2: start from a stage-1 run's EMA weights (dir or checkpoint)
-    # samples written every sample_every steps, for these prompts ("|"-separated; empty: defaults)
-    sample_prompts: str = ""
-    out_dir: str = "runs/maskgen"  # checkpoints, log.jsonl, sample grids
+    sample_prompts: str = ""  # "|"-separated prompts of the sample grids; empty = a fixed shapes-world set
+    out_dir: str = "runs/maskgen"  # checkpoints, log.jsonl, config.json, sample grids
 
 
-def token_batches(cfg, tokenizer, rank, world, start_step, device):
+# The allowed values of this trainer's own fields (train_config.COMMON_RULES has the shared ones).
+RULES = {
+    "maskgen": one_of(M.PRESETS), "schedule": one_of(("cosine", "constant")),
+    "caption_drop": within(0, 1), "recaption_prob": within(0, 1),
+    "aesthetic_default": Rule(math.isfinite, "it must be a finite number (aesthetic scores are about 0..10)"),
+    "scale_factor": Rule(lambda v: v == -1 or v > 0, "it must be > 0, or -1 (chosen by the run)"),
+}  # fmt: skip
+
+
+def token_batches(cfg, tokenizer, rank, world, start_step, device, resume=None):
     """Returns get(step, k) -> (tokens, captions, aesthetic (B,)) for micro-step k.
 
     VQ tokens are ids (B, K); KL tokens are the posterior's cat(mean, logvar) (B, K, 2C),
-    from which MaskGen draws a fresh sample every time it sees the image."""
+    from which MaskGen draws a fresh sample every time it sees the image. Streams carry
+    get.positions for run_state, and resume=<the checkpoint resumed> restarts them
+    where they stood (see train_common.image_batches)."""
     B, mode = cfg.batch_size, tokenizer.config.quantize_mode
     if cfg.data.startswith("pretokenized:"):
-        ds = PretokenizedDataset(
-            cfg.data.split(":", 1)[1], rank=rank, world_size=world, seed=cfg.seed, start_batch=start_step * cfg.grad_accum,
-            batch_size=B,
-        )  # fmt: skip
+        start = start_step * cfg.grad_accum
+        try:
+            positions = StreamPositions.resume(resume, rank, cfg.num_workers, start)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        ds = PretokenizedDataset(cfg.data.split(":", 1)[1], rank=rank, world_size=world, seed=cfg.seed,
+                                 start_batch=start, batch_size=B, positions=positions.saved)  # fmt: skip
         loader = torch.utils.data.DataLoader(ds, batch_size=B, num_workers=cfg.num_workers, collate_fn=data.collate)
         stream = iter(loader)
 
         def get(step, k):
             b = next(stream)
+            positions.consumed(b)  # where this batch's reader now stands, for the checkpoint
             key = "tokens" if mode == "vq" else "posterior"
             if key not in b:
                 sys.exit(f"error: {cfg.data} holds {'posteriors' if key == 'tokens' else 'VQ ids'}, but the "
@@ -96,9 +113,10 @@ def token_batches(cfg, tokenizer, rank, world, start_step, device):
             captions = data.pick_captions(b["caption"], b["recaption"], cfg.recaption_prob)  # 95% recaption
             return b[key].to(device), captions, aes.to(device)
 
+        get.positions = positions
         return get
 
-    get_images = image_batches(cfg, tokenizer.config.image_size, rank, world, start_step, cfg.recaption_prob)
+    get_images = image_batches(cfg, tokenizer.config.image_size, rank, world, start_step, cfg.recaption_prob, resume)
     aes_const = SHAPES_AESTHETIC if cfg.data == "shapes" else cfg.aesthetic_default
 
     def get(step, k):
@@ -108,6 +126,7 @@ def token_batches(cfg, tokenizer, rank, world, start_step, device):
         tokens = out if mode == "vq" else torch.cat([out.mean, out.logvar], dim=-1)  # (B, K, 2C)
         return tokens, captions, torch.full((len(captions),), aes_const, device=device)
 
+    get.positions = getattr(get_images, "positions", None)  # shards / folders; the shapes world has none
     return get
 
 
@@ -119,10 +138,9 @@ DEFAULT_PROMPTS = [
 
 
 def main(argv=None):
-    cfg = parse_config(TrainConfig, PRESETS, argv)
+    cfg = parse_config(TrainConfig, PRESETS, argv, default="tiny_vq", rules=RULES)  # no arguments: --help
     if not cfg.tokenizer:
         sys.exit("error: --tokenizer is required: an official TA-TiTok directory or a train_tokenizer.py run")
-    check_choice("maskgen", cfg.maskgen, M.PRESETS)
     rank, world, device, autocast, scaler, log = setup_run(cfg)  # DDP, precision, rank-0 logger
     master = rank == 0
 
@@ -137,11 +155,14 @@ def main(argv=None):
         sys.exit(f"error: --maskgen={cfg.maskgen} is a {mcfg.mode.upper()} model but the tokenizer is "
                  f"{tcfg.quantize_mode.upper()}; pick a maskgen_{tcfg.quantize_mode}_* preset")  # fmt: skip
 
-    # ---- resume or start
-    path, ckpt = find_resume(cfg, log)
+    # ---- resume or start. What the run trains on is pinned by content: a resume on other
+    # tokenizer or text-encoder weights (same path, new files) would go on with other tokens.
+    inputs = {"tokenizer": content_digest(tokenizer.state_dict()),
+              "text_encoder": content_digest(text_encoder.state_dict())}  # sha256 of the weights
+    path, ckpt = find_resume(cfg, log, inputs)  # refuses a checkpoint trained on other inputs
     if ckpt is not None:
         mcfg = M.MaskGenConfig(**ckpt["maskgen_config"])  # includes the scale factor chosen at the start
-    elif mcfg.mode == "kl" and cfg.scale_factor < 0 and not os.path.isfile(os.path.join(cfg.tokenizer, "config.json")):
+    elif mcfg.mode == "kl" and cfg.scale_factor < 0 and not load.is_release(cfg.tokenizer):
         # Our own tokenizer: scale tokens to unit variance (as LDM does), measured once on
         # the first global batch (slot 0, the same data on every rank).
         tokens, _, _ = token_batches(cfg, tokenizer, 0, 1, 0, device)(0, 0)
@@ -188,11 +209,12 @@ def main(argv=None):
 
     # The CFG null condition: the encoding of the empty caption, computed once.
     null = text_encoder([""])
-    get_batch = token_batches(cfg, tokenizer, rank, world, step, device)
+    get_batch = token_batches(cfg, tokenizer, rank, world, step, device, resume=ckpt)  # ckpt: reader positions
     prompts = cfg.sample_prompts.split("|") if cfg.sample_prompts else DEFAULT_PROMPTS
     prompt_feats = text_encoder(prompts) if master else None  # for the sample grids
     progress = Progress(cfg, step, world, device, train_flops, enabled=master)  # the bar, img/s, MFU
-    while step < cfg.max_steps:
+    end = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)  # --stop_at ends a run early, with a checkpoint
+    while step < end:
         lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.schedule, cfg.end_lr)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -217,11 +239,11 @@ def main(argv=None):
         step += 1
         progress.update()
 
-        if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
+        if master and (step % cfg.log_every == 0 or step == end):
             rec = {"step": step, "loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm), **progress.read()}
             rec["skipped_nonfinite"] = control.skipped  # steps skipped so far (non-finite grad norm)
             log(rec, f"step {step:7d} | " + " | ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "step"))
-        if master and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+        if master and (step % cfg.sample_every == 0 or step == end):
             with torch.no_grad():
                 f = prompt_feats
                 gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -229,16 +251,14 @@ def main(argv=None):
                 images = tokenizer.decode(toks, f.final)
             save_grid(images, os.path.join(cfg.out_dir, f"samples_{step:08d}.png"), nrow=len(prompts))
         stop = control.stop_requested()  # a signal on any rank: every rank saves, then exits
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop:
-            state = run_state(cfg, step, scaler, world)  # collective: every rank takes part
+        if step % cfg.ckpt_every == 0 or step == end or stop:
+            state = run_state(cfg, step, scaler, world, data=get_batch)  # collective: every rank takes part
             if master:
                 payload = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                           "maskgen_config": asdict(mcfg)}  # fmt: skip
+                           "maskgen_config": asdict(mcfg), "inputs": inputs}  # fmt: skip
                 control.save(step, {**payload, **state})
         control.exit_if_stopped(step, master)
-    progress.close()
-    control.close()
-    runtime.teardown()
+    control.finish(progress, master)  # "done: checkpoint ...", closes the logs, leaves the process group
 
 
 # -----------------------------------------------------------------------------

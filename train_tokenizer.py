@@ -30,41 +30,47 @@ import runtime
 import tokenizer as T
 from text import TEXT_PRESETS, TextEncoder
 from train_common import (
-    adamw, check_choice, find_resume, image_batches, lr_at, optimizer_step, parse_config, Progress,
-    restore_run_state, run_state, RunConfig, RunControl, save_grid, seed_for_slot, setup_run,
+    adamw, find_resume, image_batches, lr_at, optimizer_step, Progress, restore_run_state, run_state, RunControl,
+    save_grid, seed_for_slot, setup_run,
 )  # fmt: skip
+from train_config import at_least, one_of, parse_config, Rule, RunConfig
 
 
 @dataclass
 class TrainConfig(RunConfig):  # RunConfig: dtype, compile, device, seed, log/sample/checkpoint intervals
+    # (the comment ending each field's line is its --help text)
     tokenizer: str = "tiny"  # a tokenizer.PRESETS name
     text_encoder: str = "ViT-L-14-336"  # open_clip model name, or a text.TEXT_PRESETS name
-    text_pretrained: str = "openai"
-    # data: "shapes" (the procedural world), a tar-shard pattern, or an image folder
-    data: str = "shapes"
-    num_workers: int = 4
+    text_pretrained: str = "openai"  # open_clip weights tag of a named text encoder
+    data: str = "shapes"  # "shapes" (the procedural world), a tar-shard pattern, or an image folder
+    num_workers: int = 4  # DataLoader processes reading shards / folders (the data order depends on it)
     # optimisation (official: AdamW (0.9, 0.999), wd 1e-4, lr 1e-4, 10k warm-up, cosine to 1e-5)
     batch_size: int = 32  # per GPU, per micro-step
-    grad_accum: int = 1
-    max_steps: int = 650_000
-    lr: float = 1e-4
-    end_lr: float = 1e-5
-    warmup_steps: int = 10_000
-    weight_decay: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    # losses: a losses.PRESETS name ("official": LPIPS + ConvNeXt-S, "paper_resnet50", "shapes", "tiny")
-    loss: str = "official"
+    grad_accum: int = 1  # micro-steps per optimiser step (global batch = batch_size x grad_accum x GPUs)
+    max_steps: int = 650_000  # optimiser steps; the cosine decay ends here
+    lr: float = 1e-4  # peak learning rate, after the linear warm-up
+    end_lr: float = 1e-5  # learning rate at the end of the cosine decay
+    warmup_steps: int = 10_000  # steps of linear warm-up from 0
+    weight_decay: float = 1e-4  # AdamW's, on weight matrices only (not gains, biases, latent tokens)
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.999  # AdamW's second-moment decay
+    grad_clip: float = 1.0  # the global gradient norm is clipped to this
+    ema_decay: float = 0.999  # of the EMA weights (warmed up as (1+t)/(10+t))
+    loss: str = "official"  # a losses.PRESETS name (official: LPIPS + ConvNeXt-S; paper_resnet50, shapes, tiny)
     disc_start: int = -1  # step at which the GAN switches on; -1 keeps the loss preset's (official 200k)
-    out_dir: str = "runs/tokenizer"  # checkpoints, log.jsonl, reconstruction grids
+    out_dir: str = "runs/tokenizer"  # checkpoints, log.jsonl, config.json, reconstruction grids
+
+
+# The allowed values of this trainer's own fields (train_config.COMMON_RULES has the shared ones).
+RULES = {
+    "tokenizer": one_of(T.PRESETS), "loss": one_of(losses.PRESETS), "disc_start": at_least(-1),
+    "data": Rule(lambda v: not v.startswith("pretokenized:"), "the tokenizer trains on images: shapes, a "
+                 "tar-shard pattern or an image folder (pretokenized: shards are for train_maskgen.py)"),
+}  # fmt: skip
 
 
 def main(argv=None):
-    cfg = parse_config(TrainConfig, PRESETS, argv)
-    check_choice("tokenizer", cfg.tokenizer, T.PRESETS)
-    check_choice("loss", cfg.loss, losses.PRESETS)
+    cfg = parse_config(TrainConfig, PRESETS, argv, default="tiny", rules=RULES)  # no arguments: --help
     rank, world, device, autocast, scaler, log = setup_run(cfg)  # DDP, precision, rank-0 logger
     master = rank == 0
 
@@ -121,10 +127,11 @@ def main(argv=None):
         fwd_model = DDP(fwd_model, device_ids=ids)
         fwd_disc = DDP(fwd_disc, device_ids=ids) if disc is not None else None
 
-    get_batch = image_batches(cfg, tcfg.image_size, rank, world, start_step=step)
+    get_batch = image_batches(cfg, tcfg.image_size, rank, world, start_step=step, resume=ckpt)  # ckpt: reader positions
     fixed = get_batch(0, 0) if cfg.data == "shapes" else None  # grid inputs (shards: set in the loop)
     progress = Progress(cfg, step, world, device, train_flops, enabled=master)  # the bar, img/s, MFU
-    while step < cfg.max_steps:
+    end = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)  # --stop_at ends a run early, with a checkpoint
+    while step < end:
         lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, "cosine", cfg.end_lr)
         for opt_ in (opt, opt_d):
             for g in opt_.param_groups:
@@ -172,7 +179,7 @@ def main(argv=None):
         progress.update()
 
         # ---- logging, grids, checkpoints
-        if master and (step % cfg.log_every == 0 or step == cfg.max_steps):
+        if master and (step % cfg.log_every == 0 or step == end):
             rec = {"step": step, "lr": lr, "grad_norm": float(grad_norm), **progress.read()}
             rec["skipped_nonfinite"] = control.skipped  # steps skipped so far (non-finite grad norm)
             rec.update({k: float(v) for k, v in stats.items()})
@@ -182,14 +189,14 @@ def main(argv=None):
             if "skipped" in rec:
                 line += f" | skipped {get_batch.skipped.summary()}"
             log(rec, f"step {step:7d} | {line}")
-        if master and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+        if master and (step % cfg.sample_every == 0 or step == end):
             with torch.no_grad():  # EMA weights; KL decodes the posterior mean, for a stable picture
                 x = fixed[0][:8].to(device)
                 r = ema.decode(ema.encode(x), text_encoder(fixed[1][:8]).final)
             save_grid(torch.cat([x, r]), os.path.join(cfg.out_dir, f"recon_{step:08d}.png"), 8)
         stop = control.stop_requested()  # a signal on any rank: every rank saves, then exits
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop:
-            state = run_state(cfg, step, scaler, world)  # collective: every rank takes part
+        if step % cfg.ckpt_every == 0 or step == end or stop:
+            state = run_state(cfg, step, scaler, world, data=get_batch)  # collective: every rank takes part
             if master:
                 payload = {
                     "model": model.state_dict(), "ema": ema.state_dict(), "loss_state": loss_fn.state_dict(),
@@ -199,9 +206,7 @@ def main(argv=None):
                 }  # fmt: skip
                 control.save(step, {**payload, **state})
         control.exit_if_stopped(step, master)
-    progress.close()
-    control.close()
-    runtime.teardown()
+    control.finish(progress, master)  # "done: checkpoint ...", closes the logs, leaves the process group
 
 
 # -----------------------------------------------------------------------------

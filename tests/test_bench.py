@@ -26,3 +26,15 @@ def test_bench_tiny(capsys):
         assert float(img_s) > 0 and float(ms) > 0 and float(gflop) > 0
         assert math.isfinite(float(tflops)) and mfu.endswith("%")
     assert "generate, CFG (8 steps)" in out and "(4 steps x 10 diff.)" in out
+
+
+def test_bench_help_is_a_plain_description(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    out = capsys.readouterr().out
+    assert "Throughput, MFU and memory" in out and "issue" not in out.lower()
+    with pytest.raises(SystemExit):
+        bench.main(["--preset", "tiny", "--compile", "2"])
+    assert "--compile takes 0 and/or 1" in capsys.readouterr().err

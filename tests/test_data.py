@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 import data
 import pretokenize
 import shapes
+import shard_io
 import shards
 
 # -----------------------------------------------------------------------------
@@ -68,7 +69,7 @@ def test_expand_braces(tmp_path):
     (tmp_path / "000001.tar").write_bytes(b"")
     assert shards.list_shards(pattern)[:2] == [str(tmp_path / "000000.tar"), str(tmp_path / "000001.tar")]
     assert shards.list_shards(str(tmp_path)) == [str(tmp_path / "000001.tar")]
-    with pytest.raises(ValueError, match="only local shard files"):
+    with pytest.raises(ValueError, match="not a local file, a 'pipe:COMMAND' or an http"):
         shards.list_shards("s3://bucket/{0..3}.tar")
 
 
@@ -101,11 +102,14 @@ def test_tar_grouping_by_key(tmp_path):
         ("__meta__.json", b"{}"), ("._000003.jpg", b"mac"), ("noext", b"x"),
         ("000003.webp", b"W3"),
     ])  # fmt: skip
-    groups = list(shards.iter_tar_groups(path))
+    groups = list(shard_io.iter_tar_groups(path))
     assert [g["__key__"] for g in groups] == ["000001", "sub/000002", "000003"]
-    assert set(groups[0]) - {"__key__", "__shard__"} == {"jpg", "txt", "json"}
+    assert set(groups[0]) - {"__key__", "__shard__", "__end__"} == {"jpg", "txt", "json"}
+    with tarfile.open(path) as tf:  # "__end__": the tar byte after the sample's last member (its padding included)
+        member = tf.getmember("000003.webp")
+    assert groups[2]["__end__"] == member.offset_data + 512
     assert groups[1]["txt"] == b"cap 2" and groups[1]["recap.txt"] == b"R" and groups[1]["png"] == b"P2"
-    assert shards.split_key("a/b/k.seg.txt") == ("a/b/k", "seg.txt")
+    assert shard_io.split_key("a/b/k.seg.txt") == ("a/b/k", "seg.txt")
 
 
 def _corrupt_shard(tmp_path):
@@ -155,6 +159,98 @@ def test_corrupt_shard_is_read_through_and_counted(tmp_path, caplog):
     batches = list(DataLoader(ds2, batch_size=2, num_workers=1))
     assert sum(len(b["key"]) for b in batches) == 3
     assert ds2.skipped.counts()["corrupt_image"] == 2 and ds2.skipped.total() == 8
+
+
+def _abc_tar(tmp_path):
+    """Samples a, b, c (png + txt each); returns (path, raw bytes, c.png's TarInfo, c.txt's TarInfo)."""
+    members = [(f"{k}.{e}", _png() if e == "png" else k.encode()) for k in "abc" for e in ("png", "txt")]
+    path = _write_tar(tmp_path / "abc.tar", members)
+    with tarfile.open(path) as tf:
+        c_png, c_txt = tf.getmember("c.png"), tf.getmember("c.txt")
+    return path, open(path, "rb").read(), c_png, c_txt
+
+
+@pytest.mark.parametrize("cut", ["none", "first_member_data", "second_member_data", "boundary", "header", "damaged"])
+def test_truncated_tar_keeps_every_complete_sample(tmp_path, cut):
+    path, raw, c_png, c_txt = _abc_tar(tmp_path)
+    if cut == "damaged":  # c.png's header overwritten: the tar goes on, but cannot be trusted
+        raw = raw[: c_png.offset] + b"\x07" * 512 + raw[c_png.offset + 512 :]
+    else:
+        end = dict(none=len(raw), first_member_data=c_png.offset_data + 10, second_member_data=c_txt.offset_data,
+                   boundary=c_png.offset, header=c_png.offset + 100)[cut]  # fmt: skip
+        raw = raw[:end]
+    with open(path, "wb") as f:
+        f.write(raw)
+    counter = shards.SkipCounter()
+    keys = [g["__key__"] for g in shard_io.iter_tar_groups(path, counter)]
+    # Samples a and b are complete before every cut (before the fix, a cut in c's first
+    # member dropped b too, and a cut at a boundary or in a header went uncounted).
+    assert keys == (["a", "b", "c"] if cut == "none" else ["a", "b"])
+    assert counter.counts()["truncated_member"] == (cut != "none") and counter.total() == (cut != "none")
+
+
+def test_bad_shard_counted_once_per_epoch(tmp_path):
+    _abc_tar(tmp_path)  # abc.tar: 3 samples
+    bad = _write_tar(tmp_path / "bad.tar", [(f"x{i}.{e}", _png() if e == "png" else b"cap") for i in range(3)
+                                            for e in ("png", "txt")])  # fmt: skip
+    raw = open(bad, "rb").read()
+    open(bad, "wb").write(raw[: raw.rindex(b"cap") - 600])  # cut inside x2.png: x0, x1 remain
+    ds = data.TarShardDataset(str(tmp_path), image_size=32, seed=0)  # infinite, shuffle buffer 1000
+    it = iter(ds)
+    for _ in range(2 * 5 + 1):  # 5 usable samples per epoch: this starts the third epoch
+        next(it)
+    # The shuffle buffer used to read ~1000 samples (200 epochs) ahead, counting the bad shard in each.
+    assert ds.skipped.counts()["truncated_member"] == 3
+
+
+def _png_header_only(w, h):
+    """A PNG whose header says w x h but whose pixel data is garbage: decoding it would fail."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"not deflate data") + chunk(b"IEND", b"")
+
+
+def test_pixel_limit_before_decoding(tmp_path):
+    path = _write_tar(tmp_path / "p.tar", [
+        ("huge.png", _png_header_only(9000, 9000)), ("huge.txt", b"81 megapixels"),
+        ("bad.png", _png_header_only(300, 300)), ("bad.txt", b"small but broken"),
+        ("ok.png", _png(300, 300)), ("ok.txt", b"fine"),
+    ])  # fmt: skip
+    ds = data.TarShardDataset(path, image_size=256, infinite=False, shuffle=False)
+    assert [s["caption"] for s in ds] == ["fine"]
+    # The 9000 x 9000 image is judged by its header alone (its pixels would not even decode).
+    assert {k: v for k, v in ds.skipped.counts().items() if v} == {"too_many_pixels": 1, "corrupt_image": 1}
+    assert data.MAX_PIXELS == 8192 * 8192
+    small = data.TarShardDataset(path, image_size=256, infinite=False, shuffle=False, max_pixels=300 * 300 - 1)
+    assert list(small) == [] and small.skipped.total() == small.skipped.counts()["too_many_pixels"] == 3
+
+
+def test_captions_must_be_utf8(tmp_path):
+    path = _write_tar(tmp_path / "u.tar", [
+        ("good.png", _png()), ("good.txt", "un café ☕".encode()),
+        ("txt.png", _png()), ("txt.txt", b"caf\xe9 in latin-1"),
+        ("recap.png", _png()), ("recap.txt", b"fine"), ("recap.recap.txt", b"\xff\xfe"),
+        ("js.png", _png()), ("js.json", b'{"caption": "caf\xe9"}'),
+        ("esc.png", _png()), ("esc.json", b'{"caption": "half a surrogate \\ud800"}'),
+        ("score.png", _png()), ("score.txt", b"ok"), ("score.aesthetic", b"\xff"),
+    ])  # fmt: skip
+    ds = data.TarShardDataset(path, image_size=32, infinite=False, shuffle=False)
+    out = list(ds)
+    assert [s["caption"] for s in out] == ["un café ☕", "ok"]  # never replacement characters
+    assert {k: v for k, v in ds.skipped.counts().items() if v} == {"invalid_utf8": 4, "bad_aesthetic": 1}
+
+
+def test_inspect_reports_what_is_there(tmp_path, capsys):
+    data.make_shapes_shards(str(tmp_path), n=6, per_shard=4)  # 64 x 64 images
+    data.main(["inspect", "--data", str(tmp_path), "--show", "1"])
+    out = capsys.readouterr().out
+    assert "6 usable samples; skipped: none" in out and "image sizes: 64x64 (6)" in out
+    assert "image size 256 (longer side >= 256, aspect ratio < 2) would drop 6 of these 6: filtered_resolution=6" in out
+    data.main(["inspect", "--data", str(tmp_path), "--image-size", "64", "--show", "0"])
+    assert "image size 64 (longer side >= 64, aspect ratio < 2) keeps all 6" in capsys.readouterr().out
 
 
 def test_resolution_and_aspect_filter(tmp_path):
@@ -303,13 +399,13 @@ def test_pick_captions_and_prefix():
 def test_pretokenized_vq_ids_round_trip_exactly(tmp_path):
     ids = np.array([8191, 4097, 2049, 2048, 0, 1, 8190, 6000], dtype=np.int64)
     assert int(np.float16(2049)) == 2048 and int(np.float16(8191)) == 8192  # what fp16 storage would do
-    with shards.ShardWriter(str(tmp_path), "tok", per_shard=2) as w:
+    with shard_io.ShardWriter(str(tmp_path), "tok", per_shard=2) as w:
         for i in range(3):
             w.write(f"{i:03d}", pretokenize.pretokenized_members(f"cap {i}", tokens=np.roll(ids, i), aesthetic=None,
                                                           dtype=pretokenize.token_dtype(8192)))  # fmt: skip
     assert len(w.paths) == 2 and not any(p.endswith(".tmp") for p in os.listdir(tmp_path))
-    raw = next(g for g in shards.iter_tar_groups(w.paths[0]))
-    assert shards.decode_npy(raw["tokens.npy"]).dtype == np.int16
+    raw = next(g for g in shard_io.iter_tar_groups(w.paths[0]))
+    assert shard_io.decode_npy(raw["tokens.npy"]).dtype == np.int16
     ds = pretokenize.PretokenizedDataset(str(tmp_path), infinite=False, shuffle=False, default_aesthetic=5.0)
     out = list(ds)
     assert len(out) == 3
@@ -318,7 +414,7 @@ def test_pretokenized_vq_ids_round_trip_exactly(tmp_path):
         assert s["caption"] == f"cap {i}" and float(s["aesthetic"]) == 5.0
     assert pretokenize.token_dtype(2**16) == np.int32
     # A float16 token file (the official layout's bug) is refused, not silently read.
-    path = _write_tar(tmp_path / "fp16.tar", [("x.tokens.npy", shards.encode_npy(ids.astype(np.float16))),
+    path = _write_tar(tmp_path / "fp16.tar", [("x.tokens.npy", shard_io.encode_npy(ids.astype(np.float16))),
                                               ("x.txt", b"c")])  # fmt: skip
     with pytest.raises(TypeError, match="not integers"):
         list(pretokenize.PretokenizedDataset(path, infinite=False))
@@ -327,7 +423,7 @@ def test_pretokenized_vq_ids_round_trip_exactly(tmp_path):
 def test_pretokenized_kl_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     mean, logvar = rng.normal(size=(2, 32, 16)).astype(np.float32)
-    with shards.ShardWriter(str(tmp_path), "kl", per_shard=10) as w:
+    with shard_io.ShardWriter(str(tmp_path), "kl", per_shard=10) as w:
         w.write("k0", pretokenize.pretokenized_members("c", "The image features a recap", 6.25, mean=mean, logvar=logvar))
     (s,) = list(pretokenize.PretokenizedDataset(str(tmp_path), infinite=False))
     assert s["posterior"].shape == (32, 32) and s["posterior"].dtype == torch.float32

@@ -216,6 +216,32 @@ def test_sampling_is_reproducible_with_a_generator():
     assert torch.equal(a, b)
 
 
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_one_generator_per_image_draws_each_block_from_its_own(guided):
+    # Rows in G equal blocks, one generator each: block j is what a call with block j's
+    # rows alone draws from generator j (unguided and guided, whose rows are [cond; uncond]).
+    dl = make(num_sampling_steps="10")
+    n, G = 2, 3
+    cond, uncond = torch.randn(G * n, ZC), torch.randn(G * n, ZC)
+    rows = lambda j: slice(j * n, (j + 1) * n)  # noqa: E731
+    kw = dict(cfg=2.5) if guided else {}
+
+    def z_of(j=None):
+        if j is None:
+            return torch.cat([cond, uncond]) if guided else cond
+        return torch.cat([cond[rows(j)], uncond[rows(j)]]) if guided else cond[rows(j)]
+
+    gens = [torch.Generator().manual_seed(20 + j) for j in range(G)]
+    batched = dl.sample(z_of(), generator=gens, **kw)[: G * n]
+    for j in range(G):
+        alone = dl.sample(z_of(j), generator=torch.Generator().manual_seed(20 + j), **kw)[:n]
+        assert torch.allclose(batched[rows(j)], alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"6 rows cannot be split evenly over 4 generators"):
+        dl.sample(z_of(), generator=gens + [torch.Generator()], **kw)
+    with pytest.raises(ValueError, match=r"DiffLoss.sample: generator\[0\] is a str"):
+        dl.sample(z_of(), generator=["x"] * G, **kw)
+
 def test_temperature_scales_only_the_step_noise():
     dl = make()
     z = torch.randn(4, ZC)

@@ -199,3 +199,122 @@ def test_shapes_cli_ground_truth_and_folder(tmp_path):
     assert (res["single"], res["count"], res["relation"]) == (1.0, pytest.approx(2 / 3), 1.0)
     rows = [json.loads(ln) for ln in (tmp_path / "d.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and rows[0]["correct"] is False and "expected 3" in rows[0]["reason"]
+
+
+# ---------------------------------------------------------------------------- MJHQ-30K layout, prompts, errors
+
+
+def write_mjhq_folder(root, cats, n, seed, ext="png", shift=0.0):
+    """<root>/<category>/<id>.<ext>: n random images per category, each category's own
+    colour cast (so per-category FIDs differ from the overall one)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    ids = {}
+    for k, cat in enumerate(cats):
+        (root / cat).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = rng.integers(0, 120, (32, 32, 3)) + np.array([60 * k + shift, 20, 40 * (1 - k)])
+            image_id = f"{cat[:2]}{seed}{i:03d}"
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / cat / f"{image_id}.{ext}")
+            ids[image_id] = cat
+    return ids
+
+
+def stand_in_fid(folder_files, ref_files):
+    """FID of two file lists with the stand-in extractor, computed directly."""
+    from data import load_image
+
+    extract = stand_in_extractor()
+    feats = [extract(torch.stack([load_image(f) for f in files]).mul(255).round().to(torch.uint8))[0].numpy()
+             for files in (folder_files, ref_files)]  # fmt: skip
+    return metrics.frechet_distance(*metrics.feature_stats(feats[0]), *metrics.feature_stats(feats[1]))
+
+
+def test_gen_per_category_fid_on_mjhq_layout(tmp_path, monkeypatch):
+    gen_ids = write_mjhq_folder(tmp_path / "gen", ["animals", "logo"], 5, seed=0)
+    write_mjhq_folder(tmp_path / "ref", ["animals", "logo", "people"], 6, seed=1, ext="jpg", shift=10)
+    (tmp_path / "gen" / "prompts.jsonl").write_text(
+        "".join(json.dumps({"id": i, "category": c, "prompt": f"a {c} {i}"}) + "\n" for i, c in gen_ids.items()))
+    monkeypatch.setattr(E, "inception_extractor", lambda *a, **k: stand_in_extractor())
+    seen = []
+
+    class FakeCLIP:  # records the prompts each image is scored with
+        def __init__(self, *a, **k):
+            pass
+
+        def __call__(self, images, prompts):
+            seen.extend(prompts)
+            return torch.full((len(prompts),), 30.0)
+
+    monkeypatch.setattr(E, "CLIPScorer", FakeCLIP)
+    stats = tmp_path / "ref.npz"
+    args = ["gen", "--images", str(tmp_path / "gen"), "--out", str(tmp_path / "res"), "--batch-size", "3", "--device", "cpu"]
+    res = E.main(args + ["--ref", str(tmp_path / "ref"), "--clip", "--save-ref-stats", str(stats)])
+    files = lambda root, cat="*": sorted(map(str, root.glob(f"{cat}/*.*")))  # noqa: E731
+    assert res["num_images"] == 10 and res["num_images_per_category"] == {"animals": 5, "logo": 5}
+    # Overall: every generated image against every reference image (the third category too).
+    assert res["fid"] == pytest.approx(stand_in_fid(files(tmp_path / "gen"), files(tmp_path / "ref")), rel=1e-6)
+    for cat in ("animals", "logo"):
+        want = stand_in_fid(files(tmp_path / "gen", cat), files(tmp_path / "ref", cat))
+        assert res["fid_per_category"][cat] == pytest.approx(want, rel=1e-6)
+    assert len(set(res["fid_per_category"].values()) | {res["fid"]}) == 3
+    assert "fid_per_category: animals=" in (tmp_path / "res.txt").read_text()
+    # Prompts: sample.py --mjhq's prompts.jsonl beside the categories, matched by id.
+    assert sorted(seen) == sorted(f"a {c} {i}" for i, c in gen_ids.items()) and res["clip_score"] == 30.0
+    # The saved statistics hold every category: the same numbers again from the .npz.
+    again = E.main(args + ["--ref", str(stats)])
+    assert again["fid"] == pytest.approx(res["fid"]) and again["fid_per_category"] == pytest.approx(res["fid_per_category"])
+    # MJHQ's meta_data.json and a .jsonl with ids work as --prompts too (here over a sidecar-free copy).
+    (tmp_path / "gen" / "prompts.jsonl").unlink()
+    meta = tmp_path / "meta_data.json"
+    meta.write_text(json.dumps({i: {"category": c, "prompt": f"meta {i}"} for i, c in gen_ids.items()}))
+    seen.clear()
+    E.main(args + ["--no-fid", "--clip", "--prompts", str(meta)])
+    assert sorted(seen) == sorted(f"meta {i}" for i in gen_ids)
+    # A generated category the reference lacks is named.
+    write_mjhq_folder(tmp_path / "gen", ["vehicles"], 2, seed=3)
+    with pytest.raises(ValueError, match=r"reference .*ref has no category \['vehicles'\]"):
+        E.main(args + ["--ref", str(tmp_path / "ref")])
+
+
+def test_gen_prompt_files_and_errors(tmp_path, monkeypatch):
+    gen = write_folder(tmp_path / "gen", 3, 0)
+    for f in gen.glob("*.txt"):
+        f.unlink()  # no sidecar captions: the prompts come from --prompts
+    (gen / "000.png").rename(gen / "00000_s0000.png")
+    (gen / "001.png").rename(gen / "00001_s0001.png")
+    (gen / "002.png").rename(gen / "00001_s0002.png")
+    seen = []
+    monkeypatch.setattr(E, "CLIPScorer", lambda *a, **k: lambda images, prompts: (seen.extend(prompts), torch.ones(len(prompts)))[1])
+    index = tmp_path / "prompts.jsonl"  # sample.py's prompts.jsonl, given explicitly: matched by <index>_s<seed>
+    index.write_text('{"index": 0, "prompt": "a red circle"}\n{"index": 1, "prompt": "two squares"}\n')
+    run = lambda *extra: E.main(["gen", "--images", str(gen), "--out", str(tmp_path / "r"), "--no-fid", *extra])  # noqa: E731
+    run("--clip", "--prompts", str(index))
+    assert seen == ["a red circle", "two squares", "two squares"]
+    seen.clear()
+    lines = tmp_path / "p.txt"
+    lines.write_text("x\ny\nz\n")
+    run("--clip", "--prompts", str(lines))
+    assert seen == ["x", "y", "z"]
+    with pytest.raises(ValueError, match=r"--no-fid without --clip would compute nothing"):
+        run()
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"prompt file '{latin1}' is not UTF-8 text"):
+        run("--clip", "--prompts", str(latin1))
+    with pytest.raises(ValueError, match=r"--n-per-category must be at least 1, got 0"):
+        E.main(["shapes", "--ground-truth", "--n-per-category", "0", "--out", str(tmp_path / "s")])
+
+
+def test_recon_skips_and_counts_a_file_that_is_no_image(tmp_path):
+    from test_sample import save_tokenizer_run
+
+    tok = save_tokenizer_run(tmp_path / "tok")
+    folder = write_folder(tmp_path / "imgs", 3, 0)
+    (folder / "broken.jpg").write_bytes(b"this is not a JPEG")
+    (folder / "broken.txt").write_text("a caption")
+    res = E.main(["recon", "--tokenizer", tok, "--data", str(folder), "--no-fid", "--out", str(tmp_path / "r"),
+                  "--device", "cpu"])  # fmt: skip
+    assert res["num_images"] == 3 and res["skipped"] == {"corrupt_image": 1}
+    assert json.loads((tmp_path / "r.json").read_text())["skipped"] == {"corrupt_image": 1}

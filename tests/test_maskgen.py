@@ -217,6 +217,70 @@ def test_kl_generate_shape_and_reproducible(kl):
         del kl.diffloss.sample
 
 
+
+def per_image_vs_separate(model, guidance_scale, batch=4, seed=0):
+    """generate() of `batch` captions with one generator per image, and the same images
+    drawn one call each with identically seeded generators."""
+    text, pooled, nt, npool = text_inputs(model.config, seed=seed, batch=batch)
+    aes = torch.linspace(4.0, 7.0, batch)
+    seeds = [10 * seed + b for b in range(batch)]
+    kw = dict(guidance_scale=guidance_scale, num_steps=3)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    batched = model.generate(text, pooled, nt, npool, aesthetic=aes, generator=gens, **kw)
+    one = [model.generate(text[b : b + 1], pooled[b : b + 1], nt, npool, aesthetic=aes[b].item(),
+                          generator=torch.Generator().manual_seed(seeds[b]), **kw) for b in range(batch)]  # fmt: skip
+    return batched, torch.cat(one)
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_vq_one_generator_per_image_equals_separate_calls(vq, guidance_scale):
+    # Image b's Gumbel draws (ids and confidences) come from generator b alone: the batch
+    # gives exactly the ids of B single-image calls (and the seeds do matter).
+    for seed in range(3):
+        batched, separate = per_image_vs_separate(vq, guidance_scale, seed=seed)
+        assert torch.equal(batched, separate)
+    gens = [torch.Generator().manual_seed(s) for s in (0, 0, 1)]
+    text, pooled, nt, npool = text_inputs(vq.config)
+    same_text = text[:1].expand(B, -1, -1), pooled[:1].expand(B, -1)
+    ids = vq.generate(*same_text, nt, npool, guidance_scale=guidance_scale, generator=gens)
+    assert torch.equal(ids[0], ids[1]) and not torch.equal(ids[0], ids[2])
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_kl_one_generator_per_image_equals_separate_calls(kl, guidance_scale):
+    # KL: the order and every DiffLoss noise draw of image b come from generator b. The
+    # draws are identical, so only matmul rounding (batch of B vs 1) separates the two:
+    # in float64 the tokens agree to 1e-9 (measured: bit-identical); in float32 to a
+    # relative 2e-5 of the tokens' magnitude (measured: <= 3e-6; random weights make
+    # tokens of ~1e5, and 100 diffusion steps amplify rounding). Different draws would
+    # differ by O(1) of the magnitude.
+    batched, separate = per_image_vs_separate(kl, guidance_scale)
+    scale = separate.abs().max()
+    assert (batched - separate).abs().max() <= 2e-5 * scale
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        kl64 = make("tiny_kl").double()
+        batched, separate = per_image_vs_separate(kl64, guidance_scale)
+    finally:
+        torch.set_default_dtype(default)
+    assert batched.dtype == torch.float64
+    assert torch.allclose(batched, separate, rtol=1e-9, atol=1e-9 * separate.abs().max().item())
+    assert not torch.allclose(batched[0], batched[1], rtol=1e-3)  # different seeds: different tokens
+
+
+def test_generator_list_is_checked(vq, kl):
+    text, pooled, nt, npool = text_inputs(vq.config)
+    for model in (vq, kl):
+        t, p, _, _ = text_inputs(model.config)
+        with pytest.raises(ValueError, match=rf"got 2 generators for {B} images; pass one torch.Generator per image"):
+            model.generate(t, p, guidance_scale=1.0, generator=[torch.Generator(), torch.Generator()])
+        cuda_generator = types.SimpleNamespace(device=torch.device("cuda"))  # stands in for one
+        with pytest.raises(ValueError, match=r"generator\[1\] is on cuda but the inputs are on cpu"):
+            model.generate(t, p, guidance_scale=1.0, generator=[torch.Generator(), cuda_generator, torch.Generator()])
+        with pytest.raises(ValueError, match=r"generator\[0\] is a int, not a torch.Generator"):
+            model.generate(t, p, guidance_scale=1.0, generator=[0, 1, 2])
+
 def test_kl_training_rows_stay_aligned(kl):
     # Row r of DiffLoss's (target, z, mask) must be one token of one sample, the same
     # token in all three, repeated diffusion_batch_mul times.
@@ -332,3 +396,19 @@ def test_compiled_sampling_never_recompiles(name):
     finally:
         torch._dynamo.reset()
     assert torch.allclose(out.float(), eager.float(), atol=1e-5)
+
+
+def test_sampling_numbers_are_checked(vq, kl):
+    text, pooled, nt, npool = text_inputs(vq.config)
+    for kw, message in [
+        (dict(guidance_scale=float("nan")), r"guidance_scale must be a finite number >= 0, got nan"),
+        (dict(guidance_scale=-1.0), r"guidance_scale must be a finite number >= 0, got -1.0"),
+        (dict(temperature=0.0), r"temperature must be a finite number > 0, got 0.0"),
+        (dict(randomize_temperature=float("inf")), r"randomize_temperature must be a finite number >= 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            vq.generate(text, pooled, nt, npool, **kw)
+    t, p, knt, knp = text_inputs(kl.config)
+    with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0, got -1.0"):
+        kl.generate(t, p, knt, knp, temperature=-1.0)
+    assert torch.isfinite(kl.generate(t, p, knt, knp, temperature=0.0, num_steps=2)).all()  # KL: no noise is fine

@@ -2,6 +2,7 @@
 directories and read back exactly, the q/k/v layouts, lazy reading, and the error messages."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,10 +10,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import load as LD
 import official
+import sample as S
 import tokenizer as T
+from checkpoint import CheckpointError, torch_load
 from maskgen import PRESETS, MaskGen, MaskGenVQ
 from official import fuse_qkv, split_qkv
+from test_sample import ckpts, tiny_text  # noqa: F401 (fixture: tiny runs and a bundle)
 from text import TEXT_PRESETS, TextEncoder
 
 B, L = 3, 7  # batch, text length
@@ -206,7 +211,8 @@ def test_release_is_read_one_tensor_at_a_time(tmp_path, fmt):
 def test_save_writes_a_loadable_release(tmp_path):
     tok, vq = T.TATiTok(T.PRESETS["tiny_kl"]), make("tiny_vq")
     for model, load in ((tok, T.TATiTok.from_official), (vq, MaskGen.from_official)):
-        path = official.save(model, tmp_path / type(model).__name__)
+        path = model.save_official(tmp_path / type(model).__name__)  # official.save
+        assert sorted(os.listdir(path)) == ["config.json", "model.safetensors"]
         assert json.loads((tmp_path / type(model).__name__ / "config.json").read_text()) == official.config(model)
         loaded = load(path)
         assert loaded.config == model.config
@@ -217,3 +223,162 @@ def test_imports_are_silent():
     for module in ("official", "checkpoint", "text", "mmdit", "schedules", "load"):
         out = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, cwd=".")
         assert out.returncode == 0 and out.stdout == "" and out.stderr == "", module
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_export_round_trips_bit_for_bit(ckpts, tmp_path):
+    # A tokenizer run: the release fills --out; its text tower is recorded beside it.
+    out = tmp_path / "tok"
+    assert S.main(["export", ckpts["tok"], "--out", str(out)]) == {"tokenizer": str(out)}
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "text_encoder.safetensors"]
+    assert json.loads((out / "config.json").read_text())["text_encoder"] == {"name": "tiny", "pretrained": "openai"}
+    tok, _ = LD.load_tokenizer(ckpts["tok"])  # the EMA weights the samplers use
+    loaded = T.TATiTok.from_official(out)
+    assert loaded.config == tok.config and same_weights(loaded, tok)
+    assert same_weights(LD.load_tokenizer(str(out))[1], tiny_text())
+
+    # A MaskGen run (VQ; KL with its own text record) and a bundle: generator/ and tokenizer/.
+    for name in ("gen", "gen_kl", "bundle"):
+        out = tmp_path / name
+        S.main(["export", ckpts[name], "--out", str(out)])
+        assert sorted(os.listdir(out)) == ["generator", "tokenizer"]
+        src = LD.load_generator(ckpts[name])
+        loaded = MaskGen.from_official(out / "generator")
+        assert loaded.config == src.model.config and same_weights(loaded, src.model), name
+        tok_ref = ckpts[name] if name == "bundle" else ckpts["tok_kl" if name == "gen_kl" else "tok"]
+        assert same_weights(T.TATiTok.from_official(out / "tokenizer"), LD.load_tokenizer(tok_ref)[0]), name
+        m = LD.load_models(str(out / "generator"), str(out / "tokenizer"))  # text encoders travel too
+        assert m.gen_text is m.tok_text and same_weights(m.tok_text, LD.load_tokenizer(tok_ref)[1])
+
+    # One part only: --which generator fills --out itself; a tokenizer has no generator.
+    S.main(["export", ckpts["gen"], "--out", str(tmp_path / "g"), "--which", "generator"])
+    assert same_weights(MaskGen.from_official(tmp_path / "g"), LD.load_generator(ckpts["gen"]).model)
+    S.main(["export", ckpts["bundle"], "--out", str(tmp_path / "t"), "--which", "tokenizer"])
+    assert sorted(os.listdir(tmp_path / "t")) == ["config.json", "model.safetensors", "text_encoder.safetensors"]
+    assert same_weights(T.TATiTok.from_official(tmp_path / "t"), LD.load_tokenizer(ckpts["bundle"])[0])
+    with pytest.raises(ValueError, match=r"is a TA-TiTok tokenizer; it holds no generator: use --which tokenizer"):
+        S.main(["export", ckpts["tok"], "--out", str(tmp_path / "t2"), "--which", "both"])
+    # A checkpoint that does not say which text encoder it was trained with cannot make a usable release.
+    ck = torch.load(os.path.join(ckpts["tok"], "ckpt_00000010.pt"), weights_only=True)
+    torch.save({**ck, "config": {}, "text_encoder": None}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"the tokenizer .*old.pt' does not record the text encoder it was trained"):
+        S.main(["export", str(tmp_path / "old.pt"), "--out", str(tmp_path / "t2")])
+    assert not (tmp_path / "t2").exists()
+
+
+def test_export_never_overwrites_silently(ckpts, tmp_path, monkeypatch):
+    out = tmp_path / "rel"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"--out .*rel' is not empty \(it holds notes.txt\); pass --overwrite"):
+        S.main(["export", ckpts["tok"], "--out", str(out)])
+    assert os.listdir(out) == ["notes.txt"]
+    S.main(["export", ckpts["tok"], "--out", str(out), "--overwrite"])  # replaces what export writes only
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "notes.txt", "text_encoder.safetensors"]
+    with pytest.raises(ValueError, match=r"--out .*notes.txt' is a file; give a directory"):
+        S.main(["export", ckpts["tok"], "--out", str(out / "notes.txt")])
+
+    # A failure while writing leaves --out as it was, and no temporary folder behind.
+    def fail(model, path, **extra):
+        os.makedirs(path, exist_ok=True)
+        open(os.path.join(path, "config.json"), "w").write("{")
+        raise OSError("disk full")
+
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    monkeypatch.setattr(official, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        S.main(["export", ckpts["gen"], "--out", str(out), "--overwrite"])
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    assert sorted(os.listdir(tmp_path)) == ["rel"]
+    with pytest.raises(OSError, match="disk full"):
+        S.main(["export", ckpts["gen"], "--out", str(tmp_path / "new")])
+    assert sorted(os.listdir(tmp_path)) == ["rel"]
+
+
+def test_bundle_never_overwrites_silently(ckpts, tmp_path, monkeypatch):
+    out = tmp_path / "b.pt"
+    out.write_bytes(b"precious")
+    with pytest.raises(ValueError, match=r"--out .*b.pt' exists; pass --overwrite to replace it"):
+        S.main(["bundle", "--generator", ckpts["gen"], "--out", str(out)])
+    assert out.read_bytes() == b"precious"
+    # The shipped model is refused like any file, before any work.
+    shipped = LD.DEFAULT_CHECKPOINT
+    stat = os.stat(shipped)
+    with pytest.raises(ValueError, match=r"shapes.pt' exists; pass --overwrite"):
+        S.main(["bundle", "--generator", ckpts["gen"], "--out", shipped])
+    assert os.stat(shipped).st_mtime_ns == stat.st_mtime_ns and not os.path.exists(shipped + ".tmp")
+    S.main(["bundle", "--generator", ckpts["gen"], "--out", str(out), "--overwrite"])
+    assert set(torch.load(out, weights_only=True)) == {"tokenizer", "generator"}
+
+    # --out naming a directory: a clear error, and no stray DIR.tmp (as there was).
+    with pytest.raises(ValueError, match=r"--out .*' is a directory; give the file to write"):
+        S.main(["bundle", "--generator", ckpts["gen"], "--out", str(tmp_path)])
+    assert sorted(os.listdir(tmp_path)) == ["b.pt"]
+
+    # A failure mid-write (a full disk): no file, no temporary file.
+    def fail(obj, f):
+        f.write(b"half a bundle")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(LD.torch, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        S.main(["bundle", "--generator", ckpts["gen"], "--out", str(tmp_path / "new.pt")])
+    assert sorted(os.listdir(tmp_path)) == ["b.pt"]
+
+
+# ---------------------------------------------------------------------------- load errors
+
+
+class NotAWeight:  # pickled into a file below: weights_only loading must refuse it
+    pass
+
+
+def test_unreadable_checkpoints_are_named_without_torchs_advice(ckpts, tmp_path):
+    torch.save({"ema": {"w": torch.ones(2)}, "x": NotAWeight()}, tmp_path / "custom.pt")
+    good = open(os.path.join(ckpts["gen"], "ckpt_00000020.pt"), "rb").read()
+    (tmp_path / "cut.pt").write_bytes(good[: len(good) // 2])
+    (tmp_path / "text.pt").write_text("not a checkpoint\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    expected = {
+        "custom.pt": r"is not a checkpoint this project wrote: it holds a Python object of type "
+                     r"test_official.NotAWeight, which is not loaded because unpickling it could run code",
+        "cut.pt": r"is damaged or incomplete \(torch: PytorchStreamReader failed",
+        "text.pt": r"is not a PyTorch checkpoint file",
+        "empty.pt": r"is empty, not a checkpoint",
+    }  # fmt: skip
+    for name, why in expected.items():
+        path = str(tmp_path / name)
+        with pytest.raises(CheckpointError, match=f"^'{path}' {why}") as e:
+            torch_load(path)
+        assert "weights_only" not in str(e.value) and "safe_globals" not in str(e.value), name
+        with pytest.raises(ValueError, match=f"^'{path}' {why}"):  # sample.py prints it as "error: ..."
+            S.main(["--generator", path, "--prompt", "x", "--device", "cpu", "--outdir", str(tmp_path / "o")])
+
+
+def test_bad_release_files_are_named(tmp_path):
+    model = T.TATiTok(T.PRESETS["tiny"])
+    path = tmp_path / "rel"
+    model.save_official(path)
+    cfg = str(path / "config.json")
+    for content, why in ((b"", "is empty"), (b"not json", r"is not valid JSON \(Expecting value at line 1, column 1\)"),
+                         (b"[1, 2]", "holds a JSON list, not the object"), (b"\xff\xfe\x00", r"is not a text file"),
+                         (b'{"model": {}}', r"is not a TA-TiTok config: missing field 'vq_model'"),
+                         (b'{"model": {"vq_model": 3}, "dataset": {"preprocessing": {"crop_size": 32}}}',
+                          r"is not a TA-TiTok config: a field of the wrong kind")):  # fmt: skip
+        (path / "config.json").write_bytes(content)
+        with pytest.raises(ValueError, match=f"^{cfg} {why}"):
+            T.TATiTok.from_official(path)
+        with pytest.raises(ValueError, match=f"^{cfg} {why}"):
+            LD.load_tokenizer(str(path))
+    model.save_official(path)
+    (path / "model.safetensors").write_bytes(b"garbage" * 3)
+    with pytest.raises(ValueError, match=r"model.safetensors is not a readable safetensors file \(.*header.*\); "
+                                         r"it is damaged or incomplete"):  # fmt: skip
+        T.TATiTok.from_official(path)

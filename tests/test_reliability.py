@@ -1,8 +1,10 @@
 """Fault cases of the trainers on the tiny presets, on CPU (issue 14): checkpoints that are
 corrupt, stray, damaged or hold inf are never resumed from nor counted by retention;
 non-finite steps are skipped and stop the run when they persist; SIGTERM writes a
-checkpoint and exits non-zero; the collective timeout reaches the process group."""
+checkpoint and exits non-zero, under torchrun too, and a second signal stops at once;
+the collective timeout reaches the process group."""
 
+import dataclasses
 import datetime
 import json
 import math
@@ -32,7 +34,7 @@ def ckpts(out):
 
 
 def test_stray_and_corrupt_checkpoints_are_not_resumed_nor_counted(tmp_path, capsys):
-    run_tok(tmp_path, "--max_steps=4", "--ckpt_every=2")
+    run_tok(tmp_path, "--max_steps=6", "--stop_at=4", "--ckpt_every=2")
     (tmp_path / "ckpt_99999999.pt").write_bytes(b"not a checkpoint")  # a stray / corrupt newest file
     capsys.readouterr()
     run_tok(tmp_path, "--max_steps=6", "--ckpt_every=2")
@@ -144,7 +146,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, capsys):
     assert str(tmp_path / saved[0]) in out and "Traceback" not in out
     step = int(saved[0][5:13])
     capsys.readouterr()
-    run_tok(tmp_path, f"--max_steps={step + 1}", "--ckpt_every=100000", "--sample_every=100000", "--log_every=1")
+    run_tok(tmp_path, "--max_steps=100000", f"--stop_at={step + 1}", "--ckpt_every=100000", "--sample_every=100000",
+            "--log_every=1")  # fmt: skip
     assert f"ckpt_{step:08d}.pt at step {step}" in capsys.readouterr().out
     assert torch.load(tmp_path / f"ckpt_{step + 1:08d}.pt", weights_only=True)["step"] == step + 1
 
@@ -162,3 +165,95 @@ def test_dist_timeout_reaches_the_process_group(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="stop here"):
         run_tok(tmp_path, "--dist_timeout_s=7")
     assert seen["timeout"] == datetime.timedelta(seconds=7)
+
+
+class _Quiet:
+    """A stand-in for the trainers' Logger."""
+
+    def __call__(self, record=None, text=None):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_a_second_signal_during_a_checkpoint_write_exits_at_once_and_leaves_no_partial_file(tmp_path):
+    import train_common
+
+    cfg = train_tokenizer.PRESETS["tiny"]
+    before = signal.getsignal(signal.SIGTERM)
+    control = train_common.RunControl(dataclasses.replace(cfg, out_dir=str(tmp_path)), 1, _Quiet())
+    seen = {}
+
+    class SecondSignal:  # a payload value whose checksum pass (inside the write) brings the second signal
+        def __repr__(self):
+            seen["tmp"] = [p.name for p in tmp_path.iterdir()]
+            os.kill(os.getpid(), signal.SIGTERM)
+            return "x"
+
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # the first: a flag (finish the step, then save)
+        assert control.signum == signal.SIGTERM
+        with pytest.raises(SystemExit) as e:
+            control.save(1, {"model": {"w": torch.ones(2)}, "ema": {}, "late": SecondSignal()})
+    finally:
+        control.close(logs=False)
+    assert e.value.code == 143 and seen["tmp"] == ["ckpt_00000001.pt.tmp"]  # it arrived mid-write
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) == before
+
+
+def _start(cmd, out_dir, lines=1):
+    """Start a training command and wait until its log has `lines` records."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    log, deadline = out_dir / "log.jsonl", time.time() + 120
+    while not (log.exists() and log.read_text().count("\n") >= lines) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.1)
+    return proc
+
+
+LONG_RUN = ["--config=tiny", "--max_steps=100000", "--ckpt_every=100000", "--sample_every=100000", "--log_every=1"]
+
+
+def test_a_second_sigterm_stops_at_once(tmp_path):
+    proc = _start([sys.executable, "train_tokenizer.py", f"--out_dir={tmp_path}", *LONG_RUN], tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    head = ""
+    for line in proc.stdout:  # the first is taken: the step goes on
+        head += line
+        if "received SIGTERM" in line:
+            break
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out = head + proc.communicate(timeout=60)[0]
+    assert proc.returncode == 143 and time.time() - t0 < 20, out
+    assert "send it again to stop at once" in out and "stopped by SIGTERM" not in out and "Traceback" not in out
+    assert not list(tmp_path.glob("*.tmp"))  # nothing half-written; any checkpoint there is a good one
+    assert all(checkpoint.load_good(str(p))[0] is not None for p in tmp_path.glob("ckpt_*.pt"))
+
+
+def _torchrun(out_dir, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_tokenizer.py",
+            f"--out_dir={out_dir}", *LONG_RUN, *args]  # fmt: skip
+
+
+def test_sigterm_under_torchrun_every_rank_saves_and_the_job_resumes(tmp_path):
+    """SIGTERM to torchrun (as SLURM or Kubernetes send it): its agent passes it to both ranks,
+    which finish the step, write one checkpoint together and exit 143; the job fails (non-zero),
+    and the same command resumes."""
+    proc = _start(_torchrun(tmp_path), tmp_path, lines=2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and out.count("received SIGTERM: finishing this step") == 2, out[-3000:]
+    saved = ckpts(tmp_path)
+    step = int(saved[0][5:13])
+    assert len(saved) == 1 and f"stopped by SIGTERM at step {step}; checkpoint {tmp_path / saved[0]}" in out
+    ck = torch.load(tmp_path / saved[0], weights_only=True)
+    assert ck["step"] == step and len(ck["rng"]) == 2  # both ranks' states: both took part
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    again = subprocess.run(_torchrun(tmp_path, f"--stop_at={step + 1}"), cwd=ROOT, capture_output=True, text=True,
+                           env=env, timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert f"resumed from {tmp_path / saved[0]} at step {step}" in again.stdout
+    assert torch.load(tmp_path / f"ckpt_{step + 1:08d}.pt", weights_only=True)["step"] == step + 1

@@ -341,3 +341,174 @@ def test_shipped_checkpoint_quickstart(tmp_path, capsys):
     img = pixels(res["images"][0])
     assert img.shape == (64, 64, 3)
     assert img.std() > 20 and (img.min(axis=-1) < 128).sum() > 50  # not blank: coloured shapes on white
+
+
+# -----------------------------------------------------------------------------
+# Per-image seeds in one batched call, MJHQ-30K's layout, no silent overwrite, value checks.
+
+
+def test_item_seeding_batches_with_one_generator_per_image(ckpts, tmp_path, monkeypatch):
+    calls, generate = [], M.MaskGen.generate
+
+    def spy(self, *args, generator=None, **kw):
+        calls.append(generator)
+        return generate(self, *args, generator=generator, **kw)
+
+    monkeypatch.setattr(M.MaskGen, "generate", spy)
+    args = ["--generator", ckpts["gen"], "--prompt", "a", "--prompt", "b", "--num_images", "3", "--seed", "7"]
+    run(args + ["--batch_size", "4"], tmp_path / "a")
+    assert [len(g) for g in calls] == [4, 2]  # one call per batch, one generator per image
+    assert [g.initial_seed() for g in calls[0] + calls[1]] == [7, 8, 9, 10, 11, 12]
+    calls.clear()
+    run(args + ["--batch_size", "4", "--seeding", "batch"], tmp_path / "b")
+    assert [type(g) for g in calls] == [torch.Generator] * 2 and [g.initial_seed() for g in calls] == [7, 11]
+    # Each image is the image a batch of one gives (VQ: the same ids; decoding rounds alike
+    # here); the batched run of test_seed_repeatable_and_batch_size_independent covers more.
+    calls.clear()
+    run(args + ["--batch_size", "1"], tmp_path / "c")
+    assert len(calls) == 6
+    a, c = folder_pixels(tmp_path / "a"), folder_pixels(tmp_path / "c")
+    assert list(a) == list(c) and all(np.abs(a[f].astype(int) - c[f].astype(int)).max() <= 1 for f in a)
+
+
+def write_mjhq(path, entries):
+    path.write_text(json.dumps({i: {"category": c, "prompt": p} for i, c, p in entries}))
+    return str(path)
+
+
+def test_mjhq_layout(ckpts, tmp_path):
+    entries = [("0a1b", "animals", "a red circle"), ("77ff", "logo", "two blue squares"), ("c3d4", "animals", "a cat")]
+    meta = write_mjhq(tmp_path / "meta_data.json", entries)
+    out = tmp_path / "mjhq"
+    res = run(["--generator", ckpts["gen"], "--mjhq", meta, "--batch_size", "2"], out)
+    assert sorted(os.listdir(out)) == ["animals", "grid.png", "logo", "prompts.jsonl"]
+    assert sorted(os.listdir(out / "animals")) == ["0a1b.png", "c3d4.png"] and os.listdir(out / "logo") == ["77ff.png"]
+    assert sorted(res["images"]) == sorted(str(out / c / f"{i}.png") for i, c, _ in entries)
+    rows = [json.loads(x) for x in open(out / "prompts.jsonl")]
+    assert rows == [{"id": i, "category": c, "prompt": p} for i, c, p in entries]
+    # Seeds as for any prompt list: image of entry p uses seed + p.
+    run(["--generator", ckpts["gen"], "--prompt", "a red circle", "--prompt", "two blue squares"], tmp_path / "flat")
+    assert np.array_equal(pixels(out / "logo" / "77ff.png"), pixels(tmp_path / "flat" / "00001_s0001.png"))
+    # A shorter metadata file in the same folder: the dropped id is another run's image.
+    meta = write_mjhq(tmp_path / "meta_data.json", entries[:1] + entries[2:])
+    with pytest.raises(ValueError, match=r"already holds 1 image.*logo/77ff.png.*--overwrite"):
+        run(["--generator", ckpts["gen"], "--mjhq", meta], out)
+    run(["--generator", ckpts["gen"], "--mjhq", meta, "--overwrite"], out)
+    assert sorted(os.listdir(out)) == ["animals", "grid.png", "prompts.jsonl"]  # logo/ emptied and removed
+    Image.new("RGB", (8, 8)).save(out / "animals" / "mine.png")  # a PNG no run listed: never ours to delete
+    with pytest.raises(ValueError, match=r"holds 1 image file\(s\) sample.py did not write .*mine.png"):
+        run(["--generator", ckpts["gen"], "--mjhq", meta, "--overwrite"], out)
+
+
+def test_mjhq_bad_files_are_named(ckpts, tmp_path):
+    out = tmp_path / "out"
+    meta = write_mjhq(tmp_path / "meta_data.json", [("a", "animals", "x")])
+    cases = {
+        "not JSON": ("{oops", r"is not valid JSON .*--mjhq takes MJHQ-30K's meta_data.json"),
+        "a list": ('[{"category": "a", "prompt": "b"}]', r"holds a JSON list; MJHQ-30K's meta_data.json is one object"),
+        "empty": ("{}", r"holds an empty object"),
+        "no prompt": ('{"a": {"category": "animals"}}', r"entry 'a' needs string fields \"category\" and \"prompt\""),
+        "bad id": ('{"../a": {"category": "x", "prompt": "p"}}', r"image id '../a', which cannot name a file"),
+        "bad category": ('{"a": {"category": "", "prompt": "p"}}', r"category '', which cannot name a file"),
+    }
+    for name, (text, message) in cases.items():
+        bad = tmp_path / f"{name.replace(' ', '_')}.json"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=rf"MJHQ metadata file '{bad}'.*{message}|{message}"):
+            run(["--generator", ckpts["gen"], "--mjhq", str(bad)], out)
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes('{"a": {"category": "x", "prompt": "caf\xe9"}}'.encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"MJHQ metadata file '{latin1}' is not UTF-8 text"):
+        run(["--generator", ckpts["gen"], "--mjhq", str(latin1)], out)
+    with pytest.raises(FileNotFoundError, match=r"MJHQ metadata file .*nope.json' does not exist"):
+        run(["--generator", ckpts["gen"], "--mjhq", str(tmp_path / "nope.json")], out)
+    # A .json given as --prompts used to become one long prompt; now it points to --mjhq.
+    with pytest.raises(ValueError, match=rf"--prompts '{meta}' is a .json file.*use --mjhq {meta}"):
+        run(["--generator", ckpts["gen"], "--prompts", meta], out)
+    with pytest.raises(ValueError, match=r"--mjhq writes one image per id"):
+        run(["--generator", ckpts["gen"], "--mjhq", meta, "--num_images", "2"], out)
+    with pytest.raises(ValueError, match=r"--mjhq takes its prompts from the metadata file"):
+        run(["--generator", ckpts["gen"], "--mjhq", meta, "--prompt", "x"], out)
+    assert not out.exists()
+
+
+def test_outdir_with_other_images_needs_overwrite(ckpts, tmp_path):
+    out = tmp_path / "out"
+    gen = ["--generator", ckpts["gen"]]
+    run(gen + ["--prompt", "a", "--prompt", "b", "--num_images", "2"], out)
+    (out / "notes.txt").write_text("mine")
+    run(gen + ["--prompt", "a", "--prompt", "b", "--num_images", "2"], out)  # the same files again: no question
+    before = folder_pixels(out)
+    with pytest.raises(ValueError, match=r"already holds 2 image\(s\) this run will not write.*00001_s000.*pass --overwrite to delete those 2"):
+        run(gen + ["--prompt", "a", "--num_images", "2"], out)  # prompt 1's two images would stay
+    after = folder_pixels(out)
+    assert list(after) == list(before) and all(np.array_equal(before[f], after[f]) for f in before)  # nothing touched
+    res = run(gen + ["--prompt", "c", "--overwrite"], out)
+    assert sorted(os.listdir(out)) == ["00000_s0000.png", "grid.png", "notes.txt", "prompts.jsonl"]  # only ours went
+    assert res["images"] == [str(out / "00000_s0000.png")]
+    # An image sample.py never writes is not deleted, even with --overwrite.
+    Image.new("RGB", (8, 8)).save(out / "photo.jpg")
+    with pytest.raises(ValueError, match=r"holds 1 image file\(s\) sample.py did not write .*photo.jpg.*move them"):
+        run(gen + ["--prompt", "c", "--overwrite"], out)
+    # GenEval's layout: a shorter run clears the extra prompt folders (metadata included).
+    geneval = tmp_path / "meta.jsonl"
+    geneval.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    run(gen + ["--geneval", str(geneval), "--num_images", "1"], tmp_path / "ge")
+    geneval.write_text('{"prompt": "a"}\n')
+    with pytest.raises(ValueError, match=r"already holds 1 image"):
+        run(gen + ["--geneval", str(geneval), "--num_images", "1"], tmp_path / "ge")
+    run(gen + ["--geneval", str(geneval), "--num_images", "1", "--overwrite"], tmp_path / "ge")
+    assert sorted(os.listdir(tmp_path / "ge")) == ["00000", "grid.png"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--guidance_scale", "nan"], r"--guidance_scale must be a finite number, got nan"),
+    (["--guidance_scale", "inf"], r"--guidance_scale must be a finite number, got inf"),
+    (["--guidance_scale", "-2"], r"--guidance_scale must be >= 0, got -2.0 \(1 = no guidance\)"),
+    (["--aesthetic", "6", "nan"], r"--aesthetic must be a finite number, got nan"),
+    (["--temperature", "-1"], r"--temperature must be >= 0, got -1.0"),
+    (["--randomize_temperature", "inf"], r"--randomize_temperature must be a finite number"),
+    (["--steps", "0"], r"--steps must be at least 1, got 0"),
+    (["--num_images", "0"], r"--num_images must be at least 1, got 0"),
+    (["--batch_size", "0"], r"--batch_size must be at least 1, got 0"),
+])  # fmt: skip
+def test_bad_values_are_refused_before_work(tmp_path, flags, message):
+    # The generator does not exist: the values are refused before it is looked for.
+    with pytest.raises(ValueError, match=message):
+        run(["--generator", str(tmp_path / "nope"), "--prompt", "x"] + flags, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_temperature_zero_and_devices(ckpts, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"--temperature must be > 0 for MaskGen-VQ"):
+        run(["--generator", ckpts["gen"], "--prompt", "x", "--temperature", "0"], tmp_path / "vq")
+    # KL: temperature scales DiffLoss's noise, and 0 (no noise) is a valid choice.
+    run(["--generator", ckpts["gen_kl"], "--prompt", "x", "--temperature", "0", "--grid_rows", "0"], tmp_path / "kl")
+    latin1 = tmp_path / "prompts.txt"
+    latin1.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"prompt file '{latin1}' is not UTF-8 text \(byte 3"):
+        run(["--prompts", str(latin1)], tmp_path / "out")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"--device cuda was asked for but torch.cuda.is_available\(\) is False; use --device cpu or auto"):
+        S.main(["--prompt", "x", "--device", "cuda", "--outdir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match=r"unknown --device 'gpu'"):
+        runtime.pick_device("gpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"--device mps was asked for but torch.backends.mps.is_available\(\) is False"):
+        runtime.pick_device("mps")
+    assert runtime.pick_device("auto") == torch.device("cpu")
+
+
+def test_png_writes_are_atomic(tmp_path, monkeypatch):
+    arr = np.zeros((4, 4, 3), dtype=np.uint8)
+    S.save_png(arr, str(tmp_path / "a.png"))
+    assert os.listdir(tmp_path) == ["a.png"] and pixels(tmp_path / "a.png").shape == (4, 4, 3)
+
+    def dies_mid_write(self, fp, *a, **k):
+        open(fp, "wb").write(b"\x89PNG half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", dies_mid_write)
+    with pytest.raises(OSError, match="No space"):
+        S.save_png(arr, str(tmp_path / "b.png"))
+    assert os.listdir(tmp_path) == ["a.png"]  # no partial b.png, no temporary file

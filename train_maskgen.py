@@ -33,6 +33,7 @@ import maskgen as M
 import official
 import runtime
 from checkpoint import content_digest, load_checked
+from curves import plot_curves
 from pretokenize import PretokenizedDataset
 from shards import StreamPositions
 from shapes import SHAPES_AESTHETIC
@@ -250,6 +251,7 @@ def main(argv=None):
                 toks = ema.generate(f.penultimate, f.pooled, null.penultimate, null.pooled, generator=gen)
                 images = tokenizer.decode(toks, f.final)
             save_grid(images, os.path.join(cfg.out_dir, f"samples_{step:08d}.png"), nrow=len(prompts))
+            plot_curves(cfg.out_dir)  # curves.png: every loss, the LR and the grad norm so far (log.jsonl)
         stop = control.stop_requested()  # a signal on any rank: every rank saves, then exits
         if step % cfg.ckpt_every == 0 or step == end or stop:
             state = run_state(cfg, step, scaler, world, data=get_batch)  # collective: every rank takes part

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import losses
 import runtime
 import tokenizer as T
+from curves import plot_curves
 from text import TEXT_PRESETS, TextEncoder
 from train_common import (
     adamw, find_resume, image_batches, lr_at, optimizer_step, Progress, restore_run_state, run_state, RunControl,
@@ -194,6 +195,7 @@ def main(argv=None):
                 x = fixed[0][:8].to(device)
                 r = ema.decode(ema.encode(x), text_encoder(fixed[1][:8]).final)
             save_grid(torch.cat([x, r]), os.path.join(cfg.out_dir, f"recon_{step:08d}.png"), 8)
+            plot_curves(cfg.out_dir)  # curves.png: every loss, the LR and the grad norm so far (log.jsonl)
         stop = control.stop_requested()  # a signal on any rank: every rank saves, then exits
         if step % cfg.ckpt_every == 0 or step == end or stop:
             state = run_state(cfg, step, scaler, world, data=get_batch)  # collective: every rank takes part

@@ -50,6 +50,14 @@ def test_tokenizer_loss_falls(tmp_path):
     assert sum(totals[-4:]) / 4 < 0.5 * sum(totals[:2]) / 2
     assert "hinge" in log(tmp_path)[-1]  # the discriminator switched on at step 8
     assert os.path.exists(tmp_path / "recon_00000016.png")
+    # curves.png is drawn at each sample interval: one panel per loss term, the LR and the grad norm.
+    from PIL import Image
+
+    import curves
+
+    n = len(curves.series(curves.read_log(tmp_path / "log.jsonl")))
+    assert n >= 4 and "grad_norm" in curves.series(log(tmp_path)) and "lr" in curves.series(log(tmp_path))
+    assert Image.open(tmp_path / "curves.png").size == (3 * curves.PANEL_W, -(-n // 3) * curves.PANEL_H)
 
 
 @pytest.mark.parametrize("mode", ["vq", "kl"])
@@ -57,7 +65,7 @@ def test_maskgen_loss_falls(mode, tmp_path, tok_runs):
     run_mg(tmp_path, tok_runs / mode, mode, "--max_steps=20", "--log_every=1", "--lr=3e-3")
     losses = [r["loss"] for r in log(tmp_path)]
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:3]) / 3, losses
-    assert os.path.exists(tmp_path / "samples_00000020.png")
+    assert os.path.exists(tmp_path / "samples_00000020.png") and os.path.exists(tmp_path / "curves.png")
     ck = final_ckpt(tmp_path)
     assert ck["maskgen_config"]["mode"] == mode and ck["config"]["tokenizer"] == str(tok_runs / mode)
     assert not any(k.startswith("_orig_mod") for k in ck["model"])

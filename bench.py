@@ -3,6 +3,7 @@
     python bench.py --preset tiny                            # seconds: a smoke run
     python bench.py --preset shapes                          # the CPU table in README.md
     python bench.py --preset l --compile 0,1 --dtype fp32,bf16   # MaskGen-L on a GPU
+    python bench.py --data-resume 8000                       # resuming a shard stream, early vs late
 
 For every (compile, dtype) pair it times, on random weights and random inputs of the
 real shapes (no downloads; the text features stand in for CLIP's):
@@ -17,6 +18,12 @@ MaskGen.flops) / peak FLOP/s. The peak is the bf16 dense figure of a known GPU
 (runtime.PEAK_BF16_TFLOPS, as in training; --peak_tflops overrides), else the
 torch.matmul peak measured here, in the same run and dtype. Memory is the CUDA peak
 per row; on CPU the process's peak RSS.
+
+--data-resume N writes N shapes samples as tar shards (once, under /tmp) and times how
+long a resumed stream takes to its first batch, at a small and at a large batch index:
+with the reader positions a checkpoint saves (seek + re-read one shuffle block) and
+without them (replaying the stream, what older checkpoints do). Both must give the batch
+the uninterrupted stream gave.
 """
 
 import argparse
@@ -163,6 +170,45 @@ def rows(p, device, dtype, compile_, args):
         del tok, loss_fn, opt_g, opt_d, fwd_tok
 
 
+def data_resume(n, batch=32, threads=0):
+    """Print the resume cost of a shard stream (see the module docstring)."""
+    import os
+    import tempfile
+
+    from torch.utils.data import DataLoader
+
+    import data
+    import shards
+
+    root = os.path.join(tempfile.gettempdir(), f"bench_shapes_shards_{n}")
+    if not os.path.isdir(root):
+        data.make_shapes_shards(root, n=n, per_shard=500)
+
+    def first_batch(start, positions):
+        t = time.perf_counter()
+        ds = data.TarShardDataset(root, image_size=64, seed=0, batch_size=batch, start_batch=start, positions=positions)
+        out = next(iter(DataLoader(ds, batch_size=batch)))
+        return time.perf_counter() - t, out["key"]
+
+    # One uninterrupted pass, noting the reader positions after a small and a large batch index
+    # (the large one ~90% through the first pass, so that replaying it is a fair comparison).
+    points = (10, n * 9 // 10 // batch)
+    stream = iter(DataLoader(data.TarShardDataset(root, image_size=64, seed=0, batch_size=batch), batch_size=batch))
+    tracker, saved = shards.StreamPositions(0, 0), {}
+    for b in range(max(points) + 1):
+        out = next(stream)
+        if b in points:
+            saved[b] = (tracker.state()["positions"].clone(), out["key"])
+        tracker.consumed(out)
+    print(f"bench.py --data-resume {n}: batch {batch}, one reader, CPU {torch.get_num_threads()} threads")
+    for b in points:
+        positions, keys = saved[b]
+        t_seek, k_seek = first_batch(b, positions)
+        t_replay, k_replay = first_batch(b, None)
+        print(f"resume at batch {b:5d} ({b * batch:6d} samples in): saved positions {t_seek * 1e3:8.1f} ms, "
+              f"replaying {t_replay * 1e3:8.1f} ms, same batch as uninterrupted: {k_seek == keys == k_replay}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="shapes", choices=sorted(PRESETS),
@@ -175,7 +221,15 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5, help="timed runs; each figure is their median")
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak for MFU (0: table or measured)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    ap.add_argument("--data-resume", type=int, default=0, metavar="N",
+                    help="instead of the models: time resuming a stream of N shapes samples in tar shards")
     args = ap.parse_args(argv)
+    if args.data_resume:
+        if args.data_resume < 1000:
+            ap.error(f"--data-resume needs at least 1000 samples (a large and a small resume point), got {args.data_resume}")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return data_resume(args.data_resume)
     if not set(args.compile.split(",")) <= {"0", "1"}:
         ap.error(f"--compile takes 0 and/or 1 (eager, compiled), got {args.compile}")
     if args.warmup < 0 or args.repeats < 1:

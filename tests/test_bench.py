@@ -38,3 +38,13 @@ def test_bench_help_is_a_plain_description(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--preset", "tiny", "--compile", "2"])
     assert "--compile takes 0 and/or 1" in capsys.readouterr().err
+
+
+def test_data_resume_bench_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """`bench.py --data-resume N`: both resume paths give the uninterrupted stream's batch."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the shards go to the test's folder
+    bench.main(["--data-resume", "1000"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resume at batch")]
+    assert len(lines) == 2 and all(line.endswith("same batch as uninterrupted: True") for line in lines)

@@ -370,6 +370,8 @@ def cmd_gen(args, device):
 def cmd_shapes(args, device):
     if args.n_per_category < 1:
         raise ValueError(f"--n-per-category must be at least 1, got {args.n_per_category}")
+    if args.save:
+        _fresh_dir(args.save)  # refuse a non-empty folder before the (long) generation, not after
     if args.images:  # a folder of already generated images with their prompts
         files = list_images(args.images)
         prompts = read_prompts(args.prompts) if args.prompts else None
@@ -384,7 +386,8 @@ def cmd_shapes(args, device):
         source = "ground-truth renders (detector sanity check)"
         if args.reconstruct:  # through the tokenizer: the ceiling for any generator on top of it
             images = _reconstruct(images, caps, args.generator, args.tokenizer, device, args.batch_size)
-            source = f"ground-truth renders reconstructed by the tokenizer of {args.generator or 'checkpoints/shapes.pt'}"
+            of = args.tokenizer if args.generator is None and args.tokenizer else args.generator
+            source = f"ground-truth renders reconstructed by the tokenizer of {of or 'checkpoints/shapes.pt'}"
     else:  # the held-out prompts (a seed no training run uses), generated
         caps = shapes.heldout_prompts(args.n_per_category, args.seed)
         images = generate_shapes_images(caps, args.generator, args.tokenizer, device, args.sample_seed,
@@ -392,24 +395,58 @@ def cmd_shapes(args, device):
         source = args.generator or "the shipped checkpoints/shapes.pt"
         if runtime.rank_world()[0] != 0:
             return {}, source
-    res = shapes.shapes_score(images, caps, return_details=bool(args.details))
-    if args.details and "per_prompt" in res:
+    res = shapes.shapes_score(images, caps, return_details=bool(args.details or args.save))
+    rows = res.pop("per_prompt", None)
+    if args.save:
+        save_scored(args.save, images, rows)
+    if args.details:
         with open(args.details, "w") as f:
-            for row in res.pop("per_prompt"):
+            for row in rows:
                 f.write(json.dumps(row) + "\n")
     return res, f"shapes compositional score: {source}"
 
 
+def save_scored(folder, images, rows):
+    """Write the images just scored, so that misses can be looked at: <folder>/<category>/
+    <i>_<ok|miss>.png (i: the prompt's number within its category) with its prompt in the
+    sidecar <i>_<ok|miss>.txt (so `--images <folder>` scores them again), and the detector's
+    verdicts in <folder>/results.jsonl (file, prompt, category, correct, reason, detections)."""
+    counts = {}
+    with open(os.path.join(_fresh_dir(folder), "results.jsonl"), "w") as log:
+        for img, row in zip(images, rows):
+            i = counts[row["category"]] = counts.get(row["category"], -1) + 1
+            name = os.path.join(row["category"], f"{i:04d}_{'ok' if row['correct'] else 'miss'}")
+            os.makedirs(os.path.join(folder, row["category"]), exist_ok=True)
+            Image.fromarray(img).save(os.path.join(folder, name + ".png"))
+            with open(os.path.join(folder, name + ".txt"), "w") as f:
+                f.write(row["prompt"] + "\n")
+            log.write(json.dumps({"file": name + ".png", **row}) + "\n")
+    print(f"saved {len(rows)} scored images to {folder}/<category>/ (misses: *_miss.png; verdicts: results.jsonl)")
+
+
+def _fresh_dir(folder):
+    """Create `folder` for --save; one that already holds files is refused (nothing is overwritten)."""
+    if os.path.isdir(folder) and os.listdir(folder):
+        raise ValueError(f"--save folder {folder!r} is not empty; name a new folder (or remove that one)")
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
 def _reconstruct(images, captions, generator, tokenizer, device, batch_size):
-    """Encode and decode uint8 (H, W, 3) images with the generator's tokenizer (and its
-    text encoder, since the decoder is text-aware)."""
-    models = load.load_models(generator, tokenizer, device)
+    """Encode and decode uint8 (H, W, 3) images with the generator's tokenizer, or with
+    `tokenizer` alone when no generator is given (a tokenizer run, before any MaskGen), and
+    its text encoder, since the decoder is text-aware."""
+    if generator is None and tokenizer is not None:
+        tok, tok_text = load.load_tokenizer(tokenizer, device)
+    else:
+        models = load.load_models(generator, tokenizer, device)
+        tok, tok_text = models.tokenizer, models.tok_text
     out = []
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
             x = torch.from_numpy(np.stack(images[i : i + batch_size])).permute(0, 3, 1, 2).float().div(255).to(device)
-            text = models.tok_text(captions[i : i + batch_size]).final
-            recon = models.tokenizer.decode(models.tokenizer.encode(x), text)
+            text = tok_text(captions[i : i + batch_size]).final
+            recon = tok.decode(tok.encode(x), text)
             out += list(to_uint8(recon).permute(0, 2, 3, 1).cpu().numpy())
     return out
 
@@ -451,7 +488,8 @@ def main(argv=None):
     p.add_argument("--images", default=None, help="folder of generated images (prompts as in `gen`)")
     p.add_argument("--prompts", default=None, help="as for gen")
     p.add_argument("--generator", default=None, help="MaskGen checkpoint (default: the shipped one), via sample.py")
-    p.add_argument("--tokenizer", default=None, help="TA-TiTok checkpoint (default: the one the generator records)")
+    p.add_argument("--tokenizer", default=None,
+                   help="TA-TiTok checkpoint (default: the one the generator records); alone with --reconstruct")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the generator's config)")
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--ground-truth", action="store_true", help="score ground-truth renders (detector check)")
@@ -461,6 +499,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=shapes.HELDOUT_SEED, help="held-out prompt seed (no training run uses it)")
     p.add_argument("--sample-seed", type=int, default=0, help="generation: prompt j is sampled with seed + j")
     p.add_argument("--details", default=None, help="write per-prompt results to this .jsonl")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="write the scored images to DIR/<category>/<i>_<ok|miss>.png (+ .txt prompts, results.jsonl)")
 
     args = ap.parse_args(argv)
     if args.batch_size < 1:

@@ -339,11 +339,22 @@ def _fit(draw, text, font, width):
     return text + "..."
 
 
+def label_font():
+    """The labels' font. PIL's default FreeType font at its default 10 px draws a space 2 px
+    wide, no wider than the gap between letters, so "two green triangles" read as "twogreen
+    triangles": at 13 px the space is clearly wider. Where Pillow has no FreeType (or
+    predates load_default(size=), 10.1), its bitmap font, whose space is a full 6 px cell."""
+    try:
+        return ImageFont.load_default(size=13)
+    except (TypeError, ImportError, OSError):  # old Pillow: no size argument; no FreeType
+        return getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()
+
+
 def labelled_grid(rows, row_labels=None, tile_labels=None, min_tile=128, pad=4):
     """rows: list of lists of equally sized PIL images (ragged rows are padded with white).
     row_labels: one string per row, drawn in a strip above the row.
     tile_labels: per-tile strings (same nesting as rows), drawn under each tile."""
-    font = ImageFont.load_default()
+    font = label_font()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line = probe.textbbox((0, 0), "Ag", font=font)[3] + 4  # one text line, with a margin
     w0, h0 = rows[0][0].size

@@ -201,6 +201,34 @@ def test_shapes_cli_ground_truth_and_folder(tmp_path):
     assert len(rows) == 6 and rows[0]["correct"] is False and "expected 3" in rows[0]["reason"]
 
 
+def test_shapes_save_writes_scored_images_that_score_again(tmp_path):
+    import dataclasses
+
+    from test_sample import save_tokenizer_run, TOK_VQ
+
+    # --reconstruct with --tokenizer alone (a tokenizer run, no generator yet), its images saved.
+    tok = save_tokenizer_run(tmp_path / "tok", dataclasses.replace(TOK_VQ, image_size=64))
+    out = tmp_path / "saved"
+    res = E.main(["shapes", "--reconstruct", "--tokenizer", tok, "--n-per-category", "2", "--device", "cpu",
+                  "--save", str(out), "--out", str(tmp_path / "r")])  # fmt: skip
+    rows = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["category"] for r in rows] == ["single"] * 2 + ["count"] * 2 + ["relation"] * 2
+    for k, r in enumerate(rows):
+        verdict = "ok" if r["correct"] else "miss"
+        assert r["file"] == f"{r['category']}/{k % 2:04d}_{verdict}.png" and (out / r["file"]).exists()
+        assert (out / r["file"]).with_suffix(".txt").read_text().strip() == r["prompt"]
+    hits = sum(r["correct"] for r in rows if r["category"] == "single")
+    assert res["single"] == hits / 2
+    # The saved folder, sidecar prompts included, scores the same with --images.
+    again = E.main(["shapes", "--images", str(out), "--out", str(tmp_path / "a")])
+    assert {c: again[c] for c in ("single", "count", "relation")} == {c: res[c] for c in ("single", "count", "relation")}
+    # Ground truth: every image passes, so every file is an _ok; a used folder is refused before any work.
+    E.main(["shapes", "--ground-truth", "--n-per-category", "1", "--save", str(tmp_path / "gt"), "--out", str(tmp_path / "g")])
+    assert sorted(p.name for p in (tmp_path / "gt").rglob("*.png")) == ["0000_ok.png"] * 3
+    with pytest.raises(ValueError, match=r"--save folder .* is not empty"):
+        E.main(["shapes", "--ground-truth", "--n-per-category", "1", "--save", str(out), "--out", str(tmp_path / "g")])
+
+
 # ---------------------------------------------------------------------------- MJHQ-30K layout, prompts, errors
 
 

@@ -173,6 +173,24 @@ def test_aesthetic_scores_give_one_row_each(ckpts, tmp_path):
     assert Image.open(res["grid"]).size == expect.size  # 3 rows of 2
 
 
+def test_grid_labels_keep_their_spaces():
+    # The default 10 px font drew a space no wider than the gap between letters, so the
+    # README grid read "twogreen triangles". Measure the blank column runs in the label:
+    # the two word gaps must be clearly wider than any gap between letters.
+    one = Image.new("RGB", (64, 64), "white")
+    strip = np.asarray(S.labelled_grid([[one]], ["two green triangles"]).convert("L"))[4:24]  # the label's strip
+    ink = (strip < 128).any(axis=0)
+    xs = np.nonzero(ink)[0]
+    runs, n = [], 0
+    for v in ink[xs[0] : xs[-1] + 1]:
+        if not v:
+            n += 1
+        elif n:
+            runs, n = runs + [n], 0
+    runs.sort(reverse=True)
+    assert len(runs) > 2 and runs[1] >= runs[2] + 2, f"word gaps {runs[:2]} px vs letter gaps up to {runs[2]} px"
+
+
 def test_geneval_layout(ckpts, tmp_path):
     meta = [
         {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},

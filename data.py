@@ -49,6 +49,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 import zlib
 
@@ -542,7 +543,7 @@ def main(argv=None):
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("pretokenize", help="encode a dataset with a frozen TA-TiTok into token shards (torchrun-able)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory (config.json + model.safetensors)")
+    p.add_argument("--tokenizer", required=True, help="TA-TiTok: release dir, Hub id, run folder, checkpoint or bundle")
     p.add_argument("--data", required=True, help="tar pattern, folder, or 'shapes:N'")
     p.add_argument("--out", required=True, help="output folder for the token shards and meta.json")
     p.add_argument("--batch-size", type=int, default=64)
@@ -559,4 +560,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input (a missing shard pattern, a bad tokenizer): no traceback
+        sys.exit(f"data.py: error: {e}")

@@ -511,3 +511,13 @@ def test_pretokenize_real_tiny_kl(tmp_path):
     got = torch.stack([s["posterior"] for s in out])  # (3, K, 2C)
     assert got.shape == (3, model.config.num_latent_tokens, 2 * model.config.token_size)
     assert torch.allclose(got, torch.cat([post.mean, post.logvar], -1), atol=1e-5)
+
+
+def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "data.py", "inspect", "--data", str(tmp_path / "none-*.tar")],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))  # fmt: skip
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("data.py: error: shard pattern") and "matched no files" in r.stderr

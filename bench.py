@@ -75,7 +75,7 @@ def timed(fn, device, warmup, repeats):
 
 def matmul_peak(device, dtype, warmup, repeats):
     """FLOP/s of a large square torch.matmul, best of the repeats: the attainable peak."""
-    n = 4096 if device.type == "cuda" else 2048
+    n = 4096 if device.type == "cuda" else 1024  # CPU: 1024 keeps a slow (non-native) bf16 under a minute
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     for _ in range(warmup):
         a @ b
@@ -221,6 +221,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5, help="timed runs; each figure is their median")
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak for MFU (0: table or measured)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    ap.add_argument("--peak-only", action="store_true", help="print the torch.matmul peak of each --dtype and exit")
     ap.add_argument("--data-resume", type=int, default=0, metavar="N",
                     help="instead of the models: time resuming a stream of N shapes samples in tar shards")
     args = ap.parse_args(argv)
@@ -247,6 +248,10 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"bench.py --preset {args.preset}: {name}, torch {torch.__version__}, batch {p['batch']}, "
           f"median of {args.repeats} after {args.warmup} warm-up")  # fmt: skip
+    if args.peak_only:  # which dtype is fast here? (CPUs of the same kind differ by 50x in bf16)
+        for dtype in dtypes:
+            print(f"{dtype}: torch.matmul peak {matmul_peak(device, runtime.DTYPES[dtype], 1, 3) / 1e9:.1f} GFLOP/s")
+        return
     for dtype in dtypes:
         peak = runtime.peak_flops(device, args.peak_tflops)
         source = "table/override"

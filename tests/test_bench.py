@@ -48,3 +48,9 @@ def test_data_resume_bench_resumes_exactly(tmp_path, monkeypatch, capsys):
     bench.main(["--data-resume", "1000"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resume at batch")]
     assert len(lines) == 2 and all(line.endswith("same batch as uninterrupted: True") for line in lines)
+
+
+def test_peak_only_prints_one_peak_per_dtype(capsys):
+    bench.main(["--peak-only", "--dtype", "fp32"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("fp32: torch.matmul peak ") and float(out[-1].split()[-2]) > 0

@@ -156,10 +156,7 @@ def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0, 
         return get
     # Tar shards or an image folder: a seeded stream per rank, started where the run
     # stopped. Corrupt or filtered samples are skipped and counted (get.skipped).
-    try:
-        positions = StreamPositions.resume(resume, rank, cfg.num_workers, start_step * A)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    positions = resume_positions(resume, rank, cfg.num_workers, start_step * A)
     loader = data.image_text_loader(
         cfg.data, image_size=image_size, batch_size=B, rank=rank, world_size=world, num_workers=cfg.num_workers,
         seed=cfg.seed, start_batch=start_step * A, positions=positions.saved,
@@ -175,6 +172,15 @@ def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0, 
 
     get.skipped, get.positions = loader.dataset.skipped, positions
     return get
+
+
+def resume_positions(resume, rank, num_workers, start_batch):
+    """This rank's StreamPositions from the checkpoint being resumed (None: a fresh run);
+    a checkpoint written with another num_workers stops the run with the reason."""
+    try:
+        return StreamPositions.resume(resume, rank, num_workers, start_batch)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
 
 def seed_for_slot(seed, step, slot):

@@ -35,11 +35,10 @@ import runtime
 from checkpoint import content_digest, load_checked
 from curves import plot_curves
 from pretokenize import PretokenizedDataset
-from shards import StreamPositions
 from shapes import SHAPES_AESTHETIC
 from train_common import (
-    adamw, find_resume, image_batches, lr_at, optimizer_step, Progress, restore_run_state, run_state, RunControl,
-    save_grid, seed_for_slot, setup_run,
+    adamw, find_resume, image_batches, lr_at, optimizer_step, Progress, restore_run_state, resume_positions,
+    run_state, RunControl, save_grid, seed_for_slot, setup_run,
 )  # fmt: skip
 from train_config import one_of, parse_config, Rule, RunConfig, within
 
@@ -94,10 +93,7 @@ def token_batches(cfg, tokenizer, rank, world, start_step, device, resume=None):
     B, mode = cfg.batch_size, tokenizer.config.quantize_mode
     if cfg.data.startswith("pretokenized:"):
         start = start_step * cfg.grad_accum
-        try:
-            positions = StreamPositions.resume(resume, rank, cfg.num_workers, start)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
+        positions = resume_positions(resume, rank, cfg.num_workers, start)
         ds = PretokenizedDataset(cfg.data.split(":", 1)[1], rank=rank, world_size=world, seed=cfg.seed,
                                  start_batch=start, batch_size=B, positions=positions.saved)  # fmt: skip
         loader = torch.utils.data.DataLoader(ds, batch_size=B, num_workers=cfg.num_workers, collate_fn=data.collate)

@@ -365,17 +365,20 @@ class GaussianDiffusion:
         mean = _at(tab["posterior_coef1"], t) * x0 + _at(tab["posterior_coef2"], t) * x_t
         return mean, _at(tab["posterior_log_variance"], t).expand_as(x_t)
 
-    def p_mean_log_variance(self, out, x_t, t, tab):
-        """The model's Gaussian p(x_{t-1} | x_t) from the net output (N, 2C) = cat(eps, v)."""
+    def p_mean_log_variance(self, out, x_t, t, tab, clip_x0=0.0):
+        """The model's Gaussian p(x_{t-1} | x_t) from the net output (N, 2C) = cat(eps, v).
+        clip_x0 > 0 clamps the x0 estimate to [-clip_x0, clip_x0] (see DiffLoss)."""
         eps, v = out.chunk(2, dim=-1)                                        # (N, C) each
         # Learned range: v in [-1, 1] interpolates the log-variance between the posterior
         # variance (the lower bound, v = -1) and beta_t (the upper bound, v = +1).
         frac = (v + 1) / 2
         log_variance = (frac * _at(tab["log_betas"], t)
                         + (1 - frac) * _at(tab["posterior_log_variance"], t))
-        # Mean: estimate x0 from eps, then plug it into the true posterior's mean. No clipping
-        # of x0 (latent tokens have no [-1, 1] range).
+        # Mean: estimate x0 from eps, then plug it into the true posterior's mean. The
+        # reference never clips x0 (latent tokens have no [-1, 1] range); clip_x0 is ours.
         x0_hat = _at(tab["sqrt_recip_ac"], t) * x_t - _at(tab["sqrt_recipm1_ac"], t) * eps
+        if clip_x0 > 0:
+            x0_hat = x0_hat.clamp(-clip_x0, clip_x0)
         mean, _ = self.q_posterior(x0_hat, x_t, t, tab)
         return mean, log_variance
 
@@ -412,13 +415,14 @@ class GaussianDiffusion:
     # --- sampling -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def p_sample_loop(self, model_fn, noise, temperature=1.0, generator=None):
+    def p_sample_loop(self, model_fn, noise, temperature=1.0, generator=None, clip_x0=0.0):
         """Ancestral sampling from x_T = noise (N, C) down to x_0; returns (N, C) float32.
 
         Each step draws x_{t-1} ~ N(mean, temperature^2 * variance); temperature < 1 gives
         sharper, less diverse tokens (MAR scales the per-step noise, not the initial noise).
         The last step (t = 0) returns the mean. generator: None, one torch.Generator, or a
-        list of G (one per image; the N rows are G equal blocks, see draw_rows).
+        list of G (one per image; the N rows are G equal blocks, see draw_rows). clip_x0: see
+        p_mean_log_variance.
         """
         x = noise.float()
         n, device = x.shape[0], x.device
@@ -427,7 +431,7 @@ class GaussianDiffusion:
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((n,), i, dtype=torch.long, device=device)
             out = model_fn(x, tmap[t]).float()                              # (N, 2C)
-            mean, log_variance = self.p_mean_log_variance(out, x, t, tab)
+            mean, log_variance = self.p_mean_log_variance(out, x, t, tab, clip_x0)
             if i == 0:
                 x = mean
             else:
@@ -450,16 +454,25 @@ class DiffLoss(nn.Module):
     z_channels Zc: width of the transformer's per-token condition.
     depth, width: residual blocks and width of the MLP (MaskGen-KL: 8 x transformer width).
     num_sampling_steps: respacing of the 1000 training steps used by sample() ("100").
+    clip_x0: 0 (the reference) or a bound on the sampler's x0 estimates, in token units.
+      At the first steps of the cosine schedule sqrt(alpha_bar) is ~1e-4, so x0 = (x_t -
+      sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) multiplies any error in eps by ~1e4: a
+      fully trained net predicts eps = x_t there almost exactly, but after a short run an
+      eps error of 0.5 sends the tokens to ~1e3 and the decoder draws a blank image. A bound
+      of a few token standard deviations keeps the chain in range. Training is unchanged.
     """
 
-    def __init__(self, target_channels, z_channels, depth, width, num_sampling_steps="100"):
+    def __init__(self, target_channels, z_channels, depth, width, num_sampling_steps="100", clip_x0=0.0):
         super().__init__()
         for name, value in (("target_channels", target_channels), ("z_channels", z_channels),
                             ("depth", depth), ("width", width)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"DiffLoss: {name} must be a positive int, got {value!r}")
+        if not clip_x0 >= 0:
+            raise ValueError(f"DiffLoss: clip_x0 must be >= 0 (0 = no clipping), got {clip_x0!r}")
         self.target_channels = target_channels
         self.z_channels = z_channels
+        self.clip_x0 = float(clip_x0)
         # Output 2C: eps (C) and the variance interpolation v (C).
         self.net = SimpleMLPAdaLN(target_channels, width, 2 * target_channels, z_channels, depth)
         betas = cosine_betas(NUM_TRAIN_TIMESTEPS)
@@ -526,7 +539,7 @@ class DiffLoss(nn.Module):
 
         if not guided:
             noise = randn_rows((z.shape[0], C), generator, z.device)
-            return self.gen_diffusion.p_sample_loop(fn, noise, temperature, generator)
+            return self.gen_diffusion.p_sample_loop(fn, noise, temperature, generator, self.clip_x0)
 
         if z.shape[0] % 2:
             raise ValueError(f"DiffLoss.sample: with cfg != 1.0, z must stack [cond; uncond] "
@@ -549,5 +562,5 @@ class DiffLoss(nn.Module):
         # thrown away by the caller. We carry only the M guided rows (same cond-half result for
         # the same noise) and return them twice, so either half is the guided sample.
         noise = randn_rows((m, C), generator, z.device)                      # (M, C)
-        x = self.gen_diffusion.p_sample_loop(guided_fn, noise, temperature, generator)   # (M, C)
+        x = self.gen_diffusion.p_sample_loop(guided_fn, noise, temperature, generator, self.clip_x0)  # (M, C)
         return torch.cat([x, x])                                              # (2M, C)

@@ -81,6 +81,7 @@ class MaskGenConfig:
     diffloss_width: int = 1024
     diffusion_batch_mul: int = 4  # KL: each token is seen with 4 noise levels per step
     num_sampling_steps: str = "100"  # KL: DiffLoss respacing at sampling time
+    diffloss_clip_x0: float = 0.0  # KL: bound on the sampler's x0 estimates; 0 = none, as the reference (see DiffLoss)
     # generate() defaults (the official inference configs).
     num_steps: int = 16  # VQ 16, KL 32
     guidance_scale: float = 12.0  # VQ 12, KL 3
@@ -403,9 +404,8 @@ class MaskGenKL(MaskGen):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_emb = nn.Parameter(torch.zeros(1, K, D))  # added before the blocks
         self.diff_pos_emb = nn.Parameter(torch.zeros(1, K, D))  # added to the conditions for DiffLoss
-        self.diffloss = DiffLoss(
-            C, D, config.diffloss_depth, config.diffloss_width, num_sampling_steps=config.num_sampling_steps
-        )
+        self.diffloss = DiffLoss(C, D, config.diffloss_depth, config.diffloss_width,
+                                 num_sampling_steps=config.num_sampling_steps, clip_x0=config.diffloss_clip_x0)
 
     def initialize_weights(self):
         # The official (and MAR's) init: normal(0.02) for the mask token and position
@@ -571,8 +571,8 @@ PRESETS = {
     ),
     "shapes_kl": MaskGenConfig(
         mode="kl", width=192, depth=4, heads=4, num_tokens=32, token_size=8, text_width=64, pooled_dim=64,
-        aes_embed_dim=32, diffloss_depth=3, diffloss_width=192, num_sampling_steps="50", num_steps=16,
-        guidance_scale=2.0, guidance_schedule="linear", temperature=1.0,
+        aes_embed_dim=32, diffloss_depth=3, diffloss_width=192, diffusion_batch_mul=2, num_sampling_steps="50",
+        diffloss_clip_x0=3.0, num_steps=16, guidance_scale=2.0, guidance_schedule="linear", temperature=1.0,
     ),
 }
 

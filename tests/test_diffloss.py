@@ -10,9 +10,9 @@ import diffloss as D
 C, ZC, DEPTH, WIDTH = 4, 8, 2, 32
 
 
-def make(num_sampling_steps="100", seed=0, randomise=True):
+def make(num_sampling_steps="100", seed=0, randomise=True, clip_x0=0.0):
     torch.manual_seed(seed)
-    dl = D.DiffLoss(C, ZC, DEPTH, WIDTH, num_sampling_steps)
+    dl = D.DiffLoss(C, ZC, DEPTH, WIDTH, num_sampling_steps, clip_x0=clip_x0)
     if randomise:
         # The zero-inits make the net output 0, which would hide most bugs; keep the output
         # small (O(0.1)) so samples stay in a sane range.
@@ -290,6 +290,29 @@ def test_respaced_sampler_feeds_original_timesteps_to_the_net():
     dl.gen_diffusion.p_sample_loop(lambda x, t: (seen.append(t[0].item()), torch.zeros(2, 2 * C))[1],
                                    torch.randn(2, C))
     assert seen == D.space_timesteps(1000, "10")[::-1]
+
+
+def test_clip_x0_keeps_an_inexact_net_in_range():
+    # A net whose eps = 2 tanh(x_t / 2): right near 0, saturating beyond its range, as an
+    # MLP does. At t = 999, x0 = (x_t - sqrt(1-ab) eps) / sqrt(ab) multiplies its small error
+    # by ~1e4; the tokens leave the range, where eps no longer tracks x_t, and the unclipped
+    # chain never comes back (what a briefly trained MaskGen-KL did). With clip_x0 every x0
+    # estimate stays within the bound, and so does the result; clip_x0=0 is the reference.
+    off = lambda x, t: torch.cat([2 * torch.tanh(x / 2), torch.zeros_like(x)], dim=-1)
+    noise = torch.randn(64, C, generator=torch.Generator().manual_seed(0))
+    free = make(num_sampling_steps="50").gen_diffusion.p_sample_loop(off, noise, 1.0, torch.Generator().manual_seed(1))
+    assert free.abs().max() > 100
+    dl = make(num_sampling_steps="50", clip_x0=3.0)
+    clipped = dl.gen_diffusion.p_sample_loop(off, noise, 1.0, torch.Generator().manual_seed(1), clip_x0=3.0)
+    assert clipped.abs().max() <= 3.0 + 1e-4
+    z = torch.randn(4, ZC)
+    ref, ours = make(), make(clip_x0=0.0)
+    ours.load_state_dict(ref.state_dict())
+    assert torch.equal(ref.sample(z, generator=torch.Generator().manual_seed(2)),
+                       ours.sample(z, generator=torch.Generator().manual_seed(2)))
+    assert make(clip_x0=2.0).clip_x0 == 2.0
+    with pytest.raises(ValueError, match="clip_x0 must be >= 0"):
+        make(clip_x0=-1.0)
 
 
 # ---- errors ----------------------------------------------------------------------------------

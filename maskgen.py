@@ -561,14 +561,17 @@ PRESETS = {
         guidance_scale=3.0, guidance_schedule="linear", temperature=1.0,
     ),
     # The shapes world: 32 tokens from tokenizer.PRESETS["shapes"/"shapes_kl"] and the
-    # 64-wide "shapes" text tower; four 192-wide blocks (~5M parameters) train in ~25 min
-    # on 2 CPU cores. VQ sampling, measured on checkpoints/shapes.pt (100 prompts/category):
+    # 64-wide "shapes" text tower; four 192-wide blocks (~5M parameters; see train_maskgen's
+    # presets for the run lengths). VQ sampling, on checkpoints/shapes.pt (100 prompts/category):
     # guidance 2-3 (cosine or linear) with Gumbel 1 are within noise; guidance 6, or Gumbel 0
     # or 2, lose 0.1-0.3 per category; 32 steps are no better at twice the time.
     "shapes_vq": MaskGenConfig(
         mode="vq", width=192, depth=4, heads=4, num_tokens=32, codebook_size=512, num_class_rows=0, token_size=16,
         text_width=64, pooled_dim=64, aes_embed_dim=32, num_steps=16, guidance_scale=3.0, randomize_temperature=1.0,
     ),
+    # KL: DiffLoss on 2 noise levels per token (not 4) to cut the step cost, and x0 clipped
+    # at sampling (diffloss_clip_x0: unclipped, the briefly trained DiffLoss drew blanks).
+    # Temperature 0.25-1 and guidance 1-4 gave the same (low) scores (20 prompts/category).
     "shapes_kl": MaskGenConfig(
         mode="kl", width=192, depth=4, heads=4, num_tokens=32, token_size=8, text_width=64, pooled_dim=64,
         aes_embed_dim=32, diffloss_depth=3, diffloss_width=192, diffusion_batch_mul=2, num_sampling_steps="50",

@@ -305,6 +305,12 @@ def test_clip_x0_keeps_an_inexact_net_in_range():
     dl = make(num_sampling_steps="50", clip_x0=3.0)
     clipped = dl.gen_diffusion.p_sample_loop(off, noise, 1.0, torch.Generator().manual_seed(1), clip_x0=3.0)
     assert clipped.abs().max() <= 3.0 + 1e-4
+    # DiffLoss.sample hands its bound to the chain, guided or not.
+    seen, chain = [], dl.gen_diffusion.p_sample_loop
+    dl.gen_diffusion.p_sample_loop = lambda *a: (seen.append(a[-1]), chain(*a))[1]
+    dl.sample(torch.randn(2, ZC))
+    dl.sample(torch.randn(4, ZC), cfg=2.0)
+    assert seen == [3.0, 3.0]
     z = torch.randn(4, ZC)
     ref, ours = make(), make(clip_x0=0.0)
     ours.load_state_dict(ref.state_dict())

@@ -16,6 +16,10 @@ by GenEval, a compositional (object / count / colour / position) benchmark. Here
   * `shapes`: the shapes-world compositional score, a GenEval stand-in for the project's
     own 64x64 world, scored by the rule-based detector that lives beside the world's
     spec in shapes.py (shapes.shapes_score).
+  * `context`: does a MaskGen read the tokens already drawn? On shapes-world scenes,
+    VQ: the masked tokens' cross-entropy with 0 / 50 / 90% of the tokens visible; KL: how
+    much of a masked token's posterior mean a ridge regression recovers (R^2) from the
+    model's per-token conditions, at the same fractions.
 
 CLI (each writes <out>.json and a readable table <out>.txt; default out/eval/<cmd>):
     python evaluate.py recon  --tokenizer DIR_OR_RUN --data IMAGENET_VAL_DIR --class-names classes.txt
@@ -23,6 +27,7 @@ CLI (each writes <out>.json and a readable table <out>.txt; default out/eval/<cm
     python evaluate.py gen    --images out/mjhq --ref mjhq30k_imgs/     # overall + per-category FID
     python evaluate.py shapes [--generator CKPT] [--n-per-category 300]   # default: shipped checkpoint
     python evaluate.py shapes --images SAMPLE_DIR | --ground-truth | --reconstruct
+    python evaluate.py context [--generator CKPT] [--n-per-category 300]
     torchrun --nproc_per_node=8 evaluate.py ...     # images / prompts sharded over ranks, features gathered
 """
 
@@ -34,6 +39,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import data
@@ -406,6 +412,78 @@ def cmd_shapes(args, device):
     return res, f"shapes compositional score: {source}"
 
 
+# -----------------------------------------------------------------------------
+# `context`: does MaskGen use the tokens already drawn? A model that does not draws each
+# token from its marginal, and with 1D tokens that are only meaningful together the
+# decoded image falls apart into fragments.
+
+
+def ridge_r2(x_train, y_train, x_test, y_test, lam=1.0):
+    """R^2 on the test rows of a ridge regression y ~ x + bias fit on the train rows (float64)."""
+
+    def aug(x):
+        return torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64, device=x.device)], dim=1)
+    a = aug(x_train)
+    eye = torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
+    w = torch.linalg.solve(a.T @ a + lam * eye, a.T @ y_train.double())
+    err = (aug(x_test) @ w - y_test.double()).pow(2).sum()
+    return (1 - err / (y_test.double() - y_train.double().mean(0)).pow(2).sum()).item()
+
+
+@torch.no_grad()
+def context_use(models, images, captions, aesthetic, fractions=(0.0, 0.5, 0.9), seed=0):
+    """How much MaskGen's predictions for masked tokens depend on the visible ones.
+
+    images (B, 3, H, W) in [0, 1] with their captions; each image's tokens are hidden in
+    a random order, all but the first `fraction` of them. VQ: {"masked_ce@f"}: the
+    cross-entropy of the masked ids. KL: {"r2_from_z@f"}: R^2 of a ridge regression from
+    the per-token conditions z (what DiffLoss sees) to the masked tokens' posterior means,
+    fit on the even images and scored on the odd ones. A model that reads its context does
+    far better (lower cross-entropy, higher R^2) with tokens visible than with none.
+    """
+    G, T = models.generator, models.tokenizer
+    device = next(G.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    feats = models.gen_text(captions)
+    aes = torch.full((len(captions),), float(aesthetic), device=device)
+    B, K = len(captions), G.config.num_tokens
+    rank = torch.rand(B, K, generator=g).argsort(-1).argsort(-1).to(device)  # (B, K): place in the order
+    out = {}
+    if G.config.mode == "vq":
+        ids = T.encode(images)  # (B, K)
+        for f in fractions:
+            masked = rank >= round(f * K)  # (B, K) bool
+            logits = G.logits(torch.where(masked, G.mask_id, ids), feats.penultimate, feats.pooled, aes)
+            ce = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="none").view(B, K)
+            out[f"masked_ce@{f:g}"] = ce[masked].mean().item()
+        return out
+    post = T.encode(images, return_posterior=True)
+    noise = torch.randn(post.mean.shape, generator=g).to(device)
+    mean = post.mean * G.config.scale_factor  # (B, K, C): the regression targets
+    x = (post.mean + post.std * noise) * G.config.scale_factor  # (B, K, C): what the model reads
+    txt, cond = G.encode_condition(feats.penultimate, feats.pooled, aes)
+    even = (torch.arange(B, device=device) % 2 == 0)[:, None]  # (B, 1): fit on even, score on odd
+    for f in fractions:
+        masked = rank >= round(f * K)  # (B, K) bool
+        z = G.token_conditions(x, masked.float(), txt, cond)  # (B, K, D)
+        fit, test = masked & even, masked & ~even
+        out[f"r2_from_z@{f:g}"] = ridge_r2(z[fit], mean[fit], z[test], mean[test], lam=10.0)
+    return out
+
+
+def cmd_context(args, device):
+    if args.n_per_category < 2:
+        raise ValueError(f"--n-per-category must be at least 2 (half the scenes fit, half score), "
+                         f"got {args.n_per_category}")
+    models = load.load_models(args.generator, args.tokenizer, device)
+    samples = shapes.heldout_samples(args.n_per_category, args.seed)
+    images = torch.tensor(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float().div(255).to(device)
+    # One pass over all scenes (900 at the default: small for the shapes models); the
+    # regressions need every image at once anyway.
+    res = context_use(models, images, [s.caption for s in samples], shapes.SHAPES_AESTHETIC, seed=args.sample_seed)
+    return res, f"context use of {args.generator or 'checkpoints/shapes.pt'} on {len(samples)} held-out scenes"
+
+
 def save_scored(folder, images, rows):
     """Write the images just scored, so that misses can be looked at: <folder>/<category>/
     <i>_<ok|miss>.png (i: the prompt's number within its category) with its prompt in the
@@ -502,11 +580,19 @@ def main(argv=None):
     p.add_argument("--save", default=None, metavar="DIR",
                    help="write the scored images to DIR/<category>/<i>_<ok|miss>.png (+ .txt prompts, results.jsonl)")
 
+    p = sub.add_parser("context", parents=[common], help="does a MaskGen read the visible tokens? (shapes world)")
+    p.add_argument("--generator", default=None, help="MaskGen checkpoint (default: the shipped one)")
+    p.add_argument("--tokenizer", default=None, help="TA-TiTok checkpoint (default: the one the generator records)")
+    p.add_argument("--n-per-category", type=int, default=300)
+    p.add_argument("--seed", type=int, default=shapes.HELDOUT_SEED, help="held-out scene seed (as for shapes)")
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of the masking orders and posterior samples")
+
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     rank, _, device = runtime.setup_distributed(args.device or "auto")  # joins torchrun's process group
-    res, title = {"recon": cmd_recon, "gen": cmd_gen, "shapes": cmd_shapes}[args.cmd](args, device)
+    commands = {"recon": cmd_recon, "gen": cmd_gen, "shapes": cmd_shapes, "context": cmd_context}
+    res, title = commands[args.cmd](args, device)
     if rank == 0:
         write_report(res, args.out or os.path.join("out", "eval", args.cmd), title)
     runtime.teardown()

@@ -354,6 +354,22 @@ def test_kl_init_treats_each_fused_projection_as_its_own_linear():
         assert 0.95 * bound < w.abs().max() <= bound
 
 
+def test_kl_pos_init_std_sets_the_position_tables_and_mask_token():
+    # Official init: std 0.02. pos_init_std (the shapes preset's 1.0) scales exactly the three
+    # tables that mark positions and [MASK], and nothing else.
+    kw = dict(mode="kl", width=256, heads=4, depth=1, num_tokens=64, text_width=32, pooled_dim=32, diffloss_depth=1,
+              diffloss_width=64, guidance_schedule="linear")  # fmt: skip
+    torch.manual_seed(0)
+    official_init = MaskGenKL(MaskGenConfig(**kw))
+    torch.manual_seed(0)
+    wide = MaskGenKL(MaskGenConfig(pos_init_std=1.0, **kw))
+    for name in ("pos_emb", "diff_pos_emb", "mask_token"):
+        assert getattr(official_init, name).std().item() == pytest.approx(0.02, rel=0.1)
+        assert getattr(wide, name).std().item() == pytest.approx(1.0, rel=0.1)
+    assert torch.equal(official_init.z_proj.weight, wide.z_proj.weight)  # the rest is untouched
+    assert MaskGenConfig().pos_init_std == 0.02 and PRESETS["maskgen_kl_l"].pos_init_std == 0.02
+
+
 @pytest.mark.parametrize("name", ["vq", "kl"])
 def test_prompt_only_work_runs_once_per_generate(name, vq, kl):
     # Text projections and every adaLN modulation depend only on the prompt: generate()

@@ -533,7 +533,12 @@ def _local_init(model, std=0.1, pos_scale=10.0, qk_std=0.4):
         output patch by reading the nearest latent token ("mimetic" init, Trockman &
         Kolter 2023, makes W_q W_k^T ~ identity for the same reason);
       - other weights ~ N(0, std) instead of 0.02, so an image changes the tokens, and
-        the tokens the output, by more than a rounding error at step 0.
+        the tokens the output, by more than a rounding error at step 0;
+      - with l2-normalised VQ codes, the decoder's input projection x sqrt(token_size): a
+        unit-norm code has per-channel RMS 1/sqrt(C), so this gives a code the input scale
+        of a unit-variance (KL-like) token, against the x pos_scale positions it is added
+        to. Without it the decoder first reads almost only positions, and the VQ
+        tokenizer trained far worse than the KL one of the same size (README).
     """
     c = model.config
     for m in model.modules():
@@ -550,6 +555,8 @@ def _local_init(model, std=0.1, pos_scale=10.0, qk_std=0.4):
             nn.init.normal_(qkv[:W], std=qk_std)
             qkv[W : 2 * W] = qkv[:W]
     model.latent_tokens.zero_()
+    if c.quantize_mode == "vq" and c.use_l2_norm:
+        model.decoder.decoder_embed.weight.mul_(c.token_size**0.5)
 
 
 # -----------------------------------------------------------------------------

@@ -220,3 +220,18 @@ def test_local_init_breaks_attention_symmetry():
     assert token_effect(make("local", "tiny_kl")) > 100 * token_effect(make("official", "tiny_kl"))
     with pytest.raises(ValueError, match="init must be"):
         T.TATiTok(dataclasses.replace(T.PRESETS["tiny"], init="xavier"))
+
+
+def test_local_init_scales_the_decoder_input_of_l2_codes():
+    # A unit-norm code has per-channel RMS 1/sqrt(C): with l2-normalised VQ codes the local
+    # init multiplies the decoder's input projection by sqrt(C) (the same draws otherwise),
+    # so a code enters the decoder at a KL token's scale. Without l2 codes nothing changes.
+    import dataclasses
+
+    def embed(**kw):
+        torch.manual_seed(0)
+        return T.TATiTok(dataclasses.replace(T.PRESETS["tiny"], init="local", **kw)).decoder.decoder_embed.weight
+
+    C = T.PRESETS["tiny"].token_size
+    assert torch.allclose(embed(use_l2_norm=True), C**0.5 * embed(use_l2_norm=False))
+    assert T.PRESETS["shapes"].use_l2_norm and T.PRESETS["shapes"].init == "local"  # the shipped VQ recipe uses it

@@ -458,6 +458,8 @@ def context_use(models, images, captions, aesthetic, fractions=(0.0, 0.5, 0.9), 
             out[f"masked_ce@{f:g}"] = ce[masked].mean().item()
         return out
     post = T.encode(images, return_posterior=True)
+    # The posterior sample by hand (not post.sample): the noise comes from the CPU generator,
+    # so one seed gives the same draws on every device.
     noise = torch.randn(post.mean.shape, generator=g).to(device)
     mean = post.mean * G.config.scale_factor  # (B, K, C): the regression targets
     x = (post.mean + post.std * noise) * G.config.scale_factor  # (B, K, C): what the model reads
@@ -478,8 +480,8 @@ def cmd_context(args, device):
     models = load.load_models(args.generator, args.tokenizer, device)
     samples = shapes.heldout_samples(args.n_per_category, args.seed)
     images = torch.tensor(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float().div(255).to(device)
-    # One pass over all scenes (900 at the default: small for the shapes models); the
-    # regressions need every image at once anyway.
+    # One pass over all scenes (900 at the default: small for the shapes models; --batch-size
+    # is not used); the regressions need every image at once anyway.
     res = context_use(models, images, [s.caption for s in samples], shapes.SHAPES_AESTHETIC, seed=args.sample_seed)
     return res, f"context use of {args.generator or 'checkpoints/shapes.pt'} on {len(samples)} held-out scenes"
 

@@ -71,6 +71,7 @@ class MaskGenConfig:
     token_size: int = 16  # KL: channels C per token (VQ: the tokenizer's, unused here)
     scale_factor: float = 0.7525  # KL: tokens are multiplied by this before the model
     pos_init_std: float = 0.02  # KL: init std of the position tables and the mask token (official 0.02)
+    kl_tokens: str = "sample"  # KL: train on a fresh posterior "sample" each time (official) or its "mean"
     # Conditioning: CLIP ViT-L/14 penultimate states (B, 77, text_width), pooled (B, pooled_dim).
     text_width: int = 768
     pooled_dim: int = 768
@@ -96,6 +97,8 @@ class MaskGenConfig:
             raise ValueError(f"MaskGenConfig.mode must be 'vq' or 'kl', got {self.mode!r}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.kl_tokens not in ("sample", "mean"):
+            raise ValueError(f"MaskGenConfig.kl_tokens must be 'sample' or 'mean', got {self.kl_tokens!r}")
         if self.mode == "kl" and self.aes_embed_dim % 2:
             raise ValueError(
                 f"the KL aesthetic embedding interleaves sin/cos; aes_embed_dim must be even, got {self.aes_embed_dim}"
@@ -457,7 +460,8 @@ class MaskGenKL(MaskGen):
         if tokens.shape[2] == 2 * C:
             mean, logvar = tokens.float().chunk(2, dim=-1)  # (B, K, C) each
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # the LDM Gaussian's clamp
-            x = mean + std * torch.randn_like(mean)
+            # kl_tokens="mean" drops the posterior noise: the target is the tokenizer's mean.
+            x = mean + std * torch.randn_like(mean) if c.kl_tokens == "sample" else mean
         else:
             x = tokens.float()
         x = x * c.scale_factor  # (B, K, C), the diffusion target

@@ -165,8 +165,8 @@ def main(argv=None):
         tokens, _, _ = token_batches(cfg, tokenizer, 0, 1, 0, device)(0, 0)
         mean, logvar = tokens.chunk(2, dim=-1)
         noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-        sample = mean + torch.exp(0.5 * logvar) * noise
-        mcfg.scale_factor = float(1.0 / sample.std())
+        sample = mean + torch.exp(0.5 * logvar) * noise if mcfg.kl_tokens == "sample" else mean
+        mcfg.scale_factor = float(1.0 / sample.std())  # of what the model will be trained on
     elif cfg.scale_factor > 0:
         mcfg.scale_factor = cfg.scale_factor
 

@@ -1,6 +1,7 @@
 """MaskGen on the tiny presets: shapes, losses, weight tying, generate(), torch.compile,
 initialisation. (Official-checkpoint round trips are in test_official.py.)"""
 
+import dataclasses
 import math
 import types
 
@@ -428,3 +429,27 @@ def test_sampling_numbers_are_checked(vq, kl):
     with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0, got -1.0"):
         kl.generate(t, p, knt, knp, temperature=-1.0)
     assert torch.isfinite(kl.generate(t, p, knt, knp, temperature=0.0, num_steps=2)).all()  # KL: no noise is fine
+
+
+@pytest.mark.parametrize("kl_tokens", ["sample", "mean"])
+def test_kl_tokens_picks_the_posterior_sample_or_its_mean(kl, kl_tokens):
+    # Given cat(mean, logvar), "sample" (official) trains on mean + std * noise, a fresh draw
+    # each call; "mean" trains on the mean itself, whatever the logvar.
+    model = MaskGenKL(dataclasses.replace(kl.config, kl_tokens=kl_tokens))
+    c, seen = model.config, []
+    text, pooled, _, _ = text_inputs(c)
+    mean = torch.randn(B, c.num_tokens, c.token_size)
+    logvar = torch.zeros_like(mean)  # std 1: a sample is far from the mean
+    conditions = model.token_conditions
+    model.token_conditions = lambda x, *a: seen.append(x) or conditions(x, *a)
+    for _ in range(2):
+        model(torch.cat([mean, logvar], dim=-1), text, pooled)
+    if kl_tokens == "mean":
+        assert all(torch.equal(x, mean * c.scale_factor) for x in seen)
+    else:
+        assert not torch.allclose(seen[0], mean * c.scale_factor, atol=0.1)
+        assert not torch.equal(seen[0], seen[1])  # a fresh draw each time
+        assert (seen[0] / c.scale_factor - mean).std().item() == pytest.approx(1.0, rel=0.2)
+    assert MaskGenConfig().kl_tokens == "sample" and PRESETS["maskgen_kl_l"].kl_tokens == "sample"
+    with pytest.raises(ValueError, match="kl_tokens"):
+        MaskGenConfig(kl_tokens="mode")

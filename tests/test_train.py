@@ -101,6 +101,32 @@ def test_maskgen_exact_resume(tmp_path, tok_runs):
     assert _same_optimizer(a["optimizer"], b["optimizer"])
 
 
+def test_kl_scale_factor_is_measured_on_what_the_model_trains_on(tmp_path, tok_runs, monkeypatch):
+    # A KL run on our own tokenizer scales its tokens to unit std, measured once on the first
+    # batch: posterior samples for kl_tokens="sample", the means themselves for "mean".
+    import dataclasses
+
+    import load
+    import maskgen
+    from train_config import parse_config
+
+    scales = {}
+    for kind in ("sample", "mean"):
+        preset = dataclasses.replace(maskgen.PRESETS["tiny_kl"], kl_tokens=kind)
+        monkeypatch.setitem(maskgen.PRESETS, "tiny_kl", preset)
+        run_mg(tmp_path / kind, tok_runs / "kl", "kl", "--max_steps=1", "--lr=0")
+        saved = final_ckpt(tmp_path / kind)["maskgen_config"]
+        assert saved["kl_tokens"] == kind
+        scales[kind] = saved["scale_factor"]
+    argv = ["--config=tiny_kl", f"--tokenizer={tok_runs / 'kl'}"]
+    cfg = parse_config(train_maskgen.TrainConfig, train_maskgen.PRESETS, argv, rules=train_maskgen.RULES)
+    tokenizer, _ = load.load_tokenizer(cfg.tokenizer, torch.device("cpu"))
+    tokens, _, _ = train_maskgen.token_batches(cfg, tokenizer, 0, 1, 0, torch.device("cpu"))(0, 0)
+    mean = tokens.chunk(2, dim=-1)[0]
+    assert scales["mean"] == pytest.approx(1.0 / mean.std().item(), rel=1e-5)
+    assert scales["sample"] < scales["mean"]  # the posterior noise adds to the spread
+
+
 def test_run_from_before_the_qkv_fusion(tmp_path, tok_runs):
     # A checkpoint whose MaskGen kept q/k/v as separate tensors (written before they were
     # fused): its weights load, its optimizer state cannot, and the error says what to do.

@@ -462,7 +462,8 @@ def context_use(models, images, captions, aesthetic, fractions=(0.0, 0.5, 0.9), 
     # so one seed gives the same draws on every device.
     noise = torch.randn(post.mean.shape, generator=g).to(device)
     mean = post.mean * G.config.scale_factor  # (B, K, C): the regression targets
-    x = (post.mean + post.std * noise) * G.config.scale_factor  # (B, K, C): what the model reads
+    # What the model reads, as in training: a posterior sample, or the mean (kl_tokens="mean").
+    x = (post.mean + post.std * noise) * G.config.scale_factor if G.config.kl_tokens == "sample" else mean
     txt, cond = G.encode_condition(feats.penultimate, feats.pooled, aes)
     even = (torch.arange(B, device=device) % 2 == 0)[:, None]  # (B, 1): fit on even, score on odd
     for f in fractions:

@@ -175,6 +175,35 @@ def test_reconstruction_pipeline_tiny_tokenizer(preset):
 # ---------------------------------------------------------------------------- shapes world
 
 
+@pytest.mark.parametrize("kl_tokens", ["sample", "mean"])
+def test_context_use_feeds_kl_tokens_as_the_generator_was_trained(kl_tokens):
+    # The KL probe regresses onto the hidden tokens' posterior means from the conditions z;
+    # the visible tokens it feeds must be what training fed: a posterior sample, or the mean.
+    import dataclasses
+
+    import load
+    import maskgen as M
+    import tokenizer as tk
+    from text import TEXT_PRESETS, TextEncoder
+
+    torch.manual_seed(0)
+    tok = tk.TATiTok(tk.PRESETS["tiny_kl"]).eval()
+    text = TextEncoder.from_config(**TEXT_PRESETS["tiny"])
+    cfg = dataclasses.replace(M.PRESETS["tiny_kl"], kl_tokens=kl_tokens)
+    gen = M.MaskGen(cfg).eval()
+    seen = []
+    conditions = gen.token_conditions
+    gen.token_conditions = lambda x, *a: seen.append(x) or conditions(x, *a)
+    models = load.Models(gen, tok, text, text, "gen", "tok")
+    images, captions = torch.rand(6, 3, 32, 32), ["a red circle"] * 6
+    res = E.context_use(models, images, captions, 6.5, fractions=(0.0, 0.5))
+    assert set(res) == {"r2_from_z@0", "r2_from_z@0.5"} and all(math.isfinite(v) for v in res.values())
+    mean = tok.encode(images, return_posterior=True).mean * cfg.scale_factor
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])  # the same tokens at every fraction
+    assert torch.allclose(seen[0], mean) == (kl_tokens == "mean")
+
+
+
 def test_shapes_cli_ground_truth_and_folder(tmp_path):
     from PIL import Image
 

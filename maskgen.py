@@ -567,7 +567,7 @@ PRESETS = {
     ),
     # The shapes world: 32 tokens from tokenizer.PRESETS["shapes"/"shapes_kl"] and the
     # 64-wide "shapes" text tower; four 192-wide blocks (~5M parameters; see train_maskgen's
-    # presets for the run lengths). VQ sampling, on checkpoints/shapes.pt (100 prompts/category):
+    # presets for the run lengths). VQ sampling, on an earlier shapes.pt (100 prompts/category):
     # guidance 2-3 (cosine or linear) with Gumbel 1 are within noise; guidance 6, or Gumbel 0
     # or 2, lose 0.1-0.3 per category; 32 steps are no better at twice the time.
     "shapes_vq": MaskGenConfig(

@@ -275,16 +275,16 @@ _TINY = dict(batch_size=8, max_steps=20, warmup_steps=2, lr=1e-3, dtype="fp32", 
              sample_every=20, ckpt_every=10, num_workers=0)  # fmt: skip
 PRESETS["tiny_vq"] = TrainConfig(maskgen="tiny_vq", out_dir="runs/tiny_maskgen_vq", **_TINY)
 PRESETS["tiny_kl"] = TrainConfig(maskgen="tiny_kl", out_dir="runs/tiny_maskgen_kl", schedule="constant", **_TINY)
-# The shapes world on 2 CPU cores, on top of train_tokenizer.py --config=shapes(_kl). VQ: 5000
-# steps, 25 min on an earlier machine, ~46 min on the current one (115 img/s): see README.
-_SHAPES = dict(batch_size=64, max_steps=5000, warmup_steps=300, lr=1e-3, end_lr=1e-5, schedule="cosine",
+# The shapes world on 2 CPU cores, on top of train_tokenizer.py --config=shapes(_kl). The run
+# lengths keep each pipeline, tokenizer then MaskGen, within an hour on this project's 2-core
+# machine. VQ: 2800 steps took 30 min 50 s after the tokenizer's 27 min 40 s (README).
+_SHAPES = dict(batch_size=64, max_steps=2800, warmup_steps=300, lr=1e-3, end_lr=1e-5, schedule="cosine",
                beta2=0.96, weight_decay=0.03, ema_decay=0.998, dtype="fp32", compile=False, log_every=100,
                sample_every=1000, ckpt_every=500, num_workers=0)  # fmt: skip
 PRESETS["shapes_vq"] = TrainConfig(
     maskgen="shapes_vq", tokenizer="runs/shapes_tokenizer", out_dir="runs/shapes_maskgen_vq", **_SHAPES)  # fmt: skip
 # KL: a step costs ~1.5x a VQ step (DiffLoss on 2 noise levels per token: 0.80 vs 0.52
-# GFLOP per sample), so the run is shorter, to keep tokenizer + MaskGen within an hour on
-# 2 CPU cores: 1800 steps took 28 min 36 s (tokenizer 24 min 02 s).
+# GFLOP per sample), so the run is shorter: 1800 steps took 26 min 28 s (tokenizer 24 min 02 s).
 PRESETS["shapes_kl"] = TrainConfig(
     maskgen="shapes_kl", tokenizer="runs/shapes_tokenizer_kl", out_dir="runs/shapes_maskgen_kl",
     **{**_SHAPES, "max_steps": 1800, "warmup_steps": 150, "sample_every": 600, "ckpt_every": 300})  # fmt: skip

@@ -448,8 +448,8 @@ class MaskGenKL(MaskGen):
 
     def forward(self, tokens, text, pooled, aesthetic=None):
         """Training loss. tokens: (B, K, 2C) posterior parameters cat(mean, logvar), as
-        TATiTok.encode(..., return_posterior=True) gives them; a sample is drawn here.
-        (B, K, C) is taken as the tokens themselves (e.g. posterior means)."""
+        TATiTok.encode(..., return_posterior=True) gives them; a sample is drawn here (or
+        the mean is taken, kl_tokens="mean"). (B, K, C) is taken as the tokens themselves."""
         c = self.config
         B, K, C = tokens.shape[0], c.num_tokens, c.token_size
         if tokens.dim() != 3 or tokens.shape[1] != K or tokens.shape[2] not in (C, 2 * C):

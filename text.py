@@ -5,16 +5,22 @@ Paper: "Democratizing Text-to-Image Masked Generative Models with Compact
 Text-Aware One-Dimensional Tokens" (Kim et al., arXiv 2501.07730), §3.2 (TA-TiTok's
 decoder reads the caption's CLIP embedding, Eq. 3) and §4.2 (MaskGen is conditioned on
 CLIP's penultimate states and its pooled embedding). Both use OpenAI's CLIP ViT-L/14 at
-336 px through open_clip; the small presets use a randomly initialised tower instead.
+336 px through open_clip; the small presets (tests, the shapes world) use a randomly
+initialised tower of the same design, written here (TextTower).
 
     text = TextEncoder()(["a photo of a cat"])   # TextFeatures: .final / .penultimate / .pooled
     enc = build_text_encoder(name, pretrained, state)   # the encoder a checkpoint was trained with
 """
 
+import importlib.util
+import os
+from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
 
 class TextFeatures(NamedTuple):
     final: torch.Tensor  # (B, L, W) last block + ln_final: the TA-TiTok decoder's input
@@ -22,11 +28,104 @@ class TextFeatures(NamedTuple):
     pooled: torch.Tensor  # (B, E) ln_final(last)[EOT] @ text_projection: MaskGen's pooled condition
 
 
-class TextEncoder(nn.Module):
-    """A frozen open_clip text tower that returns the three features the system uses.
+# ---------------------------------------------------------------------------------------
+# Small random towers, written here rather than built by open_clip: `import open_clip`
+# pulls in timm and torchvision (~1.5-3 s on a laptop CPU), which is most of the shapes
+# quickstart's time. Parameter names, shapes, init and maths are open_clip's TextTransformer
+# (GELU, pre-LN, causal mask, packed q/k/v projection), so a tower's weights load into
+# either and tests/test_text.py checks the two agree, weights and outputs.
 
-    TextEncoder()                       -> ViT-L-14-336 with OpenAI weights (downloads once)
-    TextEncoder.from_config(cfg, dim)   -> a randomly initialised tower (tests, shapes world)
+
+def clip_tokenizer(context_length):
+    """CLIP's BPE tokenizer (open_clip's SimpleTokenizer) without importing open_clip:
+    its tokenizer module is self-contained, so we load that one file (and its vocabulary)
+    from the installed package. Falls back to the package import if the file moves."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        raise ImportError("the CLIP tokenizer comes from open_clip_torch: pip install -r requirements.txt")
+    try:
+        path = os.path.join(spec.submodule_search_locations[0], "tokenizer.py")
+        file_spec = importlib.util.spec_from_file_location("_open_clip_tokenizer", path)
+        module = importlib.util.module_from_spec(file_spec)
+        file_spec.loader.exec_module(module)
+        SimpleTokenizer = module.SimpleTokenizer
+    except Exception:  # another open_clip layout: the slow but certain way
+        from open_clip.tokenizer import SimpleTokenizer
+    return SimpleTokenizer(context_length=context_length)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameter names (one packed
+    in_proj for q, k, v) and its init, drawn in the same order from the RNG."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x, attn_mask):
+        B, L, W = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3W)
+        q, k, v = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # each (B, H, L, W/H)
+        mask = attn_mask.to(q.dtype) if attn_mask is not None else None  # autocast: match q's dtype
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, W/H)
+        return self.out_proj(y.transpose(1, 2).reshape(B, L, W))  # (B, L, W)
+
+
+class TextBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width, heads, mlp_ratio=4.0):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = CausalSelfAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, hidden), gelu=nn.GELU(), c_proj=nn.Linear(hidden, width)))
+
+    def forward(self, x, attn_mask=None):  # (B, L, W) -> (B, L, W)
+        x = x + self.attn(self.ln_1(x), attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class TextTower(nn.Module):
+    """A randomly initialised CLIP text tower: CLIP's 49408-word vocabulary, `layers`
+    blocks, and a (width, embed_dim) projection of the end-of-text state."""
+
+    def __init__(self, context_length, width, heads, layers, embed_dim, vocab_size=49408, mlp_ratio=4.0):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.transformer = nn.Module()  # a container, so the weight names match open_clip's
+        self.transformer.resblocks = nn.ModuleList(TextBlock(width, heads, mlp_ratio) for _ in range(layers))
+        self.transformer.batch_first = True
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
+        # Additive causal mask: token i sees tokens <= i.
+        self.register_buffer("attn_mask", torch.full((context_length, context_length), float("-inf")).triu(1), persistent=False)
+        self.context_length = context_length
+        # open_clip's init: small embeddings, residual projections scaled by depth.
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        attn_std, fc_std = width**-0.5, (2 * width) ** -0.5
+        proj_std = width**-0.5 * (2 * layers) ** -0.5
+        for blk in self.transformer.resblocks:
+            nn.init.normal_(blk.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(blk.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(blk.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(blk.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=width**-0.5)
+
+
+class TextEncoder(nn.Module):
+    """A frozen CLIP text tower that returns the three features the system uses.
+
+    TextEncoder()                       -> open_clip's ViT-L-14-336, OpenAI weights (downloads once)
+    TextEncoder.from_config(cfg, dim)   -> a randomly initialised TextTower (tests, shapes world)
 
     We run the blocks ourselves instead of calling encode_text(), because MaskGen
     needs the states before the last block and encode_text() only returns the end.
@@ -34,15 +133,15 @@ class TextEncoder(nn.Module):
 
     def __init__(self, model_name="ViT-L-14-336", pretrained="openai", *, _tower=None, _tokenizer=None):
         super().__init__()
-        import open_clip  # imported here so `import text` stays light and silent
-
         if _tower is None:
+            import open_clip  # imported only here: it is slow to import (timm, torchvision)
+
             # OpenAI's CLIP weights were trained with QuickGELU; recent open_clip
             # builds nn.GELU for this name unless told otherwise.
             model = open_clip.create_model(model_name, pretrained=pretrained, force_quick_gelu=True)
             _tower, _tokenizer = model, open_clip.get_tokenizer(model_name)
             del model.visual  # the image tower is never used: free ~300M parameters
-        # The same attribute names exist on open_clip's CLIP and on its TextTransformer.
+        # The same attribute names exist on open_clip's CLIP, its TextTransformer and TextTower.
         self.token_embedding = _tower.token_embedding
         self.positional_embedding = _tower.positional_embedding
         self.transformer = _tower.transformer
@@ -59,13 +158,13 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def from_config(cls, text_cfg, embed_dim):
-        """A randomly initialised tower from an open_clip CLIPTextCfg-style dict."""
-        import open_clip
-        from open_clip.model import CLIPTextCfg, _build_text_tower
-
-        tower = _build_text_tower(embed_dim, CLIPTextCfg(**text_cfg))
-        tok = open_clip.tokenizer.SimpleTokenizer(context_length=tower.context_length)
-        return cls(_tower=tower, _tokenizer=tok)
+        """A randomly initialised TextTower; text_cfg holds its context_length, width, heads
+        and layers (open_clip CLIPTextCfg names; a TEXT_PRESETS entry)."""
+        known = {"context_length", "width", "heads", "layers", "vocab_size", "mlp_ratio"}
+        if set(text_cfg) - known:
+            raise ValueError(f"text tower config has unknown fields {sorted(set(text_cfg) - known)}; known: {sorted(known)}")
+        tower = TextTower(**text_cfg, embed_dim=embed_dim)
+        return cls(_tower=tower, _tokenizer=clip_tokenizer(tower.context_length))
 
     def train(self, mode=True):  # always frozen: ignore .train() from a parent module
         return super().train(False)

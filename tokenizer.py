@@ -214,8 +214,9 @@ class VectorQuantizer(nn.Module):
         ids = ids.view(z.shape[:-1])  # (B, K)
         return zq, dict(quantizer_loss=commitment + codebook, commitment_loss=commitment, codebook_loss=codebook, ids=ids)
 
-    # Eager, outside any compiled graph: plain tensors kept on the module between calls.
-    @torch.compiler.disable
+    # Bookkeeping in plain tensors kept on the module between calls: a trainer that compiles
+    # the tokenizer wraps it in torch.compiler.disable first, so it stays eager. (Not a
+    # decorator here: that imports torch._dynamo, ~2 s that loading a model to sample skips.)
     @torch.no_grad()
     def _collect(self, ids, d, raw):
         """Add one micro-batch to the step's statistics: how often each code was picked,

@@ -566,25 +566,29 @@ PRESETS = {
         guidance_scale=3.0, guidance_schedule="linear", temperature=1.0,
     ),
     # The shapes world: 32 tokens from tokenizer.PRESETS["shapes"/"shapes_kl"] and the
-    # 64-wide "shapes" text tower; four 192-wide blocks (~5M parameters; see train_maskgen's
-    # presets for the run lengths). VQ sampling, on an earlier shapes.pt (100 prompts/category):
+    # 64-wide "shapes" text tower (see train_maskgen's presets for the run lengths). VQ: four
+    # 192-wide blocks (5.0M parameters). Sampling, on an earlier shapes.pt (100 prompts/category):
     # guidance 2-3 (cosine or linear) with Gumbel 1 are within noise; guidance 6, or Gumbel 0
     # or 2, lose 0.1-0.3 per category; 32 steps are no better at twice the time.
     "shapes_vq": MaskGenConfig(
         mode="vq", width=192, depth=4, heads=4, num_tokens=32, codebook_size=512, num_class_rows=0, token_size=16,
         text_width=64, pooled_dim=64, aes_embed_dim=32, num_steps=16, guidance_scale=3.0, randomize_temperature=1.0,
     ),
-    # KL: DiffLoss on 2 noise levels per token (not 4) to cut the step cost, and x0 clipped
-    # at sampling (diffloss_clip_x0: unclipped, the briefly trained DiffLoss drew blanks).
+    # KL: six 128-wide blocks (4.1M parameters with DiffLoss): 0.64 GFLOP per training
+    # sample against 0.80 for four of 192, so more steps fit in the hour (2400 vs 1800:
+    # 0.60 / 0.22 / 0.02 vs 0.39 / 0.13 / 0.02, README). DiffLoss on 2 noise levels per
+    # token (not 4) to cut the step cost, and x0 clipped at sampling (diffloss_clip_x0:
+    # unclipped, the briefly trained DiffLoss drew blanks).
     # pos_init_std 1.0, not 0.02: a visible token enters as LayerNorm(z_proj(token)), ~1 per
     # element, so a 0.02 position table hides which of the 32 positions it came from, and a
     # 1D token means nothing without its index. After 1800 steps at 0.02 a ridge from the
     # conditions z recovered R2 0.17 of a masked token's mean with half the tokens visible,
     # 0.61 at 1.0 (`python evaluate.py context`, README).
-    # Sampling (100 prompts/category): temperature 0.5 scored 0.40 / 0.19 / 0.03, 1.0 scored
-    # 0.24 / 0.12 / 0.00; guidance 3 or 32 steps were within noise of guidance 2, 16 steps.
+    # Sampling (the 192x4 model, 100 prompts/category): temperature 0.5 scored 0.40 / 0.19 /
+    # 0.03, 1.0 scored 0.24 / 0.12 / 0.00; guidance 3 or 32 steps were within noise of
+    # guidance 2, 16 steps.
     "shapes_kl": MaskGenConfig(
-        mode="kl", width=192, depth=4, heads=4, num_tokens=32, token_size=8, text_width=64, pooled_dim=64,
+        mode="kl", width=128, depth=6, heads=4, num_tokens=32, token_size=8, text_width=64, pooled_dim=64,
         aes_embed_dim=32, pos_init_std=1.0, diffloss_depth=3, diffloss_width=192, diffusion_batch_mul=2,
         num_sampling_steps="50", diffloss_clip_x0=3.0, num_steps=16, guidance_scale=2.0, guidance_schedule="linear",
         temperature=0.5,

@@ -28,12 +28,13 @@ class TextFeatures(NamedTuple):
     pooled: torch.Tensor  # (B, E) ln_final(last)[EOT] @ text_projection: MaskGen's pooled condition
 
 
-# ---------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Small random towers, written here rather than built by open_clip: `import open_clip`
-# pulls in timm and torchvision (~1.5-3 s on a laptop CPU), which is most of the shapes
-# quickstart's time. Parameter names, shapes, init and maths are open_clip's TextTransformer
-# (GELU, pre-LN, causal mask, packed q/k/v projection), so a tower's weights load into
-# either and tests/test_text.py checks the two agree, weights and outputs.
+# pulls in timm, torchvision and torch._dynamo (~5 s on this project's 2-core machine,
+# against ~3 s for torch itself), which was most of the shapes quickstart's time.
+# Parameter names, shapes, init and maths are open_clip's TextTransformer (GELU,
+# pre-LN, causal mask, packed q/k/v projection), so a tower's weights load into either,
+# and tests/test_text.py checks that the two agree, weights and outputs.
 
 
 def clip_tokenizer(context_length):
@@ -85,7 +86,9 @@ class TextBlock(nn.Module):
         self.attn = CausalSelfAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, hidden), gelu=nn.GELU(), c_proj=nn.Linear(hidden, width)))
+        self.mlp = nn.Sequential(
+            OrderedDict(c_fc=nn.Linear(width, hidden), gelu=nn.GELU(), c_proj=nn.Linear(hidden, width))
+        )
 
     def forward(self, x, attn_mask=None):  # (B, L, W) -> (B, L, W)
         x = x + self.attn(self.ln_1(x), attn_mask)
@@ -106,7 +109,8 @@ class TextTower(nn.Module):
         self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
         # Additive causal mask: token i sees tokens <= i.
-        self.register_buffer("attn_mask", torch.full((context_length, context_length), float("-inf")).triu(1), persistent=False)
+        mask = torch.full((context_length, context_length), float("-inf")).triu(1)  # (L, L)
+        self.register_buffer("attn_mask", mask, persistent=False)
         self.context_length = context_length
         # open_clip's init: small embeddings, residual projections scaled by depth.
         nn.init.normal_(self.token_embedding.weight, std=0.02)
@@ -162,7 +166,8 @@ class TextEncoder(nn.Module):
         and layers (open_clip CLIPTextCfg names; a TEXT_PRESETS entry)."""
         known = {"context_length", "width", "heads", "layers", "vocab_size", "mlp_ratio"}
         if set(text_cfg) - known:
-            raise ValueError(f"text tower config has unknown fields {sorted(set(text_cfg) - known)}; known: {sorted(known)}")
+            unknown = sorted(set(text_cfg) - known)
+            raise ValueError(f"text tower config has unknown fields {unknown}; known: {sorted(known)}")
         tower = TextTower(**text_cfg, embed_dim=embed_dim)
         return cls(_tower=tower, _tokenizer=clip_tokenizer(tower.context_length))
 

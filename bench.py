@@ -152,9 +152,7 @@ def rows(p, device, dtype, compile_, args):
         loss_fn = losses.TokenizerLoss(lcfg).to(device)
         opt_g = torch.optim.AdamW(tok.parameters(), lr=1e-5, fused=device.type == "cuda")
         opt_d = torch.optim.AdamW(loss_fn.discriminator.parameters(), lr=1e-5, fused=device.type == "cuda")
-        if compile_ and tok.config.quantize_mode == "vq" and tok.quantize.clustering_vq:
-            tok.quantize._collect = torch.compiler.disable(tok.quantize._collect)  # eager, as in training
-        fwd_tok = torch.compile(tok) if compile_ else tok
+        fwd_tok = torch.compile(tok.before_compile()) if compile_ else tok
 
         def tokenizer_step():
             recon, extras = fwd_tok(images, tok_text)

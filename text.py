@@ -12,6 +12,7 @@ initialised tower of the same design, written here (TextTower).
     enc = build_text_encoder(name, pretrained, state)   # the encoder a checkpoint was trained with
 """
 
+import functools
 import importlib.util
 import os
 from collections import OrderedDict
@@ -37,10 +38,8 @@ class TextFeatures(NamedTuple):
 # and tests/test_text.py checks that the two agree, weights and outputs.
 
 
-def clip_tokenizer(context_length):
-    """CLIP's BPE tokenizer (open_clip's SimpleTokenizer) without importing open_clip:
-    its tokenizer module is self-contained, so we load that one file (and its vocabulary)
-    from the installed package. Falls back to the package import if the file moves."""
+@functools.lru_cache(maxsize=None)  # the file is executed once per process
+def _simple_tokenizer_class():
     spec = importlib.util.find_spec("open_clip")
     if spec is None:
         raise ImportError("the CLIP tokenizer comes from open_clip_torch: pip install -r requirements.txt")
@@ -52,7 +51,14 @@ def clip_tokenizer(context_length):
         SimpleTokenizer = module.SimpleTokenizer
     except Exception:  # another open_clip layout: the slow but certain way
         from open_clip.tokenizer import SimpleTokenizer
-    return SimpleTokenizer(context_length=context_length)
+    return SimpleTokenizer
+
+
+def clip_tokenizer(context_length):
+    """CLIP's BPE tokenizer (open_clip's SimpleTokenizer) without importing open_clip:
+    its tokenizer module is self-contained, so we load that one file (and its vocabulary)
+    from the installed package. Falls back to the package import if the file moves."""
+    return _simple_tokenizer_class()(context_length=context_length)
 
 
 class CausalSelfAttention(nn.Module):
@@ -111,7 +117,6 @@ class TextTower(nn.Module):
         # Additive causal mask: token i sees tokens <= i.
         mask = torch.full((context_length, context_length), float("-inf")).triu(1)  # (L, L)
         self.register_buffer("attn_mask", mask, persistent=False)
-        self.context_length = context_length
         # open_clip's init: small embeddings, residual projections scaled by depth.
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
@@ -169,7 +174,7 @@ class TextEncoder(nn.Module):
             unknown = sorted(set(text_cfg) - known)
             raise ValueError(f"text tower config has unknown fields {unknown}; known: {sorted(known)}")
         tower = TextTower(**text_cfg, embed_dim=embed_dim)
-        return cls(_tower=tower, _tokenizer=clip_tokenizer(tower.context_length))
+        return cls(_tower=tower, _tokenizer=clip_tokenizer(text_cfg["context_length"]))
 
     def train(self, mode=True):  # always frozen: ignore .train() from a parent module
         return super().train(False)

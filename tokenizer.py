@@ -214,9 +214,9 @@ class VectorQuantizer(nn.Module):
         ids = ids.view(z.shape[:-1])  # (B, K)
         return zq, dict(quantizer_loss=commitment + codebook, commitment_loss=commitment, codebook_loss=codebook, ids=ids)
 
-    # Bookkeeping in plain tensors kept on the module between calls: a trainer that compiles
-    # the tokenizer wraps it in torch.compiler.disable first, so it stays eager. (Not a
-    # decorator here: that imports torch._dynamo, ~2 s that loading a model to sample skips.)
+    # Bookkeeping in plain tensors kept on the module between calls: TATiTok.before_compile
+    # wraps it in torch.compiler.disable, so it stays eager. (Not a decorator here: that
+    # imports torch._dynamo, ~2 s that loading a model to sample skips.)
     @torch.no_grad()
     def _collect(self, ids, d, raw):
         """Add one micro-batch to the step's statistics: how often each code was picked,
@@ -466,6 +466,13 @@ class TATiTok(nn.Module):
             post = DiagonalGaussian(z)
             zq, extras = post.sample(), {"posterior": post}
         return self.decoder(zq.to(z.dtype), text_hidden), extras
+
+    def before_compile(self):
+        """Call before torch.compile(model) when training: the VQ code-revival statistics
+        (VectorQuantizer._collect) stay eager, outside the compiled graph."""
+        if self.config.quantize_mode == "vq" and self.quantize.clustering_vq:
+            self.quantize._collect = torch.compiler.disable(self.quantize._collect)
+        return self
 
     def end_step(self, applied=True):
         """Called by the trainer once per optimiser step, on every rank: the VQ codebook's

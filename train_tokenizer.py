@@ -121,9 +121,7 @@ def main(argv=None):
     control = RunControl(cfg, world, log, last_ckpt=path)  # non-finite steps, SIGTERM / SIGINT
 
     # ---- compile, then wrap for DDP (compile the plain module; DDP syncs its grads)
-    if cfg.compile and model.config.quantize_mode == "vq" and model.quantize.clustering_vq:
-        model.quantize._collect = torch.compiler.disable(model.quantize._collect)  # stays eager
-    fwd_model = torch.compile(model) if cfg.compile else model
+    fwd_model = torch.compile(model.before_compile()) if cfg.compile else model
     fwd_disc = torch.compile(disc) if cfg.compile and disc is not None else disc
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None

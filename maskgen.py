@@ -576,9 +576,9 @@ PRESETS = {
     ),
     # KL: six 128-wide blocks (4.1M parameters with DiffLoss): 0.64 GFLOP per training
     # sample against 0.80 for four of 192, so more steps fit in the hour (2400 vs 1800:
-    # 0.60 / 0.22 / 0.02 vs 0.39 / 0.13 / 0.02, README). DiffLoss on 2 noise levels per
-    # token (not 4) to cut the step cost, and x0 clipped at sampling (diffloss_clip_x0:
-    # unclipped, the briefly trained DiffLoss drew blanks).
+    # 0.60 / 0.22 / 0.02 vs 0.39 / 0.13 / 0.02; the hour holds 2200, README). DiffLoss on
+    # 2 noise levels per token (not 4) to cut the step cost, and x0 clipped at sampling
+    # (diffloss_clip_x0: unclipped, the briefly trained DiffLoss drew blanks).
     # pos_init_std 1.0, not 0.02: a visible token enters as LayerNorm(z_proj(token)), ~1 per
     # element, so a 0.02 position table hides which of the 32 positions it came from, and a
     # 1D token means nothing without its index. After 1800 steps at 0.02 a ridge from the

@@ -284,11 +284,11 @@ _SHAPES = dict(batch_size=64, max_steps=2800, warmup_steps=300, lr=1e-3, end_lr=
 PRESETS["shapes_vq"] = TrainConfig(
     maskgen="shapes_vq", tokenizer="runs/shapes_tokenizer", out_dir="runs/shapes_maskgen_vq", **_SHAPES)  # fmt: skip
 # KL: a step costs ~1.2x a VQ step (its 128x6 trunk plus DiffLoss on 2 noise levels per
-# token: 0.64 vs 0.52 GFLOP per sample), so the run is shorter: 2400 steps took 36 min 53 s
-# after the tokenizer's 24 min 02 s, 55 s over the hour (README).
+# token: 0.64 vs 0.52 GFLOP per sample), so the run is shorter: 2200 steps took 30 min 39 s
+# after the tokenizer's 24 min 02 s (README); 2400 took 36 min 53 s, over the hour.
 PRESETS["shapes_kl"] = TrainConfig(
     maskgen="shapes_kl", tokenizer="runs/shapes_tokenizer_kl", out_dir="runs/shapes_maskgen_kl",
-    **{**_SHAPES, "max_steps": 2400, "warmup_steps": 150, "sample_every": 800, "ckpt_every": 400})  # fmt: skip
+    **{**_SHAPES, "max_steps": 2200, "warmup_steps": 150, "sample_every": 800, "ckpt_every": 400})  # fmt: skip
 
 if __name__ == "__main__":
     main()

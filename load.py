@@ -423,15 +423,43 @@ def load_models(generator=None, tokenizer=None, device="cpu", revision=None):
     return Models(gen_model, tok, gen_text, tok_text, gen_source, tok_source)
 
 
-def write_bundle(generator, tokenizer, out, fp32=False, overwrite=False):
+# The generate() defaults a bundle may change (`sample.py bundle --sampling K=V`): the sampling
+# settings are often tuned after training, and they change no weight.
+SAMPLING_FIELDS = ("num_steps", "guidance_scale", "guidance_schedule", "randomize_temperature", "temperature")
+
+
+def sampling_overrides(pairs, config):
+    """["guidance_scale=2", ...] -> {field: value}, typed like MaskGenConfig's fields and
+    checked here, not at sampling: a number as generate() checks it, a schedule by building
+    the config it changes ("temperature=none" restores VQ's annealed default)."""
+    out = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or key not in SAMPLING_FIELDS:
+            raise ValueError(f"--sampling {pair!r}: give KEY=VALUE with KEY one of {', '.join(SAMPLING_FIELDS)}")
+        kind = {"num_steps": int, "guidance_schedule": str}.get(key, float)
+        try:
+            out[key] = None if key == "temperature" and value == "none" else kind(value)
+        except ValueError:
+            raise ValueError(f"--sampling {pair!r}: {value!r} is not a{'n int' if kind is int else ' number'}") from None
+    for key, value in out.items():
+        if key != "guidance_schedule":
+            M.check_number(key, value, positive=key == "num_steps")
+    M.MaskGenConfig(**{**config, **out})  # its own checks (e.g. a schedule this mode lacks)
+    return out
+
+
+def write_bundle(generator, tokenizer, out, fp32=False, overwrite=False, sampling=None):
     """One self-contained file with our generator's and its tokenizer's EMA weights, configs
     and small text tower (how checkpoints/shapes.pt is made). Weights are stored in fp16
-    unless fp32; they are loaded back into fp32 models. An existing `out` is replaced only
-    with overwrite; the file appears whole or not at all."""
+    unless fp32; they are loaded back into fp32 models. sampling: ["KEY=VALUE", ...] new
+    generate() defaults (SAMPLING_FIELDS) for the bundle's generator config. An existing
+    `out` is replaced only with overwrite; the file appears whole or not at all."""
     check_out_file(out, overwrite)  # before any work
     gen, src = _resolve_pair(generator, tokenizer)
     if gen.kind != "ckpt" or src.kind != "ckpt":
         raise ValueError("bundle packs our own runs; official releases are already self-contained directories")
+    gen_config = {**gen.ckpt["maskgen_config"], **sampling_overrides(sampling, gen.ckpt["maskgen_config"])}
 
     def small(sd):
         return {k: v.half() if v.is_floating_point() and not fp32 else v for k, v in sd.items()}
@@ -440,7 +468,7 @@ def write_bundle(generator, tokenizer, out, fp32=False, overwrite=False):
     bundle = {
         "tokenizer": {"tokenizer_config": tok["tokenizer_config"], "ema": small(_weights(tok, src.where)[0]),
                       "config": tok["config"], "text_encoder": small(tok["text_encoder"]) if tok.get("text_encoder") else None},
-        "generator": {"maskgen_config": gen_ck["maskgen_config"], "ema": small(_weights(gen_ck, gen.where)[0]),
+        "generator": {"maskgen_config": gen_config, "ema": small(_weights(gen_ck, gen.where)[0]),
                       "config": gen_ck["config"]},
     }  # fmt: skip
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -567,16 +567,20 @@ PRESETS = {
     ),
     # The shapes world: 32 tokens from tokenizer.PRESETS["shapes"/"shapes_kl"] and the
     # 64-wide "shapes" text tower (see train_maskgen's presets for the run lengths). VQ: four
-    # 192-wide blocks (5.0M parameters). Sampling, on an earlier shapes.pt (100 prompts/category):
-    # guidance 2-3 (cosine or linear) with Gumbel 1 are within noise; guidance 6, or Gumbel 0
-    # or 2, lose 0.1-0.3 per category; 32 steps are no better at twice the time.
+    # 128-wide blocks (2.3M parameters, 0.24 GFLOP per training sample): in a fixed hour the
+    # samples seen count for more than width (5200 steps of 128x4 scored 0.88 / 0.63 / 0.70,
+    # 2800 of 192x4 0.89 / 0.49 / 0.53, both at guidance 3, README). Guidance 2 (that 128x4
+    # model, 300 prompts/category: 0.90 / 0.68 / 0.75; 1.5: 0.91 / 0.65 / 0.73; 2.5: 0.91 /
+    # 0.66 / 0.75). On an earlier 192x4 model (100 prompts/category) Gumbel 0 or 2 instead of
+    # 1 lost 0.1-0.3 per category, and 32 steps were no better at twice the time.
     "shapes_vq": MaskGenConfig(
-        mode="vq", width=192, depth=4, heads=4, num_tokens=32, codebook_size=512, num_class_rows=0, token_size=16,
-        text_width=64, pooled_dim=64, aes_embed_dim=32, num_steps=16, guidance_scale=3.0, randomize_temperature=1.0,
+        mode="vq", width=128, depth=4, heads=4, num_tokens=32, codebook_size=512, num_class_rows=0, token_size=16,
+        text_width=64, pooled_dim=64, aes_embed_dim=32, num_steps=16, guidance_scale=2.0, randomize_temperature=1.0,
     ),
-    # KL: six 128-wide blocks (4.1M parameters with DiffLoss): 0.64 GFLOP per training
-    # sample against 0.80 for four of 192, so more steps fit in the hour (2400 vs 1800:
-    # 0.60 / 0.22 / 0.02 vs 0.39 / 0.13 / 0.02; the hour holds 2200, README). DiffLoss on
+    # KL: four 128-wide blocks (3.0M parameters with DiffLoss, 0.51 GFLOP per training
+    # sample): as for VQ, a cheaper trunk that sees more samples wins (2700 steps of 128x4:
+    # 0.58 / 0.27 / 0.04; 2200 of 128x6, 0.64 GFLOP: 0.52 / 0.18 / 0.01; 1800 of 192x4,
+    # 0.80 GFLOP: 0.39 / 0.13 / 0.02; each about the same time, README). DiffLoss on
     # 2 noise levels per token (not 4) to cut the step cost, and x0 clipped at sampling
     # (diffloss_clip_x0: unclipped, the briefly trained DiffLoss drew blanks).
     # pos_init_std 1.0, not 0.02: a visible token enters as LayerNorm(z_proj(token)), ~1 per
@@ -584,13 +588,14 @@ PRESETS = {
     # 1D token means nothing without its index. After 1800 steps at 0.02 a ridge from the
     # conditions z recovered R2 0.17 of a masked token's mean with half the tokens visible,
     # 0.61 at 1.0 (`python evaluate.py context`, README).
-    # Sampling (the 192x4 model, 100 prompts/category): temperature 0.5 scored 0.40 / 0.19 /
-    # 0.03, 1.0 scored 0.24 / 0.12 / 0.00; guidance 3 or 32 steps were within noise of
-    # guidance 2, 16 steps.
+    # Sampling: temperature 0.5 (an earlier 192x4 model, 100 prompts/category: 0.40 / 0.19 /
+    # 0.03 against 0.24 / 0.12 / 0.00 at 1.0); guidance 3 (the shipped 128x4 model, 300
+    # prompts/category: 0.65 / 0.33 / 0.02 against 0.55 / 0.26 / 0.01 at 2; 4 and 5 within
+    # noise of 3).
     "shapes_kl": MaskGenConfig(
-        mode="kl", width=128, depth=6, heads=4, num_tokens=32, token_size=8, text_width=64, pooled_dim=64,
+        mode="kl", width=128, depth=4, heads=4, num_tokens=32, token_size=8, text_width=64, pooled_dim=64,
         aes_embed_dim=32, pos_init_std=1.0, diffloss_depth=3, diffloss_width=192, diffusion_batch_mul=2,
-        num_sampling_steps="50", diffloss_clip_x0=3.0, num_steps=16, guidance_scale=2.0, guidance_schedule="linear",
+        num_sampling_steps="50", diffloss_clip_x0=3.0, num_steps=16, guidance_scale=3.0, guidance_schedule="linear",
         temperature=0.5,
     ),
 }

@@ -551,8 +551,10 @@ def bundle_main(argv):
     p.add_argument("--out", required=True, help="the file to write (not a directory)")
     p.add_argument("--fp32", action="store_true", help="keep fp32 weights (twice the size)")
     p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists (checkpoints/shapes.pt included)")
+    p.add_argument("--sampling", nargs="+", metavar="KEY=VALUE",
+                   help=f"new sampling defaults for the bundle, KEY one of {', '.join(load.SAMPLING_FIELDS)}")
     args = p.parse_args(argv)
-    return load.write_bundle(args.generator, args.tokenizer, args.out, args.fp32, args.overwrite)
+    return load.write_bundle(args.generator, args.tokenizer, args.out, args.fp32, args.overwrite, args.sampling)
 
 
 def export_main(argv):

@@ -382,3 +382,24 @@ def test_bad_release_files_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"model.safetensors is not a readable safetensors file \(.*header.*\); "
                                          r"it is damaged or incomplete"):  # fmt: skip
         T.TATiTok.from_official(path)
+
+
+def test_bundle_sampling_defaults(ckpts, tmp_path):
+    # --sampling replaces generate() defaults in the bundle's generator config, nothing else;
+    # the loaded model samples with them.
+    out = S.main(["bundle", "--generator", ckpts["gen"], "--out", str(tmp_path / "b.pt"),
+                  "--sampling", "guidance_scale=2", "num_steps=3", "guidance_schedule=linear"])  # fmt: skip
+    before = torch.load(os.path.join(ckpts["gen"], "ckpt_00000020.pt"), weights_only=True)["maskgen_config"]
+    cfg = torch.load(out, weights_only=True)["generator"]["maskgen_config"]
+    assert (cfg["guidance_scale"], cfg["num_steps"], cfg["guidance_schedule"]) == (2.0, 3, "linear")
+    assert before["guidance_scale"] != 2.0 and before["num_steps"] != 3
+    assert {k: v for k, v in cfg.items() if k not in LD.SAMPLING_FIELDS} == {
+        k: v for k, v in before.items() if k not in LD.SAMPLING_FIELDS}
+    assert LD.load_models(out, None, "cpu").generator.config.guidance_scale == 2.0
+    # Bad values fail before anything is written, naming the key and the fix.
+    for bad, msg in [("guidance=2", "KEY one of num_steps"), ("num_steps=2.5", "'2.5' is not an int"),
+                     ("guidance_scale=-1", "guidance_scale must be a finite number"),
+                     ("guidance_schedule=zigzag", "zigzag")]:  # fmt: skip
+        with pytest.raises(ValueError, match=msg):
+            S.main(["bundle", "--generator", ckpts["gen"], "--out", str(tmp_path / "bad.pt"), "--sampling", bad])
+        assert not os.path.exists(tmp_path / "bad.pt")

@@ -19,7 +19,8 @@ by GenEval, a compositional (object / count / colour / position) benchmark. Here
   * `context`: does a MaskGen read the tokens already drawn? On shapes-world scenes,
     VQ: the masked tokens' cross-entropy with 0 / 50 / 90% of the tokens visible; KL: how
     much of a masked token's posterior mean a ridge regression recovers (R^2) from the
-    model's per-token conditions, at the same fractions.
+    model's per-token conditions, at the same fractions; and both: the detector's score
+    when the hidden 50 / 25 / 10% of a scene's tokens are filled in one step.
 
 CLI (each writes <out>.json and a readable table <out>.txt; default out/eval/<cmd>):
     python evaluate.py recon  --tokenizer DIR_OR_RUN --data IMAGENET_VAL_DIR --class-names classes.txt
@@ -474,6 +475,46 @@ def context_use(models, images, captions, aesthetic, fractions=(0.0, 0.5, 0.9), 
     return out
 
 
+@torch.no_grad()
+def inpaint_use(models, images, captions, aesthetic, fractions=(0.5, 0.75, 0.9), seed=0):
+    """How well MaskGen fills in the rest of a real scene. All but `fraction` of each
+    scene's tokens are hidden (a random order, as in context_use) and drawn in ONE step
+    from the true visible ones, without guidance (VQ: the most likely id; KL: one DiffLoss
+    draw at the config's temperature); the decoded scenes are scored by the shapes
+    detector: {"inpaint@f": overall score}. The context is the truth here, so this
+    measures the per-token predictions apart from the decoding schedule. Also returns the
+    decoded images, {f: (B, 3, H, W) in [0, 1]}."""
+    G, T = models.generator, models.tokenizer
+    c, device = G.config, next(G.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    feats, tok_text = models.gen_text(captions), models.tok_text(captions).final
+    aes = torch.full((len(captions),), float(aesthetic), device=device)
+    B, K = len(captions), c.num_tokens
+    rank = torch.rand(B, K, generator=g).argsort(-1).argsort(-1).to(device)  # (B, K)
+    if c.mode == "vq":
+        visible = T.encode(images)  # (B, K) ids
+    else:  # what training fed: a posterior sample (noise from the CPU generator), or the mean
+        post = T.encode(images, return_posterior=True)
+        noise = torch.randn(post.mean.shape, generator=g).to(device) if c.kl_tokens == "sample" else 0.0
+        visible = (post.mean + post.std * noise) * c.scale_factor  # (B, K, C)
+        txt, cond = G.encode_condition(feats.penultimate, feats.pooled, aes)
+    out, decoded = {}, {}
+    for f in fractions:
+        masked = rank >= round(f * K)  # (B, K) bool
+        if c.mode == "vq":
+            logits = G.logits(torch.where(masked, G.mask_id, visible), feats.penultimate, feats.pooled, aes)
+            tokens = torch.where(masked, logits.argmax(-1), visible)  # (B, K)
+        else:
+            z = G.token_conditions(visible, masked.float(), txt, cond)  # (B, K, D)
+            temperature = 1.0 if c.temperature is None else c.temperature
+            new = G.diffloss.sample(z[masked], temperature=temperature, generator=g if device.type == "cpu" else None)
+            tokens = visible.masked_scatter(masked[..., None], new.to(visible.dtype)) / c.scale_factor  # (B, K, C)
+        decoded[f] = T.decode(tokens, tok_text)
+        uint8 = list(to_uint8(decoded[f]).permute(0, 2, 3, 1).cpu().numpy())
+        out[f"inpaint@{f:g}"] = shapes.shapes_score(uint8, captions)["overall"]
+    return out, decoded
+
+
 def cmd_context(args, device):
     if args.n_per_category < 2:
         raise ValueError(f"--n-per-category must be at least 2 (half the scenes fit, half score), "
@@ -483,7 +524,9 @@ def cmd_context(args, device):
     images = torch.tensor(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float().div(255).to(device)
     # One pass over all scenes (900 at the default: small for the shapes models; --batch-size
     # is not used); the regressions need every image at once anyway.
-    res = context_use(models, images, [s.caption for s in samples], shapes.SHAPES_AESTHETIC, seed=args.sample_seed)
+    captions = [s.caption for s in samples]
+    res = context_use(models, images, captions, shapes.SHAPES_AESTHETIC, seed=args.sample_seed)
+    res.update(inpaint_use(models, images, captions, shapes.SHAPES_AESTHETIC, seed=args.sample_seed)[0])
     return res, f"context use of {args.generator or 'checkpoints/shapes.pt'} on {len(samples)} held-out scenes"
 
 

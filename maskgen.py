@@ -569,10 +569,10 @@ PRESETS = {
     # 64-wide "shapes" text tower (see train_maskgen's presets for the run lengths). VQ: four
     # 128-wide blocks (2.3M parameters, 0.24 GFLOP per training sample): in a fixed hour the
     # samples seen count for more than width (5200 steps of 128x4 scored 0.88 / 0.63 / 0.70,
-    # 2800 of 192x4 0.89 / 0.49 / 0.53, both at guidance 3, README). Guidance 2 (that 128x4
-    # model, 300 prompts/category: 0.90 / 0.68 / 0.75; 1.5: 0.91 / 0.65 / 0.73; 2.5: 0.91 /
-    # 0.66 / 0.75). On an earlier 192x4 model (100 prompts/category) Gumbel 0 or 2 instead of
-    # 1 lost 0.1-0.3 per category, and 32 steps were no better at twice the time.
+    # 2800 of 192x4 0.89 / 0.49 / 0.53, both at guidance 3, README). Sampling at guidance 2
+    # (that 128x4 model, 300 prompts/category: 0.90 / 0.68 / 0.75; 1.5: 0.91 / 0.65 / 0.73;
+    # 2.5: 0.91 / 0.66 / 0.75). On an earlier 192x4 model (100 prompts/category) Gumbel 0 or 2
+    # instead of 1 lost 0.1-0.3 per category, and 32 steps were no better at twice the time.
     "shapes_vq": MaskGenConfig(
         mode="vq", width=128, depth=4, heads=4, num_tokens=32, codebook_size=512, num_class_rows=0, token_size=16,
         text_width=64, pooled_dim=64, aes_embed_dim=32, num_steps=16, guidance_scale=2.0, randomize_temperature=1.0,

@@ -599,7 +599,7 @@ PRESETS = {
     ),  # fmt: skip
     # The shapes world (shapes.ShapesWorld): 64 px, patch 8 (64 patches) -> 32 tokens, small
     # widths, the locality-biased init (without it a short run never leaves the mean
-    # image, see _local_init), l2-normalised codes. 24-28 min of training on 2 CPU cores.
+    # image, see _local_init), l2-normalised codes. 10-28 min of training on 2 CPU cores.
     "shapes": TATiTokConfig(
         image_size=64, enc_patch_size=8, dec_patch_size=8, enc_width=64, enc_depth=2, enc_heads=2,
         dec_width=64, dec_depth=2, dec_heads=2, num_latent_tokens=32, codebook_size=512, token_size=16,

@@ -375,3 +375,35 @@ def test_recon_skips_and_counts_a_file_that_is_no_image(tmp_path):
                   "--device", "cpu"])  # fmt: skip
     assert res["num_images"] == 3 and res["skipped"] == {"corrupt_image": 1}
     assert json.loads((tmp_path / "r.json").read_text())["skipped"] == {"corrupt_image": 1}
+
+
+@pytest.mark.parametrize("mode", ["vq", "kl"])
+def test_inpaint_use_fills_only_the_hidden_tokens(mode):
+    # With nothing hidden the decoded scenes are the tokenizer's own decoding of the true
+    # tokens (VQ: the ids; KL: what training fed, the scaled posterior sample, unscaled);
+    # with tokens hidden they differ, and every score is a fraction of the scenes.
+    import load
+    import maskgen as M
+    import tokenizer as tk
+    from text import TEXT_PRESETS, TextEncoder
+
+    torch.manual_seed(0)
+    tok = tk.TATiTok(tk.PRESETS["tiny" if mode == "vq" else "tiny_kl"]).eval()
+    text = TextEncoder.from_config(**TEXT_PRESETS["tiny"])
+    gen = M.MaskGen(M.preset_for(f"tiny_{mode}", tok.config, 32, 32)).eval()
+    models = load.Models(gen, tok, text, text, "gen", "tok")
+    images, captions = torch.rand(4, 3, 32, 32), ["a red circle", "two blue squares"] * 2
+    res, decoded = E.inpaint_use(models, images, captions, 6.5, fractions=(0.5, 1.0), seed=3)
+    assert set(res) == {"inpaint@0.5", "inpaint@1"} and all(0.0 <= v <= 1.0 for v in res.values())
+    with torch.no_grad():
+        if mode == "vq":
+            truth = tok.encode(images)
+        else:  # the same draw as inpaint_use's: the CPU generator's first randn after the order
+            g = torch.Generator().manual_seed(3)
+            torch.rand(4, gen.config.num_tokens, generator=g)
+            post = tok.encode(images, return_posterior=True)
+            truth = (post.mean + post.std * torch.randn(post.mean.shape, generator=g)) * gen.config.scale_factor
+            truth = truth / gen.config.scale_factor
+        ref = tok.decode(truth, text(captions).final)
+    assert torch.allclose(decoded[1.0], ref, atol=1e-5)
+    assert not torch.equal(decoded[0.5], ref)  # hidden tokens were redrawn (a random model: tiny changes)

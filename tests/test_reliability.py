@@ -247,8 +247,9 @@ def test_sigterm_under_torchrun_every_rank_saves_and_the_job_resumes(tmp_path):
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0 and out.count("received SIGTERM: finishing this step") == 2, out[-3000:]
     saved = ckpts(tmp_path)
+    assert len(saved) == 1, out[-3000:]  # (once seen to fail in CI, not reproduced: keep the output)
     step = int(saved[0][5:13])
-    assert len(saved) == 1 and f"stopped by SIGTERM at step {step}; checkpoint {tmp_path / saved[0]}" in out
+    assert f"stopped by SIGTERM at step {step}; checkpoint {tmp_path / saved[0]}" in out
     ck = torch.load(tmp_path / saved[0], weights_only=True)
     assert ck["step"] == step and len(ck["rng"]) == 2  # both ranks' states: both took part
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

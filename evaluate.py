@@ -431,6 +431,28 @@ def ridge_r2(x_train, y_train, x_test, y_test, lam=1.0):
     return (1 - err / (y_test.double() - y_train.double().mean(0)).pow(2).sum()).item()
 
 
+def hidden_token_setup(models, images, captions, aesthetic, seed):
+    """What context_use and inpaint_use share: the captions' features, the aesthetic scores
+    (B,), each image's random hiding order rank (B, K) (a token is hidden at fraction f
+    when rank >= round(f K)), the true tokens as the generator reads them (VQ: ids (B, K);
+    KL: (B, K, C), scaled, a posterior sample or the mean as in training), the KL posterior
+    (None for VQ), and the CPU generator the draws came from (for any later draws).
+    All randomness comes from that CPU generator, so one seed gives the same draws on every
+    device (hence the posterior sample by hand, not post.sample)."""
+    G, T = models.generator, models.tokenizer
+    device, c = next(G.parameters()).device, G.config
+    g = torch.Generator().manual_seed(seed)
+    feats = models.gen_text(captions)
+    aes = torch.full((len(captions),), float(aesthetic), device=device)
+    rank = torch.rand(len(captions), c.num_tokens, generator=g).argsort(-1).argsort(-1).to(device)  # (B, K)
+    if c.mode == "vq":
+        return feats, aes, rank, T.encode(images), None, g
+    post = T.encode(images, return_posterior=True)
+    noise = torch.randn(post.mean.shape, generator=g).to(device)
+    x = post.mean + post.std * noise if c.kl_tokens == "sample" else post.mean
+    return feats, aes, rank, x * c.scale_factor, post, g
+
+
 @torch.no_grad()
 def context_use(models, images, captions, aesthetic, fractions=(0.0, 0.5, 0.9), seed=0):
     """How much MaskGen's predictions for masked tokens depend on the visible ones.
@@ -442,31 +464,20 @@ def context_use(models, images, captions, aesthetic, fractions=(0.0, 0.5, 0.9), 
     fit on the even images and scored on the odd ones. A model that reads its context does
     far better (lower cross-entropy, higher R^2) with tokens visible than with none.
     """
-    G, T = models.generator, models.tokenizer
-    device = next(G.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    feats = models.gen_text(captions)
-    aes = torch.full((len(captions),), float(aesthetic), device=device)
+    G = models.generator
     B, K = len(captions), G.config.num_tokens
-    rank = torch.rand(B, K, generator=g).argsort(-1).argsort(-1).to(device)  # (B, K): place in the order
+    feats, aes, rank, x, post, _ = hidden_token_setup(models, images, captions, aesthetic, seed)
     out = {}
     if G.config.mode == "vq":
-        ids = T.encode(images)  # (B, K)
         for f in fractions:
             masked = rank >= round(f * K)  # (B, K) bool
-            logits = G.logits(torch.where(masked, G.mask_id, ids), feats.penultimate, feats.pooled, aes)
-            ce = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="none").view(B, K)
+            logits = G.logits(torch.where(masked, G.mask_id, x), feats.penultimate, feats.pooled, aes)
+            ce = F.cross_entropy(logits.float().flatten(0, 1), x.flatten(), reduction="none").view(B, K)
             out[f"masked_ce@{f:g}"] = ce[masked].mean().item()
         return out
-    post = T.encode(images, return_posterior=True)
-    # The posterior sample by hand (not post.sample): the noise comes from the CPU generator,
-    # so one seed gives the same draws on every device.
-    noise = torch.randn(post.mean.shape, generator=g).to(device)
     mean = post.mean * G.config.scale_factor  # (B, K, C): the regression targets
-    # What the model reads, as in training: a posterior sample, or the mean (kl_tokens="mean").
-    x = (post.mean + post.std * noise) * G.config.scale_factor if G.config.kl_tokens == "sample" else mean
     txt, cond = G.encode_condition(feats.penultimate, feats.pooled, aes)
-    even = (torch.arange(B, device=device) % 2 == 0)[:, None]  # (B, 1): fit on even, score on odd
+    even = (torch.arange(B, device=x.device) % 2 == 0)[:, None]  # (B, 1): fit on even, score on odd
     for f in fractions:
         masked = rank >= round(f * K)  # (B, K) bool
         z = G.token_conditions(x, masked.float(), txt, cond)  # (B, K, D)
@@ -485,19 +496,13 @@ def inpaint_use(models, images, captions, aesthetic, fractions=(0.5, 0.75, 0.9),
     measures the per-token predictions apart from the decoding schedule. Also returns the
     decoded images, {f: (B, 3, H, W) in [0, 1]}."""
     G, T = models.generator, models.tokenizer
-    c, device = G.config, next(G.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    feats, tok_text = models.gen_text(captions), models.tok_text(captions).final
-    aes = torch.full((len(captions),), float(aesthetic), device=device)
-    B, K = len(captions), c.num_tokens
-    rank = torch.rand(B, K, generator=g).argsort(-1).argsort(-1).to(device)  # (B, K)
-    if c.mode == "vq":
-        visible = T.encode(images)  # (B, K) ids
-    else:  # what training fed: a posterior sample (noise from the CPU generator), or the mean
-        post = T.encode(images, return_posterior=True)
-        noise = torch.randn(post.mean.shape, generator=g).to(device) if c.kl_tokens == "sample" else 0.0
-        visible = (post.mean + post.std * noise) * c.scale_factor  # (B, K, C)
+    c, K = G.config, G.config.num_tokens
+    feats, aes, rank, visible, _, g = hidden_token_setup(models, images, captions, aesthetic, seed)
+    tok_text = models.tok_text(captions).final
+    if c.mode == "kl":
         txt, cond = G.encode_condition(feats.penultimate, feats.pooled, aes)
+        temperature = 1.0 if c.temperature is None else c.temperature
+        draws = g if visible.device.type == "cpu" else None  # DiffLoss draws on visible's device
     out, decoded = {}, {}
     for f in fractions:
         masked = rank >= round(f * K)  # (B, K) bool
@@ -506,8 +511,7 @@ def inpaint_use(models, images, captions, aesthetic, fractions=(0.5, 0.75, 0.9),
             tokens = torch.where(masked, logits.argmax(-1), visible)  # (B, K)
         else:
             z = G.token_conditions(visible, masked.float(), txt, cond)  # (B, K, D)
-            temperature = 1.0 if c.temperature is None else c.temperature
-            new = G.diffloss.sample(z[masked], temperature=temperature, generator=g if device.type == "cpu" else None)
+            new = G.diffloss.sample(z[masked], temperature=temperature, generator=draws)  # (hidden, C)
             tokens = visible.masked_scatter(masked[..., None], new.to(visible.dtype)) / c.scale_factor  # (B, K, C)
         decoded[f] = T.decode(tokens, tok_text)
         uint8 = list(to_uint8(decoded[f]).permute(0, 2, 3, 1).cpu().numpy())

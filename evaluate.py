@@ -377,6 +377,8 @@ def cmd_gen(args, device):
 def cmd_shapes(args, device):
     if args.n_per_category < 1:
         raise ValueError(f"--n-per-category must be at least 1, got {args.n_per_category}")
+    if args.decoder_text != "caption" and not args.reconstruct:
+        raise ValueError("--decoder-text only applies to --reconstruct (the tokenizer's decoder)")
     if args.save:
         _fresh_dir(args.save)  # refuse a non-empty folder before the (long) generation, not after
     if args.images:  # a folder of already generated images with their prompts
@@ -392,7 +394,9 @@ def cmd_shapes(args, device):
         images, caps = [s.image for s in samples], [s.caption for s in samples]
         source = "ground-truth renders (detector sanity check)"
         if args.reconstruct:  # through the tokenizer: the ceiling for any generator on top of it
-            images = _reconstruct(images, caps, args.generator, args.tokenizer, device, args.batch_size)
+            # What the text-aware decoder reads: the scene's caption, the next scene's, or "".
+            text = {"caption": caps, "next": caps[1:] + caps[:1], "empty": [""] * len(caps)}[args.decoder_text]
+            images = _reconstruct(images, text, args.generator, args.tokenizer, device, args.batch_size)
             of = args.tokenizer if args.generator is None and args.tokenizer else args.generator
             source = f"ground-truth renders reconstructed by the tokenizer of {of or 'checkpoints/shapes.pt'}"
     else:  # the held-out prompts (a seed no training run uses), generated
@@ -623,6 +627,8 @@ def main(argv=None):
     p.add_argument("--ground-truth", action="store_true", help="score ground-truth renders (detector check)")
     p.add_argument("--reconstruct", action="store_true",
                    help="score ground-truth renders after a trip through the tokenizer (the generator's ceiling)")
+    p.add_argument("--decoder-text", choices=["caption", "next", "empty"], default="caption",
+                   help="--reconstruct: the decoder reads each scene's caption, the next scene's, or \"\"")
     p.add_argument("--n-per-category", type=int, default=300)
     p.add_argument("--seed", type=int, default=shapes.HELDOUT_SEED, help="held-out prompt seed (no training run uses it)")
     p.add_argument("--sample-seed", type=int, default=0, help="generation: prompt j is sampled with seed + j")

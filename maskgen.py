@@ -569,10 +569,12 @@ PRESETS = {
     # 64-wide "shapes" text tower (see train_maskgen's presets for the run lengths). VQ: four
     # 128-wide blocks (2.3M parameters, 0.24 GFLOP per training sample): in a fixed hour the
     # samples seen count for more than width (5200 steps of 128x4 scored 0.88 / 0.63 / 0.70,
-    # 2800 of 192x4 0.89 / 0.49 / 0.53, both at guidance 3, README). Sampling at guidance 2
-    # (that 128x4 model, 300 prompts/category: 0.90 / 0.68 / 0.75; 1.5: 0.91 / 0.65 / 0.73;
-    # 2.5: 0.91 / 0.66 / 0.75). On an earlier 192x4 model (100 prompts/category) Gumbel 0 or 2
-    # instead of 1 lost 0.1-0.3 per category, and 32 steps were no better at twice the time.
+    # 2800 of 192x4 0.89 / 0.49 / 0.53, both at guidance 3, README), and more of them still
+    # help (9000 steps: 0.96 / 0.69 / 0.85 at guidance 2, against 0.90 / 0.68 / 0.75 after
+    # 5200). Guidance 2 (the 9000-step model, 300 prompts/category; 1.5: 0.95 / 0.72 / 0.87,
+    # 2.5: 0.93 / 0.69 / 0.83, 3: 0.89 / 0.57 / 0.76). On the 5200-step model the Gumbel
+    # noise (0.75, 1.25), constant temperatures (0.6-1.3), 12 or 24 steps and the other
+    # guidance schedules all landed within 0.035 overall of these defaults.
     "shapes_vq": MaskGenConfig(
         mode="vq", width=128, depth=4, heads=4, num_tokens=32, codebook_size=512, num_class_rows=0, token_size=16,
         text_width=64, pooled_dim=64, aes_embed_dim=32, num_steps=16, guidance_scale=2.0, randomize_temperature=1.0,
@@ -580,7 +582,8 @@ PRESETS = {
     # KL: four 128-wide blocks (3.0M parameters with DiffLoss, 0.51 GFLOP per training
     # sample): as for VQ, a cheaper trunk that sees more samples wins (2700 steps of 128x4:
     # 0.58 / 0.27 / 0.04; 2200 of 128x6, 0.64 GFLOP: 0.52 / 0.18 / 0.01; 1800 of 192x4,
-    # 0.80 GFLOP: 0.39 / 0.13 / 0.02; each about the same time, README). DiffLoss on
+    # 0.80 GFLOP: 0.39 / 0.13 / 0.02; each about the same time, README), and twice the
+    # steps doubled the score (5400 of 128x4: 0.86 / 0.65 / 0.47 at guidance 3). DiffLoss on
     # 2 noise levels per token (not 4) to cut the step cost, and x0 clipped at sampling
     # (diffloss_clip_x0: unclipped, the briefly trained DiffLoss drew blanks).
     # pos_init_std 1.0, not 0.02: a visible token enters as LayerNorm(z_proj(token)), ~1 per
@@ -589,9 +592,9 @@ PRESETS = {
     # conditions z recovered R2 0.17 of a masked token's mean with half the tokens visible,
     # 0.61 at 1.0 (`python evaluate.py context`, README).
     # Sampling: temperature 0.5 (an earlier 192x4 model, 100 prompts/category: 0.40 / 0.19 /
-    # 0.03 against 0.24 / 0.12 / 0.00 at 1.0); guidance 3 (the shipped 128x4 model, 300
-    # prompts/category: 0.65 / 0.33 / 0.02 against 0.55 / 0.26 / 0.01 at 2; 4 and 5 within
-    # noise of 3).
+    # 0.03 against 0.24 / 0.12 / 0.00 at 1.0); guidance 3 (the 2700-step model, 300
+    # prompts/category: 0.65 / 0.33 / 0.02 against 0.55 / 0.26 / 0.01 at 2; on the 5400-step
+    # model 2: 0.83 / 0.62 / 0.45, 4: 0.88 / 0.70 / 0.49, near 3's 0.87 / 0.64 / 0.48).
     "shapes_kl": MaskGenConfig(
         mode="kl", width=128, depth=4, heads=4, num_tokens=32, token_size=8, text_width=64, pooled_dim=64,
         aes_embed_dim=32, pos_init_std=1.0, diffloss_depth=3, diffloss_width=192, diffusion_batch_mul=2,

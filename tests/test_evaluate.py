@@ -233,6 +233,8 @@ def test_shapes_cli_ground_truth_and_folder(tmp_path):
 def test_shapes_save_writes_scored_images_that_score_again(tmp_path):
     import dataclasses
 
+    from PIL import Image
+
     from test_sample import save_tokenizer_run, TOK_VQ
 
     # --reconstruct with --tokenizer alone (a tokenizer run, no generator yet), its images saved.
@@ -251,6 +253,20 @@ def test_shapes_save_writes_scored_images_that_score_again(tmp_path):
     # The saved folder, sidecar prompts included, scores the same with --images.
     again = E.main(["shapes", "--images", str(out), "--out", str(tmp_path / "a")])
     assert {c: again[c] for c in ("single", "count", "relation")} == {c: res[c] for c in ("single", "count", "relation")}
+    # --decoder-text: the decoder reads "" (or the next scene's caption) instead: other
+    # pixels, still scored against the scene's own caption; the default is the caption.
+    first, pixels = rows, {}
+    for mode in ("caption", "empty", "next"):
+        E.main(["shapes", "--reconstruct", "--tokenizer", tok, "--n-per-category", "2", "--device", "cpu",
+                "--decoder-text", mode, "--save", str(tmp_path / mode), "--out", str(tmp_path / "r")])  # fmt: skip
+        got = [json.loads(ln) for ln in (tmp_path / mode / "results.jsonl").read_text().splitlines()]
+        assert [r["prompt"] for r in got] == [r["prompt"] for r in first]
+        pixels[mode] = [np.asarray(Image.open(tmp_path / mode / r["file"])) for r in got]
+    assert all((a == np.asarray(Image.open(out / r["file"]))).all() for a, r in zip(pixels["caption"], first))
+    assert not any((a == b).all() for a, b in zip(pixels["caption"], pixels["empty"]))
+    assert not all((a == b).all() for a, b in zip(pixels["caption"], pixels["next"]))
+    with pytest.raises(ValueError, match="--decoder-text only applies to --reconstruct"):
+        E.main(["shapes", "--ground-truth", "--decoder-text", "empty", "--out", str(tmp_path / "g")])
     # Ground truth: every image passes, so every file is an _ok; a used folder is refused before any work.
     E.main(["shapes", "--ground-truth", "--n-per-category", "1", "--save", str(tmp_path / "gt"), "--out", str(tmp_path / "g")])
     assert sorted(p.name for p in (tmp_path / "gt").rglob("*.png")) == ["0000_ok.png"] * 3

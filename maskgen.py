@@ -570,9 +570,9 @@ PRESETS = {
     # 128-wide blocks (2.3M parameters, 0.24 GFLOP per training sample): in a fixed hour the
     # samples seen count for more than width (5200 steps of 128x4 scored 0.88 / 0.63 / 0.70,
     # 2800 of 192x4 0.89 / 0.49 / 0.53, both at guidance 3, README), and more of them still
-    # help (9000 steps: 0.96 / 0.69 / 0.85 at guidance 2, against 0.90 / 0.68 / 0.75 after
-    # 5200). Guidance 2 (the 9000-step model, 300 prompts/category; 1.5: 0.95 / 0.72 / 0.87,
-    # 2.5: 0.93 / 0.69 / 0.83, 3: 0.89 / 0.57 / 0.76). On the 5200-step model the Gumbel
+    # help (9000 steps: 0.96 / 0.68 / 0.85 at guidance 2, against 0.90 / 0.68 / 0.75 after
+    # 5200). Guidance 2 (the 9000-step model, 300 prompts/category; 1.5: 0.94 / 0.72 / 0.87,
+    # 2.5: 0.93 / 0.69 / 0.83, 3: 0.89 / 0.57 / 0.75). On the 5200-step model the Gumbel
     # noise (0.75, 1.25), constant temperatures (0.6-1.3), 12 or 24 steps and the other
     # guidance schedules all landed within 0.035 overall of these defaults.
     "shapes_vq": MaskGenConfig(
@@ -594,7 +594,7 @@ PRESETS = {
     # Sampling: temperature 0.5 (an earlier 192x4 model, 100 prompts/category: 0.40 / 0.19 /
     # 0.03 against 0.24 / 0.12 / 0.00 at 1.0); guidance 3 (the 2700-step model, 300
     # prompts/category: 0.65 / 0.33 / 0.02 against 0.55 / 0.26 / 0.01 at 2; on the 5400-step
-    # model 2: 0.83 / 0.62 / 0.45, 4: 0.88 / 0.70 / 0.49, near 3's 0.87 / 0.64 / 0.48).
+    # model 2: 0.83 / 0.62 / 0.46, 4: 0.88 / 0.70 / 0.49, near 3's 0.86 / 0.65 / 0.47).
     "shapes_kl": MaskGenConfig(
         mode="kl", width=128, depth=4, heads=4, num_tokens=32, token_size=8, text_width=64, pooled_dim=64,
         aes_embed_dim=32, pos_init_std=1.0, diffloss_depth=3, diffloss_width=192, diffusion_batch_mul=2,

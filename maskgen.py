@@ -570,11 +570,12 @@ PRESETS = {
     # 128-wide blocks (2.3M parameters, 0.24 GFLOP per training sample): in a fixed hour the
     # samples seen count for more than width (5200 steps of 128x4 scored 0.88 / 0.63 / 0.70,
     # 2800 of 192x4 0.89 / 0.49 / 0.53, both at guidance 3, README), and more of them still
-    # help (9000 steps: 0.96 / 0.68 / 0.85 at guidance 2, against 0.90 / 0.68 / 0.75 after
-    # 5200). Guidance 2 (the 9000-step model, 300 prompts/category; 1.5: 0.94 / 0.72 / 0.87,
-    # 2.5: 0.93 / 0.69 / 0.83, 3: 0.89 / 0.57 / 0.75). On the 5200-step model the Gumbel
-    # noise (0.75, 1.25), constant temperatures (0.6-1.3), 12 or 24 steps and the other
-    # guidance schedules all landed within 0.035 overall of these defaults.
+    # help (12600 steps: 0.96 / 0.78 / 0.86 at guidance 2; 9000: 0.96 / 0.68 / 0.85; 5200:
+    # 0.90 / 0.68 / 0.75). Guidance 2 (the 12600-step model, 300 prompts/category; 1.5: 0.96 /
+    # 0.77 / 0.86, 2.5: 0.93 / 0.77 / 0.80; the 9000-step one at 3: 0.89 / 0.57 / 0.75). On
+    # the 5200-step model the Gumbel noise (0.75, 1.25), constant temperatures (0.6-1.3), 12
+    # or 24 steps and the other guidance schedules all landed within 0.035 overall of these
+    # defaults.
     "shapes_vq": MaskGenConfig(
         mode="vq", width=128, depth=4, heads=4, num_tokens=32, codebook_size=512, num_class_rows=0, token_size=16,
         text_width=64, pooled_dim=64, aes_embed_dim=32, num_steps=16, guidance_scale=2.0, randomize_temperature=1.0,

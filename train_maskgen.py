@@ -277,7 +277,7 @@ PRESETS["tiny_vq"] = TrainConfig(maskgen="tiny_vq", out_dir="runs/tiny_maskgen_v
 PRESETS["tiny_kl"] = TrainConfig(maskgen="tiny_kl", out_dir="runs/tiny_maskgen_kl", schedule="constant", **_TINY)
 # The shapes world on 2 CPU cores, on top of train_tokenizer.py --config=shapes(_kl). The run
 # lengths keep each pipeline, tokenizer then MaskGen, within an hour on this project's current
-# 2-core machine (48-51 min; the slowest earlier one would need more, README). VQ: 12600 steps
+# 2-core machine (47-48 min; the slowest earlier one would need more, README). VQ: 12600 steps
 # (34.5 min here; 5200 scored 0.90 / 0.68 / 0.75, 9000 0.96 / 0.68 / 0.85, 12600 0.96 / 0.78 / 0.86).
 _SHAPES = dict(batch_size=64, max_steps=12600, warmup_steps=300, lr=1e-3, end_lr=1e-5, schedule="cosine",
                beta2=0.96, weight_decay=0.03, ema_decay=0.998, dtype="fp32", compile=False, log_every=100,

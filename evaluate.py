@@ -242,15 +242,15 @@ def recon_batches(spec, batch_size, size, class_names=None, skipped=None):
 
 
 def generate_shapes_images(prompts, generator=None, tokenizer=None, device="cpu", seed=0, batch_size=50,
-                           num_steps=None, guidance_scale=None):  # fmt: skip
+                           num_steps=None, guidance_scale=None, guidance_schedule=None, temperature=None):  # fmt: skip
     """Images for `prompts` from a MaskGen + TA-TiTok pair, loaded by load.py and sampled by
     sample.py (generator=None: the shipped checkpoints/shapes.pt). Under torchrun every rank draws
     prompts rank::world and rank 0 gets all images back, in prompt order.
     Returns a list of uint8 (H, W, 3) arrays (complete on rank 0)."""
     models = load.load_models(generator, tokenizer, device)
     aesthetic = models.generator.config.aesthetic
-    opts = dict(num_steps=num_steps, guidance_scale=guidance_scale, guidance_schedule=None,
-                randomize_temperature=None, temperature=None)  # fmt: skip
+    opts = dict(num_steps=num_steps, guidance_scale=guidance_scale, guidance_schedule=guidance_schedule,
+                randomize_temperature=None, temperature=temperature)  # fmt: skip
     rank, world = runtime.rank_world()
     mine = list(range(len(prompts)))[rank::world]
     out = []
@@ -402,7 +402,8 @@ def cmd_shapes(args, device):
     else:  # the held-out prompts (a seed no training run uses), generated
         caps = shapes.heldout_prompts(args.n_per_category, args.seed)
         images = generate_shapes_images(caps, args.generator, args.tokenizer, device, args.sample_seed,
-                                        args.batch_size, args.steps, args.guidance_scale)  # fmt: skip
+                                        args.batch_size, args.steps, args.guidance_scale, args.guidance_schedule,
+                                        args.temperature)  # fmt: skip
         source = args.generator or "the shipped checkpoints/shapes.pt"
         if runtime.rank_world()[0] != 0:
             return {}, source
@@ -624,6 +625,9 @@ def main(argv=None):
                    help="TA-TiTok checkpoint (default: the one the generator records); alone with --reconstruct")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the generator's config)")
     p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--guidance-schedule", default=None, help="VQ: cosine | linear | none; KL: linear | constant")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="VQ: softmax temperature (default annealed); KL: DiffLoss noise (default: the config's)")
     p.add_argument("--ground-truth", action="store_true", help="score ground-truth renders (detector check)")
     p.add_argument("--reconstruct", action="store_true",
                    help="score ground-truth renders after a trip through the tokenizer (the generator's ceiling)")

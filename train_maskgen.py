@@ -277,19 +277,21 @@ PRESETS["tiny_vq"] = TrainConfig(maskgen="tiny_vq", out_dir="runs/tiny_maskgen_v
 PRESETS["tiny_kl"] = TrainConfig(maskgen="tiny_kl", out_dir="runs/tiny_maskgen_kl", schedule="constant", **_TINY)
 # The shapes world on 2 CPU cores, on top of train_tokenizer.py --config=shapes(_kl). The run
 # lengths keep each pipeline, tokenizer then MaskGen, within an hour on this project's current
-# 2-core machine (47-48 min; the slowest earlier one would need more, README). VQ: 12600 steps
-# (34.5 min here; 5200 scored 0.90 / 0.68 / 0.75, 9000 0.96 / 0.68 / 0.85, 12600 0.96 / 0.78 / 0.86).
-_SHAPES = dict(batch_size=64, max_steps=12600, warmup_steps=300, lr=1e-3, end_lr=1e-5, schedule="cosine",
+# 2-core machine (51-55 min; slower earlier machines would need more, README). VQ: 16000 steps
+# (38.5 min here; at 32 sampling steps 12600 scored 0.99 / 0.83 / 0.92, 16000 0.99 / 0.89 /
+# 0.93; at the 16 of before 5200 scored 0.90 / 0.68 / 0.75, 9000 0.96 / 0.68 / 0.85).
+_SHAPES = dict(batch_size=64, max_steps=16000, warmup_steps=300, lr=1e-3, end_lr=1e-5, schedule="cosine",
                beta2=0.96, weight_decay=0.03, ema_decay=0.998, dtype="fp32", compile=False, log_every=100,
                sample_every=1000, ckpt_every=500, num_workers=0)  # fmt: skip
 PRESETS["shapes_vq"] = TrainConfig(
     maskgen="shapes_vq", tokenizer="runs/shapes_tokenizer", out_dir="runs/shapes_maskgen_vq", **_SHAPES)  # fmt: skip
 # KL: a step costs ~2x a VQ step (DiffLoss on 2 noise levels per token: 0.51 vs 0.24 GFLOP
-# per sample), so the run is shorter: 7200 steps (38.5 min here; 2700 scored 0.65 / 0.33 /
-# 0.02 and 5400 0.86 / 0.65 / 0.47 at guidance 3, 7200 0.94 / 0.74 / 0.76, README).
+# per sample), so the run is shorter: 8400 steps (36.5 min here; 8400 scored 0.99 / 0.83 /
+# 0.93 and 7200 0.98 / 0.82 / 0.87 at the preset's 32 sampling steps; at the 16 steps of
+# before, 2700 scored 0.65 / 0.33 / 0.02, 5400 0.86 / 0.65 / 0.47, 7200 0.94 / 0.74 / 0.76).
 PRESETS["shapes_kl"] = TrainConfig(
     maskgen="shapes_kl", tokenizer="runs/shapes_tokenizer_kl", out_dir="runs/shapes_maskgen_kl",
-    **{**_SHAPES, "max_steps": 7200, "warmup_steps": 150, "sample_every": 900, "ckpt_every": 450})  # fmt: skip
+    **{**_SHAPES, "max_steps": 8400, "warmup_steps": 150, "sample_every": 1200, "ckpt_every": 600})  # fmt: skip
 
 if __name__ == "__main__":
     main()

@@ -15,6 +15,7 @@ import data
 import evaluate
 import load
 import sample
+import shapes
 import train_maskgen
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,3 +73,21 @@ def test_each_bundle_reads_its_context(bundle, tmp_path):
     else:
         assert res["r2_from_z@0.5"] > res["r2_from_z@0"] + 0.2
     assert json.load(open(tmp_path / "ctx.json")) == pytest.approx(res)
+
+
+def test_evaluate_shapes_passes_the_sampling_options_through(tmp_path):
+    # `evaluate.py shapes --guidance-schedule / --temperature` reach generate(): the bundle's own
+    # schedule, given explicitly, draws the default's images; another schedule or a softmax
+    # temperature draws others; a schedule of the other variant is refused by name.
+    prompts = shapes.heldout_prompts(2)
+    cfg = load.load_models(BUNDLES["vq"], None, "cpu").generator.config
+    kw = dict(generator=BUNDLES["vq"], device="cpu")
+    base = evaluate.generate_shapes_images(prompts, **kw)
+    same = evaluate.generate_shapes_images(prompts, guidance_schedule=cfg.guidance_schedule, **kw)
+    other = evaluate.generate_shapes_images(prompts, guidance_schedule="none", **kw)
+    cooler = evaluate.generate_shapes_images(prompts, temperature=0.3, **kw)
+    assert all((a == b).all() for a, b in zip(base, same))
+    assert any((a != b).any() for a, b in zip(base, other)) and any((a != b).any() for a, b in zip(base, cooler))
+    with pytest.raises(ValueError, match="cosine"):
+        evaluate.main(["shapes", "--generator", BUNDLES["kl"], "--guidance-schedule", "cosine",
+                       "--n-per-category", "1", "--out", str(tmp_path / "s")] + CPU)  # fmt: skip

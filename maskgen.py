@@ -586,8 +586,9 @@ PRESETS = {
     # 0.58 / 0.27 / 0.04; 2200 of 128x6, 0.64 GFLOP: 0.52 / 0.18 / 0.01; 1800 of 192x4,
     # 0.80 GFLOP: 0.39 / 0.13 / 0.02; each about the same time, README); twice the steps
     # doubled the score (5400 of 128x4: 0.86 / 0.65 / 0.47 at guidance 3) and 7200 raised it
-    # again (0.94 / 0.74 / 0.76; these at the 16-step sampling below). The shipped model has
-    # 8400 steps (0.99 / 0.83 / 0.93 at the sampling below, 7200 0.98 / 0.82 / 0.87). DiffLoss on
+    # again (0.94 / 0.74 / 0.76; these at the 16-step sampling of before). The shipped model
+    # has 10400 steps (0.99 / 0.87 / 0.94 at the sampling below; 8400 0.99 / 0.83 / 0.93, 7200
+    # 0.98 / 0.82 / 0.87). DiffLoss on
     # 2 noise levels per token (not 4) to cut the step cost, and x0 clipped at sampling
     # (diffloss_clip_x0: unclipped, the briefly trained DiffLoss drew blanks).
     # pos_init_std 1.0, not 0.02: a visible token enters as LayerNorm(z_proj(token)), ~1 per

@@ -277,7 +277,7 @@ PRESETS["tiny_vq"] = TrainConfig(maskgen="tiny_vq", out_dir="runs/tiny_maskgen_v
 PRESETS["tiny_kl"] = TrainConfig(maskgen="tiny_kl", out_dir="runs/tiny_maskgen_kl", schedule="constant", **_TINY)
 # The shapes world on 2 CPU cores, on top of train_tokenizer.py --config=shapes(_kl). The run
 # lengths keep each pipeline, tokenizer then MaskGen, within an hour on this project's current
-# 2-core machine (51-55 min; slower earlier machines would need more, README). VQ: 16000 steps
+# 2-core machine (VQ 51.5 min, KL 55 min; slower earlier machines would need more, README). VQ: 16000 steps
 # (38.5 min here; at 32 sampling steps 12600 scored 0.99 / 0.83 / 0.92, 16000 0.99 / 0.89 /
 # 0.93; at the 16 of before 5200 scored 0.90 / 0.68 / 0.75, 9000 0.96 / 0.68 / 0.85).
 _SHAPES = dict(batch_size=64, max_steps=16000, warmup_steps=300, lr=1e-3, end_lr=1e-5, schedule="cosine",
@@ -286,12 +286,13 @@ _SHAPES = dict(batch_size=64, max_steps=16000, warmup_steps=300, lr=1e-3, end_lr
 PRESETS["shapes_vq"] = TrainConfig(
     maskgen="shapes_vq", tokenizer="runs/shapes_tokenizer", out_dir="runs/shapes_maskgen_vq", **_SHAPES)  # fmt: skip
 # KL: a step costs ~2x a VQ step (DiffLoss on 2 noise levels per token: 0.51 vs 0.24 GFLOP
-# per sample), so the run is shorter: 8400 steps (36.5 min here; 8400 scored 0.99 / 0.83 /
-# 0.93 and 7200 0.98 / 0.82 / 0.87 at the preset's 32 sampling steps; at the 16 steps of
-# before, 2700 scored 0.65 / 0.33 / 0.02, 5400 0.86 / 0.65 / 0.47, 7200 0.94 / 0.74 / 0.76).
+# per sample), so the run is shorter: 10400 steps (46 min here; at the preset's 32 sampling
+# steps 10400 scored 0.99 / 0.87 / 0.94, 8400 0.99 / 0.83 / 0.93, 7200 0.98 / 0.82 / 0.87; at
+# the 16 steps of before, 2700 scored 0.65 / 0.33 / 0.02, 5400 0.86 / 0.65 / 0.47, 7200 0.94 /
+# 0.74 / 0.76).
 PRESETS["shapes_kl"] = TrainConfig(
     maskgen="shapes_kl", tokenizer="runs/shapes_tokenizer_kl", out_dir="runs/shapes_maskgen_kl",
-    **{**_SHAPES, "max_steps": 8400, "warmup_steps": 150, "sample_every": 1200, "ckpt_every": 600})  # fmt: skip
+    **{**_SHAPES, "max_steps": 10400, "warmup_steps": 150, "sample_every": 1300, "ckpt_every": 650})  # fmt: skip
 
 if __name__ == "__main__":
     main()

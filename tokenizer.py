@@ -599,10 +599,14 @@ PRESETS = {
     ),  # fmt: skip
     # The shapes world (shapes.ShapesWorld): 64 px, patch 8 (64 patches) -> 32 tokens, small
     # widths, the locality-biased init (without it a short run never leaves the mean
-    # image, see _local_init), l2-normalised codes. 10-28 min of training on 2 CPU cores.
+    # image, see _local_init), l2-normalised codes. 9-28 min of training on 2 CPU cores.
+    # The VQ decoder has 3 blocks, not 2: its tokens carry mostly where things are and the
+    # caption what they are, and the third block binds the two (one run reconstructed
+    # 0.99 / 0.94 / 0.90, against 0.79-0.83 overall for reruns with 2 blocks and 0.92 for
+    # the best of them; with 4 blocks a run stayed at the mean image, README).
     "shapes": TATiTokConfig(
         image_size=64, enc_patch_size=8, dec_patch_size=8, enc_width=64, enc_depth=2, enc_heads=2,
-        dec_width=64, dec_depth=2, dec_heads=2, num_latent_tokens=32, codebook_size=512, token_size=16,
+        dec_width=64, dec_depth=3, dec_heads=2, num_latent_tokens=32, codebook_size=512, token_size=16,
         use_l2_norm=True, text_context_length=16, text_embed_dim=64, init="local",
     ),  # fmt: skip
     "shapes_kl": TATiTokConfig(

@@ -222,7 +222,7 @@ PRESETS["tiny"] = TrainConfig(
     loss="tiny", disc_start=10, out_dir="runs/tiny_tokenizer",
     dtype="fp32", compile=False, log_every=5, sample_every=20, ckpt_every=10, num_workers=0,
 )  # fmt: skip
-# The shapes world on 2 CPU cores (9-13 min on this project's machine, 24-28 on an older
+# The shapes world on 2 CPU cores (9-14 min on this project's machine, 24-36 on an older
 # one, README): L2 and quantizer (or KL) losses only (the GAN never switches on: in so short
 # a run it costs more than it sharpens). beta2 = 0.99: with 0.999 the second moments
 # remember the huge first-step gradients for ~1k steps, which stalls a run this short.

@@ -589,9 +589,9 @@ PRESETS = {
     # doubled the score (5400 of 128x4: 0.86 / 0.65 / 0.47 at guidance 3) and 7200 raised it
     # again (0.94 / 0.74 / 0.76; these at the 16-step sampling of before). The shipped model
     # has 10400 steps (0.99 / 0.87 / 0.94 at the sampling below; 8400 0.99 / 0.83 / 0.93, 7200
-    # 0.98 / 0.82 / 0.87). DiffLoss on
-    # 2 noise levels per token (not 4) to cut the step cost, and x0 clipped at sampling
-    # (diffloss_clip_x0: unclipped, the briefly trained DiffLoss drew blanks).
+    # 0.98 / 0.82 / 0.87). DiffLoss on 2 noise levels per token (not 4) to cut the step cost,
+    # and x0 clipped at sampling (diffloss_clip_x0: unclipped, the briefly trained DiffLoss
+    # drew blanks).
     # pos_init_std 1.0, not 0.02: a visible token enters as LayerNorm(z_proj(token)), ~1 per
     # element, so a 0.02 position table hides which of the 32 positions it came from, and a
     # 1D token means nothing without its index. After 1800 steps at 0.02 a ridge from the

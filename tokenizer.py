@@ -599,12 +599,12 @@ PRESETS = {
     ),  # fmt: skip
     # The shapes world (shapes.ShapesWorld): 64 px, patch 8 (64 patches) -> 32 tokens, small
     # widths, the locality-biased init (without it a short run never leaves the mean
-    # image, see _local_init), l2-normalised codes. 9-28 min of training on 2 CPU cores.
-    # The VQ decoder has 3 blocks, not 2: its tokens carry mostly where things are and the
-    # caption what they are, and the third block binds the two (two runs reconstructed
-    # 0.99 / 0.94 / 0.90 and 0.98 / 0.91 / 0.85, against 0.79-0.83 overall for reruns with
-    # 2 blocks and 0.92 for the best of them; with 4 blocks a run stayed at the mean image,
-    # README).
+    # image, see _local_init), l2-normalised codes. 9-14 min of training on this project's
+    # 2-core machine (README). The VQ decoder has 3 blocks, not 2: its tokens carry mostly
+    # where things are and the caption what they are, and a third block seems to help the
+    # decoder bind the two (two runs reconstructed 0.99 / 0.94 / 0.90 and 0.98 / 0.91 /
+    # 0.85, against 0.79-0.83 overall for reruns with 2 blocks and 0.92 for the best of
+    # them; with 4 blocks a run stayed at the mean image, README).
     "shapes": TATiTokConfig(
         image_size=64, enc_patch_size=8, dec_patch_size=8, enc_width=64, enc_depth=2, enc_heads=2,
         dec_width=64, dec_depth=3, dec_heads=2, num_latent_tokens=32, codebook_size=512, token_size=16,

@@ -34,7 +34,7 @@ from train_common import (
     adamw, find_resume, image_batches, lr_at, optimizer_step, Progress, restore_run_state, run_state, RunControl,
     save_grid, seed_for_slot, setup_run,
 )  # fmt: skip
-from train_config import at_least, one_of, parse_config, Rule, RunConfig
+from train_config import at_least, one_of, parse_config, Rule, RunConfig, within
 
 
 @dataclass
@@ -59,15 +59,31 @@ class TrainConfig(RunConfig):  # RunConfig: dtype, compile, device, seed, log/sa
     ema_decay: float = 0.999  # of the EMA weights (warmed up as (1+t)/(10+t))
     loss: str = "official"  # a losses.PRESETS name (official: LPIPS + ConvNeXt-S; paper_resnet50, shapes, tiny)
     disc_start: int = -1  # step at which the GAN switches on; -1 keeps the loss preset's (official 200k)
+    caption_drop: float = 0.0  # share of training samples decoded with the empty caption "" (official: 0)
     out_dir: str = "runs/tokenizer"  # checkpoints, log.jsonl, config.json, reconstruction grids
 
 
 # The allowed values of this trainer's own fields (train_config.COMMON_RULES has the shared ones).
 RULES = {
     "tokenizer": one_of(T.PRESETS), "loss": one_of(losses.PRESETS), "disc_start": at_least(-1),
+    "caption_drop": within(0.0, 1.0, open_high=True),
     "data": Rule(lambda v: not v.startswith("pretokenized:"), "the tokenizer trains on images: shapes, a "
                  "tar-shard pattern or an image folder (pretokenized: shards are for train_maskgen.py)"),
 }  # fmt: skip
+
+
+def drop_captions(captions, p, generator=None):
+    """Replace each caption by "" with probability p (drawn from torch's CPU RNG).
+
+    The text-aware decoder can lean on the caption for *what* is in the image and leave
+    the tokens only *where*; then it must bind each word to the right object, and on the
+    shapes world a VQ tokenizer that failed to (two objects drawn with one shape) was the
+    most common reconstruction error. Decoding some samples without their caption makes
+    the tokens carry the whole scene. The paper's recipe has no such dropout (p = 0)."""
+    if p <= 0:
+        return list(captions)
+    drop = (torch.rand(len(captions), generator=generator) < p).tolist()
+    return ["" if d else c for c, d in zip(captions, drop)]
 
 
 def main(argv=None):
@@ -147,6 +163,7 @@ def main(argv=None):
             seed_for_slot(cfg.seed, step, rank * cfg.grad_accum + k)
             images, captions = get_batch(step, k)
             images = images.to(device, non_blocking=True)
+            captions = drop_captions(captions, cfg.caption_drop)  # after seed_for_slot: reproducible
             text = text_encoder(captions).final  # (B, 77, 768), frozen CLIP
             if fixed is None:  # the reconstruction grids follow the first batch this run trains on
                 fixed = (images[:8], captions[:8])

@@ -163,6 +163,31 @@ def test_truncated_checkpoint_is_skipped(tmp_path, capsys):
     assert final_ckpt(tmp_path)["step"] == 5
 
 
+def test_caption_drop(tmp_path, monkeypatch):
+    # The helper: p = 0 keeps every caption; otherwise each becomes "" with probability p.
+    caps = [f"caption {i}" for i in range(4000)]
+    assert train_tokenizer.drop_captions(caps, 0.0) == caps
+    g = torch.Generator().manual_seed(0)
+    out = train_tokenizer.drop_captions(caps, 0.2, generator=g)
+    dropped = [c == "" for c in out]
+    assert 0.17 < sum(dropped) / len(caps) < 0.23
+    assert all(o == c for o, c, d in zip(out, caps, dropped) if not d)  # the others are untouched
+    # The trainer: the text encoder sees "" for some training captions, reproducibly (the same
+    # draws in a rerun), and never for the fixed grid captions.
+    seen = []
+    real = train_tokenizer.TextEncoder.forward
+    monkeypatch.setattr(train_tokenizer.TextEncoder, "forward", lambda self, c: seen.append(list(c)) or real(self, c))
+    run_tok(tmp_path / "a", "--max_steps=6", "--caption_drop=0.5", "--sample_every=100", "--ckpt_every=100")
+    first, seen[:] = list(seen), []
+    run_tok(tmp_path / "b", "--max_steps=6", "--caption_drop=0.5", "--sample_every=100", "--ckpt_every=100")
+    assert seen == first
+    assert len(first) == 7  # 6 training batches, then the reconstruction grid at the last step
+    blanks = sum(c == "" for batch in first[:6] for c in batch)
+    assert 0 < blanks < 24 and "" not in first[6]
+    with pytest.raises(SystemExit, match="caption_drop"):
+        run_tok(tmp_path / "c", "--caption_drop=1.0")
+
+
 def test_config_mismatch_is_refused(tmp_path):
     run_tok(tmp_path, "--max_steps=2", "--ckpt_every=2", "--sample_every=100")
     with pytest.raises(SystemExit, match=r"lr: checkpoint has 0.003, this run has 0.1"):

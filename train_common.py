@@ -129,6 +129,21 @@ def ema_update(ema, model, step, max_decay):
 # Data: an endless, deterministic stream of (images, captions) batches
 
 
+def shapes_mix(text):
+    """"0.2,0.3,0.5" -> [0.2, 0.3, 0.5], the shapes world's weights of single, count and
+    relation scenes; "" -> None (equal thirds). ShapesWorld checks the weights."""
+    return [float(w) for w in text.split(",")] if text.strip() else None
+
+
+def shapes_mix_ok(text):
+    """Whether --shapes_mix is "" or three weights ShapesWorld accepts."""
+    try:
+        ShapesWorld(category_mix=shapes_mix(text))
+    except ValueError:
+        return False
+    return True
+
+
 def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0, resume=None):
     """Returns get(step, k) -> (images (B,3,S,S) in [0,1], captions) for micro-step k.
 
@@ -143,7 +158,7 @@ def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0, 
     cost at any step (older checkpoints without positions fast-forward)."""
     B, A = cfg.batch_size, cfg.grad_accum
     if cfg.data == "shapes":
-        shapes = ShapesWorld(seed=cfg.seed)
+        shapes = ShapesWorld(seed=cfg.seed, category_mix=shapes_mix(getattr(cfg, "shapes_mix", "")))
 
         def get(step, k):
             first = ((step * world * A) + rank * A + k) * B

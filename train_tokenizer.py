@@ -32,7 +32,7 @@ from curves import plot_curves
 from text import TEXT_PRESETS, TextEncoder
 from train_common import (
     adamw, find_resume, image_batches, lr_at, optimizer_step, Progress, restore_run_state, run_state, RunControl,
-    save_grid, seed_for_slot, setup_run,
+    save_grid, seed_for_slot, setup_run, shapes_mix_ok,
 )  # fmt: skip
 from train_config import at_least, one_of, parse_config, Rule, RunConfig, within
 
@@ -44,6 +44,7 @@ class TrainConfig(RunConfig):  # RunConfig: dtype, compile, device, seed, log/sa
     text_encoder: str = "ViT-L-14-336"  # open_clip model name, or a text.TEXT_PRESETS name
     text_pretrained: str = "openai"  # open_clip weights tag of a named text encoder
     data: str = "shapes"  # "shapes" (the procedural world), a tar-shard pattern, or an image folder
+    shapes_mix: str = ""  # shapes world: weights of single,count,relation scenes, e.g. 0.2,0.3,0.5; "" = thirds
     num_workers: int = 4  # DataLoader processes reading shards / folders (the data order depends on it)
     # optimisation (official: AdamW (0.9, 0.999), wd 1e-4, lr 1e-4, 10k warm-up, cosine to 1e-5)
     batch_size: int = 32  # per GPU, per micro-step
@@ -67,6 +68,8 @@ class TrainConfig(RunConfig):  # RunConfig: dtype, compile, device, seed, log/sa
 RULES = {
     "tokenizer": one_of(T.PRESETS), "loss": one_of(losses.PRESETS), "disc_start": at_least(-1),
     "caption_drop": within(0.0, 1.0, open_high=True),
+    "shapes_mix": Rule(shapes_mix_ok, "empty, or three weights >= 0 for single,count,relation with a positive "
+                       "sum, comma-separated: 0.2,0.3,0.5"),
     "data": Rule(lambda v: not v.startswith("pretokenized:"), "the tokenizer trains on images: shapes, a "
                  "tar-shard pattern or an image folder (pretokenized: shards are for train_maskgen.py)"),
 }  # fmt: skip

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import checkpoint
+import shapes
+import train_common
 import train_maskgen
 import train_tokenizer
 
@@ -186,6 +188,28 @@ def test_caption_drop(tmp_path, monkeypatch):
     assert 0 < blanks < 24 and "" not in first[6]
     with pytest.raises(SystemExit, match="caption_drop"):
         run_tok(tmp_path / "c", "--caption_drop=1.0")
+
+
+def test_shapes_mix():
+    # --shapes_mix: "" is the world's equal thirds; three weights set the share of single,
+    # count and relation scenes in the training stream; anything else is refused by name.
+    assert train_common.shapes_mix("") is None
+    assert train_common.shapes_mix("0.2,0.3,0.5") == [0.2, 0.3, 0.5]
+    assert train_common.shapes_mix_ok("") and train_common.shapes_mix_ok("0,0,1")
+    for bad in ("1,2", "a,b,c", "-1,1,1", "0,0,0"):
+        assert not train_common.shapes_mix_ok(bad)
+    with pytest.raises(SystemExit, match="shapes_mix"):
+        run_tok("/tmp/unused", "--shapes_mix=1,2")
+
+    def categories(mix, n=300):
+        cfg = types.SimpleNamespace(data="shapes", seed=0, batch_size=n, grad_accum=1, shapes_mix=mix)
+        _, captions = train_common.image_batches(cfg, 64, rank=0, world=1, start_step=0)(0, 0)
+        return [shapes.parse_caption(c).category for c in captions]
+
+    assert set(categories("0,0,1")) == {"relation"}
+    share = categories("0.2,0.3,0.5").count("relation") / 300
+    assert 0.4 < share < 0.6  # against ~1/3 with equal thirds
+    assert 0.2 < categories("").count("relation") / 300 < 0.45
 
 
 def test_config_mismatch_is_refused(tmp_path):

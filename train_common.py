@@ -92,8 +92,10 @@ def adamw(model, lr, betas, weight_decay):
         skip = p.ndim < 2 or "ln" in n or "norm" in n or "bias" in n or "latent_tokens" in n
         (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused AdamW is one kernel per step on CUDA; fall back elsewhere.
-    fused = next(model.parameters()).is_cuda
+    # fused AdamW updates all tensors in one kernel per step instead of a dozen ops per
+    # tensor: on CUDA, and on CPU too since PyTorch 2.4 (the shapes tokenizer's
+    # optimizer.step 1.9 -> 0.4 ms on 2 cores, README); the same maths up to float rounding.
+    fused = next(model.parameters()).device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 

@@ -207,6 +207,8 @@ def main(argv=None):
     # The CFG null condition: the encoding of the empty caption, computed once.
     null = text_encoder([""])
     get_batch = token_batches(cfg, tokenizer, rank, world, step, device, resume=ckpt)  # ckpt: reader positions
+    # The shapes world has a finite set of captions: encode each once (TextEncoder.cached).
+    encode_text = text_encoder.cached if cfg.data == "shapes" else text_encoder
     prompts = cfg.sample_prompts.split("|") if cfg.sample_prompts else DEFAULT_PROMPTS
     prompt_feats = text_encoder(prompts) if master else None  # for the sample grids
     progress = Progress(cfg, step, world, device, train_flops, enabled=master)  # the bar, img/s, MFU
@@ -220,7 +222,7 @@ def main(argv=None):
         for k in range(cfg.grad_accum):
             seed_for_slot(cfg.seed, step, rank * cfg.grad_accum + k)
             tokens, captions, aes = get_batch(step, k)
-            feats = text_encoder(captions)
+            feats = encode_text(captions)
             # Caption dropout: the model learns p(x | "") too, which CFG needs at sampling.
             drop = torch.rand(len(captions), device=device) < cfg.caption_drop  # (B,)
             text = torch.where(drop[:, None, None], null.penultimate, feats.penultimate)  # (B, L, Dt)

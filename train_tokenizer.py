@@ -149,6 +149,8 @@ def main(argv=None):
 
     get_batch = image_batches(cfg, tcfg.image_size, rank, world, start_step=step, resume=ckpt)  # ckpt: reader positions
     fixed = get_batch(0, 0) if cfg.data == "shapes" else None  # grid inputs (shards: set in the loop)
+    # The shapes world has a finite set of captions: encode each once (TextEncoder.cached).
+    encode_text = text_encoder.cached if cfg.data == "shapes" else text_encoder
     progress = Progress(cfg, step, world, device, train_flops, enabled=master)  # the bar, img/s, MFU
     end = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)  # --stop_at ends a run early, with a checkpoint
     while step < end:
@@ -167,7 +169,7 @@ def main(argv=None):
             images, captions = get_batch(step, k)
             images = images.to(device, non_blocking=True)
             captions = drop_captions(captions, cfg.caption_drop)  # after seed_for_slot: reproducible
-            text = text_encoder(captions).final  # (B, 77, 768), frozen CLIP
+            text = encode_text(captions).final  # (B, 77, 768), frozen CLIP
             if fixed is None:  # the reconstruction grids follow the first batch this run trains on
                 fixed = (images[:8], captions[:8])
             # Only the last micro-step all-reduces gradients across ranks.

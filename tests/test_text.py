@@ -88,3 +88,21 @@ print("SLOW", slow)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "SLOW []" in out.stdout, out.stdout[-500:]
     assert (tmp_path / "grid.png").is_file()
+
+
+def test_cached_features_equal_forward_and_encode_each_caption_once():
+    torch.manual_seed(0)
+    enc = TextEncoder.from_config(**TEXT_PRESETS["shapes"])
+    calls = []
+    forward = enc.forward
+    enc.forward = lambda c: calls.append(list(c)) or forward(c)  # count the tower's passes
+    batch = [CAPTIONS[0], CAPTIONS[1], CAPTIONS[0], ""]  # a repeat inside the batch
+    got = enc.cached(batch)
+    want = forward(batch)
+    for g, w in zip(got, want):  # final, penultimate, pooled: same rows, same order
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert calls == [[CAPTIONS[0]], [CAPTIONS[1]], [""]]  # each new caption alone, once
+    again = enc.cached(["", CAPTIONS[1]])  # all known: no tower pass, the memo's exact rows
+    assert len(calls) == 3
+    assert torch.equal(again.pooled, torch.cat([got.pooled[3:4], got.pooled[1:2]]))

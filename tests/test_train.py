@@ -179,6 +179,8 @@ def test_caption_drop(tmp_path, monkeypatch):
     seen = []
     real = train_tokenizer.TextEncoder.forward
     monkeypatch.setattr(train_tokenizer.TextEncoder, "forward", lambda self, c: seen.append(list(c)) or real(self, c))
+    # Training batches go through the per-caption memo; here unmemoised, to see each batch whole.
+    monkeypatch.setattr(train_tokenizer.TextEncoder, "cached", lambda self, c: self(c))
     run_tok(tmp_path / "a", "--max_steps=6", "--caption_drop=0.5", "--sample_every=100", "--ckpt_every=100")
     first, seen[:] = list(seen), []
     run_tok(tmp_path / "b", "--max_steps=6", "--caption_drop=0.5", "--sample_every=100", "--ckpt_every=100")

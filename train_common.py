@@ -94,7 +94,7 @@ def adamw(model, lr, betas, weight_decay):
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused AdamW updates all tensors in one kernel per step instead of a dozen ops per
     # tensor: on CUDA, and on CPU too since PyTorch 2.4 (the shapes tokenizer's
-    # optimizer.step 1.9 -> 0.4 ms on 2 cores, README); the same maths up to float rounding.
+    # optimizer.step 2.1 -> 0.4 ms on 2 cores, README); the same maths up to float rounding.
     fused = next(model.parameters()).device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 

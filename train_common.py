@@ -331,6 +331,7 @@ class RunControl:
     def __init__(self, cfg, world, log, last_ckpt=None):
         self.cfg, self.world, self.log, self.last_ckpt = cfg, world, log, last_ckpt
         self.in_a_row, self.skipped, self.signum = 0, 0, 0
+        self.stopping = 0  # the signal every rank agreed on at the last stop_requested(); 0 = go on
         self.old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _on_signal(self, signum, frame):
@@ -364,13 +365,19 @@ class RunControl:
                      f"lower --lr or raise --grad_clip / use --dtype=fp32, and resume from it")  # fmt: skip
 
     def stop_requested(self):
-        """Whether any rank got a signal (a collective: every rank calls it every step)."""
+        """Whether any rank got a signal (a collective: every rank calls it every step).
+
+        The answer is the same on every rank, and it is what exit_if_stopped acts on. A
+        signal that lands on one rank after its flag was read here (during the all-reduce,
+        or later in the step) is not acted on by that rank alone: the others would run on
+        into the next step's collectives and crash. It is seen at the next step's call."""
         flag = self.signum
         if self.world > 1:
             t = torch.tensor([flag], device=runtime.collective_device())
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = int(t.item())
-        self.signum = self.signum or flag
+        self.signum = self.signum or flag  # a rank that got none treats the next signal as the second
+        self.stopping = flag
         return bool(flag)
 
     def save(self, step, payload):
@@ -383,15 +390,16 @@ class RunControl:
             sys.exit(f"error: at step {step}: {e}. The last good checkpoint is {self.last_ckpt or 'none'}")
 
     def exit_if_stopped(self, step, master):
-        """After the checkpoint of a preempted step: say where it is and exit 128 + signal."""
-        if not self.signum:
+        """After the checkpoint of a preempted step: say where it is and exit 128 + signal.
+        Only on the decision all ranks share (stop_requested), never on this rank's own flag."""
+        if not self.stopping:
             return
         if master:
-            self.log(text=f"stopped by {signal.Signals(self.signum).name} at step {step}; checkpoint "
+            self.log(text=f"stopped by {signal.Signals(self.stopping).name} at step {step}; checkpoint "
                           f"{self.last_ckpt}; run the same command to resume")  # fmt: skip
         self.close()
         runtime.teardown()
-        sys.exit(128 + self.signum)
+        sys.exit(128 + self.stopping)
 
     def finish(self, progress, master):
         """The end of a run that reached its last step: say where its checkpoint is."""

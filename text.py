@@ -208,9 +208,10 @@ class TextEncoder(nn.Module):
     def cached(self, captions):
         """forward() with a memo per caption, for a finite set of captions (the shapes world
         has ~1,300): a frozen tower gives a caption the same features every time, so the
-        trainers skip the tower's share of a shapes step (~3-5% by a profile). Each new caption is encoded alone (batch 1),
-        so a row never depends on which captions shared its batch and a resumed or
-        multi-process run stays bit-exact. Unbounded: not for open-ended captions."""
+        trainers skip the tower's share of a shapes step (~3-5% by a profile). Each new
+        caption is encoded alone (batch 1), so a row never depends on which captions shared
+        its batch and a resumed or multi-process run stays bit-exact. Unbounded: not for
+        open-ended captions."""
         for c in dict.fromkeys(captions):  # new captions, in order of first use
             if c not in self._memo:
                 self._memo[c] = self.forward([c])

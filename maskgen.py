@@ -579,7 +579,7 @@ PRESETS = {
     # The shipped model has 16000 steps: 0.99 / 0.91 / 0.89 at these defaults (on the
     # tokenizer with the 2-block decoder of before, 0.99 / 0.89 / 0.93).
     "shapes_vq": MaskGenConfig(
-        mode="vq", width=128, depth=4, heads=4, num_tokens=32, codebook_size=512, num_class_rows=0, token_size=16,
+        mode="vq", width=128, depth=4, heads=4, num_tokens=32, codebook_size=2048, num_class_rows=0, token_size=16,
         text_width=64, pooled_dim=64, aes_embed_dim=32, num_steps=32, guidance_scale=1.5, randomize_temperature=1.0,
     ),
     # KL: four 128-wide blocks (3.0M parameters with DiffLoss, 0.51 GFLOP per training

@@ -599,19 +599,16 @@ PRESETS = {
     ),  # fmt: skip
     # The shapes world (shapes.ShapesWorld): 64 px, patch 8 (64 patches) -> 32 tokens, small
     # widths, the locality-biased init (without it a short run never leaves the mean
-    # image, see _local_init), l2-normalised codes. 9-14 min of training on this project's
-    # 2-core machine (README). The VQ decoder has 3 blocks, not 2: its tokens carry mostly
-    # where things are and the caption what they are, and a third block seems to help the
-    # decoder bind the two (two runs reconstructed 0.99 / 0.94 / 0.90 and 0.98 / 0.91 /
-    # 0.85, against 0.79-0.83 overall for reruns with 2 blocks and 0.92 for the best of
-    # them; with 4 blocks a run stayed at the mean image; 4 heads of 16 instead of 2 of 32
-    # bound the caption in some runs and not in others, 0.90-0.99 overall; 4 heads for
-    # 24,000 steps on a relation-heavy mix, train_tokenizer.py --shapes_mix, reached
-    # 0.97-0.99 in four runs, but that run passes the hour with MaskGen-VQ; with 2,048 codes
-    # and caption dropout 0.988 with one thread, 0.971 with two, README).
+    # image, see _local_init), l2-normalised codes. The VQ decoder has 3 blocks of 4 heads:
+    # with 2 blocks reruns reconstructed 0.79-0.92 overall, with 4 a run stayed at the mean
+    # image, and 4 heads of 16 instead of 2 of 32 gave the decoder more ways to bind caption
+    # words to token positions at the same cost. 2,048 codes, not 512: with train_tokenizer's
+    # caption dropout the tokens must carry shapes themselves, and the larger codebook drew
+    # fewer "squircles" (0.988 against 0.979 overall in 1-thread runs). Its training run is
+    # train_tokenizer's "shapes" preset (~19 min on this project's 2-core machine, README).
     "shapes": TATiTokConfig(
         image_size=64, enc_patch_size=8, dec_patch_size=8, enc_width=64, enc_depth=2, enc_heads=2,
-        dec_width=64, dec_depth=3, dec_heads=2, num_latent_tokens=32, codebook_size=512, token_size=16,
+        dec_width=64, dec_depth=3, dec_heads=4, num_latent_tokens=32, codebook_size=2048, token_size=16,
         use_l2_norm=True, text_context_length=16, text_embed_dim=64, init="local",
     ),  # fmt: skip
     "shapes_kl": TATiTokConfig(

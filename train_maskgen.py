@@ -279,16 +279,16 @@ PRESETS["tiny_vq"] = TrainConfig(maskgen="tiny_vq", out_dir="runs/tiny_maskgen_v
 PRESETS["tiny_kl"] = TrainConfig(maskgen="tiny_kl", out_dir="runs/tiny_maskgen_kl", schedule="constant", **_TINY)
 # The shapes world on 2 CPU cores, on top of train_tokenizer.py --config=shapes(_kl). The run
 # lengths keep each pipeline, tokenizer then MaskGen, within an hour on this project's current
-# 2-core machine (VQ 59.7 min, KL 55 min; slower earlier machines would need more, README).
-# VQ: 16000 steps (38.5-46 min here; at 32 sampling steps, on the tokenizer with a 2-block
-# decoder, 12600 scored 0.99 / 0.83 / 0.92 and 16000 0.99 / 0.89 / 0.93, on the 3-block one
-# 16000 0.99 / 0.91 / 0.89; at the 16 of before 5200 scored 0.90 / 0.68 / 0.75, 9000 0.96 /
-# 0.68 / 0.85).
+# 2-core machine (README). VQ: 12500 steps (~39 min here on the 2,048-code tokenizer; a
+# 2,048-way head makes a step ~17% dearer than a 512-way one). Earlier runs on 512-code
+# tokenizers, at 32 sampling steps: 12600 steps scored 0.99 / 0.83 / 0.92 and 16000 0.99 /
+# 0.89 / 0.93; at the 16 of before 5200 scored 0.90 / 0.68 / 0.75, 9000 0.96 / 0.68 / 0.85.
 _SHAPES = dict(batch_size=64, max_steps=16000, warmup_steps=300, lr=1e-3, end_lr=1e-5, schedule="cosine",
                beta2=0.96, weight_decay=0.03, ema_decay=0.998, dtype="fp32", compile=False, log_every=100,
                sample_every=1000, ckpt_every=500, num_workers=0)  # fmt: skip
 PRESETS["shapes_vq"] = TrainConfig(
-    maskgen="shapes_vq", tokenizer="runs/shapes_tokenizer", out_dir="runs/shapes_maskgen_vq", **_SHAPES)  # fmt: skip
+    maskgen="shapes_vq", tokenizer="runs/shapes_tokenizer", out_dir="runs/shapes_maskgen_vq",
+    **{**_SHAPES, "max_steps": 12500})  # fmt: skip
 # KL: a step costs ~2x a VQ step (DiffLoss on 2 noise levels per token: 0.51 vs 0.24 GFLOP
 # per sample), so the run is shorter: 10400 steps (46 min here; at the preset's 32 sampling
 # steps 10400 scored 0.99 / 0.87 / 0.94, 8400 0.99 / 0.83 / 0.93, 7200 0.98 / 0.82 / 0.87; at

@@ -576,8 +576,8 @@ PRESETS = {
     # 50000, 32 steps, overall: guidance 1.25 / 1.5 / 2 / 3 0.90 / 0.91 / 0.89 / 0.85; 16 / 24
     # / 32 steps at guidance 2, 200 prompts, 0.84 / 0.86 / 0.91): on the 12600-step model 0.99 / 0.83 / 0.92
     # against 0.96 / 0.78 / 0.86 at 16 steps and guidance 2 (300 held-out prompts/category).
-    # The shipped model has 16000 steps: 0.99 / 0.91 / 0.89 at these defaults (on the
-    # tokenizer with the 2-block decoder of before, 0.99 / 0.89 / 0.93).
+    # The shipped model (12500 steps on the 2,048-code tokenizer) scores 0.99 / 0.88 / 0.90
+    # at these defaults; the 512-code one before it (16000 steps) 0.99 / 0.91 / 0.89.
     "shapes_vq": MaskGenConfig(
         mode="vq", width=128, depth=4, heads=4, num_tokens=32, codebook_size=2048, num_class_rows=0, token_size=16,
         text_width=64, pooled_dim=64, aes_embed_dim=32, num_steps=32, guidance_scale=1.5, randomize_temperature=1.0,

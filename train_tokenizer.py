@@ -255,7 +255,7 @@ _SHAPES = dict(
     num_workers=0,
 )  # fmt: skip
 # VQ: longer (24,000 steps), on a relation-heavy mix of scenes, with 30% of the captions
-# dropped, and compiled (~375 against ~322 img/s, README). Without dropout the decoder took
+# dropped, and compiled (~375 against ~322 img/s eager in 1,500-step runs). Without dropout the decoder took
 # each object's shape from the caption and bound it to the wrong object in some runs (two
 # objects drawn with one shape), and MaskGen-VQ's generated tokens showed the same failure;
 # with it the tokens carry the whole scene (reconstructions with "" for the caption score

@@ -56,7 +56,7 @@ def test_help_lists_every_field(which, capsys):
 def test_help_shows_the_chosen_preset(capsys):
     assert exits(train_tokenizer.main, ["--config=shapes", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "values in preset shapes" in out and help_rows(out)["max_steps"][0] == "24000"
+    assert "values in preset shapes" in out and help_rows(out)["max_steps"][0] == "28000"
     assert exits(train_tokenizer.main, []) == 0  # a bare run prints the help, not a training
     assert "values in preset tiny" in capsys.readouterr().out
 

@@ -567,7 +567,8 @@ PRESETS = {
     ),
     # The shapes world: 32 tokens from tokenizer.PRESETS["shapes"/"shapes_kl"] and the
     # 64-wide "shapes" text tower (see train_maskgen's presets for the run lengths). VQ: four
-    # 128-wide blocks (2.3M parameters, 0.24 GFLOP per training sample): in a fixed hour the
+    # 128-wide blocks (2.3M parameters and 0.24 GFLOP per training sample with a 512-way head,
+    # 2.5M with the 2,048-way one): in a fixed hour the
     # samples seen count for more than width (5200 steps of 128x4 scored 0.88 / 0.63 / 0.70,
     # 2800 of 192x4 0.89 / 0.49 / 0.53, both at guidance 3, README), and more of them still
     # help (at 16 steps and guidance 2: 5200 steps 0.90 / 0.68 / 0.75, 9000 0.96 / 0.68 /
@@ -576,8 +577,8 @@ PRESETS = {
     # 50000, 32 steps, overall: guidance 1.25 / 1.5 / 2 / 3 0.90 / 0.91 / 0.89 / 0.85; 16 / 24
     # / 32 steps at guidance 2, 200 prompts, 0.84 / 0.86 / 0.91): on the 12600-step model 0.99 / 0.83 / 0.92
     # against 0.96 / 0.78 / 0.86 at 16 steps and guidance 2 (300 held-out prompts/category).
-    # The shipped model (12500 steps on the 2,048-code tokenizer) scores 0.99 / 0.88 / 0.90
-    # at these defaults; the 512-code one before it (16000 steps) 0.99 / 0.91 / 0.89.
+    # The shipped model (12500 steps on the 2,048-code, 28,000-step tokenizer) scores 0.98 /
+    # 0.90 / 0.92 at these defaults; the 512-code one of before (16000 steps) 0.99 / 0.91 / 0.89.
     "shapes_vq": MaskGenConfig(
         mode="vq", width=128, depth=4, heads=4, num_tokens=32, codebook_size=2048, num_class_rows=0, token_size=16,
         text_width=64, pooled_dim=64, aes_embed_dim=32, num_steps=32, guidance_scale=1.5, randomize_temperature=1.0,

@@ -279,7 +279,7 @@ PRESETS["tiny_vq"] = TrainConfig(maskgen="tiny_vq", out_dir="runs/tiny_maskgen_v
 PRESETS["tiny_kl"] = TrainConfig(maskgen="tiny_kl", out_dir="runs/tiny_maskgen_kl", schedule="constant", **_TINY)
 # The shapes world on 2 CPU cores, on top of train_tokenizer.py --config=shapes(_kl). The run
 # lengths keep each pipeline, tokenizer then MaskGen, within an hour on this project's current
-# 2-core machine (README). VQ: 12500 steps (35 min 26 s here on the 2,048-code tokenizer; a
+# 2-core machine (README). VQ: 12500 steps (34 min 36 s here on the 2,048-code tokenizer; a
 # 2,048-way head makes a step ~17% dearer than a 512-way one). Earlier runs on 512-code
 # tokenizers, at 32 sampling steps: 12600 steps scored 0.99 / 0.83 / 0.92 and 16000 0.99 /
 # 0.89 / 0.93; at the 16 of before 5200 scored 0.90 / 0.68 / 0.75, 9000 0.96 / 0.68 / 0.85.

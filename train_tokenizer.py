@@ -260,7 +260,8 @@ _SHAPES = dict(
 # objects drawn with one shape), and MaskGen-VQ's generated tokens showed the same failure;
 # with it the tokens carry the whole scene (reconstructions with "" for the caption score
 # within 0.01 of those with it). 24,000 steps reconstructed 0.997 / 0.977 / 0.993 (count
-# one image short of 0.98), these 28,000 0.990 / 0.983 / 0.980 (README).
+# one image short of 0.98), these 28,000 0.990 / 0.983 / 0.980 (0.990 / 0.980 / 0.980 as
+# bundled in fp16, README).
 PRESETS["shapes"] = TrainConfig(
     tokenizer="shapes", out_dir="runs/shapes_tokenizer",
     **{**_SHAPES, "max_steps": 28_000, "disc_start": 28_000, "shapes_mix": "0.2,0.3,0.5", "caption_drop": 0.3,

@@ -567,9 +567,9 @@ PRESETS = {
     ),
     # The shapes world: 32 tokens from tokenizer.PRESETS["shapes"/"shapes_kl"] and the
     # 64-wide "shapes" text tower (see train_maskgen's presets for the run lengths). VQ: four
-    # 128-wide blocks (2.3M parameters and 0.24 GFLOP per training sample with a 512-way head,
-    # 2.5M with the 2,048-way one): in a fixed hour the
-    # samples seen count for more than width (5200 steps of 128x4 scored 0.88 / 0.63 / 0.70,
+    # 128-wide blocks (2.5M parameters with the 2,048-way head; 2.3M and 0.24 GFLOP per
+    # training sample with a 512-way one): in a fixed hour the samples seen count for more
+    # than width (5200 steps of 128x4 scored 0.88 / 0.63 / 0.70,
     # 2800 of 192x4 0.89 / 0.49 / 0.53, both at guidance 3, README), and more of them still
     # help (at 16 steps and guidance 2: 5200 steps 0.90 / 0.68 / 0.75, 9000 0.96 / 0.68 /
     # 0.85, 12600 0.96 / 0.78 / 0.86). Sampling: 32 steps (one token per step) at guidance

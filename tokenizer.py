@@ -604,8 +604,9 @@ PRESETS = {
     # image, and 4 heads of 16 instead of 2 of 32 gave the decoder more ways to bind caption
     # words to token positions at the same cost. 2,048 codes, not 512: with train_tokenizer's
     # caption dropout the tokens must carry shapes themselves, and the larger codebook drew
-    # fewer "squircles" (with 20% dropped, 0.988 against 0.979 overall in 1-thread runs). Its training run is
-    # train_tokenizer's "shapes" preset (~19 min on this project's 2-core machine, README).
+    # fewer "squircles" (with 20% dropped, 0.988 against 0.979 overall in 1-thread runs).
+    # Its training run is train_tokenizer's "shapes" preset (~19 min on this project's
+    # 2-core machine, README).
     "shapes": TATiTokConfig(
         image_size=64, enc_patch_size=8, dec_patch_size=8, enc_width=64, enc_depth=2, enc_heads=2,
         dec_width=64, dec_depth=3, dec_heads=4, num_latent_tokens=32, codebook_size=2048, token_size=16,

@@ -244,8 +244,8 @@ PRESETS["tiny"] = TrainConfig(
     loss="tiny", disc_start=10, out_dir="runs/tiny_tokenizer",
     dtype="fp32", compile=False, log_every=5, sample_every=20, ckpt_every=10, num_workers=0,
 )  # fmt: skip
-# The shapes world on 2 CPU cores (9-14 min on this project's machine, 24-36 on an older
-# one, README): L2 and quantizer (or KL) losses only (the GAN never switches on: in so short
+# The shapes world on 2 CPU cores (KL: 11 min on this project's machine, 24 on an older
+# one; VQ, below, runs longer; README): L2 and quantizer (or KL) losses only (the GAN never switches on: in so short
 # a run it costs more than it sharpens). beta2 = 0.99: with 0.999 the second moments
 # remember the huge first-step gradients for ~1k steps, which stalls a run this short.
 _SHAPES = dict(
@@ -255,8 +255,8 @@ _SHAPES = dict(
     num_workers=0,
 )  # fmt: skip
 # VQ: longer (28,000 steps), on a relation-heavy mix of scenes, with 30% of the captions
-# dropped, and compiled (~375 against ~322 img/s eager in 1,500-step runs). Without dropout the decoder took
-# each object's shape from the caption and bound it to the wrong object in some runs (two
+# dropped, and compiled (~375 against ~322 img/s eager in 1,500-step runs). Without dropout
+# the decoder took each object's shape from the caption and bound it to the wrong object in some runs (two
 # objects drawn with one shape), and MaskGen-VQ's generated tokens showed the same failure;
 # with it the tokens carry the whole scene (reconstructions with "" for the caption score
 # within 0.01 of those with it). 24,000 steps reconstructed 0.997 / 0.977 / 0.993 (count

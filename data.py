@@ -1,6 +1,6 @@
 """
-Data: everything that turns pictures and captions into training tensors, and the
-data command line.
+Data: everything that turns pictures and captions into training tensors, MaskGen's
+pretokenized tokens, and the data command line.
 
 Paper: §5.1 "Training Data" and Appendix A ("Dataset Filtering", "Dataset
 Recaptioning", Tab. 7). The recipe this file implements:
@@ -13,7 +13,10 @@ Recaptioning", Tab. 7). The recipe this file implements:
   * resize the shorter edge, random crop, random flip (App. A / Tab. 8);
   * Molmo recaptions kept next to the original captions, so the trainer can use the
     recaption with probability 0.95 (the 95:5 ratio of App. A; pick_captions);
-  * the aesthetic score carried along as MaskGen's micro-condition.
+  * the aesthetic score carried along as MaskGen's micro-condition;
+  * images pretokenized once by the frozen TA-TiTok for MaskGen training: MaskGen
+    never sees pixels, so encoding every image once (instead of every step) makes its
+    training far cheaper.
 The same entry point serves the shapes world (shapes.py, a project addition), so
 that every trainer takes --data=shapes as readily as a folder of shards.
 
@@ -22,23 +25,21 @@ Sections, in reading order:
   2. Image datasets      MAX_PIXELS, size_filter, TarShardDataset, ImageFolderDataset (on shards.StreamDataset)
   3. The shapes world    ShapesDataset
   4. One entry point     build_image_dataset, image_text_loader, collate, pick_captions
-  5. Command line        make_shapes_shards, main()
+  5. Pretokenized tokens pretokenize (writing), PretokenizedDataset (reading)
+  6. Command line        make_shapes_shards, main()
 
-Every dataset here is a torch IterableDataset that yields dicts:
+Every image dataset here is a torch IterableDataset that yields dicts:
     {"image": FloatTensor (3,S,S) in [0,1], "caption": str, "recaption": str ("" if none),
      "aesthetic": FloatTensor () , "key": str}
 and the stream-read ones (shards, folders) also "position": LongTensor (5,), their
 reader's position after the sample. All of them split their samples over DDP ranks
-and DataLoader workers without duplicates, and resume exactly: the shapes world from
-a batch count (it is indexed), the streams from the reader positions a checkpoint
-saved, at the same cost at any step (see shards.StreamDataset). Bad inputs (corrupt
-or oversized images, missing or non-UTF-8 captions, truncated tars, unreadable
-shards, failing pipes) are skipped and counted in `dataset.skipped`, never a crash.
-MaskGen's pretokenized tokens are written and read by pretokenize.py.
+and DataLoader workers without duplicates and resume exactly: the shapes world from a
+batch count (it is indexed), the streams from saved reader positions (see
+shards.StreamDataset). Bad inputs are skipped and counted in `dataset.skipped`.
 
 Command line:
     python data.py make-shapes --out shards/shapes --n 10000
-    python data.py pretokenize --tokenizer <dir> --data "shards/{000000..000099}.tar" --out pretok/
+    torchrun --nproc_per_node=8 data.py pretokenize --tokenizer <dir> --data "shards/{000000..000099}.tar" --out pretok/
     python data.py inspect --data shards/shapes      # what is there, and what a training filter would drop
 """
 
@@ -47,6 +48,7 @@ import collections
 import io
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -61,11 +63,12 @@ from torch.utils.data import DataLoader, IterableDataset
 
 import runtime
 import shapes
-from pretokenize import pretokenize, tokenizer_meta
-from shard_io import ShardWriter
 from shards import (
-    SHARD_EXTS, SKIP_REASONS, SkipCounter, StreamDataset, list_shards, resolve_rank, sample_name, worker_slot,
+    SHARD_EXTS, SKIP_REASONS, ShardWriter, SkipCounter, StreamDataset, decode_npy, expand_braces, list_shards,
+    resolve_rank, sample_name, worker_slot,
 )  # fmt: skip
+
+log = logging.getLogger("data")
 
 # =============================================================================
 # 1. Image helpers (shared by the datasets, sample.py and evaluate.py)
@@ -76,10 +79,8 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")  # file extensions, in the or
 
 def find_images(root):
     """Every image file under `root` (recursively), sorted: a stable order for sharding."""
-    return sorted(
-        os.path.join(d, f) for d, _, names in os.walk(root) for f in names
-        if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS and "." in f
-    )  # fmt: skip
+    return sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names
+                  if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS and "." in f)  # fmt: skip
 
 
 def to_rgb(image):
@@ -262,8 +263,7 @@ class ImageFolderDataset(_ImageStream):
     def __init__(self, root, image_size=256, **kwargs):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder {root!r} does not exist; pass a directory of images + .txt captions")
-        self.root = root
-        self.files = find_images(root)
+        self.root, self.files = root, find_images(root)
         if not self.files:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) under {root!r}; "
                                     f"put images with same-name .txt captions there")  # fmt: skip
@@ -363,7 +363,7 @@ def build_image_dataset(spec, image_size=256, *, train=True, seed=0, rank=None, 
         "shapes:N"        shapes samples 0..N-1 (repeated when training)
         a directory       tar shards inside it, else an image folder
         anything else     tar shards: a pattern (braces, globs, "::"-joined), "pipe:COMMAND"
-                          entries or http(s):// URLs (see shard_io.py)
+                          entries or http(s):// URLs (see shards.py)
     train=False: one pass, no shuffle, centre crop, no flip (evaluation, pretokenizing).
     image_size=None: every image at its own size (the shapes world: 64).
     positions: saved reader positions to resume from (shards.StreamPositions; streams only).
@@ -382,8 +382,7 @@ def build_image_dataset(spec, image_size=256, *, train=True, seed=0, rank=None, 
         kwargs = dict(dict(random_crop=False, random_flip=False, shuffle=False), **kwargs)
     kwargs = dict(kwargs, seed=seed, infinite=train, positions=positions, **split)
     if isinstance(spec, str) and os.path.isdir(spec):
-        has_tars = any(n.endswith(SHARD_EXTS) for n in os.listdir(spec))
-        if not has_tars:
+        if not any(n.endswith(SHARD_EXTS) for n in os.listdir(spec)):
             return ImageFolderDataset(spec, image_size, **kwargs)
     return TarShardDataset(spec, image_size, **kwargs)
 
@@ -425,7 +424,160 @@ def pick_captions(captions, recaptions, p_recaption=0.95, generator=None):
 
 
 # =============================================================================
-# 5. Shapes shards and the command line
+# 5. Pretokenized tokens for MaskGen: written once with the frozen tokenizer, read as a stream
+#
+# The token shards are again WebDataset tars, one sample per image:
+#     <key>.tokens.npy   VQ ids, int16 (int32 for codebooks over 32768 entries), shape (K,)
+#  or <key>.mean.npy     KL posterior mean, float32 (K, C)
+#     <key>.logvar.npy   KL posterior log-variance, float32 (K, C)
+#     <key>.txt          the caption
+#     <key>.json         {"caption", "recaption", "aesthetic" (null if unknown), "source"}
+# plus meta.json in the output folder describing the tokenizer (tokenizer_meta).
+#
+# VQ ids are stored as integers (a .npy header records the dtype): float16's 11-bit
+# significand cannot hold every integer above 2048 (2049 reads back as 2048, 8191 as
+# 8192), so the official loader, which decodes tokens as float16, silently corrupts
+# ids of an 8192-entry codebook. The reader here refuses any non-integer token array.
+# =============================================================================
+
+
+def token_dtype(codebook_size):
+    """The smallest integer dtype that holds every id of the codebook."""
+    return np.dtype(np.int16) if codebook_size <= np.iinfo(np.int16).max + 1 else np.dtype(np.int32)
+
+
+def pretokenized_members(caption, recaption="", aesthetic=None, source="", tokens=None, mean=None, logvar=None,
+                         dtype=np.int16):  # fmt: skip
+    """The tar members of one pretokenized sample (VQ: tokens (K,); KL: mean and logvar (K, C))."""
+    if (tokens is None) == (mean is None or logvar is None):
+        raise ValueError("pass either VQ tokens, or a KL mean and logvar")
+    if tokens is not None:
+        tokens = np.asarray(tokens)
+        if tokens.dtype.kind not in "iu":
+            raise TypeError(f"VQ tokens must be integers, got {tokens.dtype}")
+        if tokens.size and (tokens.min() < np.iinfo(dtype).min or tokens.max() > np.iinfo(dtype).max):
+            raise ValueError(f"token ids in [{tokens.min()}, {tokens.max()}] do not fit {np.dtype(dtype)}; "
+                             f"use token_dtype(codebook_size)")  # fmt: skip
+        arrays = {"tokens.npy": tokens.astype(dtype)}
+    else:
+        arrays = {"mean.npy": np.asarray(mean, dtype=np.float32), "logvar.npy": np.asarray(logvar, dtype=np.float32)}
+    aes = None if aesthetic is None or not math.isfinite(float(aesthetic)) else float(aesthetic)  # null: unknown
+    return {**arrays, "txt": caption, "json": {"caption": caption, "recaption": recaption, "aesthetic": aes,
+                                               "source": source}}  # fmt: skip
+
+
+@torch.no_grad()
+def pretokenize(tokenizer, dataset, out_dir, *, batch_size=64, per_shard=5000, num_workers=0, rank=0,
+                max_samples=None, prefix=None, progress=False):  # fmt: skip
+    """Encode every image of `dataset` (already split for this rank) with the frozen
+    tokenizer and write this rank's shards: <out_dir>/<prefix>-NNNNNN.tar (default
+    prefix "pretok-rank<rank>"). The tokenizer follows tokenizer.TATiTok's API.
+    Returns {"samples": n, "shards": [paths], "skipped": the dataset's skip counts}."""
+    cfg, mode = tokenizer.config, tokenizer.config.quantize_mode
+    if mode not in ("vq", "kl"):
+        raise ValueError(f"tokenizer quantize_mode must be 'vq' or 'kl', got {mode!r}")
+    tokenizer.eval()
+    device = next(tokenizer.parameters()).device
+    dtype = token_dtype(getattr(cfg, "codebook_size", 8192))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    if progress:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, desc=f"pretokenize rank {rank}", unit="batch")
+    n = 0
+    with ShardWriter(out_dir, prefix or f"pretok-rank{rank:03d}", per_shard) as writer:
+        for batch in loader:
+            images = batch["image"].to(device)  # (B, 3, S, S) in [0, 1]
+            if mode == "vq":
+                ids = tokenizer.encode(images).cpu().numpy()  # (B, K) int64
+                arrays = [dict(tokens=row) for row in ids]
+            else:
+                post = tokenizer.encode(images, return_posterior=True)
+                mean, logvar = post.mean.float().cpu().numpy(), post.logvar.float().cpu().numpy()  # (B, K, C) each
+                arrays = [dict(mean=m, logvar=v) for m, v in zip(mean, logvar)]
+            for i, arr in enumerate(arrays):
+                if max_samples is not None and n >= max_samples:
+                    break
+                members = pretokenized_members(batch["caption"][i], batch["recaption"][i], float(batch["aesthetic"][i]),
+                                               batch["key"][i], dtype=dtype, **arr)  # fmt: skip
+                writer.write(f"r{rank:03d}_{n:09d}", members)
+                n += 1
+            if max_samples is not None and n >= max_samples:
+                break
+    if n == 0:
+        log.warning("data: rank %d wrote no pretokenized samples (skips: %s)", rank, dataset.skipped.summary())
+    return {"samples": n, "shards": writer.paths, "skipped": dataset.skipped.counts()}
+
+
+def tokenizer_meta(tokenizer):
+    """What a MaskGen trainer needs to know about the tokens (written to meta.json)."""
+    cfg = tokenizer.config
+    meta = {"quantize_mode": cfg.quantize_mode, "num_tokens": cfg.num_latent_tokens,
+            "token_size": cfg.token_size, "image_size": cfg.image_size}  # fmt: skip
+    if cfg.quantize_mode == "vq":
+        meta.update(codebook_size=cfg.codebook_size, token_dtype=str(token_dtype(cfg.codebook_size)))
+    return meta
+
+
+def read_pretokenized_meta(path):
+    """meta.json of a pretokenized folder (or of the folder holding a shard pattern), or None."""
+    folder = path if os.path.isdir(path) else os.path.dirname(expand_braces(str(path).split("::")[0])[0])
+    meta_file = os.path.join(folder, "meta.json")
+    if not os.path.isfile(meta_file):
+        return None
+    with open(meta_file) as f:
+        return json.load(f)
+
+
+class TokenDtypeError(TypeError):
+    """Pretokenized VQ ids stored in a non-integer dtype (e.g. the official float16)."""
+
+
+class PretokenizedDataset(StreamDataset):
+    """Reads the shards `pretokenize` writes, for train_maskgen.py. Yields
+        VQ: {"tokens": LongTensor (K,), ...}
+        KL: {"posterior": FloatTensor (K, 2C) = cat(mean, logvar), ...}
+    plus "caption", "recaption" ("" if none), "aesthetic" FloatTensor () and "key".
+    `shards`: a folder of shards, a brace pattern, a glob or a list. Split, shuffle,
+    resume and aesthetic options as in shards.StreamDataset; missing aesthetic scores
+    get default_aesthetic (NaN, "unknown", unless given)."""
+
+    def __init__(self, shards, **stream):
+        self.shards = list_shards(shards)
+        super().__init__(**stream)
+
+    def _decode(self, group, check_only=False):
+        where = sample_name(group)
+        out = {}
+        try:
+            if "tokens.npy" in group:
+                tokens = decode_npy(group["tokens.npy"])
+                if tokens.dtype.kind not in "iu":
+                    # Not a skip: the whole dataset would be silently wrong.
+                    raise TokenDtypeError(f"{where}: VQ tokens are stored as {tokens.dtype}, not integers; float16 "
+                                          f"cannot hold ids above 2048 exactly. Re-create the shards with "
+                                          f"`python data.py pretokenize`.")  # fmt: skip
+                if tokens.ndim != 1:
+                    raise ValueError(f"expected tokens of shape (K,), got {tokens.shape}")
+                out["tokens"] = torch.from_numpy(tokens.astype(np.int64))  # (K,)
+            elif "mean.npy" in group and "logvar.npy" in group:
+                mean, logvar = decode_npy(group["mean.npy"]), decode_npy(group["logvar.npy"])
+                if mean.shape != logvar.shape or mean.ndim != 2:
+                    raise ValueError(f"mean {mean.shape} and logvar {logvar.shape} must both be (K, C)")
+                out["posterior"] = torch.from_numpy(np.concatenate([mean, logvar], -1).astype(np.float32))  # (K, 2C)
+            else:
+                return self._reject("bad_tokens", f"{where} has neither tokens.npy nor mean.npy + logvar.npy",
+                                    check_only)  # fmt: skip
+        except TokenDtypeError:
+            raise
+        except Exception as e:
+            return self._reject("bad_tokens", f"{where}: {type(e).__name__}: {e}", check_only)
+        fields = self._text_fields(group, check_only)  # caption, recaption, aesthetic, key
+        return None if fields is None else {**out, **fields}
+
+
+# =============================================================================
+# 6. Shapes shards and the command line
 # =============================================================================
 
 
@@ -477,10 +629,8 @@ def _cmd_inspect(args):
         if reason:
             dropped[reason] += c
     rule = f"longer side >= {longer}" + (f", aspect ratio < {aspect:g}" if aspect else "")
-    verdict = f"keeps all {n}"
-    if dropped:
-        counts = " ".join(f"{k}={v}" for k, v in dropped.items())
-        verdict = f"would drop {sum(dropped.values())} of these {n}: {counts}"
+    counts = " ".join(f"{k}={v}" for k, v in dropped.items())
+    verdict = f"would drop {sum(dropped.values())} of these {n}: {counts}" if dropped else f"keeps all {n}"
     print(f"the training filter for image size {args.image_size} ({rule}) {verdict} (the trainers apply it at "
           f"their tokenizer's image size; --image-size checks another)")  # fmt: skip
 
@@ -489,24 +639,21 @@ def _cmd_pretokenize(args):
     # Under torchrun every rank encodes its share of the data and writes its own
     # shards; rank 0 adds meta.json once the counts are summed.
     rank, world_size, device = runtime.setup_distributed(args.device or "auto", mps=False)
-    distributed = world_size > 1
     import load  # imported here so that data.py works without the models (shapes, shards)
 
     tok, _ = load.load_tokenizer(args.tokenizer, device, with_text=False)  # frozen; no text (no CLIP download)
-    size = tok.config.image_size
-    ds = build_image_dataset(args.data, size, train=False, rank=rank, world_size=world_size,
+    ds = build_image_dataset(args.data, tok.config.image_size, train=False, rank=rank, world_size=world_size,
                              min_longer_side=args.min_longer_side)  # fmt: skip
     result = pretokenize(tok, ds, args.out, batch_size=args.batch_size, per_shard=args.per_shard,
                          num_workers=args.num_workers, rank=rank, max_samples=args.max_samples,
                          progress=rank == 0)  # fmt: skip
-    total = result["samples"]
-    summed = torch.tensor([result["skipped"][r] for r in SKIP_REASONS] + [total], dtype=torch.int64, device=device)
-    if distributed:
+    local = [result["skipped"][r] for r in SKIP_REASONS] + [result["samples"]]  # this rank's counts, summed below
+    summed = torch.tensor(local, dtype=torch.int64, device=device)
+    if world_size > 1:
         torch.distributed.all_reduce(summed)  # also the last sync point: every rank's shards are written
         # gloo's worker thread drops its own reference to `summed` a moment after the call
-        # returns. If Python let go of it first and this process were already exiting, that
-        # late release would need the interpreter and abort the process ("terminate called
-        # without an active exception", seen on a loaded CPU), so hold it until then.
+        # returns. Were this process already exiting when it does, that late release would
+        # abort it ("terminate called without an active exception"): hold `summed` until then.
         deadline = time.monotonic() + 10.0
         while summed._use_count() > 1 and time.monotonic() < deadline:
             time.sleep(0.001)

@@ -1,63 +1,91 @@
 """
-WebDataset tar shards: finding them, and the streaming dataset that every shard
-reader builds on.
+WebDataset tar shards, end to end: finding them, reading one shard's bytes (a local
+file, a pipe, a URL) as samples, writing shards, and the streaming dataset that every
+shard reader builds on.
 
 Paper: §5.1 "Training Data" / Appendix A. The web image-text pairs (DataComp, CC12M,
 LAION) come as WebDataset tar shards, the layout img2dataset writes, and MaskGen's
-pretokenized data (pretokenize.py) is stored the same way. This file is the format
-and the streaming machinery, read with the standard library only:
+pretokenized tokens (data.py) are stored the same way. Standard library only:
   * a shard like 000123.tar holds 000123001.jpg, 000123001.txt, 000123001.json,
     000123002.jpg, ... The files of one sample sit next to each other and share a
     key: the member path up to the first dot of its file name. Everything after that
-    dot is the "extension" ("jpg", "txt", "recap.txt"). A shard is a local file, a
-    "pipe:COMMAND" whose stdout is the tar, or an http(s):// URL (shard_io.py opens
-    them, groups the members into samples, and writes shards).
+    dot is the "extension" ("jpg", "txt", "recap.txt").
+  * a shard is one of three sources (webdataset's conventions):
+      "data/000123.tar"  a local file (or .tar.gz / .tgz). A plain tar can be opened at
+                         any sample's byte offset: a resumed run seeks straight there.
+      "pipe:COMMAND"     COMMAND runs in a shell and the tar is read from its stdout, e.g.
+                         "pipe:aws s3 cp s3://bucket/000123.tar -". A failing command
+                         (non-zero exit, missing program) is an unreadable shard, with
+                         the end of its stderr in the log; stdin is closed, so a command
+                         that asks for input fails instead of waiting. (A data spec is
+                         thus a shell command line: take one only from whom you would
+                         let run commands.)
+      "https://..."      streamed with urllib, never downloaded whole; an HTTP or
+                         network error is an unreadable shard.
+    A pipe, a URL or a compressed tar cannot seek: to start at an offset it is read
+    from its beginning, dropping the members before the offset. Resuming one therefore
+    costs one partial shard, not a replay of the run.
+  * cuts and damage: a well-formed tar ends with a block of zeros. When the bytes end
+    (or turn to garbage) before it, every complete sample before the cut is kept, a
+    sample whose member is cut is dropped, and the shard counts once as
+    "truncated_member", whether the cut falls inside a member's data, at a member
+    boundary or inside a header.
   * a sample's text fields: the caption (.txt, or a .json field), the Molmo
     recaption with its "The image depicts ..." prefix stripped (App. A), and the
     aesthetic score (MaskGen's micro-condition, also the paper's data filter).
   * StreamDataset splits the samples over DDP ranks and DataLoader workers without
-    duplicates, shuffles, repeats epochs, resumes exactly, and skips bad inputs
-    (corrupt images, missing or non-UTF-8 captions, truncated tars, unreadable
-    shards), counting them in `dataset.skipped`, never a crash.
-  * Resuming costs the same at step 300k as at step 10: every sample carries its
-    reader's position after it (epoch, shard, byte offset of its shuffle block, how
-    much of that block was used); the trainer keeps the position each reader reached
-    (StreamPositions) in its checkpoint, and a resumed reader opens the shard at that
-    byte offset and re-reads one shuffle block. Pipes, URLs and compressed tars cannot
-    seek: they read forward within that one shard.
+    duplicates, shuffles, repeats epochs, and skips bad inputs (corrupt images,
+    missing or non-UTF-8 captions, truncated tars, unreadable shards), counting them
+    in `dataset.skipped`, never a crash. It resumes exactly, at the same cost at step
+    300k as at step 10, from the reader positions a checkpoint saved (StreamPositions).
 
 Sections, in reading order:
-  1. Finding shards     expand_braces, list_shards
-  2. A sample's text    strip_recaption_prefix, sample_name
-  3. Skip counting      SKIP_REASONS, SkipCounter
-  4. The stream         resolve_rank, StreamDataset, StreamPositions
-Reading one shard's bytes and writing shards (ShardWriter) are in shard_io.py.
-
-data.py builds the image datasets on StreamDataset, pretokenize.py the token one.
+  1. Finding shards       is_remote, expand_braces, list_shards
+  2. One shard's samples  open_shard, split_key, iter_tar_groups
+  3. Writing shards       encode_npy / decode_npy, ShardWriter
+  4. A sample's text      strip_recaption_prefix, sample_name
+  5. Skip counting        SKIP_REASONS, SkipCounter
+  6. The stream           resolve_rank, StreamDataset, StreamPositions
+data.py builds the image datasets and the pretokenized-token dataset on StreamDataset.
 """
 
 import glob
+import io
 import itertools
 import json
 import logging
 import math
 import os
 import re
+import subprocess
+import tarfile
+import tempfile
+import urllib.request
+import zlib
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 import runtime
-from shard_io import is_remote, iter_tar_groups
 
 log = logging.getLogger("data")
 
 SHARD_EXTS = (".tar", ".tar.gz", ".tgz")
+# What a broken tar, a failing pipe or a dropped connection raises while it is read.
+READ_ERRORS = (OSError, EOFError, tarfile.TarError, zlib.error)
+URL_TIMEOUT_S = 60  # seconds without a byte from an http(s) shard before it counts as unreadable
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz: these cannot seek to a member
+PIPE_TAIL_BYTES = 1 << 20  # what a pipe may still send after its tar's end (tar pads to 10 KiB records)
 
 # =============================================================================
-# 1. Finding shards: brace patterns, globs, folders
+# 1. Finding shards: brace patterns, globs, folders, pipes and URLs
 # =============================================================================
+
+
+def is_remote(source):
+    """Whether a shard name is a pipe: command or an http(s):// URL rather than a file."""
+    return source.startswith("pipe:") or re.match(r"https?://", source) is not None
 
 
 def expand_braces(pattern):
@@ -115,18 +143,15 @@ def list_shards(spec, exts=SHARD_EXTS):
             out += expand_braces(part)
             continue
         if re.match(r"^[a-z0-9+]+:(//)?", part) and not os.path.exists(part):
-            raise ValueError(
-                f"{part!r} is not a local file, a 'pipe:COMMAND' or an http(s):// URL; read other stores "
-                f"through a command that writes the tar to stdout, e.g. 'pipe:aws s3 cp s3://bucket/000.tar -' "
-                f"or 'pipe:gsutil cat gs://bucket/000.tar'"
-            )
+            raise ValueError(f"{part!r} is not a local file, a 'pipe:COMMAND' or an http(s):// URL; read other "
+                             f"stores through a command that writes the tar to stdout, e.g. 'pipe:aws s3 cp "
+                             f"s3://bucket/000.tar -' or 'pipe:gsutil cat gs://bucket/000.tar'")  # fmt: skip
         if os.path.isdir(part):
             names = sorted(p for p in glob.glob(os.path.join(part, "*")) if p.endswith(exts))
             if not names:
-                raise FileNotFoundError(
-                    f"directory {part!r} holds no shard files ({', '.join(exts)}); pass a directory of "
-                    f"tar shards or a pattern like 'dir/{{000000..000099}}.tar'"
-                )
+                raise FileNotFoundError(f"directory {part!r} holds no shard files ({', '.join(exts)}); pass a "
+                                        f"directory of tar shards or a pattern like "
+                                        f"'dir/{{000000..000099}}.tar'")  # fmt: skip
             out += names
             continue
         names = []
@@ -146,7 +171,226 @@ def list_shards(spec, exts=SHARD_EXTS):
 
 
 # =============================================================================
-# 2. A sample's text fields
+# 2. One shard's samples: opening its bytes, grouping members by key, detecting cuts
+# =============================================================================
+
+
+def open_shard(source, offset=0):
+    """Open a shard's bytes, positioned at `offset` where it can seek there -> (file object,
+    start, finish). `start` is the tar byte the file object begins at: `offset` for a
+    plain local file, else 0 (the caller reads forward to the offset). finish(completed)
+    closes everything and returns why the source failed (a pipe's exit status and
+    stderr), or None; completed=False (the reader stopped early) ends a pipe's command
+    without judging it. Raises OSError when the source cannot be opened at all (a
+    missing file, an HTTP error, an unreachable host)."""
+    if source.startswith("pipe:"):
+        stderr = tempfile.TemporaryFile()  # a file, not a pipe: a chatty command cannot block on it
+        proc = subprocess.Popen(source[len("pipe:"):], shell=True, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=stderr)  # fmt: skip
+
+        def finish(completed):
+            # After the tar's end only its padding should follow: read it, so that the command
+            # is not cut off mid-write. More than that (a cut tar, a command that goes on) is
+            # not waited for: the command is stopped and, having been stopped, not judged.
+            if completed and proc.stdout.read(PIPE_TAIL_BYTES) and proc.stdout.read(1):
+                completed = False
+            if proc.poll() is None and not completed:
+                proc.kill()
+            proc.stdout.close()
+            status = proc.wait()
+            stderr.seek(0)
+            message = stderr.read()[-600:].decode("utf-8", "replace").strip()
+            stderr.close()
+            if completed and status != 0:
+                return f"{source}: the command exited with status {status}: {message or '(nothing on stderr)'}"
+            return None
+
+        return proc.stdout, 0, finish
+    if re.match(r"https?://", source):
+        response = urllib.request.urlopen(source, timeout=URL_TIMEOUT_S)  # HTTPError / URLError are OSErrors
+        return response, 0, lambda completed: response.close()
+    f = open(source, "rb")
+    start = offset if offset > 0 and not f.read(6).startswith(COMPRESSED_MAGIC) else 0  # a plain tar seeks
+    f.seek(start)
+    return f, start, lambda completed: f.close()
+
+
+def split_key(name):
+    """Tar member name -> (key, extension): "a/b/000001.recap.txt" -> ("a/b/000001", "recap.txt")."""
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem or stem.startswith("__"):
+        return None, None  # no extension, a hidden "._x" file, or a "__meta__" member
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+class _Header(tarfile.TarInfo):
+    """tarfile's member header that also remembers why reading headers stopped: tarfile
+    ends an iteration silently on the end-of-archive zero block (a clean end), but also
+    on no bytes at all, a partial header or a damaged one (a cut)."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as e:
+            tar.stopped_by = e
+            raise
+
+
+def _groups(fileobj, source, start, skip_to):
+    """Yield the samples of an open tar stream (see iter_tar_groups); return the problem
+    that ended it, (reason, detail), or None after a clean end. `start` is the tar byte
+    where fileobj begins; members before byte `skip_to` are passed over unread."""
+    try:
+        # "r|": a forward-only stream (what a pipe or a socket allows); "r|*" also detects
+        # compression, which only a stream from the shard's first byte can have.
+        tar = tarfile.open(fileobj=fileobj, mode="r|" if start else "r|*", tarinfo=_Header)
+    except READ_ERRORS as e:
+        if start:  # a seek into the middle of a shard that has nothing readable there
+            return "truncated_member", f"{source}: the tar breaks at byte {start}: {type(e).__name__}: {e}"
+        return "unreadable_shard", f"{source}: {type(e).__name__}: {e}"
+    group = None  # the sample being read: every member read so far is complete
+    with tar:
+        try:
+            for member in tar:  # a read error here leaves `group` whole: kept below
+                key, ext = split_key(member.name) if member.isfile() else (None, None)
+                if key is None or start + member.offset < skip_to:
+                    continue
+                if group is not None and key != group["__key__"]:
+                    yield group  # the next sample has begun, so this one is complete
+                    group = None
+                try:
+                    data = tar.extractfile(member).read()
+                except READ_ERRORS as e:  # this member is cut: its sample is dropped
+                    return "truncated_member", f"{source}: sample {key!r} is cut in {member.name} ({e})"
+                if group is None:
+                    group = {"__key__": key, "__shard__": source}
+                group[ext] = data
+                group["__end__"] = start + tar.offset  # the tar byte after this member: where a reader resumes
+            # The loop ended without an error: at the end-of-archive block, or at a cut (_Header).
+            stop, where = getattr(tar, "stopped_by", None), f"at byte {start + tar.offset}"
+            if stop is None or isinstance(stop, tarfile.EOFHeaderError):
+                problem = None  # the end-of-archive block: a clean end
+            elif isinstance(stop, tarfile.EmptyHeaderError):
+                problem = f"the tar ends {where}, at a member boundary, without its end-of-archive blocks"
+            elif isinstance(stop, tarfile.TruncatedHeaderError):
+                problem = f"the tar ends {where}, inside a member header"
+            else:
+                problem = f"a damaged member header {where} ({stop})"
+        except READ_ERRORS as e:
+            problem = f"{type(e).__name__}: {e} after byte {start + tar.offset}"
+    if group is not None:
+        yield group
+    return None if problem is None else ("truncated_member", f"{source}: {problem}; the rest of this shard is lost")
+
+
+def iter_tar_groups(source, skipped=None, offset=0):
+    """Yield one dict per sample of a shard, in file order, from byte `offset` on (a
+    sample's start, as recorded in "__end__" of the sample before it):
+        {"__key__": key, "__shard__": source, "__end__": byte after the sample, "<ext>": bytes, ...}
+    A shard that cannot be read counts "unreadable_shard"; a tar that is cut or damaged
+    counts "truncated_member" (see the module docstring); each at most once per call.
+    `skipped` is a SkipCounter, or None to count nothing."""
+    count = skipped.add if skipped is not None else (lambda reason, detail="": None)
+    try:
+        fileobj, start, finish = open_shard(source, offset)
+    except (OSError, ValueError) as e:
+        count("unreadable_shard", f"{source}: {type(e).__name__}: {e}")
+        return
+    completed = False
+    try:
+        problem = yield from _groups(fileobj, source, start, offset)
+        completed = True
+    finally:  # also when the reader stops early: never leave a command running
+        failure = finish(completed)
+    if failure:  # a failed command explains a cut in its output better than the cut does
+        count("unreadable_shard", failure)
+    elif problem:
+        count(*problem)
+
+
+# =============================================================================
+# 3. Writing shards
+# =============================================================================
+
+
+# Arrays travel as .npy files, whose header records dtype and shape; allow_pickle=False:
+# reading a shard never runs code from it.
+def encode_npy(array):
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npy(data):
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class ShardWriter:
+    """Write samples into tar shards of at most `per_shard` samples each:
+    out_dir/<prefix>-000000.tar, -000001.tar, ... A shard is written under a .tmp
+    name and renamed when complete, so an interrupted run never leaves a
+    half-written shard that looks finished.
+
+        with ShardWriter("out", "train", per_shard=1000) as w:
+            w.write("000000001", {"png": png_bytes, "txt": "a red circle", "json": {...}})
+    Member values: bytes, str (utf-8), dict/list (JSON) or np.ndarray (.npy)."""
+
+    def __init__(self, out_dir, prefix="shard", per_shard=1000):
+        if per_shard < 1:
+            raise ValueError(f"per_shard must be >= 1, got {per_shard}")
+        os.makedirs(out_dir, exist_ok=True)
+        self.out_dir, self.prefix, self.per_shard = out_dir, prefix, int(per_shard)
+        self.paths, self.count = [], 0
+        self._tar = self._tmp = None
+
+    def write(self, key, members):
+        if "." in key or "/" in key or not key:
+            raise ValueError(f"sample key {key!r} must be non-empty without '.' or '/' (the key ends at the first dot)")
+        if self._tar is None:
+            self._final = os.path.join(self.out_dir, f"{self.prefix}-{len(self.paths):06d}.tar")
+            self._tmp = self._final + ".tmp"
+            self._tar = tarfile.open(self._tmp, "w")
+        for ext, value in members.items():
+            if isinstance(value, str):
+                value = value.encode("utf-8")
+            elif isinstance(value, np.ndarray):
+                value = encode_npy(value)
+            elif isinstance(value, (dict, list)):
+                value = json.dumps(value).encode("utf-8")
+            elif not isinstance(value, bytes):
+                raise TypeError(f"cannot store a {type(value).__name__} in a tar shard; "
+                                f"pass bytes, str, dict or np.ndarray")  # fmt: skip
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mode, info.mtime = len(value), 0o644, 0  # mtime 0: byte-identical reruns
+            self._tar.addfile(info, io.BytesIO(value))
+        self.count += 1
+        if self.count % self.per_shard == 0:
+            self.close()  # this shard is full; the next write opens the next one
+
+    def close(self):
+        """Finish the shard being written (rename it from .tmp); return every shard's path."""
+        if self._tar is not None:
+            self._tar.close()
+            os.replace(self._tmp, self._final)
+            self.paths.append(self._final)
+            self._tar = None
+        return self.paths
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        elif self._tar is not None:  # an error: leave the partial shard as .tmp
+            self._tar.close()
+            self._tar = None
+
+
+# =============================================================================
+# 4. A sample's text fields
 # =============================================================================
 
 # Where a caption, a recaption and an aesthetic score may sit.
@@ -173,11 +417,8 @@ def strip_recaption_prefix(text):
 
 
 def _field(meta, names):
-    for name in names:
-        value = meta.get(name)
-        if isinstance(value, str) and value.strip():
-            return value.strip()
-    return ""
+    """The first of the .json fields `names` that holds a non-blank string, stripped, or ""."""
+    return next((meta[n].strip() for n in names if isinstance(meta.get(n), str) and meta[n].strip()), "")
 
 
 def sample_name(group):
@@ -186,7 +427,7 @@ def sample_name(group):
 
 
 # =============================================================================
-# 3. Skip counting
+# 5. Skip counting
 # =============================================================================
 
 # The reasons a sample (or a whole shard) can be skipped; counted per reason.
@@ -220,8 +461,7 @@ class SkipCounter:
         dataset.skipped.summary()  -> "corrupt_image=2 missing_caption=1"
     The first few skips of each reason in each process are logged with a warning."""
 
-    ROWS = 257
-    LOG_FIRST = 5
+    ROWS, LOG_FIRST = 257, 5  # the main process + up to 256 workers; skips logged per reason and process
 
     def __init__(self):
         self._table = torch.zeros(self.ROWS, len(SKIP_REASONS), dtype=torch.int64).share_memory_()
@@ -245,18 +485,17 @@ class SkipCounter:
         return sum(v for k, v in self.counts().items() if include_filtered or not k.startswith("filtered_"))
 
     def summary(self):
-        parts = [f"{k}={v}" for k, v in self.counts().items() if v]
-        return " ".join(parts) if parts else "none"
+        return " ".join(f"{k}={v}" for k, v in self.counts().items() if v) or "none"
 
 
 # =============================================================================
-# 4. The stream: ranks x workers, epochs, shuffling, exact resume
+# 6. The stream: ranks x workers, epochs, shuffling, exact resume
 # =============================================================================
 
 
 def resolve_rank(rank=None, world_size=None):
-    """(rank, world_size): as given, else runtime.rank_world() (the process group, else
-    torchrun's environment, else (0, 1)), checked."""
+    """(rank, world_size) as given, else runtime.rank_world() (the process group, else
+    torchrun's environment, else (0, 1)); checked."""
     if rank is None or world_size is None:
         r, w = runtime.rank_world()
         rank = r if rank is None else rank
@@ -272,11 +511,6 @@ def worker_slot():
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _batches_before(start_batch, worker, num_workers):
-    """How many of batches [0, start_batch) the given (logical) worker made."""
-    return max(0, (start_batch - worker + num_workers - 1) // num_workers)
-
-
 # A reader's position, as a LongTensor (5,) that travels with each sample it yields.
 POSITION_FIELDS = ("epoch", "shard", "offset", "seen", "taken")
 START = (0, 0, 0, 0, 0)  # the position of a reader that has read nothing
@@ -288,9 +522,8 @@ class StreamDataset(IterableDataset):
     the paper's aesthetic filter.
 
     Splitting. The readers ("slots") are the world_size x num_workers DataLoader
-    workers. Each epoch yields the raw samples of this slot (by default from the tar
-    shards in self.shards); epochs repeat forever when infinite=True, each in a new
-    seeded order.
+    workers. Each epoch yields this slot's raw samples (_epoch_groups); epochs repeat
+    forever when infinite=True, each in a new seeded order.
 
     Shuffling. Each reader cuts its epoch's stream into blocks of `shuffle_buffer`
     consecutive samples and yields each block in a random order, drawn from a generator
@@ -305,13 +538,13 @@ class StreamDataset(IterableDataset):
     s + j, s + j + W, ... So it plays the part of "logical worker" (s + j) % W of the
     first run. positions: the (W, 5) positions those logical workers had reached
     (StreamPositions keeps them from the batches a trainer consumed): the worker opens
-    the shard at that byte offset, re-reads one block and goes on, at the same cost at
-    any step. A row of -1 (unknown; also positions=None) makes that worker regenerate
-    its stream from the seed and fast-forward past the batches it already made (a cost
-    proportional to the position). Either way the resumed run sees exactly the samples
-    (and crops, and flips) the uninterrupted run would have, provided world_size,
-    num_workers, batch_size, shuffle_buffer and seed are unchanged. Pipes, URLs and
-    compressed tars cannot seek: they read forward from the start of that one shard.
+    the shard at that byte offset (pipes, URLs and compressed tars read forward to
+    it), re-reads one block and goes on, at the same cost at any step. A row of -1
+    (unknown; also positions=None) makes that worker regenerate its stream from the
+    seed and fast-forward past the batches it already made (a cost proportional to
+    the position). Either way the resumed run sees exactly the samples (and crops, and
+    flips) the uninterrupted run would have, provided world_size, num_workers,
+    batch_size, shuffle_buffer and seed are unchanged.
 
     min_aesthetic:     keep samples scoring >= this (paper: 5.0 pre-training, 6.0
                        fine-tuning); samples without a score are kept
@@ -334,7 +567,7 @@ class StreamDataset(IterableDataset):
         self.skipped = SkipCounter()
         self.max_consecutive_skips = 10_000  # infinite streams: give up (with the counts) after this many
 
-    # --- subclass hooks ---
+    # --- subclass hooks: _epoch_groups (where raw samples come from), _decode (what they become) ---
     def _epoch_groups(self, epoch, slot, n_slots, start=(0, 0, 0)):
         """Raw samples (dicts of bytes) of one epoch that belong to this slot, from the
         tar shards in self.shards, beginning at start = (shard, offset, seen); each
@@ -406,17 +639,15 @@ class StreamDataset(IterableDataset):
         if raw is None:
             ext = next((e for e in AESTHETIC_EXTS if e in group), None)
             raw = group[ext].decode("utf-8", "replace").strip() if ext else None
-        aesthetic = None
-        if raw is not None:
-            try:
-                aesthetic = float(raw)
-                if not math.isfinite(aesthetic):
-                    raise ValueError("not finite")
-            except (TypeError, ValueError):
-                self._reject("bad_aesthetic", f"{where}: aesthetic score {raw!r} is not a number; using the default",
-                             check_only)  # fmt: skip
-                aesthetic = None
-        if aesthetic is None:
+        try:
+            aesthetic = None if raw is None else float(raw)
+            if aesthetic is not None and not math.isfinite(aesthetic):
+                raise ValueError("not finite")
+        except (TypeError, ValueError):
+            self._reject("bad_aesthetic", f"{where}: aesthetic score {raw!r} is not a number; using the default",
+                         check_only)  # fmt: skip
+            aesthetic = None
+        if aesthetic is None:  # no score, or not a usable one: the default, and the sample is kept
             aesthetic = self.default_aesthetic
         elif self.min_aesthetic is not None and aesthetic < self.min_aesthetic:
             return self._reject("filtered_aesthetic", f"{where}: {aesthetic:.2f} < {self.min_aesthetic}", check_only)
@@ -448,11 +679,9 @@ class StreamDataset(IterableDataset):
             if not self.infinite:
                 return
             if whole_pass and n == 0:
-                raise RuntimeError(
-                    f"{type(self).__name__}: reader {slot} of {n_slots} (rank x DataLoader worker) got no "
-                    f"readable sample in a whole pass (skips so far: {self.skipped.summary()}). "
-                    f"Check the data path, or use fewer DataLoader workers than there are samples."
-                )
+                raise RuntimeError(f"{type(self).__name__}: reader {slot} of {n_slots} (rank x DataLoader worker) got "
+                                   f"no readable sample in a whole pass (skips so far: {self.skipped.summary()}). "
+                                   f"Check the data path, or use fewer DataLoader workers than there are samples.")
             epoch, shard, offset, seen = epoch + 1, 0, 0, 0
 
     def __iter__(self):
@@ -464,8 +693,10 @@ class StreamDataset(IterableDataset):
                              f"resume with the num_workers the positions were saved with")  # fmt: skip
         saved = None if self.positions is None else self.positions[logical].tolist()
         known = saved is not None and saved[0] >= 0
-        # Without a saved position, regenerate the stream and fast-forward past the batches made.
-        to_skip = 0 if known else _batches_before(self.start_batch, logical, num_workers) * self.batch_size
+        # Without a saved position, regenerate the stream and fast-forward past the samples of
+        # the batches this logical worker made among batches 0 .. start_batch - 1.
+        made = max(0, (self.start_batch - logical + num_workers - 1) // num_workers)
+        to_skip = 0 if known else made * self.batch_size
         produced = failures = n_groups = 0
         for group, after in self._stream(slot, n_slots, saved if known else START):
             n_groups += 1
@@ -474,11 +705,9 @@ class StreamDataset(IterableDataset):
             if sample is None:
                 failures += 1
                 if self.infinite and failures >= self.max_consecutive_skips:
-                    raise RuntimeError(
-                        f"{type(self).__name__}: {failures} samples in a row were skipped "
-                        f"({self.skipped.summary()}); check the filters (min_longer_side, "
-                        f"max_aspect_ratio, min_aesthetic) and the shard contents"
-                    )
+                    raise RuntimeError(f"{type(self).__name__}: {failures} samples in a row were skipped "
+                                       f"({self.skipped.summary()}); check the filters (min_longer_side, "
+                                       f"max_aspect_ratio, min_aesthetic) and the shard contents")  # fmt: skip
                 continue
             failures = 0
             produced += 1
@@ -519,8 +748,8 @@ class StreamPositions:
     @classmethod
     def resume(cls, ckpt, rank, num_workers, start_batch):
         """This rank's positions saved in a trainer checkpoint (ckpt["data_positions"], one
-        state() per rank), or fresh ones (ckpt None), or unknown ones (a checkpoint written
-        before positions were saved: its readers fast-forward). ValueError if num_workers changed."""
+        state() per rank), or fresh ones (ckpt None), or unknown ones (a checkpoint that holds
+        no positions: its readers fast-forward). ValueError if num_workers changed."""
         saved = ckpt["data_positions"][rank] if ckpt is not None and ckpt.get("data_positions") else None
         return cls(num_workers, start_batch, saved)
 

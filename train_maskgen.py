@@ -34,7 +34,7 @@ import official
 import runtime
 from checkpoint import content_digest, load_checked
 from curves import plot_curves
-from pretokenize import PretokenizedDataset
+from data import PretokenizedDataset
 from shapes import SHAPES_AESTHETIC
 from train_common import (
     adamw, find_resume, image_batches, lr_at, optimizer_step, Progress, restore_run_state, resume_positions,

@@ -1,6 +1,6 @@
 """Tests for the data pipeline: shards.py (tar shards, splitting, resume, skip
-counting), data.py (image datasets, image helpers, the shapes world as a dataset)
-and pretokenize.py. Fast (CPU, tiny data)."""
+counting) and data.py (image datasets, image helpers, the shapes world as a dataset,
+pretokenized tokens). Fast (CPU, tiny data)."""
 
 import io
 import json
@@ -17,9 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import data
-import pretokenize
 import shapes
-import shard_io
 import shards
 
 # -----------------------------------------------------------------------------
@@ -102,14 +100,14 @@ def test_tar_grouping_by_key(tmp_path):
         ("__meta__.json", b"{}"), ("._000003.jpg", b"mac"), ("noext", b"x"),
         ("000003.webp", b"W3"),
     ])  # fmt: skip
-    groups = list(shard_io.iter_tar_groups(path))
+    groups = list(shards.iter_tar_groups(path))
     assert [g["__key__"] for g in groups] == ["000001", "sub/000002", "000003"]
     assert set(groups[0]) - {"__key__", "__shard__", "__end__"} == {"jpg", "txt", "json"}
     with tarfile.open(path) as tf:  # "__end__": the tar byte after the sample's last member (its padding included)
         member = tf.getmember("000003.webp")
     assert groups[2]["__end__"] == member.offset_data + 512
     assert groups[1]["txt"] == b"cap 2" and groups[1]["recap.txt"] == b"R" and groups[1]["png"] == b"P2"
-    assert shard_io.split_key("a/b/k.seg.txt") == ("a/b/k", "seg.txt")
+    assert shards.split_key("a/b/k.seg.txt") == ("a/b/k", "seg.txt")
 
 
 def _corrupt_shard(tmp_path):
@@ -182,9 +180,9 @@ def test_truncated_tar_keeps_every_complete_sample(tmp_path, cut):
     with open(path, "wb") as f:
         f.write(raw)
     counter = shards.SkipCounter()
-    keys = [g["__key__"] for g in shard_io.iter_tar_groups(path, counter)]
-    # Samples a and b are complete before every cut (before the fix, a cut in c's first
-    # member dropped b too, and a cut at a boundary or in a header went uncounted).
+    keys = [g["__key__"] for g in shards.iter_tar_groups(path, counter)]
+    # Samples a and b are complete before every cut, so both are kept (a cut in c's first
+    # member must not drop b), and every kind of cut is counted once.
     assert keys == (["a", "b", "c"] if cut == "none" else ["a", "b"])
     assert counter.counts()["truncated_member"] == (cut != "none") and counter.total() == (cut != "none")
 
@@ -199,7 +197,7 @@ def test_bad_shard_counted_once_per_epoch(tmp_path):
     it = iter(ds)
     for _ in range(2 * 5 + 1):  # 5 usable samples per epoch: this starts the third epoch
         next(it)
-    # The shuffle buffer used to read ~1000 samples (200 epochs) ahead, counting the bad shard in each.
+    # Counted once per epoch read, not once per epoch a shuffle buffer of 1000 could read ahead (~200).
     assert ds.skipped.counts()["truncated_member"] == 3
 
 
@@ -399,33 +397,33 @@ def test_pick_captions_and_prefix():
 def test_pretokenized_vq_ids_round_trip_exactly(tmp_path):
     ids = np.array([8191, 4097, 2049, 2048, 0, 1, 8190, 6000], dtype=np.int64)
     assert int(np.float16(2049)) == 2048 and int(np.float16(8191)) == 8192  # what fp16 storage would do
-    with shard_io.ShardWriter(str(tmp_path), "tok", per_shard=2) as w:
+    with shards.ShardWriter(str(tmp_path), "tok", per_shard=2) as w:
         for i in range(3):
-            w.write(f"{i:03d}", pretokenize.pretokenized_members(f"cap {i}", tokens=np.roll(ids, i), aesthetic=None,
-                                                          dtype=pretokenize.token_dtype(8192)))  # fmt: skip
+            w.write(f"{i:03d}", data.pretokenized_members(f"cap {i}", tokens=np.roll(ids, i), aesthetic=None,
+                                                          dtype=data.token_dtype(8192)))  # fmt: skip
     assert len(w.paths) == 2 and not any(p.endswith(".tmp") for p in os.listdir(tmp_path))
-    raw = next(g for g in shard_io.iter_tar_groups(w.paths[0]))
-    assert shard_io.decode_npy(raw["tokens.npy"]).dtype == np.int16
-    ds = pretokenize.PretokenizedDataset(str(tmp_path), infinite=False, shuffle=False, default_aesthetic=5.0)
+    raw = next(g for g in shards.iter_tar_groups(w.paths[0]))
+    assert shards.decode_npy(raw["tokens.npy"]).dtype == np.int16
+    ds = data.PretokenizedDataset(str(tmp_path), infinite=False, shuffle=False, default_aesthetic=5.0)
     out = list(ds)
     assert len(out) == 3
     for i, s in enumerate(out):
         assert s["tokens"].dtype == torch.int64 and s["tokens"].tolist() == np.roll(ids, i).tolist()
         assert s["caption"] == f"cap {i}" and float(s["aesthetic"]) == 5.0
-    assert pretokenize.token_dtype(2**16) == np.int32
+    assert data.token_dtype(2**16) == np.int32
     # A float16 token file (the official layout's bug) is refused, not silently read.
-    path = _write_tar(tmp_path / "fp16.tar", [("x.tokens.npy", shard_io.encode_npy(ids.astype(np.float16))),
+    path = _write_tar(tmp_path / "fp16.tar", [("x.tokens.npy", shards.encode_npy(ids.astype(np.float16))),
                                               ("x.txt", b"c")])  # fmt: skip
     with pytest.raises(TypeError, match="not integers"):
-        list(pretokenize.PretokenizedDataset(path, infinite=False))
+        list(data.PretokenizedDataset(path, infinite=False))
 
 
 def test_pretokenized_kl_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     mean, logvar = rng.normal(size=(2, 32, 16)).astype(np.float32)
-    with shard_io.ShardWriter(str(tmp_path), "kl", per_shard=10) as w:
-        w.write("k0", pretokenize.pretokenized_members("c", "The image features a recap", 6.25, mean=mean, logvar=logvar))
-    (s,) = list(pretokenize.PretokenizedDataset(str(tmp_path), infinite=False))
+    with shards.ShardWriter(str(tmp_path), "kl", per_shard=10) as w:
+        w.write("k0", data.pretokenized_members("c", "The image features a recap", 6.25, mean=mean, logvar=logvar))
+    (s,) = list(data.PretokenizedDataset(str(tmp_path), infinite=False))
     assert s["posterior"].shape == (32, 32) and s["posterior"].dtype == torch.float32
     assert torch.equal(s["posterior"], torch.from_numpy(np.concatenate([mean, logvar], -1)))
     assert s["recaption"] == "A recap" and float(s["aesthetic"]) == 6.25
@@ -452,10 +450,10 @@ class _StubTokenizer(torch.nn.Module):
 def test_pretokenize_with_stub(tmp_path, mode):
     tok = _StubTokenizer(mode)
     ds = data.build_image_dataset("shapes:10", 64, train=False)
-    res = pretokenize.pretokenize(tok, ds, str(tmp_path), batch_size=4, per_shard=6, rank=1)
+    res = data.pretokenize(tok, ds, str(tmp_path), batch_size=4, per_shard=6, rank=1)
     assert res["samples"] == 10 and [os.path.basename(p) for p in res["shards"]] == [
         "pretok-rank001-000000.tar", "pretok-rank001-000001.tar"]  # fmt: skip
-    out = list(pretokenize.PretokenizedDataset(str(tmp_path), infinite=False, shuffle=False))
+    out = list(data.PretokenizedDataset(str(tmp_path), infinite=False, shuffle=False))
     world = shapes.ShapesWorld(0)
     for i, s in enumerate(out):
         img = torch.from_numpy(world.sample(i).image).permute(2, 0, 1)[None].float() / 255
@@ -486,7 +484,7 @@ def test_pretokenize_cli_end_to_end_ddp(tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["num_samples"] == 7 and meta["quantize_mode"] == "vq" and meta["token_dtype"] == "int16"
     assert sorted(os.listdir(out)) == ["meta.json", "pretok-rank000-000000.tar", "pretok-rank001-000000.tar"]
-    got = {s["caption"] + "|" + s["key"]: s["tokens"] for s in pretokenize.PretokenizedDataset(str(out), infinite=False)}
+    got = {s["caption"] + "|" + s["key"]: s["tokens"] for s in data.PretokenizedDataset(str(out), infinite=False)}
     assert len(got) == 7
     # Every shapes sample 0..6 appears once, with the tokens the model gives it.
     world = shapes.ShapesWorld(0)
@@ -495,7 +493,7 @@ def test_pretokenize_cli_end_to_end_ddp(tmp_path):
         ids = model.encode(images)
     expected = sorted((world.sample(i).caption, tuple(ids[i].tolist())) for i in range(7))
     assert sorted((k.split("|")[0], tuple(v.tolist())) for k, v in got.items()) == expected
-    assert pretokenize.read_pretokenized_meta(str(out))["codebook_size"] == tk.PRESETS["tiny"].codebook_size
+    assert data.read_pretokenized_meta(str(out))["codebook_size"] == tk.PRESETS["tiny"].codebook_size
 
 
 def test_pretokenize_real_tiny_kl(tmp_path):
@@ -503,8 +501,8 @@ def test_pretokenize_real_tiny_kl(tmp_path):
     torch.manual_seed(0)
     model = tk.TATiTok(tk.PRESETS["tiny_kl"]).eval()
     ds = data.build_image_dataset("shapes:3", model.config.image_size, train=False)
-    assert pretokenize.pretokenize(model, ds, str(tmp_path), batch_size=3)["samples"] == 3
-    out = list(pretokenize.PretokenizedDataset(str(tmp_path), infinite=False, shuffle=False))
+    assert data.pretokenize(model, ds, str(tmp_path), batch_size=3)["samples"] == 3
+    out = list(data.PretokenizedDataset(str(tmp_path), infinite=False, shuffle=False))
     images = torch.stack([data.ShapesDataset(0, image_size=32).item(i)["image"] for i in range(3)])
     with torch.no_grad():
         post = model.encode(images, return_posterior=True)

@@ -18,8 +18,6 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import data
-import pretokenize
-import shard_io
 import shards
 import train_tokenizer
 
@@ -131,18 +129,18 @@ def test_resume_reads_only_one_block(tmp_path, monkeypatch):
     assert max(cost[2][0], cost[34][0]) <= 3 * 6  # early or late: the current block, and the next one or two
     assert any(offset > 0 for offset in read)  # the late resume opened its shard at a byte offset
     read.clear(), decoded.clear()
-    _batches(make, 34, None, 0, 1)  # no positions (an older checkpoint): the old fast-forward
+    _batches(make, 34, None, 0, 1)  # no positions (a checkpoint without them): the fast-forward
     assert sum(decoded) >= 34 * 3 and len(read) > 100
 
 
 def test_pretokenized_resume_is_exact(tmp_path):
-    with shard_io.ShardWriter(str(tmp_path), "tok", per_shard=7) as w:
+    with shards.ShardWriter(str(tmp_path), "tok", per_shard=7) as w:
         for i in range(26):
             tokens = np.arange(4, dtype=np.int64) + 10 * i
-            w.write(f"{i:04d}", pretokenize.pretokenized_members(f"cap {i}", tokens=tokens, aesthetic=5.0 + i % 3))
+            w.write(f"{i:04d}", data.pretokenized_members(f"cap {i}", tokens=tokens, aesthetic=5.0 + i % 3))
 
     def make(start, positions):
-        return pretokenize.PretokenizedDataset(str(tmp_path), shuffle_buffer=4, seed=2, batch_size=3,
+        return data.PretokenizedDataset(str(tmp_path), shuffle_buffer=4, seed=2, batch_size=3,
                                                start_batch=start, positions=positions)  # fmt: skip
 
     for workers in (0, 2):

@@ -7,49 +7,42 @@ reconstruction FID (rFID) and Inception Score (IS) on ImageNet-val, zero-shot wi
 the caption "A photo of a {class}."; the generator by FID on MJHQ-30K / COCO-30K, by
 CLIP score, and by GenEval, a compositional (object / count / colour / position) benchmark.
 
-The metrics:
-  * FID / IS features come from the standard FID Inception-v3 (the TF-2015 graph,
-    as ported by torch-fidelity, an optional dependency) so numbers are comparable
-    with the literature. The maths on top -- Fréchet distance, Inception Score -- is
-    written out below.
-  * PSNR, codebook usage and perplexity (VQ tokenizers).
-  * CLIP score with open_clip.
-  Under torchrun every rank scores its own images and the features are gathered.
-
-The commands (each writes <out>.json and a readable table <out>.txt; default out/eval/<cmd>):
-  * `recon`: a tokenizer (any reference load.py takes) on an image folder or tar shards:
-    rFID, IS, PSNR, codebook usage.
-  * `gen`: a folder of generated images (sample.py's, GenEval's or MJHQ-30K's layout,
-    sidecar captions, or a prompt file) against a reference: gFID, IS, CLIP score; in
-    MJHQ's layout (<dir>/<category>/<id>.png, and the reference's <ref>/<category>/*.jpg)
-    also the FID of each category.
-  * `shapes`: the shapes-world compositional score, a GenEval stand-in for the project's
-    own 64x64 world, scored by the rule-based detector that lives beside the world's
-    spec in shapes.py (shapes.shapes_score).
-  * `context`: does a MaskGen read the tokens already drawn? On shapes-world scenes,
-    VQ: the masked tokens' cross-entropy with 0 / 50 / 90% of the tokens visible; KL: how
-    much of a masked token's posterior mean a ridge regression recovers (R^2) from the
-    model's per-token conditions, at the same fractions; and both: the detector's score
-    when the hidden 50 / 25 / 10% of a scene's tokens are filled in one step.
-
-CLI:
-    python evaluate.py recon  --tokenizer DIR_OR_RUN --data IMAGENET_VAL_DIR --class-names classes.txt
-    python evaluate.py gen    --images GEN_DIR --ref REF_DIR|ref_stats.npz [--clip --prompts prompts.txt]
-    python evaluate.py gen    --images out/mjhq --ref mjhq30k_imgs/     # overall + per-category FID
-    python evaluate.py shapes [--generator CKPT] [--n-per-category 300]   # default: shipped checkpoint
-    python evaluate.py shapes --images SAMPLE_DIR | --ground-truth | --reconstruct
-    python evaluate.py context [--generator CKPT] [--n-per-category 300]
-    torchrun --nproc_per_node=8 evaluate.py ...     # images / prompts sharded over ranks, features gathered
-
-Public API (framework-light: numpy float64 where precision matters):
+The metrics (numpy float64 where precision matters):
     frechet_distance(mu1, sigma1, mu2, sigma2)      feature_stats(features) -> (mu, sigma)
     inception_score(logits, splits=1) -> (mean, std)
     psnr(a, b) -> (B,)                              CodebookCounter(size).update(ids).result()
     inception_extractor(device) -> callable(uint8 (B,3,H,W)) -> (feats (B,2048), logits (B,1008))
-    CLIPScorer(model_name, pretrained)(images, prompts) -> (B,)
+    CLIPScorer(model_name, pretrained)(images, prompts) -> (B,)       (open_clip)
     evaluate_reconstruction(...), evaluate_generation(...)   batches in, a dict of metrics out
-    gather_rows(x)                                  every rank's rows, joined
-    generate_shapes_images(prompts, ...), context_use(...), inpaint_use(...), main(argv)
+FID / IS features come from the standard FID Inception-v3 (the TF-2015 graph, as ported
+by torch-fidelity, an optional dependency) so numbers are comparable with the literature;
+the maths on top -- Fréchet distance, Inception Score -- is written out below. Under
+torchrun every rank scores its own images and gather_rows joins them.
+
+The commands (each writes <out>.json and a readable table <out>.txt; default out/eval/<cmd>):
+  * `recon`: a tokenizer (any reference load.py takes) on an image folder or tar shards:
+    rFID, IS, PSNR, codebook usage.
+        python evaluate.py recon --tokenizer DIR_OR_RUN --data IMAGENET_VAL_DIR --class-names classes.txt
+  * `gen`: a folder of generated images (sample.py's, GenEval's or MJHQ-30K's layout,
+    sidecar captions, or a prompt file) against a reference: gFID, IS, CLIP score; in
+    MJHQ's layout (<dir>/<category>/<id>.png, and the reference's <ref>/<category>/*.jpg)
+    also the FID of each category.
+        python evaluate.py gen --images GEN_DIR --ref REF_DIR|ref_stats.npz [--clip --prompts prompts.txt]
+        python evaluate.py gen --images out/mjhq --ref mjhq30k_imgs/     # overall + per-category FID
+  * `shapes`: the shapes-world compositional score, a GenEval stand-in for the project's
+    own 64x64 world, scored by the rule-based detector that lives beside the world's
+    spec in shapes.py (shapes.shapes_score): generate_shapes_images(prompts, ...).
+        python evaluate.py shapes [--generator CKPT] [--n-per-category 300]   # default: shipped checkpoint
+        python evaluate.py shapes --images SAMPLE_DIR | --ground-truth | --reconstruct
+  * `context`: does a MaskGen read the tokens already drawn? On shapes-world scenes,
+    VQ: the masked tokens' cross-entropy with 0 / 50 / 90% of the tokens visible; KL: how
+    much of a masked token's posterior mean a ridge regression recovers (R^2) from the
+    model's per-token conditions, at the same fractions; and both: the detector's score
+    when the hidden 50 / 25 / 10% of a scene's tokens are filled in one step
+    (context_use, inpaint_use).
+        python evaluate.py context [--generator CKPT] [--n-per-category 300]
+Any of them under torchrun (images / prompts sharded over ranks, features gathered):
+    torchrun --nproc_per_node=8 evaluate.py ...
 """
 
 import argparse
@@ -75,20 +68,29 @@ from data import load_image, to_uint8
 from shards import SKIP_REASONS
 
 # -----------------------------------------------------------------------------
+# Gathering over ranks: under torchrun every rank scores its own share of the images.
+def gather_rows(x):
+    """Concatenate every rank's (n_r, ...) tensor along dim 0 (rank order); a no-op
+    without torch.distributed. Ranks may hold different n_r (all_gather_object sends
+    each rank's tensor whole, whatever its length)."""
+    if runtime.rank_world()[1] == 1:
+        return x
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, x.cpu())
+    return torch.cat(out)
+
+# -----------------------------------------------------------------------------
 # Fréchet Inception Distance (Heusel et al. 2017).
 #
 # Fit a Gaussian to each set of Inception features; FID is the Fréchet (2-Wasserstein)
 # distance between the two Gaussians:
 #     d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr( (S1 S2)^{1/2} )
-
-
 def feature_stats(features):
     """(N, D) features -> mean (D,) and unbiased covariance (D, D), in float64."""
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"need an (N, D) feature array with N >= 2 to fit a Gaussian, got shape {x.shape}")
     return x.mean(axis=0), np.cov(x, rowvar=False)
-
 
 def trace_sqrt_product(s1, s2):
     """tr((S1 S2)^{1/2}) for PSD S1, S2, without a general (non-symmetric) sqrtm.
@@ -106,7 +108,6 @@ def trace_sqrt_product(s1, s2):
     m = r1 @ s2 @ r1
     m = 0.5 * (m + m.T)  # symmetrise away round-off
     return float(np.sqrt(np.clip(np.linalg.eigvalsh(m), 0.0, None)).sum())
-
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """FID between N(mu1, sigma1) and N(mu2, sigma2); mu: (D,), sigma: (D, D).
@@ -128,13 +129,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * trace_sqrt_product(s1, s2))
 
-
 # -----------------------------------------------------------------------------
 # Inception Score (Salimans et al. 2016): exp( E_x KL( p(y|x) || p(y) ) ).
 # High when each image is confidently one class (sharp p(y|x)) and the classes
 # are diverse (broad marginal p(y)). Bounded by the number of classes.
-
-
 def inception_score(logits=None, probs=None, splits=1):
     """logits (N, C) -- or probs (N, C) -- -> (mean, std) of the IS over `splits` chunks.
 
@@ -143,10 +141,8 @@ def inception_score(logits=None, probs=None, splits=1):
     """
     if (logits is None) == (probs is None):
         raise ValueError("pass exactly one of logits= or probs=")
-    if probs is None:
-        p = torch.as_tensor(logits, dtype=torch.float64).softmax(dim=1)
-    else:
-        p = torch.as_tensor(probs, dtype=torch.float64)
+    p = torch.as_tensor(logits if probs is None else probs, dtype=torch.float64)  # (N, C)
+    p = p.softmax(dim=1) if probs is None else p
     n = p.shape[0]
     if n < splits:
         raise ValueError(f"{n} samples cannot be cut into {splits} splits")
@@ -160,11 +156,8 @@ def inception_score(logits=None, probs=None, splits=1):
         scores.append(math.exp(kl.mean().item()))
     return float(np.mean(scores)), float(np.std(scores))
 
-
 # -----------------------------------------------------------------------------
 # PSNR and codebook statistics.
-
-
 def psnr(a, b, data_range=1.0):
     """Peak signal-to-noise ratio per image: 10 log10(range^2 / MSE). a, b: (B, C, H, W).
     Identical images would give +inf; the MSE is floored at 1e-10 * range^2 (100 dB)."""
@@ -173,7 +166,6 @@ def psnr(a, b, data_range=1.0):
         raise ValueError(f"psnr needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
     mse = (a - b).pow(2).flatten(1).mean(dim=1).clamp_min(1e-10 * data_range**2)  # (B,)
     return 10.0 * torch.log10(data_range**2 / mse)
-
 
 class CodebookCounter:
     """How a VQ tokenizer uses its codebook, accumulated over batches.
@@ -194,11 +186,7 @@ class CodebookCounter:
         return self
 
     def result(self):
-        counts = self.counts
-        if dist.is_available() and dist.is_initialized():  # sum over ranks
-            counts = counts.clone().to(runtime.collective_device())
-            dist.all_reduce(counts)
-            counts = counts.cpu()
+        counts = gather_rows(self.counts[None]).sum(dim=0)  # (codebook_size,) summed over ranks
         total = counts.sum().item()
         if total == 0:
             raise ValueError("no code ids were counted")
@@ -207,11 +195,8 @@ class CodebookCounter:
         return dict(codebook_usage=float((counts > 0).double().mean()), codebook_perplexity=math.exp(entropy),
                     codebook_entropy_bits=entropy / math.log(2))  # fmt: skip
 
-
 # -----------------------------------------------------------------------------
 # Feature extraction: the FID Inception network (via torch-fidelity), sharded over ranks.
-
-
 def inception_extractor(device="cpu", weights_path=None):
     """The standard FID Inception-v3 as a callable: uint8 (B,3,H,W) -> (feats (B,2048), logits (B,1008)).
 
@@ -229,9 +214,8 @@ def inception_extractor(device="cpu", weights_path=None):
             "the rest of evaluate.py works without it), or pass --no-fid."
         ) from e
     try:
-        net = FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=weights_path
-        )
+        layers = ["2048", "logits_unbiased"]  # pool3 features, the 1008-way logits
+        net = FeatureExtractorInceptionV3("inception-v3-compat", layers, feature_extractor_weights_path=weights_path)
     except Exception as e:  # first use downloads the weights from GitHub
         raise RuntimeError(
             f"could not load the FID Inception weights ({e}). Fix: run once with internet access (torch-fidelity "
@@ -240,26 +224,6 @@ def inception_extractor(device="cpu", weights_path=None):
         ) from e
     net = net.to(device).eval()
     return torch.no_grad()(lambda images_uint8: net(images_uint8.to(device)))  # -> (feats, logits)
-
-
-def gather_rows(x):
-    """Concatenate every rank's (n_r, ...) tensor along dim 0 (rank order); a no-op
-    without torch.distributed. Ranks may hold different n_r: pad, all_gather, trim."""
-    rank, world = runtime.rank_world()
-    if world == 1:
-        return x
-    dev = runtime.collective_device()
-    x = x.to(dev)
-    n = torch.tensor([x.shape[0]], device=dev)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    padded = x.new_zeros((max(sizes), *x.shape[1:]))
-    padded[: x.shape[0]] = x
-    out = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(out, padded)
-    return torch.cat([o[:s] for o, s in zip(out, sizes)]).cpu()
-
 
 class FeatureBank:
     """Collects (features, logits, group ids) batch by batch on this rank; .gather() joins
@@ -278,13 +242,10 @@ class FeatureBank:
         f = torch.cat(self.feats) if self.feats else torch.zeros(0, 1)
         l = torch.cat(self.logits) if self.logits else torch.zeros(0, 1)
         g = torch.cat(self.groups) if self.groups else torch.zeros(0, dtype=torch.long)
-        return gather_rows(f).numpy(), gather_rows(l).numpy(), gather_rows(g[:, None])[:, 0].numpy()
-
+        return gather_rows(f).numpy(), gather_rows(l).numpy(), gather_rows(g).numpy()
 
 # -----------------------------------------------------------------------------
 # CLIP score: how well an image matches its prompt, by CLIP embedding similarity.
-
-
 class CLIPScorer:
     """CLIP score = 100 * max(cos(image embedding, text embedding), 0), per image
     (the torchmetrics / T2I-literature convention; Hessel et al.'s CLIPScore uses
@@ -299,9 +260,8 @@ class CLIPScorer:
         import open_clip
 
         if model is None:
-            model = open_clip.create_model(
-                model_name, pretrained=pretrained, force_quick_gelu=(pretrained == "openai"), device=device
-            )
+            quick_gelu = pretrained == "openai"
+            model = open_clip.create_model(model_name, pretrained=pretrained, force_quick_gelu=quick_gelu, device=device)
             tokenizer = open_clip.get_tokenizer(model_name)
         if tokenizer is None:
             ctx = getattr(model, "context_length", 77)
@@ -311,8 +271,7 @@ class CLIPScorer:
         self.size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
         std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.mean, self.std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std))
 
     @torch.no_grad()
     def __call__(self, images, prompts):
@@ -327,11 +286,8 @@ class CLIPScorer:
         txt = F.normalize(self.model.encode_text(self.tokenizer(list(prompts)).to(self.device)).float(), dim=-1)
         return 100.0 * (img * txt).sum(dim=-1).clamp_min(0).cpu()
 
-
 # -----------------------------------------------------------------------------
 # Evaluation routines: batches in, a dict of metrics out.
-
-
 @torch.no_grad()
 def evaluate_reconstruction(tokenizer, text_encoder, batches, extractor=None, is_splits=1):
     """Tokenizer reconstruction metrics over this rank's batches (all ranks joined).
@@ -358,7 +314,7 @@ def evaluate_reconstruction(tokenizer, text_encoder, batches, extractor=None, is
             real_bank.add(images)
             fake_bank.add(recon)
     local = torch.cat(psnrs) if psnrs else torch.zeros(0, dtype=torch.float64)  # a rank may get no images
-    p = gather_rows(local[:, None].float())[:, 0]
+    p = gather_rows(local.float())
     res = {"num_images": int(p.numel()), "psnr": float(p.mean())}
     if counter is not None:
         res.update(counter.result())
@@ -369,7 +325,6 @@ def evaluate_reconstruction(tokenizer, text_encoder, batches, extractor=None, is
         res["inception_score"], res["inception_score_std"] = inception_score(lf, splits=is_splits)
     return res
 
-
 def stats_by_group(feats, groups, categories):
     """{"": (mu, sigma) of all rows} plus {name: (mu, sigma)} for each category with at
     least 2 rows (a Gaussian needs 2); groups (N,) holds row -> index into categories."""
@@ -378,7 +333,6 @@ def stats_by_group(feats, groups, categories):
         if (groups == k).sum() >= 2:
             stats[name] = feature_stats(feats[groups == k])
     return stats
-
 
 @torch.no_grad()
 def evaluate_generation(gen_batches, extractor=None, ref_batches=None, ref_stats=None, clip_scorer=None,
@@ -420,10 +374,9 @@ def evaluate_generation(gen_batches, extractor=None, ref_batches=None, ref_stats
             res["num_images_per_category"] = {c: int((ids == k).sum()) for k, c in enumerate(categories)}
         res["inception_score"], res["inception_score_std"] = inception_score(logits, splits=is_splits)
     if clip_scorer is not None:
-        scores = gather_rows((torch.cat(clip) if clip else torch.zeros(0))[:, None])[:, 0]
+        scores = gather_rows(torch.cat(clip) if clip else torch.zeros(0))
         res["clip_score"], res["num_images"] = float(scores.mean()), int(scores.numel())
     return res, stats
-
 
 def generate_shapes_images(prompts, generator=None, tokenizer=None, device="cpu", seed=0, batch_size=50,
                            num_steps=None, guidance_scale=None, guidance_schedule=None, temperature=None):  # fmt: skip
@@ -447,31 +400,20 @@ def generate_shapes_images(prompts, generator=None, tokenizer=None, device="cpu"
             out.append(to_uint8(imgs).permute(0, 2, 3, 1).cpu())  # (b, H, W, 3)
     S = models.tokenizer.config.image_size
     images = gather_rows(torch.cat(out) if out else torch.zeros((0, S, S, 3), dtype=torch.uint8))
-    order = gather_rows(torch.tensor(mine, dtype=torch.long)[:, None])[:, 0]
-    ordered = [None] * len(prompts)
-    for j, img in zip(order.tolist(), images.numpy()):
-        ordered[j] = img
-    return ordered
-
+    order = gather_rows(torch.tensor(mine, dtype=torch.long))  # the prompt number of each gathered image
+    return list(images.numpy()[order.argsort().numpy()])  # back in prompt order
 
 # -----------------------------------------------------------------------------
 # `context`: does MaskGen use the tokens already drawn? A model that does not draws each
 # token from its marginal, and with 1D tokens that are only meaningful together the
 # decoded image falls apart into fragments.
-
-
 def ridge_r2(x_train, y_train, x_test, y_test, lam=1.0):
     """R^2 on the test rows of a ridge regression y ~ x + bias fit on the train rows (float64)."""
-
-    def aug(x):  # (N, D) -> (N, D + 1): a constant column for the bias
-        return torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64, device=x.device)], dim=1)
-
-    a = aug(x_train)
+    a = F.pad(x_train.double(), (0, 1), value=1.0)  # (N, D + 1): a constant column for the bias
     eye = torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
     w = torch.linalg.solve(a.T @ a + lam * eye, a.T @ y_train.double())
-    err = (aug(x_test) @ w - y_test.double()).pow(2).sum()
+    err = (F.pad(x_test.double(), (0, 1), value=1.0) @ w - y_test.double()).pow(2).sum()
     return (1 - err / (y_test.double() - y_train.double().mean(0)).pow(2).sum()).item()
-
 
 def hidden_token_setup(models, images, captions, aesthetic, seed):
     """What context_use and inpaint_use share: the captions' features, the aesthetic scores
@@ -493,7 +435,6 @@ def hidden_token_setup(models, images, captions, aesthetic, seed):
     noise = torch.randn(post.mean.shape, generator=g).to(device)
     x = post.mean + post.std * noise if c.kl_tokens == "sample" else post.mean
     return feats, aes, rank, x * c.scale_factor, post, g
-
 
 @torch.no_grad()
 def context_use(models, images, captions, aesthetic, fractions=(0.0, 0.5, 0.9), seed=0):
@@ -527,7 +468,6 @@ def context_use(models, images, captions, aesthetic, fractions=(0.0, 0.5, 0.9), 
         out[f"r2_from_z@{f:g}"] = ridge_r2(z[fit], mean[fit], z[test], mean[test], lam=10.0)
     return out
 
-
 @torch.no_grad()
 def inpaint_use(models, images, captions, aesthetic, fractions=(0.5, 0.75, 0.9), seed=0):
     """How well MaskGen fills in the rest of a real scene. All but `fraction` of each
@@ -560,11 +500,8 @@ def inpaint_use(models, images, captions, aesthetic, fractions=(0.5, 0.75, 0.9),
         out[f"inpaint@{f:g}"] = shapes.shapes_score(uint8, captions)["overall"]
     return out, decoded
 
-
 # -----------------------------------------------------------------------------
 # Command line: image folders, prompts and reports.
-
-
 def list_images(folder):
     """Every image file under folder (recursively, data.IMAGE_EXTS), sorted: a stable
     order for sharding. sample.py's overview grid.png is no sample and is left out."""
@@ -574,7 +511,6 @@ def list_images(folder):
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(data.IMAGE_EXTS)}) found under {folder!r}")
     return files
-
 
 def read_class_names(path):
     """Class-names file -> {folder name or index string: class name}.
@@ -587,12 +523,9 @@ def read_class_names(path):
         lines = [ln.strip() for ln in f if ln.strip()]
     for i, ln in enumerate(lines):
         key, _, name = ln.replace("\t", " ").partition(" ")
-        if name and key.startswith("n") and key[1:].isdigit():
-            names[key] = name.strip()
-        else:
-            names[str(i)] = ln
+        synset = name and key.startswith("n") and key[1:].isdigit()
+        names[key if synset else str(i)] = name.strip() if synset else ln
     return names
-
 
 @functools.lru_cache(maxsize=None)  # read once: sample.py's prompts.jsonl serves every image beside it
 def read_prompts(path):
@@ -617,20 +550,15 @@ def read_prompts(path):
             return {r[key]: r["prompt"] for r in rows}
     return [r["prompt"] for r in rows]
 
-
 def prompts_option(path, files):
     """--prompts (read_prompts) for the images `files`, or None without the option; a
     plain list needs a line for every image."""
     prompts = read_prompts(path) if path else None
     if isinstance(prompts, list) and len(prompts) < len(files):
-        raise ValueError(
-            f"--prompts has {len(prompts)} lines for {len(files)} images (one line per image, sorted file order)"
-        )
+        raise ValueError(f"--prompts has {len(prompts)} lines for {len(files)} images (one line per image, sorted file order)")
     return prompts
 
-
 SAMPLE_NAME = re.compile(r"(\d+)_s-?\d+(?:_aes[^/]*)?")  # sample.py's flat layout: <prompt>_s<seed>[_aes<a>]
-
 
 def lookup_prompt(prompts, path, index, source):
     """The prompt of image `path` (number `index` in sorted order) from read_prompts' result."""
@@ -642,7 +570,6 @@ def lookup_prompt(prompts, path, index, source):
         if key in prompts:
             return prompts[key]
     raise ValueError(f"{source} has no prompt for {path} (matched by file name: {stem!r})")
-
 
 def prompt_for(path, prompts=None, index=None, class_names=None, class_dirs=None):
     """The caption of an image: a sidecar <stem>.txt; else GenEval's layout
@@ -674,8 +601,7 @@ def prompt_for(path, prompts=None, index=None, class_names=None, class_dirs=None
             return f"A photo of a {name}."  # the paper's zero-shot ImageNet caption
     return ""
 
-
-def folder_batches(files, batch_size, size=None, prompts=None, class_names=None, groups=None, skipped=None):
+def folder_batches(files, batch_size, skipped, size=None, prompts=None, class_names=None, groups=None):
     """Yield (images (B,3,S,S), captions, group ids (B,) or None) over this rank's share of
     `files` (rank::world). groups: one category id per file (or None). A file that does
     not decode as an image is skipped and counted in `skipped` ({reason: count}, the
@@ -683,7 +609,6 @@ def folder_batches(files, batch_size, size=None, prompts=None, class_names=None,
     rank, world = runtime.rank_world()
     class_dirs = sorted({os.path.basename(os.path.dirname(f)) for f in files})
     mine = list(range(len(files)))[rank::world]
-    skipped = {} if skipped is None else skipped
     for i in range(0, len(mine), batch_size):
         idx, imgs = [], []
         for j in mine[i : i + batch_size]:
@@ -702,7 +627,6 @@ def folder_batches(files, batch_size, size=None, prompts=None, class_names=None,
         caps = [prompt_for(files[j], prompts, j, class_names, class_dirs) for j in idx]
         yield torch.stack(imgs), caps, None if groups is None else torch.tensor([groups[j] for j in idx])
 
-
 def with_skips(res, skipped, key="skipped"):
     """res plus {key: this rank's skip counts {reason: count} summed over all ranks}, when
     anything was skipped (every rank calls it)."""
@@ -711,7 +635,6 @@ def with_skips(res, skipped, key="skipped"):
     if total:
         print(f"{key}: " + ", ".join(f"{r}={n}" for r, n in total.items()))
     return {**res, key: total} if total else res
-
 
 def write_report(results, out_prefix, title):
     """Write <out>.json (machine-readable) and <out>.txt (a table), and print the table."""
@@ -730,20 +653,16 @@ def write_report(results, out_prefix, title):
     print(table)
     print(f"wrote {out_prefix}.json and {out_prefix}.txt")
 
-
 # -----------------------------------------------------------------------------
 # `recon`: real images through a tokenizer (models: load.py).
-
-
 def recon_batches(spec, batch_size, size, class_names, skipped):
     """(images, captions) batches for `recon`: an image folder (with sidecar .txt captions
     or ImageNet-style class folders + a class-names file) is read here; tar shards and
     everything else go through data.py's loader (one pass, centre crop, rank-sharded).
     Samples that cannot be read are skipped and counted in `skipped` ({reason: count})."""
     if os.path.isdir(spec) and not any(n.endswith((".tar", ".tar.gz", ".tgz")) for n in os.listdir(spec)):
-        for images, captions, _ in folder_batches(list_images(spec), batch_size, size, class_names=class_names,
-                                                  skipped=skipped):  # fmt: skip
-            yield images, captions
+        batches = folder_batches(list_images(spec), batch_size, skipped, size, class_names=class_names)
+        yield from ((images, captions) for images, captions, _ in batches)
         return
     rank, world = runtime.rank_world()
     loader = data.image_text_loader(spec, size, batch_size, rank=rank, world_size=world, train=False)
@@ -753,7 +672,6 @@ def recon_batches(spec, batch_size, size, class_names, skipped):
     finally:  # also when --limit stops early
         for reason, n in loader.dataset.skipped.counts().items():
             skipped[reason] = skipped.get(reason, 0) + n
-
 
 def cmd_recon(args, device):
     class_names = read_class_names(args.class_names) if args.class_names else None
@@ -767,17 +685,13 @@ def cmd_recon(args, device):
     source.close()  # the loader's skip counts are read when it closes
     return with_skips(res, skipped), f"reconstruction: {args.tokenizer} on {args.data}"
 
-
 # -----------------------------------------------------------------------------
 # `gen`: a folder of generated images against a reference folder or its saved statistics.
-
-
 def categories_of(files, root):
     """The first folder under root of each file (MJHQ's <root>/<category>/<id>.jpg), or
     None for a file directly in root."""
-    parts = [os.path.relpath(f, root).split(os.sep) for f in files]
+    parts = (os.path.relpath(f, root).split(os.sep) for f in files)
     return [p[0] if len(p) > 1 else None for p in parts]
-
 
 def shared_categories(gen_cats, ref_cats, ref):
     """The categories `gen` scores one by one: when every generated image lies in a
@@ -793,7 +707,6 @@ def shared_categories(gen_cats, ref_cats, ref):
         )
     return sorted(gen)
 
-
 def save_ref_stats(path, stats):
     """The reference statistics ({"": (mu, sigma), category: (mu, sigma)}) as a .npz:
     mu, sigma, and per category (when there are any) categories, mu_per_category,
@@ -802,7 +715,6 @@ def save_ref_stats(path, stats):
     per = dict(categories=np.array(cats), mu_per_category=np.stack([stats[c][0] for c in cats]),
                sigma_per_category=np.stack([stats[c][1] for c in cats])) if cats else {}  # fmt: skip
     np.savez(path, mu=stats[""][0], sigma=stats[""][1], **per)
-
 
 def load_ref_stats(path):
     """A .npz written by --save-ref-stats -> {"": (mu, sigma), category: (mu, sigma)}."""
@@ -813,7 +725,6 @@ def load_ref_stats(path):
     for k, name in enumerate(z["categories"] if "categories" in z.files else []):
         stats[str(name)] = (z["mu_per_category"][k], z["sigma_per_category"][k])
     return stats
-
 
 def cmd_gen(args, device):
     if args.no_fid and not args.clip:
@@ -834,10 +745,10 @@ def cmd_gen(args, device):
             ref_cats = categories_of(ref_files, args.ref)
             categories = shared_categories(gen_cats, ref_cats, args.ref)
             ref_groups = [categories.index(c) if c in categories else -1 for c in ref_cats] if categories else None
-            ref_batches = folder_batches(ref_files, args.batch_size, args.size, groups=ref_groups, skipped=ref_skipped)
+            ref_batches = folder_batches(ref_files, args.batch_size, ref_skipped, args.size, groups=ref_groups)
     groups = [categories.index(c) for c in gen_cats] if categories else None
     clip = CLIPScorer(args.clip_model, args.clip_pretrained, device) if args.clip else None
-    gen = folder_batches(files, args.batch_size, args.size, prompts=prompts, groups=groups, skipped=gen_skipped)
+    gen = folder_batches(files, args.batch_size, gen_skipped, args.size, prompts=prompts, groups=groups)
     res, stats = evaluate_generation(gen, extractor, ref_batches, ref_stats, clip, args.is_splits, categories)
     res = with_skips(with_skips(res, gen_skipped), ref_skipped, "ref_skipped")
     if args.save_ref_stats and stats is not None and runtime.rank_world()[0] == 0:
@@ -845,11 +756,8 @@ def cmd_gen(args, device):
         print(f"saved reference statistics to {args.save_ref_stats}")
     return res, f"generation: {args.images} vs {args.ref}"
 
-
 # -----------------------------------------------------------------------------
 # `shapes` and `context`: the shapes world's held-out prompts and scenes.
-
-
 def save_scored(folder, images, rows):
     """Write the images just scored, so that misses can be looked at: <folder>/<category>/
     <i>_<ok|miss>.png (i: the prompt's number within its category) with its prompt in the
@@ -867,7 +775,6 @@ def save_scored(folder, images, rows):
             log.write(json.dumps({"file": name + ".png", **row}) + "\n")
     print(f"saved {len(rows)} scored images to {folder}/<category>/ (misses: *_miss.png; verdicts: results.jsonl)")
 
-
 def reconstruct(images, captions, generator, tokenizer, device, batch_size):
     """Encode and decode uint8 (H, W, 3) images with the generator's tokenizer, or with
     `tokenizer` alone when no generator is given (a tokenizer run, before any MaskGen), and
@@ -884,7 +791,6 @@ def reconstruct(images, captions, generator, tokenizer, device, batch_size):
             recon = tok.decode(tok.encode(x), tok_text(captions[i : i + batch_size]).final)
             out += list(to_uint8(recon).permute(0, 2, 3, 1).cpu().numpy())
     return out
-
 
 def cmd_shapes(args, device):
     if args.n_per_category < 1:
@@ -928,11 +834,9 @@ def cmd_shapes(args, device):
             f.writelines(json.dumps(row) + "\n" for row in rows)
     return res, f"shapes compositional score: {source}"
 
-
 def cmd_context(args, device):
     if args.n_per_category < 2:
-        raise ValueError(f"--n-per-category must be at least 2 (half the scenes fit, half score), "
-                         f"got {args.n_per_category}")  # fmt: skip
+        raise ValueError(f"--n-per-category must be at least 2 (half the scenes fit, half score), got {args.n_per_category}")
     models = load.load_models(args.generator, args.tokenizer, device)
     samples = shapes.heldout_samples(args.n_per_category, args.seed)
     images = torch.tensor(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float().div(255).to(device)
@@ -943,7 +847,6 @@ def cmd_context(args, device):
     res.update(inpaint_use(models, images, captions, shapes.SHAPES_AESTHETIC, seed=args.sample_seed)[0])
     return res, f"context use of {args.generator or 'checkpoints/shapes.pt'} on {len(samples)} held-out scenes"
 
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -951,20 +854,18 @@ def main(argv=None):
     # device; recon / gen: the FID Inception network and the image size; shapes / context:
     # the models and the held-out scenes.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--out", default=None, help="output prefix for <out>.json / <out>.txt (default out/eval/<cmd>)")
-    common.add_argument("--device", default=None, help="cuda / mps / cpu (default: best available)")
+    common.add_argument("--out", help="output prefix for <out>.json / <out>.txt (default out/eval/<cmd>)")
+    common.add_argument("--device", help="cuda / mps / cpu (default: best available)")
     common.add_argument("--batch-size", type=int, default=50)
     fid = argparse.ArgumentParser(add_help=False)
     fid.add_argument("--no-fid", action="store_true", help="skip FID / IS (no torch-fidelity needed)")
-    fid.add_argument("--inception-weights", default=None, help="local FID Inception weights (.pth), for offline use")
+    fid.add_argument("--inception-weights", help="local FID Inception weights (.pth), for offline use")
     fid.add_argument("--is-splits", type=int, default=1, help="IS splits: 1 = official evaluator, 10 = Salimans")
-    fid.add_argument("--limit", type=int, default=None, help="use only the first N images")
-    fid.add_argument("--size", type=int, default=None,
-                     help="resize+centre-crop side (recon default: the tokenizer's; gen: needed if sizes differ)")
+    fid.add_argument("--limit", type=int, help="use only the first N images")
+    fid.add_argument("--size", type=int, help="resize+centre-crop side (recon default: the tokenizer's; gen: needed if sizes differ)")
     world = argparse.ArgumentParser(add_help=False)
-    world.add_argument("--generator", default=None, help="MaskGen checkpoint (default: the shipped one)")
-    world.add_argument("--tokenizer", default=None,
-                       help="TA-TiTok checkpoint (default: the one the generator records); alone with --reconstruct")
+    world.add_argument("--generator", help="MaskGen checkpoint (default: the shipped one)")
+    world.add_argument("--tokenizer", help="TA-TiTok checkpoint (default: the generator's); alone with --reconstruct")
     world.add_argument("--n-per-category", type=int, default=300)
     world.add_argument("--seed", type=int, default=shapes.HELDOUT_SEED, help="held-out prompt / scene seed (no training run uses it)")
     world.add_argument("--sample-seed", type=int, default=0,
@@ -974,35 +875,35 @@ def main(argv=None):
 
     p = sub.add_parser("recon", parents=[common, fid], help="tokenizer reconstruction: rFID, IS, PSNR, codebook")
     p.add_argument("--tokenizer", required=True, help="official release dir or Hub id (owner/name[@rev]), or our run / checkpoint")
-    p.add_argument("--revision", default=None, help="Hub revision (branch, tag, commit) for a --tokenizer Hub id")
+    p.add_argument("--revision", help="Hub revision (branch, tag, commit) for a --tokenizer Hub id")
     p.add_argument("--data", required=True, help="image folder (e.g. ImageNet val with class sub-folders)")
-    p.add_argument("--class-names", default=None, help="class names file -> captions 'A photo of a {class}.'")
+    p.add_argument("--class-names", help="class names file -> captions 'A photo of a {class}.'")
 
     p = sub.add_parser("gen", parents=[common, fid], help="generated folder: gFID vs a reference, IS, CLIP score")
     p.add_argument("--images", required=True)
-    p.add_argument("--ref", default=None, help="reference image folder, or a .npz with mu / sigma")
-    p.add_argument("--ref-limit", type=int, default=None)
-    p.add_argument("--save-ref-stats", default=None, help="save the reference mu / sigma to this .npz")
-    p.add_argument("--prompts", default=None, help=prompts_help)
+    p.add_argument("--ref", help="reference image folder, or a .npz with mu / sigma")
+    p.add_argument("--ref-limit", type=int)
+    p.add_argument("--save-ref-stats", help="save the reference mu / sigma to this .npz")
+    p.add_argument("--prompts", help=prompts_help)
     p.add_argument("--clip", action="store_true", help="also compute the CLIP score")
     p.add_argument("--clip-model", default="ViT-L-14")
     p.add_argument("--clip-pretrained", default="openai")
 
     p = sub.add_parser("shapes", parents=[common, world], help="shapes-world compositional score")
-    p.add_argument("--images", default=None, help="folder of generated images (prompts as in `gen`)")
-    p.add_argument("--prompts", default=None, help=prompts_help)
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the generator's config)")
-    p.add_argument("--guidance-scale", type=float, default=None)
-    p.add_argument("--guidance-schedule", default=None, help="VQ: cosine | linear | none; KL: linear | constant")
-    p.add_argument("--temperature", type=float, default=None,
+    p.add_argument("--images", help="folder of generated images (prompts as in `gen`)")
+    p.add_argument("--prompts", help=prompts_help)
+    p.add_argument("--steps", type=int, help="sampling steps (default: the generator's config)")
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--guidance-schedule", help="VQ: cosine | linear | none; KL: linear | constant")
+    p.add_argument("--temperature", type=float,
                    help="VQ: softmax temperature (default annealed); KL: DiffLoss noise (default: the config's)")
     p.add_argument("--ground-truth", action="store_true", help="score ground-truth renders (detector check)")
     p.add_argument("--reconstruct", action="store_true",
                    help="score ground-truth renders after a trip through the tokenizer (the generator's ceiling)")
     p.add_argument("--decoder-text", choices=["caption", "next", "empty"], default="caption",
                    help="--reconstruct: the decoder reads each scene's caption, the next scene's, or \"\"")
-    p.add_argument("--details", default=None, help="write per-prompt results to this .jsonl")
-    p.add_argument("--save", default=None, metavar="DIR",
+    p.add_argument("--details", help="write per-prompt results to this .jsonl")
+    p.add_argument("--save", metavar="DIR",
                    help="write the scored images to DIR/<category>/<i>_<ok|miss>.png (+ .txt prompts, results.jsonl)")
 
     sub.add_parser("context", parents=[common, world], help="does a MaskGen read the visible tokens? (shapes world)")
@@ -1017,7 +918,6 @@ def main(argv=None):
         write_report(res, args.out or os.path.join("out", "eval", args.cmd), title)
     runtime.teardown()
     return res
-
 
 if __name__ == "__main__":
     try:

@@ -7,17 +7,12 @@ reconstruction FID (rFID) and Inception Score (IS) on ImageNet-val, zero-shot wi
 the caption "A photo of a {class}."; the generator by FID on MJHQ-30K / COCO-30K, by
 CLIP score, and by GenEval, a compositional (object / count / colour / position) benchmark.
 
-The metrics (numpy float64 where precision matters):
-    frechet_distance(mu1, sigma1, mu2, sigma2)      feature_stats(features) -> (mu, sigma)
-    inception_score(logits, splits=1) -> (mean, std)
-    psnr(a, b) -> (B,)                              CodebookCounter(size).update(ids).result()
-    inception_extractor(device) -> callable(uint8 (B,3,H,W)) -> (feats (B,2048), logits (B,1008))
-    CLIPScorer(model_name, pretrained)(images, prompts) -> (B,)       (open_clip)
-    evaluate_reconstruction(...), evaluate_generation(...)   batches in, a dict of metrics out
-FID / IS features come from the standard FID Inception-v3 (the TF-2015 graph, as ported
-by torch-fidelity, an optional dependency) so numbers are comparable with the literature;
-the maths on top -- Fréchet distance, Inception Score -- is written out below. Under
-torchrun every rank scores its own images and gather_rows joins them.
+The metrics, numbers in, numbers out (numpy float64 where precision matters): FID, Inception
+Score, PSNR, codebook usage and perplexity (VQ tokenizers), CLIP score (open_clip). FID / IS
+features come from the standard FID Inception-v3 (the TF-2015 graph, as ported by
+torch-fidelity, an optional dependency) so numbers are comparable with the literature; the
+maths on top -- Fréchet distance, Inception Score -- is written out below. Under torchrun
+every rank scores its own images and gather_rows joins them.
 
 The commands (each writes <out>.json and a readable table <out>.txt; default out/eval/<cmd>):
   * `recon`: a tokenizer (any reference load.py takes) on an image folder or tar shards:
@@ -67,8 +62,7 @@ import shapes
 from data import load_image, to_uint8
 from shards import SKIP_REASONS
 
-# -----------------------------------------------------------------------------
-# Gathering over ranks: under torchrun every rank scores its own share of the images.
+# ---- Gathering over ranks: under torchrun every rank scores its own share of the images. ---
 def gather_rows(x):
     """Concatenate every rank's (n_r, ...) tensor along dim 0 (rank order); a no-op
     without torch.distributed. Ranks may hold different n_r (all_gather_object sends
@@ -79,8 +73,7 @@ def gather_rows(x):
     dist.all_gather_object(out, x.cpu())
     return torch.cat(out)
 
-# -----------------------------------------------------------------------------
-# Fréchet Inception Distance (Heusel et al. 2017).
+# ---- Fréchet Inception Distance (Heusel et al. 2017). --------------------------------
 #
 # Fit a Gaussian to each set of Inception features; FID is the Fréchet (2-Wasserstein)
 # distance between the two Gaussians:
@@ -129,8 +122,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * trace_sqrt_product(s1, s2))
 
-# -----------------------------------------------------------------------------
-# Inception Score (Salimans et al. 2016): exp( E_x KL( p(y|x) || p(y) ) ).
+# ---- Inception Score (Salimans et al. 2016): exp( E_x KL( p(y|x) || p(y) ) ). --------
 # High when each image is confidently one class (sharp p(y|x)) and the classes
 # are diverse (broad marginal p(y)). Bounded by the number of classes.
 def inception_score(logits=None, probs=None, splits=1):
@@ -156,8 +148,7 @@ def inception_score(logits=None, probs=None, splits=1):
         scores.append(math.exp(kl.mean().item()))
     return float(np.mean(scores)), float(np.std(scores))
 
-# -----------------------------------------------------------------------------
-# PSNR and codebook statistics.
+# ---- PSNR and codebook statistics. ---------------------------------------------------
 def psnr(a, b, data_range=1.0):
     """Peak signal-to-noise ratio per image: 10 log10(range^2 / MSE). a, b: (B, C, H, W).
     Identical images would give +inf; the MSE is floored at 1e-10 * range^2 (100 dB)."""
@@ -169,22 +160,18 @@ def psnr(a, b, data_range=1.0):
 
 class CodebookCounter:
     """How a VQ tokenizer uses its codebook, accumulated over batches.
-
     usage      = fraction of codes chosen at least once (official evaluator's "CodebookUsage");
     perplexity = exp(entropy of the code frequencies): the "effective number" of codes --
                  equal to the codebook size when every code is used equally often.
     """
-
     def __init__(self, codebook_size):
         self.counts = torch.zeros(codebook_size, dtype=torch.float64)
-
     def update(self, ids):
         ids = torch.as_tensor(ids).flatten().long().cpu()
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.counts.numel()):
             raise ValueError(f"code ids must lie in [0, {self.counts.numel()}), got [{ids.min()}, {ids.max()}]")
         self.counts += torch.bincount(ids, minlength=self.counts.numel()).double()
         return self
-
     def result(self):
         counts = gather_rows(self.counts[None]).sum(dim=0)  # (codebook_size,) summed over ranks
         total = counts.sum().item()
@@ -195,8 +182,7 @@ class CodebookCounter:
         return dict(codebook_usage=float((counts > 0).double().mean()), codebook_perplexity=math.exp(entropy),
                     codebook_entropy_bits=entropy / math.log(2))  # fmt: skip
 
-# -----------------------------------------------------------------------------
-# Feature extraction: the FID Inception network (via torch-fidelity), sharded over ranks.
+# ---- Feature extraction: the FID Inception network (via torch-fidelity), sharded over ranks. ---
 def inception_extractor(device="cpu", weights_path=None):
     """The standard FID Inception-v3 as a callable: uint8 (B,3,H,W) -> (feats (B,2048), logits (B,1008)).
 
@@ -208,57 +194,45 @@ def inception_extractor(device="cpu", weights_path=None):
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError as e:
-        raise ImportError(
-            "FID and Inception Score need the standard FID Inception network from torch-fidelity, "
-            "which is not installed. Fix: `pip install torch-fidelity` (an optional dependency; "
-            "the rest of evaluate.py works without it), or pass --no-fid."
-        ) from e
+        raise ImportError("FID and Inception Score need the standard FID Inception network from torch-fidelity, "
+                          "which is not installed. Fix: `pip install torch-fidelity` (an optional dependency; "
+                          "the rest of evaluate.py works without it), or pass --no-fid.") from e
     try:
         layers = ["2048", "logits_unbiased"]  # pool3 features, the 1008-way logits
         net = FeatureExtractorInceptionV3("inception-v3-compat", layers, feature_extractor_weights_path=weights_path)
     except Exception as e:  # first use downloads the weights from GitHub
-        raise RuntimeError(
-            f"could not load the FID Inception weights ({e}). Fix: run once with internet access (torch-fidelity "
-            "caches them under $TORCH_HOME/hub/checkpoints), or pass --inception-weights "
-            "weights-inception-2015-12-05-6726825d.pth"
-        ) from e
+        raise RuntimeError(f"could not load the FID Inception weights ({e}). Fix: run once with internet access "
+                           "(torch-fidelity caches them under $TORCH_HOME/hub/checkpoints), or pass --inception-weights "
+                           "weights-inception-2015-12-05-6726825d.pth") from e
     net = net.to(device).eval()
     return torch.no_grad()(lambda images_uint8: net(images_uint8.to(device)))  # -> (feats, logits)
 
 class FeatureBank:
     """Collects (features, logits, group ids) batch by batch on this rank; .gather() joins
     all ranks. A group id names the category of each image (-1: none)."""
-
     def __init__(self, extractor):
         self.extractor, self.feats, self.logits, self.groups = extractor, [], [], []
-
     def add(self, images, groups=None):  # images (B, 3, H, W) float in [0, 1]; groups (B,) ids or None
         f, l = self.extractor(to_uint8(images))
         self.feats.append(f.detach().float().cpu())
         self.logits.append(l.detach().float().cpu())
         self.groups.append(torch.full((f.shape[0],), -1) if groups is None else torch.as_tensor(groups).long().cpu())
-
     def gather(self):
-        f = torch.cat(self.feats) if self.feats else torch.zeros(0, 1)
-        l = torch.cat(self.logits) if self.logits else torch.zeros(0, 1)
+        f, l = (torch.cat(x) if x else torch.zeros(0, 1) for x in (self.feats, self.logits))  # (N, 2048), (N, 1008)
         g = torch.cat(self.groups) if self.groups else torch.zeros(0, dtype=torch.long)
         return gather_rows(f).numpy(), gather_rows(l).numpy(), gather_rows(g).numpy()
 
-# -----------------------------------------------------------------------------
-# CLIP score: how well an image matches its prompt, by CLIP embedding similarity.
+# ---- CLIP score: how well an image matches its prompt, by CLIP embedding similarity. ---
 class CLIPScorer:
     """CLIP score = 100 * max(cos(image embedding, text embedding), 0), per image
     (the torchmetrics / T2I-literature convention; Hessel et al.'s CLIPScore uses
     2.5 instead of 100).
-
     Default model: OpenAI ViT-L/14 through open_clip (downloads on first use on a
     user's machine); its weights were trained with QuickGELU, so that is forced.
     Tests inject a tiny random open_clip model: CLIPScorer(model=..., tokenizer=...).
     """
-
     def __init__(self, model_name="ViT-L-14", pretrained="openai", device="cpu", model=None, tokenizer=None):
         import open_clip
-
         if model is None:
             quick_gelu = pretrained == "openai"
             model = open_clip.create_model(model_name, pretrained=pretrained, force_quick_gelu=quick_gelu, device=device)
@@ -272,7 +246,6 @@ class CLIPScorer:
         mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
         std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
         self.mean, self.std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std))
-
     @torch.no_grad()
     def __call__(self, images, prompts):
         """images: (B, 3, H, W) in [0, 1]; prompts: B strings -> (B,) scores."""
@@ -286,8 +259,7 @@ class CLIPScorer:
         txt = F.normalize(self.model.encode_text(self.tokenizer(list(prompts)).to(self.device)).float(), dim=-1)
         return 100.0 * (img * txt).sum(dim=-1).clamp_min(0).cpu()
 
-# -----------------------------------------------------------------------------
-# Evaluation routines: batches in, a dict of metrics out.
+# ---- Evaluation routines: batches in, a dict of metrics out. -------------------------
 @torch.no_grad()
 def evaluate_reconstruction(tokenizer, text_encoder, batches, extractor=None, is_splits=1):
     """Tokenizer reconstruction metrics over this rank's batches (all ranks joined).
@@ -298,9 +270,8 @@ def evaluate_reconstruction(tokenizer, text_encoder, batches, extractor=None, is
     Returns rFID, IS (of the reconstructions), PSNR, and codebook usage/perplexity (VQ).
     """
     device = next(tokenizer.parameters()).device
-    vq = tokenizer.config.quantize_mode == "vq"
     real_bank, fake_bank = (FeatureBank(extractor), FeatureBank(extractor)) if extractor else (None, None)
-    counter = CodebookCounter(tokenizer.config.codebook_size) if vq else None
+    counter = CodebookCounter(tokenizer.config.codebook_size) if tokenizer.config.quantize_mode == "vq" else None
     psnrs = []
     for images, captions in batches:
         images = images.to(device)
@@ -313,8 +284,7 @@ def evaluate_reconstruction(tokenizer, text_encoder, batches, extractor=None, is
         if extractor is not None:
             real_bank.add(images)
             fake_bank.add(recon)
-    local = torch.cat(psnrs) if psnrs else torch.zeros(0, dtype=torch.float64)  # a rank may get no images
-    p = gather_rows(local.float())
+    p = gather_rows(torch.cat(psnrs).float() if psnrs else torch.zeros(0))  # (N,) all ranks; a rank may get no images
     res = {"num_images": int(p.numel()), "psnr": float(p.mean())}
     if counter is not None:
         res.update(counter.result())
@@ -385,7 +355,6 @@ def generate_shapes_images(prompts, generator=None, tokenizer=None, device="cpu"
     prompts rank::world and rank 0 gets all images back, in prompt order.
     Returns a list of uint8 (H, W, 3) arrays (complete on rank 0)."""
     models = load.load_models(generator, tokenizer, device)
-    aesthetic = models.generator.config.aesthetic
     opts = dict(num_steps=num_steps, guidance_scale=guidance_scale, guidance_schedule=guidance_schedule,
                 randomize_temperature=None, temperature=temperature)  # fmt: skip
     rank, world = runtime.rank_world()
@@ -395,7 +364,7 @@ def generate_shapes_images(prompts, generator=None, tokenizer=None, device="cpu"
         null = models.gen_text([""])  # the classifier-free guidance null condition
         for i in range(0, len(mine), batch_size):
             idx = mine[i : i + batch_size]
-            imgs = sample.generate_images(models, [prompts[j] for j in idx], [aesthetic] * len(idx),
+            imgs = sample.generate_images(models, [prompts[j] for j in idx], [models.generator.config.aesthetic] * len(idx),
                                           [seed + j for j in idx], null, opts, device, seeding="batch")  # fmt: skip
             out.append(to_uint8(imgs).permute(0, 2, 3, 1).cpu())  # (b, H, W, 3)
     S = models.tokenizer.config.image_size
@@ -403,10 +372,9 @@ def generate_shapes_images(prompts, generator=None, tokenizer=None, device="cpu"
     order = gather_rows(torch.tensor(mine, dtype=torch.long))  # the prompt number of each gathered image
     return list(images.numpy()[order.argsort().numpy()])  # back in prompt order
 
-# -----------------------------------------------------------------------------
-# `context`: does MaskGen use the tokens already drawn? A model that does not draws each
-# token from its marginal, and with 1D tokens that are only meaningful together the
-# decoded image falls apart into fragments.
+# ---- `context`: does MaskGen use the tokens already drawn? ----------------------------
+# A model that does not draws each token from its marginal, and with 1D tokens that are
+# only meaningful together the decoded image falls apart into fragments.
 def ridge_r2(x_train, y_train, x_test, y_test, lam=1.0):
     """R^2 on the test rows of a ridge regression y ~ x + bias fit on the train rows (float64)."""
     a = F.pad(x_train.double(), (0, 1), value=1.0)  # (N, D + 1): a constant column for the bias
@@ -432,7 +400,7 @@ def hidden_token_setup(models, images, captions, aesthetic, seed):
     if c.mode == "vq":
         return feats, aes, rank, T.encode(images), None, g
     post = T.encode(images, return_posterior=True)
-    noise = torch.randn(post.mean.shape, generator=g).to(device)
+    noise = torch.randn(post.mean.shape, generator=g).to(device)  # drawn even for "mean": later draws stay the same
     x = post.mean + post.std * noise if c.kl_tokens == "sample" else post.mean
     return feats, aes, rank, x * c.scale_factor, post, g
 
@@ -500,8 +468,7 @@ def inpaint_use(models, images, captions, aesthetic, fractions=(0.5, 0.75, 0.9),
         out[f"inpaint@{f:g}"] = shapes.shapes_score(uint8, captions)["overall"]
     return out, decoded
 
-# -----------------------------------------------------------------------------
-# Command line: image folders, prompts and reports.
+# ---- Command line: image folders, prompts and reports. -------------------------------
 def list_images(folder):
     """Every image file under folder (recursively, data.IMAGE_EXTS), sorted: a stable
     order for sharding. sample.py's overview grid.png is no sample and is left out."""
@@ -646,15 +613,12 @@ def write_report(results, out_prefix, title):
         if isinstance(v, dict) and all(not isinstance(x, (dict, list)) for x in v.values()):
             table += f"\n{k}: " + ", ".join(f"{a}={fmt(b)}" for a, b in v.items())
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
-    with open(out_prefix + ".json", "w") as f:
+    with open(out_prefix + ".json", "w") as f, open(out_prefix + ".txt", "w") as txt:
         json.dump(results, f, indent=2)
-    with open(out_prefix + ".txt", "w") as f:
-        f.write(table + "\n")
-    print(table)
-    print(f"wrote {out_prefix}.json and {out_prefix}.txt")
+        txt.write(table + "\n")
+    print(f"{table}\nwrote {out_prefix}.json and {out_prefix}.txt")
 
-# -----------------------------------------------------------------------------
-# `recon`: real images through a tokenizer (models: load.py).
+# ---- `recon`: real images through a tokenizer (models: load.py). ---------------------
 def recon_batches(spec, batch_size, size, class_names, skipped):
     """(images, captions) batches for `recon`: an image folder (with sidecar .txt captions
     or ImageNet-style class folders + a class-names file) is read here; tar shards and
@@ -685,8 +649,7 @@ def cmd_recon(args, device):
     source.close()  # the loader's skip counts are read when it closes
     return with_skips(res, skipped), f"reconstruction: {args.tokenizer} on {args.data}"
 
-# -----------------------------------------------------------------------------
-# `gen`: a folder of generated images against a reference folder or its saved statistics.
+# ---- `gen`: a folder of generated images against a reference folder or its saved statistics. ---
 def categories_of(files, root):
     """The first folder under root of each file (MJHQ's <root>/<category>/<id>.jpg), or
     None for a file directly in root."""
@@ -701,10 +664,8 @@ def shared_categories(gen_cats, ref_cats, ref):
     if None in gen or not gen & refs:
         return None
     if gen - refs:
-        raise ValueError(
-            f"per-category FID: the reference {ref} has no category {sorted(gen - refs)} of the generated images; "
-            f"both sides need MJHQ-30K's layout, <dir>/<category>/<image> (sample.py --mjhq writes it)"
-        )
+        raise ValueError(f"per-category FID: the reference {ref} has no category {sorted(gen - refs)} of the generated "
+                         f"images; both sides need MJHQ-30K's layout, <dir>/<category>/<image> (sample.py --mjhq writes it)")
     return sorted(gen)
 
 def save_ref_stats(path, stats):
@@ -756,14 +717,14 @@ def cmd_gen(args, device):
         print(f"saved reference statistics to {args.save_ref_stats}")
     return res, f"generation: {args.images} vs {args.ref}"
 
-# -----------------------------------------------------------------------------
-# `shapes` and `context`: the shapes world's held-out prompts and scenes.
+# ---- `shapes` and `context`: the shapes world's held-out prompts and scenes. ---------
 def save_scored(folder, images, rows):
     """Write the images just scored, so that misses can be looked at: <folder>/<category>/
     <i>_<ok|miss>.png (i: the prompt's number within its category) with its prompt in the
     sidecar <i>_<ok|miss>.txt (so `--images <folder>` scores them again), and the detector's
     verdicts in <folder>/results.jsonl (file, prompt, category, correct, reason, detections)."""
     counts = {}
+    os.makedirs(folder, exist_ok=True)  # empty or new: cmd_shapes refuses a used one, so nothing is overwritten
     with open(os.path.join(folder, "results.jsonl"), "w") as log:
         for img, row in zip(images, rows):
             i = counts[row["category"]] = counts.get(row["category"], -1) + 1
@@ -797,10 +758,8 @@ def cmd_shapes(args, device):
         raise ValueError(f"--n-per-category must be at least 1, got {args.n_per_category}")
     if args.decoder_text != "caption" and not args.reconstruct:
         raise ValueError("--decoder-text only applies to --reconstruct (the tokenizer's decoder)")
-    if args.save:  # refuse a non-empty folder before the (long) generation, not after; nothing is overwritten
-        if os.path.isdir(args.save) and os.listdir(args.save):
-            raise ValueError(f"--save folder {args.save!r} is not empty; name a new folder (or remove that one)")
-        os.makedirs(args.save, exist_ok=True)
+    if args.save and os.path.isdir(args.save) and os.listdir(args.save):  # refused before the (long) generation
+        raise ValueError(f"--save folder {args.save!r} is not empty; name a new folder (or remove that one)")
     if args.images:  # a folder of already generated images with their prompts
         files = list_images(args.images)
         prompts = prompts_option(args.prompts, files)
@@ -872,13 +831,11 @@ def main(argv=None):
                        help="generation: prompt j is sampled with seed + j; context: the masking orders and posterior samples")
     prompts_help = ("prompts for --clip / shapes: .txt (one line per image, sorted file order), sample.py's prompts.jsonl "
                     "(matched by file name) or MJHQ-30K's meta_data.json; default: what the folder holds")  # fmt: skip
-
     p = sub.add_parser("recon", parents=[common, fid], help="tokenizer reconstruction: rFID, IS, PSNR, codebook")
     p.add_argument("--tokenizer", required=True, help="official release dir or Hub id (owner/name[@rev]), or our run / checkpoint")
     p.add_argument("--revision", help="Hub revision (branch, tag, commit) for a --tokenizer Hub id")
     p.add_argument("--data", required=True, help="image folder (e.g. ImageNet val with class sub-folders)")
     p.add_argument("--class-names", help="class names file -> captions 'A photo of a {class}.'")
-
     p = sub.add_parser("gen", parents=[common, fid], help="generated folder: gFID vs a reference, IS, CLIP score")
     p.add_argument("--images", required=True)
     p.add_argument("--ref", help="reference image folder, or a .npz with mu / sigma")
@@ -888,7 +845,6 @@ def main(argv=None):
     p.add_argument("--clip", action="store_true", help="also compute the CLIP score")
     p.add_argument("--clip-model", default="ViT-L-14")
     p.add_argument("--clip-pretrained", default="openai")
-
     p = sub.add_parser("shapes", parents=[common, world], help="shapes-world compositional score")
     p.add_argument("--images", help="folder of generated images (prompts as in `gen`)")
     p.add_argument("--prompts", help=prompts_help)
@@ -905,9 +861,7 @@ def main(argv=None):
     p.add_argument("--details", help="write per-prompt results to this .jsonl")
     p.add_argument("--save", metavar="DIR",
                    help="write the scored images to DIR/<category>/<i>_<ok|miss>.png (+ .txt prompts, results.jsonl)")
-
     sub.add_parser("context", parents=[common, world], help="does a MaskGen read the visible tokens? (shapes world)")
-
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")

@@ -160,6 +160,7 @@ def psnr(a, b, data_range=1.0):
 
 class CodebookCounter:
     """How a VQ tokenizer uses its codebook, accumulated over batches.
+
     usage      = fraction of codes chosen at least once (official evaluator's "CodebookUsage");
     perplexity = exp(entropy of the code frequencies): the "effective number" of codes --
                  equal to the codebook size when every code is used equally often.
@@ -227,6 +228,7 @@ class CLIPScorer:
     """CLIP score = 100 * max(cos(image embedding, text embedding), 0), per image
     (the torchmetrics / T2I-literature convention; Hessel et al.'s CLIPScore uses
     2.5 instead of 100).
+
     Default model: OpenAI ViT-L/14 through open_clip (downloads on first use on a
     user's machine); its weights were trained with QuickGELU, so that is forced.
     Tests inject a tiny random open_clip model: CLIPScorer(model=..., tokenizer=...).
@@ -778,9 +780,8 @@ def cmd_shapes(args, device):
             source = f"ground-truth renders reconstructed by the tokenizer of {of or 'checkpoints/shapes.pt'}"
     else:  # the held-out prompts (a seed no training run uses), generated
         caps = shapes.heldout_prompts(args.n_per_category, args.seed)
-        images = generate_shapes_images(caps, args.generator, args.tokenizer, device, args.sample_seed,
-                                        args.batch_size, args.steps, args.guidance_scale, args.guidance_schedule,
-                                        args.temperature)  # fmt: skip
+        images = generate_shapes_images(caps, args.generator, args.tokenizer, device, args.sample_seed, args.batch_size,
+                                        args.steps, args.guidance_scale, args.guidance_schedule, args.temperature)
         source = args.generator or "the shipped checkpoints/shapes.pt"
         if runtime.rank_world()[0] != 0:
             return {}, source
@@ -824,7 +825,7 @@ def main(argv=None):
     fid.add_argument("--size", type=int, help="resize+centre-crop side (recon default: the tokenizer's; gen: needed if sizes differ)")
     world = argparse.ArgumentParser(add_help=False)
     world.add_argument("--generator", help="MaskGen checkpoint (default: the shipped one)")
-    world.add_argument("--tokenizer", help="TA-TiTok checkpoint (default: the generator's); alone with --reconstruct")
+    world.add_argument("--tokenizer", help="TA-TiTok checkpoint (default: the generator's; alone: shapes --reconstruct)")
     world.add_argument("--n-per-category", type=int, default=300)
     world.add_argument("--seed", type=int, default=shapes.HELDOUT_SEED, help="held-out prompt / scene seed (no training run uses it)")
     world.add_argument("--sample-seed", type=int, default=0,
@@ -866,8 +867,7 @@ def main(argv=None):
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     rank, _, device = runtime.setup_distributed(args.device or "auto")  # joins torchrun's process group
-    commands = {"recon": cmd_recon, "gen": cmd_gen, "shapes": cmd_shapes, "context": cmd_context}
-    res, title = commands[args.cmd](args, device)
+    res, title = {"recon": cmd_recon, "gen": cmd_gen, "shapes": cmd_shapes, "context": cmd_context}[args.cmd](args, device)
     if rank == 0:
         write_report(res, args.out or os.path.join("out", "eval", args.cmd), title)
     runtime.teardown()

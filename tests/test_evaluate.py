@@ -1,4 +1,4 @@
-"""Tests for metrics.py and evaluate.py: the metric maths against closed forms, the pipelines on a
+"""Tests for evaluate.py: the metric maths against closed forms, the pipelines on a
 tiny folder with a stand-in feature extractor, and the shapes-world command line
 (the detector itself is tested in test_shapes.py)."""
 
@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import evaluate as E
-import metrics
 
 
 # ---------------------------------------------------------------------------- FID
@@ -19,8 +18,8 @@ import metrics
 
 def test_frechet_identical_stats_is_zero():
     rng = np.random.default_rng(0)
-    mu, sigma = metrics.feature_stats(rng.normal(size=(500, 32)))
-    assert metrics.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-8)
+    mu, sigma = E.feature_stats(rng.normal(size=(500, 32)))
+    assert E.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-8)
 
 
 def test_frechet_diagonal_gaussians_match_closed_form():
@@ -30,7 +29,7 @@ def test_frechet_diagonal_gaussians_match_closed_form():
     mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
     s1, s2 = rng.uniform(0.1, 3.0, 16), rng.uniform(0.1, 3.0, 16)
     want = np.sum((mu1 - mu2) ** 2) + np.sum((s1 - s2) ** 2)
-    got = metrics.frechet_distance(mu1, np.diag(s1**2), mu2, np.diag(s2**2))
+    got = E.frechet_distance(mu1, np.diag(s1**2), mu2, np.diag(s2**2))
     assert got == pytest.approx(want, rel=1e-10)
 
 
@@ -42,26 +41,26 @@ def test_frechet_non_diagonal_against_rotation_invariance():
     q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
     rot = lambda s: q @ np.diag(s**2) @ q.T  # noqa: E731
     want = np.sum((mu1 - mu2) ** 2) + np.sum((s1 - s2) ** 2)
-    assert metrics.frechet_distance(q @ mu1, rot(s1), q @ mu2, rot(s2)) == pytest.approx(want, rel=1e-8)
+    assert E.frechet_distance(q @ mu1, rot(s1), q @ mu2, rot(s2)) == pytest.approx(want, rel=1e-8)
 
 
 def test_frechet_singular_covariances_no_nan():
     rng = np.random.default_rng(3)
     a, b = rng.normal(size=(5, 64)), rng.normal(size=(7, 64)) + 1  # N << D: rank-deficient
-    d = metrics.frechet_distance(*metrics.feature_stats(a), *metrics.feature_stats(b))
+    d = E.frechet_distance(*E.feature_stats(a), *E.feature_stats(b))
     assert math.isfinite(d) and d > 0
     zero = np.zeros((4, 4))  # fully degenerate: two point masses at distance 2
-    assert metrics.frechet_distance(np.zeros(4), zero, np.full(4, 1.0), zero) == pytest.approx(4.0, abs=1e-4)
+    assert E.frechet_distance(np.zeros(4), zero, np.full(4, 1.0), zero) == pytest.approx(4.0, abs=1e-4)
 
 
 # ---------------------------------------------------------------------------- IS, PSNR, codebook
 
 
 def test_inception_score_closed_forms():
-    assert metrics.inception_score(logits=np.tile(np.array([[3.0, 1.0, -2.0]]), (10, 1)))[0] == pytest.approx(1.0)
+    assert E.inception_score(logits=np.tile(np.array([[3.0, 1.0, -2.0]]), (10, 1)))[0] == pytest.approx(1.0)
     for n in (2, 7, 50):
-        assert metrics.inception_score(probs=np.eye(n))[0] == pytest.approx(n)
-    mean, std = metrics.inception_score(probs=np.tile(np.eye(5), (4, 1)), splits=4)  # each split sees 5 classes
+        assert E.inception_score(probs=np.eye(n))[0] == pytest.approx(n)
+    mean, std = E.inception_score(probs=np.tile(np.eye(5), (4, 1)), splits=4)  # each split sees 5 classes
     assert (mean, std) == (pytest.approx(5.0), pytest.approx(0.0, abs=1e-9))
 
 
@@ -69,23 +68,23 @@ def test_psnr_by_hand():
     a = torch.zeros(1, 3, 4, 4)
     b = a.clone()
     b[0, 0, 0, 0] = 0.5  # MSE = 0.25 / 48
-    assert metrics.psnr(a, b).item() == pytest.approx(10 * math.log10(1 / (0.25 / 48)))
+    assert E.psnr(a, b).item() == pytest.approx(10 * math.log10(1 / (0.25 / 48)))
     c = torch.full((2, 3, 8, 8), 100.0)
     d = torch.full((2, 3, 8, 8), 110.0)  # MSE = 100 on a 255 range
-    assert metrics.psnr(c, d, data_range=255).tolist() == pytest.approx([10 * math.log10(255**2 / 100)] * 2)
+    assert E.psnr(c, d, data_range=255).tolist() == pytest.approx([10 * math.log10(255**2 / 100)] * 2)
 
 
 def test_codebook_usage_and_perplexity():
     k = 64
-    res = metrics.CodebookCounter(k).update(torch.arange(k).repeat(3)).result()  # uniform usage
+    res = E.CodebookCounter(k).update(torch.arange(k).repeat(3)).result()  # uniform usage
     assert res["codebook_perplexity"] == pytest.approx(k)
     assert res["codebook_usage"] == 1.0 and res["codebook_entropy_bits"] == pytest.approx(6.0)
-    res = metrics.CodebookCounter(k).update(torch.tensor([5, 5, 5, 9])).result()
+    res = E.CodebookCounter(k).update(torch.tensor([5, 5, 5, 9])).result()
     p = np.array([0.75, 0.25])
     assert res["codebook_usage"] == 2 / k
     assert res["codebook_perplexity"] == pytest.approx(math.exp(-(p * np.log(p)).sum()))
     with pytest.raises(ValueError, match="code ids"):
-        metrics.CodebookCounter(4).update(torch.tensor([4]))
+        E.CodebookCounter(4).update(torch.tensor([4]))
 
 
 # ---------------------------------------------------------------------------- extractor, pipelines
@@ -95,7 +94,7 @@ def test_fid_without_torch_fidelity_gives_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # makes `import torch_fidelity...` fail
     monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
     with pytest.raises(ImportError, match="pip install torch-fidelity"):
-        metrics.inception_extractor()
+        E.inception_extractor()
 
 
 def stand_in_extractor():
@@ -146,7 +145,7 @@ def test_clip_score_with_tiny_model():
         vision_cfg=open_clip.CLIPVisionCfg(layers=1, width=32, patch_size=8, image_size=32, head_width=16),
         text_cfg=open_clip.CLIPTextCfg(context_length=16, vocab_size=49408, width=32, heads=2, layers=1),
     )
-    scorer = metrics.CLIPScorer(model=model)
+    scorer = E.CLIPScorer(model=model)
     s = scorer(torch.rand(3, 3, 64, 64), ["a red circle", "two blue squares", "a cat"])
     assert s.shape == (3,) and (s >= 0).all() and (s <= 100).all()
     with pytest.raises(ValueError, match="prompts"):
@@ -163,7 +162,7 @@ def test_reconstruction_pipeline_tiny_tokenizer(preset):
     text = TextEncoder.from_config(**TEXT_PRESETS["tiny"])
     imgs = torch.rand(6, 3, 32, 32)
     batches = [(imgs[:4], ["a red circle"] * 4), (imgs[4:], ["two blue squares"] * 2)]
-    res = metrics.evaluate_reconstruction(tok, text, batches, stand_in_extractor())
+    res = E.evaluate_reconstruction(tok, text, batches, stand_in_extractor())
     assert res["num_images"] == 6 and math.isfinite(res["rfid"]) and math.isfinite(res["psnr"])
     assert res["inception_score"] >= 1.0
     if preset == "tiny":
@@ -301,7 +300,7 @@ def stand_in_fid(folder_files, ref_files):
     extract = stand_in_extractor()
     feats = [extract(torch.stack([load_image(f) for f in files]).mul(255).round().to(torch.uint8))[0].numpy()
              for files in (folder_files, ref_files)]  # fmt: skip
-    return metrics.frechet_distance(*metrics.feature_stats(feats[0]), *metrics.feature_stats(feats[1]))
+    return E.frechet_distance(*E.feature_stats(feats[0]), *E.feature_stats(feats[1]))
 
 
 def test_gen_per_category_fid_on_mjhq_layout(tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
 """
-Sample images from text with MaskGen + TA-TiTok.
+Sample images from text with MaskGen + TA-TiTok, and draw the tokenizer's figures.
 
 Paper: "Democratizing Text-to-Image Masked Generative Models with Compact Text-Aware
 One-Dimensional Tokens" (Kim et al., arXiv 2501.07730).
@@ -10,8 +10,9 @@ One-Dimensional Tokens" (Kim et al., arXiv 2501.07730).
       guidance, 16 steps for VQ / 32 for KL; GenEval prompts, COCO / MJHQ captions).
       `--geneval` writes exactly the folder layout GenEval's evaluation script reads.
   App. C, Fig. 7: the same prompt and seed at several aesthetic scores (`--aesthetic 5 6 7`).
-The tokenizer figures (Fig. 4 / Fig. 8) are tokviz.py; finding and checking the
-checkpoints (release dirs, runs, files, bundles) is load.py.
+  §5.2, Fig. 4 and App. G, Fig. 8: `sample.py tokviz` swaps single latent tokens and
+      shows where each latent token looks in the encoder (see "The tokenizer figures").
+Finding, checking and writing checkpoints (release dirs, Hub ids, runs, files) is load.py.
 
 The pipeline, per batch of prompts:
 
@@ -30,14 +31,16 @@ Usage:
     python sample.py --generator ... --mjhq meta_data.json --outdir out/mjhq   # <outdir>/<category>/<id>.png
     torchrun --nproc_per_node=8 sample.py ...                      # shards the prompts over GPUs
     An --outdir that holds another run's images is refused; --overwrite deletes those first.
-    python sample.py bundle --generator runs/maskgen --out my.pt    # both runs in one file, like shapes.pt
     python sample.py export runs/maskgen --out release/    # release/{generator,tokenizer}/ in the official layout
+    python sample.py tokviz --tokenizer PATH --image img.png --caption "a red circle"   # swap.png, attention.png
 
 Public API (importable, used by the tests):
     generate_images(models, prompts, aesthetics, seeds, null, opts, device) -> (B, 3, H, W)
     read_text(path, what), read_mjhq(path) -> [(id, category, prompt)]   (evaluate.py reads prompts with them)
     labelled_grid(rows, row_labels, tile_labels) -> PIL.Image
-    main(argv)
+    swap_tokens(tok, tokens, text_final, positions, replacements) -> (P, J, 3, H, W)
+    encoder_attention(tok, images) -> (B, K, G, G);  attention_overlays(image, attn) -> (K, 3, H, W)
+    main(argv)    (argv[0] "export" / "tokviz" runs that command)
 """
 
 import argparse
@@ -50,12 +53,13 @@ import sys
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import load
 import runtime
-from data import find_images, to_uint8
+from data import IMAGE_EXTS, load_image
 from schedules import check_guidance_schedule
 
 # -----------------------------------------------------------------------------
@@ -82,12 +86,8 @@ def read_prompt_file(path):
         )
     prompts = []
     for n, line in enumerate(read_text(path, "prompt file"), 1):
-        if not line.strip():
-            continue
-        if path.endswith(".jsonl"):
-            prompts.append(_jsonl_prompt(line, path, n))
-        else:
-            prompts.append(line)
+        if line.strip():
+            prompts.append(_jsonl_prompt(line, path, n) if path.endswith(".jsonl") else line)
     if not prompts:
         raise ValueError(
             f"prompt file {path!r} holds no prompts; write one prompt per line (.txt) or one "
@@ -104,18 +104,6 @@ def _jsonl_prompt(line, path, n):
     if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
         raise ValueError(f'{path}:{n} has no "prompt" string; each line must look like {{"prompt": "a red circle", ...}}')
     return obj["prompt"]
-
-
-def read_geneval(path):
-    """GenEval's evaluation_metadata.jsonl -> (prompts, the raw JSON lines, kept verbatim)."""
-    prompts, lines = [], []
-    for n, line in enumerate(read_text(path, "GenEval metadata file", " (it is prompts/evaluation_metadata.jsonl in GenEval)"), 1):
-        if line.strip():
-            prompts.append(_jsonl_prompt(line, path, n))
-            lines.append(line.strip())
-    if not prompts:
-        raise ValueError(f"GenEval metadata file {path!r} holds no prompts; it should be GenEval's evaluation_metadata.jsonl")
-    return prompts, lines
 
 
 MJHQ_SHAPE = '{"<image id>": {"category": "animals", "prompt": "..."}, ...}'
@@ -161,32 +149,15 @@ class Item(NamedTuple):
 
 
 def make_items(num_prompts, num_images, num_aesthetics, seed):
-    return [
-        Item(p, i, a, seed + p * num_images + i)
-        for p in range(num_prompts)
-        for a in range(num_aesthetics)
-        for i in range(num_images)
-    ]
+    """Every item, prompt by prompt; within a prompt, aesthetic score by score."""
+    ranges = range(num_prompts), range(num_aesthetics), range(num_images)
+    return [Item(p, i, a, seed + p * num_images + i) for p in ranges[0] for a in ranges[1] for i in ranges[2]]
 
 
 def shard(items, rank, world):
     """Rank r takes items r, r + W, r + 2W, ...: every item exactly once over all ranks,
     and balanced to within one item."""
     return items[rank::world]
-
-
-def image_path(outdir, item, aesthetics, geneval=False, mjhq=None):
-    """Where an item's PNG goes: sample.py's flat layout, GenEval's or MJHQ's (mjhq: the
-    read_mjhq entries)."""
-    if geneval:  # GenEval's layout: <outdir>/<prompt:05d>/samples/<image:04d>.png
-        return os.path.join(outdir, f"{item.prompt_index:05d}", "samples", f"{item.image_index:04d}.png")
-    if mjhq is not None:  # MJHQ's layout: <outdir>/<category>/<id>.png (one image per id)
-        image_id, category, _ = mjhq[item.prompt_index]
-        return os.path.join(outdir, category, image_id + ".png")
-    name = f"{item.prompt_index:05d}_s{item.seed:04d}"
-    if len(aesthetics) > 1:
-        name += f"_aes{aesthetics[item.aes_index]:g}"
-    return os.path.join(outdir, name + ".png")
 
 
 # -----------------------------------------------------------------------------
@@ -213,34 +184,29 @@ def generate_images(models, prompts, aesthetics, seeds, null, opts, device, seed
     return tok.decode(tokens, final)  # (B,3,H,W)
 
 
-def check_options(args, gcfg):
-    """Sampler options that only make sense for one variant, checked before any work."""
-    if args.guidance_schedule is not None:
-        check_guidance_schedule(gcfg.mode, args.guidance_schedule, "--guidance_schedule")
-    if gcfg.mode == "kl" and args.randomize_temperature is not None:
-        print("note: --randomize_temperature only applies to MaskGen-VQ; ignored for this KL model")
-    if args.aesthetic and any(a is not None for a in args.aesthetic) and not gcfg.aes_embed_dim:
-        print("note: this generator has no aesthetic-score condition; --aesthetic is ignored")
-    if gcfg.mode == "vq" and args.temperature == 0:
-        raise ValueError("--temperature must be > 0 for MaskGen-VQ: the logits are divided by it (omit it for "
-                         "the official annealed temperature)")  # fmt: skip
+def pick_device(name):
+    """--device NAME -> torch.device. "auto" is CUDA, then Apple's GPU (MPS), then the CPU.
+    A device this machine lacks is refused here, in words, not by torch much later."""
+    has = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name == "auto":
+        name = "cuda" if has["cuda"] else "mps" if has["mps"] else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if not has.get(device.type, True):
+        check = "torch.cuda.is_available()" if device.type == "cuda" else "torch.backends.mps.is_available()"
+        raise ValueError(f"--device {name} was asked for but {check} is False; use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+    return device
 
 
-def check_values(args, num_images):
-    """Numbers that would give garbage images or none at all, refused before any work.
-    Guidance, the Gumbel and the DiffLoss temperatures are meaningful from 0 up (0: no
-    noise; guidance 0 is the unconditional model for KL, the conditional one for VQ's
-    official formula); NaN and inf are never."""
-    for flag, value in (("--steps", args.steps), ("--num_images", num_images), ("--batch_size", args.batch_size)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
-    numbers = [("--guidance_scale", args.guidance_scale), ("--randomize_temperature", args.randomize_temperature),
-               ("--temperature", args.temperature)] + [("--aesthetic", a) for a in args.aesthetic or []]  # fmt: skip
-    for flag, value in numbers:
-        if value is not None and not math.isfinite(value):
-            raise ValueError(f"{flag} must be a finite number, got {value}")
-        if value is not None and value < 0 and flag != "--aesthetic":
-            raise ValueError(f"{flag} must be >= 0, got {value}" + (" (1 = no guidance)" if flag == "--guidance_scale" else ""))
+def to_pixels(images):
+    """Float images (..., 3, H, W) in [0, 1] -> uint8 numpy (..., H, W, 3), the layout PIL
+    writes. Rounded to the nearest level (a plain .to(uint8) would truncate, darkening
+    every pixel by half a level on average)."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
 
 
 def save_png(arr, path):
@@ -292,11 +258,14 @@ def check_outdir(outdir, planned, overwrite, clear):
     if not os.path.isdir(outdir):
         return 0
     planned = {os.path.relpath(p, outdir).replace(os.sep, "/") for p in planned}
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(outdir) for f in names)
+    rel = {p: os.path.relpath(p, outdir).replace(os.sep, "/") for p in files}
     stale, foreign, mjhq = [], [], earlier_mjhq_images(outdir)
-    for path in find_images(outdir):
-        rel = os.path.relpath(path, outdir).replace(os.sep, "/")
-        if rel not in planned and rel != "grid.png":  # evaluate.py never scores grid.png
-            (stale if OWN_IMAGES.fullmatch(rel) or rel in mjhq else foreign).append(path)
+    # The image files (by extension, as evaluate.py finds them) this run will not rewrite;
+    # evaluate.py never scores grid.png.
+    for p in files:
+        if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTS and rel[p] not in planned and rel[p] != "grid.png":
+            (stale if OWN_IMAGES.fullmatch(rel[p]) or rel[p] in mjhq else foreign).append(p)
     if foreign:
         raise ValueError(
             f"--outdir {outdir} holds {len(foreign)} image file(s) sample.py did not write (e.g. {foreign[0]}); they "
@@ -312,11 +281,7 @@ def check_outdir(outdir, planned, overwrite, clear):
     if not (overwrite and clear):
         return 0
     # Also the GenEval metadata and the grid this run will not rewrite, then emptied folders.
-    for d, _, names in os.walk(outdir):
-        for name in names:
-            rel = os.path.relpath(os.path.join(d, name), outdir).replace(os.sep, "/")
-            if OWN_OTHERS.fullmatch(rel) and rel not in planned:
-                stale.append(os.path.join(d, name))
+    stale += [p for p in files if OWN_OTHERS.fullmatch(rel[p]) and rel[p] not in planned]
     for path in stale:
         os.remove(path)
     for d in sorted({os.path.dirname(p) for p in stale} | {os.path.dirname(os.path.dirname(p)) for p in stale}, reverse=True):
@@ -384,10 +349,8 @@ def build_run_grid(path_of, prompts, items, aesthetics, max_rows, max_cols=16):
     rows, labels, tile_labels = {}, {}, {}
     for it in items:
         key = (it.prompt_index, it.aes_index)
-        if key not in rows and len(rows) == max_rows:
-            continue
-        if len(rows.setdefault(key, [])) >= max_cols:
-            continue
+        if (key not in rows and len(rows) == max_rows) or len(rows.setdefault(key, [])) >= max_cols:
+            continue  # a new row past max_rows, or a full row
         with Image.open(path_of(it)) as im:
             rows[key].append(im.convert("RGB"))
         tile_labels.setdefault(key, []).append(f"seed {it.seed}")
@@ -400,22 +363,114 @@ def build_run_grid(path_of, prompts, items, aesthetics, max_rows, max_cols=16):
 
 
 # -----------------------------------------------------------------------------
+# The tokenizer figures (`sample.py tokviz`), for one image and its caption.
+#
+# TA-TiTok (§3.2) describes an image with K 1D latent tokens that each read the whole
+# image, so a token often owns one semantic element (an object, its colour, the style)
+# rather than one fixed patch. Two views show it:
+# (1) latent-code swapping (§5.2, Fig. 4): replace token i by code j and decode; the
+#     element token i owns changes, not a fixed image region;
+# (2) attention maps (App. G, Fig. 8): where each latent token looks in the encoder.
+
+
+@torch.no_grad()
+def swap_tokens(tok, tokens, text_final, positions, replacements, batch_size=64):
+    """Decode the image with token `positions[p]` replaced by `replacements[j]`, for all p, j.
+
+    tokens: VQ ids (1,K) long, or KL tokens (1,K,C); text_final: (1,L,W) caption states.
+    replacements: VQ code ids (J,) long, or KL token vectors (J,C).
+    Returns (P, J, 3, H, W) in [0,1].
+    """
+    cfg = tok.config
+    K, P, J = cfg.num_latent_tokens, len(positions), len(replacements)
+    bad = [i for i in positions if not 0 <= i < K]
+    if bad:
+        raise ValueError(f"token positions {bad} are out of range: this tokenizer has K={K} tokens (0..{K - 1})")
+    if cfg.quantize_mode == "vq":
+        codes = torch.as_tensor(replacements, dtype=torch.long, device=tokens.device)
+        if codes.numel() and (codes.min() < 0 or codes.max() >= cfg.codebook_size):
+            raise ValueError(f"code ids must lie in [0, {cfg.codebook_size}); got {codes.tolist()}")
+        x = tokens.expand(P * J, K).clone()  # (P*J, K)
+    else:
+        codes = torch.as_tensor(replacements, dtype=tokens.dtype, device=tokens.device)  # (J, C)
+        x = tokens.expand(P * J, K, cfg.token_size).clone()  # (P*J, K, C)
+    for n, i in enumerate(positions):
+        x[n * J : (n + 1) * J, i] = codes  # rows n*J..: token i takes each replacement in turn
+    out = [tok.decode(x[s : s + batch_size], text_final.expand(len(x[s : s + batch_size]), -1, -1))
+           for s in range(0, P * J, batch_size)]  # fmt: skip
+    return torch.cat(out).clamp(0, 1).view(P, J, 3, cfg.image_size, cfg.image_size)
+
+
+@torch.no_grad()
+def encoder_attention(tok, images):
+    """Each latent token's attention over the image patches in the encoder's LAST block.
+
+    images (B,3,H,W) in [0,1] -> (B, K, G, G): softmax(q k^T / sqrt(d)) of the latent
+    tokens' queries against the patch keys, averaged over heads. The rows are the
+    share of attention that lands on patches (the rest goes to the class token and
+    the latent tokens themselves), so they sum to at most 1.
+    """
+    enc, cfg = tok.encoder, tok.config
+    S = cfg.image_size
+    if images.ndim != 4 or images.shape[1:] != (3, S, S):
+        raise ValueError(f"expected images (B, 3, {S}, {S}) in [0, 1], got {tuple(images.shape)}; use load_image()")
+    last = enc.blocks[-1]
+    seen = {}
+    # The input of the last block, caught on the way through an ordinary forward pass.
+    hook = last.register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0]))
+    try:
+        enc(images, tok.latent_tokens)
+    finally:
+        hook.remove()
+    x = last.ln_1(seen["x"])  # (B, T, W), T = 1 + G*G + K
+    B, Tn, W = x.shape
+    h = last.attn.heads
+    q, k, _ = last.attn.qkv(x).view(B, Tn, 3, h, W // h).permute(2, 0, 3, 1, 4)  # each (B, h, T, d)
+    att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(W // h), dim=-1).mean(dim=1)  # (B, T, T)
+    G = enc.grid
+    return att[:, 1 + G * G :, 1 : 1 + G * G].reshape(B, cfg.num_latent_tokens, G, G)  # latents -> patches
+
+
+def attention_overlays(image, attn, alpha=0.55):
+    """image (3,H,W) in [0,1], attn (K,G,G) -> (K,3,H,W): each map, stretched to [0,1]
+    per token and upsampled, blended over the image."""
+    H, W = image.shape[-2:]
+    a = F.interpolate(attn[:, None].float(), size=(H, W), mode="bilinear", align_corners=False)[:, 0]  # (K,H,W)
+    lo, hi = a.amin(dim=(1, 2), keepdim=True), a.amax(dim=(1, 2), keepdim=True)
+    a = ((a - lo) / (hi - lo).clamp_min(1e-12))[:, None]  # (K,1,H,W)
+    # A 'jet'-like colour map, blue (low) to red (high): R, G, B are tents centred at 3/4, 1/2, 1/4.
+    heat = torch.cat([(1.5 - (4 * a - c).abs()).clamp(0, 1) for c in (3.0, 2.0, 1.0)], dim=1)  # (K,3,H,W)
+    return ((1 - alpha) * image[None].float() + alpha * heat).clamp(0, 1)
+
+
+def _spread(n, k):
+    """k indices evenly spread over range(n)."""
+    k = min(k, n)
+    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+
+
+# -----------------------------------------------------------------------------
 # The sampling command.
 
 
-def build_parser():
+def main(argv=None):
+    """`python sample.py [options]`: prompts -> PNG files (and grid.png) in --outdir;
+    `python sample.py export ...` and `python sample.py tokviz ...` run those commands."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["export"], ["tokviz"]):
+        return (export_main if argv[0] == "export" else tokviz_main)(argv[1:])
     p = argparse.ArgumentParser(
         description="Generate images from text with MaskGen + TA-TiTok (see the module docstring). "
-        "The tokenizer visualisations are `python tokviz.py -h`.",
+        "Other commands: `sample.py export -h` (write a release), `sample.py tokviz -h` (the tokenizer figures).",
     )
     src = p.add_argument_group("prompts (at least one source)")
     src.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     src.add_argument("--prompts", help="a .txt file (one prompt per line) or .jsonl file (a \"prompt\" field per line)")
     src.add_argument("--geneval", help="GenEval's evaluation_metadata.jsonl: writes GenEval's folder layout")
     src.add_argument("--mjhq", help="MJHQ-30K's meta_data.json: writes <outdir>/<category>/<id>.png, one image per id")
-    ck = p.add_argument_group("checkpoints (default: the shipped checkpoints/shapes.pt)")
-    ck.add_argument("--generator", help="MaskGen: official release dir or its Hub id (owner/name), our run folder / ckpt file, or a bundled file")
-    ck.add_argument("--tokenizer", help="TA-TiTok: official release dir or Hub id, our run / ckpt file, or a bundle; default: the one the generator records")
+    ck = p.add_argument_group("checkpoints (default: the shipped shapes model in checkpoints/)")
+    ck.add_argument("--generator", help="MaskGen: official release dir or its Hub id (owner/name), or our run folder / ckpt file")
+    ck.add_argument("--tokenizer", help="TA-TiTok: official release dir or Hub id, or our run / ckpt file; default: the one the generator records")
     ck.add_argument("--revision", help="Hub revision (branch, tag, commit) for --generator / --tokenizer Hub ids; owner/name@REV also works")
     s = p.add_argument_group("sampling (defaults: the generator's config)")
     s.add_argument("--steps", type=int, help="decoding steps (paper: 16 VQ, 32 KL)")
@@ -425,9 +480,8 @@ def build_parser():
     s.add_argument("--temperature", type=float, help="VQ: softmax temperature (default annealed); KL: DiffLoss noise")
     s.add_argument("--aesthetic", type=float, nargs="+", help="aesthetic score(s); several give one grid row each (Fig. 7)")
     s.add_argument("--seed", type=int, default=0, help="image (p, i) uses seed + p * num_images + i")
-    s.add_argument("--seeding", choices=("item", "batch"), default="item",
-                   help="item: one generator per image (still batched), so an image does not depend on the "
-                   "batch or world size; batch: one generator per batch")  # fmt: skip
+    s.add_argument("--seeding", choices=("item", "batch"), default="item", help="item: one generator per image "
+                   "(still batched): an image depends on neither batch nor world size; batch: one per batch")  # fmt: skip
     s.add_argument("--num_images", type=int, help="images per prompt (default 1; 4 with --geneval, as GenEval)")
     s.add_argument("--batch_size", type=int, default=16)
     o = p.add_argument_group("output and hardware")
@@ -437,14 +491,7 @@ def build_parser():
     o.add_argument("--grid_rows", type=int, default=16, help="rows in the run's grid.png (0: no grid)")
     o.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
     o.add_argument("--dtype", choices=sorted(runtime.DTYPES), default="fp32", help="autocast precision of the models")
-    return p
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["bundle"], ["export"]):
-        return (bundle_main if argv[0] == "bundle" else export_main)(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = p.parse_args(argv)
 
     # 1. Prompts, numbers and the work list, read and checked before anything is loaded.
     geneval_lines, mjhq = None, None
@@ -453,8 +500,13 @@ def main(argv=None):
         raise ValueError("--geneval and --mjhq each write their own folder layout; give one of them")
     if layout_flag and (args.prompt or args.prompts):
         raise ValueError(f"{layout_flag} takes its prompts from the metadata file; drop --prompt / --prompts")
-    if args.geneval:
-        prompts, geneval_lines = read_geneval(args.geneval)
+    if args.geneval:  # the JSON lines are kept verbatim: each prompt's folder gets its own as metadata.jsonl
+        hint = " (it is prompts/evaluation_metadata.jsonl in GenEval)"
+        lines = [(n, s.strip()) for n, s in enumerate(read_text(args.geneval, "GenEval metadata file", hint), 1) if s.strip()]
+        prompts, geneval_lines = [_jsonl_prompt(s, args.geneval, n) for n, s in lines], [s for _, s in lines]
+        if not prompts:
+            raise ValueError(f"GenEval metadata file {args.geneval!r} holds no prompts; "
+                             f"it should be GenEval's evaluation_metadata.jsonl")  # fmt: skip
     elif args.mjhq:
         mjhq = read_mjhq(args.mjhq)  # [(id, category, prompt)]
         prompts = [prompt for _, _, prompt in mjhq]
@@ -469,16 +521,42 @@ def main(argv=None):
         raise ValueError(f"{layout_flag} writes one image set per prompt; give a single --aesthetic score")
     if mjhq and num_images != 1:
         raise ValueError("--mjhq writes one image per id (<category>/<id>.png, as MJHQ-30K's reference); drop --num_images")
-    check_values(args, num_images)
+    # Numbers that would give garbage images or none at all. Guidance, the Gumbel and the
+    # DiffLoss temperatures are meaningful from 0 up (0: no noise; guidance 0 is the
+    # unconditional model for KL, the conditional one for VQ's official formula); NaN and
+    # inf are never.
+    for flag, value in (("--steps", args.steps), ("--num_images", num_images), ("--batch_size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    numbers = [("--guidance_scale", args.guidance_scale), ("--randomize_temperature", args.randomize_temperature),
+               ("--temperature", args.temperature)] + [("--aesthetic", a) for a in args.aesthetic or []]  # fmt: skip
+    for flag, value in numbers:
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{flag} must be a finite number, got {value}")
+        if value is not None and value < 0 and flag != "--aesthetic":
+            raise ValueError(f"{flag} must be >= 0, got {value}" + (" (1 = no guidance)" if flag == "--guidance_scale" else ""))
     items = make_items(len(prompts), num_images, len(aesthetics), args.seed)
 
-    def path_of(item):  # where an item's PNG goes (aesthetics only name files when several are given)
-        return image_path(args.outdir, item, aesthetics, geneval, mjhq)
+    def path_of(item):
+        """Where an item's PNG goes: GenEval's layout, MJHQ's, or sample.py's flat one."""
+        if geneval:  # <outdir>/<prompt:05d>/samples/<image:04d>.png
+            return os.path.join(args.outdir, f"{item.prompt_index:05d}", "samples", f"{item.image_index:04d}.png")
+        if mjhq:  # <outdir>/<category>/<id>.png, one image per id
+            image_id, category, _ = mjhq[item.prompt_index]
+            return os.path.join(args.outdir, category, image_id + ".png")
+        name = f"{item.prompt_index:05d}_s{item.seed:04d}"
+        if len(aesthetics) > 1:  # the score names a file only when several are given
+            name += f"_aes{aesthetics[item.aes_index]:g}"
+        return os.path.join(args.outdir, name + ".png")
 
-    # 2. Processes and device.
-    # Under torchrun a process group serves only the final barrier: gloo runs anywhere
-    # (CPU or GPU) and no tensors move; ranks may wait long there for the slowest.
-    rank, world, device = runtime.setup_distributed(args.device, backend="gloo", timeout=datetime.timedelta(hours=4))
+    # 2. Processes and device. Under torchrun (which sets RANK) a process group serves only
+    # the final barrier: gloo runs anywhere (CPU or GPU) and no tensors move; ranks may
+    # wait long there for the slowest. Plain python is rank 0 of 1, with no group.
+    torchrun = "RANK" in os.environ
+    if torchrun:
+        rank, world, device = runtime.setup_distributed(args.device, backend="gloo", timeout=datetime.timedelta(hours=4))
+    else:
+        rank, world, device = 0, 1, pick_device(args.device)
 
     # 3. The output folder: another run's images there are refused, or deleted with
     # --overwrite (by rank 0; never one this run writes, so no rank waits for it).
@@ -489,7 +567,16 @@ def main(argv=None):
     # 4. Checkpoints, cross-checked (tokens, codebook, text widths) before any sampling.
     models = load.load_models(args.generator, args.tokenizer, device, revision=args.revision)
     gcfg = models.generator.config
-    check_options(args, gcfg)
+    # Sampler options that only make sense for one variant.
+    if args.guidance_schedule is not None:
+        check_guidance_schedule(gcfg.mode, args.guidance_schedule, "--guidance_schedule")
+    if gcfg.mode == "kl" and args.randomize_temperature is not None:
+        print("note: --randomize_temperature only applies to MaskGen-VQ; ignored for this KL model")
+    if args.aesthetic and any(a is not None for a in args.aesthetic) and not gcfg.aes_embed_dim:
+        print("note: this generator has no aesthetic-score condition; --aesthetic is ignored")
+    if gcfg.mode == "vq" and args.temperature == 0:
+        raise ValueError("--temperature must be > 0 for MaskGen-VQ: the logits are divided by it (omit it for "
+                         "the official annealed temperature)")  # fmt: skip
     aesthetics = [gcfg.aesthetic if a is None else a for a in aesthetics]  # labels show the real score
     if rank == 0:
         print(f"generator: {models.gen_source} [MaskGen-{gcfg.mode.upper()}, K={gcfg.num_tokens}]")
@@ -508,7 +595,7 @@ def main(argv=None):
                 f.write(json.dumps(row) + "\n")
 
     written = []
-    autocast = runtime.autocast(device, args.dtype)
+    autocast = torch.autocast(device.type, dtype=runtime.DTYPES[args.dtype], enabled=args.dtype != "fp32")
     with torch.inference_mode(), autocast:
         null = models.gen_text([""])  # the classifier-free guidance null condition, computed once
         for batch in tqdm(batches, desc=f"sampling (rank {rank})" if world > 1 else "sampling", disable=rank != 0):
@@ -516,7 +603,7 @@ def main(argv=None):
                 models, [prompts[it.prompt_index] for it in batch], [aesthetics[it.aes_index] for it in batch],
                 [it.seed for it in batch], null, opts, device, args.seeding,
             )  # fmt: skip
-            for it, arr in zip(batch, to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()):  # (B,H,W,3)
+            for it, arr in zip(batch, to_pixels(images)):  # (B,H,W,3) uint8
                 path = path_of(it)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 save_png(arr, path)
@@ -526,7 +613,8 @@ def main(argv=None):
                 written.append(path)
 
     # 6. After every rank is done, rank 0 draws the grid from the files on disk.
-    runtime.barrier()
+    if torchrun:
+        runtime.barrier()
     grid_path = None
     if rank == 0:
         if args.grid_rows > 0:
@@ -536,43 +624,93 @@ def main(argv=None):
         n = len(items)
         where = ", ".join(written) if world == 1 and n <= 4 else where  # a few images: name each file
         print(f"wrote {n} image{'s' * (n != 1)} to {where}" + (f"; grid: {grid_path}" if grid_path else ""))
-    runtime.teardown()
+    if torchrun:
+        runtime.teardown()
     return {"images": written, "grid": grid_path, "items": mine}
 
 
-def bundle_main(argv):
-    """`python sample.py bundle --generator RUN --out FILE`: one self-contained file with
-    the generator's and its tokenizer's EMA weights, configs and small text tower (how
-    checkpoints/shapes.pt is made). Weights are stored in fp16 unless --fp32; they are
-    loaded back into fp32 models. An existing FILE is replaced only with --overwrite."""
-    p = argparse.ArgumentParser(prog="sample.py bundle", description=bundle_main.__doc__)
-    p.add_argument("--generator", required=True, help="a train_maskgen.py run folder or checkpoint")
-    p.add_argument("--tokenizer", help="its TA-TiTok run (default: the one the generator records)")
-    p.add_argument("--out", required=True, help="the file to write (not a directory)")
-    p.add_argument("--fp32", action="store_true", help="keep fp32 weights (twice the size)")
-    p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists (checkpoints/shapes.pt included)")
-    p.add_argument("--sampling", nargs="+", metavar="KEY=VALUE",
-                   help=f"new sampling defaults for the bundle, KEY one of {', '.join(load.SAMPLING_FIELDS)}")
-    args = p.parse_args(argv)
-    return load.write_bundle(args.generator, args.tokenizer, args.out, args.fp32, args.overwrite, args.sampling)
-
-
 def export_main(argv):
-    """`python sample.py export SRC --out DIR`: a tokenizer or generator run folder, checkpoint
-    file or bundle (or a release) written in the official release layout (config.json +
-    model.safetensors), which TATiTok / MaskGen.from_official and the official code read.
-    EMA weights when present. A generator or bundle gives DIR/generator and DIR/tokenizer
-    (its tokenizer); one model (--which, or a tokenizer run) fills DIR itself."""
+    """`python sample.py export SRC --out DIR`: a tokenizer or generator run folder or
+    checkpoint file (or a release) written in the official release layout (config.json +
+    model.safetensors), which load.py and the official code read: how released models,
+    the shipped ones included, are made. EMA weights when present. A generator gives
+    DIR/generator and DIR/tokenizer (its tokenizer); one model (--which, or a tokenizer
+    run) fills DIR itself."""
     p = argparse.ArgumentParser(prog="sample.py export", description=export_main.__doc__)
-    p.add_argument("src", metavar="SRC", help="run folder, checkpoint file, bundle, release dir or Hub id")
+    p.add_argument("src", metavar="SRC", help="run folder, checkpoint file, release dir or Hub id")
     p.add_argument("--out", required=True, help="the directory to write (new or empty, unless --overwrite)")
     p.add_argument("--which", choices=("generator", "tokenizer", "both"),
-                   help="what to export (default: both for a generator or bundle, the tokenizer for a tokenizer)")
+                   help="what to export (default: both for a generator, the tokenizer for a tokenizer)")
     p.add_argument("--tokenizer", help="the generator's tokenizer (default: the one it records)")
     p.add_argument("--revision", help="Hub revision for a Hub id SRC / --tokenizer")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR, replacing what export writes")
     args = p.parse_args(argv)
     return load.export_release(args.src, args.out, args.which, args.tokenizer, args.overwrite, args.revision)
+
+
+def tokviz_main(argv):
+    """`python sample.py tokviz --image IMG [--caption TEXT] [--tokenizer REF]`: Fig. 4 as
+    swap.png (a row per swapped token, a column per replacement: VQ codes, or the token
+    values of --swap_image / the image at --sources) and Fig. 8 as attention.png."""
+    p = argparse.ArgumentParser(prog="sample.py tokviz", description=tokviz_main.__doc__)
+    p.add_argument("--tokenizer", help="official release dir or Hub id, or our run / ckpt file (default: the shipped shapes model)")
+    p.add_argument("--image", required=True)
+    p.add_argument("--caption", default="", help="the image's caption (the decoder is text-aware)")
+    p.add_argument("--positions", type=int, nargs="+", help="token positions to swap (rows; default: 8 spread over K)")
+    p.add_argument("--codes", type=int, nargs="+", help="VQ: replacement code ids (columns; default: random)")
+    p.add_argument("--swap_image", help="take the replacements from this image's tokens (KL; VQ if no --codes)")
+    p.add_argument("--sources", type=int, nargs="+", help="token positions the replacements come from (default: spread)")
+    p.add_argument("--num_codes", type=int, default=6, help="columns when --codes / --sources are not given")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--outdir", default="out/tokviz")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+
+    device = pick_device(args.device)
+    tok, text_enc = load.load_tokenizer(args.tokenizer or load.default_checkpoint("no --tokenizer given"), device)
+    cfg = tok.config
+    K, S = cfg.num_latent_tokens, cfg.image_size
+    image = load_image(args.image, S)[None].to(device)  # (1,3,S,S): shorter side resized, centre crop
+
+    with torch.no_grad():
+        final = text_enc([args.caption]).final  # (1,L,W)
+        tokens = tok.encode(image)  # VQ (1,K) | KL (1,K,C)
+        recon = tok.decode(tokens, final).clamp(0, 1)[0]  # (3,S,S)
+        positions = args.positions or _spread(K, 8)
+        other = tok.encode(load_image(args.swap_image, S)[None].to(device)) if args.swap_image else tokens
+        sources = args.sources or _spread(K, args.num_codes)
+        if cfg.quantize_mode == "vq" and args.codes:
+            replacements, names = args.codes, [f"code {c}" for c in args.codes]
+        elif cfg.quantize_mode == "vq" and not args.swap_image:
+            g = torch.Generator().manual_seed(args.seed)
+            replacements = torch.randperm(cfg.codebook_size, generator=g)[: args.num_codes].tolist()
+            names = [f"code {c}" for c in replacements]
+        else:  # token values from the second image (or this one) at the source positions
+            replacements = other[0, sources]  # VQ (J,) ids | KL (J,C)
+            names = [("img2 " if args.swap_image else "") + f"tok {j}" + (f"={int(c)}" if cfg.quantize_mode == "vq" else "")
+                     for j, c in zip(sources, replacements)]  # fmt: skip
+        swaps = swap_tokens(tok, tokens, final, positions, replacements)  # (P,J,3,S,S)
+        attn = encoder_attention(tok, image)[0]  # (K,G,G)
+        overlays = attention_overlays(image[0], attn)  # (K,3,S,S)
+
+    # Figure 4: each row is [input, reconstruction, the swaps of one token position].
+    os.makedirs(args.outdir, exist_ok=True)
+    ids = tokens[0].tolist() if cfg.quantize_mode == "vq" else None
+    inp, rec = (Image.fromarray(a) for a in to_pixels(torch.stack([image[0], recon])))
+    rows = [[inp, rec] + [Image.fromarray(a) for a in row] for row in to_pixels(swaps)]
+    row_labels = [f"token {i}" + (f" (code {ids[i]})" if ids else "") + " replaced by ->" for i in positions]
+    tile_labels = [["input", "reconstruction"] + names for _ in positions]
+    swap_path = os.path.join(args.outdir, "swap.png")
+    labelled_grid(rows, row_labels, tile_labels).save(swap_path)
+
+    # Figure 8: the input, then one overlay per latent token, 8 tiles a row.
+    tiles = [inp] + [Image.fromarray(a) for a in to_pixels(overlays)]
+    labels = ["input"] + [f"latent {k}" for k in range(K)]
+    attn_path = os.path.join(args.outdir, "attention.png")
+    starts = range(0, len(tiles), 8)
+    labelled_grid([tiles[i : i + 8] for i in starts], None, [labels[i : i + 8] for i in starts]).save(attn_path)
+    print(f"wrote {swap_path} (latent-code swapping) and {attn_path} (encoder attention maps)")
+    return {"swap": swap_path, "attention": attn_path, "swaps": swaps, "attention_maps": attn, "overlays": overlays}
 
 
 if __name__ == "__main__":

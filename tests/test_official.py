@@ -306,20 +306,20 @@ def test_bundle_never_overwrites_silently(ckpts, tmp_path, monkeypatch):
     out = tmp_path / "b.pt"
     out.write_bytes(b"precious")
     with pytest.raises(ValueError, match=r"--out .*b.pt' exists; pass --overwrite to replace it"):
-        S.main(["bundle", "--generator", ckpts["gen"], "--out", str(out)])
+        LD.write_bundle(ckpts["gen"], None, str(out))
     assert out.read_bytes() == b"precious"
     # The shipped model is refused like any file, before any work.
     shipped = LD.DEFAULT_CHECKPOINT
     stat = os.stat(shipped)
     with pytest.raises(ValueError, match=r"shapes.pt' exists; pass --overwrite"):
-        S.main(["bundle", "--generator", ckpts["gen"], "--out", shipped])
+        LD.write_bundle(ckpts["gen"], None, shipped)
     assert os.stat(shipped).st_mtime_ns == stat.st_mtime_ns and not os.path.exists(shipped + ".tmp")
-    S.main(["bundle", "--generator", ckpts["gen"], "--out", str(out), "--overwrite"])
+    LD.write_bundle(ckpts["gen"], None, str(out), overwrite=True)
     assert set(torch.load(out, weights_only=True)) == {"tokenizer", "generator"}
 
     # --out naming a directory: a clear error, and no stray DIR.tmp (as there was).
     with pytest.raises(ValueError, match=r"--out .*' is a directory; give the file to write"):
-        S.main(["bundle", "--generator", ckpts["gen"], "--out", str(tmp_path)])
+        LD.write_bundle(ckpts["gen"], None, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["b.pt"]
 
     # A failure mid-write (a full disk): no file, no temporary file.
@@ -329,7 +329,7 @@ def test_bundle_never_overwrites_silently(ckpts, tmp_path, monkeypatch):
 
     monkeypatch.setattr(LD.torch, "save", fail)
     with pytest.raises(OSError, match="disk full"):
-        S.main(["bundle", "--generator", ckpts["gen"], "--out", str(tmp_path / "new.pt")])
+        LD.write_bundle(ckpts["gen"], None, str(tmp_path / "new.pt"))
     assert sorted(os.listdir(tmp_path)) == ["b.pt"]
 
 
@@ -387,8 +387,8 @@ def test_bad_release_files_are_named(tmp_path):
 def test_bundle_sampling_defaults(ckpts, tmp_path):
     # --sampling replaces generate() defaults in the bundle's generator config, nothing else;
     # the loaded model samples with them.
-    out = S.main(["bundle", "--generator", ckpts["gen"], "--out", str(tmp_path / "b.pt"),
-                  "--sampling", "guidance_scale=2", "num_steps=3", "guidance_schedule=linear"])  # fmt: skip
+    out = LD.write_bundle(ckpts["gen"], None, str(tmp_path / "b.pt"),
+                         sampling=["guidance_scale=2", "num_steps=3", "guidance_schedule=linear"])  # fmt: skip
     before = torch.load(os.path.join(ckpts["gen"], "ckpt_00000020.pt"), weights_only=True)["maskgen_config"]
     cfg = torch.load(out, weights_only=True)["generator"]["maskgen_config"]
     assert (cfg["guidance_scale"], cfg["num_steps"], cfg["guidance_schedule"]) == (2.0, 3, "linear")
@@ -401,5 +401,5 @@ def test_bundle_sampling_defaults(ckpts, tmp_path):
                      ("guidance_scale=-1", "guidance_scale must be a finite number"),
                      ("guidance_schedule=zigzag", "zigzag")]:  # fmt: skip
         with pytest.raises(ValueError, match=msg):
-            S.main(["bundle", "--generator", ckpts["gen"], "--out", str(tmp_path / "bad.pt"), "--sampling", bad])
+            LD.write_bundle(ckpts["gen"], None, str(tmp_path / "bad.pt"), sampling=[bad])
         assert not os.path.exists(tmp_path / "bad.pt")

@@ -1,9 +1,11 @@
 """sample.py end to end on tiny random models, on CPU: files, grid, GenEval layout,
-seeding, sharding, and loading checkpoints with load.py (every form, pairing errors).
-The fixtures here (tiny runs and a bundle) are shared with test_tokviz.py."""
+seeding, sharding, loading checkpoints with load.py (every form, pairing errors), and
+the tokenizer figures of `sample.py tokviz` (Fig. 4 latent-code swapping, Fig. 8 encoder
+attention maps). The fixtures here (tiny runs and a bundle) are shared with test_official.py."""
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,8 +21,8 @@ import official
 import runtime
 import sample as S
 import tokenizer as T
-import tokviz
-from text import TEXT_PRESETS, TextEncoder
+from checkpoint import load_checked
+from text import TEXT_PRESETS, TextEncoder, build_text_encoder
 
 # tokenizer.PRESETS["tiny"] has K = 8 tokens, a 64-code codebook and 8 channels; the
 # maskgen "tiny_vq" preset makes K = 16, so the generator here is tiny_vq with K = 8.
@@ -96,9 +98,9 @@ def ckpts(tmp_path_factory):
     out["gen"] = save_generator_run(d / "gen", GEN_VQ, "tok")
     out["tok_kl"] = save_tokenizer_run(d / "tok_kl", TOK_KL)
     out["gen_kl"] = save_generator_run(d / "gen_kl", GEN_KL, str(d / "tok_kl"), with_text=True)
-    # The shipped-bundle layout, written by `sample.py bundle`: one file with both stages'
+    # The shipped-bundle layout, written by load.write_bundle: one file with both stages'
     # EMA weights in fp16, their configs and the small text tower.
-    out["bundle"] = S.main(["bundle", "--generator", out["gen"], "--out", str(d / "shapes.pt")])
+    out["bundle"] = L.write_bundle(out["gen"], None, str(d / "shapes.pt"))
     bundle = torch.load(out["bundle"], weights_only=True)
     assert set(bundle) == {"tokenizer", "generator"}
     assert all(v.dtype == torch.float16 for part in bundle.values() for v in part["ema"].values() if v.is_floating_point())
@@ -233,7 +235,8 @@ def test_sharding_over_ranks_matches_one_process(ckpts, tmp_path, monkeypatch):
     run(args, tmp_path / "one")
     monkeypatch.setattr(runtime, "barrier", lambda: None)
     for rank in (1, 0):  # rank 0 last: it draws the grid from every rank's files
-        monkeypatch.setattr(runtime, "setup_distributed", lambda device, r=rank, **kw: (r, 2, runtime.pick_device(device)))
+        monkeypatch.setenv("RANK", str(rank))  # as torchrun sets it: only then is the process group set up
+        monkeypatch.setattr(runtime, "setup_distributed", lambda device, r=rank, **kw: (r, 2, S.pick_device(device)))
         res = run(args, tmp_path / "two")
         assert len(res["images"]) == 3
     one, two = folder_pixels(tmp_path / "one"), folder_pixels(tmp_path / "two")
@@ -284,7 +287,7 @@ def test_bundle_and_default_checkpoint(ckpts, tmp_path, monkeypatch, image_file)
     assert [os.path.basename(p) for p in res["images"]] == ["00000_s0000.png"]
     run(["--generator", ckpts["bundle"], "--prompt", "a red circle"], tmp_path / "b")
     assert np.array_equal(pixels(tmp_path / "a" / "00000_s0000.png"), pixels(tmp_path / "b" / "00000_s0000.png"))
-    viz = tokviz.main(["--image", image_file, "--outdir", str(tmp_path / "viz")] + CPU)  # default tokenizer
+    viz = S.main(["tokviz", "--image", image_file, "--outdir", str(tmp_path / "viz")] + CPU)  # default tokenizer
     assert viz["swaps"].shape == (8, 6, 3, 32, 32)
     monkeypatch.setattr(L, "DEFAULT_CHECKPOINT", str(tmp_path / "checkpoints" / "shapes.pt"))
     with pytest.raises(FileNotFoundError, match=r"shapes\.pt is missing.*train"):
@@ -498,12 +501,13 @@ def test_temperature_zero_and_devices(ckpts, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"--device cuda was asked for but torch.cuda.is_available\(\) is False; use --device cpu or auto"):
         S.main(["--prompt", "x", "--device", "cuda", "--outdir", str(tmp_path / "out")])
-    with pytest.raises(ValueError, match=r"unknown --device 'gpu'"):
-        runtime.pick_device("gpu")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    with pytest.raises(ValueError, match=r"--device mps was asked for but torch.backends.mps.is_available\(\) is False"):
-        runtime.pick_device("mps")
-    assert runtime.pick_device("auto") == torch.device("cpu")
+    for pick_device in (S.pick_device, runtime.pick_device):  # sample.py's own, and the trainers' (torchrun)
+        with pytest.raises(ValueError, match=r"unknown --device 'gpu'"):
+            pick_device("gpu")
+        with pytest.raises(ValueError, match=r"--device mps was asked for but torch.backends.mps.is_available\(\) is False"):
+            pick_device("mps")
+        assert pick_device("auto") == torch.device("cpu")
 
 
 def test_png_writes_are_atomic(tmp_path, monkeypatch):
@@ -519,3 +523,60 @@ def test_png_writes_are_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         S.save_png(arr, str(tmp_path / "b.png"))
     assert os.listdir(tmp_path) == ["a.png"]  # no partial b.png, no temporary file
+
+
+# -----------------------------------------------------------------------------
+# The tokenizer figures (`sample.py tokviz`): Fig. 4 latent-code swapping, Fig. 8 encoder attention maps.
+
+
+def test_swap_tokens_shapes_and_effect(ckpts):
+    src = L.resolve_tokenizer(ckpts["tok"])
+    tok = T.TATiTok(src.config)
+    load_checked(tok, src.ckpt["ema"], "tok")
+    text = build_text_encoder(*src.text, "tok")
+    final = text(["a red circle"]).final
+    ids = tok.encode(torch.rand(1, 3, 32, 32))
+    out = S.swap_tokens(tok, ids, final, positions=[0, 5], replacements=[1, 2, 3])
+    assert out.shape == (2, 3, 3, 32, 32) and 0 <= out.min() and out.max() <= 1
+    same = S.swap_tokens(tok, ids, final, positions=[5], replacements=[int(ids[0, 5])])  # swap to its own code
+    assert torch.allclose(same[0, 0], tok.decode(ids, final).clamp(0, 1), atol=1e-5)
+    assert not torch.allclose(out[0, 0], out[0, 1])
+    with pytest.raises(ValueError, match="out of range"):
+        S.swap_tokens(tok, ids, final, positions=[8], replacements=[1])
+
+
+def test_encoder_attention_is_the_last_blocks_attention(ckpts):
+    tok = T.TATiTok(TOK_VQ).eval()
+    images = torch.rand(2, 3, 32, 32)
+    attn = S.encoder_attention(tok, images)
+    G, K = 4, 8
+    assert attn.shape == (2, K, G, G) and (attn >= 0).all()
+    assert (attn.sum(dim=(2, 3)) <= 1 + 1e-5).all()
+    # The recomputed weights, applied to v, must give the block's own attention output.
+    seen = {}
+    last = tok.encoder.blocks[-1]
+    h = last.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    tok.encoder(images, tok.latent_tokens)
+    h.remove()
+    x = last.ln_1(seen["x"])
+    B, N, W = x.shape
+    q, k, v = last.attn.qkv(x).view(B, N, 3, last.attn.heads, -1).permute(2, 0, 3, 1, 4)
+    w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(W // last.attn.heads), dim=-1)  # (B, h, N, N)
+    mine = last.attn.proj((w @ v).transpose(1, 2).reshape(B, N, W))
+    assert torch.allclose(mine, last.attn(x), atol=1e-5)
+    assert torch.allclose(attn, w.mean(1)[:, 1 + G * G :, 1 : 1 + G * G].reshape(B, K, G, G))
+    ov = S.attention_overlays(images[0], attn[0])
+    assert ov.shape == (K, 3, 32, 32) and 0 <= ov.min() and ov.max() <= 1
+
+
+def test_tokviz_command_vq_and_kl(ckpts, tmp_path, image_file):
+    res = S.main(["tokviz", "--tokenizer", ckpts["tok"], "--image", image_file, "--caption", "a red circle",
+                  "--outdir", str(tmp_path / "vq"), "--positions", "0", "3", "7", "--codes", "1", "2"] + CPU)  # fmt: skip
+    assert res["swaps"].shape == (3, 2, 3, 32, 32)
+    assert res["attention_maps"].shape == (8, 4, 4) and res["overlays"].shape == (8, 3, 32, 32)
+    assert Image.open(res["swap"]).size[1] > 3 * 32 and os.path.isfile(res["attention"])
+    # KL: replacements are other tokens' values (here from a second image), default positions.
+    res = S.main(["tokviz", "--tokenizer", ckpts["tok_kl"], "--image", image_file, "--swap_image", image_file,
+                  "--num_codes", "3", "--outdir", str(tmp_path / "kl")] + CPU)  # fmt: skip
+    assert res["swaps"].shape == (8, 3, 3, 32, 32)
+    assert os.path.isfile(res["swap"]) and os.path.isfile(res["attention"])

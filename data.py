@@ -490,9 +490,9 @@ def _cmd_pretokenize(args):
     # shards; rank 0 adds meta.json once the counts are summed.
     rank, world_size, device = runtime.setup_distributed(args.device or "auto", mps=False)
     distributed = world_size > 1
-    import load  # imported here so that data.py works without the models (shapes, shards)
+    import checkpoint  # imported here so that data.py works without the models (shapes, shards)
 
-    tok, _ = load.load_tokenizer(args.tokenizer, device, with_text=False)  # frozen; no text (no CLIP download)
+    tok, _ = checkpoint.load_tokenizer(args.tokenizer, device, with_text=False)  # frozen; no text (no CLIP download)
     size = tok.config.image_size
     ds = build_image_dataset(args.data, size, train=False, rank=rank, world_size=world_size,
                              min_longer_side=args.min_longer_side)  # fmt: skip
@@ -513,7 +513,7 @@ def _cmd_pretokenize(args):
     counts = summed.cpu()
     total = int(counts[-1])
     if rank == 0:
-        meta = dict(tokenizer_meta(tok), tokenizer=load.record_ref(args.tokenizer), data=str(args.data),
+        meta = dict(tokenizer_meta(tok), tokenizer=checkpoint.record_ref(args.tokenizer), data=str(args.data),
                     num_samples=total, skipped={r: int(v) for r, v in zip(SKIP_REASONS, counts[:-1]) if v})  # fmt: skip
         with open(os.path.join(args.out, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)

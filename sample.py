@@ -11,7 +11,7 @@ One-Dimensional Tokens" (Kim et al., arXiv 2501.07730).
       `--geneval` writes exactly the folder layout GenEval's evaluation script reads.
   App. C, Fig. 7: the same prompt and seed at several aesthetic scores (`--aesthetic 5 6 7`).
 The tokenizer figures (Fig. 4 / Fig. 8) are tokviz.py; finding and checking the
-checkpoints (release dirs, runs, files, bundles) is load.py.
+checkpoints (release dirs, runs, files, bundles) is checkpoint.py.
 
 The pipeline, per batch of prompts:
 
@@ -30,7 +30,6 @@ Usage:
     python sample.py --generator ... --mjhq meta_data.json --outdir out/mjhq   # <outdir>/<category>/<id>.png
     torchrun --nproc_per_node=8 sample.py ...                      # shards the prompts over GPUs
     An --outdir that holds another run's images is refused; --overwrite deletes those first.
-    python sample.py bundle --generator runs/maskgen --out my.pt    # both runs in one file, like shapes.pt
     python sample.py export runs/maskgen --out release/    # release/{generator,tokenizer}/ in the official layout
 
 Public API (importable, used by the tests):
@@ -53,7 +52,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-import load
+import checkpoint
 import runtime
 from data import find_images, to_uint8
 from schedules import check_guidance_schedule
@@ -442,8 +441,8 @@ def build_parser():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["bundle"], ["export"]):
-        return (bundle_main if argv[0] == "bundle" else export_main)(argv[1:])
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
     args = build_parser().parse_args(argv)
 
     # 1. Prompts, numbers and the work list, read and checked before anything is loaded.
@@ -487,7 +486,7 @@ def main(argv=None):
     check_outdir(args.outdir, planned, args.overwrite, clear=rank == 0)
 
     # 4. Checkpoints, cross-checked (tokens, codebook, text widths) before any sampling.
-    models = load.load_models(args.generator, args.tokenizer, device, revision=args.revision)
+    models = checkpoint.load_models(args.generator, args.tokenizer, device, revision=args.revision)
     gcfg = models.generator.config
     check_options(args, gcfg)
     aesthetics = [gcfg.aesthetic if a is None else a for a in aesthetics]  # labels show the real score
@@ -540,23 +539,6 @@ def main(argv=None):
     return {"images": written, "grid": grid_path, "items": mine}
 
 
-def bundle_main(argv):
-    """`python sample.py bundle --generator RUN --out FILE`: one self-contained file with
-    the generator's and its tokenizer's EMA weights, configs and small text tower (how
-    checkpoints/shapes.pt is made). Weights are stored in fp16 unless --fp32; they are
-    loaded back into fp32 models. An existing FILE is replaced only with --overwrite."""
-    p = argparse.ArgumentParser(prog="sample.py bundle", description=bundle_main.__doc__)
-    p.add_argument("--generator", required=True, help="a train_maskgen.py run folder or checkpoint")
-    p.add_argument("--tokenizer", help="its TA-TiTok run (default: the one the generator records)")
-    p.add_argument("--out", required=True, help="the file to write (not a directory)")
-    p.add_argument("--fp32", action="store_true", help="keep fp32 weights (twice the size)")
-    p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists (checkpoints/shapes.pt included)")
-    p.add_argument("--sampling", nargs="+", metavar="KEY=VALUE",
-                   help=f"new sampling defaults for the bundle, KEY one of {', '.join(load.SAMPLING_FIELDS)}")
-    args = p.parse_args(argv)
-    return load.write_bundle(args.generator, args.tokenizer, args.out, args.fp32, args.overwrite, args.sampling)
-
-
 def export_main(argv):
     """`python sample.py export SRC --out DIR`: a tokenizer or generator run folder, checkpoint
     file or bundle (or a release) written in the official release layout (config.json +
@@ -572,7 +554,7 @@ def export_main(argv):
     p.add_argument("--revision", help="Hub revision for a Hub id SRC / --tokenizer")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR, replacing what export writes")
     args = p.parse_args(argv)
-    return load.export_release(args.src, args.out, args.which, args.tokenizer, args.overwrite, args.revision)
+    return checkpoint.export_release(args.src, args.out, args.which, args.tokenizer, args.overwrite, args.revision)
 
 
 if __name__ == "__main__":

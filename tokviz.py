@@ -11,7 +11,7 @@ element (an object, its colour, the style) rather than one fixed patch. Two view
 
 Usage:
     python tokviz.py --image img.png --caption "a red circle"            # shipped checkpoints/shapes.pt
-    python tokviz.py --tokenizer PATH --image img.png --caption "..."    # any tokenizer reference (load.py)
+    python tokviz.py --tokenizer PATH --image img.png --caption "..."    # any tokenizer reference (checkpoint.py)
     python tokviz.py --tokenizer PATH --image a.png --swap_image b.png   # replacements from a second image
 
 Public API:
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import load
+import checkpoint
 import runtime
 from data import load_image, to_uint8
 from sample import labelled_grid
@@ -149,7 +149,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     device = runtime.pick_device(args.device)
-    tok, text_enc = load.load_tokenizer(args.tokenizer or load.default_checkpoint("no --tokenizer given"), device)
+    tok, text_enc = checkpoint.load_tokenizer(args.tokenizer or checkpoint.default_release("tokenizer", "no --tokenizer given"), device)
     cfg = tok.config
     K, S = cfg.num_latent_tokens, cfg.image_size
     image = load_image(args.image, S)[None].to(device)  # (1,3,S,S)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-import load as L
+import checkpoint as L
 import tokenizer as T
 import tokviz
 from checkpoint import load_checked
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_swap_tokens_shapes_and_effect(ckpts):
-    src = L.resolve_tokenizer(ckpts["tok"])
+    src = L.resolve(ckpts["tok"], "tokenizer")
     tok = T.TATiTok(src.config)
     load_checked(tok, src.ckpt["ema"], "tok")
     text = build_text_encoder(*src.text, "tok")

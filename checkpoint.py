@@ -1,29 +1,50 @@
 """
-Checkpoint files, at the lowest level: reading one safely, and loading a state dict so
-that every key that does not fit is named.
+Everything a model is read from or written to: checkpoint files and training-run folders, the
+official release layout of TA-TiTok (paper §3.2) and MaskGen (§3.3, §4.2), Hugging Face Hub ids,
+and the one loader that turns a reference into a tokenizer and a generator checked to fit each
+other (§4.2: MaskGen-VQ works on TA-TiTok's VQ ids, MaskGen-KL on its continuous KL tokens; both
+read CLIP text features). The networks are in tokenizer.py, maskgen.py and text.py, which never
+import this file.
 
-No paper section: this is plumbing shared by the models (tokenizer.py, maskgen.py), the
-official-release reader (official.py) and every entry point. It imports torch only.
+A model reference is one of these, and every entry point accepts each of them (resolve()):
+    a release directory   config.json + model.safetensors, the official Hugging Face layout; the
+                          shipped models are checkpoints/shapes{,_kl}/{generator,tokenizer}/ (fp16)
+    a Hub id              owner/name, hf-hub:owner/name or owner/name@revision, fetched into the
+                          Hub cache (local_path); a local path of the same name wins
+    a training run        a folder of ckpt_*.pt (its newest good one is used)
+    a checkpoint file     one ckpt_*.pt written by train_tokenizer.py / train_maskgen.py
+Weights: the EMA copy when a checkpoint has one (it samples better), else the raw one.
 
-    torch_load(path)                      a checkpoint file -> its object (tensors on the CPU)
-    atomic_write(path, write)             a file that is complete or absent (temporary file + rename)
-    write_dir(out, write, overwrite)      a directory's content written beside it, then moved in
-    mismatch_error(where, missing, ...)   the one report of keys that do not fit a model
-    load_checked(model, sd, where)        load_state_dict that raises that report
-    newest_checkpoint(run_dir)            a run folder's newest good ckpt_*.pt -> (path, ckpt)
-    save_checkpoint(out_dir, step, ...)   write one with its checksum, atomically; keep the newest good
+    tok, text = load_tokenizer(ref, device, with_text=True)   frozen TATiTok + its TextEncoder (or None)
+    model = load_generator(ref, device)                        MaskGenVQ / MaskGenKL, eval mode
+    m = load_models(generator, tokenizer, device)              Models: both, cross-checked, + text encoder(s)
+    save_release(model, dir) / export_release(ref, out)        write release directories
+    save_checkpoint(run, step, payload) / newest_checkpoint(run)   training-run folders
+Every pairing check runs on the configs, before any model is built, so a wrong pairing costs seconds.
 """
 
+import dataclasses
 import glob
 import hashlib
+import json
 import os
 import pickle
 import re
 import shutil
 import tempfile
 import warnings
+from typing import NamedTuple, Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import maskgen as M
+import tokenizer as T
+from text import TEXT_PRESETS, build_text_encoder
+
+# -----------------------------------------------------------------------------
+# Reading a checkpoint file safely: weights_only, so a checkpoint is data and never code.
 
 
 class CheckpointError(ValueError):
@@ -35,15 +56,14 @@ class CheckpointError(ValueError):
 
 
 # Said for every file torch cannot read: which files this project can read.
-_OURS = ("pass a file written by train_tokenizer.py, train_maskgen.py or `sample.py bundle`, or an "
-         "official release directory (config.json + model.safetensors)")  # fmt: skip
+_OURS = "pass a file written by train_tokenizer.py or train_maskgen.py, or a release directory (config.json + model.safetensors)"
 
 
 def torch_load(path):
-    """torch.load for files we did not write ourselves in this process: weights_only, so a
-    checkpoint is data and never code; memory-mapped, so a big file is not read twice.
-    A file that cannot be read raises CheckpointError naming it and the cause; torch's own
-    advice to load it unsafely (with weights_only=False) is never passed on."""
+    """torch.load for files we did not write ourselves in this process: weights_only, and
+    memory-mapped, so a big file is not read twice. A file that cannot be read raises
+    CheckpointError naming it and the cause in our words; torch's own advice to load it
+    unsafely (with weights_only=False) is never passed on."""
     path = os.fspath(path)
     try:
         with warnings.catch_warnings():  # "Detected pickle protocol 4": noise before the real error
@@ -57,29 +77,27 @@ def torch_load(path):
     except OSError:  # missing, a directory, unreadable: the OS error names the file already
         raise
     except Exception as e:
-        raise _unreadable(path, e) from None
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if not head:
+            raise CheckpointError(path, "is empty, not a checkpoint", f"Fix: {_OURS}") from None
+        if not head.startswith((b"PK", b"\x80")):  # neither a zip archive (torch.save) nor a pickle (legacy)
+            raise CheckpointError(path, "is not a PyTorch checkpoint file (neither a zip archive nor a pickle)", f"Fix: {_OURS}") from None
+        if isinstance(e, pickle.UnpicklingError):  # weights_only refused something: never code, so never ours
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+            what = (f"a Python object of type {found[1]}" if found else "pickled data beyond tensors and plain values "
+                    f"({reason[1].strip().split('. ')[0] if reason else 'unknown content'})")  # fmt: skip
+            raise CheckpointError(path, f"is not a checkpoint this project wrote: it holds {what}, which is not "
+                                  "loaded because unpickling it could run code", f"Fix: {_OURS}") from None  # fmt: skip
+        if isinstance(e, (RuntimeError, EOFError)):  # "PytorchStreamReader failed ...": cut short or damaged
+            cause = f"is damaged or incomplete (torch: {str(e).split('. ')[0] or type(e).__name__})"
+            raise CheckpointError(path, cause, "Fix: copy it again or use an earlier checkpoint") from None
+        raise CheckpointError(path, f"cannot be read as a checkpoint (torch.load: {type(e).__name__}: {e})", f"Fix: {_OURS}") from None
 
 
-def _unreadable(path, e):
-    """The CheckpointError for a file that torch.load (weights_only) refused with `e`: what
-    the file is and why, in our words; torch's advice to load it unsafely is dropped."""
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if not head:
-        return CheckpointError(path, "is empty, not a checkpoint", f"Fix: {_OURS}")
-    if not head.startswith((b"PK", b"\x80")):  # neither a zip archive (torch.save) nor a pickle (legacy)
-        return CheckpointError(path, "is not a PyTorch checkpoint file (neither a zip archive nor a pickle)", f"Fix: {_OURS}")
-    if isinstance(e, pickle.UnpicklingError):  # weights_only refused something: never code, so never ours
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
-        what = (f"a Python object of type {found[1]}" if found else "pickled data beyond tensors and plain values "
-                f"({reason[1].strip().split('. ')[0] if reason else 'unknown content'})")  # fmt: skip
-        return CheckpointError(path, f"is not a checkpoint this project wrote: it holds {what}, which is not "
-                               "loaded because unpickling it could run code", f"Fix: {_OURS}")  # fmt: skip
-    if isinstance(e, (RuntimeError, EOFError)):  # "PytorchStreamReader failed ...": cut short or damaged
-        cause = f"is damaged or incomplete (torch: {str(e).split('. ')[0] or type(e).__name__})"
-        return CheckpointError(path, cause, "Fix: copy it again or use an earlier checkpoint")
-    return CheckpointError(path, f"cannot be read as a checkpoint (torch.load: {type(e).__name__}: {e})", f"Fix: {_OURS}")
+# -----------------------------------------------------------------------------
+# Writing: a file, or a directory's content, appears whole or not at all.
 
 
 def atomic_write(path, write):
@@ -97,14 +115,6 @@ def atomic_write(path, write):
         if os.path.isfile(tmp):
             os.remove(tmp)
         raise
-
-
-def check_out_file(out, overwrite, flag="--overwrite"):
-    """Refuse, before any work, to write file `out` over a directory, or over a file unless asked."""
-    if os.path.isdir(out):
-        raise ValueError(f"--out {out!r} is a directory; give the file to write, e.g. {os.path.join(out, 'bundle.pt')}")
-    if os.path.exists(out) and not overwrite:
-        raise ValueError(f"--out {out!r} exists; pass {flag} to replace it, or choose another file name")
 
 
 def check_out_dir(out, overwrite, flag="--overwrite"):
@@ -143,36 +153,43 @@ def write_dir(out, write, overwrite=False):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# -----------------------------------------------------------------------------
+# Weights that do not fit a model, and weights that are not finite.
+
+
 def mismatch_error(where, missing, unexpected, shapes, model="the model built from its config",
                    fix="Check that the config belongs to these weights (same variant and size)."):  # fmt: skip
     """A RuntimeError naming every missing / unexpected key and every shape mismatch
     ("key: checkpoint (..) vs model (..)"), at most 20 of each; None when all fit."""
-    if not (missing or unexpected or shapes):
-        return None
-
-    def show(xs):
-        return "\n    ".join(xs[:20]) + (f"\n    ... and {len(xs) - 20} more" if len(xs) > 20 else "")
-
     msg = [f"checkpoint {where!r} does not match {model}:"]
     for name, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
         if keys:
-            msg.append(f"  {name} ({len(keys)}):\n    {show(keys)}")
-    msg.append(f"  {fix}")
-    return RuntimeError("\n".join(msg))
+            more = f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else ""
+            msg.append(f"  {name} ({len(keys)}):\n    " + "\n    ".join(keys[:20]) + more)
+    return RuntimeError("\n".join(msg + [f"  {fix}"])) if len(msg) > 1 else None
 
 
 def load_checked(model, sd, where):
     """model.load_state_dict(sd), but a mismatch names every key that does not fit."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
               for k in sorted(set(sd) & set(own)) if sd[k].shape != own[k].shape]  # fmt: skip
-    err = mismatch_error(where, missing, unexpected, shapes)
+    err = mismatch_error(where, sorted(set(own) - set(sd)), sorted(set(sd) - set(own)), shapes)
     if err is not None:
         raise err
     model.load_state_dict(sd)
     return model
+
+
+def nonfinite(named):
+    """The names among (name, tensor) pairs whose floating-point tensor holds nan or inf (at most 5)."""
+    return [k for k, v in named if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()][:5]
+
+
+def nonfinite_weights(ckpt):
+    """Names of the model / EMA tensors of a checkpoint dict that hold nan or inf (at most 5)."""
+    parts = [part for part in ("model", "ema") if isinstance(ckpt.get(part), dict)]
+    return nonfinite((f"{part}.{k}", v) for part in parts for k, v in ckpt[part].items())
 
 
 # -----------------------------------------------------------------------------
@@ -208,14 +225,6 @@ def content_digest(obj):
     return h.hexdigest()
 
 
-def nonfinite_weights(ckpt):
-    """Names of the model / EMA tensors of a checkpoint that hold nan or inf (at most 5)."""
-    bad = [f"{part}.{k}" for part in ("model", "ema") if isinstance(ckpt.get(part), dict)
-           for k, v in ckpt[part].items()
-           if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]  # fmt: skip
-    return bad[:5]
-
-
 def load_good(path):
     """(checkpoint, None) when the run-folder checkpoint at `path` is good, else (None, why)."""
     try:
@@ -230,9 +239,7 @@ def load_good(path):
     if digest is not None and digest != content_digest(ckpt):  # files from before checksums have none
         return None, "checksum mismatch (its content was damaged)"
     bad = nonfinite_weights(ckpt)
-    if bad:
-        return None, f"non-finite weights ({', '.join(bad)})"
-    return ckpt, None
+    return (None, f"non-finite weights ({', '.join(bad)})") if bad else (ckpt, None)
 
 
 def run_checkpoints(run_dir):
@@ -251,8 +258,7 @@ def newest_checkpoint(run_dir, log=print, rejected=None):
             return path, ckpt
         if rejected is not None:
             rejected.append((path, why))
-        more = "; falling back to the previous one" if i + 1 < len(paths) else ""
-        log(f"warning: checkpoint {path} is {why}{more}")
+        log(f"warning: checkpoint {path} is {why}" + ("; falling back to the previous one" if i + 1 < len(paths) else ""))
     return None, None
 
 
@@ -283,3 +289,750 @@ def save_checkpoint(out_dir, step, payload, keep=2, log=print):
     if unreadable:
         log(f"warning: left alone, not counted as checkpoints (bad files): {', '.join(unreadable)}")
     return path
+
+
+# -----------------------------------------------------------------------------
+# The release layout. The authors released TA-TiTok and MaskGen as Hugging Face repositories
+# (turkeyju/tokenizer_tatitok_*, turkeyju/generator_maskgen_*), each a directory with
+#     config.json         the official nested (OmegaConf) config: model.vq_model, model.maskgen, ...
+#     model.safetensors   the weights under the official code's names (or pytorch_model.bin)
+# Our releases add, where needed, top-level config.json entries the official code ignores:
+# "text_encoder" (a text tower other than OpenAI's CLIP; a small random tower's weights are in
+# text_encoder.safetensors), "tokenizer" (a generator's tokenizer, relative to its directory)
+# and EXTRA. Our modules hold the same weights under other names and, in places, other layouts:
+# TA-TiTok's 1x1 convs are Linears here, MaskGen's q/k/v projections one fused matrix per stream.
+
+
+class Release:
+    """A release directory, read lazily: .config (the config.json dict), .file (the weights
+    file), .keys, .shape(key), .get(key). Tensors are read one at a time when asked for
+    (safetensors: straight from the file; pytorch_model.bin: memory-mapped when the file
+    allows it), so loading holds one copy of the weights (1.1B parameters for MaskGen-XL)."""
+
+    def __init__(self, path):
+        self.path = path = os.fspath(path)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path!r} has no config.json; a release directory holds config.json and model.safetensors")
+        self.config = read_config(path)
+        st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+        if not (os.path.isfile(st) or os.path.isfile(pt)):
+            raise FileNotFoundError(f"{path!r} has neither model.safetensors nor pytorch_model.bin; re-download the release")
+        self.file = st if os.path.isfile(st) else pt
+        self._st, self._sd = (open_safetensors(st), None) if self.file == st else (None, torch_load(pt))
+        self.keys = list(self._st.keys() if self._st is not None else self._sd.keys())
+
+    def shape(self, key):
+        return tuple(self._st.get_slice(key).get_shape()) if self._st is not None else tuple(self._sd[key].shape)
+
+    def get(self, key):
+        return self._st.get_tensor(key) if self._st is not None else self._sd[key]
+
+
+def read_config(path):
+    """A release's config.json (path: the file or its directory) -> dict. Anything else
+    (empty, not JSON, not UTF-8, not an object) is a ValueError naming the file."""
+    path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    fix = "re-download the release, or re-export it with `python sample.py export`"
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        cfg = json.loads(text) if text.strip() else None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file (not UTF-8), so not a config.json; {fix}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); {fix}") from None
+    if cfg is None:
+        raise ValueError(f"{path} is empty (an interrupted download or copy?); {fix}")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} holds a JSON {type(cfg).__name__}, not the object a config.json is; {fix}")
+    return cfg
+
+
+def open_safetensors(path):
+    """safe_open(path), with a damaged or truncated file named in the error."""
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # safetensors' own error type: "Error while deserializing header: ..."
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); it is damaged or incomplete: "
+                         f"download or write it again") from None  # fmt: skip
+
+
+# The config.json fields -> ours, as (section, official key, our field, the value assumed when a
+# release leaves it out; REQUIRED: it may not), one table per model read both ways. Fields of our
+# configs that the official layout has no place for (e.g. the shapes models' init, pos_init_std,
+# diffloss_clip_x0) go in a section of their own, EXTRA, only when they differ from what the
+# official fields give: the release of an official-size model stays official.
+REQUIRED, EXTRA = object(), "extra_fields"
+TATITOK_FIELDS = {
+    "any": [("vq_model", "vit_enc_patch_size", "enc_patch_size", REQUIRED), ("vq_model", "token_size", "token_size", REQUIRED),
+            ("vq_model", "vit_dec_patch_size", "dec_patch_size", REQUIRED), ("preprocessing", "crop_size", "image_size", REQUIRED),
+            ("vq_model", "num_latent_tokens", "num_latent_tokens", REQUIRED), ("vq_model", "text_context_length", "text_context_length", 77),
+            ("vq_model", "text_embed_dim", "text_embed_dim", 768)],
+    "vq": [("vq_model", "codebook_size", "codebook_size", REQUIRED), ("vq_model", "commitment_cost", "commitment_cost", 0.25),
+           ("vq_model", "use_l2_norm", "use_l2_norm", False), ("vq_model", "clustering_vq", "clustering_vq", False)],
+    "kl": [],
+}  # fmt: skip
+# MaskGen. The official VQ "temperature" is our randomize_temperature (of the Gumbel noise that
+# picks the tokens); KL's is the diffusion sampling temperature.
+MASKGEN_FIELDS = {
+    "any": [("vq_model", "num_latent_tokens", "num_tokens", REQUIRED), ("vq_model", "text_embed_dim", "text_width", 768),
+            ("maskgen", "decoder_embed_dim", "width", REQUIRED), ("maskgen", "decoder_depth", "depth", REQUIRED),
+            ("maskgen", "decoder_num_heads", "heads", REQUIRED), ("maskgen", "sample_aesthetic_score", "aesthetic", 6.5)],
+    "vq": [("vq_model", "token_size", "token_size", 64), ("vq_model", "codebook_size", "codebook_size", REQUIRED),
+           ("maskgen", "cfg", "guidance_scale", 12.0), ("maskgen", "cfg_schedule", "guidance_schedule", "cosine"),
+           ("maskgen", "num_iter", "num_steps", 16), ("maskgen", "condition_num_classes", "num_class_rows", 1000),
+           ("maskgen", "temperature", "randomize_temperature", 2.0), ("losses", "label_smoothing", "label_smoothing", 0.1),
+           ("losses", "loss_weight_unmasked_token", "unmasked_weight", 0.1)],
+    "kl": [("vq_model", "token_size", "token_size", 16), ("vq_model", "scale_factor", "scale_factor", REQUIRED),
+           ("maskgen", "cfg", "guidance_scale", 3.0), ("maskgen", "cfg_schedule", "guidance_schedule", "linear"),
+           ("maskgen", "num_iter", "num_steps", 32), ("maskgen", "diffusion_batch_mul", "diffusion_batch_mul", 4),
+           ("maskgen", "temperature", "temperature", 1.0), ("losses", "diffloss_d", "diffloss_depth", REQUIRED),
+           ("losses", "diffloss_w", "diffloss_width", REQUIRED), ("losses", "num_sampling_steps", "num_sampling_steps", "100")],
+}  # fmt: skip
+_ARCH = ("width", "depth", "heads")
+
+
+def _unwrap(d):
+    """A config.json dict, or the one a hub-mixin wrapper holds under "config"."""
+    return d["config"] if "model" not in d and isinstance(d.get("config"), dict) else d
+
+
+def _read_fields(d, fields, path, what, expected, finish):
+    """config.json dict -> our config's kwargs by a field table; finish(sections, kwargs, mode)
+    reads what the table cannot. A missing field, or one of the wrong kind, is a ValueError."""
+    d = _unwrap(d)
+    try:
+        s = dict(d["model"], losses=d.get("losses", {}), preprocessing=d.get("dataset", {}).get("preprocessing", {}))
+        mode = {"vq": "vq", "vae": "kl"}[s["vq_model"].get("quantize_mode", "vq")]
+        kw = {ours: s[sec][key] if default is REQUIRED else s[sec].get(key, default)
+              for sec, key, ours, default in fields["any"] + fields[mode]}  # fmt: skip
+        finish(s, kw, mode)
+    except (KeyError, TypeError, AttributeError) as e:
+        why = f"missing field {e}" if isinstance(e, KeyError) else f"a field of the wrong kind ({e})"
+        raise ValueError(f"{path} is not a {what}: {why} (expected {expected})") from None
+    return {**kw, **d.get(EXTRA, {})}
+
+
+def tatitok_kwargs(d, path="config.json"):
+    """A TA-TiTok config.json dict -> TATiTokConfig(**kwargs)."""
+
+    def finish(s, kw, mode):
+        vq = s["vq_model"]
+        for side in ("enc", "dec"):  # a named ViT size, or "custom" (our tiny presets) spelled out
+            name = vq[f"vit_{side}_model_size"]
+            if name != "custom" and name not in T.VIT_SIZES:
+                raise ValueError(f"unknown vit_{side}_model_size {name!r}; expected one of {sorted(T.VIT_SIZES)}")
+            arch = T.VIT_SIZES[name] if name != "custom" else [vq[f"vit_{side}_{k}"] for k in _ARCH]
+            kw.update({f"{side}_{k}": v for k, v in zip(_ARCH, arch)}, quantize_mode=mode)
+        if vq.get("is_legacy", True):  # it reshapes the encoder output without a permute (a bug); no release uses it
+            raise ValueError(f"{path} has is_legacy: True; only is_legacy: False checkpoints are supported")
+        if vq.get("finetune_decoder", False):
+            raise ValueError(f"{path}: finetune_decoder: True (TiTok's two-stage decoder) is not part of TA-TiTok")
+
+    return _read_fields(d, TATITOK_FIELDS, path, "TA-TiTok config", "model.vq_model and dataset.preprocessing.crop_size", finish)
+
+
+def maskgen_kwargs(d, path="config.json"):
+    """A MaskGen config.json dict -> MaskGenConfig(**kwargs)."""
+
+    def finish(s, kw, mode):
+        mg = s["maskgen"]
+        kw.update(mode=mode, pooled_dim=s["vq_model"].get("pooled_embed_dim", kw["text_width"]),
+                  aes_embed_dim=mg["micro_condition_embed_dim"] if mg.get("micro_condition", False) else 0)  # fmt: skip
+        if mode == "kl":
+            kw["num_sampling_steps"] = str(kw["num_sampling_steps"])
+            return
+        kw["randomize_temperature"] = mg.get("randomize_temperature", kw["randomize_temperature"])
+        if not mg.get("weight_tying", True):
+            raise ValueError(f"{path}: weight_tying: False (an untied LM head) is not supported; every release ties it")
+        if mg.get("mask_schedule_strategy", "arccos") != "arccos":
+            raise ValueError(f"{path}: only the arccos mask schedule is implemented, got {mg['mask_schedule_strategy']!r}")
+
+    return _read_fields(d, MASKGEN_FIELDS, path, "MaskGen config.json", "model.vq_model, model.maskgen, losses", finish)
+
+
+def release_config(model):
+    """config.json content for `model`: the official (OmegaConf) layout, and EXTRA for the
+    fields of model.config that the official fields do not give back."""
+    c, is_maskgen = model.config, hasattr(model.config, "mode")  # a TATiTokConfig has quantize_mode
+    mode, fields = (c.mode, MASKGEN_FIELDS) if is_maskgen else (c.quantize_mode, TATITOK_FIELDS)
+    vq, mg, losses, prep = {"quantize_mode": "vq" if mode == "vq" else "vae"}, {}, {}, {}
+    for sec, key, ours, _ in fields["any"] + fields[mode]:
+        {"vq_model": vq, "maskgen": mg, "losses": losses, "preprocessing": prep}[sec][key] = getattr(c, ours)
+    d = {"model": {"vq_model": vq}, "dataset": {"preprocessing": prep}}
+    if is_maskgen:
+        mg.update(micro_condition=c.aes_embed_dim > 0, micro_condition_embed_dim=c.aes_embed_dim, text_drop_prob=0.1)
+        d.update(model={"vq_model": vq, "maskgen": mg}, losses=losses, dataset={"preprocessing": {"crop_size": 256}})
+        if c.pooled_dim != c.text_width:  # not in the official layout (it uses one width for both)
+            vq["pooled_embed_dim"] = c.pooled_dim
+        if mode == "kl" and c.temperature is None:
+            mg["temperature"] = 1.0
+    else:
+        vq.update(finetune_decoder=False, is_legacy=False)
+        for side in ("enc", "dec"):
+            arch = tuple(getattr(c, f"{side}_{k}") for k in _ARCH)
+            names = [n for n, a in T.VIT_SIZES.items() if a == arch]
+            vq[f"vit_{side}_model_size"] = names[0] if names else "custom"
+            vq.update({} if names else {f"vit_{side}_{k}": v for k, v in zip(_ARCH, arch)})  # e.g. the tiny presets
+    back = type(c)(**(maskgen_kwargs if is_maskgen else tatitok_kwargs)(d))
+    extra = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if getattr(back, f.name) != getattr(c, f.name)}
+    return {**d, EXTRA: extra} if extra else d
+
+
+# Weight names. TA-TiTok: official name fragment -> ours (everything else is named the same);
+# their 1x1 convs on a fake (B, C, 1, K) grid are our Linears on (B, K, C): weights (out, in, 1, 1)
+# there, (out, in) here.
+TATITOK_RENAMES = [(".transformer.", ".blocks."), (".attn.in_proj_weight", ".attn.qkv.weight"),
+                   (".attn.in_proj_bias", ".attn.qkv.bias"), (".attn.out_proj.", ".attn.proj."),
+                   ("encoder.conv_out.", "encoder.proj_out."), ("decoder.ffn.0.", "decoder.to_pixels.")]  # fmt: skip
+_CONV_1X1 = ("encoder.conv_out.weight", "decoder.ffn.0.weight")
+# MaskGen: official key -> ours at the top level, per variant (an entry ending in "." is a
+# prefix). TRUNK is where our state dict keeps the MM-DiT trunk both variants share (text and
+# pooled projections, blocks, final norm): one line to change if it moves.
+TRUNK = ""
+MASKGEN_RENAMES = {
+    "vq": [("text_embed_proj.", TRUNK + "text_proj."), ("cond_pooled_proj.", TRUNK + "pooled_proj."),
+           ("blocks.", TRUNK + "blocks."), ("norm.linear.", TRUNK + "norm_out.linear."),
+           ("embeddings.weight", "tok_emb.weight"), ("pos_embed", "pos_emb")],
+    "kl": [("text_emb.", TRUNK + "text_proj."), ("text_pooled_emb.", TRUNK + "pooled_proj."),
+           ("decoder_blocks.", TRUNK + "blocks."), ("decoder_norm.linear.", TRUNK + "norm_out.linear."),
+           ("z_proj.", "z_proj."), ("z_proj_ln.", "z_norm."), ("mask_token", "mask_token"),
+           ("decoder_pos_embed_learned", "pos_emb"), ("diffusion_pos_embed_learned", "diff_pos_emb"),
+           ("diffloss.net.", "diffloss.net.")],
+}  # fmt: skip
+# Inside a block: diffusers' JointTransformerBlock names -> ours, with q, k and v as the
+# separate parts that split_qkv shows of our fused projections.
+BLOCK_RENAMES = [
+    ("norm1.linear.", "img_adaln.linear."), ("norm1_context.linear.", "txt_adaln.linear."),
+    ("attn.to_q.", "attn.img_q."), ("attn.to_k.", "attn.img_k."), ("attn.to_v.", "attn.img_v."),
+    ("attn.to_out.0.", "attn.img_out."), ("attn.add_q_proj.", "attn.txt_q."), ("attn.add_k_proj.", "attn.txt_k."),
+    ("attn.add_v_proj.", "attn.txt_v."), ("attn.to_add_out.", "attn.txt_out."),
+    ("ff.net.0.proj.", "img_mlp.fc1."), ("ff.net.2.", "img_mlp.fc2."),
+    ("ff_context.net.0.proj.", "txt_mlp.fc1."), ("ff_context.net.2.", "txt_mlp.fc2."),
+]  # fmt: skip
+
+
+def split_qkv(sd, copy=False):
+    """Our state dict with each fused attention projection (maskgen.FUSED_QKV, e.g.
+    'blocks.3.attn.img_qkv.weight') replaced by its parts ('...attn.img_q.weight', img_k,
+    img_v): row-block views of the fused tensor (copying into a part writes the model's
+    weight, which is how a release's separate to_q / to_k / to_v are loaded), or copies."""
+    out = {}
+    for key, t in sd.items():
+        mod, _, param = key.rpartition(".")
+        head, _, name = mod.rpartition(".")
+        if name in M.FUSED_QKV and (head == "attn" or head.endswith(".attn")):
+            for part, rows in zip(M.FUSED_QKV[name], t.chunk(len(M.FUSED_QKV[name]))):
+                out[f"{head}.{part}.{param}"] = rows.clone() if copy else rows
+        else:
+            out[key] = t
+    return out
+
+
+def _rename(key, table):
+    """`key` renamed by the first (from, to) entry of `table` that matches it, else None."""
+    return next((b + key[len(a) :] for a, b in table if key == a or (a.endswith(".") and key.startswith(a))), None)
+
+
+def block_key_from_official(key):
+    """A diffusers JointTransformerBlock key ('attn.to_q.weight') -> ours, or None."""
+    return _rename(key, BLOCK_RENAMES)
+
+
+def _last_q_proj(c):
+    """The release name of MaskGen's last-block text-query projection, which we do not hold
+    (the last block's text stream only gives keys and values, see maskgen's JointAttention)."""
+    return f"{'blocks' if c.mode == 'vq' else 'decoder_blocks'}.{c.depth - 1}.attn.add_q_proj"
+
+
+def _release_view(model):
+    """{official key: the model's tensor in the release's shape}. The tensors are views of
+    the model's weights, so copying into one loads it: MaskGen's q, k and v are row blocks
+    of the fused projections, TA-TiTok's 1x1-conv weights (out, in, 1, 1) views of Linears.
+    State the releases do not hold (MaskGen's tied head is the embedding table) is left out."""
+    view, sd = {}, model.state_dict()
+    if not hasattr(model.config, "mode"):  # TA-TiTok
+        for key, v in sd.items():
+            for official, ours in TATITOK_RENAMES:
+                key = key.replace(ours, official)
+            view[key] = v[:, :, None, None] if key in _CONV_1X1 else v
+        return view
+    blocks, inverse = TRUNK + "blocks.", [(b, a) for a, b in MASKGEN_RENAMES[model.config.mode]]
+    for key, v in split_qkv(sd).items():
+        if key.startswith(blocks):  # blocks.<i>.<inner>: the inner name by BLOCK_RENAMES
+            i, _, inner = key[len(blocks) :].partition(".")
+            inner = _rename(inner, [(b, a) for a, b in BLOCK_RENAMES])
+            key = None if inner is None else f"{blocks}{i}.{inner}"
+        name = None if key is None else _rename(key, inverse)
+        if name is not None:
+            view[name] = v
+    return view
+
+
+def load_weights(model, release):
+    """Copy the weights of `release` (a Release) into `model` (built from its config), one
+    tensor at a time. Every missing, unexpected or mis-shaped key is reported by its release
+    name before anything is copied; weights holding nan or inf are refused, naming the file."""
+    view, skip, alias, c = _release_view(model), set(), {}, model.config
+    what = f"MaskGen-{c.mode.upper()}" if hasattr(c, "mode") else "TA-TiTok"
+    if hasattr(c, "mode"):
+        # Not loaded on purpose: the last block's text queries (unused), and the tied LM
+        # head, which is the embedding table itself. safetensors keeps one name for shared
+        # tensors; only if that name is lm_head.weight is it read, as the table.
+        skip = {f"{_last_q_proj(c)}.weight", f"{_last_q_proj(c)}.bias"}
+        if c.mode == "vq":
+            (skip.add("lm_head.weight") if "embeddings.weight" in release.keys else alias.update({"lm_head.weight": "embeddings.weight"}))
+    found, unexpected, shapes, misfit = {}, [], [], set()
+    for key in (k for k in release.keys if k not in skip):
+        name = alias.get(key, key)
+        if name not in view:
+            unexpected.append(key)
+        elif release.shape(key) != tuple(view[name].shape):
+            shapes.append(f"{key}: checkpoint {release.shape(key)} vs model {tuple(view[name].shape)}")
+            misfit.add(name)
+        else:
+            found[name] = key
+    missing = [k for k in view if k not in found and k not in misfit]
+    err = mismatch_error(
+        release.path, missing, unexpected, shapes, model=f"the {what} model its config.json describes",
+        fix="Fix: use the config.json that was released with these weights (same variant and size); "
+        "a directory written by this project must use official key names (checkpoint.release_state_dict).",
+    )  # fmt: skip
+    if err is not None:
+        raise err
+    bad = []
+    with torch.no_grad():  # tensor by tensor: one copy of the weights in memory
+        for name, key in found.items():
+            t = release.get(key)
+            bad += nonfinite([(key, t)])
+            view[name].copy_(t)
+    if bad:  # a diverged run or a damaged file: it would only draw noise
+        raise ValueError(f"{release.file} holds non-finite weights (nan or inf: {', '.join(bad[:5])}); "
+                         f"re-download the release, or export it again from a good checkpoint")  # fmt: skip
+    return model
+
+
+def release_state_dict(model, half=False):
+    """Our weights under the release's names and shapes (the inverse of load_weights), as
+    copies (safetensors refuses tensors that share storage), in fp16 with half. MaskGen's
+    unused last-block text-query projection is written as zeros so the official code can
+    load the result strictly; its tied lm_head is left out, as in the released files."""
+    out = {k: v.clone() for k, v in _release_view(model).items()}
+    if hasattr(model.config, "mode"):
+        c, ref = model.config, next(model.parameters())
+        out[f"{_last_q_proj(c)}.weight"] = torch.zeros(c.width, c.width, dtype=ref.dtype, device=ref.device)
+        out[f"{_last_q_proj(c)}.bias"] = torch.zeros(c.width, dtype=ref.dtype, device=ref.device)
+    return {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in out.items()}
+
+
+def save_release(model, path, half=False, **extra):
+    """Write `model` as a release directory (config.json + model.safetensors), its weights in
+    fp16 with half (they load back into fp32 models exactly); returns path. extra: more
+    top-level config.json entries (export_release records a text encoder and a tokenizer)."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({**release_config(model), **extra}, f, indent=2)
+    save_file(release_state_dict(model, half), os.path.join(path, "model.safetensors"))
+    return os.fspath(path)
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face Hub ids. The releases live on the Hub (turkeyju/...), so wherever a release
+# directory is accepted, so is its id: huggingface_hub (installed with open_clip) fetches
+# it once into its cache, and the snapshot directory there is read like any other.
+
+# owner/name, optionally with open_clip's "hf-hub:" before and "@revision" after (a branch,
+# tag or commit; it may hold slashes itself, e.g. refs/pr/1).
+_HUB_ID = re.compile(r"(?:hf-hub:)?([A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_])(?:@(.+))?")
+_FILE_EXTS = (".pt", ".pth", ".bin", ".safetensors", ".json")  # 'runs/ckpt.pt' is a missing file, not an id
+
+
+class HubError(FileNotFoundError):
+    """A Hub id that could not be fetched; the message says what was tried and what to do."""
+
+
+def hub_id(ref):
+    """(repo_id, revision or None) when `ref` names a Hub repository, else None. A local
+    path always wins: a path that exists is no id, nor is 'runs/x' when the folder runs/
+    exists (a typo under a local folder stays a missing path), nor a file name."""
+    if not isinstance(ref, (str, os.PathLike)):
+        return None
+    ref = os.fspath(ref)
+    m = _HUB_ID.fullmatch(ref)
+    if m is None or os.path.exists(ref) or m[1].endswith(_FILE_EXTS):
+        return None
+    if not ref.startswith("hf-hub:") and os.path.isdir(m[1].split("/")[0]):
+        return None
+    return m[1], m[2]
+
+
+def local_path(ref, revision=None, what="checkpoint"):
+    """`ref` as a local path: unchanged unless it is a Hub id (hub_id), which becomes the
+    directory of its snapshot, downloaded by huggingface_hub.snapshot_download or found in
+    the Hub cache (only there when HF_HUB_OFFLINE is set). revision: for ids that name
+    none. A failure raises HubError naming the id, the revision, what was tried and the fix."""
+    hub = hub_id(ref)
+    if hub is None:
+        return ref
+    repo_id, rev = hub[0], hub[1] or revision
+    from huggingface_hub import constants, snapshot_download  # here: only Hub ids need it
+
+    offline = bool(constants.HF_HUB_OFFLINE)
+    try:
+        return snapshot_download(repo_id, revision=rev, local_files_only=offline)
+    except Exception as e:  # the hub's errors, told apart by name (their module moved between versions)
+        names, error = {c.__name__ for c in type(e).__mro__}, e
+    at = f"revision {rev!r}" if rev else "its main branch"
+    if "RevisionNotFoundError" in names:
+        why = f"the repository has no {at}"
+    elif "GatedRepoError" in names:
+        why = "the repository is gated: accept its terms on huggingface.co, then log in with `hf auth login`"
+    elif "RepositoryNotFoundError" in names:
+        why = "the Hub has no such repository (or it is private: log in with `hf auth login`)"
+    elif offline:
+        why = f"HF_HUB_OFFLINE is set and the Hub cache holds no snapshot of {at}"
+    elif names & {"LocalEntryNotFoundError", "IncompleteSnapshotError"}:
+        why = f"the Hub could not be reached (no network?) and the Hub cache holds no complete snapshot of {at}"
+    else:
+        why = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else 'no details'}"
+    tried = f"the local path {os.path.abspath(ref)!r}, the Hub cache {constants.HF_HUB_CACHE}"
+    tried += "" if offline else f", the Hub at {constants.ENDPOINT}"
+    get = f"hf download {repo_id}" + (f" --revision {rev}" if rev else "") + " --local-dir DIR"
+    raise HubError(
+        f"{what} {ref!r} is not a local path, and as the Hugging Face Hub id {repo_id!r} ({at}) it could not be "
+        f"fetched: {why}. Tried: {tried}. Fix: download it where there is network, `{get}` (`huggingface-cli "
+        f"download` before huggingface_hub 1.0), and pass DIR"
+        + ("; or unset HF_HUB_OFFLINE to let it download" if offline else "")
+        + "; or, if a local path was meant, correct it."
+    ) from None
+
+
+def record_ref(ref):
+    """How to record a reference for later use (meta.json, configs): a Hub id as given,
+    a local path made absolute."""
+    return ref if hub_id(ref) else os.path.abspath(ref)
+
+
+# -----------------------------------------------------------------------------
+# References: resolve() opens one and says what it is (configs only, nothing built).
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# The small models trained on the shapes world that ship with the repository (README):
+# DEFAULT_RELEASE/generator (MaskGen-VQ) and DEFAULT_RELEASE/tokenizer (its TA-TiTok).
+DEFAULT_RELEASE = os.path.join(HERE, "checkpoints", "shapes")
+HOW_TO_GET_DEFAULT = (
+    "It ships with the repository: restore it with `git checkout -- checkpoints/shapes` (or re-clone; "
+    "with Git LFS run `git lfs pull`), or train your own with train_tokenizer.py and then train_maskgen.py "
+    "on the shapes world (exact commands in README.md) and pass --generator RUN_DIR. "
+    "For the paper's models, download official releases and pass --tokenizer DIR --generator DIR."
+)
+
+
+class TextSpec(NamedTuple):
+    """Which text encoder a model was trained with: build_text_encoder(*spec, where)."""
+
+    name: Optional[str]  # open_clip model name, or a text.TEXT_PRESETS key (None: unknown)
+    pretrained: str  # open_clip weights tag, for named models
+    state: Optional[dict]  # weights of a small random tower saved with the model
+
+
+# The official releases were all trained with OpenAI's CLIP ViT-L/14 at 336 px; ours record theirs.
+OFFICIAL_TEXT = TextSpec("ViT-L-14-336", "openai", None)
+TEXT_FILE = "text_encoder.safetensors"
+# Which official tokenizer each official generator was trained on (official inference configs).
+OFFICIAL_PAIRS = "MaskGen-VQ (L, XL) <- tokenizer_tatitok_bl128_vq;  MaskGen-KL (L, XL) <- tokenizer_tatitok_bl32_vae"
+
+
+class Source(NamedTuple):
+    """A reference, opened and identified, with its model config read: not built yet."""
+
+    kind: str  # "release" | "ckpt"
+    role: str  # "generator" | "tokenizer"
+    where: str  # the release directory or the checkpoint file actually read
+    config: object  # MaskGenConfig | TATiTokConfig
+    text: TextSpec  # the text encoder its conditions come from
+    tokenizer: Optional[str] = None  # generators: the tokenizer recorded with it (a path or Hub id), if any
+    ckpt: Optional[dict] = None  # our checkpoint dict (kind "ckpt")
+
+
+class Models(NamedTuple):
+    generator: torch.nn.Module  # MaskGenVQ or MaskGenKL, eval mode
+    tokenizer: torch.nn.Module  # TATiTok, eval mode, frozen
+    gen_text: torch.nn.Module  # TextEncoder for MaskGen's conditions (.penultimate, .pooled)
+    tok_text: torch.nn.Module  # TextEncoder for the decoder (.final); usually the same object
+    gen_source: str  # "where (which weights)"
+    tok_source: str
+
+
+# A reference of one kind where the other was asked for, or of neither: (kind, wanted, found).
+_WRONG = {
+    ("release", "generator", "tokenizer"): "{w!r} is a TA-TiTok tokenizer release (its config.json has no model.maskgen); "
+    "pass it as --tokenizer, and a MaskGen release (turkeyju/generator_maskgen_*) as --generator",
+    ("release", "tokenizer", "generator"): "{w!r} is a MaskGen release, not a tokenizer; pass it as --generator",
+    ("ckpt", "generator", "tokenizer"): "{w!r} is a TA-TiTok tokenizer checkpoint (it has 'tokenizer_config'), not a "
+    "MaskGen one; pass it as --tokenizer and give the MaskGen run (train_maskgen.py output) as --generator",
+    ("ckpt", "tokenizer", "generator"): "{w!r} is a MaskGen checkpoint (it has 'maskgen_config'), not a tokenizer; "
+    "pass it as --generator and the TA-TiTok run it was trained with as --tokenizer",
+    ("ckpt", "generator", None): "{w!r} is not a MaskGen checkpoint: its keys are {keys}, expected 'maskgen_config' "
+    "and 'ema'/'model' (written by train_maskgen.py)",
+    ("ckpt", "tokenizer", None): "{w!r} is not a TA-TiTok checkpoint: no 'tokenizer_config' among {keys}",
+    ("ckpt", None, None): "{w!r} is neither a TA-TiTok nor a MaskGen checkpoint (keys: {keys})",
+}  # fmt: skip
+
+
+def default_release(role, missing):
+    """The shipped shapes model's `role` directory, or a FileNotFoundError starting with
+    `missing` that says how to get it."""
+    path = os.path.join(DEFAULT_RELEASE, role)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{missing} and the default {path} is missing. {HOW_TO_GET_DEFAULT}")
+    return path
+
+
+def _release_dir(path):
+    """A directory with config.json that is not one of our run folders (the trainers write a
+    config.json of their own there, beside log.jsonl and ckpt_*.pt)."""
+    run = os.path.isfile(os.path.join(path, "log.jsonl")) or run_checkpoints(path)
+    return os.path.isfile(os.path.join(path, "config.json")) and not run
+
+
+def is_release(ref, revision=None):
+    """Is `ref` a release (a directory with config.json, or a Hub id of one)?"""
+    return _release_dir(local_path(ref, revision))
+
+
+def resolve(ref, role=None, revision=None):
+    """The one reading of a model reference (module docstring) -> its Source. role:
+    "generator" or "tokenizer", what the caller needs (a model of the other kind is refused,
+    naming the flag to pass it with), or None for either (`sample.py export SRC`).
+    revision: the Hub revision for an id that names none."""
+    flag, name = (f"--{role}", role) if role else ("SRC", "export")
+    path = os.fspath(local_path(ref, revision, f"{name} checkpoint"))
+    if not os.path.exists(path):
+        example = "tokenizer_tatitok_bl32_vq" if role == "tokenizer" else "generator_maskgen_vq_l"
+        raise FileNotFoundError(
+            f"{name} checkpoint {path!r} does not exist; pass {flag} a release directory (config.json + "
+            f"model.safetensors) or its Hub id (owner/name[@revision]), one of our run folders (ckpt_*.pt) or a "
+            f"checkpoint file; download an official release with e.g. `hf download turkeyju/{example} --local-dir DIR` "
+            f"(`huggingface-cli download` before huggingface_hub 1.0)"
+        )
+    if os.path.isdir(path) and _release_dir(path):
+        cfg, file = read_config(path), os.path.join(path, "config.json")
+        found = "generator" if "maskgen" in _unwrap(cfg).get("model", {}) else "tokenizer"
+        if role not in (None, found):
+            raise ValueError(_WRONG["release", role, found].format(w=path))
+        config = M.MaskGenConfig(**maskgen_kwargs(cfg, file)) if found == "generator" else T.TATiTokConfig(**tatitok_kwargs(cfg, file))
+        spec, text = cfg.get("text_encoder"), OFFICIAL_TEXT
+        if spec is not None:  # a release written here from a run with its own text encoder
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+                raise ValueError(f"{path}/config.json: 'text_encoder' must be {{\"name\": ..., \"pretrained\": ...}}, got {spec!r}")
+            f = open_safetensors(os.path.join(path, TEXT_FILE)) if os.path.isfile(os.path.join(path, TEXT_FILE)) else None
+            text = TextSpec(spec["name"], spec.get("pretrained", "openai"), f and {k: f.get_tensor(k) for k in f.keys()})
+        tok = cfg.get("tokenizer")  # written relative to the generator's own directory
+        if tok is not None and not (os.path.isabs(tok) or hub_id(tok)):
+            tok = os.path.normpath(os.path.join(path, tok))
+        return Source("release", found, path, config, text, tok)
+    if os.path.isdir(path):  # one of our training runs
+        found, ckpt = newest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"{name} directory {path!r} has no config.json (an official release) nor ckpt_*.pt "
+                                    f"(one of our training runs); point {flag} at one of those")  # fmt: skip
+        path = found
+    else:
+        ckpt = torch_load(path)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path!r} does not hold a checkpoint dict (got {type(ckpt).__name__}); is it a checkpoint?")
+    found = "generator" if "maskgen_config" in ckpt else "tokenizer" if "tokenizer_config" in ckpt else None
+    if found is None or role not in (None, found):
+        raise ValueError(_WRONG["ckpt", role, found].format(w=path, keys=sorted(ckpt)[:10]))
+    cfg = ckpt.get("config") or {}  # the training config: text encoder, tokenizer path
+    text = TextSpec(cfg.get("text_encoder"), cfg.get("text_pretrained", "openai"), ckpt.get("text_encoder"))
+    if found == "generator":
+        return Source("ckpt", found, path, M.MaskGenConfig(**ckpt["maskgen_config"]), text, cfg.get("tokenizer"), ckpt)
+    return Source("ckpt", found, path, T.TATiTokConfig(**ckpt["tokenizer_config"]), text, None, ckpt)
+
+
+def _weights(ckpt, where):
+    """The EMA weights when the checkpoint has them (they sample better), else the raw ones."""
+    if ckpt.get("ema"):
+        return ckpt["ema"], "EMA weights"
+    if ckpt.get("model"):
+        return ckpt["model"], "raw weights: the checkpoint has no EMA"
+    raise ValueError(f"{where!r} has neither 'ema' nor 'model' weights; it is incomplete, re-save it")
+
+
+def _build(src, device):
+    """The model of a Source on `device`, in eval mode -> (model, "where (which weights)")."""
+    model = M.MaskGen(src.config, init_weights=False) if src.role == "generator" else T.TATiTok(src.config)
+    if src.kind == "release":  # every weight comes from the file
+        model, which = load_weights(model, Release(src.where)), "release"
+    else:
+        sd, which = _weights(src.ckpt, src.where)
+        load_checked(model, sd, src.where)
+    return model.to(device).eval(), f"{src.where} ({which})"
+
+
+# -----------------------------------------------------------------------------
+# Loading, with the pairing checks.
+
+
+def load_tokenizer(ref, device="cpu", with_text=True, revision=None):
+    """A frozen TA-TiTok (eval mode, no gradients) and the text encoder its decoder was
+    trained with, from any reference (revision: for Hub ids that name none). Returns
+    (tokenizer, text_encoder), or (tokenizer, None) with with_text=False (e.g. for
+    pretokenization: no text needed, and no CLIP download)."""
+    src = resolve(ref, "tokenizer", revision)
+    tok = _build(src, device)[0].requires_grad_(False)
+    return tok, build_text_encoder(*src.text, src.where).to(device) if with_text else None
+
+
+def load_generator(ref, device="cpu", revision=None):
+    """MaskGenVQ or MaskGenKL (eval mode) from any reference (revision: for Hub ids)."""
+    return _build(resolve(ref, "generator", revision), device)[0]
+
+
+def generator_weights(ref):
+    """(state dict, where) of a MaskGen reference, under our names: the EMA weights of a run
+    or checkpoint file when present, a release's as loaded. For train_maskgen.py --init_from."""
+    src = resolve(ref, "generator")
+    return (_build(src, "cpu")[0].state_dict() if src.kind == "release" else _weights(src.ckpt, src.where)[0]), src.where
+
+
+def _same_text(a, b):
+    """Do two TextSpecs describe the same encoder? A generator that records no text encoder
+    uses its tokenizer's (train_maskgen.py takes it from load_tokenizer), and a release pair
+    stores a small tower's weights once, with the tokenizer."""
+    if a.name is None or b.name is None:
+        return True
+    if a.name != b.name:
+        return False
+    if a.state is None or b.state is None:
+        return a.state is not None or b.state is not None or a.pretrained == b.pretrained
+    return a.state.keys() == b.state.keys() and all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+
+
+def check_pair(tcfg, gcfg, tok_where, gen_where):
+    """The tokenizer must produce exactly the tokens the generator was trained on."""
+    tmode, problems = tcfg.quantize_mode, []
+    if tmode != gcfg.mode:
+        problems.append(f"token type: tokenizer is {tmode.upper()} but the generator is MaskGen-{gcfg.mode.upper()}")
+    if tcfg.num_latent_tokens != gcfg.num_tokens:
+        problems.append(f"token count K: tokenizer has {tcfg.num_latent_tokens} latent tokens but the generator makes {gcfg.num_tokens}")
+    if tmode == gcfg.mode == "vq" and tcfg.codebook_size != gcfg.codebook_size:
+        problems.append(f"codebook size: tokenizer {tcfg.codebook_size} vs generator {gcfg.codebook_size}")
+    if tmode == gcfg.mode == "kl" and tcfg.token_size != gcfg.token_size:
+        problems.append(f"token channels C: tokenizer {tcfg.token_size} vs generator {gcfg.token_size}")
+    if problems:
+        raise ValueError(
+            f"tokenizer {tok_where!r} and generator {gen_where!r} do not fit together:\n  - " + "\n  - ".join(problems)
+            + f"\nFix: pass --tokenizer the TA-TiTok the generator was trained with (for our runs it is recorded in "
+            f"the generator's config; omit --tokenizer to use it). Official pairs: {OFFICIAL_PAIRS}"
+        )  # fmt: skip
+
+
+def check_text(gcfg, tcfg, gen_text, tok_text, gen_where, tok_where):
+    """Both text encoders give the widths their models were built for."""
+    problems = []
+    if gen_text.width != gcfg.text_width:
+        problems.append(f"generator {gen_where!r} expects text states of width {gcfg.text_width}, its text encoder gives {gen_text.width}")
+    if gen_text.embed_dim != gcfg.pooled_dim:
+        problems.append(f"generator {gen_where!r} expects pooled text of size {gcfg.pooled_dim}, its text encoder gives {gen_text.embed_dim}")
+    if (tok_text.context_length, tok_text.width) != (tcfg.text_context_length, tcfg.text_embed_dim):
+        problems.append(f"tokenizer {tok_where!r} expects text states ({tcfg.text_context_length}, {tcfg.text_embed_dim}), "
+                        f"its text encoder gives ({tok_text.context_length}, {tok_text.width})")  # fmt: skip
+    if problems:
+        raise ValueError("text encoder mismatch:\n  - " + "\n  - ".join(problems) + "\nFix: use the checkpoints as trained (same text encoder).")
+
+
+def _tokenizer_of(gen, tokenizer=None, revision=None):
+    """The tokenizer Source for generator Source `gen`, checked to fit it: `tokenizer` when
+    given, else the one the generator records (our runs, and releases written with theirs).
+    A path recorded in a run's config was relative to where training ran: it is tried as
+    given, then next to the run, then next to this file; a Hub id found nowhere is fetched."""
+    if tokenizer is not None:
+        src = resolve(tokenizer, "tokenizer", revision)
+    elif gen.tokenizer is None:
+        raise ValueError(f"the generator {gen.where!r} does not say which tokenizer it was trained with (official releases "
+                         f"never do); pass --tokenizer DIR. Official pairs: {OFFICIAL_PAIRS}")  # fmt: skip
+    else:
+        ref, base = gen.tokenizer, os.path.dirname(os.path.abspath(gen.where))
+        tries = [ref] if os.path.isabs(ref) else [ref, *(os.path.join(b, ref) for b in (base, os.path.dirname(base), HERE))]
+        found = next((p for p in tries if os.path.exists(p)), ref if hub_id(ref) else None)
+        recorded = f"the generator {gen.where!r} was trained with tokenizer {ref!r} (recorded in its config)"
+        if found is None:
+            raise FileNotFoundError(f"{recorded}, which is not found from here; pass --tokenizer PATH to that tokenizer run or release")
+        try:
+            src = resolve(found, "tokenizer")
+        except HubError as e:
+            raise HubError(f"{recorded}: {e}") from None
+    check_pair(src.config, gen.config, src.where, gen.where)
+    return src
+
+
+def load_models(generator=None, tokenizer=None, device="cpu", revision=None):
+    """Load and cross-check the generator, its tokenizer and their text encoder(s) -> Models.
+    With neither, the shipped checkpoints/shapes/generator is used. The tokenizer may be
+    omitted when the generator records it (our runs, the shipped releases). revision: the
+    Hub revision for generator / tokenizer Hub ids that name none (owner/name@rev does)."""
+    if generator is None:
+        if tokenizer is not None:
+            raise ValueError("--tokenizer was given without --generator; pass the MaskGen checkpoint as --generator too")
+        generator = default_release("generator", "no checkpoint given")
+    gen = resolve(generator, "generator", revision)
+    src = _tokenizer_of(gen, tokenizer, revision)  # both configs checked before anything big is built
+    gen_model, gen_source = _build(gen, device)
+    tok, tok_source = _build(src, device)
+    tok_text = build_text_encoder(*src.text, src.where).to(device)  # official releases: CLIP ViT-L-14-336
+    # One text encoder serves both models unless the generator was trained with another.
+    if _same_text(gen.text, src.text):
+        gen_text = tok_text
+    else:
+        print(f"note: the generator's text encoder {gen.text.name!r} differs from the tokenizer's {src.text.name!r}; using both")
+        gen_text = build_text_encoder(*gen.text, gen.where).to(device)
+    check_text(gen.config, src.config, gen_text, tok_text, gen.where, src.where)
+    return Models(gen_model, tok.requires_grad_(False), gen_text, tok_text, gen_source, tok_source)
+
+
+def export_release(ref, out, which=None, tokenizer=None, overwrite=False, revision=None, half=False):
+    """Write the model(s) of `ref` (a run folder, checkpoint file, release or Hub id) as
+    release directories, which load_tokenizer / load_generator and the official code read:
+    EMA weights when present, as the samplers use; fp16 with half. which: "tokenizer" |
+    "generator" | "both" (default: both for a generator, the tokenizer for a tokenizer);
+    tokenizer: the generator's tokenizer when it records none. One model fills `out` itself;
+    both go to out/generator and out/tokenizer, the generator recording "../tokenizer" and
+    leaving a small text tower they share to the tokenizer's directory. A text encoder other
+    than the official CLIP is recorded in config.json ("text_encoder"), with a random
+    tower's weights in text_encoder.safetensors. Returns {role: directory}."""
+    if which not in (None, "tokenizer", "generator", "both"):
+        raise ValueError(f"--which must be tokenizer, generator or both, got {which!r}")
+    check_out_dir(out, overwrite)  # before any work
+    src = resolve(ref, None, revision)
+    which = which or ("tokenizer" if src.role == "tokenizer" else "both")
+    if src.role == "tokenizer" and which != "tokenizer":
+        raise ValueError(f"{src.where!r} is a TA-TiTok tokenizer; it holds no generator: use --which tokenizer")
+    gen, tok = (None, src) if src.role == "tokenizer" else (src, None)
+    if gen is not None and (which != "generator" or tokenizer is not None or gen.tokenizer is not None):
+        tok = _tokenizer_of(gen, tokenizer, revision)  # its text encoder too
+    parts = {"tokenizer": (tok, tok.text)} if tok is not None and which != "generator" else {}  # role -> (Source, TextSpec)
+    if gen is not None and which != "tokenizer":  # one that records no text encoder was trained with its tokenizer's
+        parts["generator"] = (gen, tok.text if tok is not None and _same_text(gen.text, tok.text) else gen.text)
+    for role, (s, text) in parts.items():
+        if text.name is None or (text.state is None and text.name in TEXT_PRESETS):  # it could not be rebuilt
+            raise ValueError(f"the {role} {s.where!r} does not record the text encoder it was trained with (or a "
+                             f"random tower's weights); pass --tokenizer, the TA-TiTok run it was trained with")  # fmt: skip
+
+    def write(tmp):
+        for role, (s, text) in parts.items():  # built one at a time: one model in memory
+            d = os.path.join(tmp, role) if len(parts) > 1 else tmp
+            extra = {} if text == OFFICIAL_TEXT else {"text_encoder": {"name": text.name, "pretrained": text.pretrained}}
+            beside = role == "generator" and "tokenizer" in parts  # its tokenizer is written beside it
+            save_release(_build(s, "cpu")[0], d, half, **extra, **({"tokenizer": "../tokenizer"} if beside else {}))
+            if text.state is not None and not (beside and text is parts["tokenizer"][1]):  # one copy of a shared tower
+                save_file({k: (v.half() if half and v.is_floating_point() else v).contiguous().clone()
+                           for k, v in text.state.items()}, os.path.join(d, TEXT_FILE))  # fmt: skip
+
+    write_dir(out, write, overwrite)
+    dirs = {role: os.path.join(out, role) if len(parts) > 1 else out for role in parts}
+    for role, d in dirs.items():
+        print(f"wrote the {role} release {d}/ from {src.where}; load it with --{role} {d}")
+    return dirs

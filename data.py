@@ -639,9 +639,9 @@ def _cmd_pretokenize(args):
     # Under torchrun every rank encodes its share of the data and writes its own
     # shards; rank 0 adds meta.json once the counts are summed.
     rank, world_size, device = runtime.setup_distributed(args.device or "auto", mps=False)
-    import load  # imported here so that data.py works without the models (shapes, shards)
+    import checkpoint  # imported here so that data.py works without the models (shapes, shards)
 
-    tok, _ = load.load_tokenizer(args.tokenizer, device, with_text=False)  # frozen; no text (no CLIP download)
+    tok, _ = checkpoint.load_tokenizer(args.tokenizer, device, with_text=False)  # frozen; no text (no CLIP download)
     ds = build_image_dataset(args.data, tok.config.image_size, train=False, rank=rank, world_size=world_size,
                              min_longer_side=args.min_longer_side)  # fmt: skip
     result = pretokenize(tok, ds, args.out, batch_size=args.batch_size, per_shard=args.per_shard,
@@ -660,7 +660,7 @@ def _cmd_pretokenize(args):
     counts = summed.cpu()
     total = int(counts[-1])
     if rank == 0:
-        meta = dict(tokenizer_meta(tok), tokenizer=load.record_ref(args.tokenizer), data=str(args.data),
+        meta = dict(tokenizer_meta(tok), tokenizer=checkpoint.record_ref(args.tokenizer), data=str(args.data),
                     num_samples=total, skipped={r: int(v) for r, v in zip(SKIP_REASONS, counts[:-1]) if v})  # fmt: skip
         with open(os.path.join(args.out, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
@@ -690,7 +690,7 @@ def main(argv=None):
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("pretokenize", help="encode a dataset with a frozen TA-TiTok into token shards (torchrun-able)")
-    p.add_argument("--tokenizer", required=True, help="TA-TiTok: release dir, Hub id, run folder, checkpoint or bundle")
+    p.add_argument("--tokenizer", required=True, help="TA-TiTok: release dir, Hub id, run folder or checkpoint file")
     p.add_argument("--data", required=True, help="tar pattern, folder, or 'shapes:N'")
     p.add_argument("--out", required=True, help="output folder for the token shards and meta.json")
     p.add_argument("--batch-size", type=int, default=64)

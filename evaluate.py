@@ -15,7 +15,7 @@ maths on top -- Fréchet distance, Inception Score -- is written out below. Unde
 every rank scores its own images and gather_rows joins them.
 
 The commands (each writes <out>.json and a readable table <out>.txt; default out/eval/<cmd>):
-  * `recon`: a tokenizer (any reference load.py takes) on an image folder or tar shards:
+  * `recon`: a tokenizer (any reference checkpoint.py takes) on an image folder or tar shards:
     rFID, IS, PSNR, codebook usage.
         python evaluate.py recon --tokenizer DIR_OR_RUN --data IMAGENET_VAL_DIR --class-names classes.txt
   * `gen`: a folder of generated images (sample.py's, GenEval's or MJHQ-30K's layout,
@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
-import load
+import checkpoint
 import runtime
 import sample
 import shapes
@@ -352,11 +352,11 @@ def evaluate_generation(gen_batches, extractor=None, ref_batches=None, ref_stats
 
 def generate_shapes_images(prompts, generator=None, tokenizer=None, device="cpu", seed=0, batch_size=50,
                            num_steps=None, guidance_scale=None, guidance_schedule=None, temperature=None):  # fmt: skip
-    """Images for `prompts` from a MaskGen + TA-TiTok pair, loaded by load.py and sampled by
+    """Images for `prompts` from a MaskGen + TA-TiTok pair, loaded by checkpoint.py and sampled by
     sample.py (generator=None: the shipped checkpoints/shapes.pt). Under torchrun every rank draws
     prompts rank::world and rank 0 gets all images back, in prompt order.
     Returns a list of uint8 (H, W, 3) arrays (complete on rank 0)."""
-    models = load.load_models(generator, tokenizer, device)
+    models = checkpoint.load_models(generator, tokenizer, device)
     opts = dict(num_steps=num_steps, guidance_scale=guidance_scale, guidance_schedule=guidance_schedule,
                 randomize_temperature=None, temperature=temperature)  # fmt: skip
     rank, world = runtime.rank_world()
@@ -620,7 +620,7 @@ def write_report(results, out_prefix, title):
         txt.write(table + "\n")
     print(f"{table}\nwrote {out_prefix}.json and {out_prefix}.txt")
 
-# ---- `recon`: real images through a tokenizer (models: load.py). ---------------------
+# ---- `recon`: real images through a tokenizer (models: checkpoint.py). ---------------------
 def recon_batches(spec, batch_size, size, class_names, skipped):
     """(images, captions) batches for `recon`: an image folder (with sidecar .txt captions
     or ImageNet-style class folders + a class-names file) is read here; tar shards and
@@ -641,7 +641,7 @@ def recon_batches(spec, batch_size, size, class_names, skipped):
 
 def cmd_recon(args, device):
     class_names = read_class_names(args.class_names) if args.class_names else None
-    tok, text = load.load_tokenizer(args.tokenizer, device, revision=args.revision)  # frozen; text: the encoder its decoder was trained with
+    tok, text = checkpoint.load_tokenizer(args.tokenizer, device, revision=args.revision)  # frozen; text: the encoder its decoder was trained with
     extractor = None if args.no_fid else inception_extractor(device, args.inception_weights)
     skipped = {}
     source = batches = recon_batches(args.data, args.batch_size, args.size or tok.config.image_size, class_names, skipped)
@@ -743,9 +743,9 @@ def reconstruct(images, captions, generator, tokenizer, device, batch_size):
     `tokenizer` alone when no generator is given (a tokenizer run, before any MaskGen), and
     its text encoder, since the decoder is text-aware."""
     if generator is None and tokenizer is not None:
-        tok, tok_text = load.load_tokenizer(tokenizer, device)
+        tok, tok_text = checkpoint.load_tokenizer(tokenizer, device)
     else:
-        models = load.load_models(generator, tokenizer, device)
+        models = checkpoint.load_models(generator, tokenizer, device)
         tok, tok_text = models.tokenizer, models.tok_text
     out = []
     with torch.inference_mode():
@@ -797,7 +797,7 @@ def cmd_shapes(args, device):
 def cmd_context(args, device):
     if args.n_per_category < 2:
         raise ValueError(f"--n-per-category must be at least 2 (half the scenes fit, half score), got {args.n_per_category}")
-    models = load.load_models(args.generator, args.tokenizer, device)
+    models = checkpoint.load_models(args.generator, args.tokenizer, device)
     samples = shapes.heldout_samples(args.n_per_category, args.seed)
     images = torch.tensor(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float().div(255).to(device)
     # One pass over all scenes (900 at the default: small for the shapes models; --batch-size

@@ -23,12 +23,12 @@ tokens the model is most sure of. Two variants share one transformer trunk:
 The trunk (mmdit.MMDiT) turns the caption's CLIP states and pooled embedding, plus an
 aesthetic score, and the K tokens (B, K, D) into (B, K, D): VQ reads logits over the
 codebook from it, KL per-token conditions for DiffLoss. This file adds the token layers,
-the losses, the decoding loops and their schedules. The official release format is in
-official.py.
+the losses, the decoding loops and their schedules. The release format is in
+checkpoint.py.
 
 Public API:
     model = MaskGen(PRESETS["maskgen_vq_l"])          # a MaskGenVQ or MaskGenKL by config.mode
-    model = MaskGen.from_official("generator_maskgen_kl_l")   # a released directory
+    model = checkpoint.load_generator("turkeyju/generator_maskgen_kl_l")   # a release (dir or Hub id)
     loss = model(tokens, text, pooled, aesthetic)     # training; VQ tokens (B,K) long,
                                                       # KL tokens (B,K,2C) = cat(mean, logvar)
     tokens = model.generate(text, pooled, null_text, null_pooled, aesthetic=6.5)
@@ -45,9 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import official
 from diffloss import DiffLoss, check_generators, draw_rows
-from mmdit import AdaLNContinuous, MMDiT
+from mmdit import FUSED_QKV, AdaLNContinuous, MMDiT
 from schedules import (
     arccos_mask_rate, check_guidance_schedule, gumbel, kl_draw_schedule, kl_guidance_scale, vq_guidance_scale,
     vq_mask_schedule,
@@ -242,21 +241,6 @@ class MaskGen(MMDiT):
         return self._decode(txt, cond, mods, text.shape[0], N, g, schedule, generator,
                             randomize_temperature, temperature, guidance_scale_pow)  # fmt: skip
 
-    @classmethod
-    def from_official(cls, path, revision=None):
-        """Load a released directory: config.json + model.safetensors, read tensor by tensor
-        (official.py). path may be a Hugging Face Hub id, e.g. "turkeyju/generator_maskgen_vq_l"
-        (or _vq_xl, _kl_l, _kl_xl), or "owner/name@revision" (revision=: the default)."""
-        release = official.Release(path, "MaskGen", revision)
-        config = MaskGenConfig(**official.maskgen_kwargs(release.config, release.config_file))
-        if cls is not MaskGen and config.mode != cls.mode:
-            raise ValueError(f"{path!r} holds a MaskGen-{config.mode.upper()} model; load it with MaskGen.from_official")
-        return official.load_weights(MaskGen(config, init_weights=False), release)  # it overwrites every weight
-
-    def save_official(self, path):
-        """Write this model as a release directory that from_official (and the official code) reads."""
-        return official.save(self, path)
-
 
 class MaskGenVQ(MaskGen):
     """MaskGen over discrete TA-TiTok ids: embedding table in, the same table out."""
@@ -424,7 +408,7 @@ class MaskGenKL(MaskGen):
                 # the official separate (D, D) projections (fan-out D, not 3D).
                 short = name.rpartition(".")[2]
                 with torch.no_grad():
-                    for w in m.weight.chunk(len(official.FUSED_QKV[short]) if short in official.FUSED_QKV else 1):
+                    for w in m.weight.chunk(len(FUSED_QKV[short]) if short in FUSED_QKV else 1):
                         nn.init.xavier_uniform_(w)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)

@@ -12,7 +12,7 @@ attends to every other. The pooled text condition modulates both streams (adaLN,
 The reference is diffusers' `JointTransformerBlock(dim, heads, dim // heads,
 context_pre_only=last)` (no qk-norm), which the official MaskGen uses; these blocks
 compute the same function (tests/test_mmdit_parity.py compares them when diffusers is
-installed), and official.py maps diffusers' parameter names onto ours.
+installed), and checkpoint.py maps diffusers' parameter names onto ours.
 
 In the order below (bottom-up):
     AdaLNZero         LayerNorm modulated by the condition, + gates for the residuals
@@ -89,6 +89,10 @@ class AdaLNContinuous(nn.Module):
 # The MM-DiT joint block (SD3's MM-DiT, paper §4.2): two streams, one attention.
 
 
+# JointAttention's fused projections and the separate ones they stack, in row order.
+FUSED_QKV = {"img_qkv": ("img_q", "img_k", "img_v"), "txt_qkv": ("txt_q", "txt_k", "txt_v"), "txt_kv": ("txt_k", "txt_v")}
+
+
 class JointAttention(nn.Module):
     """Attention over the concatenated [image, text] sequence, with separate q/k/v/out
     projections per stream, so each modality keeps its own weights but every token
@@ -96,14 +100,14 @@ class JointAttention(nn.Module):
 
     Each stream's q, k and v projections are one fused Linear (img_qkv: rows q | k | v),
     so they run as one matrix multiply instead of three. The official checkpoints hold
-    them separately (to_q, to_k, to_v); official.py loads them into the row blocks, and
-    official.fuse_qkv converts any state dict with separate projections.
+    them separately (to_q, to_k, to_v); checkpoint.py loads them into the row blocks
+    (FUSED_QKV names them).
 
     txt_queries=False is the last block's "pre-only" text stream: its outputs would be
     thrown away, so we do not compute text queries or a text output at all (txt_kv: rows
     k | v). Each query row of attention is independent, so the image outputs are
     unchanged. (The released checkpoints carry an `add_q_proj` for that block;
-    official.py skips it.)
+    checkpoint.py skips it.)
     """
 
     def __init__(self, dim, heads, txt_queries=True):

@@ -12,7 +12,7 @@ One-Dimensional Tokens" (Kim et al., arXiv 2501.07730).
   App. C, Fig. 7: the same prompt and seed at several aesthetic scores (`--aesthetic 5 6 7`).
   §5.2, Fig. 4 and App. G, Fig. 8: `sample.py tokviz` swaps single latent tokens and
       shows where each latent token looks in the encoder (see "The tokenizer figures").
-Finding, checking and writing checkpoints (release dirs, Hub ids, runs, files) is load.py.
+Finding, checking and writing checkpoints (release dirs, Hub ids, runs, files) is checkpoint.py.
 
 The pipeline, per batch of prompts:
 
@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-import load
+import checkpoint
 import runtime
 from data import IMAGE_EXTS, load_image
 from schedules import check_guidance_schedule
@@ -565,7 +565,7 @@ def main(argv=None):
     check_outdir(args.outdir, planned, args.overwrite, clear=rank == 0)
 
     # 4. Checkpoints, cross-checked (tokens, codebook, text widths) before any sampling.
-    models = load.load_models(args.generator, args.tokenizer, device, revision=args.revision)
+    models = checkpoint.load_models(args.generator, args.tokenizer, device, revision=args.revision)
     gcfg = models.generator.config
     # Sampler options that only make sense for one variant.
     if args.guidance_schedule is not None:
@@ -632,7 +632,7 @@ def main(argv=None):
 def export_main(argv):
     """`python sample.py export SRC --out DIR`: a tokenizer or generator run folder or
     checkpoint file (or a release) written in the official release layout (config.json +
-    model.safetensors), which load.py and the official code read: how released models,
+    model.safetensors), which checkpoint.py and the official code read: how released models,
     the shipped ones included, are made. EMA weights when present. A generator gives
     DIR/generator and DIR/tokenizer (its tokenizer); one model (--which, or a tokenizer
     run) fills DIR itself."""
@@ -644,8 +644,10 @@ def export_main(argv):
     p.add_argument("--tokenizer", help="the generator's tokenizer (default: the one it records)")
     p.add_argument("--revision", help="Hub revision for a Hub id SRC / --tokenizer")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR, replacing what export writes")
+    p.add_argument("--fp16", action="store_true", help="store the weights in fp16, as the shipped models are (half the size)")
     args = p.parse_args(argv)
-    return load.export_release(args.src, args.out, args.which, args.tokenizer, args.overwrite, args.revision)
+    return checkpoint.export_release(args.src, args.out, args.which, args.tokenizer, args.overwrite, args.revision,
+                                     half=args.fp16)
 
 
 def tokviz_main(argv):
@@ -667,7 +669,7 @@ def tokviz_main(argv):
     args = p.parse_args(argv)
 
     device = pick_device(args.device)
-    tok, text_enc = load.load_tokenizer(args.tokenizer or load.default_checkpoint("no --tokenizer given"), device)
+    tok, text_enc = checkpoint.load_tokenizer(args.tokenizer or checkpoint.default_release("tokenizer", "no --tokenizer given"), device)
     cfg = tok.config
     K, S = cfg.num_latent_tokens, cfg.image_size
     image = load_image(args.image, S)[None].to(device)  # (1,3,S,S): shorter side resized, centre crop

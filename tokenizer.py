@@ -22,11 +22,11 @@ Data flow, in the order the classes below appear:
          DiagonalGaussian   (KL)  mean / log-variance, sample() / mode() / kl()
       -> Decoder            tokens + mask grid + CLIP text -> ViT -> pixels
 
-The CLIP text encoder is in text.py; the official release format (names, config.json,
-reading and writing release directories) in official.py.
+The CLIP text encoder is in text.py; the release format (names, config.json, reading and
+writing release directories) in checkpoint.py.
 
 Public API:
-    tok = TATiTok(PRESETS["tatitok_bl32_vq"])      or TATiTok.from_official(dir)
+    tok = TATiTok(PRESETS["tatitok_bl32_vq"])      or checkpoint.load_tokenizer(dir)[0]
     ids = tok.encode(images)                       # VQ: (B,K) long; KL: (B,K,C) mean
     text = TextEncoder()(["a photo of a cat"])     # text.py: .final / .penultimate / .pooled
     rec = tok.decode(ids, text.final)              # (B,3,H,W), nominally in [0,1]
@@ -39,7 +39,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import official
 
 # -----------------------------------------------------------------------------
 # Transformer building blocks (pre-LN ViT, as in CLIP / the official TiTok).
@@ -483,18 +482,6 @@ class TATiTok(nn.Module):
                 self.quantize.revive_codes()
             self.quantize._pending = None
 
-    @classmethod
-    def from_official(cls, path, revision=None):
-        """Load a released directory (config.json + model.safetensors), tensor by tensor (official.py),
-        or a Hub id: "turkeyju/tokenizer_tatitok_bl32_vq", "owner/name@rev" (revision=: the default)."""
-        release = official.Release(path, "TA-TiTok", revision)
-        kwargs = official.tatitok_kwargs(release.config, release.config_file)
-        return official.load_weights(cls(TATiTokConfig(**kwargs)), release)
-
-    def save_official(self, path):
-        """Write this model as a release directory that from_official (and the official code) reads."""
-        return official.save(self, path)
-
 
 def _init_weights(m):
     # The official initialisation: truncated normal(0.02) for linear maps and
@@ -570,9 +557,12 @@ def _local_init(model, std=0.1, pos_scale=10.0, qk_std=0.4):
 # -----------------------------------------------------------------------------
 # Presets. "BL" = ViT-Base encoder + ViT-Large decoder; "SL" = Small + Large.
 
+# The official ViT sizes, by name: (width, depth, heads).
+VIT_SIZES = {"small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
+
 
 def _preset(enc, dec, K, mode, **kw):
-    e, d = official.VIT_SIZES[enc], official.VIT_SIZES[dec]
+    e, d = VIT_SIZES[enc], VIT_SIZES[dec]
     return TATiTokConfig(
         enc_width=e[0], enc_depth=e[1], enc_heads=e[2], dec_width=d[0], dec_depth=d[1], dec_heads=d[2],
         num_latent_tokens=K, quantize_mode=mode, token_size=64 if mode == "vq" else 16, **kw,

@@ -28,9 +28,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-import load
+import checkpoint
 import maskgen as M
-import official
 import runtime
 from checkpoint import content_digest, load_checked
 from curves import plot_curves
@@ -142,7 +141,7 @@ def main(argv=None):
     master = rank == 0
 
     # ---- frozen tokenizer and text encoder
-    tokenizer, text_encoder = load.load_tokenizer(cfg.tokenizer, device)
+    tokenizer, text_encoder = checkpoint.load_tokenizer(cfg.tokenizer, device)
     tokenizer.requires_grad_(False)
     tcfg = tokenizer.config
 
@@ -159,7 +158,7 @@ def main(argv=None):
     path, ckpt = find_resume(cfg, log, inputs)  # refuses a checkpoint trained on other inputs
     if ckpt is not None:
         mcfg = M.MaskGenConfig(**ckpt["maskgen_config"])  # includes the scale factor chosen at the start
-    elif mcfg.mode == "kl" and cfg.scale_factor < 0 and not load.is_release(cfg.tokenizer):
+    elif mcfg.mode == "kl" and cfg.scale_factor < 0 and not checkpoint.is_release(cfg.tokenizer):
         # Our own tokenizer: scale tokens to unit variance (as LDM does), measured once on
         # the first global batch (slot 0, the same data on every rank).
         tokens, _, _ = token_batches(cfg, tokenizer, 0, 1, 0, device)(0, 0)
@@ -174,7 +173,7 @@ def main(argv=None):
     model = M.MaskGen(mcfg).to(device)
     if cfg.init_from and ckpt is None:  # stage 2 fine-tuning starts from stage 1's EMA
         try:
-            init, where = load.generator_weights(cfg.init_from)  # a run folder, checkpoint file or bundle
+            init, where = checkpoint.generator_weights(cfg.init_from)  # a run folder or checkpoint file
         except (ValueError, FileNotFoundError) as e:
             sys.exit(f"error: --init_from={cfg.init_from}: {e}")
         load_checked(model, init, where)
@@ -182,8 +181,8 @@ def main(argv=None):
     opt = adamw(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
     step = 0
     if ckpt is not None:
-        model.load_state_dict(official.fuse_qkv(ckpt["model"]))
-        ema.load_state_dict(official.fuse_qkv(ckpt["ema"]))
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
         try:
             opt.load_state_dict(ckpt["optimizer"])
         except ValueError as e:  # e.g. a run written before MaskGen's q/k/v were fused

@@ -468,12 +468,12 @@ def test_pretokenize_with_stub(tmp_path, mode):
 def test_pretokenize_cli_end_to_end_ddp(tmp_path):
     """`torchrun --nproc_per_node=2 data.py pretokenize` with a tiny real TA-TiTok (gloo, CPU)."""
     tk = pytest.importorskip("tokenizer")
-    import official
+    import checkpoint
 
     torch.manual_seed(0)
     model = tk.TATiTok(tk.PRESETS["tiny"]).eval()
     tok_dir = tmp_path / "tok"
-    official.save(model, str(tok_dir))
+    checkpoint.save_release(model, str(tok_dir))
     out = tmp_path / "pretok"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "data.py",
            "pretokenize", "--tokenizer", str(tok_dir), "--data", "shapes:7", "--out", str(out),

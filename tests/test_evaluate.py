@@ -180,7 +180,7 @@ def test_context_use_feeds_kl_tokens_as_the_generator_was_trained(kl_tokens):
     # the visible tokens it feeds must be what training fed: a posterior sample, or the mean.
     import dataclasses
 
-    import load
+    import checkpoint
     import maskgen as M
     import tokenizer as tk
     from text import TEXT_PRESETS, TextEncoder
@@ -193,7 +193,7 @@ def test_context_use_feeds_kl_tokens_as_the_generator_was_trained(kl_tokens):
     seen = []
     conditions = gen.token_conditions
     gen.token_conditions = lambda x, *a: seen.append(x) or conditions(x, *a)
-    models = load.Models(gen, tok, text, text, "gen", "tok")
+    models = checkpoint.Models(gen, tok, text, text, "gen", "tok")
     images, captions = torch.rand(6, 3, 32, 32), ["a red circle"] * 6
     res = E.context_use(models, images, captions, 6.5, fractions=(0.0, 0.5))
     assert set(res) == {"r2_from_z@0", "r2_from_z@0.5"} and all(math.isfinite(v) for v in res.values())
@@ -397,7 +397,7 @@ def test_inpaint_use_fills_only_the_hidden_tokens(mode):
     # With nothing hidden the decoded scenes are the tokenizer's own decoding of the true
     # tokens (VQ: the ids; KL: what training fed, the scaled posterior sample, unscaled);
     # with tokens hidden they differ, and every score is a fraction of the scenes.
-    import load
+    import checkpoint
     import maskgen as M
     import tokenizer as tk
     from text import TEXT_PRESETS, TextEncoder
@@ -406,7 +406,7 @@ def test_inpaint_use_fills_only_the_hidden_tokens(mode):
     tok = tk.TATiTok(tk.PRESETS["tiny" if mode == "vq" else "tiny_kl"]).eval()
     text = TextEncoder.from_config(**TEXT_PRESETS["tiny"])
     gen = M.MaskGen(M.preset_for(f"tiny_{mode}", tok.config, 32, 32)).eval()
-    models = load.Models(gen, tok, text, text, "gen", "tok")
+    models = checkpoint.Models(gen, tok, text, text, "gen", "tok")
     images, captions = torch.rand(4, 3, 32, 32), ["a red circle", "two blue squares"] * 2
     res, decoded = E.inpaint_use(models, images, captions, 6.5, fractions=(0.5, 1.0), seed=3)
     assert set(res) == {"inpaint@0.5", "inpaint@1"} and all(0.0 <= v <= 1.0 for v in res.values())

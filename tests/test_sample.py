@@ -1,7 +1,7 @@
 """sample.py end to end on tiny random models, on CPU: files, grid, GenEval layout,
-seeding, sharding, loading checkpoints with load.py (every form, pairing errors), and
+seeding, sharding, loading checkpoints with checkpoint.py (every form, pairing errors), and
 the tokenizer figures of `sample.py tokviz` (Fig. 4 latent-code swapping, Fig. 8 encoder
-attention maps). The fixtures here (tiny runs and a bundle) are shared with test_official.py."""
+attention maps). The fixtures here (tiny runs and a release pair) are shared with test_checkpoint.py."""
 
 import dataclasses
 import json
@@ -15,9 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-import load as L
+import checkpoint as L
 import maskgen as M
-import official
 import runtime
 import sample as S
 import tokenizer as T
@@ -98,13 +97,16 @@ def ckpts(tmp_path_factory):
     out["gen"] = save_generator_run(d / "gen", GEN_VQ, "tok")
     out["tok_kl"] = save_tokenizer_run(d / "tok_kl", TOK_KL)
     out["gen_kl"] = save_generator_run(d / "gen_kl", GEN_KL, str(d / "tok_kl"), with_text=True)
-    # The shipped-bundle layout, written by load.write_bundle: one file with both stages'
-    # EMA weights in fp16, their configs and the small text tower.
-    out["bundle"] = L.write_bundle(out["gen"], None, str(d / "shapes.pt"))
-    bundle = torch.load(out["bundle"], weights_only=True)
-    assert set(bundle) == {"tokenizer", "generator"}
-    assert all(v.dtype == torch.float16 for part in bundle.values() for v in part["ema"].values() if v.is_floating_point())
-    assert bundle["tokenizer"]["text_encoder"] is not None
+    # The shipped layout (checkpoints/shapes/): a release pair with both stages' EMA weights
+    # in fp16, the generator recording its tokenizer, the small text tower stored once.
+    dirs = L.export_release(out["gen"], str(d / "shapes"), half=True)
+    out["release"] = dirs["generator"]
+    assert sorted(os.listdir(dirs["tokenizer"])) == ["config.json", "model.safetensors", L.TEXT_FILE]
+    assert sorted(os.listdir(out["release"])) == ["config.json", "model.safetensors"]
+    assert json.loads(open(os.path.join(out["release"], "config.json")).read())["tokenizer"] == "../tokenizer"
+    for role in dirs.values():
+        f = L.open_safetensors(os.path.join(role, "model.safetensors"))
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
     return out
 
 
@@ -245,27 +247,27 @@ def test_sharding_over_ranks_matches_one_process(ckpts, tmp_path, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: EMA preference, the bundle, the default, and clear errors before any work.
+# Checkpoints: EMA preference, the release pair, the default, and clear errors before any work.
 
 
 def test_load_generator_prefers_ema(ckpts):
     g = L.load_generator(ckpts["gen"])
     ckpt = torch.load(os.path.join(ckpts["gen"], "ckpt_00000020.pt"), weights_only=True)
-    sd = g.model.state_dict()
+    sd = g.state_dict()
     assert all(torch.equal(sd[k], ckpt["ema"][k]) for k in sd)
     assert not all(torch.equal(sd[k], ckpt["model"][k]) for k in sd)
-    assert "EMA" in g.source and g.tokenizer == "tok"
+    assert "EMA" in L.load_models(ckpts["gen"]).gen_source and L.resolve(ckpts["gen"], "generator").tokenizer == "tok"
     for gen in ("gen", "gen_kl"):  # text encoder not recorded / recorded with the same weights
         m = L.load_models(ckpts[gen], None, "cpu")
         assert m.gen_text is m.tok_text  # one text encoder serves both models
 
 
 def test_one_loader_for_every_form(ckpts):
-    # A tokenizer loads the same from its run folder, its checkpoint file and the bundle
-    # (given as the tokenizer: its tokenizer part, whose weights were stored in fp16).
+    # A tokenizer loads the same from its run folder, its checkpoint file and its fp16 release
+    # (the one the generator release records).
     from_run, text = L.load_tokenizer(ckpts["tok"])
     from_file, none = L.load_tokenizer(os.path.join(ckpts["tok"], "ckpt_00000010.pt"), with_text=False)
-    from_bundle, bundle_text = L.load_tokenizer(ckpts["bundle"])
+    from_bundle, bundle_text = L.load_tokenizer(L.resolve(ckpts["release"], "generator").tokenizer)
     sd = from_run.state_dict()
     assert none is None and not any(p.requires_grad for p in from_run.parameters())
     assert all(torch.equal(sd[k], v) for k, v in from_file.state_dict().items())
@@ -273,24 +275,24 @@ def test_one_loader_for_every_form(ckpts):
     assert (bundle_text.width, bundle_text.context_length) == (text.width, text.context_length)
     with pytest.raises(ValueError, match=r"MaskGen checkpoint.*pass it as --generator"):
         L.load_tokenizer(ckpts["gen"])
-    # --init_from's weights: the EMA ones, from a run folder or the bundle's generator part.
+    # --init_from's weights: the EMA ones, from a run folder or the generator release.
     ema = torch.load(os.path.join(ckpts["gen"], "ckpt_00000020.pt"), weights_only=True)["ema"]
     sd, where = L.generator_weights(ckpts["gen"])
     assert where.endswith("ckpt_00000020.pt") and all(torch.equal(sd[k], ema[k]) for k in ema)
-    sd, _ = L.generator_weights(ckpts["bundle"])
+    sd, _ = L.generator_weights(ckpts["release"])
     assert all(torch.equal(sd[k].float(), ema[k].half().float()) for k in ema if ema[k].is_floating_point())
 
 
-def test_bundle_and_default_checkpoint(ckpts, tmp_path, monkeypatch, image_file):
-    monkeypatch.setattr(L, "DEFAULT_CHECKPOINT", ckpts["bundle"])
+def test_release_pair_and_default_checkpoint(ckpts, tmp_path, monkeypatch, image_file):
+    monkeypatch.setattr(L, "DEFAULT_RELEASE", os.path.dirname(ckpts["release"]))
     res = run(["--prompt", "a red circle"], tmp_path / "a")  # no checkpoint arguments at all
     assert [os.path.basename(p) for p in res["images"]] == ["00000_s0000.png"]
-    run(["--generator", ckpts["bundle"], "--prompt", "a red circle"], tmp_path / "b")
+    run(["--generator", ckpts["release"], "--prompt", "a red circle"], tmp_path / "b")
     assert np.array_equal(pixels(tmp_path / "a" / "00000_s0000.png"), pixels(tmp_path / "b" / "00000_s0000.png"))
     viz = S.main(["tokviz", "--image", image_file, "--outdir", str(tmp_path / "viz")] + CPU)  # default tokenizer
     assert viz["swaps"].shape == (8, 6, 3, 32, 32)
-    monkeypatch.setattr(L, "DEFAULT_CHECKPOINT", str(tmp_path / "checkpoints" / "shapes.pt"))
-    with pytest.raises(FileNotFoundError, match=r"shapes\.pt is missing.*train"):
+    monkeypatch.setattr(L, "DEFAULT_RELEASE", str(tmp_path / "checkpoints" / "shapes"))
+    with pytest.raises(FileNotFoundError, match=r"shapes[/\\]generator is missing.*train"):
         run(["--prompt", "a red circle"], tmp_path / "c")
 
 
@@ -326,7 +328,7 @@ def test_bad_inputs_fail_before_work(ckpts, tmp_path):
 
 def save_official(folder, model):
     """A release-layout directory: config.json (official layout) + model.safetensors."""
-    return official.save(model, str(folder))
+    return L.save_release(model, str(folder))
 
 
 def test_official_release_dirs(tmp_path):
@@ -334,7 +336,8 @@ def test_official_release_dirs(tmp_path):
     gen_dir = save_official(tmp_path / "generator_tiny", M.MaskGen(GEN_VQ))
     tok_dir = save_official(tmp_path / "tokenizer_tiny", T.TATiTok(dataclasses.replace(TOK_VQ, num_latent_tokens=16)))
     g = L.load_generator(gen_dir)
-    assert g.model.config.num_tokens == 8 and g.tokenizer is None and g.text == L.OFFICIAL_TEXT
+    src = L.resolve(gen_dir, "generator")
+    assert g.config.num_tokens == 8 and src.tokenizer is None and src.text == L.OFFICIAL_TEXT
     with pytest.raises(ValueError, match=r"tokenizer release.*pass it as --tokenizer"):
         L.load_generator(tok_dir)
     with pytest.raises(ValueError, match=r"does not say which tokenizer.*--tokenizer"):

@@ -108,7 +108,7 @@ def test_kl_scale_factor_is_measured_on_what_the_model_trains_on(tmp_path, tok_r
     # batch: posterior samples for kl_tokens="sample", the means themselves for "mean".
     import dataclasses
 
-    import load
+    import checkpoint
     import maskgen
     from train_config import parse_config
 
@@ -122,33 +122,11 @@ def test_kl_scale_factor_is_measured_on_what_the_model_trains_on(tmp_path, tok_r
         scales[kind] = saved["scale_factor"]
     argv = ["--config=tiny_kl", f"--tokenizer={tok_runs / 'kl'}"]
     cfg = parse_config(train_maskgen.TrainConfig, train_maskgen.PRESETS, argv, rules=train_maskgen.RULES)
-    tokenizer, _ = load.load_tokenizer(cfg.tokenizer, torch.device("cpu"))
+    tokenizer, _ = checkpoint.load_tokenizer(cfg.tokenizer, torch.device("cpu"))
     tokens, _, _ = train_maskgen.token_batches(cfg, tokenizer, 0, 1, 0, torch.device("cpu"))(0, 0)
     mean = tokens.chunk(2, dim=-1)[0]
     assert scales["mean"] == pytest.approx(1.0 / mean.std().item(), rel=1e-5)
     assert scales["sample"] < scales["mean"]  # the posterior noise adds to the spread
-
-
-def test_run_from_before_the_qkv_fusion(tmp_path, tok_runs):
-    # A checkpoint whose MaskGen kept q/k/v as separate tensors (written before they were
-    # fused): its weights load, its optimizer state cannot, and the error says what to do.
-    import official
-
-    old_run = tmp_path / "old"
-    run_mg(old_run, tok_runs / "vq", "vq", "--max_steps=2", "--ckpt_every=2")
-    path = old_run / "ckpt_00000002.pt"
-    ck = torch.load(path, weights_only=True)
-    del ck["sha256"]  # files from before the fusion also predate checksums
-    ck["model"], ck["ema"] = official.split_qkv(ck["model"], copy=True), official.split_qkv(ck["ema"], copy=True)
-    group = ck["optimizer"]["param_groups"][0]
-    group["params"] = group["params"] + [10_000, 10_001]  # the old layout had more tensors
-    torch.save(ck, path)
-    with pytest.raises(SystemExit, match=r"optimizer state .* does not fit this model.*--init_from="):
-        run_mg(old_run, tok_runs / "vq", "vq", "--max_steps=4")
-    run_mg(tmp_path / "new", tok_runs / "vq", "vq", "--max_steps=1", "--lr=0", f"--init_from={old_run}")
-    new = final_ckpt(tmp_path / "new")["model"]  # lr 0: still exactly the weights it started from
-    parts = [ck["ema"][f"blocks.0.attn.img_{p}.weight"] for p in "qkv"]
-    assert torch.equal(new["blocks.0.attn.img_qkv.weight"], torch.cat(parts))
 
 
 def test_truncated_checkpoint_is_skipped(tmp_path, capsys):
@@ -466,7 +444,7 @@ def test_max_steps_may_change_only_where_no_step_depended_on_it(tmp_path, tok_ru
 def test_resume_pins_the_tokenizer_and_text_encoder(tmp_path, tok_runs, capsys):
     """Issue 14: other weights at the same --tokenizer path (a replaced checkpoint) would
     resume on other tokens; the checkpoint's hashes of both frozen models refuse it."""
-    import load
+    import checkpoint
 
     tok = shutil.copytree(tok_runs / "vq", tmp_path / "tok")
     out = tmp_path / "mg"
@@ -481,7 +459,7 @@ def test_resume_pins_the_tokenizer_and_text_encoder(tmp_path, tok_runs, capsys):
         weight = next(v for v in ck[part].values() if v.is_floating_point())
         weight.add_(1e-3)
         torch.save({**ck, "sha256": checkpoint.content_digest(ck)}, tok_file)
-        tokenizer, text = load.load_tokenizer(str(tok))
+        tokenizer, text = checkpoint.load_tokenizer(str(tok))
         return {"ema": "tokenizer", "text_encoder": "text_encoder"}[part], {
             "tokenizer": checkpoint.content_digest(tokenizer.state_dict()),
             "text_encoder": checkpoint.content_digest(text.state_dict())}  # fmt: skip

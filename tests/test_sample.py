@@ -533,7 +533,7 @@ def test_png_writes_are_atomic(tmp_path, monkeypatch):
 
 
 def test_swap_tokens_shapes_and_effect(ckpts):
-    src = L.resolve_tokenizer(ckpts["tok"])
+    src = L.resolve(ckpts["tok"], "tokenizer")
     tok = T.TATiTok(src.config)
     load_checked(tok, src.ckpt["ema"], "tok")
     text = build_text_encoder(*src.text, "tok")

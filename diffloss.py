@@ -247,46 +247,21 @@ def _at(table, t):
 
 
 # ----------------------------------------------------------------------------------------------
-# Random draws with one generator per image (diffusers' convention; used here and by MaskGen)
+# Noise with one generator per image (diffusers' convention)
 # ----------------------------------------------------------------------------------------------
 
-def check_generators(generator, device, count=None, where="generate"):
-    """A sampler's `generator`: None, one torch.Generator for the whole batch, or a list
-    (or tuple) of them, one per image (then `count` of them, when count is given). Each
-    must be on the inputs' device type. Returns it unchanged (a list as a list)."""
-    if generator is None:
-        return None
-    many = isinstance(generator, (list, tuple))
-    if many and count is not None and len(generator) != count:
-        raise ValueError(f"{where}: got {len(generator)} generators for {count} images; pass one "
-                         f"torch.Generator per image, or a single one for the whole batch")
-    for i, g in enumerate(generator if many else [generator]):
-        name = f"generator[{i}]" if many else "the generator"
-        g_device = getattr(g, "device", None)
-        if not isinstance(g_device, torch.device):
-            raise ValueError(f"{where}: {name} is a {type(g).__name__}, not a torch.Generator")
-        if g_device.type != device.type:
-            raise ValueError(f"{where}: {name} is on {g_device} but the inputs are on {device}; create "
-                             f"it with torch.Generator(device={str(device)!r}).manual_seed(seed)")
-    return list(generator) if many else generator
-
-
-def draw_rows(draw, shape, generator):
-    """draw(shape, generator) -> random numbers, drawn with one generator (or None) for all
-    of them, or with a list of G generators: then dim 0 (G equal blocks of rows, image j's
-    rows in block j) is drawn block by block, block j from generator j alone. So an image's
-    numbers are exactly those a batch of that image alone would draw from its generator."""
-    if not isinstance(generator, (list, tuple)):
-        return draw(shape, generator)
-    G = len(generator)
-    if shape[0] % G:
-        raise ValueError(f"{shape[0]} rows cannot be split evenly over {G} generators (one per image)")
-    return torch.cat([draw((shape[0] // G, *shape[1:]), g) for g in generator])
-
-
 def randn_rows(shape, generator, device, dtype=None):
-    """Standard normal (shape), per block of rows with a list of generators (draw_rows)."""
-    return draw_rows(lambda s, g: torch.randn(s, generator=g, device=device, dtype=dtype), shape, generator)
+    """Standard normal noise (shape). generator: None, one torch.Generator, or a list of G, one
+    per image: then the rows are G equal blocks (image j's rows in block j) and block j is drawn
+    from generator j alone, so an image's noise is exactly what a batch of that image alone
+    would draw from its generator."""
+    if not isinstance(generator, (list, tuple)):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    rows, G = shape[0], len(generator)
+    if rows % G:
+        raise ValueError(f"{rows} rows cannot be split evenly over {G} generators (one per image)")
+    block = (rows // G, *shape[1:])
+    return torch.cat([torch.randn(block, generator=g, device=device, dtype=dtype) for g in generator])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,7 +396,7 @@ class GaussianDiffusion:
         Each step draws x_{t-1} ~ N(mean, temperature^2 * variance); temperature < 1 gives
         sharper, less diverse tokens (MAR scales the per-step noise, not the initial noise).
         The last step (t = 0) returns the mean. generator: None, one torch.Generator, or a
-        list of G (one per image; the N rows are G equal blocks, see draw_rows). clip_x0: see
+        list of G (one per image; the N rows are G equal blocks, see randn_rows). clip_x0: see
         p_mean_log_variance.
         """
         x = noise.float()
@@ -514,7 +489,7 @@ class DiffLoss(nn.Module):
         return (loss * mask).sum() / mask.sum().clamp(min=torch.finfo(loss.dtype).tiny)
 
     @torch.no_grad()
-    def sample(self, z, temperature=1.0, cfg=1.0, generator=None):
+    def sample(self, z, temperature=1.0, cfg=1.0, generator=None, denoise=None):
         """Draw one token per row of z by reverse diffusion. Returns (N, C) float32.
 
         cfg: a Python 1.0 means no guidance (z is N conditions). Anything else (a float or a
@@ -524,12 +499,23 @@ class DiffLoss(nn.Module):
         so a per-step schedule never forces a host sync.
         generator: an optional torch.Generator on z's device, for reproducible samples; or a
         list of G, one per image, when the (cond) rows are G equal blocks, one per image: each
-        block's noise then comes from its own generator only (draw_rows), so an image's
-        tokens do not depend on the other images in the batch.
+        block's noise then comes from its own generator only (randn_rows), so an image's
+        tokens do not depend on the other images in the batch. Each generator is checked here,
+        so DiffLoss stands alone.
+        denoise: the residual MLP to run, net.denoise or a compiled version of it (MaskGenKL
+        passes a torch.compile'd one under generate(compile=...)).
         """
         self._check_z(z, None, "sample")
-        generator = check_generators(generator, z.device, where="DiffLoss.sample")
+        many = isinstance(generator, (list, tuple))
+        for i, g in enumerate(generator if many else [] if generator is None else [generator]):
+            name, g_device = f"generator[{i}]" if many else "the generator", getattr(g, "device", None)
+            if not isinstance(g_device, torch.device):
+                raise ValueError(f"DiffLoss.sample: {name} is a {type(g).__name__}, not a torch.Generator")
+            if g_device.type != z.device.type:
+                raise ValueError(f"DiffLoss.sample: {name} is on {g_device} but the inputs are on {z.device}; "
+                                 f"create it with torch.Generator(device={str(z.device)!r}).manual_seed(seed)")
         C, net = self.target_channels, self.net
+        denoise = net.denoise if denoise is None else denoise
         guided = isinstance(cfg, torch.Tensor) or cfg != 1.0
         # The same result as net(x, ts, z) at every step, for less work: z is fixed for the
         # whole chain, so its embedding is computed once, not at each of the 100 steps; and
@@ -537,7 +523,7 @@ class DiffLoss(nn.Module):
         z_emb = net.cond_embed(z)                                             # (N, W)
 
         def fn(x, ts):
-            return net.denoise(x.to(z.dtype), net.time_embed(ts[:1]) + z_emb)  # (N, 2C)
+            return denoise(x.to(z.dtype), net.time_embed(ts[:1]) + z_emb)   # (N, 2C)
 
         if not guided:
             noise = randn_rows((z.shape[0], C), generator, z.device)

@@ -283,8 +283,8 @@ def _tokenizer_source(kind, ckpt, where):
 
 def _build_generator(src, device):
     if src.kind == "official":
-        return M.MaskGen.from_official(src.where).to(device).eval(), f"{src.where} (official release)"
-    model = M.MaskGen(src.config, init_weights=False)  # every weight comes from the checkpoint
+        return M.MaskGenBase.from_official(src.where).to(device).eval(), f"{src.where} (official release)"
+    model = M.build(src.config, init_weights=False)  # every weight comes from the checkpoint
     sd, which = _weights(src.ckpt, src.where)
     load_checked(model, official.fuse_qkv(sd), src.where)  # fuse: older files keep q/k/v apart
     return model.to(device).eval(), f"{src.where} ({which})"

@@ -12,7 +12,7 @@ released TA-TiTok (§3.2) and MaskGen (§4.2) as Hugging Face repositories
 
 Our modules hold the same weights under other names and, in places, other layouts:
 TA-TiTok's 1x1 convs are Linears here, and MaskGen's separate q/k/v projections (diffusers'
-`JointTransformerBlock`, see mmdit.py) are fused into one matrix per stream. This file is
+`JointTransformerBlock`, see maskgen.py) are fused into one matrix per stream. This file is
 the whole translation, so the model files hold only the models:
 
     Release(path, model)                 a release directory, read lazily (config, keys, shapes, tensors)
@@ -221,18 +221,18 @@ def _tatitok_config(c):
 # Official key -> ours. Top level, per variant (an entry ending in "." is a prefix):
 OFFICIAL_RENAMES = {
     "vq": [
-        ("text_embed_proj.", "text_proj."),
-        ("cond_pooled_proj.", "pooled_proj."),
-        ("blocks.", "blocks."),
-        ("norm.linear.", "norm_out.linear."),
+        ("text_embed_proj.", "trunk.text_proj."),
+        ("cond_pooled_proj.", "trunk.pooled_proj."),
+        ("blocks.", "trunk.blocks."),
+        ("norm.linear.", "trunk.norm_out.linear."),
         ("embeddings.weight", "tok_emb.weight"),
         ("pos_embed", "pos_emb"),
     ],
     "kl": [
-        ("text_emb.", "text_proj."),
-        ("text_pooled_emb.", "pooled_proj."),
-        ("decoder_blocks.", "blocks."),
-        ("decoder_norm.linear.", "norm_out.linear."),
+        ("text_emb.", "trunk.text_proj."),
+        ("text_pooled_emb.", "trunk.pooled_proj."),
+        ("decoder_blocks.", "trunk.blocks."),
+        ("decoder_norm.linear.", "trunk.norm_out.linear."),
         ("z_proj.", "z_proj."),
         ("z_proj_ln.", "z_norm."),
         ("mask_token", "mask_token"),
@@ -290,8 +290,12 @@ def split_qkv(sd, copy=False):
 def fuse_qkv(sd):
     """The inverse of split_qkv: a state dict with separate q/k/v projections (checkpoints
     written before they were fused, or renamed diffusers weights) -> JointAttention's
-    fused layout. Anything else, including an incomplete set of parts, passes unchanged."""
+    fused layout. MaskGen trunk keys held at the top level (text_proj., pooled_proj.,
+    blocks., norm_out.: checkpoints written before the trunk was its own module) gain the
+    "trunk." prefix. Anything else, including an incomplete set of parts, passes unchanged."""
     out, groups = {}, {}
+    top = ("text_proj.", "pooled_proj.", "blocks.", "norm_out.")
+    sd = {("trunk." + k if k.startswith(top) else k): t for k, t in sd.items()}
     for key, t in sd.items():
         parsed = _attn_key(key)
         if parsed is not None and parsed[1] in QKV_PARTS:
@@ -321,10 +325,10 @@ def block_key_from_official(key):
 def ours_to_official(key, mode):
     """Our key (q/k/v split) -> the official one, or None for state we hold that checkpoints do not."""
     inverse = [(b, a) for a, b in OFFICIAL_RENAMES[mode]]
-    if key.startswith("blocks."):
-        i, _, inner = key[len("blocks.") :].partition(".")
+    if key.startswith("trunk.blocks."):
+        i, _, inner = key[len("trunk.blocks.") :].partition(".")
         inner = _rename(inner, [(b, a) for a, b in BLOCK_RENAMES])
-        return None if inner is None else _rename(f"blocks.{i}.{inner}", inverse)
+        return None if inner is None else _rename(f"trunk.blocks.{i}.{inner}", inverse)
     return _rename(key, inverse)
 
 
@@ -408,7 +412,7 @@ def _maskgen_config(c):
 
 def _last_q_proj(c):
     """The release name of MaskGen's last-block text-query projection, which we do not
-    hold (the last block's text stream only gives keys and values, see mmdit.JointAttention)."""
+    hold (the last block's text stream only gives keys and values, see maskgen.JointAttention)."""
     return f"{'blocks' if c.mode == 'vq' else 'decoder_blocks'}.{c.depth - 1}.attn.add_q_proj"
 
 
@@ -485,7 +489,7 @@ def state_dict(model):
     strictly; its tied lm_head is left out, as in the released model.safetensors."""
     out = {k: v.clone() for k, v in _release_view(model).items()}
     if _is_maskgen(model):
-        c, ref = model.config, model.blocks[-1].attn.txt_kv.weight
+        c, ref = model.config, model.trunk.blocks[-1].attn.txt_kv.weight
         out[f"{_last_q_proj(c)}.weight"] = torch.zeros(c.width, c.width, dtype=ref.dtype, device=ref.device)
         out[f"{_last_q_proj(c)}.bias"] = torch.zeros(c.width, dtype=ref.dtype, device=ref.device)
     return out

@@ -18,7 +18,7 @@ The pipeline, per batch of prompts:
     captions --TextEncoder--> .penultimate (B,L,W), .pooled (B,E)  -> MaskGen conditions
                               .final       (B,L,W)                 -> TA-TiTok decoder
     "" (computed once)    --> the classifier-free guidance null condition
-    MaskGen.generate      --> tokens: VQ ids (B,K) | KL vectors (B,K,C)
+    generate()            --> tokens: VQ ids (B,K) | KL vectors (B,K,C)
     TATiTok.decode        --> images (B,3,H,W) in [0,1] -> PNG files
 
 Usage:
@@ -56,7 +56,7 @@ from tqdm import tqdm
 import load
 import runtime
 from data import find_images, to_uint8
-from schedules import check_guidance_schedule
+from maskgen import check_guidance_schedule
 
 # -----------------------------------------------------------------------------
 # Prompts.
@@ -560,7 +560,7 @@ def bundle_main(argv):
 def export_main(argv):
     """`python sample.py export SRC --out DIR`: a tokenizer or generator run folder, checkpoint
     file or bundle (or a release) written in the official release layout (config.json +
-    model.safetensors), which TATiTok / MaskGen.from_official and the official code read.
+    model.safetensors), which TATiTok / MaskGenBase.from_official and the official code read.
     EMA weights when present. A generator or bundle gives DIR/generator and DIR/tokenizer
     (its tokenizer); one model (--which, or a tokenizer run) fills DIR itself."""
     p = argparse.ArgumentParser(prog="sample.py export", description=export_main.__doc__)

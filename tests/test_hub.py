@@ -104,10 +104,10 @@ def test_tokenizer_by_hub_id(offline):
 
 
 def test_generator_by_hub_id(offline):
-    local = M.MaskGen.from_official(offline["dir"] / "rel" / "generator")
+    local = M.MaskGenBase.from_official(offline["dir"] / "rel" / "generator")
     assert same_weights(local, L.load_generator(offline["gen"]).model)  # EMA weights, exported exactly
-    assert same_weights(M.MaskGen.from_official("owner/maskgen"), local)
-    assert same_weights(M.MaskGen.from_official(f"hf-hub:owner/maskgen@{C1}"), local)
+    assert same_weights(M.MaskGenBase.from_official("owner/maskgen"), local)
+    assert same_weights(M.MaskGenBase.from_official(f"hf-hub:owner/maskgen@{C1}"), local)
     g = L.load_generator("owner/maskgen@v1")
     assert same_weights(g.model, local) and g.model.config == local.config
     m = L.load_models("owner/maskgen", "owner/tatitok@v1")
@@ -123,7 +123,7 @@ def test_missing_id_gives_the_project_message(offline):
         assert part in msg, part
     assert e.value.__cause__ is None and e.value.__suppress_context__  # no hub traceback behind it
     with pytest.raises(FileNotFoundError, match=r"revision 'v9'.*--revision v9 --local-dir DIR"):
-        M.MaskGen.from_official("owner/maskgen@v9")
+        M.MaskGenBase.from_official("owner/maskgen@v9")
     with pytest.raises(FileNotFoundError, match=r"tokenizer checkpoint 'owner/nothing' is not a local path"):
         L.load_models("owner/maskgen", "owner/nothing")
     # A generator that records a Hub id for its tokenizer: the message says where it came from.

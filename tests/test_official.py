@@ -15,7 +15,7 @@ import official
 import sample as S
 import tokenizer as T
 from checkpoint import CheckpointError, torch_load
-from maskgen import PRESETS, MaskGen, MaskGenVQ
+from maskgen import PRESETS, MaskGenBase, MaskGenVQ, build
 from official import fuse_qkv, split_qkv
 from test_sample import ckpts, tiny_text  # noqa: F401 (fixture: tiny runs and a bundle)
 from text import TEXT_PRESETS, TextEncoder
@@ -39,7 +39,7 @@ def text_inputs(cfg, seed=0, batch=B):
 
 def make(name, seed=0):
     torch.manual_seed(seed)
-    return MaskGen(PRESETS[name]).eval()
+    return build(PRESETS[name]).eval()
 
 
 # ---------------------------------------------------------------------------- TA-TiTok
@@ -118,17 +118,21 @@ def test_fused_qkv_layout_converts_both_ways():
     for model in (make("tiny_vq", seed=4), make("tiny_kl", seed=4)):
         sd = model.state_dict()
         old = split_qkv(sd, copy=True)  # the layout of checkpoints from before the fusion
-        last = f"blocks.{model.config.depth - 1}.attn."
+        last = f"trunk.blocks.{model.config.depth - 1}.attn."
         assert {f"{last}txt_k.weight", f"{last}txt_v.weight"} <= old.keys() and f"{last}txt_q.weight" not in old
-        assert "blocks.0.attn.img_qkv.weight" not in old and "blocks.0.attn.txt_q.bias" in old
+        assert "trunk.blocks.0.attn.img_qkv.weight" not in old and "trunk.blocks.0.attn.txt_q.bias" in old
         D = model.config.width
-        assert torch.equal(old["blocks.0.attn.img_k.weight"], sd["blocks.0.attn.img_qkv.weight"][D : 2 * D])
+        assert torch.equal(old["trunk.blocks.0.attn.img_k.weight"], sd["trunk.blocks.0.attn.img_qkv.weight"][D : 2 * D])
         back = fuse_qkv(old)
         assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+        # trunk keys held at the top level (no "trunk." prefix) are nested under trunk.
+        flat = {k.removeprefix("trunk."): v for k, v in old.items()}
+        back = fuse_qkv(flat)
+        assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
         # an incomplete set of parts is left as it is, so a strict load names it
-        del old["blocks.0.attn.img_v.bias"]
+        del old["trunk.blocks.0.attn.img_v.bias"]
         partial = fuse_qkv(old)
-        assert "blocks.0.attn.img_q.bias" in partial and "blocks.0.attn.img_qkv.bias" not in partial
+        assert "trunk.blocks.0.attn.img_q.bias" in partial and "trunk.blocks.0.attn.img_qkv.bias" not in partial
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
@@ -137,7 +141,7 @@ def test_maskgen_round_trip(tmp_path, fmt):
     for model in (vq, kl):
         sd = official.state_dict(model)
         assert "lm_head.weight" not in sd and any(k.endswith("attn.add_q_proj.weight") for k in sd)
-        loaded = MaskGen.from_official(write_official(model, tmp_path / f"{model.config.mode}_{fmt}", fmt)).eval()
+        loaded = MaskGenBase.from_official(write_official(model, tmp_path / f"{model.config.mode}_{fmt}", fmt)).eval()
         assert type(loaded) is type(model) and loaded.config == model.config
         text, pooled = text_inputs(model.config)
         if model.config.mode == "vq":
@@ -146,7 +150,7 @@ def test_maskgen_round_trip(tmp_path, fmt):
             assert loaded.head_weight.untyped_storage().data_ptr() == loaded.tok_emb.weight.untyped_storage().data_ptr()
             # a file that kept the shared table under the head's name loads the same
             alt_dir = tmp_path / f"alt_{fmt}"
-            alt = MaskGen.from_official(write_official(model, alt_dir, rename=("embeddings.weight", "lm_head.weight")))
+            alt = MaskGenBase.from_official(write_official(model, alt_dir, rename=("embeddings.weight", "lm_head.weight")))
             assert torch.equal(alt.tok_emb.weight, model.tok_emb.weight)
         else:
             txt, cond = model.encode_condition(text, pooled, 5.0)
@@ -159,19 +163,19 @@ def test_maskgen_round_trip(tmp_path, fmt):
 def test_maskgen_errors(tmp_path):
     vq, kl = make("tiny_vq"), make("tiny_kl")
     with pytest.raises(FileNotFoundError, match="does not exist.*huggingface-cli download"):
-        MaskGen.from_official(tmp_path / "nowhere")
+        MaskGenBase.from_official(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        MaskGen.from_official(tmp_path / "empty")
+        MaskGenBase.from_official(tmp_path / "empty")
 
     # a renamed key is reported as missing (its official name) and unexpected
     p = write_official(vq, tmp_path / "renamed", rename=("blocks.0.attn.to_q.weight", "blocks.0.attn.q.weight"))
     expected = r"(?s)missing keys \(1\).*blocks\.0\.attn\.to_q\.weight.*" r"unexpected keys \(1\).*blocks\.0\.attn\.q\.weight.*Fix"
     with pytest.raises(RuntimeError, match=expected):
-        MaskGen.from_official(p)
+        MaskGenBase.from_official(p)
     p = write_official(kl, tmp_path / "dropped", drop=("diffloss.net.final_layer.linear.weight",))
     with pytest.raises(RuntimeError, match=r"missing keys \(1\):\n    diffloss\.net\.final_layer\.linear\.weight"):
-        MaskGen.from_official(p)
+        MaskGenBase.from_official(p)
 
     # weights that do not fit config.json: every mismatched tensor is named
     def wider(cfg):
@@ -179,13 +183,13 @@ def test_maskgen_errors(tmp_path):
 
     expected = r"(?s)shape mismatches \(56\).*" r"blocks\.0\.attn\.to_q\.weight: checkpoint \(64, 64\) vs model \(128, 128\)"
     with pytest.raises(RuntimeError, match=expected):
-        MaskGen.from_official(write_official(vq, tmp_path / "wider", config_edit=wider))
+        MaskGenBase.from_official(write_official(vq, tmp_path / "wider", config_edit=wider))
 
     def not_maskgen(cfg):
         del cfg["model"]["maskgen"]
 
     with pytest.raises(ValueError, match="not a MaskGen config.json: missing field 'maskgen'"):
-        MaskGen.from_official(write_official(vq, tmp_path / "bad_cfg", config_edit=not_maskgen))
+        MaskGenBase.from_official(write_official(vq, tmp_path / "bad_cfg", config_edit=not_maskgen))
     with pytest.raises(ValueError, match="MaskGen-KL"):
         MaskGenVQ.from_official(write_official(kl, tmp_path / "kl"))
 
@@ -202,7 +206,7 @@ def test_release_is_read_one_tensor_at_a_time(tmp_path, fmt):
     release = official.Release(path)
     gets, get = [], release.get
     release.get = lambda key: gets.append(key) or get(key)
-    loaded = official.load_weights(MaskGen(vq.config, init_weights=False), release)
+    loaded = official.load_weights(build(vq.config, init_weights=False), release)
     last_q = f"blocks.{vq.config.depth - 1}.attn.add_q_proj"  # unused, not read (nor the tied lm_head)
     assert sorted(gets) == sorted(set(release.keys) - {f"{last_q}.weight", f"{last_q}.bias", "lm_head.weight"})
     assert all(torch.equal(a, b) for a, b in zip(vq.state_dict().values(), loaded.state_dict().values()))
@@ -220,7 +224,7 @@ def test_save_writes_a_loadable_release(tmp_path):
 
 
 def test_imports_are_silent():
-    for module in ("official", "checkpoint", "text", "mmdit", "schedules", "load"):
+    for module in ("official", "checkpoint", "text", "maskgen", "load"):
         out = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, cwd=".")
         assert out.returncode == 0 and out.stdout == "" and out.stderr == "", module
 
@@ -250,7 +254,7 @@ def test_export_round_trips_bit_for_bit(ckpts, tmp_path):
         S.main(["export", ckpts[name], "--out", str(out)])
         assert sorted(os.listdir(out)) == ["generator", "tokenizer"]
         src = LD.load_generator(ckpts[name])
-        loaded = MaskGen.from_official(out / "generator")
+        loaded = MaskGenBase.from_official(out / "generator")
         assert loaded.config == src.model.config and same_weights(loaded, src.model), name
         tok_ref = ckpts[name] if name == "bundle" else ckpts["tok_kl" if name == "gen_kl" else "tok"]
         assert same_weights(T.TATiTok.from_official(out / "tokenizer"), LD.load_tokenizer(tok_ref)[0]), name
@@ -259,7 +263,7 @@ def test_export_round_trips_bit_for_bit(ckpts, tmp_path):
 
     # One part only: --which generator fills --out itself; a tokenizer has no generator.
     S.main(["export", ckpts["gen"], "--out", str(tmp_path / "g"), "--which", "generator"])
-    assert same_weights(MaskGen.from_official(tmp_path / "g"), LD.load_generator(ckpts["gen"]).model)
+    assert same_weights(MaskGenBase.from_official(tmp_path / "g"), LD.load_generator(ckpts["gen"]).model)
     S.main(["export", ckpts["bundle"], "--out", str(tmp_path / "t"), "--which", "tokenizer"])
     assert sorted(os.listdir(tmp_path / "t")) == ["config.json", "model.safetensors", "text_encoder.safetensors"]
     assert same_weights(T.TATiTok.from_official(tmp_path / "t"), LD.load_tokenizer(ckpts["bundle"])[0])

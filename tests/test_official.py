@@ -153,7 +153,7 @@ def test_maskgen_round_trip(tmp_path, fmt):
             alt = MaskGenBase.from_official(write_official(model, alt_dir, rename=("embeddings.weight", "lm_head.weight")))
             assert torch.equal(alt.tok_emb.weight, model.tok_emb.weight)
         else:
-            txt, cond = model.encode_condition(text, pooled, 5.0)
+            txt, cond = model.trunk.encode_condition(text, pooled, 5.0)
             x, mask = torch.randn(B, 8, 4), (torch.rand(B, 8) < 0.5).float()
             assert torch.equal(model.token_conditions(x, mask, txt, cond), loaded.token_conditions(x, mask, txt, cond))
             xt, t, c = torch.randn(5, 4), torch.randint(0, 1000, (5,)), torch.randn(5, 64)
@@ -214,7 +214,7 @@ def test_release_is_read_one_tensor_at_a_time(tmp_path, fmt):
 
 def test_save_writes_a_loadable_release(tmp_path):
     tok, vq = T.TATiTok(T.PRESETS["tiny_kl"]), make("tiny_vq")
-    for model, load in ((tok, T.TATiTok.from_official), (vq, MaskGen.from_official)):
+    for model, load in ((tok, T.TATiTok.from_official), (vq, MaskGenBase.from_official)):
         path = model.save_official(tmp_path / type(model).__name__)  # official.save
         assert sorted(os.listdir(path)) == ["config.json", "model.safetensors"]
         assert json.loads((tmp_path / type(model).__name__ / "config.json").read_text()) == official.config(model)

@@ -2,9 +2,9 @@
 
 MaskGen-KL (TA-TiTok/MaskGen paper, arXiv 2501.07730: §3.3, "Masked Generative Models with
 Continuous Tokens", and §4.2) predicts *continuous* KL tokens, so there is no codebook to put
-a cross-entropy on. It follows MAR (Li et al. 2024, "Autoregressive Image Generation
-without Vector Quantization", §3): for every masked token the transformer emits a vector z, and a small MLP denoiser models p(x0 | z) as a Gaussian
-diffusion over the token's C channels. Training minimises the diffusion loss of x0 given z;
+a cross-entropy on. It follows MAR (Li et al. 2024, "Autoregressive Image Generation without
+Vector Quantization", §3): for every masked token the transformer emits a vector z, and a
+small MLP denoiser models p(x0 | z) as a Gaussian diffusion over the token's C channels. Training minimises the diffusion loss of x0 given z;
 sampling runs the reverse diffusion chain from pure noise, conditioned on z.
 
 Reading order (bottom-up, as data flows):
@@ -38,7 +38,6 @@ import torch.nn as nn
 
 # ----------------------------------------------------------------------------------------------
 # The denoiser: an MLP with adaLN conditioning (a DiT block without attention)
-# ----------------------------------------------------------------------------------------------
 
 def modulate(x, shift, scale):
     # adaLN: the condition sets a per-channel affine map of the normalised features. It is
@@ -155,7 +154,6 @@ class SimpleMLPAdaLN(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Closed-form pieces of the diffusion maths
-# ----------------------------------------------------------------------------------------------
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats."""
@@ -248,7 +246,6 @@ def _at(table, t):
 
 # ----------------------------------------------------------------------------------------------
 # Noise with one generator per image (diffusers' convention)
-# ----------------------------------------------------------------------------------------------
 
 def randn_rows(shape, generator, device, dtype=None):
     """Standard normal noise (shape). generator: None, one torch.Generator, or a list of G, one
@@ -266,7 +263,6 @@ def randn_rows(shape, generator, device, dtype=None):
 
 # ----------------------------------------------------------------------------------------------
 # Gaussian diffusion: forward process, hybrid loss, ancestral sampling, respacing
-# ----------------------------------------------------------------------------------------------
 
 class GaussianDiffusion:
     """A discrete Gaussian diffusion over len(betas) steps, with eps-prediction and learned-range
@@ -417,7 +413,6 @@ class GaussianDiffusion:
 
 # ----------------------------------------------------------------------------------------------
 # DiffLoss: what MaskGen-KL holds
-# ----------------------------------------------------------------------------------------------
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -434,9 +429,8 @@ class DiffLoss(nn.Module):
       sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) multiplies any error in eps by ~1e4: a
       fully trained net predicts eps = x_t there almost exactly, but after a short run a
       small eps error sends the tokens far out of range, where the net's eps saturates and
-      never brings them back (MaskGen-KL on the shapes world after 600 steps: tokens ~1e4,
-      a blank decoded canvas). A bound of a few token standard deviations keeps the chain in
-      range. Training is unchanged.
+      never brings them back (tokens ~1e4, a blank decoded canvas). A bound of a few token
+      standard deviations keeps the chain in range. Training is unchanged.
     """
 
     def __init__(self, target_channels, z_channels, depth, width, num_sampling_steps="100", clip_x0=0.0):
@@ -447,15 +441,12 @@ class DiffLoss(nn.Module):
                 raise ValueError(f"DiffLoss: {name} must be a positive int, got {value!r}")
         if not clip_x0 >= 0:
             raise ValueError(f"DiffLoss: clip_x0 must be >= 0 (0 = no clipping), got {clip_x0!r}")
-        self.target_channels = target_channels
-        self.z_channels = z_channels
-        self.clip_x0 = float(clip_x0)
+        self.target_channels, self.z_channels, self.clip_x0 = target_channels, z_channels, float(clip_x0)
         # Output 2C: eps (C) and the variance interpolation v (C).
         self.net = SimpleMLPAdaLN(target_channels, width, 2 * target_channels, z_channels, depth)
         betas = cosine_betas(NUM_TRAIN_TIMESTEPS)
         self.train_diffusion = GaussianDiffusion(betas)
-        self.gen_diffusion = GaussianDiffusion.respaced(
-            betas, space_timesteps(NUM_TRAIN_TIMESTEPS, num_sampling_steps))
+        self.gen_diffusion = GaussianDiffusion.respaced(betas, space_timesteps(NUM_TRAIN_TIMESTEPS, num_sampling_steps))
 
     def _check_z(self, z, rows, where):
         if z.ndim != 2 or z.shape[1] != self.z_channels or (rows is not None and z.shape[0] != rows):

@@ -118,20 +118,18 @@ def rows(p, device, dtype, compile_, args):
             yield run(f"TA-TiTok-{mode} decode", lambda: decode(tokens, tok_text), B * f["decode"])
 
         mc = M.preset_for(gen_name, tc, Dt, Dp)
-        model = M.MaskGen(mc).to(device).eval()
+        model = M.build(mc).to(device).eval()
         text, pooled = torch.randn(B, L, Dt, device=device), torch.randn(B, Dp, device=device)
         null_text, null_pooled = torch.randn(1, L, Dt, device=device), torch.randn(1, Dp, device=device)
-        if compile_:
-            model.compile_sampling()
         steps = mc.num_steps
         label = f"{steps} steps" + (f" x {model.diffloss.gen_diffusion.num_timesteps} diff." if mode == "KL" else "")
         with torch.no_grad():
             yield run(f"MaskGen-{mode} generate, CFG ({label})",
-                      lambda: model.generate(text, pooled, null_text, null_pooled, generator=g),
+                      lambda: model.generate(text, pooled, null_text, null_pooled, generator=g, compile=compile_),
                       B * model.generate_flops(L, batch=B), steps)  # fmt: skip
 
         # Training steps: fresh models in train mode, AdamW, gradient clipping.
-        train = M.MaskGen(mc).to(device).train()
+        train = M.build(mc).to(device).train()
         opt = torch.optim.AdamW(train.parameters(), lr=1e-5, fused=device.type == "cuda")
         fwd = torch.compile(train) if compile_ else train
         train_tokens = tokens if mode == "VQ" else torch.randn(B, mc.num_tokens, 2 * mc.token_size, device=device)

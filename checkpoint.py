@@ -489,7 +489,7 @@ _CONV_1X1 = ("encoder.conv_out.weight", "decoder.ffn.0.weight")
 # MaskGen: official key -> ours at the top level, per variant (an entry ending in "." is a
 # prefix). TRUNK is where our state dict keeps the MM-DiT trunk both variants share (text and
 # pooled projections, blocks, final norm): one line to change if it moves.
-TRUNK = ""
+TRUNK = "trunk."
 MASKGEN_RENAMES = {
     "vq": [("text_embed_proj.", TRUNK + "text_proj."), ("cond_pooled_proj.", TRUNK + "pooled_proj."),
            ("blocks.", TRUNK + "blocks."), ("norm.linear.", TRUNK + "norm_out.linear."),
@@ -863,7 +863,7 @@ def _weights(ckpt, where):
 
 def _build(src, device):
     """The model of a Source on `device`, in eval mode -> (model, "where (which weights)")."""
-    model = M.MaskGen(src.config, init_weights=False) if src.role == "generator" else T.TATiTok(src.config)
+    model = M.build(src.config, init_weights=False) if src.role == "generator" else T.TATiTok(src.config)
     if src.kind == "release":  # every weight comes from the file
         model, which = load_weights(model, Release(src.where)), "release"
     else:

@@ -2,9 +2,9 @@
 
 MaskGen-KL (TA-TiTok/MaskGen paper, arXiv 2501.07730: §3.3, "Masked Generative Models with
 Continuous Tokens", and §4.2) predicts *continuous* KL tokens, so there is no codebook to put
-a cross-entropy on. It follows MAR (Li et al. 2024, "Autoregressive Image Generation
-without Vector Quantization", §3): for every masked token the transformer emits a vector z, and a small MLP denoiser models p(x0 | z) as a Gaussian
-diffusion over the token's C channels. Training minimises the diffusion loss of x0 given z;
+a cross-entropy on. It follows MAR (Li et al. 2024, "Autoregressive Image Generation without
+Vector Quantization", §3): for every masked token the transformer emits a vector z, and a
+small MLP denoiser models p(x0 | z) as a Gaussian diffusion over the token's C channels. Training minimises the diffusion loss of x0 given z;
 sampling runs the reverse diffusion chain from pure noise, conditioned on z.
 
 Reading order (bottom-up, as data flows):
@@ -38,7 +38,6 @@ import torch.nn as nn
 
 # ----------------------------------------------------------------------------------------------
 # The denoiser: an MLP with adaLN conditioning (a DiT block without attention)
-# ----------------------------------------------------------------------------------------------
 
 def modulate(x, shift, scale):
     # adaLN: the condition sets a per-channel affine map of the normalised features. It is
@@ -155,7 +154,6 @@ class SimpleMLPAdaLN(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Closed-form pieces of the diffusion maths
-# ----------------------------------------------------------------------------------------------
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats."""
@@ -247,51 +245,24 @@ def _at(table, t):
 
 
 # ----------------------------------------------------------------------------------------------
-# Random draws with one generator per image (diffusers' convention; used here and by MaskGen)
-# ----------------------------------------------------------------------------------------------
-
-def check_generators(generator, device, count=None, where="generate"):
-    """A sampler's `generator`: None, one torch.Generator for the whole batch, or a list
-    (or tuple) of them, one per image (then `count` of them, when count is given). Each
-    must be on the inputs' device type. Returns it unchanged (a list as a list)."""
-    if generator is None:
-        return None
-    many = isinstance(generator, (list, tuple))
-    if many and count is not None and len(generator) != count:
-        raise ValueError(f"{where}: got {len(generator)} generators for {count} images; pass one "
-                         f"torch.Generator per image, or a single one for the whole batch")
-    for i, g in enumerate(generator if many else [generator]):
-        name = f"generator[{i}]" if many else "the generator"
-        g_device = getattr(g, "device", None)
-        if not isinstance(g_device, torch.device):
-            raise ValueError(f"{where}: {name} is a {type(g).__name__}, not a torch.Generator")
-        if g_device.type != device.type:
-            raise ValueError(f"{where}: {name} is on {g_device} but the inputs are on {device}; create "
-                             f"it with torch.Generator(device={str(device)!r}).manual_seed(seed)")
-    return list(generator) if many else generator
-
-
-def draw_rows(draw, shape, generator):
-    """draw(shape, generator) -> random numbers, drawn with one generator (or None) for all
-    of them, or with a list of G generators: then dim 0 (G equal blocks of rows, image j's
-    rows in block j) is drawn block by block, block j from generator j alone. So an image's
-    numbers are exactly those a batch of that image alone would draw from its generator."""
-    if not isinstance(generator, (list, tuple)):
-        return draw(shape, generator)
-    G = len(generator)
-    if shape[0] % G:
-        raise ValueError(f"{shape[0]} rows cannot be split evenly over {G} generators (one per image)")
-    return torch.cat([draw((shape[0] // G, *shape[1:]), g) for g in generator])
-
+# Noise with one generator per image (diffusers' convention)
 
 def randn_rows(shape, generator, device, dtype=None):
-    """Standard normal (shape), per block of rows with a list of generators (draw_rows)."""
-    return draw_rows(lambda s, g: torch.randn(s, generator=g, device=device, dtype=dtype), shape, generator)
+    """Standard normal noise (shape). generator: None, one torch.Generator, or a list of G, one
+    per image: then the rows are G equal blocks (image j's rows in block j) and block j is drawn
+    from generator j alone, so an image's noise is exactly what a batch of that image alone
+    would draw from its generator."""
+    if not isinstance(generator, (list, tuple)):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    rows, G = shape[0], len(generator)
+    if rows % G:
+        raise ValueError(f"{rows} rows cannot be split evenly over {G} generators (one per image)")
+    block = (rows // G, *shape[1:])
+    return torch.cat([torch.randn(block, generator=g, device=device, dtype=dtype) for g in generator])
 
 
 # ----------------------------------------------------------------------------------------------
 # Gaussian diffusion: forward process, hybrid loss, ancestral sampling, respacing
-# ----------------------------------------------------------------------------------------------
 
 class GaussianDiffusion:
     """A discrete Gaussian diffusion over len(betas) steps, with eps-prediction and learned-range
@@ -421,7 +392,7 @@ class GaussianDiffusion:
         Each step draws x_{t-1} ~ N(mean, temperature^2 * variance); temperature < 1 gives
         sharper, less diverse tokens (MAR scales the per-step noise, not the initial noise).
         The last step (t = 0) returns the mean. generator: None, one torch.Generator, or a
-        list of G (one per image; the N rows are G equal blocks, see draw_rows). clip_x0: see
+        list of G (one per image; the N rows are G equal blocks, see randn_rows). clip_x0: see
         p_mean_log_variance.
         """
         x = noise.float()
@@ -442,7 +413,6 @@ class GaussianDiffusion:
 
 # ----------------------------------------------------------------------------------------------
 # DiffLoss: what MaskGen-KL holds
-# ----------------------------------------------------------------------------------------------
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -459,9 +429,8 @@ class DiffLoss(nn.Module):
       sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) multiplies any error in eps by ~1e4: a
       fully trained net predicts eps = x_t there almost exactly, but after a short run a
       small eps error sends the tokens far out of range, where the net's eps saturates and
-      never brings them back (MaskGen-KL on the shapes world after 600 steps: tokens ~1e4,
-      a blank decoded canvas). A bound of a few token standard deviations keeps the chain in
-      range. Training is unchanged.
+      never brings them back (tokens ~1e4, a blank decoded canvas). A bound of a few token
+      standard deviations keeps the chain in range. Training is unchanged.
     """
 
     def __init__(self, target_channels, z_channels, depth, width, num_sampling_steps="100", clip_x0=0.0):
@@ -472,15 +441,12 @@ class DiffLoss(nn.Module):
                 raise ValueError(f"DiffLoss: {name} must be a positive int, got {value!r}")
         if not clip_x0 >= 0:
             raise ValueError(f"DiffLoss: clip_x0 must be >= 0 (0 = no clipping), got {clip_x0!r}")
-        self.target_channels = target_channels
-        self.z_channels = z_channels
-        self.clip_x0 = float(clip_x0)
+        self.target_channels, self.z_channels, self.clip_x0 = target_channels, z_channels, float(clip_x0)
         # Output 2C: eps (C) and the variance interpolation v (C).
         self.net = SimpleMLPAdaLN(target_channels, width, 2 * target_channels, z_channels, depth)
         betas = cosine_betas(NUM_TRAIN_TIMESTEPS)
         self.train_diffusion = GaussianDiffusion(betas)
-        self.gen_diffusion = GaussianDiffusion.respaced(
-            betas, space_timesteps(NUM_TRAIN_TIMESTEPS, num_sampling_steps))
+        self.gen_diffusion = GaussianDiffusion.respaced(betas, space_timesteps(NUM_TRAIN_TIMESTEPS, num_sampling_steps))
 
     def _check_z(self, z, rows, where):
         if z.ndim != 2 or z.shape[1] != self.z_channels or (rows is not None and z.shape[0] != rows):
@@ -514,7 +480,7 @@ class DiffLoss(nn.Module):
         return (loss * mask).sum() / mask.sum().clamp(min=torch.finfo(loss.dtype).tiny)
 
     @torch.no_grad()
-    def sample(self, z, temperature=1.0, cfg=1.0, generator=None):
+    def sample(self, z, temperature=1.0, cfg=1.0, generator=None, denoise=None):
         """Draw one token per row of z by reverse diffusion. Returns (N, C) float32.
 
         cfg: a Python 1.0 means no guidance (z is N conditions). Anything else (a float or a
@@ -524,12 +490,23 @@ class DiffLoss(nn.Module):
         so a per-step schedule never forces a host sync.
         generator: an optional torch.Generator on z's device, for reproducible samples; or a
         list of G, one per image, when the (cond) rows are G equal blocks, one per image: each
-        block's noise then comes from its own generator only (draw_rows), so an image's
-        tokens do not depend on the other images in the batch.
+        block's noise then comes from its own generator only (randn_rows), so an image's
+        tokens do not depend on the other images in the batch. Each generator is checked here,
+        so DiffLoss stands alone.
+        denoise: the residual MLP to run, net.denoise or a compiled version of it (MaskGenKL
+        passes a torch.compile'd one under generate(compile=...)).
         """
         self._check_z(z, None, "sample")
-        generator = check_generators(generator, z.device, where="DiffLoss.sample")
+        many = isinstance(generator, (list, tuple))
+        for i, g in enumerate(generator if many else [] if generator is None else [generator]):
+            name, g_device = f"generator[{i}]" if many else "the generator", getattr(g, "device", None)
+            if not isinstance(g_device, torch.device):
+                raise ValueError(f"DiffLoss.sample: {name} is a {type(g).__name__}, not a torch.Generator")
+            if g_device.type != z.device.type:
+                raise ValueError(f"DiffLoss.sample: {name} is on {g_device} but the inputs are on {z.device}; "
+                                 f"create it with torch.Generator(device={str(z.device)!r}).manual_seed(seed)")
         C, net = self.target_channels, self.net
+        denoise = net.denoise if denoise is None else denoise
         guided = isinstance(cfg, torch.Tensor) or cfg != 1.0
         # The same result as net(x, ts, z) at every step, for less work: z is fixed for the
         # whole chain, so its embedding is computed once, not at each of the 100 steps; and
@@ -537,7 +514,7 @@ class DiffLoss(nn.Module):
         z_emb = net.cond_embed(z)                                             # (N, W)
 
         def fn(x, ts):
-            return net.denoise(x.to(z.dtype), net.time_embed(ts[:1]) + z_emb)  # (N, 2C)
+            return denoise(x.to(z.dtype), net.time_embed(ts[:1]) + z_emb)   # (N, 2C)
 
         if not guided:
             noise = randn_rows((z.shape[0], C), generator, z.device)

@@ -429,7 +429,7 @@ def context_use(models, images, captions, aesthetic, fractions=(0.0, 0.5, 0.9), 
             out[f"masked_ce@{f:g}"] = ce[masked].mean().item()
         return out
     mean = post.mean * G.config.scale_factor  # (B, K, C): the regression targets
-    txt, cond = G.encode_condition(feats.penultimate, feats.pooled, aes)
+    txt, cond = G.trunk.encode_condition(feats.penultimate, feats.pooled, aes)
     even = (torch.arange(B, device=x.device) % 2 == 0)[:, None]  # (B, 1): fit on even, score on odd
     for f in fractions:
         masked = rank >= round(f * K)  # (B, K) bool
@@ -452,7 +452,7 @@ def inpaint_use(models, images, captions, aesthetic, fractions=(0.5, 0.75, 0.9),
     feats, aes, rank, visible, _, g = hidden_token_setup(models, images, captions, aesthetic, seed)
     tok_text = models.tok_text(captions).final
     if c.mode == "kl":
-        txt, cond = G.encode_condition(feats.penultimate, feats.pooled, aes)
+        txt, cond = G.trunk.encode_condition(feats.penultimate, feats.pooled, aes)
         temperature = 1.0 if c.temperature is None else c.temperature
         draws = g if visible.device.type == "cpu" else None  # DiffLoss draws on visible's device
     out, decoded = {}, {}

@@ -3,7 +3,7 @@ MaskGen: text-to-image masked generative models on compact 1D tokens.
 
 Paper: "Democratizing Text-to-Image Masked Generative Models with Compact
 Text-Aware One-Dimensional Tokens" (Kim et al., arXiv 2501.07730), §3 (masked
-generation, diffusion loss), §4.2 (MaskGen), Tab. 1 (model sizes), Tab. 8
+generation, diffusion loss), §4.2 and Fig. 3 (MaskGen), Tab. 1 (model sizes), Tab. 8
 (training hyper-parameters).
 
 MaskGen generates the K tokens of a TA-TiTok image (tokenizer.py) from a caption,
@@ -20,14 +20,26 @@ tokens the model is most sure of. Two variants share one transformer trunk:
                 models the token's distribution. Sampling is MAR's random-order
                 decoding.
 
-The trunk (mmdit.MMDiT) turns the caption's CLIP states and pooled embedding, plus an
-aesthetic score, and the K tokens (B, K, D) into (B, K, D): VQ reads logits over the
-codebook from it, KL per-token conditions for DiffLoss. This file adds the token layers,
-the losses, the decoding loops and their schedules. The release format is in
-checkpoint.py.
+The trunk is a stack of MM-DiT blocks (Esser et al., "Scaling Rectified Flow Transformers
+for High-Resolution Image Synthesis", SD3, 2024): two streams, the image tokens and the
+caption's CLIP states, each with its own adaptive LayerNorms, projections and MLP, and ONE
+attention over both. The pooled text embedding plus an aesthetic score modulates both
+streams (adaLN, DiT). The blocks compute the same function as diffusers'
+`JointTransformerBlock(dim, heads, dim // heads, context_pre_only=last)` (no qk-norm),
+which the official MaskGen uses (tests/test_mmdit_parity.py compares them).
+
+In the order below (bottom-up, as data flows):
+    AdaLNZero, AdaLNContinuous   LayerNorms modulated by the pooled condition
+    JointAttention, FeedForward, JointBlock   one MM-DiT block
+    aesthetic_embedding_vq / _kl the aesthetic score's sinusoidal features (§4.2)
+    MMDiT                        the trunk: text + pooled + aesthetic in, (B, K, D) out
+    schedules                    masking rates, per-step counts, guidance ramps
+    check_generators, draw_rows  one torch.Generator per image
+    MaskGenConfig, MaskGenVQ, MaskGenKL, build   the models (each owns `self.trunk`)
+    PRESETS, preset_for
 
 Public API:
-    model = MaskGen(PRESETS["maskgen_vq_l"])          # a MaskGenVQ or MaskGenKL by config.mode
+    model = build(PRESETS["maskgen_vq_l"])            # a MaskGenVQ or MaskGenKL by config.mode
     model = checkpoint.load_generator("turkeyju/generator_maskgen_kl_l")   # a release (dir or Hub id)
     loss = model(tokens, text, pooled, aesthetic)     # training; VQ tokens (B,K) long,
                                                       # KL tokens (B,K,2C) = cat(mean, logvar)
@@ -44,13 +56,486 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from diffloss import DiffLoss, check_generators, draw_rows
-from mmdit import FUSED_QKV, AdaLNContinuous, MMDiT
-from schedules import (
-    arccos_mask_rate, check_guidance_schedule, gumbel, kl_draw_schedule, kl_guidance_scale, vq_guidance_scale,
-    vq_mask_schedule,
-)  # fmt: skip
+from diffloss import DiffLoss
+
+# -----------------------------------------------------------------------------
+# Adaptive LayerNorms: the pooled condition sets the normalisation's shift and scale.
+
+
+class AdaLNZero(nn.Module):
+    """adaLN-Zero (DiT): LayerNorm without affine, modulated by the condition.
+
+    One linear map of silu(cond) gives six vectors, in diffusers' order: shift, scale
+    and gate for the attention branch, then shift, scale and gate for the MLP branch.
+    The attention input is modulated here; the other three are returned for the block.
+    ("Zero" is DiT's zero-init of this map, which makes each block start as the
+    identity; the official MaskGen-VQ init does not actually zero it, see
+    MaskGenVQ.initialize_weights.)
+    """
+
+    def __init__(self, dim):
+        super().__init__()
+        self.linear = nn.Linear(dim, 6 * dim)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+    def modulation(self, cond):
+        """(B, D) condition -> (B, 6D). It depends only on the prompt, so generate()
+        computes it once (MMDiT.modulations) and passes it to every step as `mod`."""
+        return self.linear(F.silu(cond))
+
+    def forward(self, x, cond, mod=None):
+        mod = self.modulation(cond) if mod is None else mod  # (B, 6D)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=1)  # each (B, D)
+        x = self.norm(x) * (1 + scale_a[:, None]) + shift_a[:, None]  # (B, T, D)
+        return x, gate_a, shift_m, scale_m, gate_m
+
+
+class AdaLNContinuous(nn.Module):
+    """LayerNorm without affine, then (1 + scale) * x + shift from the condition.
+
+    Used as the final norm of the image stream and as the text stream's norm in the
+    last ("pre-only") block. Note the chunk order: scale first, then shift (diffusers).
+    """
+
+    def __init__(self, dim):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+    def modulation(self, cond):  # (B, D) -> (B, 2D), prompt-only like AdaLNZero's
+        return self.linear(F.silu(cond))
+
+    def forward(self, x, cond, mod=None):
+        mod = self.modulation(cond) if mod is None else mod
+        scale, shift = mod.chunk(2, dim=1)  # (B, D) each
+        return self.norm(x) * (1 + scale[:, None]) + shift[:, None]  # (B, T, D)
+
+
+# -----------------------------------------------------------------------------
+# The MM-DiT joint block (SD3's MM-DiT, paper §4.2): two streams, one attention.
+
+
+# JointAttention's fused projections and the separate ones they stack, in row order.
+FUSED_QKV = {"img_qkv": ("img_q", "img_k", "img_v"), "txt_qkv": ("txt_q", "txt_k", "txt_v"), "txt_kv": ("txt_k", "txt_v")}
+
+
+class JointAttention(nn.Module):
+    """Attention over the concatenated [image, text] sequence, with separate q/k/v/out
+    projections per stream, so each modality keeps its own weights but every token
+    can attend to every other.
+
+    Each stream's q, k and v projections are one fused Linear (img_qkv: rows q | k | v),
+    so they run as one matrix multiply instead of three. The official checkpoints hold
+    them separately (to_q, to_k, to_v); checkpoint.py maps them onto the row blocks
+    (FUSED_QKV names them).
+
+    txt_queries=False is the last block's "pre-only" text stream: its outputs would be
+    thrown away, so we do not compute text queries or a text output at all (txt_kv: rows
+    k | v). Each query row of attention is independent, so the image outputs are
+    unchanged. (The released checkpoints carry an `add_q_proj` for that block;
+    checkpoint.py skips it.)
+    """
+
+    # Fused Linear -> how many (D, D) projections it stacks (the init treats each alone).
+
+    def __init__(self, dim, heads, txt_queries=True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads; pick heads that divide it")
+        self.heads = heads
+        self.img_qkv = nn.Linear(dim, 3 * dim)
+        self.img_out = nn.Linear(dim, dim)
+        if txt_queries:
+            self.txt_qkv, self.txt_out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        else:
+            self.txt_kv = nn.Linear(dim, 2 * dim)
+        self.txt_queries = txt_queries
+
+    def forward(self, img, txt):
+        B, N, D = img.shape
+        h = self.heads
+
+        def heads_first(t, n):  # (B, T, n*D) -> n tensors (B, h, T, D/h)
+            return t.view(B, t.shape[1], n, h, D // h).permute(2, 0, 3, 1, 4).unbind(0)
+
+        img_q, img_k, img_v = heads_first(self.img_qkv(img), 3)
+        if self.txt_queries:
+            txt_q, txt_k, txt_v = heads_first(self.txt_qkv(txt), 3)
+            q = torch.cat([img_q, txt_q], dim=2)  # (B, h, N+L, d)
+        else:
+            (txt_k, txt_v), q = heads_first(self.txt_kv(txt), 2), img_q  # q: (B, h, N, d)
+        k = torch.cat([img_k, txt_k], dim=2)  # (B, h, N+L, d)
+        v = torch.cat([img_v, txt_v], dim=2)  # (B, h, N+L, d)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N or N+L, d)
+        out = out.transpose(1, 2).reshape(B, -1, D)  # (B, N or N+L, D)
+        img_out = self.img_out(out[:, :N])  # (B, N, D)
+        txt_out = self.txt_out(out[:, N:]) if self.txt_queries else None  # (B, L, D)
+        return img_out, txt_out
+
+
+class FeedForward(nn.Module):
+    """Linear -> GELU (tanh approximation, as diffusers' "gelu-approximate") -> Linear, ratio 4."""
+
+    def __init__(self, dim, ratio=4):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, ratio * dim)
+        self.fc2 = nn.Linear(ratio * dim, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class JointBlock(nn.Module):
+    """One MM-DiT block: diffusers' JointTransformerBlock without qk-norm.
+
+    Both streams are modulated by the same pooled condition but through their own
+    adaLN. forward(img (B,N,D), txt (B,L,D), cond (B,D)) -> (img, txt); in the last
+    block (txt_pre_only=True) the text stream only supplies keys/values, gets an
+    AdaLNContinuous instead of adaLN-Zero, has no MLP, and None is returned for it.
+    """
+
+    def __init__(self, dim, heads, txt_pre_only=False):
+        super().__init__()
+        self.txt_pre_only = txt_pre_only
+        self.img_adaln = AdaLNZero(dim)
+        self.txt_adaln = AdaLNContinuous(dim) if txt_pre_only else AdaLNZero(dim)
+        self.attn = JointAttention(dim, heads, txt_queries=not txt_pre_only)
+        self.img_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.img_mlp = FeedForward(dim)
+        if not txt_pre_only:
+            self.txt_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.txt_mlp = FeedForward(dim)
+
+    def modulations(self, cond):
+        """The adaLN maps of both streams for a (B, D) condition: (img_mod, txt_mod)."""
+        return self.img_adaln.modulation(cond), self.txt_adaln.modulation(cond)
+
+    def forward(self, img, txt, cond, mods=None):
+        img_mod, txt_mod = (None, None) if mods is None else mods  # precomputed by generate()
+        img_in, gate_a, shift_m, scale_m, gate_m = self.img_adaln(img, cond, img_mod)  # img_in (B, N, D)
+        if self.txt_pre_only:
+            txt_in = self.txt_adaln(txt, cond, txt_mod)  # (B, L, D)
+        else:
+            txt_in, t_gate_a, t_shift_m, t_scale_m, t_gate_m = self.txt_adaln(txt, cond, txt_mod)
+        img_att, txt_att = self.attn(img_in, txt_in)  # (B, N, D), (B, L, D) or None
+
+        # Image stream: gated attention residual, then a gated MLP residual whose input
+        # is a plain LayerNorm modulated by the MLP shift/scale.
+        img = img + gate_a[:, None] * img_att
+        h = self.img_norm2(img) * (1 + scale_m[:, None]) + shift_m[:, None]
+        img = img + gate_m[:, None] * self.img_mlp(h)  # (B, N, D)
+        if self.txt_pre_only:
+            return img, None
+
+        # Text stream: the same, with its own gates and MLP.
+        txt = txt + t_gate_a[:, None] * txt_att
+        h = self.txt_norm2(txt) * (1 + t_scale_m[:, None]) + t_shift_m[:, None]
+        txt = txt + t_gate_m[:, None] * self.txt_mlp(h)  # (B, L, D)
+        return img, txt
+
+
+# -----------------------------------------------------------------------------
+# Aesthetic-score embeddings (§4.2: the score is "projected into sinusoidal
+# embeddings and appended to the pooled text embedding").
+#
+# The two released variants embed the score differently, and each variant's weights
+# only make sense with its own features, so both are kept. Both are written with the
+# official operation order in float32 so the released weights see the same numbers.
+
+
+def aesthetic_embedding_vq(score, dim):
+    """MaskGen-VQ: [sin | cos] halves, frequencies exp(-ln(1000) * i / half).
+
+    score: (B,) already x100. Returns (B, dim) float32.
+    """
+    half = dim // 2
+    i = torch.arange(half, dtype=torch.float32, device=score.device)
+    freqs = torch.exp(-math.log(1000) * i / half)  # (half,) from 1 down to ~1/1000
+    angles = score.float()[:, None] * freqs[None, :]  # (B, half)
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)  # (B, 2 * half)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb  # (B, dim)
+
+
+def aesthetic_embedding_kl(score, dim):
+    """MaskGen-KL: sin and cos interleaved (sin0, cos0, sin1, ...), frequencies 10000^(-2i/dim).
+
+    score: (B,) already x100. Returns (B, dim) float32.
+    """
+    freqs = torch.pow(10000, -torch.arange(0, dim, 2, dtype=torch.float32, device=score.device) / dim)
+    angles = score.float()[:, None] * freqs  # (B, dim/2)
+    return torch.stack([torch.sin(angles), torch.cos(angles)], dim=-1).flatten(1)  # (B, dim)
+
+
+# -----------------------------------------------------------------------------
+# The trunk: the caption's two CLIP features in, a stack of joint blocks, a final norm.
+
+
+class MMDiT(nn.Module):
+    """MaskGen's MM-DiT trunk (paper Fig. 3), everything but the token layers:
+
+        CLIP penultimate states (B, L, text_width)           -> text_proj   -> txt  (B, L, D)
+        CLIP pooled (B, pooled_dim) ++ aesthetic embedding    -> pooled_proj -> cond (B, D)
+        tokens (B, N, D), txt, cond -> depth x JointBlock -> AdaLNContinuous(cond) -> (B, N, D)
+
+    As in SD3's MM-DiT (context embedder; pooled text + timestep embedding; joint blocks;
+    final adaLN), with the aesthetic score in the timestep's place. The last block's text
+    stream is "pre-only" (keys and values only). config: a MaskGenConfig (width, depth,
+    heads, text_width, pooled_dim, aes_embed_dim, and mode / aesthetic for the score).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        D = config.width
+        self.text_proj = nn.Linear(config.text_width, D)
+        self.pooled_proj = nn.Linear(config.pooled_dim + config.aes_embed_dim, D)
+        self.blocks = nn.ModuleList(
+            [JointBlock(D, config.heads, txt_pre_only=(i == config.depth - 1)) for i in range(config.depth)]
+        )
+        self.norm_out = AdaLNContinuous(D)
+        self.grad_checkpointing = False  # set True to trade compute for memory in training
+
+    def _aesthetic(self, aesthetic, batch, device):
+        """A scalar, a 0-d / (1,) / (B,) tensor, or None (config default) -> (B,) float32."""
+        aesthetic = self.config.aesthetic if aesthetic is None else aesthetic
+        score = torch.as_tensor(aesthetic, dtype=torch.float32, device=device)
+        if score.dim() == 0 or tuple(score.shape) == (1,):
+            return score.reshape(1).expand(batch)
+        if tuple(score.shape) != (batch,):
+            raise ValueError(
+                f"aesthetic must be a number or a ({batch},) tensor, one score per sample; "
+                f"got shape {tuple(score.shape)}"
+            )
+        return score
+
+    def encode_condition(self, text, pooled, aesthetic=None):
+        """Prompt-only conditions: txt (B, L, D) for the text stream, cond (B, D) for adaLN.
+
+        text: (B, L, text_width) CLIP penultimate states; pooled: (B, pooled_dim) or the
+        official (B, 1, pooled_dim); aesthetic: see _aesthetic.
+        """
+        c = self.config
+        if text.dim() != 3 or text.shape[-1] != c.text_width:
+            raise ValueError(
+                f"text must be (B, L, {c.text_width}) CLIP penultimate states, got {tuple(text.shape)}; "
+                f"pass TextEncoder(...)(captions).penultimate (or set MaskGenConfig.text_width)"
+            )
+        B = text.shape[0]
+        if pooled.shape[0] != B or pooled.numel() != B * c.pooled_dim:
+            raise ValueError(
+                f"pooled must be ({B}, {c.pooled_dim}), one CLIP pooled embedding per caption, "
+                f"got {tuple(pooled.shape)}; "
+                f"pass TextEncoder(...)(captions).pooled (or set MaskGenConfig.pooled_dim)"
+            )
+        pooled = pooled.reshape(B, c.pooled_dim)
+        if c.aes_embed_dim:
+            embed = aesthetic_embedding_vq if c.mode == "vq" else aesthetic_embedding_kl
+            score = self._aesthetic(aesthetic, B, text.device)  # (B,)
+            pooled = torch.cat([pooled, embed(score * 100, c.aes_embed_dim).to(pooled.dtype)], dim=-1)
+        return self.text_proj(text), self.pooled_proj(pooled)  # (B, L, D), (B, D)
+
+    def prompt_conditions(self, text, pooled, null_text, null_pooled, aesthetic, guided):
+        """encode_condition for generate(): [cond; uncond] stacked (2B rows) when guided.
+
+        The unconditional rows use the "" caption's encoding and the same aesthetic score.
+        This runs once per generate() call: nothing here depends on the step.
+        """
+        if not guided:
+            return self.encode_condition(text, pooled, aesthetic)
+        if null_text is None or null_pooled is None:
+            raise ValueError(
+                "guidance_scale != 1 needs the unconditional condition: pass null_text and null_pooled, "
+                "the empty caption's encoding (enc = TextEncoder()(['']); enc.penultimate, enc.pooled), "
+                "or use guidance_scale=1.0 for no guidance"
+            )
+        B = text.shape[0]
+        if null_text.shape[0] not in (1, B) or null_pooled.shape[0] not in (1, B):
+            raise ValueError(
+                f"null_text / null_pooled must have 1 or {B} rows (the '' caption's encoding), "
+                f"got {tuple(null_text.shape)} and {tuple(null_pooled.shape)}"
+            )
+        null_text = null_text.expand(B, -1, -1) if null_text.shape[0] == 1 else null_text
+        null_pooled = null_pooled.reshape(null_pooled.shape[0], -1)
+        null_pooled = null_pooled.expand(B, -1) if null_pooled.shape[0] == 1 else null_pooled
+        score = self._aesthetic(aesthetic, B, text.device)
+        # Project both halves in one batch, as the official does (same rounding).
+        return self.encode_condition(
+            torch.cat([text, null_text.to(text.dtype)]),
+            torch.cat([pooled.reshape(B, -1), null_pooled.to(pooled.dtype)]),
+            torch.cat([score, score]),
+        )
+
+    def modulations(self, cond):
+        """Every adaLN modulation of the trunk for a (B, D) condition: one (img, txt) pair
+        per block, then the final norm's. They depend only on the prompt, so generate()
+        computes them once instead of at every step (for a small batch these weight
+        reads are ~1/5 of each step's memory traffic)."""
+        return [blk.modulations(cond) for blk in self.blocks] + [self.norm_out.modulation(cond)]
+
+    def forward(self, img, txt, cond, mods=None):
+        """img (B, N, D) tokens, txt (B, L, D) projected text, cond (B, D) -> (B, N, D).
+        mods: self.modulations(cond), when precomputed."""
+        mods = [None] * (len(self.blocks) + 1) if mods is None else mods
+        for blk, m in zip(self.blocks, mods):
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                img, txt = checkpoint(blk, img, txt, cond, m, use_reentrant=False)
+            else:
+                img, txt = blk(img, txt, cond, m)
+        return self.norm_out(img, cond, mods[-1])
+
+    def flops(self, N, L):
+        """Forward FLOPs per sample of the trunk for N tokens and L text tokens, as
+        (condition: the text / pooled projections and every adaLN modulation, which depend
+        only on the prompt; one trunk pass over the N tokens). 2 FLOPs per multiply-add,
+        attention's QK^T and AV; norms, activations and softmax left out."""
+        c, D, T = self.config, self.config.width, N + L
+        condition = 2 * L * c.text_width * D + 2 * (c.pooled_dim + c.aes_embed_dim) * D
+        # adaLN maps: two adaLN-Zero per block (2 x 12 D^2), except the last block's text
+        # AdaLNContinuous (4 D^2), and the final norm (4 D^2).
+        condition += (c.depth - 1) * 24 * D * D + 16 * D * D + 4 * D * D
+        # Blocks before the last: q/k/v/out and the MLP on all T tokens (24 T D^2),
+        # joint attention (4 T^2 D).
+        step = (c.depth - 1) * (24 * T * D * D + 4 * T * T * D)
+        # The last block: image q/k/v/out + MLP (24 N D^2), text k/v only (4 L D^2), N
+        # queries over T keys.
+        step += 24 * N * D * D + 4 * L * D * D + 4 * N * T * D
+        return condition, step
+
+
+# -----------------------------------------------------------------------------
+# Schedules of masked generation (§3, §4.2, Tab. 8: "masked tokens are sampled by
+# randomly selecting the masking rate from [0, 1] on a cosine schedule, following
+# MaskGIT"). VQ decodes as MaskGIT (confidence-based, arccos schedule), KL as MAR
+# (random order, cosine schedule); the numbers follow the official inference code,
+# including its float32 rounding. Every per-step count is computed in Python before
+# the decoding loop, so the loop has static shapes and no host syncs (torch.compile).
+
+# The classifier-free guidance ramps each variant's sampler knows (official inference code).
+GUIDANCE_SCHEDULES = {"vq": ("cosine", "linear", "none"), "kl": ("linear", "constant")}
+
+
+def check_guidance_schedule(mode, schedule, name="guidance_schedule"):
+    if schedule not in GUIDANCE_SCHEDULES[mode]:
+        raise ValueError(
+            f"{name} {schedule!r} is not available for MaskGen-{mode.upper()}; choose one of {GUIDANCE_SCHEDULES[mode]}"
+        )
+
+
+def gumbel(shape, generator, device):
+    """Gumbel(0, 1) noise -log(-log(u)), with the official clamps (1e-20) so u = 0 cannot give inf."""
+    u = torch.rand(shape, generator=generator, device=device)
+    return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
+
+
+def arccos_mask_rate(u):
+    """The "arccos" masking schedule: rate = acos(u) / (pi/2) for progress u in [0, 1].
+
+    With u ~ U(0, 1) its mean is 2/pi ~ 0.64, so training sees mostly heavy masking;
+    during sampling u = step / steps gives few tokens early and many late.
+    """
+    return torch.acos(u) / (math.pi * 0.5)
+
+
+def vq_mask_schedule(num_tokens, num_steps):
+    """How many tokens stay masked after each VQ decoding step (a Python list).
+
+    The official computes floor(K * arccos_rate(ratio)) in float32 on the device and
+    clamps it to [1, (tokens masked now) - 1] using the first sample's count; every
+    sample has the same count, so doing it once here in Python (in float32, for the
+    same rounding) gives the same numbers without a host sync in the loop.
+    """
+    counts, masked = [], num_tokens
+    for step in range(num_steps):
+        rate = arccos_mask_rate(torch.tensor((step + 1) / num_steps))  # float32, as official
+        masked = max(1, min(masked - 1, int(torch.floor(num_tokens * rate))))
+        counts.append(masked)
+    return counts
+
+
+def kl_draw_schedule(num_tokens, num_steps):
+    """MaskGen-KL's (MAR's) cosine schedule, as Python ints: one (lo, hi, left) per step
+    that draws tokens. Positions order[:, :hi] are masked before the step, which draws
+    order[:, lo:hi]; `left` = floor(K cos(pi/2 (s+1)/N)), kept in [1, hi - 1], sets the
+    guidance ramp. The last step draws everything still masked (lo = 0); with N > K some
+    steps would draw nothing and are left out."""
+    K, N, masked, draws = num_tokens, num_steps, num_tokens, []
+    for step in range(N):
+        left = max(1, min(masked - 1, math.floor(K * math.cos(math.pi / 2 * (step + 1) / N))))
+        lo = 0 if step == N - 1 else left
+        if masked - lo > 0:
+            draws.append((lo, masked, left))
+            masked = lo
+    return draws
+
+
+def vq_guidance_scale(scale, schedule, ratio, power=1.0):
+    """The VQ guidance weight s at step ratio (step + 1) / steps, official schedules.
+
+    "cosine" (MDT) ramps s from ~1 at the first step to `scale` at the last, in float32
+    as the official computes it (so guided logits match bit for bit); "linear" ramps
+    linearly; "none" keeps `scale`.
+    """
+    if schedule == "none":
+        return scale
+    if schedule == "linear":
+        return ratio * (scale - 1) + 1
+    p = torch.ones(1) * power
+    ramp = (1 - torch.cos((ratio**p) * torch.pi)) * 1 / 2
+    return float(((scale - 1) * ramp + 1)[0])
+
+
+def kl_guidance_scale(scale, schedule, num_tokens, left):
+    """The KL guidance weight at a step that leaves `left` of K tokens masked (MAR):
+    "linear" ramps 1 + (scale - 1) (K - left) / K, "constant" keeps `scale`."""
+    return 1 + (scale - 1) * (num_tokens - left) / num_tokens if schedule == "linear" else scale
+
+
+# -----------------------------------------------------------------------------
+# Sampling inputs: one torch.Generator per image (diffusers' convention), and numbers.
+
+
+def check_generators(generator, device, count=None, where="generate"):
+    """A sampler's `generator`: None, one torch.Generator for the whole batch, or a list
+    (or tuple) of them, one per image (then `count` of them, when count is given). Each
+    must be on the inputs' device type. Returns it unchanged (a list as a list)."""
+    if generator is None:
+        return None
+    many = isinstance(generator, (list, tuple))
+    if many and count is not None and len(generator) != count:
+        raise ValueError(f"{where}: got {len(generator)} generators for {count} images; pass one "
+                         f"torch.Generator per image, or a single one for the whole batch")  # fmt: skip
+    for i, g in enumerate(generator if many else [generator]):
+        name = f"generator[{i}]" if many else "the generator"
+        g_device = getattr(g, "device", None)
+        if not isinstance(g_device, torch.device):
+            raise ValueError(f"{where}: {name} is a {type(g).__name__}, not a torch.Generator")
+        if g_device.type != device.type:
+            raise ValueError(f"{where}: {name} is on {g_device} but the inputs are on {device}; create "
+                             f"it with torch.Generator(device={str(device)!r}).manual_seed(seed)")  # fmt: skip
+    return list(generator) if many else generator
+
+
+def draw_rows(draw, shape, generator):
+    """draw(shape, generator) -> random numbers, drawn with one generator (or None) for all
+    of them, or with a list of G generators: then dim 0 (G equal blocks of rows, image j's
+    rows in block j) is drawn block by block, block j from generator j alone. So an image's
+    numbers are exactly those a batch of that image alone would draw from its generator."""
+    if not isinstance(generator, (list, tuple)):
+        return draw(shape, generator)
+    G = len(generator)
+    if shape[0] % G:
+        raise ValueError(f"{shape[0]} rows cannot be split evenly over {G} generators (one per image)")
+    return torch.cat([draw((shape[0] // G, *shape[1:]), g) for g in generator])
+
+
+def check_number(name, value, positive=False):
+    """A sampling number of generate(): finite, and >= 0 (> 0 where `positive`); NaN or a
+    wrong sign would not fail, only give garbage tokens."""
+    if value is not None and not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise ValueError(f"generate(): {name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+
 
 # -----------------------------------------------------------------------------
 # Config and the models.
@@ -105,82 +590,47 @@ class MaskGenConfig:
         check_guidance_schedule(self.mode, self.guidance_schedule)
 
 
-class MaskGen(MMDiT):
-    """The MM-DiT trunk with what both variants share: dispatch, compiling, FLOPs, generate().
+class MaskGenBase(nn.Module):
+    """What both variants share: the MM-DiT trunk (self.trunk), generate()'s argument
+    handling, compiled sampling steps, and the FLOPs of a training step. Each variant adds
+    its token layers, loss, `_decode` loop and FLOP count."""
 
-    MaskGen(config) returns a MaskGenVQ or a MaskGenKL according to config.mode, so a
-    preset or a loaded config builds the right variant without the caller choosing.
-    """
+    mode = None  # "vq" | "kl", set by each variant
 
-    def __new__(cls, config=None, *args, **kwargs):
-        if cls is MaskGen:
-            if not isinstance(config, MaskGenConfig):
-                raise TypeError(
-                    f"MaskGen(config) needs a MaskGenConfig, got {type(config).__name__}; use PRESETS[name]"
-                )
-            cls = MaskGenVQ if config.mode == "vq" else MaskGenKL
-        return super().__new__(cls)
-
-    def __init__(self, config, init_weights=True):
+    def __init__(self, config):
+        super().__init__()
         if config.mode != self.mode:
             raise ValueError(
-                f"{type(self).__name__} needs a config with mode={self.mode!r}, got {config.mode!r}; use MaskGen(config)"
+                f"{type(self).__name__} needs a config with mode={self.mode!r}, got {config.mode!r}; use build(config)"
             )
-        super().__init__(config)  # the MM-DiT trunk
-        self._token_layers(config)  # the variant's own input / output layers
-        if init_weights:  # False when a checkpoint overwrites every weight anyway
-            self.initialize_weights()
+        self.config = config
+        self.trunk = MMDiT(config)  # state-dict keys "trunk.*"
+        # torch.compile'd per-step functions of generate(compile=...), made on first use.
+        # A plain dict, not a module: the weights and state_dict are untouched.
+        self.compiled_steps = {}
 
-    def compile_sampling(self, **compile_kw):
-        """torch.compile the per-step work of generate(); its Python loop stays eager (it
-        only does index bookkeeping). VQ: the trunk and LM head (`predict`), whose shapes
-        are the same at every step, so it compiles once. KL: the trunk
-        (`token_conditions`, static too) and the DiffLoss MLP, compiled with dynamic rows
-        because each step draws a different number of tokens (DiffLoss.sample runs its
-        `denoise`). Set as instance attributes, so the weights and state_dict keys are
-        untouched."""
-        if self.config.mode == "vq":
-            self.predict = torch.compile(self.predict, fullgraph=True, **compile_kw)
-        else:
-            self.token_conditions = torch.compile(self.token_conditions, fullgraph=True, **compile_kw)
-            net = self.diffloss.net
-            compiled = torch.compile(net.denoise, fullgraph=True, **compile_kw)
+    def step_function(self, fn, compile, dynamic_rows=False):
+        """fn (a bound method) as generate() runs it: itself, or with compile (True or a dict
+        of torch.compile options) its compiled version, made once and kept. fullgraph: no
+        graph breaks. dynamic_rows: dim 0 of every input is marked dynamic, so one graph
+        serves every row count (DiffLoss draws a different number of tokens per step)."""
+        if not compile:
+            return fn
+        options = {} if compile is True else dict(compile)
+        key = (fn.__name__, tuple(sorted(options.items())))
+        if key not in self.compiled_steps:
+            compiled = torch.compile(fn, fullgraph=True, **options)
+            if dynamic_rows:
 
-            def denoise(x, y):  # only the row count varies: one graph for every count
-                for a in (x, y):
-                    torch._dynamo.maybe_mark_dynamic(a, 0)
-                return compiled(x, y)
+                def rows_dynamic(*args):
+                    for a in args:
+                        torch._dynamo.maybe_mark_dynamic(a, 0)
+                    return compiled(*args)
 
-            net.denoise = denoise
-        return self
-
-    # --- FLOP counts (for MFU in the trainers and bench.py) ----------------------
-
-    def flops(self, text_len):
-        """Forward FLOPs per sample, counted from the config, for a text stream of
-        text_len tokens (77 for CLIP). 2 FLOPs per multiply-add of every matmul, plus
-        attention's QK^T and AV; norms, activations and softmax are left out (the usual
-        MFU convention, and torch.utils.flop_counter's, which the tests compare against).
-
-        Returns {"condition": text + pooled projections and every adaLN modulation
-                              (prompt-only: once per generate() call),
-                 "step": one trunk pass over the K tokens incl. the token in/out layers,
-                 "diffloss_row": one DiffLoss MLP pass for one token row (KL; else 0),
-                 "diffloss_time", "diffloss_cond": the part of a row that is the timestep
-                              MLP, and the condition embedding (sampling computes them
-                              once per step and once per chain, see DiffLoss.sample)}."""
-        c, D, N = self.config, self.config.width, self.config.num_tokens
-        condition, step = self.trunk_flops(N, text_len)
-        row = time = cond = 0
-        if c.mode == "vq":
-            step += 2 * N * D * c.codebook_size  # the tied LM head
-        else:
-            step += 2 * N * c.token_size * D  # z_proj
-            W, C = c.diffloss_width, c.token_size
-            time, cond = 2 * 256 * W + 2 * W * W, 2 * D * W  # timestep MLP, condition embedding
-            row = 2 * C * W + time + cond  # + the input projection
-            row += c.diffloss_depth * 10 * W * W + 4 * W * W + 2 * W * 2 * C  # res blocks, final layer
-        return {"condition": condition, "step": step, "diffloss_row": row, "diffloss_time": time, "diffloss_cond": cond}
+                self.compiled_steps[key] = rows_dynamic
+            else:
+                self.compiled_steps[key] = compiled
+        return self.compiled_steps[key]
 
     def train_flops(self, text_len):
         """FLOPs of one training step per sample: 3x the forward (the backward is ~2x)."""
@@ -188,26 +638,11 @@ class MaskGen(MMDiT):
         rows = self.config.diffusion_batch_mul * self.config.num_tokens  # KL: each token m times
         return 3 * (f["condition"] + f["step"] + rows * f["diffloss_row"])
 
-    def generate_flops(self, text_len, num_steps=None, guided=True, batch=1):
-        """FLOPs of generate() per image: the conditions once, then one trunk pass per
-        step (both CFG halves when guided). KL adds, for each of the K tokens, one
-        DiffLoss MLP pass per respaced diffusion step, less the condition embedding
-        (once per token) and the timestep MLP (one row per step, shared by the `batch`
-        images of one generate() call)."""
-        c, f, halves = self.config, self.flops(text_len), 2 if guided else 1
-        steps = c.num_steps if num_steps is None else num_steps
-        if c.mode == "vq":
-            return halves * (f["condition"] + steps * f["step"])
-        draws, T = len(kl_draw_schedule(c.num_tokens, steps)), self.diffloss.gen_diffusion.num_timesteps
-        total = halves * (f["condition"] + draws * f["step"])  # KL: steps that draw nothing are skipped
-        per_step = f["diffloss_row"] - f["diffloss_time"] - f["diffloss_cond"]
-        total += halves * c.num_tokens * (T * per_step + f["diffloss_cond"])
-        return total + draws * T * f["diffloss_time"] / batch
-
     @torch.no_grad()
     def generate(
         self, text, pooled, null_text=None, null_pooled=None, aesthetic=None, num_steps=None, guidance_scale=None,
         guidance_schedule=None, randomize_temperature=None, temperature=None, generator=None, guidance_scale_pow=1.0,
+        compile=False,
     ):  # fmt: skip
         """Tokens for B captions, by iterative unmasking: VQ ids (B, K) in [0, V) (MaskGIT
         decoding), or KL tokens (B, K, C) (MAR decoding). Either goes straight into
@@ -228,6 +663,9 @@ class MaskGen(MMDiT):
             draws then come from generator[b] alone, so it equals image 0 of a call for
             caption b alone with an identically seeded generator (float rounding of the
             batched matmuls aside), whatever else is in the batch.
+        compile: False, or True / a dict of torch.compile options: the per-step work (VQ:
+            trunk + LM head; KL: trunk and the DiffLoss MLP) runs compiled, each function
+            compiled once (step_function); the Python loop stays eager (index bookkeeping).
         """
         c = self.config
         g = float(c.guidance_scale if guidance_scale is None else guidance_scale)
@@ -235,19 +673,20 @@ class MaskGen(MMDiT):
         check_guidance_schedule(c.mode, schedule)
         check_number("guidance_scale", g)
         generator = check_generators(generator, text.device, count=text.shape[0])
-        txt, cond = self._prompt_conditions(text, pooled, null_text, null_pooled, aesthetic, g != 1.0)  # once
-        mods = self.modulations(cond)  # once: every step reuses them
+        txt, cond = self.trunk.prompt_conditions(text, pooled, null_text, null_pooled, aesthetic, g != 1.0)  # once
+        mods = self.trunk.modulations(cond)  # once: every step reuses them
         N = c.num_steps if num_steps is None else int(num_steps)
         return self._decode(txt, cond, mods, text.shape[0], N, g, schedule, generator,
-                            randomize_temperature, temperature, guidance_scale_pow)  # fmt: skip
+                            randomize_temperature, temperature, guidance_scale_pow, compile)  # fmt: skip
 
 
-class MaskGenVQ(MaskGen):
+class MaskGenVQ(MaskGenBase):
     """MaskGen over discrete TA-TiTok ids: embedding table in, the same table out."""
 
     mode = "vq"
 
-    def _token_layers(self, config):
+    def __init__(self, config, init_weights=True):
+        super().__init__(config)
         V, D = config.codebook_size, config.width
         # Rows: V codes, then [MASK] (id V), then num_class_rows + 1 rows the released
         # table carries from the class-conditional MaskGIT code (unused here, kept so
@@ -255,6 +694,8 @@ class MaskGenVQ(MaskGen):
         self.mask_id = V
         self.tok_emb = nn.Embedding(V + 1 + config.num_class_rows + 1, D)
         self.pos_emb = nn.Parameter(torch.zeros(1, config.num_tokens, D))
+        if init_weights:  # False when a checkpoint overwrites every weight anyway
+            self.initialize_weights()
 
     def initialize_weights(self):
         # The official init: truncated normal(0.02) for linears, embeddings and the
@@ -278,7 +719,7 @@ class MaskGenVQ(MaskGen):
 
     def predict(self, ids, txt, cond, mods=None):
         """ids (B, K) with [MASK] = V, txt (B, L, D), cond (B, D) -> logits (B, K, V).
-        mods: the precomputed self.modulations(cond), if any."""
+        mods: the precomputed self.trunk.modulations(cond), if any."""
         x = self.tok_emb(ids) + self.pos_emb[:, : ids.shape[1]]  # (B, K, D)
         x = self.trunk(x, txt, cond, mods)  # (B, K, D)
         return torch.matmul(x, self.head_weight.t())  # (B, K, V)
@@ -286,7 +727,7 @@ class MaskGenVQ(MaskGen):
     def logits(self, ids, text, pooled, aesthetic=None):
         """Logits for given (possibly masked) ids, from raw CLIP features: (B, K, V)."""
         self._check_ids(ids)
-        txt, cond = self.encode_condition(text, pooled, aesthetic)
+        txt, cond = self.trunk.encode_condition(text, pooled, aesthetic)
         return self.predict(ids, txt, cond)
 
     def _check_ids(self, ids):
@@ -319,7 +760,29 @@ class MaskGenVQ(MaskGen):
         w = torch.where(masked, 1.0, self.config.unmasked_weight)
         return (ce * w).sum() / w.sum()
 
-    def _decode(self, txt, cond, mods, B, N, g, schedule, generator, randomize_temperature, temperature, power):
+    def flops(self, text_len):
+        """Forward FLOPs per sample, counted from the config, for a text stream of
+        text_len tokens (77 for CLIP). 2 FLOPs per multiply-add of every matmul, plus
+        attention's QK^T and AV; norms, activations and softmax are left out (the usual
+        MFU convention, and torch.utils.flop_counter's, which the tests compare against).
+
+        Returns {"condition": text + pooled projections and every adaLN modulation
+                              (prompt-only: once per generate() call),
+                 "step": one trunk pass over the K tokens incl. the token in/out layers,
+                 "diffloss_row", "diffloss_time", "diffloss_cond": 0 (see MaskGenKL.flops)}."""
+        c = self.config
+        condition, step = self.trunk.flops(c.num_tokens, text_len)
+        step += 2 * c.num_tokens * c.width * c.codebook_size  # the tied LM head
+        return {"condition": condition, "step": step, "diffloss_row": 0, "diffloss_time": 0, "diffloss_cond": 0}
+
+    def generate_flops(self, text_len, num_steps=None, guided=True, batch=1):
+        """FLOPs of generate() per image: the conditions once, then one trunk pass per
+        step (both CFG halves when guided). `batch` does not change the VQ count."""
+        f, steps = self.flops(text_len), self.config.num_steps if num_steps is None else num_steps
+        return (2 if guided else 1) * (f["condition"] + steps * f["step"])
+
+    def _decode(self, txt, cond, mods, B, N, g, schedule, generator, randomize_temperature, temperature, power,
+                compile):  # fmt: skip
         """MaskGIT-style decoding (official defaults: 16 steps, guidance 12 with cosine ramp,
         randomize temperature 2). Returns ids (B, K) in [0, V).
 
@@ -342,6 +805,7 @@ class MaskGenVQ(MaskGen):
         check_number("randomize_temperature", rand_t)
         check_number("temperature", temperature, positive=True)  # it divides the logits
         device, K, guided = txt.device, c.num_tokens, g != 1.0
+        predict = self.step_function(self.predict, compile)  # same shapes every step: one graph
         remasked = vq_mask_schedule(K, N)
         # Gumbel noise; with one generator per image, image b's rows come from generator b.
         noise = lambda shape, gen: gumbel(shape, gen, device)  # noqa: E731
@@ -349,12 +813,12 @@ class MaskGenVQ(MaskGen):
         for step in range(N):
             ratio = (step + 1) / N
             if guided:
-                both = self.predict(torch.cat([ids, ids]), txt, cond, mods)  # (2B, K, V)
+                both = predict(torch.cat([ids, ids]), txt, cond, mods)  # (2B, K, V)
                 cond_logits, uncond_logits = both[:B], both[B:]
                 s = vq_guidance_scale(g, schedule, ratio, power)
                 logits = cond_logits + (cond_logits - uncond_logits) * s  # (B, K, V)
             else:
-                logits = self.predict(ids, txt, cond, mods)  # (B, K, V)
+                logits = predict(ids, txt, cond, mods)  # (B, K, V)
             logits = logits / (0.5 + 0.8 * (1 - ratio) if temperature is None else temperature)
 
             # Sample ids by Gumbel-max; the noise temperature anneals to 0 at the last step.
@@ -380,12 +844,13 @@ class MaskGenVQ(MaskGen):
         return ids  # only reached with num_steps == 0
 
 
-class MaskGenKL(MaskGen):
+class MaskGenKL(MaskGenBase):
     """MaskGen over continuous TA-TiTok tokens (MAR-style decoder + DiffLoss)."""
 
     mode = "kl"
 
-    def _token_layers(self, config):
+    def __init__(self, config, init_weights=True):
+        super().__init__(config)
         C, D, K = config.token_size, config.width, config.num_tokens
         self.z_proj = nn.Linear(C, D)  # token (C) -> width
         self.z_norm = nn.LayerNorm(D, eps=1e-6)
@@ -394,6 +859,8 @@ class MaskGenKL(MaskGen):
         self.diff_pos_emb = nn.Parameter(torch.zeros(1, K, D))  # added to the conditions for DiffLoss
         self.diffloss = DiffLoss(C, D, config.diffloss_depth, config.diffloss_width,
                                  num_sampling_steps=config.num_sampling_steps, clip_x0=config.diffloss_clip_x0)
+        if init_weights:  # False when a checkpoint overwrites every weight anyway
+            self.initialize_weights()
 
     def initialize_weights(self):
         # The official (and MAR's) init: normal(0.02) for the mask token and position
@@ -406,9 +873,9 @@ class MaskGenKL(MaskGen):
             if isinstance(m, nn.Linear):
                 # A fused q|k|v Linear gets Xavier block by block: the same distribution as
                 # the official separate (D, D) projections (fan-out D, not 3D).
-                short = name.rpartition(".")[2]
+                parts = len(FUSED_QKV.get(name.rpartition(".")[2], ("",)))
                 with torch.no_grad():
-                    for w in m.weight.chunk(len(FUSED_QKV[short]) if short in FUSED_QKV else 1):
+                    for w in m.weight.chunk(parts):
                         nn.init.xavier_uniform_(w)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
@@ -421,7 +888,7 @@ class MaskGenKL(MaskGen):
 
         x (B, K, C) scaled tokens (values at masked positions are ignored), mask (B, K)
         with 1 = masked, txt (B, L, D), cond (B, D) -> z (B, K, D). mods: the
-        precomputed self.modulations(cond), if any.
+        precomputed self.trunk.modulations(cond), if any.
         """
         x = self.z_norm(self.z_proj(x))  # (B, K, D)
         # The official drops the visible tokens and pads them back MAE-style; with no
@@ -450,7 +917,7 @@ class MaskGenKL(MaskGen):
             x = tokens.float()
         x = x * c.scale_factor  # (B, K, C), the diffusion target
 
-        txt, cond = self.encode_condition(text, pooled, aesthetic)
+        txt, cond = self.trunk.encode_condition(text, pooled, aesthetic)
         # One masking rate for the whole batch (arccos schedule, at least one token), as
         # the official and MAR; the order in which tokens get masked is per sample. The
         # count stays a 0-d tensor: no host sync, and one compiled graph serves every count.
@@ -472,7 +939,37 @@ class MaskGenKL(MaskGen):
         z = z.reshape(B * K, -1).repeat(m, 1)  # (m*B*K, D)
         return self.diffloss(target, z, mask.reshape(B * K).repeat(m))
 
-    def _decode(self, txt, cond, mods, B, N, g, schedule, generator, randomize_temperature, temperature, power):
+    def flops(self, text_len):
+        """Forward FLOPs per sample, as MaskGenVQ.flops, and for DiffLoss:
+        "diffloss_row": one DiffLoss MLP pass for one token row; "diffloss_time",
+        "diffloss_cond": the part of a row that is the timestep MLP, and the condition
+        embedding (sampling computes them once per step and once per chain, see
+        DiffLoss.sample)."""
+        c, D = self.config, self.config.width
+        condition, step = self.trunk.flops(c.num_tokens, text_len)
+        step += 2 * c.num_tokens * c.token_size * D  # z_proj
+        W, C = c.diffloss_width, c.token_size
+        time, cond = 2 * 256 * W + 2 * W * W, 2 * D * W  # timestep MLP, condition embedding
+        row = 2 * C * W + time + cond  # + the input projection
+        row += c.diffloss_depth * 10 * W * W + 4 * W * W + 2 * W * 2 * C  # res blocks, final layer
+        return {"condition": condition, "step": step, "diffloss_row": row, "diffloss_time": time, "diffloss_cond": cond}
+
+    def generate_flops(self, text_len, num_steps=None, guided=True, batch=1):
+        """FLOPs of generate() per image: the conditions once, then one trunk pass per
+        step that draws tokens (both CFG halves when guided); for each of the K tokens,
+        one DiffLoss MLP pass per respaced diffusion step, less the condition embedding
+        (once per token) and the timestep MLP (one row per step, shared by the `batch`
+        images of one generate() call)."""
+        c, f, halves = self.config, self.flops(text_len), 2 if guided else 1
+        steps = c.num_steps if num_steps is None else num_steps
+        draws, T = len(kl_draw_schedule(c.num_tokens, steps)), self.diffloss.gen_diffusion.num_timesteps
+        total = halves * (f["condition"] + draws * f["step"])  # steps that draw nothing are skipped
+        per_step = f["diffloss_row"] - f["diffloss_time"] - f["diffloss_cond"]
+        total += halves * c.num_tokens * (T * per_step + f["diffloss_cond"])
+        return total + draws * T * f["diffloss_time"] / batch
+
+    def _decode(self, txt, cond, mods, B, N, g, schedule, generator, randomize_temperature, temperature, power,
+                compile):  # fmt: skip
         """MAR-style decoding (official defaults: 32 steps, cfg 3 with a linear ramp,
         temperature 1). Returns tokens (B, K, C), divided by scale_factor again, so
         they go straight into TATiTok.decode.
@@ -494,6 +991,8 @@ class MaskGenKL(MaskGen):
         temperature = (1.0 if c.temperature is None else c.temperature) if temperature is None else temperature
         check_number("temperature", temperature)  # scales DiffLoss's noise: 0 = no noise
         device, K, C, D, guided = txt.device, c.num_tokens, c.token_size, c.width, g != 1.0
+        conditions = self.step_function(self.token_conditions, compile)  # static shapes: one graph
+        denoise = self.step_function(self.diffloss.net.denoise, compile, dynamic_rows=True)
         # (B, K) generation order; with one generator per image, row b comes from generator b
         order = draw_rows(lambda shape, gen: torch.rand(shape, generator=gen, device=device), (B, K), generator)
         order = order.argsort(dim=-1)  # (B, K)
@@ -505,24 +1004,27 @@ class MaskGenKL(MaskGen):
             idx = order[:, lo:hi]  # (B, n)
             n = hi - lo
             if guided:
-                z = self.token_conditions(torch.cat([tokens, tokens]), torch.cat([mask, mask]), txt, cond, mods)
+                z = conditions(torch.cat([tokens, tokens]), torch.cat([mask, mask]), txt, cond, mods)
                 z_idx = torch.cat([idx, idx])  # (2B, n)
             else:
-                z = self.token_conditions(tokens, mask, txt, cond, mods)  # (B, K, D)
+                z = conditions(tokens, mask, txt, cond, mods)  # (B, K, D)
                 z_idx = idx
             z = z.gather(1, z_idx[..., None].expand(-1, -1, D)).reshape(-1, D)  # ([2]B*n, D): [cond; uncond]
-            new = self.diffloss.sample(z, temperature=temperature, cfg=s if guided else 1.0, generator=generator)
+            new = self.diffloss.sample(z, temperature=temperature, cfg=s if guided else 1.0, generator=generator,
+                                       denoise=denoise)  # fmt: skip
             new = new[: B * n].reshape(B, n, C)  # the guided (cond-half) samples
             tokens = tokens.scatter(1, idx[..., None].expand(-1, -1, C), new.to(tokens.dtype))
             mask = mask.scatter(1, idx, 0.0)
         return tokens / c.scale_factor  # (B, K, C)
 
 
-def check_number(name, value, positive=False):
-    """A sampling number of generate(): finite, and >= 0 (> 0 where `positive`); NaN or a
-    wrong sign would not fail, only give garbage tokens."""
-    if value is not None and not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
-        raise ValueError(f"generate(): {name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+def build(config, init_weights=True):
+    """The MaskGen variant config.mode names: MaskGenVQ or MaskGenKL, so a preset or a loaded
+    config builds the right one without the caller choosing. init_weights=False skips the
+    initialisation when a checkpoint overwrites every weight anyway."""
+    if not isinstance(config, MaskGenConfig):
+        raise TypeError(f"build(config) needs a MaskGenConfig, got {type(config).__name__}; use PRESETS[name]")
+    return (MaskGenVQ if config.mode == "vq" else MaskGenKL)(config, init_weights)
 
 
 # -----------------------------------------------------------------------------
@@ -550,46 +1052,26 @@ PRESETS = {
         guidance_scale=3.0, guidance_schedule="linear", temperature=1.0,
     ),
     # The shapes world: 32 tokens from tokenizer.PRESETS["shapes"/"shapes_kl"] and the
-    # 64-wide "shapes" text tower (see train_maskgen's presets for the run lengths). VQ: four
-    # 128-wide blocks (2.5M parameters with the 2,048-way head; 2.3M and 0.24 GFLOP per
-    # training sample with a 512-way one): in a fixed hour the samples seen count for more
-    # than width (5200 steps of 128x4 scored 0.88 / 0.63 / 0.70,
-    # 2800 of 192x4 0.89 / 0.49 / 0.53, both at guidance 3, README), and more of them still
-    # help (at 16 steps and guidance 2: 5200 steps 0.90 / 0.68 / 0.75, 9000 0.96 / 0.68 /
-    # 0.85, 12600 0.96 / 0.78 / 0.86). Sampling: 32 steps (one token per step) at guidance
-    # 1.5, chosen on prompts of another seed (evaluate.py shapes --seed 2000003 --sample-seed
-    # 50000, 32 steps, overall: guidance 1.25 / 1.5 / 2 / 3 0.90 / 0.91 / 0.89 / 0.85; 16 / 24
-    # / 32 steps at guidance 2, 200 prompts, 0.84 / 0.86 / 0.91): on the 12600-step model 0.99 / 0.83 / 0.92
-    # against 0.96 / 0.78 / 0.86 at 16 steps and guidance 2 (300 held-out prompts/category).
-    # The shipped model (12500 steps on the 2,048-code, 28,000-step tokenizer) scores 0.98 /
-    # 0.90 / 0.92 at these defaults; the 512-code one of before (16000 steps) 0.99 / 0.91 / 0.89.
+    # 64-wide "shapes" text tower (train_maskgen's presets set the run lengths). VQ: four
+    # 128-wide blocks (2.5M parameters with the 2,048-way head). In a fixed compute budget
+    # the number of samples seen counts for more than width, so the trunk stays narrow and
+    # shallow. Sampling: 32 steps (one token per step) at guidance 1.5, chosen with
+    # `evaluate.py shapes` on prompts of a seed that is not used for scoring.
     "shapes_vq": MaskGenConfig(
         mode="vq", width=128, depth=4, heads=4, num_tokens=32, codebook_size=2048, num_class_rows=0, token_size=16,
         text_width=64, pooled_dim=64, aes_embed_dim=32, num_steps=32, guidance_scale=1.5, randomize_temperature=1.0,
     ),
     # KL: four 128-wide blocks (3.0M parameters with DiffLoss, 0.51 GFLOP per training
-    # sample): as for VQ, a cheaper trunk that sees more samples wins (2700 steps of 128x4:
-    # 0.58 / 0.27 / 0.04; 2200 of 128x6, 0.64 GFLOP: 0.52 / 0.18 / 0.01; 1800 of 192x4,
-    # 0.80 GFLOP: 0.39 / 0.13 / 0.02; each about the same time, README); twice the steps
-    # doubled the score (5400 of 128x4: 0.86 / 0.65 / 0.47 at guidance 3) and 7200 raised it
-    # again (0.94 / 0.74 / 0.76; these at the 16-step sampling of before). The shipped model
-    # has 10400 steps (0.99 / 0.87 / 0.94 at the sampling below; 8400 0.99 / 0.83 / 0.93, 7200
-    # 0.98 / 0.82 / 0.87). DiffLoss on 2 noise levels per token (not 4) to cut the step cost,
-    # and x0 clipped at sampling (diffloss_clip_x0: unclipped, the briefly trained DiffLoss
-    # drew blanks).
+    # sample), narrow for the same reason as VQ. DiffLoss sees 2 noise levels per token
+    # (not 4), which cuts the step cost, and the sampler clips x0 (diffloss_clip_x0):
+    # unclipped, a briefly trained DiffLoss drifts out of range and draws blank canvases.
     # pos_init_std 1.0, not 0.02: a visible token enters as LayerNorm(z_proj(token)), ~1 per
     # element, so a 0.02 position table hides which of the 32 positions it came from, and a
-    # 1D token means nothing without its index. After 1800 steps at 0.02 a ridge from the
-    # conditions z recovered R2 0.17 of a masked token's mean with half the tokens visible,
-    # 0.61 at 1.0 (`python evaluate.py context`, README).
-    # Sampling: 32 steps (the paper's KL count; one token per step here) and a constant
-    # guidance of 3, where earlier models used 16 steps and a linear ramp: on the 7200-step
-    # model 0.98 / 0.82 / 0.87 against 0.94 / 0.74 / 0.76 (300 held-out prompts/category).
-    # Chosen on prompts of another seed (evaluate.py shapes --seed 2000003 --sample-seed
-    # 50000), where at 32 steps the linear ramp scored 0.85 overall and constant guidance
-    # 2 / 2.5 / 3 / 3.5 0.86 / 0.88 / 0.87 / 0.87. Temperature 0.5 (an earlier 192x4 model,
-    # 100 prompts/category: 0.40 / 0.19 / 0.03 against 0.24 / 0.12 / 0.00 at 1.0; on the
-    # 7200-step model 0.3 and 0.7 scored 0.88 and 0.87 on the other seed's prompts).
+    # 1D token means nothing without its index (`python evaluate.py context` measures how
+    # much of a masked token the conditions z recover from the visible ones).
+    # Sampling: 32 steps (the paper's KL count; one token per step here), a constant
+    # guidance of 3 and temperature 0.5 (sharper tokens), chosen with `evaluate.py shapes`
+    # on prompts of a seed that is not used for scoring.
     "shapes_kl": MaskGenConfig(
         mode="kl", width=128, depth=4, heads=4, num_tokens=32, token_size=8, text_width=64, pooled_dim=64,
         aes_embed_dim=32, pos_init_std=1.0, diffloss_depth=3, diffloss_width=192, diffusion_batch_mul=2,

@@ -19,7 +19,7 @@ The pipeline, per batch of prompts:
     captions --TextEncoder--> .penultimate (B,L,W), .pooled (B,E)  -> MaskGen conditions
                               .final       (B,L,W)                 -> TA-TiTok decoder
     "" (computed once)    --> the classifier-free guidance null condition
-    MaskGen.generate      --> tokens: VQ ids (B,K) | KL vectors (B,K,C)
+    generate()            --> tokens: VQ ids (B,K) | KL vectors (B,K,C)
     TATiTok.decode        --> images (B,3,H,W) in [0,1] -> PNG files
 
 Usage:
@@ -60,7 +60,7 @@ from tqdm import tqdm
 import checkpoint
 import runtime
 from data import IMAGE_EXTS, load_image
-from schedules import check_guidance_schedule
+from maskgen import check_guidance_schedule
 
 # -----------------------------------------------------------------------------
 # Prompts.

@@ -31,8 +31,8 @@ class TextFeatures(NamedTuple):
 
 # -----------------------------------------------------------------------------
 # Small random towers, written here rather than built by open_clip: `import open_clip`
-# pulls in timm, torchvision and torch._dynamo (~5 s on this project's 2-core machine,
-# against ~3 s for torch itself), which was most of the shapes quickstart's time.
+# pulls in timm, torchvision and torch._dynamo, which takes longer than importing torch
+# itself and would dominate a small model's sampling time.
 # Parameter names, shapes, init and maths are open_clip's TextTransformer (GELU,
 # pre-LN, causal mask, packed q/k/v projection), so a tower's weights load into either,
 # and tests/test_text.py checks that the two agree, weights and outputs.

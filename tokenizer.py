@@ -125,8 +125,7 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(Block(W, cfg.enc_heads) for _ in range(cfg.enc_depth))
         self.ln_post = nn.LayerNorm(W)
         # The KL variant predicts a mean and a log-variance per channel.
-        out = cfg.token_size * (2 if cfg.quantize_mode == "kl" else 1)
-        self.proj_out = nn.Linear(W, out)
+        self.proj_out = nn.Linear(W, cfg.token_size * (2 if cfg.quantize_mode == "kl" else 1))
 
     def forward(self, images, latent_tokens):
         B = images.shape[0]
@@ -165,9 +164,8 @@ class VectorQuantizer(nn.Module):
     forward only *collects* the batch's statistics (`_collect`), and the trainer calls
     `revive_codes()` once per optimiser step, which gathers them over the ranks and
     moves the codebook. So torchrun over N ranks and one process with N x gradient
-    accumulation make the same update. (The official code revives inside every
-    forward; with one micro-batch per step and no accumulation the two agree, except
-    that the update now comes after the optimiser step instead of before it.)
+    accumulation make the same update. (The official code revives inside every forward,
+    before the optimiser step; with one micro-batch per step the two agree up to that order.)
     """
 
     def __init__(self, codebook_size, token_size, commitment_cost=0.25, use_l2_norm=False, clustering_vq=False):
@@ -359,9 +357,7 @@ class TATiTokConfig:
     clustering_vq: bool = True  # the training configs revive dead codes
     text_context_length: int = 77  # the CLIP text states the decoder reads: (B, 77, 768)
     text_embed_dim: int = 768
-    # "official": the released models' init. "local": a locality-biased init for small
-    # models and short runs (the shapes presets); see _local_init.
-    init: str = "official"
+    init: str = "official"  # the released models' init, or "local" for small models trained briefly (_local_init)
 
 
 class TATiTok(nn.Module):
@@ -383,17 +379,14 @@ class TATiTok(nn.Module):
         elif cfg.init != "official":
             raise ValueError(f"init must be 'official' or 'local', got {cfg.init!r}")
         if cfg.quantize_mode == "vq":  # after apply(): the codebook keeps its own init
-            self.quantize = VectorQuantizer(
-                cfg.codebook_size, cfg.token_size, cfg.commitment_cost, cfg.use_l2_norm, cfg.clustering_vq
-            )
+            self.quantize = VectorQuantizer(cfg.codebook_size, cfg.token_size, cfg.commitment_cost,
+                                            cfg.use_l2_norm, cfg.clustering_vq)  # fmt: skip
 
     def _check_images(self, images):
         S = self.config.image_size
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (S, S):
-            raise ValueError(
-                f"expected images of shape (B, 3, {S}, {S}) in [0, 1], got {tuple(images.shape)}; "
-                f"resize/crop them to {S}x{S} first (data.py does this)"
-            )
+            raise ValueError(f"expected images of shape (B, 3, {S}, {S}) in [0, 1], got {tuple(images.shape)}; "
+                             f"resize/crop them to {S}x{S} first (data.py does this)")  # fmt: skip
 
     def encode(self, images, return_posterior=False):
         """(B,3,H,W) in [0,1] -> VQ: ids (B,K) long; KL: posterior mean (B,K,C)
@@ -420,19 +413,16 @@ class TATiTok(nn.Module):
             raise ValueError(f"expected tokens of shape {want[1:]} per image, got {tuple(tokens.shape[1:])}")
         tshape = (tokens.shape[0], cfg.text_context_length, cfg.text_embed_dim)
         if tuple(text_hidden.shape) != tshape:
-            raise ValueError(
-                f"text_hidden must be (B, {tshape[1]}, {tshape[2]}) CLIP final-layer states for the same "
-                f"batch, got {tuple(text_hidden.shape)}; pass TextEncoder(...)(captions).final"
-            )
+            raise ValueError(f"text_hidden must be (B, {tshape[1]}, {tshape[2]}) CLIP final-layer states for the "
+                             f"same batch, got {tuple(text_hidden.shape)}; pass TextEncoder(...)(captions).final")  # fmt: skip
         return self.decoder(tokens, text_hidden.to(tokens.dtype))
 
     def flops(self):
         """Forward FLOPs per image, counted from the config: {"encode": ..., "decode": ...}.
 
-        Every matmul and convolution counts 2 FLOPs per multiply-add, attention counts
-        QK^T and AV (4 T^2 W per layer); norms, activations and softmax are left out, as
-        in the usual MFU convention (and in torch.utils.flop_counter, which the tests
-        compare against). A training step costs ~3x the forward (backward = 2x)."""
+        Every matmul and convolution counts 2 FLOPs per multiply-add, attention QK^T and AV
+        (4 T^2 W per layer); norms, activations and softmax are left out (the MFU convention,
+        and torch.utils.flop_counter's). A training step costs ~3x the forward (backward = 2x)."""
         c = self.config
         P = (c.image_size // c.enc_patch_size) ** 2  # patches (= output slots: both patch sizes match in presets)
         K, C = c.num_latent_tokens, c.token_size
@@ -484,8 +474,7 @@ class TATiTok(nn.Module):
 
 
 def _init_weights(m):
-    # The official initialisation: truncated normal(0.02) for linear maps and
-    # convs, zero biases, unit LayerNorms.
+    # The official initialisation: truncated normal(0.02) for linear maps and convs, zero biases, unit LayerNorms.
     if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if getattr(m, "bias", None) is not None:
@@ -503,11 +492,8 @@ def sincos_2d(grid, width):
     rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
                                 indexing="ij")  # fmt: skip
 
-    def code(pos):  # (G*G,) -> (G*G, W/2)
-        angles = pos.reshape(-1, 1) * omega
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([code(rows), code(cols)], dim=1).float()  # (G*G, W)
+    angles = [pos.reshape(-1, 1) * omega for pos in (rows, cols)]  # 2 x (G*G, W/4)
+    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1).float()  # (G*G, W)
 
 
 @torch.no_grad()
@@ -515,7 +501,7 @@ def _local_init(model, std=0.1, pos_scale=10.0, qk_std=0.4):
     """A locality-biased initialisation for small models trained briefly (init="local").
 
     With the official init (weights ~ N(0, 0.02), random position tables), a small
-    TA-TiTok on the shapes world sits at the mean image for thousands of steps: attention
+    TA-TiTok on the shapes world sits at the mean image for a long time: attention
     starts uniform, so every latent token sees the same average of the image and every
     output patch the same average of the tokens, and neither side can learn where to
     look before the other does. This init breaks that symmetry, changing values only
@@ -532,8 +518,7 @@ def _local_init(model, std=0.1, pos_scale=10.0, qk_std=0.4):
       - with l2-normalised VQ codes, the decoder's input projection x sqrt(token_size): a
         unit-norm code has per-channel RMS 1/sqrt(C), so this gives a code the input scale
         of a unit-variance (KL-like) token, against the x pos_scale positions it is added
-        to. Without it the decoder first reads almost only positions, and the VQ
-        tokenizer trained far worse than the KL one of the same size (README).
+        to. Without it the decoder first reads almost only positions and barely the codes.
     """
     c = model.config
     for m in model.modules():
@@ -588,15 +573,10 @@ PRESETS = {
         text_context_length=16, text_embed_dim=32,
     ),  # fmt: skip
     # The shapes world (shapes.ShapesWorld): 64 px, patch 8 (64 patches) -> 32 tokens, small
-    # widths, the locality-biased init (without it a short run never leaves the mean
-    # image, see _local_init), l2-normalised codes. The VQ decoder has 3 blocks of 4 heads:
-    # with 2 blocks reruns reconstructed 0.79-0.92 overall, with 4 a run stayed at the mean
-    # image, and 4 heads of 16 instead of 2 of 32 gave the decoder more ways to bind caption
-    # words to token positions at the same cost. 2,048 codes, not 512: with train_tokenizer's
-    # caption dropout the tokens must carry shapes themselves, and the larger codebook drew
-    # fewer "squircles" (with 20% dropped, 0.988 against 0.979 overall in 1-thread runs).
-    # Its training run is train_tokenizer's "shapes" preset (~19 min on this project's
-    # 2-core machine, README).
+    # widths, the locality-biased init (see _local_init), l2-normalised codes. The VQ decoder
+    # has 3 blocks of 4 heads: 4 heads of 16 rather than 2 of 32 give it more ways to bind
+    # caption words to token positions at the same cost. 2,048 codes: with train_tokenizer's
+    # caption dropout the tokens must carry the shapes themselves, which needs a larger codebook.
     "shapes": TATiTokConfig(
         image_size=64, enc_patch_size=8, dec_patch_size=8, enc_width=64, enc_depth=2, enc_heads=2,
         dec_width=64, dec_depth=3, dec_heads=4, num_latent_tokens=32, codebook_size=2048, token_size=16,

@@ -170,7 +170,7 @@ def main(argv=None):
         mcfg.scale_factor = cfg.scale_factor
 
     runtime.seed_everything(cfg.seed)  # identical initial weights on every rank
-    model = M.MaskGen(mcfg).to(device)
+    model = M.build(mcfg).to(device)
     if cfg.init_from and ckpt is None:  # stage 2 fine-tuning starts from stage 1's EMA
         try:
             init, where = checkpoint.generator_weights(cfg.init_from)  # a run folder or checkpoint file

@@ -166,7 +166,7 @@ def test_maskgen_round_trip(tmp_path, fmt):
             alt = C.load_generator(write_official(model, alt_dir, rename=("embeddings.weight", "lm_head.weight")))
             assert torch.equal(alt.tok_emb.weight, model.tok_emb.weight)
         else:
-            txt, cond = model.encode_condition(text, pooled, 5.0)
+            txt, cond = model.trunk.encode_condition(text, pooled, 5.0)
             x, mask = torch.randn(B, 8, 4), (torch.rand(B, 8) < 0.5).float()
             assert torch.equal(model.token_conditions(x, mask, txt, cond), loaded.token_conditions(x, mask, txt, cond))
             xt, t, c = torch.randn(5, 4), torch.randint(0, 1000, (5,)), torch.randn(5, 64)

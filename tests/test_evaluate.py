@@ -189,7 +189,7 @@ def test_context_use_feeds_kl_tokens_as_the_generator_was_trained(kl_tokens):
     tok = tk.TATiTok(tk.PRESETS["tiny_kl"]).eval()
     text = TextEncoder.from_config(**TEXT_PRESETS["tiny"])
     cfg = dataclasses.replace(M.PRESETS["tiny_kl"], kl_tokens=kl_tokens)
-    gen = M.MaskGen(cfg).eval()
+    gen = M.build(cfg).eval()
     seen = []
     conditions = gen.token_conditions
     gen.token_conditions = lambda x, *a: seen.append(x) or conditions(x, *a)
@@ -405,7 +405,7 @@ def test_inpaint_use_fills_only_the_hidden_tokens(mode):
     torch.manual_seed(0)
     tok = tk.TATiTok(tk.PRESETS["tiny" if mode == "vq" else "tiny_kl"]).eval()
     text = TextEncoder.from_config(**TEXT_PRESETS["tiny"])
-    gen = M.MaskGen(M.preset_for(f"tiny_{mode}", tok.config, 32, 32)).eval()
+    gen = M.build(M.preset_for(f"tiny_{mode}", tok.config, 32, 32)).eval()
     models = checkpoint.Models(gen, tok, text, text, "gen", "tok")
     images, captions = torch.rand(4, 3, 32, 32), ["a red circle", "two blue squares"] * 2
     res, decoded = E.inpaint_use(models, images, captions, 6.5, fractions=(0.5, 1.0), seed=3)

@@ -30,7 +30,7 @@ def counted(fn):
 
 def test_maskgen_vq_hand_count():
     # tiny_vq: D=64, depth 2, N=16 tokens, V=64 codes, text 32 wide, pooled 32 + aesthetic 16.
-    m = M.MaskGen(M.PRESETS["tiny_vq"])
+    m = M.build(M.PRESETS["tiny_vq"])
     D, N, V, T_ = 64, 16, 64, 16 + L
     mm = lambda rows, k, n: 2 * rows * k * n  # noqa: E731  a (rows x k) @ (k x n) matmul
     condition = mm(L, 32, D) + mm(1, 32 + 16, D)  # text and pooled projections
@@ -72,7 +72,7 @@ def test_tokenizer_flops_match_torch(preset):
 @pytest.mark.parametrize("preset", ["tiny_vq", "tiny_kl"])
 def test_maskgen_flops_match_torch(preset):
     torch.manual_seed(0)
-    m = M.MaskGen(M.PRESETS[preset])
+    m = M.build(M.PRESETS[preset])
     c, B = m.config, 2
     text, pooled = torch.randn(B, L, c.text_width), torch.randn(B, c.pooled_dim)
     tokens = torch.randint(0, c.codebook_size, (B, c.num_tokens)) if c.mode == "vq" else torch.randn(

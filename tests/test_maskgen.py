@@ -1,5 +1,5 @@
 """MaskGen on the tiny presets: shapes, losses, weight tying, generate(), torch.compile,
-initialisation. (Official-checkpoint round trips are in test_official.py.)"""
+initialisation. (Official-checkpoint round trips are in test_checkpoint.py.)"""
 
 import dataclasses
 import math
@@ -10,13 +10,14 @@ import torch
 
 from maskgen import (
     PRESETS,
-    MaskGen,
     MaskGenConfig,
     MaskGenKL,
     MaskGenVQ,
+    aesthetic_embedding_kl,
+    aesthetic_embedding_vq,
+    build,
+    vq_mask_schedule,
 )
-from mmdit import aesthetic_embedding_kl, aesthetic_embedding_vq
-from schedules import vq_mask_schedule
 
 B, L = 3, 7  # batch, text length
 
@@ -35,7 +36,7 @@ def text_inputs(cfg, seed=0, batch=B):
 
 def make(name, seed=0):
     torch.manual_seed(seed)
-    return MaskGen(PRESETS[name]).eval()
+    return build(PRESETS[name]).eval()
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_dispatch_and_shapes_vq(vq):
     c = vq.config
     assert isinstance(vq, MaskGenVQ)
     text, pooled, _, _ = text_inputs(c)
-    txt, cond = vq.encode_condition(text, pooled, 6.0)
+    txt, cond = vq.trunk.encode_condition(text, pooled, 6.0)
     assert txt.shape == (B, L, c.width) and cond.shape == (B, c.width)
     ids = torch.randint(0, c.codebook_size, (B, c.num_tokens))
     assert vq.logits(ids, text, pooled).shape == (B, c.num_tokens, c.codebook_size)
@@ -70,7 +71,7 @@ def test_dispatch_and_shapes_kl(kl):
     c = kl.config
     assert isinstance(kl, MaskGenKL)
     text, pooled, _, _ = text_inputs(c)
-    txt, cond = kl.encode_condition(text, pooled, torch.tensor([4.0, 5.0, 6.0]))
+    txt, cond = kl.trunk.encode_condition(text, pooled, torch.tensor([4.0, 5.0, 6.0]))
     x = torch.randn(B, c.num_tokens, c.token_size)
     mask = torch.zeros(B, c.num_tokens)
     mask[:, ::2] = 1
@@ -169,8 +170,8 @@ def test_aesthetic_score_changes_output(vq, kl):
         assert torch.equal(run(6.0), run(torch.full((B,), 6.0)))
         assert not torch.equal(run(2.0), run(9.0)), type(model).__name__
         # per-sample scores: only the changed sample's condition changes
-        _, c1 = model.encode_condition(text, pooled, torch.tensor([2.0, 5.0, 8.0]))
-        _, c2 = model.encode_condition(text, pooled, torch.tensor([2.0, 5.0, 9.0]))
+        _, c1 = model.trunk.encode_condition(text, pooled, torch.tensor([2.0, 5.0, 8.0]))
+        _, c2 = model.trunk.encode_condition(text, pooled, torch.tensor([2.0, 5.0, 9.0]))
         assert torch.equal(c1[:2], c2[:2]) and not torch.equal(c1[2], c2[2])
 
 
@@ -179,7 +180,7 @@ def test_guidance_one_skips_unconditional_pass(name, vq, kl):
     model = vq if name == "tiny_vq" else kl
     text, pooled, nt, npool = text_inputs(model.config)
     seen = []
-    hook = model.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+    hook = model.trunk.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
     try:
         model.generate(text, pooled, guidance_scale=1.0, num_steps=3)  # no null condition needed
         assert seen and set(seen) == {B}
@@ -332,14 +333,14 @@ def test_bad_inputs_are_explained(vq, kl):
     with pytest.raises(ValueError, match="LongTensor"):
         vq(torch.zeros(B, 16), text, pooled)
     with pytest.raises(ValueError, match="one score per sample"):
-        vq.encode_condition(text, pooled, torch.ones(B + 1))
+        vq.trunk.encode_condition(text, pooled, torch.ones(B + 1))
     with pytest.raises(ValueError, match="cat\\(mean, logvar\\)"):
         kl(torch.zeros(B, 8, 5), text, pooled)
     cuda_generator = types.SimpleNamespace(device=torch.device("cuda"))  # stands in for one
     with pytest.raises(ValueError, match="Generator"):
         vq.generate(text, pooled, guidance_scale=1.0, generator=cuda_generator)
     with pytest.raises(TypeError, match="MaskGenConfig"):
-        MaskGen("tiny_vq")
+        build("tiny_vq")
     with pytest.raises(ValueError, match="divisible"):
         MaskGenConfig(width=60, heads=8)
 
@@ -351,7 +352,7 @@ def test_kl_init_treats_each_fused_projection_as_its_own_linear():
                                    diffloss_depth=1, diffloss_width=64, guidance_schedule="linear"))
     D = model.config.width
     bound = math.sqrt(6 / (2 * D))
-    for w in model.blocks[0].attn.img_qkv.weight.chunk(3):
+    for w in model.trunk.blocks[0].attn.img_qkv.weight.chunk(3):
         assert 0.95 * bound < w.abs().max() <= bound
 
 
@@ -378,14 +379,15 @@ def test_prompt_only_work_runs_once_per_generate(name, vq, kl):
     # give exactly the per-step result.
     model = vq if name == "vq" else kl
     text, pooled, nt, npool = text_inputs(model.config)
-    txt, cond = model.encode_condition(text, pooled)
+    txt, cond = model.trunk.encode_condition(text, pooled)
     img = torch.randn(B, model.config.num_tokens, model.config.width)
     with torch.no_grad():
-        assert torch.equal(model.trunk(img, txt, cond), model.trunk(img, txt, cond, model.modulations(cond)))
+        assert torch.equal(model.trunk(img, txt, cond), model.trunk(img, txt, cond, model.trunk.modulations(cond)))
     calls = []
     hooks = [m.register_forward_hook(lambda *a, key=key: calls.append(key)) for key, m in [
-        ("text", model.text_proj), ("pooled", model.pooled_proj), ("adaln0", model.blocks[0].img_adaln.linear),
-        ("adaln_last", model.blocks[-1].txt_adaln.linear), ("final", model.norm_out.linear),
+        ("text", model.trunk.text_proj), ("pooled", model.trunk.pooled_proj),
+        ("adaln0", model.trunk.blocks[0].img_adaln.linear), ("adaln_last", model.trunk.blocks[-1].txt_adaln.linear),
+        ("final", model.trunk.norm_out.linear),
     ]]  # fmt: skip
     try:
         model.generate(text, pooled, nt, npool, num_steps=4)
@@ -397,22 +399,28 @@ def test_prompt_only_work_runs_once_per_generate(name, vq, kl):
 
 @pytest.mark.parametrize("name", ["vq", "kl"])
 def test_compiled_sampling_never_recompiles(name):
-    # compile_sampling() compiles the step functions once; later steps (and later calls
+    # generate(compile=...) compiles the step functions once; later steps (and later calls
     # with the same batch) must reuse the graph. aot_eager: no C++ codegen, cheap.
     model = make(f"tiny_{name}", seed=1)
     text, pooled, nt, npool = text_inputs(model.config, batch=2)
     torch.manual_seed(3)
     eager = model.generate(text, pooled, nt, npool)
     torch._dynamo.reset()
-    model.compile_sampling(backend="aot_eager")
+    compile = {"backend": "aot_eager"}
     try:
         with torch._dynamo.config.patch(error_on_recompile=True):
             torch.manual_seed(3)
-            out = model.generate(text, pooled, nt, npool)
-            model.generate(text, pooled, nt, npool)
+            out = model.generate(text, pooled, nt, npool, compile=compile)
+            model.generate(text, pooled, nt, npool, compile=compile)
     finally:
         torch._dynamo.reset()
     assert torch.allclose(out.float(), eager.float(), atol=1e-5)
+    # Compiled functions are kept beside the model, never assigned over its methods; the
+    # weights and state_dict keys are untouched.
+    assert len(model.compiled_steps) == (1 if name == "vq" else 2)
+    assert "predict" not in vars(model) and "token_conditions" not in vars(model)
+    assert name == "vq" or "denoise" not in vars(model.diffloss.net)
+    assert all(k.startswith("trunk.") or not k.startswith(("blocks.", "text_proj.")) for k in model.state_dict())
 
 
 def test_sampling_numbers_are_checked(vq, kl):

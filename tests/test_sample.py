@@ -73,7 +73,7 @@ def generator_ckpt(cfg, tokenizer_path, with_text=False, seed=2):
     train_maskgen.py takes the text encoder from the tokenizer and records none;
     with_text=True also stores it (name + weights), which sample.py accepts too."""
     torch.manual_seed(seed)
-    ema, raw = M.MaskGen(cfg), M.MaskGen(cfg)
+    ema, raw = M.build(cfg), M.build(cfg)
     ckpt = {"model": raw.state_dict(), "ema": ema.state_dict(), "maskgen_config": dataclasses.asdict(cfg),
             "config": {"tokenizer": tokenizer_path, "maskgen": "tiny_vq"}}  # fmt: skip
     if with_text:
@@ -333,7 +333,7 @@ def save_official(folder, model):
 
 def test_official_release_dirs(tmp_path):
     torch.manual_seed(0)
-    gen_dir = save_official(tmp_path / "generator_tiny", M.MaskGen(GEN_VQ))
+    gen_dir = save_official(tmp_path / "generator_tiny", M.build(GEN_VQ))
     tok_dir = save_official(tmp_path / "tokenizer_tiny", T.TATiTok(dataclasses.replace(TOK_VQ, num_latent_tokens=16)))
     g = L.load_generator(gen_dir)
     src = L.resolve(gen_dir, "generator")
@@ -361,13 +361,13 @@ def test_cli_subprocess(ckpts, tmp_path):
 
 
 def test_item_seeding_batches_with_one_generator_per_image(ckpts, tmp_path, monkeypatch):
-    calls, generate = [], M.MaskGen.generate
+    calls, generate = [], M.MaskGenBase.generate
 
     def spy(self, *args, generator=None, **kw):
         calls.append(generator)
         return generate(self, *args, generator=generator, **kw)
 
-    monkeypatch.setattr(M.MaskGen, "generate", spy)
+    monkeypatch.setattr(M.MaskGenBase, "generate", spy)
     args = ["--generator", ckpts["gen"], "--prompt", "a", "--prompt", "b", "--num_images", "3", "--seed", "7"]
     run(args + ["--batch_size", "4"], tmp_path / "a")
     assert [len(g) for g in calls] == [4, 2]  # one call per batch, one generator per image

@@ -1,5 +1,5 @@
 """TA-TiTok on the tiny presets: shapes, gradients, KL, text use, errors. (Official-checkpoint
-round trips are in test_official.py.)"""
+round trips are in test_checkpoint.py.)"""
 
 import subprocess
 import sys

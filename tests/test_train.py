@@ -335,7 +335,7 @@ def test_mfu_logged_where_a_peak_is_known(tmp_path, tok_runs):
     run_mg(tmp_path / "mg", tok_runs / "vq", "vq", "--max_steps=2", "--log_every=1", "--peak_tflops=0.5")
     rec = log(tmp_path / "mg")[-1]
     ck = final_ckpt(tmp_path / "mg")
-    model = M.MaskGen(M.MaskGenConfig(**ck["maskgen_config"]))
+    model = M.build(M.MaskGenConfig(**ck["maskgen_config"]))
     assert rec["mfu"] == pytest.approx(rec["img_per_s"] * model.train_flops(16) / 0.5e12)
 
 

@@ -28,7 +28,7 @@ import shapes
 import tokenizer as T
 import train_maskgen
 from checkpoint import CheckpointError, split_qkv, torch_load
-from maskgen import PRESETS, MaskGen
+from maskgen import PRESETS, build
 from test_sample import CPU, GEN_VQ, ckpts, pixels, save_generator_run, save_tokenizer_run, tiny_text  # noqa: F401
 from text import TEXT_PRESETS, TextEncoder
 
@@ -57,7 +57,7 @@ def text_inputs(cfg, seed=0, batch=B):
 
 def make(name, seed=0):
     torch.manual_seed(seed)
-    return MaskGen(PRESETS[name]).eval()
+    return build(PRESETS[name]).eval()
 
 
 # ---------------------------------------------------------------------------- TA-TiTok
@@ -136,16 +136,16 @@ def test_split_qkv_shows_the_official_separate_projections():
     for model in (make("tiny_vq", seed=4), make("tiny_kl", seed=4)):
         sd = model.state_dict()
         parts = split_qkv(sd, copy=True)  # the official layout: separate q, k, v
-        last = f"blocks.{model.config.depth - 1}.attn."
+        last = f"trunk.blocks.{model.config.depth - 1}.attn."
         assert {f"{last}txt_k.weight", f"{last}txt_v.weight"} <= parts.keys() and f"{last}txt_q.weight" not in parts
-        assert "blocks.0.attn.img_qkv.weight" not in parts and "blocks.0.attn.txt_q.bias" in parts
+        assert "trunk.blocks.0.attn.img_qkv.weight" not in parts and "trunk.blocks.0.attn.txt_q.bias" in parts
         D = model.config.width
-        assert torch.equal(parts["blocks.0.attn.img_k.weight"], sd["blocks.0.attn.img_qkv.weight"][D : 2 * D])
+        assert torch.equal(parts["trunk.blocks.0.attn.img_k.weight"], sd["trunk.blocks.0.attn.img_qkv.weight"][D : 2 * D])
         # views (not copies) write into the fused weight: how a release's to_q/to_k/to_v are loaded
         views = split_qkv(sd)
-        views["blocks.0.attn.img_v.bias"].fill_(7.0)
-        assert (model.state_dict()["blocks.0.attn.img_qkv.bias"][2 * D :] == 7.0).all()
-        assert not parts["blocks.0.attn.img_v.bias"].eq(7.0).all()
+        views["trunk.blocks.0.attn.img_v.bias"].fill_(7.0)
+        assert (model.state_dict()["trunk.blocks.0.attn.img_qkv.bias"][2 * D :] == 7.0).all()
+        assert not parts["trunk.blocks.0.attn.img_v.bias"].eq(7.0).all()
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
@@ -217,7 +217,7 @@ def test_release_is_read_one_tensor_at_a_time(tmp_path, fmt):
     release = C.Release(path)
     gets, get = [], release.get
     release.get = lambda key: gets.append(key) or get(key)
-    loaded = C.load_weights(MaskGen(vq.config, init_weights=False), release)
+    loaded = C.load_weights(build(vq.config, init_weights=False), release)
     last_q = f"blocks.{vq.config.depth - 1}.attn.add_q_proj"  # unused, not read (nor the tied lm_head)
     assert sorted(gets) == sorted(set(release.keys) - {f"{last_q}.weight", f"{last_q}.bias", "lm_head.weight"})
     assert all(torch.equal(a, b) for a, b in zip(vq.state_dict().values(), loaded.state_dict().values()))
@@ -235,7 +235,7 @@ def test_save_writes_a_loadable_release(tmp_path):
 
 
 def test_imports_are_silent():
-    for module in ("checkpoint", "text", "mmdit", "schedules"):
+    for module in ("checkpoint", "text", "maskgen"):
         out = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, cwd=".")
         assert out.returncode == 0 and out.stdout == "" and out.stderr == "", module
 
@@ -384,9 +384,9 @@ def test_release_keeps_every_setting_and_refuses_nonfinite_weights(tmp_path):
     # model has none. Sampling defaults edited in config.json are what the loaded model uses.
     import dataclasses
 
-    kl = MaskGen(dataclasses.replace(PRESETS["tiny_kl"], pos_init_std=1.0, diffloss_clip_x0=3.0, temperature=0.5,
+    kl = build(dataclasses.replace(PRESETS["tiny_kl"], pos_init_std=1.0, diffloss_clip_x0=3.0, temperature=0.5,
                                      guidance_schedule="constant", num_sampling_steps="7", num_steps=5))  # fmt: skip
-    vq = MaskGen(dataclasses.replace(PRESETS["tiny_vq"], temperature=0.7, randomize_temperature=1.25, guidance_scale=1.5))
+    vq = build(dataclasses.replace(PRESETS["tiny_vq"], temperature=0.7, randomize_temperature=1.25, guidance_scale=1.5))
     tok = T.TATiTok(dataclasses.replace(T.PRESETS["tiny"], init="local"))
     for model, load in ((kl, C.load_generator), (vq, C.load_generator), (tok, tok_from)):
         path = C.save_release(model, tmp_path / type(model).__name__)

@@ -55,11 +55,10 @@ import zlib
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-import runtime
+import train_common
 import shapes
 from pretokenize import pretokenize, tokenizer_meta
 from shard_io import ShardWriter
@@ -329,11 +328,7 @@ class ShapesDataset(IterableDataset):
         self.skipped = SkipCounter()  # always empty: the shapes world never fails; kept for a uniform API
 
     def item(self, index):
-        s = self.world.sample(index)
-        image = to_tensor(s.image)  # (3, 64, 64)
-        if self.image_size != shapes.IMAGE_SIZE:
-            image = F.interpolate(image[None], size=(self.image_size,) * 2, mode="bicubic",
-                                  antialias=True, align_corners=False)[0].clamp_(0, 1)  # fmt: skip
+        (image,), (s,) = self.world.batch([index], self.image_size)  # (3, S, S) in [0, 1]
         return {"image": image, "caption": s.caption, "recaption": "", "aesthetic": torch.tensor(s.aesthetic),
                 "key": f"shapes-{self.seed}-{index:09d}", "index": index, "category": s.category}  # fmt: skip
 
@@ -488,7 +483,7 @@ def _cmd_inspect(args):
 def _cmd_pretokenize(args):
     # Under torchrun every rank encodes its share of the data and writes its own
     # shards; rank 0 adds meta.json once the counts are summed.
-    rank, world_size, device = runtime.setup_distributed(args.device or "auto", mps=False)
+    rank, world_size, device = train_common.setup_distributed(args.device or "auto", mps=False)
     distributed = world_size > 1
     import load  # imported here so that data.py works without the models (shapes, shards)
 
@@ -519,7 +514,7 @@ def _cmd_pretokenize(args):
             json.dump(meta, f, indent=2)
         print(f"pretokenized {total} samples ({tok.config.quantize_mode}) into {args.out}/ "
               f"on {world_size} rank(s); skipped: {meta['skipped'] or 'none'}")  # fmt: skip
-    runtime.teardown()  # no barrier: it would hold on to `summed` again
+    train_common.teardown()  # no barrier: it would hold on to `summed` again
 
 
 def main(argv=None):

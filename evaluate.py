@@ -45,7 +45,7 @@ from PIL import Image
 
 import data
 import load
-import runtime
+import train_common
 import sample
 import shapes
 from data import load_image, to_uint8
@@ -169,7 +169,7 @@ def folder_batches(files, batch_size, size=None, prompts=None, class_names=None,
     `files` (rank::world). groups: one category id per file (or None). A file that does
     not decode as an image is skipped and counted in `skipped` ({reason: count}, the
     reasons of data.py's loaders), as data.py does, instead of ending the run."""
-    rank, world = runtime.rank_world()
+    rank, world = train_common.rank_world()
     class_dirs = sorted({os.path.basename(os.path.dirname(f)) for f in files})
     mine = list(range(len(files)))[rank::world]
     skipped = {} if skipped is None else skipped
@@ -231,7 +231,7 @@ def recon_batches(spec, batch_size, size, class_names=None, skipped=None):
                                                   skipped=skipped):  # fmt: skip
             yield images, captions
         return
-    rank, world = runtime.rank_world()
+    rank, world = train_common.rank_world()
     loader = data.image_text_loader(spec, size, batch_size, rank=rank, world_size=world, train=False)
     try:
         for batch in loader:
@@ -251,7 +251,7 @@ def generate_shapes_images(prompts, generator=None, tokenizer=None, device="cpu"
     aesthetic = models.generator.config.aesthetic
     opts = dict(num_steps=num_steps, guidance_scale=guidance_scale, guidance_schedule=guidance_schedule,
                 randomize_temperature=None, temperature=temperature)  # fmt: skip
-    rank, world = runtime.rank_world()
+    rank, world = train_common.rank_world()
     mine = list(range(len(prompts)))[rank::world]
     out = []
     with torch.inference_mode():
@@ -368,7 +368,7 @@ def cmd_gen(args, device):
     gen = folder_batches(files, args.batch_size, args.size, prompts=prompts, groups=groups, skipped=gen_skipped)
     res, stats = evaluate_generation(gen, extractor, ref_batches, ref_stats, clip, args.is_splits, categories)
     res = with_skips(with_skips(res, gen_skipped), ref_skipped, "ref_skipped")
-    if args.save_ref_stats and stats is not None and runtime.rank_world()[0] == 0:
+    if args.save_ref_stats and stats is not None and train_common.rank_world()[0] == 0:
         save_ref_stats(args.save_ref_stats, stats)
         print(f"saved reference statistics to {args.save_ref_stats}")
     return res, f"generation: {args.images} vs {args.ref}"
@@ -405,7 +405,7 @@ def cmd_shapes(args, device):
                                         args.batch_size, args.steps, args.guidance_scale, args.guidance_schedule,
                                         args.temperature)  # fmt: skip
         source = args.generator or "the shipped checkpoints/shapes.pt"
-        if runtime.rank_world()[0] != 0:
+        if train_common.rank_world()[0] != 0:
             return {}, source
     res = shapes.shapes_score(images, caps, return_details=bool(args.details or args.save))
     rows = res.pop("per_prompt", None)
@@ -650,12 +650,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    rank, _, device = runtime.setup_distributed(args.device or "auto")  # joins torchrun's process group
+    rank, _, device = train_common.setup_distributed(args.device or "auto")  # joins torchrun's process group
     commands = {"recon": cmd_recon, "gen": cmd_gen, "shapes": cmd_shapes, "context": cmd_context}
     res, title = commands[args.cmd](args, device)
     if rank == 0:
         write_report(res, args.out or os.path.join("out", "eval", args.cmd), title)
-    runtime.teardown()
+    train_common.teardown()
     return res
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import runtime
+import train_common
 from data import to_uint8
 
 # -----------------------------------------------------------------------------
@@ -162,7 +162,7 @@ class CodebookCounter:
     def result(self):
         counts = self.counts
         if dist.is_available() and dist.is_initialized():  # sum over ranks
-            counts = counts.clone().to(runtime.collective_device())
+            counts = counts.clone().to(train_common.collective_device())
             dist.all_reduce(counts)
             counts = counts.cpu()
         total = counts.sum().item()
@@ -220,10 +220,10 @@ def inception_extractor(device="cpu", weights_path=None):
 def gather_rows(x):
     """Concatenate every rank's (n_r, ...) tensor along dim 0 (rank order); a no-op
     without torch.distributed. Ranks may hold different n_r: pad, all_gather, trim."""
-    rank, world = runtime.rank_world()
+    rank, world = train_common.rank_world()
     if world == 1:
         return x
-    dev = runtime.collective_device()
+    dev = train_common.collective_device()
     x = x.to(dev)
     n = torch.tensor([x.shape[0]], device=dev)
     sizes = [torch.zeros_like(n) for _ in range(world)]

@@ -54,7 +54,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import load
-import runtime
+import train_common
 from data import find_images, to_uint8
 from schedules import check_guidance_schedule
 
@@ -436,7 +436,7 @@ def build_parser():
                    help="delete images of an earlier run in --outdir first (else such a folder is refused)")  # fmt: skip
     o.add_argument("--grid_rows", type=int, default=16, help="rows in the run's grid.png (0: no grid)")
     o.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
-    o.add_argument("--dtype", choices=sorted(runtime.DTYPES), default="fp32", help="autocast precision of the models")
+    o.add_argument("--dtype", choices=sorted(train_common.DTYPES), default="fp32", help="autocast precision of the models")
     return p
 
 
@@ -478,7 +478,7 @@ def main(argv=None):
     # 2. Processes and device.
     # Under torchrun a process group serves only the final barrier: gloo runs anywhere
     # (CPU or GPU) and no tensors move; ranks may wait long there for the slowest.
-    rank, world, device = runtime.setup_distributed(args.device, backend="gloo", timeout=datetime.timedelta(hours=4))
+    rank, world, device = train_common.setup_distributed(args.device, backend="gloo", timeout=datetime.timedelta(hours=4))
 
     # 3. The output folder: another run's images there are refused, or deleted with
     # --overwrite (by rank 0; never one this run writes, so no rank waits for it).
@@ -508,7 +508,7 @@ def main(argv=None):
                 f.write(json.dumps(row) + "\n")
 
     written = []
-    autocast = runtime.autocast(device, args.dtype)
+    autocast = train_common.autocast(device, args.dtype)
     with torch.inference_mode(), autocast:
         null = models.gen_text([""])  # the classifier-free guidance null condition, computed once
         for batch in tqdm(batches, desc=f"sampling (rank {rank})" if world > 1 else "sampling", disable=rank != 0):
@@ -526,7 +526,7 @@ def main(argv=None):
                 written.append(path)
 
     # 6. After every rank is done, rank 0 draws the grid from the files on disk.
-    runtime.barrier()
+    train_common.barrier()
     grid_path = None
     if rank == 0:
         if args.grid_rows > 0:
@@ -536,7 +536,7 @@ def main(argv=None):
         n = len(items)
         where = ", ".join(written) if world == 1 and n <= 4 else where  # a few images: name each file
         print(f"wrote {n} image{'s' * (n != 1)} to {where}" + (f"; grid: {grid_path}" if grid_path else ""))
-    runtime.teardown()
+    train_common.teardown()
     return {"images": written, "grid": grid_path, "items": mine}
 
 

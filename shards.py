@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-import runtime
+import train_common
 from shard_io import is_remote, iter_tar_groups
 
 log = logging.getLogger("data")
@@ -255,10 +255,10 @@ class SkipCounter:
 
 
 def resolve_rank(rank=None, world_size=None):
-    """(rank, world_size): as given, else runtime.rank_world() (the process group, else
+    """(rank, world_size): as given, else train_common.rank_world() (the process group, else
     torchrun's environment, else (0, 1)), checked."""
     if rank is None or world_size is None:
-        r, w = runtime.rank_world()
+        r, w = train_common.rank_world()
         rank = r if rank is None else rank
         world_size = w if world_size is None else world_size
     if not 0 <= rank < world_size:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import load
-import runtime
+import train_common
 from data import load_image, to_uint8
 from sample import labelled_grid
 
@@ -148,7 +148,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
 
-    device = runtime.pick_device(args.device)
+    device = train_common.pick_device(args.device)
     tok, text_enc = load.load_tokenizer(args.tokenizer or load.default_checkpoint("no --tokenizer given"), device)
     cfg = tok.config
     K, S = cfg.num_latent_tokens, cfg.image_size

@@ -16,7 +16,7 @@ from PIL import Image
 import load as L
 import maskgen as M
 import official
-import runtime
+import train_common
 import sample as S
 import tokenizer as T
 import tokviz
@@ -231,9 +231,9 @@ def test_sharding_over_ranks_matches_one_process(ckpts, tmp_path, monkeypatch):
 
     args = ["--generator", ckpts["gen"], "--prompt", "a", "--prompt", "b", "--prompt", "c", "--num_images", "2", "--batch_size", "2"]
     run(args, tmp_path / "one")
-    monkeypatch.setattr(runtime, "barrier", lambda: None)
+    monkeypatch.setattr(train_common, "barrier", lambda: None)
     for rank in (1, 0):  # rank 0 last: it draws the grid from every rank's files
-        monkeypatch.setattr(runtime, "setup_distributed", lambda device, r=rank, **kw: (r, 2, runtime.pick_device(device)))
+        monkeypatch.setattr(train_common, "setup_distributed", lambda device, r=rank, **kw: (r, 2, train_common.pick_device(device)))
         res = run(args, tmp_path / "two")
         assert len(res["images"]) == 3
     one, two = folder_pixels(tmp_path / "one"), folder_pixels(tmp_path / "two")
@@ -499,11 +499,11 @@ def test_temperature_zero_and_devices(ckpts, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"--device cuda was asked for but torch.cuda.is_available\(\) is False; use --device cpu or auto"):
         S.main(["--prompt", "x", "--device", "cuda", "--outdir", str(tmp_path / "out")])
     with pytest.raises(ValueError, match=r"unknown --device 'gpu'"):
-        runtime.pick_device("gpu")
+        train_common.pick_device("gpu")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"--device mps was asked for but torch.backends.mps.is_available\(\) is False"):
-        runtime.pick_device("mps")
-    assert runtime.pick_device("auto") == torch.device("cpu")
+        train_common.pick_device("mps")
+    assert train_common.pick_device("auto") == torch.device("cpu")
 
 
 def test_png_writes_are_atomic(tmp_path, monkeypatch):

@@ -6,17 +6,6 @@ resume, preemption, logging and the training-curve picture. Each trainer's main(
 top to bottom and calls these; the maths of a step (the LR, clipping, the loss scale, the
 optimiser and EMA updates) stays in sight in the trainers' loops.
 
-Sections, in the order a run meets them:
-  1. Config          RunConfig, option (a field with its --help line), parse_config
-  2. Processes       pick_device, the torchrun process group, TF32 / autocast, seeds, peak FLOP/s
-  3. Set-up          setup_run: DDP, precision and the logger of a training run
-  4. Optimisation    lr_at, adamw, ema_update
-  5. Data            image_batches (deterministic slots), seed_for_slot
-  6. Resume          RNG states, what may change on resume, find_resume, run_state
-  7. Stopping        RunControl: non-finite steps, SIGTERM / SIGINT, checkpoint on stop
-  8. Logging         Logger (log.jsonl, W&B, TensorBoard), Progress (img/s, MFU), save_grid
-  9. Curves          plot_curves: curves.png from log.jsonl (`python train_common.py curves RUN_DIR`)
-
 Exact resume and DDP == one process rest on two rules kept here:
   - every random draw of a micro-step is seeded from (seed, step, global micro-batch
     slot) (`seed_for_slot`), and the data of a slot is fixed (`image_batches`);
@@ -24,8 +13,7 @@ Exact resume and DDP == one process rest on two rules kept here:
     grad scaler, step and every rank's RNG state (`run_state` / `restore_run_state`).
 
 Launched by torchrun, a process finds RANK, LOCAL_RANK and WORLD_SIZE in its environment
-and joins a process group; launched by plain python it is rank 0 of 1 and nothing here
-touches torch.distributed. (Plumbing: no paper section beyond the recipe above.)
+and joins a process group; launched by plain python it is rank 0 of 1. Nine sections, below.
 """
 
 import copy
@@ -58,9 +46,7 @@ from shapes import ShapesWorld
 # they use this file's process helpers, so importing them here would be an import cycle,
 # and a run on the shapes world needs neither.
 
-# =============================================================================
-# 1. Config: typed dataclasses, --field=value, --help / --list / --print_config
-# =============================================================================
+# 1. Config: typed dataclasses, --field=value, --help / --list / --print_config --------------------
 
 
 def option(default, help):
@@ -76,8 +62,7 @@ class RunConfig:
     dtype: str = option("bf16", "bf16 | fp16 | fp32 (autocast is used on CUDA only)")
     compile: bool = option(True, "torch.compile the model (faster; changes float rounding, not the maths)")
     device: str = option("auto", "auto | cpu | cuda | cuda:N; auto = this process's GPU, else the CPU")
-    peak_tflops: float = option(0.0, "per device, for MFU; 0 = the bf16 peak of a known GPU "
-                                     "(train_common.PEAK_BF16_TFLOPS)")  # fmt: skip
+    peak_tflops: float = option(0.0, "per device, for MFU; 0 = the bf16 peak of a known GPU (PEAK_BF16_TFLOPS)")
     seed: int = option(42, "seeds the initial weights, the data order and every random draw")
     log_every: int = option(50, "steps between log records (log.jsonl and the trackers)")
     sample_every: int = option(5_000, "steps between sample / reconstruction grids")
@@ -87,15 +72,11 @@ class RunConfig:
     max_nonfinite_steps: int = option(20, "stop after this many consecutive steps with a non-finite grad norm")
     dist_timeout_s: int = option(600, "a collective that waits longer (a stuck rank) ends the job with an error")
     wandb_project: str = option("", "also log to this Weights & Biases project (pip install wandb); empty = off")
-    tensorboard_dir: str = option("", "also log to TensorBoard files in this folder (pip install tensorboard); "
-                                      "empty = off")  # fmt: skip
+    tensorboard_dir: str = option("", "also log to TensorBoard files in this folder (pip install tensorboard)")
 
 
-class Rule(NamedTuple):
-    """The values a config field allows: ok(value) -> bool, and how to say which."""
-
-    ok: Callable
-    allowed: str
+# The values a config field allows: ok(value) -> bool, and how to say which.
+Rule = NamedTuple("Rule", [("ok", Callable), ("allowed", str)])
 
 
 def one_of(choices):
@@ -217,18 +198,14 @@ def print_presets(cls, presets, default):
     sys.exit(0)
 
 
-# =============================================================================
-# 2. Processes: device, torchrun's process group, numerics, seeds, peak FLOP/s
-#    (also used by sample.py, evaluate.py, data.py and bench.py)
-# =============================================================================
+# 2. Processes: device, process group, numerics, seeds, peak FLOP/s (also for sample, evaluate, data, bench) --
 
 
 def pick_device(name="auto", mps=True):
-    """The torch.device for --device=NAME. "auto" is this process's GPU, else Apple's GPU
-    (MPS, where `mps`: the trainers keep to CUDA and CPU), else the CPU. A bare "cuda"
-    is this process's GPU too: torchrun starts one process per GPU, numbered LOCAL_RANK.
-    A device this machine does not have is refused here, in words (torch's own error
-    would only say much later that a device index is invalid)."""
+    """The torch.device for --device=NAME. "auto" is this process's GPU, else Apple's GPU (MPS,
+    where `mps`: the trainers keep to CUDA and CPU), else the CPU. A bare "cuda" is this
+    process's GPU too (torchrun starts one process per GPU, numbered LOCAL_RANK). A device
+    this machine lacks is refused here, in words (torch would fail much later, obscurely)."""
     mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if mps and mps_ok else "cpu"
@@ -255,11 +232,10 @@ def rank_world():
 
 
 def setup_distributed(device="auto", mps=True, backend=None, timeout=None):
-    """Pick this process's device and, under torchrun with more than one process, join
-    the process group. Returns (rank, world_size, device).
-
-    The backend is NCCL for GPUs and gloo otherwise, which lets the same scripts (and the
-    tests) run several processes on CPU. `backend`/`timeout` override torch's defaults."""
+    """Pick this process's device and, under torchrun with more than one process, join the
+    process group. Returns (rank, world_size, device). The backend is NCCL for GPUs and gloo
+    otherwise, which lets the same scripts (and the tests) run several processes on CPU.
+    `backend`/`timeout` override torch's defaults."""
     device = pick_device(device, mps)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL, and every bare .cuda(), use the current device
@@ -331,9 +307,7 @@ def peak_flops(device, override_tflops=0.0):
     return None
 
 
-# =============================================================================
-# 3. Set-up of a training run
-# =============================================================================
+# 3. Set-up of a training run ----------------------------------------------------------------------
 
 
 def setup_run(cfg):
@@ -346,10 +320,9 @@ def setup_run(cfg):
     except ValueError as e:  # a device this machine does not have
         sys.exit(f"error: {e}")
     # The one place where training numerics are chosen: TF32 for fp32 matmuls, autocast on
-    # CUDA only (CPU bf16 is slow on most machines, and tests want fp32), and loss scaling
-    # for fp16, whose narrow exponent range would flush small gradients to zero (bf16 needs
-    # none). A disabled scaler passes everything through: scale(loss) is loss, step(opt)
-    # is opt.step(), update() does nothing.
+    # CUDA only (CPU bf16 is slow on most machines, and tests want fp32), loss scaling for
+    # fp16 only, whose narrow exponent range would flush small gradients to zero. A disabled
+    # scaler passes everything through: scale(loss) is loss, step(opt) is opt.step().
     allow_tf32()
     amp = cfg.dtype if device.type == "cuda" else "fp32"
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
@@ -358,9 +331,7 @@ def setup_run(cfg):
     return rank, world, device, (lambda: autocast(device, amp)), scaler, log
 
 
-# =============================================================================
-# 4. Optimisation
-# =============================================================================
+# 4. Optimisation ----------------------------------------------------------------------------------
 
 
 def lr_at(step, base_lr, warmup, max_steps, schedule="cosine", end_lr=0.0):
@@ -401,9 +372,7 @@ def ema_update(ema, model, step, max_decay):
         e.copy_(m)
 
 
-# =============================================================================
-# 5. Data: an endless, deterministic stream of (images, captions) batches
-# =============================================================================
+# 5. Data: an endless, deterministic stream of (images, captions) batches --------------------------
 
 
 def shapes_mix(text):
@@ -430,9 +399,8 @@ def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0, 
     run sees exactly the data it would have seen.
 
     Tar shards and image folders are streams: get.positions (shards.StreamPositions)
-    follows where each reader stands, run_state(..., data=get) saves it, and
-    resume=<the checkpoint resumed> starts every reader there, exactly and at the same
-    cost at any step (older checkpoints without positions fast-forward)."""
+    follows where each reader stands, run_state(..., data=get) saves it, and resume=<the
+    checkpoint resumed> starts every reader there, exactly and at the same cost at any step."""
     B, A = cfg.batch_size, cfg.grad_accum
     if cfg.data == "shapes":
         shapes = ShapesWorld(seed=cfg.seed, category_mix=shapes_mix(getattr(cfg, "shapes_mix", "")))
@@ -484,9 +452,7 @@ def seed_for_slot(seed, step, slot):
     seed_everything(hash((seed, step, slot)) % 2**62)
 
 
-# =============================================================================
-# 6. Exact resume: RNG states, what may change, the checkpoint's run state
-# =============================================================================
+# 6. Exact resume: RNG states, what may change, the checkpoint's run state -------------------------
 
 
 def rng_state():
@@ -513,23 +479,20 @@ WHY_FIXED = {"max_steps": " (the cosine decay's length, which the steps so far f
              "num_workers": " (the order of the shard data depends on it)"}  # fmt: skip
 
 
-def max_steps_may_change(saved, current, step):
-    """Whether a run resumed at `step` may change max_steps: when no step trained so far had
-    a learning rate that depended on it (a constant schedule, or a run still in warm-up).
-    The schedules read it only after warm-up, so the last trained step decides. (The
-    tokenizer's config has no schedule field: it is always cosine.)"""
+def check_resume_config(saved, current, step, pinned=()):
+    """Stop, naming every differing field, when a run would resume a checkpoint written
+    with different maths (fields outside RESUMABLE_FIELDS). `pinned`: fields naming files
+    whose content the checkpoint pins by hash (check_inputs), which may therefore move.
+    max_steps may change where no step trained so far had a learning rate that depended on
+    it (a constant schedule, or a run still in warm-up: the last trained step decides).
+    (The tokenizer's config has no schedule field: it is always cosine.)"""
     def lr(max_steps):
         return lr_at(step - 1, current["lr"], current["warmup_steps"], max_steps, current.get("schedule", "cosine"),
                      current["end_lr"])  # fmt: skip
 
-    return step == 0 or lr(saved.get("max_steps")) == lr(current["max_steps"])
-
-
-def check_resume_config(saved, current, step, pinned=()):
-    """Stop, naming every differing field, when a run would resume a checkpoint written
-    with different maths (fields outside RESUMABLE_FIELDS). `pinned`: fields naming files
-    whose content the checkpoint pins by hash (check_inputs), which may therefore move."""
-    free = RESUMABLE_FIELDS | set(pinned) | ({"max_steps"} if max_steps_may_change(saved, current, step) else set())
+    free = RESUMABLE_FIELDS | set(pinned)
+    if step == 0 or lr(saved.get("max_steps")) == lr(current["max_steps"]):
+        free = free | {"max_steps"}
     diff = {k: (saved.get(k), v) for k, v in current.items() if k not in free and saved.get(k) != v}
     if diff:
         lines = "\n".join(f"  {k}: checkpoint has {a!r}, this run has {b!r}{WHY_FIXED.get(k, '')}"
@@ -578,22 +541,21 @@ def find_resume(cfg, log, inputs=None):
 
 def run_state(cfg, step, scaler, world, data=None):
     """The part of a checkpoint both trainers write besides their models and optimisers:
-    config, step, grad scaler, every rank's RNG state (so that a resumed run continues every
-    rank's random stream) and, for a streamed dataset (`data`: the batch function, with its
+    config, step, grad scaler, every rank's RNG state (a resumed run continues every rank's
+    random stream) and, for a streamed dataset (`data`: the batch function, with its
     .positions), every rank's reader positions. A collective: every rank calls it."""
+    def every_rank(mine):  # [rank 0's, rank 1's, ...]: a collective
+        out = [mine] if world == 1 else [None] * world
+        if world > 1:
+            dist.all_gather_object(out, mine)
+        return out
+
     scaler_state = scaler.state_dict() if scaler.is_enabled() else None
-    rngs = [rng_state()]
-    if world > 1:
-        rngs = [None] * world
-        dist.all_gather_object(rngs, rng_state())
-    state = {"config": dataclasses.asdict(cfg), "step": step, "scaler": scaler_state, "rng": rngs}
+    state = {"config": dataclasses.asdict(cfg), "step": step, "scaler": scaler_state, "rng": every_rank(rng_state())}
     positions = getattr(data, "positions", None)
     mine = positions.state() if positions is not None else None
     if mine is not None:  # the same kind of data on every rank, so every rank gathers
-        state["data_positions"] = [mine]
-        if world > 1:
-            state["data_positions"] = [None] * world
-            dist.all_gather_object(state["data_positions"], mine)
+        state["data_positions"] = every_rank(mine)
     return state
 
 
@@ -616,9 +578,7 @@ def restore_run_state(ckpt, scaler, rank, world):
     return ckpt["step"]
 
 
-# =============================================================================
-# 7. Stopping: non-finite steps, preemption, the checkpoint on the way out
-# =============================================================================
+# 7. Stopping: non-finite steps, preemption, the checkpoint on the way out -------------------------
 
 
 class RunControl:
@@ -664,12 +624,11 @@ class RunControl:
                      f"lower --lr or raise --grad_clip / use --dtype=fp32, and resume from it")  # fmt: skip
 
     def stop_requested(self):
-        """Whether any rank got a signal (a collective: every rank calls it every step).
-
-        The answer is the same on every rank, and it is what exit_if_stopped acts on. A
-        signal that lands on one rank after its flag was read here (during the all-reduce,
-        or later in the step) is not acted on by that rank alone: the others would run on
-        into the next step's collectives and crash. It is seen at the next step's call."""
+        """Whether any rank got a signal (a collective: every rank calls it every step). The
+        answer is the same on every rank, and it is what exit_if_stopped acts on. A signal
+        landing on one rank after its flag was read here is not acted on by that rank alone
+        (the others would run on into the next step's collectives and crash): the next
+        step's call sees it."""
         flag = self.signum
         if self.world > 1:
             t = torch.tensor([flag], device=collective_device())
@@ -709,15 +668,12 @@ class RunControl:
         teardown()
 
 
-# =============================================================================
-# 8. Logging: log.jsonl and the trackers, progress and MFU, image grids
-# =============================================================================
+# 8. Logging: log.jsonl and the trackers, progress and MFU, image grids ----------------------------
 
 
 class Logger:
-    """A JSONL record per log interval plus a readable line, rank 0 only; the records also
-    go to the trackers asked for (--wandb_project, --tensorboard_dir). Every rank makes the
-    run folder (out_dir)."""
+    """A JSONL record per log interval plus a readable line, rank 0 only; the records also go to
+    the trackers asked for (--wandb_project, --tensorboard_dir). Every rank makes out_dir."""
 
     def __init__(self, cfg, enabled):
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -785,9 +741,9 @@ def scalars(record, prefix=""):
 
 
 class Progress:
-    """The progress bar (rank 0), and the throughput since the last reading: images per
-    second over all ranks, and the model FLOPs utilisation, model FLOP/s over the peak of
-    all devices (only where that peak is known: peak_flops)."""
+    """The progress bar (rank 0), and the throughput since the last reading: images per second
+    over all ranks, and the model FLOPs utilisation, model FLOP/s over the peak of all
+    devices (only where that peak is known: peak_flops)."""
 
     def __init__(self, cfg, step, world, device, flops_per_image, enabled):
         self.bar = tqdm(total=cfg.max_steps, initial=step, disable=not enabled, dynamic_ncols=True)
@@ -820,21 +776,15 @@ def save_grid(images, path, nrow):
     save_image(levels / 255, path, nrow=nrow, padding=2, pad_value=1.0)
 
 
-# =============================================================================
-# 9. Training curves: curves.png from log.jsonl, drawn with PIL only
-# =============================================================================
-# Both trainers call plot_curves(out_dir) at each sample interval, so curves.png in the run
-# folder is always current; `python train_common.py curves RUN_DIR ...` redraws it by hand.
-# A resumed run appends the steps it replays after its last checkpoint, so a step can
-# appear twice in log.jsonl: the last record of each step wins (the surviving run's).
-
+# 9. Training curves: curves.png from log.jsonl, drawn with PIL only -------------------------------
 NOT_CURVES = {"step", "img_per_s", "mfu", "skipped_nonfinite", "skipped"}  # throughput and counters
 PANEL_W, PANEL_H, MARGIN = 360, 200, 56  # pixels per panel and the room for its labels
 
 
 def read_log(path):
-    """log.jsonl -> [record, ...] sorted by step, one per step (the last one written).
-    Lines that are not JSON objects with a step (a line cut by a kill) are ignored."""
+    """log.jsonl -> [record, ...] sorted by step, one per step. A resumed run appends the steps
+    it replays after its last checkpoint, so a step can appear twice: the last record wins
+    (the surviving run's). Lines that are not JSON objects with a step (cut by a kill) are ignored."""
     by_step = {}
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -885,11 +835,10 @@ def _panel(draw, font, x0, y0, name, xs, ys):
         draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=(31, 119, 180))
     else:
         draw.line(pts, fill=(31, 119, 180), width=2)
-    # Labels: the value range on the left (with "log" when the axis is), steps below. Short
-    # numbers: 1.67e-04, not 0.000167.
-    for value, y in ((hi, top - 2), (lo, top + h - 10)):
-        draw.text((x0 + 2, y), f"{value:.2e}" if value and abs(value) < 1e-2 else f"{value:.3g}", fill="black",
-                  font=font)  # fmt: skip
+    # Labels: the value range on the left (with "log" when the axis is), steps below.
+    for value, y in ((hi, top - 2), (lo, top + h - 10)):  # short numbers: 1.67e-04, not 0.000167
+        text = f"{value:.2e}" if value and abs(value) < 1e-2 else f"{value:.3g}"
+        draw.text((x0 + 2, y), text, fill="black", font=font)
     if log_y:
         draw.text((x0 + 2, top + h // 2 - 5), "log", fill=(120, 120, 120), font=font)
     draw.text((left, top + h + 4), str(int(x_lo)), fill="black", font=font)
@@ -899,8 +848,9 @@ def _panel(draw, font, x0, y0, name, xs, ys):
 
 def plot_curves(run_dir, out=None, cols=3):
     """Draw RUN_DIR/log.jsonl into RUN_DIR/curves.png (or `out`): every logged loss, the
-    learning rate and the gradient norm against the step, one panel each. Returns the PNG's
-    path, or None when the log has nothing to draw yet."""
+    learning rate and the gradient norm against the step, one panel each. The trainers call
+    it at each sample interval; `python train_common.py curves RUN_DIR ...` redraws by hand.
+    Returns the PNG's path, or None when the log has nothing to draw yet."""
     log_path = os.path.join(run_dir, "log.jsonl")
     if not os.path.isfile(log_path):
         return None

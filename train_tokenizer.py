@@ -81,9 +81,9 @@ def drop_captions(captions, p, generator=None):
 
     The text-aware decoder can lean on the caption for *what* is in the image and leave
     the tokens only *where*; then it must bind each word to the right object, and on the
-    shapes world a VQ tokenizer that failed to (two objects drawn with one shape) was the
-    most common reconstruction error. Decoding some samples without their caption makes
-    the tokens carry the whole scene. The paper's recipe has no such dropout (p = 0)."""
+    shapes world a VQ tokenizer that fails to draws two objects with one shape. Decoding
+    some samples without their caption makes the tokens carry the whole scene. The
+    paper's recipe has no such dropout (p = 0)."""
     if p <= 0:
         return list(captions)
     drop = (torch.rand(len(captions), generator=generator) < p).tolist()

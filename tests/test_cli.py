@@ -130,7 +130,7 @@ def test_bad_values_are_refused_with_what_is_allowed(which, arg, message, tmp_pa
 
 
 def test_fp8_is_refused_on_cpu_too(tmp_path):
-    # It used to be ignored on CPU (no autocast there): now refused before the run starts.
+    # Refused before the run starts, on CPU too (where there is no autocast to use it).
     with pytest.raises(SystemExit, match="--dtype=fp8 is not allowed"):
         train_tokenizer.main(["--config=tiny", "--dtype=fp8", "--device=cpu", f"--out_dir={tmp_path}"])
     assert list(tmp_path.iterdir()) == []

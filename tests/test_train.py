@@ -461,7 +461,7 @@ def test_max_steps_may_change_only_where_no_step_depended_on_it(tmp_path, tok_ru
 
 
 def test_resume_pins_the_tokenizer_and_text_encoder(tmp_path, tok_runs, capsys):
-    """Issue 14: other weights at the same --tokenizer path (a replaced checkpoint) would
+    """Other weights at the same --tokenizer path (a replaced checkpoint) would
     resume on other tokens; the checkpoint's hashes of both frozen models refuse it."""
     import load
 

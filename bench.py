@@ -15,7 +15,7 @@ real shapes (no downloads; the text features stand in for CLIP's):
 Each figure is the median of --repeats timed runs after --warmup untimed ones, with
 CUDA synchronisation. MFU = model FLOP/s (counted analytically: TATiTok.flops,
 MaskGen.flops) / peak FLOP/s. The peak is the bf16 dense figure of a known GPU
-(runtime.PEAK_BF16_TFLOPS, as in training; --peak_tflops overrides), else the
+(train_common.PEAK_BF16_TFLOPS, as in training; --peak_tflops overrides), else the
 torch.matmul peak measured here, in the same run and dtype. Memory is the CUDA peak
 per row; on CPU the process's peak RSS.
 
@@ -37,7 +37,7 @@ import torch
 
 import losses
 import maskgen as M
-import runtime
+import train_common
 import tokenizer as T
 
 # Which models a preset times: tokenizers (VQ, KL), MaskGens (VQ, KL), text (length,
@@ -91,7 +91,7 @@ def matmul_peak(device, dtype, warmup, repeats):
 
 def rows(p, device, dtype, compile_, args):
     """Yield (name, batch, seconds per call, steps per call, FLOPs per call, CUDA peak bytes)."""
-    amp = runtime.autocast(device, dtype)  # bf16: autocast
+    amp = train_common.autocast(device, dtype)  # bf16: autocast
     B, (L, Dt, Dp) = p["batch"], p["text"]
     g = torch.Generator(device=device).manual_seed(0)
 
@@ -233,10 +233,10 @@ def main(argv=None):
         ap.error(f"--compile takes 0 and/or 1 (eager, compiled), got {args.compile}")
     if args.warmup < 0 or args.repeats < 1:
         ap.error(f"--warmup must be >= 0 and --repeats >= 1, got {args.warmup} and {args.repeats}")
-    device = runtime.pick_device(args.device, mps=False)
+    device = train_common.pick_device(args.device, mps=False)
     if args.threads:
         torch.set_num_threads(args.threads)
-    runtime.allow_tf32()  # as in training
+    train_common.allow_tf32()  # as in training
     p = dict(PRESETS[args.preset])
     p["batch"] = args.batch or p["batch"]
     compiles = [c == "1" for c in args.compile.split(",")]
@@ -248,13 +248,13 @@ def main(argv=None):
           f"median of {args.repeats} after {args.warmup} warm-up")  # fmt: skip
     if args.peak_only:  # which dtype is fast here? (CPUs of the same kind differ by 50x in bf16)
         for dtype in dtypes:
-            print(f"{dtype}: torch.matmul peak {matmul_peak(device, runtime.DTYPES[dtype], 1, 3) / 1e9:.1f} GFLOP/s")
+            print(f"{dtype}: torch.matmul peak {matmul_peak(device, train_common.DTYPES[dtype], 1, 3) / 1e9:.1f} GFLOP/s")
         return
     for dtype in dtypes:
-        peak = runtime.peak_flops(device, args.peak_tflops)
+        peak = train_common.peak_flops(device, args.peak_tflops)
         source = "table/override"
         if peak is None:
-            peak = matmul_peak(device, runtime.DTYPES[dtype], args.warmup, args.repeats)
+            peak = matmul_peak(device, train_common.DTYPES[dtype], args.warmup, args.repeats)
             source = "measured torch.matmul"
         for compile_ in compiles:
             print(f"\n## {dtype}, {'torch.compile' if compile_ else 'eager'}; peak {peak / 1e12:.3g} TFLOP/s ({source})")

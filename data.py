@@ -57,11 +57,9 @@ import zlib
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-import runtime
 import shapes
 from shards import (
     SHARD_EXTS, SKIP_REASONS, ShardWriter, SkipCounter, StreamDataset, decode_npy, expand_braces, list_shards,
@@ -329,11 +327,7 @@ class ShapesDataset(IterableDataset):
         self.skipped = SkipCounter()  # always empty: the shapes world never fails; kept for a uniform API
 
     def item(self, index):
-        s = self.world.sample(index)
-        image = to_tensor(s.image)  # (3, 64, 64)
-        if self.image_size != shapes.IMAGE_SIZE:
-            image = F.interpolate(image[None], size=(self.image_size,) * 2, mode="bicubic",
-                                  antialias=True, align_corners=False)[0].clamp_(0, 1)  # fmt: skip
+        (image,), (s,) = self.world.batch([index], self.image_size)  # (3, S, S) in [0, 1]
         return {"image": image, "caption": s.caption, "recaption": "", "aesthetic": torch.tensor(s.aesthetic),
                 "key": f"shapes-{self.seed}-{index:09d}", "index": index, "category": s.category}  # fmt: skip
 
@@ -638,7 +632,13 @@ def _cmd_inspect(args):
 def _cmd_pretokenize(args):
     # Under torchrun every rank encodes its share of the data and writes its own
     # shards; rank 0 adds meta.json once the counts are summed.
-    rank, world_size, device = runtime.setup_distributed(args.device or "auto", mps=False)
+    # (The process group is joined here, not through train_common.py, which imports this file.)
+    rank, world_size = resolve_rank()  # torchrun's RANK / WORLD_SIZE, else (0, 1)
+    gpu = torch.cuda.is_available() and args.device in (None, "auto", "cuda")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if gpu else torch.device(
+        "cpu" if args.device in (None, "auto") else args.device)
+    if world_size > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     import checkpoint  # imported here so that data.py works without the models (shapes, shards)
 
     tok, _ = checkpoint.load_tokenizer(args.tokenizer, device, with_text=False)  # frozen; no text (no CLIP download)
@@ -666,7 +666,8 @@ def _cmd_pretokenize(args):
             json.dump(meta, f, indent=2)
         print(f"pretokenized {total} samples ({tok.config.quantize_mode}) into {args.out}/ "
               f"on {world_size} rank(s); skipped: {meta['skipped'] or 'none'}")  # fmt: skip
-    runtime.teardown()  # no barrier: it would hold on to `summed` again
+    if world_size > 1:
+        torch.distributed.destroy_process_group()  # no barrier: it would hold on to `summed` again
 
 
 def main(argv=None):

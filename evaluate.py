@@ -56,7 +56,7 @@ from PIL import Image
 
 import data
 import checkpoint
-import runtime
+import train_common
 import sample
 import shapes
 from data import load_image, to_uint8
@@ -67,7 +67,7 @@ def gather_rows(x):
     """Concatenate every rank's (n_r, ...) tensor along dim 0 (rank order); a no-op
     without torch.distributed. Ranks may hold different n_r (all_gather_object sends
     each rank's tensor whole, whatever its length)."""
-    if runtime.rank_world()[1] == 1:
+    if train_common.rank_world()[1] == 1:
         return x
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, x.cpu())
@@ -359,7 +359,7 @@ def generate_shapes_images(prompts, generator=None, tokenizer=None, device="cpu"
     models = checkpoint.load_models(generator, tokenizer, device)
     opts = dict(num_steps=num_steps, guidance_scale=guidance_scale, guidance_schedule=guidance_schedule,
                 randomize_temperature=None, temperature=temperature)  # fmt: skip
-    rank, world = runtime.rank_world()
+    rank, world = train_common.rank_world()
     mine = list(range(len(prompts)))[rank::world]
     out = []
     with torch.inference_mode():
@@ -575,7 +575,7 @@ def folder_batches(files, batch_size, skipped, size=None, prompts=None, class_na
     `files` (rank::world). groups: one category id per file (or None). A file that does
     not decode as an image is skipped and counted in `skipped` ({reason: count}, the
     reasons of data.py's loaders), as data.py does, instead of ending the run."""
-    rank, world = runtime.rank_world()
+    rank, world = train_common.rank_world()
     class_dirs = sorted({os.path.basename(os.path.dirname(f)) for f in files})
     mine = list(range(len(files)))[rank::world]
     for i in range(0, len(mine), batch_size):
@@ -630,7 +630,7 @@ def recon_batches(spec, batch_size, size, class_names, skipped):
         batches = folder_batches(list_images(spec), batch_size, skipped, size, class_names=class_names)
         yield from ((images, captions) for images, captions, _ in batches)
         return
-    rank, world = runtime.rank_world()
+    rank, world = train_common.rank_world()
     loader = data.image_text_loader(spec, size, batch_size, rank=rank, world_size=world, train=False)
     try:
         for batch in loader:
@@ -714,7 +714,7 @@ def cmd_gen(args, device):
     gen = folder_batches(files, args.batch_size, gen_skipped, args.size, prompts=prompts, groups=groups)
     res, stats = evaluate_generation(gen, extractor, ref_batches, ref_stats, clip, args.is_splits, categories)
     res = with_skips(with_skips(res, gen_skipped), ref_skipped, "ref_skipped")
-    if args.save_ref_stats and stats is not None and runtime.rank_world()[0] == 0:
+    if args.save_ref_stats and stats is not None and train_common.rank_world()[0] == 0:
         save_ref_stats(args.save_ref_stats, stats)
         print(f"saved reference statistics to {args.save_ref_stats}")
     return res, f"generation: {args.images} vs {args.ref}"
@@ -783,7 +783,7 @@ def cmd_shapes(args, device):
         images = generate_shapes_images(caps, args.generator, args.tokenizer, device, args.sample_seed, args.batch_size,
                                         args.steps, args.guidance_scale, args.guidance_schedule, args.temperature)
         source = args.generator or "the shipped checkpoints/shapes.pt"
-        if runtime.rank_world()[0] != 0:
+        if train_common.rank_world()[0] != 0:
             return {}, source
     res = shapes.shapes_score(images, caps, return_details=bool(args.details or args.save))
     rows = res.pop("per_prompt", None)
@@ -866,11 +866,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    rank, _, device = runtime.setup_distributed(args.device or "auto")  # joins torchrun's process group
+    rank, _, device = train_common.setup_distributed(args.device or "auto")  # joins torchrun's process group
     res, title = {"recon": cmd_recon, "gen": cmd_gen, "shapes": cmd_shapes, "context": cmd_context}[args.cmd](args, device)
     if rank == 0:
         write_report(res, args.out or os.path.join("out", "eval", args.cmd), title)
-    runtime.teardown()
+    train_common.teardown()
     return res
 
 if __name__ == "__main__":

@@ -545,9 +545,9 @@ PRESETS = {
     # The paper's text / MaskBit: ResNet-50 logits as the perceptual loss, otherwise official.
     "paper_resnet50": LossConfig(perceptual="resnet50"),
     # The shapes world on a CPU: no downloads, so no pretrained perceptual net; a small
-    # discriminator that switches on late. KL weight 1e-7: beside L2 alone (~2e-3 here) the
-    # official 1e-6 made the KL tokenizer's posterior noise as large as the spread of its
-    # means; at 1e-7 the means' variance is ~6x the noise's and reconstructions improve.
+    # discriminator that switches on late. KL weight 1e-7: beside L2 alone the official 1e-6
+    # makes the KL tokenizer's posterior noise as large as the spread of its means; at 1e-7
+    # the means outweigh the noise and reconstructions are sharper.
     "shapes": LossConfig(
         perceptual="none", perceptual_weight=0.0, discriminator_start=3000, discriminator_weight=0.1,
         disc_hidden=32, disc_stages=2, kl_weight=1e-7,

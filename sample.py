@@ -58,7 +58,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import checkpoint
-import runtime
+import train_common
 from data import IMAGE_EXTS, load_image
 from maskgen import check_guidance_schedule
 
@@ -490,7 +490,7 @@ def main(argv=None):
                    help="delete images of an earlier run in --outdir first (else such a folder is refused)")  # fmt: skip
     o.add_argument("--grid_rows", type=int, default=16, help="rows in the run's grid.png (0: no grid)")
     o.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
-    o.add_argument("--dtype", choices=sorted(runtime.DTYPES), default="fp32", help="autocast precision of the models")
+    o.add_argument("--dtype", choices=sorted(train_common.DTYPES), default="fp32", help="autocast precision of the models")
     args = p.parse_args(argv)
 
     # 1. Prompts, numbers and the work list, read and checked before anything is loaded.
@@ -554,7 +554,7 @@ def main(argv=None):
     # wait long there for the slowest. Plain python is rank 0 of 1, with no group.
     torchrun = "RANK" in os.environ
     if torchrun:
-        rank, world, device = runtime.setup_distributed(args.device, backend="gloo", timeout=datetime.timedelta(hours=4))
+        rank, world, device = train_common.setup_distributed(args.device, backend="gloo", timeout=datetime.timedelta(hours=4))
     else:
         rank, world, device = 0, 1, pick_device(args.device)
 
@@ -595,7 +595,7 @@ def main(argv=None):
                 f.write(json.dumps(row) + "\n")
 
     written = []
-    autocast = torch.autocast(device.type, dtype=runtime.DTYPES[args.dtype], enabled=args.dtype != "fp32")
+    autocast = torch.autocast(device.type, dtype=train_common.DTYPES[args.dtype], enabled=args.dtype != "fp32")
     with torch.inference_mode(), autocast:
         null = models.gen_text([""])  # the classifier-free guidance null condition, computed once
         for batch in tqdm(batches, desc=f"sampling (rank {rank})" if world > 1 else "sampling", disable=rank != 0):
@@ -614,7 +614,7 @@ def main(argv=None):
 
     # 6. After every rank is done, rank 0 draws the grid from the files on disk.
     if torchrun:
-        runtime.barrier()
+        train_common.barrier()
     grid_path = None
     if rank == 0:
         if args.grid_rows > 0:
@@ -625,7 +625,7 @@ def main(argv=None):
         where = ", ".join(written) if world == 1 and n <= 4 else where  # a few images: name each file
         print(f"wrote {n} image{'s' * (n != 1)} to {where}" + (f"; grid: {grid_path}" if grid_path else ""))
     if torchrun:
-        runtime.teardown()
+        train_common.teardown()
     return {"images": written, "grid": grid_path, "items": mine}
 
 

@@ -24,8 +24,9 @@ Sections, in reading order:
   4. The world       ShapesWorld (seeded, random access), heldout_prompts, heldout_samples
   5. The detector    detect_shapes, check_prompt, shapes_score
 
-Numpy only. data.py turns the world into a training dataset (ShapesDataset, the
-"shapes" / "shapes:N" data specs) and into tar shards (`python data.py make-shapes`);
+Numpy, and torch for ShapesWorld.batch (the world as training tensors). data.py turns
+the world into a training dataset (ShapesDataset, the "shapes" / "shapes:N" data specs)
+and into tar shards (`python data.py make-shapes`);
 evaluate.py generates images for the held-out prompts and scores them
 (`python evaluate.py shapes`).
 """
@@ -34,6 +35,8 @@ import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 # =============================================================================
 # 1. The spec
@@ -343,6 +346,18 @@ class ShapesWorld:
     def sample(self, index, category=None):
         spec, objects = self.scene(index, category)
         return ShapesSample(render(objects), make_caption(spec), spec.category, objects)
+
+    def batch(self, indices, image_size=IMAGE_SIZE):
+        """The samples `indices` as a training batch: (images FloatTensor (N, 3, S, S) in
+        [0, 1], [ShapesSample]). The one path from this world to tensors (the trainers and
+        data.ShapesDataset both use it). At S = 64 the pixels are the rendered ones exactly
+        (k / 255); another size is resized bicubic and antialiased, clamped to [0, 1]."""
+        samples = [self.sample(i) for i in indices]
+        images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255
+        if image_size != IMAGE_SIZE:
+            images = F.interpolate(images, size=(image_size, image_size), mode="bicubic", antialias=True,
+                                   align_corners=False).clamp(0, 1)  # fmt: skip
+        return images, samples
 
 
 def heldout_prompts(n_per_category=300, seed=HELDOUT_SEED):

@@ -65,9 +65,9 @@ import zlib
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-import runtime
 
 log = logging.getLogger("data")
 
@@ -494,10 +494,12 @@ class SkipCounter:
 
 
 def resolve_rank(rank=None, world_size=None):
-    """(rank, world_size) as given, else runtime.rank_world() (the process group, else
-    torchrun's environment, else (0, 1)); checked."""
+    """(rank, world_size) as given, else the process group's, else torchrun's environment
+    (RANK, WORLD_SIZE), else (0, 1); checked."""
     if rank is None or world_size is None:
-        r, w = runtime.rank_world()
+        joined = dist.is_available() and dist.is_initialized()
+        r = dist.get_rank() if joined else int(os.environ.get("RANK", 0))
+        w = dist.get_world_size() if joined else int(os.environ.get("WORLD_SIZE", 1))
         rank = r if rank is None else rank
         world_size = w if world_size is None else world_size
     if not 0 <= rank < world_size:

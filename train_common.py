@@ -1,75 +1,337 @@
 """
-The plumbing both trainers share (train_tokenizer.py, train_maskgen.py): the run's
-set-up, numerics, the optimiser and its schedule (paper App. A, Tab. 7 and 8: AdamW,
-linear warm-up then cosine or constant, EMA weights), deterministic data slots, atomic
-checkpoints with exact resume, preemption, and logging (log.jsonl, optional trackers).
-Each trainer's main() reads top to bottom and calls these; its command line and config
-checks come from train_config.py, the device and process group from runtime.py.
+What the two trainers (train_tokenizer.py, train_maskgen.py) share: their command line,
+where a process runs, the optimiser and its schedule (paper App. A, Tab. 7 and 8: AdamW,
+linear warm-up then cosine or constant, EMA weights), deterministic data slots, exact
+resume, preemption, logging and the training-curve picture. Each trainer's main() reads
+top to bottom and calls these; the maths of a step (the LR, clipping, the loss scale, the
+optimiser and EMA updates) stays in sight in the trainers' loops.
 
 Exact resume and DDP == one process rest on two rules kept here:
   - every random draw of a micro-step is seeded from (seed, step, global micro-batch
     slot) (`seed_for_slot`), and the data of a slot is fixed (`image_batches`);
   - a checkpoint holds everything a run's future depends on: weights, EMA, optimiser,
     grad scaler, step and every rank's RNG state (`run_state` / `restore_run_state`).
+
+Launched by torchrun, a process finds RANK, LOCAL_RANK and WORLD_SIZE in its environment
+and joins a process group; launched by plain python it is rank 0 of 1. Nine sections, below.
 """
 
+import copy
 import dataclasses
 import importlib
 import json
 import math
 import os
 import random
+import re
 import signal
 import sys
+import textwrap
 import time
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-import data
-import runtime
 from checkpoint import atomic_write, newest_checkpoint, save_checkpoint
 from shapes import ShapesWorld
-from shards import StreamPositions
 
-# -----------------------------------------------------------------------------
-# Run set-up
+# data.py and shards.py (the streamed datasets) are imported where a stream is opened:
+# they use this file's process helpers, so importing them here would be an import cycle,
+# and a run on the shapes world needs neither.
+
+# 1. Config: typed dataclasses, --field=value, --help / --list / --print_config --------------------
+
+
+def option(default, help):
+    """A config field with its one-line --help text (kept in the field's metadata)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RunConfig:
+    """The fields of every training run that are not about the model, the data or the
+    optimisation (each trainer's TrainConfig adds those)."""
+
+    dtype: str = option("bf16", "bf16 | fp16 | fp32 (autocast is used on CUDA only)")
+    compile: bool = option(True, "torch.compile the model (faster; changes float rounding, not the maths)")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N; auto = this process's GPU, else the CPU")
+    peak_tflops: float = option(0.0, "per device, for MFU; 0 = the bf16 peak of a known GPU (PEAK_BF16_TFLOPS)")
+    seed: int = option(42, "seeds the initial weights, the data order and every random draw")
+    log_every: int = option(50, "steps between log records (log.jsonl and the trackers)")
+    sample_every: int = option(5_000, "steps between sample / reconstruction grids")
+    ckpt_every: int = option(5_000, "steps between checkpoints")
+    stop_at: int = option(0, "stop (with a checkpoint) at this step, short of max_steps; 0 = run to max_steps")
+    keep_ckpts: int = option(2, "the newest good checkpoints kept (the newest good one is never deleted)")
+    max_nonfinite_steps: int = option(20, "stop after this many consecutive steps with a non-finite grad norm")
+    dist_timeout_s: int = option(600, "a collective that waits longer (a stuck rank) ends the job with an error")
+    wandb_project: str = option("", "also log to this Weights & Biases project (pip install wandb); empty = off")
+    tensorboard_dir: str = option("", "also log to TensorBoard files in this folder (pip install tensorboard)")
+
+
+# The values a config field allows: ok(value) -> bool, and how to say which.
+Rule = NamedTuple("Rule", [("ok", Callable), ("allowed", str)])
+
+
+def one_of(choices):
+    """A field that takes one of `choices` (a preset name, a schedule, a dtype)."""
+    return Rule(lambda v: v in choices, f"choose one of {sorted(choices)}")
+
+
+def at_least(low):
+    """A number >= low (a count, a step, a rate)."""
+    return Rule(lambda v: v >= low, f"it must be >= {low}")
+
+
+def within(low, high, open_high=False):
+    """A number in [low, high], or [low, high) with open_high (a probability, a beta)."""
+    ok = (lambda v: low <= v < high) if open_high else (lambda v: low <= v <= high)
+    return Rule(ok, f"it must be in [{low}, {high}{')' if open_high else ']'}")
+
+
+# The allowed values of the fields both trainers have; each trainer adds its own (RULES).
+# lr may be 0 (a frozen run that only replays data, as a test does); nan fails every bound.
+COMMON_RULES = {
+    "dtype": one_of(("bf16", "fp16", "fp32")),
+    "device": Rule(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "use auto, cpu, cuda or cuda:N"),
+    "beta1": within(0, 1, open_high=True), "beta2": within(0, 1, open_high=True), "ema_decay": within(0, 1),
+    "grad_clip": Rule(lambda v: v > 0, "it must be > 0 (inf: no clipping)"),
+    **dict.fromkeys(("batch_size", "grad_accum", "max_steps", "log_every", "sample_every", "ckpt_every",
+                     "keep_ckpts", "max_nonfinite_steps", "dist_timeout_s"), at_least(1)),
+    **dict.fromkeys(("lr", "end_lr", "warmup_steps", "weight_decay", "num_workers", "stop_at", "peak_tflops"),
+                    at_least(0)),
+}  # fmt: skip
+
+
+def parse_config(cls, presets, argv=None, default="tiny", rules=None):
+    """Build a config dataclass from `--config=NAME` (a preset; `default` when not given) plus
+    `--field=value` overrides (argv: default sys.argv[1:]), then check every value.
+
+    Values are converted to the field's declared type (a bool may be given bare: --compile);
+    an unknown field, a badly typed value or one outside `rules` (COMMON_RULES plus the
+    trainer's) stops with a message saying what is allowed. No arguments, -h or --help
+    print the fields; --list the presets; --print_config the resolved config as JSON.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    stray = [a for a in argv if not a.startswith("--") and a != "-h"]
+    if stray:
+        sys.exit(f"error: arguments must look like --field=value, got {stray} (--help lists the fields)")
+    args = dict(a[2:].split("=", 1) if "=" in a else (a[2:], None) for a in argv if a.startswith("--"))
+    wants = {k for k in ("help", "list", "print_config") if args.pop(k, False) is None}
+    name = args.pop("config", default)
+    if name is None:
+        sys.exit(f"error: --config needs a value: --config={default} (--list names the presets)")
+    if name not in presets:
+        sys.exit(f"error: unknown --config={name}; choose one of {sorted(presets)}")
+    if not argv or "help" in wants or "-h" in argv:  # a bare run would start a long training: say how instead
+        print_help(cls, presets, name)
+    if "list" in wants:
+        print_presets(cls, presets, default)
+    cfg, fields = copy.deepcopy(presets[name]), {f.name: f for f in dataclasses.fields(cls)}
+    for key, raw in args.items():
+        if key not in fields:
+            sys.exit(f"error: unknown option --{key}; valid options: {', '.join(sorted(fields))} (--help says more)")
+        t = fields[key].type
+        if raw is None:  # --key with no "=value": only a boolean may be given bare (--compile)
+            if t is not bool:
+                example = show(getattr(cfg, key)) if getattr(cfg, key) != "" else f"<{t.__name__}>"
+                sys.exit(f"error: --{key} needs a value: --{key}={example}")
+            raw = "true"
+        try:
+            if t is bool and raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            val = raw.lower() in ("true", "1") if t is bool else t(raw)
+        except ValueError:
+            sys.exit(f"error: --{key}={raw} is not a valid {t.__name__}")
+        setattr(cfg, key, val)
+    for key, rule in {**COMMON_RULES, **(rules or {})}.items():
+        value = getattr(cfg, key, None)
+        if key in fields and not rule.ok(value):
+            sys.exit(f"error: --{key}={show(value)} is not allowed; {rule.allowed}")
+    if "print_config" in wants:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        sys.exit(0)
+    return cfg
+
+
+def show(value):
+    """A config value the way it is typed on the command line."""
+    return str(value).lower() if isinstance(value, bool) else value if value != "" else '""'
+
+
+def own_fields_first(cls):
+    """The trainer's own fields, then RunConfig's, each in the order they are declared."""
+    return sorted(dataclasses.fields(cls), key=lambda f: f.name in RunConfig.__dataclass_fields__)
+
+
+def print_help(cls, presets, name):
+    """Print what --help shows: usage, every field with its type, its value in preset `name`
+    and its description (the field's metadata); then exit 0."""
+    module = sys.modules[cls.__module__]
+    script = os.path.basename(getattr(module, "__file__", "") or "train.py")
+    about = (module.__doc__ or "").strip().split("\n\n")[0]  # the first paragraph of the trainer's docstring
+    print(f"usage: python {script} --config=PRESET [--field=value ...]     (torchrun takes the same arguments)\n"
+          f"       python {script} --list | --print_config | --help\n\n{about}\n\n"
+          f"Fields, with their values in preset {name} (--config=NAME --help shows another's):")  # fmt: skip
+    rows = [(f"--{f.name}={show(getattr(presets[name], f.name))}", f.type.__name__, f.metadata.get("help", ""))
+            for f in own_fields_first(cls)]  # fmt: skip
+    width = min(36, max(len(r[0]) for r in rows))
+    for option_, kind, note in rows:
+        print(f"  {option_:<{width}}  {kind:<5}  {note}")
+    print("\n" + textwrap.fill(f"Presets (--list): {', '.join(presets)}. A bool may be given bare (--compile). "
+                               f"Runs resume by themselves from the newest good checkpoint in --out_dir.", 100))
+    sys.exit(0)
+
+
+def print_presets(cls, presets, default):
+    """Print what --list shows: each preset and the fields it sets apart from the defaults; exit 0."""
+    base, order = dataclasses.asdict(cls()), own_fields_first(cls)
+    for name, p in presets.items():
+        changed = [f"{f.name}={show(getattr(p, f.name))}" for f in order if getattr(p, f.name) != base[f.name]]
+        print(f"{name}{' (default)' if name == default else ''}: {', '.join(changed) or 'the field defaults'}")
+    sys.exit(0)
+
+
+# 2. Processes: device, process group, numerics, seeds, peak FLOP/s (also for sample, evaluate, data, bench) --
+
+
+def pick_device(name="auto", mps=True):
+    """The torch.device for --device=NAME. "auto" is this process's GPU, else Apple's GPU (MPS,
+    where `mps`: the trainers keep to CUDA and CPU), else the CPU. A bare "cuda" is this
+    process's GPU too (torchrun starts one process per GPU, numbered LOCAL_RANK). A device
+    this machine lacks is refused here, in words (torch would fail much later, obscurely)."""
+    mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps and mps_ok else "cpu"
+    try:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for but torch.cuda.is_available() is False; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+    if device.type == "mps" and not mps_ok:
+        raise ValueError(f"--device {name} was asked for but torch.backends.mps.is_available() is False; "
+                         f"use --device cpu or auto")  # fmt: skip
+    return device
+
+
+def rank_world():
+    """(rank, world_size): from the process group once joined, else from torchrun's
+    environment, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def setup_distributed(device="auto", mps=True, backend=None, timeout=None):
+    """Pick this process's device and, under torchrun with more than one process, join the
+    process group. Returns (rank, world_size, device). The backend is NCCL for GPUs and gloo
+    otherwise, which lets the same scripts (and the tests) run several processes on CPU.
+    `backend`/`timeout` override torch's defaults."""
+    device = pick_device(device, mps)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL, and every bare .cuda(), use the current device
+    rank, world = rank_world()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"), timeout=timeout)
+    return rank, world, device
+
+
+def barrier():
+    """Wait for every process (a no-op without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def teardown():
+    """Leave the process group, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def collective_device():
+    """Where a tensor must live to take part in a collective: NCCL moves CUDA tensors
+    only, gloo moves CPU tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def allow_tf32():
+    """Let fp32 matmuls and convolutions use TF32 on Ampere and newer GPUs: ~8x the fp32
+    throughput with a 10-bit mantissa, which is plenty for training and running these
+    models (the official configs enable it too). No effect on CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast(device, dtype):
+    """A mixed-precision context for `dtype` ("fp32" | "bf16" | "fp16"); fp32 turns it off."""
+    return torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
+
+
+def seed_everything(seed):
+    """Seed Python's, NumPy's and torch's global generators (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s per GPU, from the vendor data
+# sheets, matched in this order against torch.cuda.get_device_name(): first hit wins.
+PEAK_BF16_TFLOPS = [
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("B200", 2250.0),
+    ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0),
+]  # fmt: skip
+
+
+def peak_flops(device, override_tflops=0.0):
+    """Peak FLOP/s of one device for MFU: the override when given, else the table's bf16
+    figure for a known GPU, else None (then no MFU is reported: a guess would mislead)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in PEAK_BF16_TFLOPS:
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+# 3. Set-up of a training run ----------------------------------------------------------------------
 
 
 def setup_run(cfg):
     """The start both trainers share: DDP when launched by torchrun (with a collective
     timeout, so a stuck rank ends the job with an error instead of hanging it), the
-    precision, and the rank-0 logger, which says where the run folder is.
+    numerics, and the rank-0 logger, which says where the run folder is.
     Returns (rank, world, device, autocast, scaler, log)."""
-    timeout = timedelta(seconds=cfg.dist_timeout_s)
     try:
-        rank, world, device = runtime.setup_distributed(cfg.device, mps=False, timeout=timeout)
+        rank, world, device = setup_distributed(cfg.device, mps=False, timeout=timedelta(seconds=cfg.dist_timeout_s))
     except ValueError as e:  # a device this machine does not have
         sys.exit(f"error: {e}")
-    autocast, scaler = setup_precision(cfg.dtype, device)
+    # The one place where training numerics are chosen: TF32 for fp32 matmuls, autocast on
+    # CUDA only (CPU bf16 is slow on most machines, and tests want fp32), loss scaling for
+    # fp16 only, whose narrow exponent range would flush small gradients to zero. A disabled
+    # scaler passes everything through: scale(loss) is loss, step(opt) is opt.step().
+    allow_tf32()
+    amp = cfg.dtype if device.type == "cuda" else "fp32"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
     log = Logger(cfg, rank == 0)
     log(text=f"run folder: {os.path.abspath(cfg.out_dir)} (config.json, log.jsonl, checkpoints)")
-    return rank, world, device, autocast, scaler, log
+    return rank, world, device, (lambda: autocast(device, amp)), scaler, log
 
 
-def setup_precision(dtype, device):
-    """The one place where training numerics are chosen. Returns (autocast context
-    factory, GradScaler)."""
-    runtime.allow_tf32()
-    # No autocast on CPU: CPU bf16 is slow on most machines and tests want fp32.
-    amp = dtype if device.type == "cuda" else "fp32"
-    # fp16 has a narrow exponent range, so its gradients need loss scaling; bf16 does not.
-    # A disabled scaler passes everything through: scale(loss) is loss, step(opt) is opt.step().
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
-    return (lambda: runtime.autocast(device, amp)), scaler
-
-
-# -----------------------------------------------------------------------------
-# Optimisation
+# 4. Optimisation ----------------------------------------------------------------------------------
 
 
 def lr_at(step, base_lr, warmup, max_steps, schedule="cosine", end_lr=0.0):
@@ -93,33 +355,16 @@ def adamw(model, lr, betas, weight_decay):
         (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused AdamW updates all tensors in one kernel per step instead of a dozen ops per
-    # tensor: on CUDA, and on CPU too since PyTorch 2.4 (the shapes tokenizer's
-    # optimizer.step 2.1 -> 0.4 ms on 2 cores, README); the same maths up to float rounding.
+    # tensor: on CUDA, and on CPU too since PyTorch 2.4; the same maths up to float rounding.
     fused = next(model.parameters()).device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
-def optimizer_step(opt, params, scaler, clip):
-    """Unscale (fp16), clip the global grad norm, step, clear grads. Returns (norm tensor, ok).
-
-    A step whose grad norm is not finite is skipped (ok False: no update; the caller skips
-    EMA too). A nan/inf loss gives non-finite gradients, so the norm catches it as well;
-    under DDP the norm is of the all-reduced gradients, so every rank decides the same.
-    Reading it is this step's one host sync. scaler.update() stays with the caller: with
-    two optimizers it must run once per iteration, after both steps."""
-    scaler.unscale_(opt)
-    norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    ok = bool(torch.isfinite(norm))
-    if ok:
-        scaler.step(opt)
-    opt.zero_grad(set_to_none=True)
-    return norm, ok
-
-
 @torch.no_grad()
 def ema_update(ema, model, step, max_decay):
-    """EMA of the weights. The decay warms up as (1+t)/(10+t), so at step 0 it is a copy
-    (decay 0 at initialisation) and early EMA weights are not dominated by random init."""
+    """EMA of the weights: ema <- decay * ema + (1 - decay) * model, i.e. a lerp toward the
+    model. The decay warms up as (1+t)/(10+t), so at step 0 it is a copy (decay 0) and early
+    EMA weights are not dominated by the random initialisation. Buffers are copied."""
     decay = min(max_decay, (1 + step) / (10 + step)) if step > 0 else 0.0
     for e, m in zip(ema.parameters(), model.parameters()):
         e.lerp_(m.detach(), 1.0 - decay)
@@ -127,8 +372,7 @@ def ema_update(ema, model, step, max_decay):
         e.copy_(m)
 
 
-# -----------------------------------------------------------------------------
-# Data: an endless, deterministic stream of (images, captions) batches
+# 5. Data: an endless, deterministic stream of (images, captions) batches --------------------------
 
 
 def shapes_mix(text):
@@ -155,24 +399,22 @@ def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0, 
     run sees exactly the data it would have seen.
 
     Tar shards and image folders are streams: get.positions (shards.StreamPositions)
-    follows where each reader stands, run_state(..., data=get) saves it, and
-    resume=<the checkpoint resumed> starts every reader there, exactly and at the same
-    cost at any step (older checkpoints without positions fast-forward)."""
+    follows where each reader stands, run_state(..., data=get) saves it, and resume=<the
+    checkpoint resumed> starts every reader there, exactly and at the same cost at any step."""
     B, A = cfg.batch_size, cfg.grad_accum
     if cfg.data == "shapes":
         shapes = ShapesWorld(seed=cfg.seed, category_mix=shapes_mix(getattr(cfg, "shapes_mix", "")))
 
         def get(step, k):
-            first = ((step * world * A) + rank * A + k) * B
-            samples = [shapes.sample(i) for i in range(first, first + B)]
-            images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255
-            if images.shape[-1] != image_size:
-                images = torch.nn.functional.interpolate(images, size=image_size, mode="bilinear", antialias=True)
+            first = ((step * world * A) + rank * A + k) * B  # the slot's first sample id
+            images, samples = shapes.batch(range(first, first + B), image_size)  # (B, 3, S, S)
             return images, [s.caption for s in samples]
 
         return get
     # Tar shards or an image folder: a seeded stream per rank, started where the run
     # stopped. Corrupt or filtered samples are skipped and counted (get.skipped).
+    import data
+
     positions = resume_positions(resume, rank, cfg.num_workers, start_step * A)
     loader = data.image_text_loader(
         cfg.data, image_size=image_size, batch_size=B, rank=rank, world_size=world, num_workers=cfg.num_workers,
@@ -192,8 +434,10 @@ def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0, 
 
 
 def resume_positions(resume, rank, num_workers, start_batch):
-    """This rank's StreamPositions from the checkpoint being resumed (None: a fresh run);
-    a checkpoint written with another num_workers stops the run with the reason."""
+    """This rank's shards.StreamPositions from the checkpoint being resumed (None: a fresh
+    run); a checkpoint written with another num_workers stops the run with the reason."""
+    from shards import StreamPositions
+
     try:
         return StreamPositions.resume(resume, rank, num_workers, start_batch)
     except ValueError as e:
@@ -205,11 +449,10 @@ def seed_for_slot(seed, step, slot):
     random draws (masks, noise) then depend on which data they belong to, not on which
     rank runs them, so DDP equals one process with the same global batch, and resuming
     needs no RNG bookkeeping to be exact."""
-    runtime.seed_everything(hash((seed, step, slot)) % 2**62)
+    seed_everything(hash((seed, step, slot)) % 2**62)
 
 
-# -----------------------------------------------------------------------------
-# Checkpoints and exact resume
+# 6. Exact resume: RNG states, what may change, the checkpoint's run state -------------------------
 
 
 def rng_state():
@@ -221,25 +464,6 @@ def rng_state():
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
-
-
-def set_rng_state(state):
-    """The inverse of rng_state()."""
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def gather_rng_states(world):
-    """Every rank's RNG state, so that a resumed run continues every rank's random stream."""
-    if world == 1:
-        return [rng_state()]
-    out = [None] * world
-    dist.all_gather_object(out, rng_state())
-    return out
 
 
 # Fields that may change between a run and its resumption, because they do not change the
@@ -255,23 +479,20 @@ WHY_FIXED = {"max_steps": " (the cosine decay's length, which the steps so far f
              "num_workers": " (the order of the shard data depends on it)"}  # fmt: skip
 
 
-def max_steps_may_change(saved, current, step):
-    """Whether a run resumed at `step` may change max_steps: when no step trained so far had
-    a learning rate that depended on it (a constant schedule, or a run still in warm-up).
-    The schedules read it only after warm-up, so the last trained step decides. (The
-    tokenizer's config has no schedule field: it is always cosine.)"""
+def check_resume_config(saved, current, step, pinned=()):
+    """Stop, naming every differing field, when a run would resume a checkpoint written
+    with different maths (fields outside RESUMABLE_FIELDS). `pinned`: fields naming files
+    whose content the checkpoint pins by hash (check_inputs), which may therefore move.
+    max_steps may change where no step trained so far had a learning rate that depended on
+    it (a constant schedule, or a run still in warm-up: the last trained step decides).
+    (The tokenizer's config has no schedule field: it is always cosine.)"""
     def lr(max_steps):
         return lr_at(step - 1, current["lr"], current["warmup_steps"], max_steps, current.get("schedule", "cosine"),
                      current["end_lr"])  # fmt: skip
 
-    return step == 0 or lr(saved.get("max_steps")) == lr(current["max_steps"])
-
-
-def check_resume_config(saved, current, step, pinned=()):
-    """Stop, naming every differing field, when a run would resume a checkpoint written
-    with different maths (fields outside RESUMABLE_FIELDS). `pinned`: fields naming files
-    whose content the checkpoint pins by hash (check_inputs), which may therefore move."""
-    free = RESUMABLE_FIELDS | set(pinned) | ({"max_steps"} if max_steps_may_change(saved, current, step) else set())
+    free = RESUMABLE_FIELDS | set(pinned)
+    if step == 0 or lr(saved.get("max_steps")) == lr(current["max_steps"]):
+        free = free | {"max_steps"}
     diff = {k: (saved.get(k), v) for k, v in current.items() if k not in free and saved.get(k) != v}
     if diff:
         lines = "\n".join(f"  {k}: checkpoint has {a!r}, this run has {b!r}{WHY_FIXED.get(k, '')}"
@@ -318,6 +539,48 @@ def find_resume(cfg, log, inputs=None):
     return path, ckpt
 
 
+def run_state(cfg, step, scaler, world, data=None):
+    """The part of a checkpoint both trainers write besides their models and optimisers:
+    config, step, grad scaler, every rank's RNG state (a resumed run continues every rank's
+    random stream) and, for a streamed dataset (`data`: the batch function, with its
+    .positions), every rank's reader positions. A collective: every rank calls it."""
+    def every_rank(mine):  # [rank 0's, rank 1's, ...]: a collective
+        out = [mine] if world == 1 else [None] * world
+        if world > 1:
+            dist.all_gather_object(out, mine)
+        return out
+
+    scaler_state = scaler.state_dict() if scaler.is_enabled() else None
+    state = {"config": dataclasses.asdict(cfg), "step": step, "scaler": scaler_state, "rng": every_rank(rng_state())}
+    positions = getattr(data, "positions", None)
+    mine = positions.state() if positions is not None else None
+    if mine is not None:  # the same kind of data on every rank, so every rank gathers
+        state["data_positions"] = every_rank(mine)
+    return state
+
+
+def restore_run_state(ckpt, scaler, rank, world):
+    """The part of a resume both trainers share: scaler, this rank's RNG state (the inverse
+    of rng_state), the step. (The data stream's positions go to image_batches / the token
+    loader: resume=ckpt.)"""
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if len(ckpt["rng"]) != world:
+        sys.exit(f"error: checkpoint was written by {len(ckpt['rng'])} processes, this run has {world}; "
+                 f"resume with the same number of processes (or start a new --out_dir)")  # fmt: skip
+    state = ckpt["rng"][rank]
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    return ckpt["step"]
+
+
+# 7. Stopping: non-finite steps, preemption, the checkpoint on the way out -------------------------
+
+
 class RunControl:
     """What stops a run early, the same way on every rank:
       - non-finite steps: after cfg.max_nonfinite_steps skipped steps in a row the run
@@ -349,13 +612,9 @@ class RunControl:
         if logs:
             self.log.close()
 
-    def step_done(self, ok, step, scaler, ema, model):
-        """End of an iteration: update the loss scale (once, after every optimizer step), the
-        EMA (only when the step was applied), and count a skipped (non-finite) step; stop
-        after too many in a row."""
-        scaler.update()
-        if ok:  # a skipped (non-finite) step updates nothing
-            ema_update(ema, model, step, self.cfg.ema_decay)
+    def count_skipped(self, ok, step):
+        """Count a skipped (non-finite) step; stop after too many in a row. The decision is
+        the same on every rank: it rests on the norm of the all-reduced gradients."""
         self.in_a_row = 0 if ok else self.in_a_row + 1
         self.skipped += not ok
         if self.in_a_row >= self.cfg.max_nonfinite_steps:
@@ -365,15 +624,14 @@ class RunControl:
                      f"lower --lr or raise --grad_clip / use --dtype=fp32, and resume from it")  # fmt: skip
 
     def stop_requested(self):
-        """Whether any rank got a signal (a collective: every rank calls it every step).
-
-        The answer is the same on every rank, and it is what exit_if_stopped acts on. A
-        signal that lands on one rank after its flag was read here (during the all-reduce,
-        or later in the step) is not acted on by that rank alone: the others would run on
-        into the next step's collectives and crash. It is seen at the next step's call."""
+        """Whether any rank got a signal (a collective: every rank calls it every step). The
+        answer is the same on every rank, and it is what exit_if_stopped acts on. A signal
+        landing on one rank after its flag was read here is not acted on by that rank alone
+        (the others would run on into the next step's collectives and crash): the next
+        step's call sees it."""
         flag = self.signum
         if self.world > 1:
-            t = torch.tensor([flag], device=runtime.collective_device())
+            t = torch.tensor([flag], device=collective_device())
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = int(t.item())
         self.signum = self.signum or flag  # a rank that got none treats the next signal as the second
@@ -398,7 +656,7 @@ class RunControl:
             self.log(text=f"stopped by {signal.Signals(self.stopping).name} at step {step}; checkpoint "
                           f"{self.last_ckpt}; run the same command to resume")  # fmt: skip
         self.close()
-        runtime.teardown()
+        teardown()
         sys.exit(128 + self.stopping)
 
     def finish(self, progress, master):
@@ -407,46 +665,15 @@ class RunControl:
         if master:
             self.log(text=f"done: checkpoint {self.last_ckpt}")
         self.close()
-        runtime.teardown()
+        teardown()
 
 
-def run_state(cfg, step, scaler, world, data=None):
-    """The part of a checkpoint both trainers write besides their models and optimisers:
-    config, step, grad scaler, every rank's RNG state and, for a streamed dataset (`data`:
-    the batch function, with its .positions), every rank's reader positions. A
-    collective: every rank calls it."""
-    scaler_state = scaler.state_dict() if scaler.is_enabled() else None
-    state = {"config": dataclasses.asdict(cfg), "step": step, "scaler": scaler_state, "rng": gather_rng_states(world)}
-    positions = getattr(data, "positions", None)
-    mine = positions.state() if positions is not None else None
-    if mine is not None:  # the same kind of data on every rank, so every rank gathers
-        state["data_positions"] = [mine]
-        if world > 1:
-            state["data_positions"] = [None] * world
-            dist.all_gather_object(state["data_positions"], mine)
-    return state
-
-
-def restore_run_state(ckpt, scaler, rank, world):
-    """The part of a resume both trainers share: scaler, this rank's RNG state, the step.
-    (The data stream's positions go to image_batches / the token loader: resume=ckpt.)"""
-    if ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    if len(ckpt["rng"]) != world:
-        sys.exit(f"error: checkpoint was written by {len(ckpt['rng'])} processes, this run has {world}; "
-                 f"resume with the same number of processes (or start a new --out_dir)")  # fmt: skip
-    set_rng_state(ckpt["rng"][rank])
-    return ckpt["step"]
-
-
-# -----------------------------------------------------------------------------
-# Logging
+# 8. Logging: log.jsonl and the trackers, progress and MFU, image grids ----------------------------
 
 
 class Logger:
-    """A JSONL record per log interval plus a readable line, rank 0 only; the records also
-    go to the trackers asked for (--wandb_project, --tensorboard_dir). Every rank makes the
-    run folder (out_dir)."""
+    """A JSONL record per log interval plus a readable line, rank 0 only; the records also go to
+    the trackers asked for (--wandb_project, --tensorboard_dir). Every rank makes out_dir."""
 
     def __init__(self, cfg, enabled):
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -514,15 +741,15 @@ def scalars(record, prefix=""):
 
 
 class Progress:
-    """The progress bar (rank 0), and the throughput since the last reading: images per
-    second over all ranks, and the model FLOPs utilisation, model FLOP/s over the peak of
-    all devices (only where that peak is known: runtime.peak_flops)."""
+    """The progress bar (rank 0), and the throughput since the last reading: images per second
+    over all ranks, and the model FLOPs utilisation, model FLOP/s over the peak of all
+    devices (only where that peak is known: peak_flops)."""
 
     def __init__(self, cfg, step, world, device, flops_per_image, enabled):
         self.bar = tqdm(total=cfg.max_steps, initial=step, disable=not enabled, dynamic_ncols=True)
         self.images_per_step = cfg.batch_size * cfg.grad_accum * world
         self.flops_per_image, self.world = flops_per_image, world
-        self.peak = runtime.peak_flops(device, cfg.peak_tflops)
+        self.peak = peak_flops(device, cfg.peak_tflops)
         self.t0, self.steps = time.time(), 0
 
     def update(self):
@@ -543,6 +770,111 @@ class Progress:
 
 def save_grid(images, path, nrow):
     """Tile (B, 3, H, W) images in [0, 1] into one PNG, nrow per row, 2 px white gaps."""
-    # Rounded to levels first by data.to_uint8 (halves to even), as these grids always were:
-    # save_image rounds halves up, and resized shapes images hold many exact halves.
-    save_image(data.to_uint8(images) / 255, path, nrow=nrow, padding=2, pad_value=1.0)
+    # Rounded to the 256 levels first, halves to even (data.to_uint8's rounding): save_image
+    # alone rounds halves up, and resized shapes images hold many exact halves.
+    levels = (images.detach().float().clamp(0, 1) * 255).round()
+    save_image(levels / 255, path, nrow=nrow, padding=2, pad_value=1.0)
+
+
+# 9. Training curves: curves.png from log.jsonl, drawn with PIL only -------------------------------
+NOT_CURVES = {"step", "img_per_s", "mfu", "skipped_nonfinite", "skipped"}  # throughput and counters
+PANEL_W, PANEL_H, MARGIN = 360, 200, 56  # pixels per panel and the room for its labels
+
+
+def read_log(path):
+    """log.jsonl -> [record, ...] sorted by step, one per step. A resumed run appends the steps
+    it replays after its last checkpoint, so a step can appear twice: the last record wins
+    (the surviving run's). Lines that are not JSON objects with a step (cut by a kill) are ignored."""
+    by_step = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
+                by_step[rec["step"]] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def series(records):
+    """{name: ([step, ...], [value, ...])} for every numeric field worth a curve, finite
+    values only (a skipped non-finite step logs nan)."""
+    out = {}
+    for rec in records:
+        for key, v in rec.items():
+            if key in NOT_CURVES or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                continue
+            xs, ys = out.setdefault(key, ([], []))
+            xs.append(rec["step"])
+            ys.append(float(v))
+    # Losses first (in logged order), then the learning rate and the gradient norm.
+    order = [k for k in out if k not in ("lr", "grad_norm")] + [k for k in ("lr", "grad_norm") if k in out]
+    return {k: out[k] for k in order}
+
+
+def _panel(draw, font, x0, y0, name, xs, ys):
+    """One curve in the box at (x0, y0): title, frame, min/max labels, the line. The y axis
+    is logarithmic when every value is positive and they span more than a factor of 20
+    (losses and the learning-rate warm-up do), linear otherwise."""
+    left, top = x0 + MARGIN, y0 + 18
+    w, h = PANEL_W - MARGIN - 8, PANEL_H - 18 - 22
+    draw.text((x0 + MARGIN, y0 + 2), name, fill="black", font=font)
+    draw.rectangle([left, top, left + w, top + h], outline=(160, 160, 160))
+    lo, hi = min(ys), max(ys)
+    log_y = lo > 0 and hi / lo > 20
+    f = math.log10 if log_y else (lambda v: v)
+    a, b = f(lo), f(hi)
+    if b - a < 1e-12:  # a flat line: centre it
+        a, b = a - 1, b + 1
+    x_lo, x_hi = min(xs), max(xs)
+    x_span = max(x_hi - x_lo, 1)
+    pts = [(left + (x - x_lo) / x_span * w, top + h - (f(y) - a) / (b - a) * h) for x, y in zip(xs, ys)]
+    if len(pts) == 1:
+        px, py = pts[0]
+        draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=(31, 119, 180))
+    else:
+        draw.line(pts, fill=(31, 119, 180), width=2)
+    # Labels: the value range on the left (with "log" when the axis is), steps below.
+    for value, y in ((hi, top - 2), (lo, top + h - 10)):  # short numbers: 1.67e-04, not 0.000167
+        text = f"{value:.2e}" if value and abs(value) < 1e-2 else f"{value:.3g}"
+        draw.text((x0 + 2, y), text, fill="black", font=font)
+    if log_y:
+        draw.text((x0 + 2, top + h // 2 - 5), "log", fill=(120, 120, 120), font=font)
+    draw.text((left, top + h + 4), str(int(x_lo)), fill="black", font=font)
+    label = f"step {int(x_hi)}"
+    draw.text((left + w - draw.textlength(label, font=font), top + h + 4), label, fill="black", font=font)
+
+
+def plot_curves(run_dir, out=None, cols=3):
+    """Draw RUN_DIR/log.jsonl into RUN_DIR/curves.png (or `out`): every logged loss, the
+    learning rate and the gradient norm against the step, one panel each. The trainers call
+    it at each sample interval; `python train_common.py curves RUN_DIR ...` redraws by hand.
+    Returns the PNG's path, or None when the log has nothing to draw yet."""
+    log_path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.isfile(log_path):
+        return None
+    curves = series(read_log(log_path))
+    if not curves:
+        return None
+    rows = math.ceil(len(curves) / cols)
+    cols = min(cols, len(curves))
+    image = Image.new("RGB", (cols * PANEL_W, rows * PANEL_H), "white")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    for i, (name, (xs, ys)) in enumerate(curves.items()):
+        _panel(draw, font, (i % cols) * PANEL_W, (i // cols) * PANEL_H, name, xs, ys)
+    out = out or os.path.join(run_dir, "curves.png")
+    tmp = out + ".tmp.png"  # written then renamed: a reader never sees half a PNG
+    image.save(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] != "curves":
+        sys.exit("usage: python train_common.py curves RUN_DIR [RUN_DIR ...]   "
+                 "(writes RUN_DIR/curves.png from its log.jsonl)")  # fmt: skip
+    for d in sys.argv[2:]:
+        if not os.path.isfile(os.path.join(d, "log.jsonl")):
+            sys.exit(f"error: {d} has no log.jsonl; pass a train_tokenizer.py / train_maskgen.py run folder")
+        print(plot_curves(d) or f"{d}: nothing logged yet")

@@ -14,8 +14,10 @@ encoded on the fly, or read as tokens written once by `python data.py pretokeniz
 Per micro-step: tokens + captions -> CLIP penultimate states and pooled embedding ->
 caption dropout (10%: the "" encoding, for classifier-free guidance) -> MaskGen's loss
 (VQ: masked cross-entropy; KL: masked diffusion loss). The rest -- precision,
-schedule, EMA, atomic checkpoints, exact resume -- is train_common.py, shared with
-train_tokenizer.py; the device and process group come from runtime.py.
+schedule, EMA, atomic checkpoints, exact resume, the command line, the device and process
+group -- is train_common.py, shared with train_tokenizer.py. The loop in main() shows each
+step's maths: the LR, the clip and the non-finite check, the optimiser and loss-scale
+steps, the EMA update.
 """
 
 import copy
@@ -30,50 +32,47 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import checkpoint
 import maskgen as M
-import runtime
 from checkpoint import content_digest, load_checked
-from curves import plot_curves
-from data import PretokenizedDataset
 from shapes import SHAPES_AESTHETIC
 from train_common import (
-    adamw, find_resume, image_batches, lr_at, optimizer_step, Progress, restore_run_state, resume_positions,
-    run_state, RunControl, save_grid, seed_for_slot, setup_run,
+    adamw, ema_update, find_resume, image_batches, lr_at, one_of, option, parse_config, plot_curves, Progress,
+    restore_run_state, resume_positions, Rule, run_state, RunConfig, RunControl, save_grid, seed_everything,
+    seed_for_slot, setup_run, within,
 )  # fmt: skip
-from train_config import one_of, parse_config, Rule, RunConfig, within
 
 
 @dataclass
 class TrainConfig(RunConfig):  # RunConfig: dtype, compile, device, seed, log/sample/checkpoint intervals
-    # (the comment ending each field's line is its --help text)
-    maskgen: str = "maskgen_vq_l"  # a maskgen.PRESETS name (sizes; tokens follow the tokenizer)
-    tokenizer: str = ""  # official release dir, or a train_tokenizer.py run dir / checkpoint (required)
+    # Each field's second argument is its --help line.
+    maskgen: str = option("maskgen_vq_l", "a maskgen.PRESETS name (sizes; tokens follow the tokenizer)")
+    tokenizer: str = option("", "official release dir, or a train_tokenizer.py run dir / checkpoint (required)")
     # data: "shapes", a tar-shard pattern or image folder (encoded on the fly),
     # or "pretokenized:PATTERN" (shards written by `python data.py pretokenize`)
-    data: str = "shapes"  # shapes | a tar-shard pattern | an image folder | pretokenized:PATTERN
-    num_workers: int = 4  # DataLoader processes reading shards / folders (the data order depends on it)
-    caption_drop: float = 0.1  # fraction of samples trained on the empty caption (CFG's null condition)
-    recaption_prob: float = 0.95  # use the recaption (if a sample has one) with this probability
-    aesthetic_default: float = 6.5  # the aesthetic score of a sample that carries none
-    scale_factor: float = -1.0  # KL: token scale; -1 = the preset's for official tokenizers, else 1/std
+    data: str = option("shapes", "shapes | a tar-shard pattern | an image folder | pretokenized:PATTERN")
+    num_workers: int = option(4, "DataLoader processes reading shards / folders (the data order depends on it)")
+    caption_drop: float = option(0.1, "fraction of samples trained on the empty caption (CFG's null condition)")
+    recaption_prob: float = option(0.95, "use the recaption (if a sample has one) with this probability")
+    aesthetic_default: float = option(6.5, "the aesthetic score of a sample that carries none")
+    scale_factor: float = option(-1.0, "KL: token scale; -1 = the preset's for official tokenizers, else 1/std")
     # optimisation (Tab. 8 / official: VQ AdamW (0.9, 0.96) wd 0.03 lr 4e-4 cosine; KL (0.9, 0.95) wd 0.02 lr 1e-4 constant)
-    batch_size: int = 128  # per GPU, per micro-step
-    grad_accum: int = 1  # micro-steps per optimiser step (global batch = batch_size x grad_accum x GPUs)
-    max_steps: int = 500_000  # optimiser steps; a cosine schedule decays until here
-    lr: float = 4e-4  # peak learning rate, after the linear warm-up
-    end_lr: float = 1e-5  # learning rate at the end of a cosine decay
-    schedule: str = "cosine"  # cosine | constant (after the warm-up)
-    warmup_steps: int = 10_000  # steps of linear warm-up from 0
-    weight_decay: float = 0.03  # AdamW's, on weight matrices only (not gains, biases, embeddings-as-vectors)
-    beta1: float = 0.9  # AdamW's first-moment decay
-    beta2: float = 0.96  # AdamW's second-moment decay
-    grad_clip: float = 1.0  # the global gradient norm is clipped to this
-    ema_decay: float = 0.999  # of the EMA weights (warmed up as (1+t)/(10+t))
-    init_from: str = ""  # stage 2: start from a stage-1 run's EMA weights (dir or checkpoint)
-    sample_prompts: str = ""  # "|"-separated prompts of the sample grids; empty = a fixed shapes-world set
-    out_dir: str = "runs/maskgen"  # checkpoints, log.jsonl, config.json, sample grids
+    batch_size: int = option(128, "per GPU, per micro-step")
+    grad_accum: int = option(1, "micro-steps per optimiser step (global batch = batch_size x grad_accum x GPUs)")
+    max_steps: int = option(500_000, "optimiser steps; a cosine schedule decays until here")
+    lr: float = option(4e-4, "peak learning rate, after the linear warm-up")
+    end_lr: float = option(1e-5, "learning rate at the end of a cosine decay")
+    schedule: str = option("cosine", "cosine | constant (after the warm-up)")
+    warmup_steps: int = option(10_000, "steps of linear warm-up from 0")
+    weight_decay: float = option(0.03, "AdamW's, on weight matrices only (not gains, biases, embeddings-as-vectors)")
+    beta1: float = option(0.9, "AdamW's first-moment decay")
+    beta2: float = option(0.96, "AdamW's second-moment decay")
+    grad_clip: float = option(1.0, "the global gradient norm is clipped to this")
+    ema_decay: float = option(0.999, "of the EMA weights (warmed up as (1+t)/(10+t))")
+    init_from: str = option("", "stage 2: start from a stage-1 run's EMA weights (dir or checkpoint)")
+    sample_prompts: str = option("", '"|"-separated prompts of the sample grids; empty = a fixed shapes-world set')
+    out_dir: str = option("runs/maskgen", "checkpoints, log.jsonl, config.json, sample grids")
 
 
-# The allowed values of this trainer's own fields (train_config.COMMON_RULES has the shared ones).
+# The allowed values of this trainer's own fields (train_common.COMMON_RULES has the shared ones).
 RULES = {
     "maskgen": one_of(M.PRESETS), "schedule": one_of(("cosine", "constant")),
     "caption_drop": within(0, 1), "recaption_prob": within(0, 1),
@@ -93,7 +92,7 @@ def token_batches(cfg, tokenizer, rank, world, start_step, device, resume=None):
     if cfg.data.startswith("pretokenized:"):
         start = start_step * cfg.grad_accum
         positions = resume_positions(resume, rank, cfg.num_workers, start)
-        ds = PretokenizedDataset(cfg.data.split(":", 1)[1], rank=rank, world_size=world, seed=cfg.seed,
+        ds = data.PretokenizedDataset(cfg.data.split(":", 1)[1], rank=rank, world_size=world, seed=cfg.seed,
                                  start_batch=start, batch_size=B, positions=positions.saved)  # fmt: skip
         loader = torch.utils.data.DataLoader(ds, batch_size=B, num_workers=cfg.num_workers, collate_fn=data.collate)
         stream = iter(loader)
@@ -169,7 +168,7 @@ def main(argv=None):
     elif cfg.scale_factor > 0:
         mcfg.scale_factor = cfg.scale_factor
 
-    runtime.seed_everything(cfg.seed)  # identical initial weights on every rank
+    seed_everything(cfg.seed)  # identical initial weights on every rank
     model = M.build(mcfg).to(device)
     if cfg.init_from and ckpt is None:  # stage 2 fine-tuning starts from stage 1's EMA
         try:
@@ -181,11 +180,11 @@ def main(argv=None):
     opt = adamw(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
     step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
+        load_checked(model, ckpt["model"], path)  # names every key that does not fit
+        load_checked(ema, ckpt["ema"], path)
         try:
             opt.load_state_dict(ckpt["optimizer"])
-        except ValueError as e:  # e.g. a run written before MaskGen's q/k/v were fused
+        except ValueError as e:  # parameters grouped otherwise than this model's
             sys.exit(f"error: the optimizer state in {path} does not fit this model ({e}); its weights load, so "
                      f"start a new run from them with --init_from={path} in a new --out_dir")
         step = restore_run_state(ckpt, scaler, rank, world)
@@ -213,9 +212,12 @@ def main(argv=None):
     progress = Progress(cfg, step, world, device, train_flops, enabled=master)  # the bar, img/s, MFU
     end = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)  # --stop_at ends a run early, with a checkpoint
     while step < end:
+        # ---- the learning rate of this step: linear warm-up, then cosine or constant
         lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.schedule, cfg.end_lr)
         for g in opt.param_groups:
             g["lr"] = lr
+
+        # ---- gradients, with gradient accumulation
         model.train()
         loss_sum = 0.0
         for k in range(cfg.grad_accum):
@@ -226,14 +228,28 @@ def main(argv=None):
             drop = torch.rand(len(captions), device=device) < cfg.caption_drop  # (B,)
             text = torch.where(drop[:, None, None], null.penultimate, feats.penultimate)  # (B, L, Dt)
             pooled = torch.where(drop[:, None], null.pooled, feats.pooled)  # (B, Dp)
-            if world > 1:
+            if world > 1:  # only the last micro-step all-reduces gradients across ranks
                 fwd_model.require_backward_grad_sync = k == cfg.grad_accum - 1
             with autocast():
                 loss = fwd_model(tokens, text, pooled, aes) / cfg.grad_accum
-            scaler.scale(loss).backward()
+            scaler.scale(loss).backward()  # fp16: the loss times the loss scale, so small grads survive
             loss_sum += loss.detach()  # a tensor: no host sync until logging
-        grad_norm, ok = optimizer_step(opt, model.parameters(), scaler, cfg.grad_clip)
-        control.step_done(ok, step, scaler, ema, model)  # loss scale, EMA, non-finite count
+
+        # ---- the optimiser step. unscale_ divides the fp16 gradients by the loss scale (a
+        # no-op otherwise), so that the clip sees their true size; the global grad norm is of
+        # the all-reduced gradients under DDP, so every rank decides alike. A non-finite norm
+        # (a nan/inf loss or gradient) skips the update, and the EMA's; reading it is this
+        # step's one host sync.
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        ok = bool(torch.isfinite(grad_norm))
+        if ok:
+            scaler.step(opt)  # opt.step(), unless fp16 found an inf
+        scaler.update()  # the next loss scale (fp16)
+        opt.zero_grad(set_to_none=True)
+        if ok:  # EMA: ema.lerp_(model, 1 - decay)
+            ema_update(ema, model, step, cfg.ema_decay)
+        control.count_skipped(ok, step)  # too many non-finite steps in a row stop the run
         step += 1
         progress.update()
 
@@ -276,12 +292,8 @@ _TINY = dict(batch_size=8, max_steps=20, warmup_steps=2, lr=1e-3, dtype="fp32", 
              sample_every=20, ckpt_every=10, num_workers=0)  # fmt: skip
 PRESETS["tiny_vq"] = TrainConfig(maskgen="tiny_vq", out_dir="runs/tiny_maskgen_vq", **_TINY)
 PRESETS["tiny_kl"] = TrainConfig(maskgen="tiny_kl", out_dir="runs/tiny_maskgen_kl", schedule="constant", **_TINY)
-# The shapes world on 2 CPU cores, on top of train_tokenizer.py --config=shapes(_kl). The run
-# lengths keep each pipeline, tokenizer then MaskGen, within an hour on this project's current
-# 2-core machine (README). VQ: 12500 steps (34 min 36 s here on the 2,048-code tokenizer; a
-# 2,048-way head gives ~17% fewer img/s than a 512-way one: ~360 against 435). Earlier runs on 512-code
-# tokenizers, at 32 sampling steps: 12600 steps scored 0.99 / 0.83 / 0.92 and 16000 0.99 /
-# 0.89 / 0.93; at the 16 of before 5200 scored 0.90 / 0.68 / 0.75, 9000 0.96 / 0.68 / 0.85.
+# The shapes world on 2 CPU cores, on top of train_tokenizer.py --config=shapes(_kl): run
+# lengths that keep each pipeline, tokenizer then MaskGen, within about an hour (README).
 _SHAPES = dict(batch_size=64, max_steps=16000, warmup_steps=300, lr=1e-3, end_lr=1e-5, schedule="cosine",
                beta2=0.96, weight_decay=0.03, ema_decay=0.998, dtype="fp32", compile=False, log_every=100,
                sample_every=1000, ckpt_every=500, num_workers=0)  # fmt: skip
@@ -289,10 +301,7 @@ PRESETS["shapes_vq"] = TrainConfig(
     maskgen="shapes_vq", tokenizer="runs/shapes_tokenizer", out_dir="runs/shapes_maskgen_vq",
     **{**_SHAPES, "max_steps": 12500})  # fmt: skip
 # KL: a step costs ~2x a VQ step (DiffLoss on 2 noise levels per token: 0.51 vs 0.24 GFLOP
-# per sample), so the run is shorter: 10400 steps (46 min here; at the preset's 32 sampling
-# steps 10400 scored 0.99 / 0.87 / 0.94, 8400 0.99 / 0.83 / 0.93, 7200 0.98 / 0.82 / 0.87; at
-# the 16 steps of before, 2700 scored 0.65 / 0.33 / 0.02, 5400 0.86 / 0.65 / 0.47, 7200 0.94 /
-# 0.74 / 0.76).
+# per sample), so the run is shorter.
 PRESETS["shapes_kl"] = TrainConfig(
     maskgen="shapes_kl", tokenizer="runs/shapes_tokenizer_kl", out_dir="runs/shapes_maskgen_kl",
     **{**_SHAPES, "max_steps": 10400, "warmup_steps": 150, "sample_every": 1300, "ckpt_every": 650})  # fmt: skip

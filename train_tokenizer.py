@@ -12,9 +12,10 @@ Many GPUs / nodes (the same script, launched by torchrun):
 
 Any config field can be overridden with --field=value (types are checked). Runs resume
 automatically from the newest good checkpoint in --out_dir. The plumbing shared with
-train_maskgen.py (LR schedule, EMA, checkpoints with exact resume, logging) is in
-train_common.py, the device and process group in runtime.py; this file is the config
-and one flat main().
+train_maskgen.py (command line, device and process group, LR schedule, EMA, checkpoints
+with exact resume, logging) is in train_common.py; this file is the config and one flat
+main(), whose loop shows each step's maths: the LR, the clip and the non-finite check,
+the optimiser and loss-scale steps, the EMA update.
 """
 
 import copy
@@ -26,45 +27,45 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import losses
-import runtime
 import tokenizer as T
-from curves import plot_curves
 from text import TEXT_PRESETS, TextEncoder
 from train_common import (
-    adamw, find_resume, image_batches, lr_at, optimizer_step, Progress, restore_run_state, run_state, RunControl,
-    save_grid, seed_for_slot, setup_run, shapes_mix_ok,
+    adamw, at_least, ema_update, find_resume, image_batches, lr_at, one_of, option, parse_config, plot_curves,
+    Progress, restore_run_state, Rule, run_state, RunConfig, RunControl, save_grid, seed_everything, seed_for_slot,
+    setup_run, shapes_mix_ok, within,
 )  # fmt: skip
-from train_config import at_least, one_of, parse_config, Rule, RunConfig, within
 
 
 @dataclass
 class TrainConfig(RunConfig):  # RunConfig: dtype, compile, device, seed, log/sample/checkpoint intervals
-    # (the comment ending each field's line is its --help text)
-    tokenizer: str = "tiny"  # a tokenizer.PRESETS name
-    text_encoder: str = "ViT-L-14-336"  # open_clip model name, or a text.TEXT_PRESETS name
-    text_pretrained: str = "openai"  # open_clip weights tag of a named text encoder
-    data: str = "shapes"  # "shapes" (the procedural world), a tar-shard pattern, or an image folder
-    shapes_mix: str = ""  # shapes world: weights of single,count,relation scenes, e.g. 0.2,0.3,0.5; "" = thirds
-    num_workers: int = 4  # DataLoader processes reading shards / folders (the data order depends on it)
+    # Each field's second argument is its --help line.
+    tokenizer: str = option("tiny", "a tokenizer.PRESETS name")
+    text_encoder: str = option("ViT-L-14-336", "open_clip model name, or a text.TEXT_PRESETS name")
+    text_pretrained: str = option("openai", "open_clip weights tag of a named text encoder")
+    data: str = option("shapes", '"shapes" (the procedural world), a tar-shard pattern, or an image folder')
+    shapes_mix: str = option("", 'shapes world: weights of single,count,relation scenes, e.g. 0.2,0.3,0.5; "" = '
+                                 "thirds")  # fmt: skip
+    num_workers: int = option(4, "DataLoader processes reading shards / folders (the data order depends on it)")
     # optimisation (official: AdamW (0.9, 0.999), wd 1e-4, lr 1e-4, 10k warm-up, cosine to 1e-5)
-    batch_size: int = 32  # per GPU, per micro-step
-    grad_accum: int = 1  # micro-steps per optimiser step (global batch = batch_size x grad_accum x GPUs)
-    max_steps: int = 650_000  # optimiser steps; the cosine decay ends here
-    lr: float = 1e-4  # peak learning rate, after the linear warm-up
-    end_lr: float = 1e-5  # learning rate at the end of the cosine decay
-    warmup_steps: int = 10_000  # steps of linear warm-up from 0
-    weight_decay: float = 1e-4  # AdamW's, on weight matrices only (not gains, biases, latent tokens)
-    beta1: float = 0.9  # AdamW's first-moment decay
-    beta2: float = 0.999  # AdamW's second-moment decay
-    grad_clip: float = 1.0  # the global gradient norm is clipped to this
-    ema_decay: float = 0.999  # of the EMA weights (warmed up as (1+t)/(10+t))
-    loss: str = "official"  # a losses.PRESETS name (official: LPIPS + ConvNeXt-S; paper_resnet50, shapes, tiny)
-    disc_start: int = -1  # step at which the GAN switches on; -1 keeps the loss preset's (official 200k)
-    caption_drop: float = 0.0  # share of training samples decoded with the empty caption "" (official: 0)
-    out_dir: str = "runs/tokenizer"  # checkpoints, log.jsonl, config.json, reconstruction grids
+    batch_size: int = option(32, "per GPU, per micro-step")
+    grad_accum: int = option(1, "micro-steps per optimiser step (global batch = batch_size x grad_accum x GPUs)")
+    max_steps: int = option(650_000, "optimiser steps; the cosine decay ends here")
+    lr: float = option(1e-4, "peak learning rate, after the linear warm-up")
+    end_lr: float = option(1e-5, "learning rate at the end of the cosine decay")
+    warmup_steps: int = option(10_000, "steps of linear warm-up from 0")
+    weight_decay: float = option(1e-4, "AdamW's, on weight matrices only (not gains, biases, latent tokens)")
+    beta1: float = option(0.9, "AdamW's first-moment decay")
+    beta2: float = option(0.999, "AdamW's second-moment decay")
+    grad_clip: float = option(1.0, "the global gradient norm is clipped to this")
+    ema_decay: float = option(0.999, "of the EMA weights (warmed up as (1+t)/(10+t))")
+    loss: str = option("official", "a losses.PRESETS name (official: LPIPS + ConvNeXt-S; paper_resnet50, shapes, "
+                                   "tiny)")  # fmt: skip
+    disc_start: int = option(-1, "step at which the GAN switches on; -1 keeps the loss preset's (official 200k)")
+    caption_drop: float = option(0.0, 'share of training samples decoded with the empty caption "" (official: 0)')
+    out_dir: str = option("runs/tokenizer", "checkpoints, log.jsonl, config.json, reconstruction grids")
 
 
-# The allowed values of this trainer's own fields (train_config.COMMON_RULES has the shared ones).
+# The allowed values of this trainer's own fields (train_common.COMMON_RULES has the shared ones).
 RULES = {
     "tokenizer": one_of(T.PRESETS), "loss": one_of(losses.PRESETS), "disc_start": at_least(-1),
     "caption_drop": within(0.0, 1.0, open_high=True),
@@ -80,9 +81,9 @@ def drop_captions(captions, p, generator=None):
 
     The text-aware decoder can lean on the caption for *what* is in the image and leave
     the tokens only *where*; then it must bind each word to the right object, and on the
-    shapes world a VQ tokenizer that failed to (two objects drawn with one shape) was the
-    most common reconstruction error. Decoding some samples without their caption makes
-    the tokens carry the whole scene. The paper's recipe has no such dropout (p = 0)."""
+    shapes world a VQ tokenizer that fails to draws two objects with one shape. Decoding
+    some samples without their caption makes the tokens carry the whole scene. The
+    paper's recipe has no such dropout (p = 0)."""
     if p <= 0:
         return list(captions)
     drop = (torch.rand(len(captions), generator=generator) < p).tolist()
@@ -95,7 +96,7 @@ def main(argv=None):
     master = rank == 0
 
     # ---- models. Built with the same seed on every rank, so DDP starts in sync.
-    runtime.seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     tcfg = T.PRESETS[cfg.tokenizer]
     model = T.TATiTok(tcfg).to(device)
     if cfg.text_encoder in TEXT_PRESETS:  # a small random tower (tests, shapes world)
@@ -154,13 +155,13 @@ def main(argv=None):
     progress = Progress(cfg, step, world, device, train_flops, enabled=master)  # the bar, img/s, MFU
     end = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)  # --stop_at ends a run early, with a checkpoint
     while step < end:
+        # ---- the learning rate of this step: linear warm-up, then cosine (both optimisers)
         lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, "cosine", cfg.end_lr)
-        for opt_ in (opt, opt_d):
-            for g in opt_.param_groups:
-                g["lr"] = lr
+        for g in opt.param_groups + (opt_d.param_groups if opt_d is not None else []):
+            g["lr"] = lr
         disc_on = loss_fn.discriminator_active(step)
 
-        # ---- generator (tokenizer) update, with gradient accumulation
+        # ---- generator (tokenizer) gradients, with gradient accumulation
         model.train()
         stats = {}
         micro = []  # (images, reconstruction) of each micro-step, for the discriminator update
@@ -179,13 +180,25 @@ def main(argv=None):
                 recon, extras = fwd_model(images, text)
                 loss, terms = loss_fn.generator_loss(images, recon, extras, step)
             loss = loss / cfg.grad_accum
-            scaler.scale(loss).backward()
+            scaler.scale(loss).backward()  # fp16: the loss times the loss scale, so small grads survive
             for name, v in terms.items():  # detached tensors: no host sync until logging
                 stats[name] = stats.get(name, 0.0) + v / cfg.grad_accum
             micro.append((images, recon.detach()))
-        grad_norm, ok = optimizer_step(opt, model.parameters(), scaler, cfg.grad_clip)
 
-        # ---- discriminator update on the same reconstructions (after disc_start)
+        # ---- the tokenizer's optimiser step. unscale_ divides the fp16 gradients by the loss
+        # scale (a no-op otherwise), so that the clip sees their true size; the global grad
+        # norm is of the all-reduced gradients under DDP, so every rank decides alike. A
+        # non-finite norm (a nan/inf loss or gradient) skips the update, and the EMA's;
+        # reading it is this step's one host sync. scaler.step is opt.step() unless fp16
+        # found an inf.
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        ok = bool(torch.isfinite(grad_norm))
+        if ok:
+            scaler.step(opt)
+        opt.zero_grad(set_to_none=True)
+
+        # ---- discriminator update on the same reconstructions (after disc_start), stepped the same way
         if disc_on:
             for k, (images, recon) in enumerate(micro):
                 if world > 1:
@@ -195,9 +208,17 @@ def main(argv=None):
                 (scaler.scale(d_loss) / cfg.grad_accum).backward()
                 for name, v in d_terms.items():
                     stats[name] = stats.get(name, 0.0) + v / cfg.grad_accum
-            ok = optimizer_step(opt_d, disc.parameters(), scaler, cfg.grad_clip)[1] and ok
+            scaler.unscale_(opt_d)
+            d_ok = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)))
+            if d_ok:
+                scaler.step(opt_d)
+            opt_d.zero_grad(set_to_none=True)
+            ok = ok and d_ok
+        scaler.update()  # the next loss scale (fp16): once per iteration, after both optimiser steps
         model.end_step(ok)  # VQ: dead-code revival over the step's global batch (all ranks)
-        control.step_done(ok, step, scaler, ema, model)  # loss scale, EMA, non-finite count
+        if ok:  # EMA: ema.lerp_(model, 1 - decay); a skipped step updates nothing
+            ema_update(ema, model, step, cfg.ema_decay)
+        control.count_skipped(ok, step)  # too many non-finite steps in a row stop the run
         step += 1
         progress.update()
 
@@ -244,24 +265,20 @@ PRESETS["tiny"] = TrainConfig(
     loss="tiny", disc_start=10, out_dir="runs/tiny_tokenizer",
     dtype="fp32", compile=False, log_every=5, sample_every=20, ckpt_every=10, num_workers=0,
 )  # fmt: skip
-# The shapes world on 2 CPU cores (KL: 11 min on this project's machine, 24 on an older
-# one; VQ, below, runs longer; README): L2 and quantizer (or KL) losses only (the GAN never switches on: in so short
-# a run it costs more than it sharpens). beta2 = 0.99: with 0.999 the second moments
-# remember the huge first-step gradients for ~1k steps, which stalls a run this short.
+# The shapes world on 2 CPU cores (README): L2 and quantizer (or KL) losses only (the GAN
+# never switches on: in so short a run it costs more than it sharpens). beta2 = 0.99: with
+# 0.999 the second moments remember the huge first-step gradients for ~1k steps, which
+# stalls a run this short.
 _SHAPES = dict(
     text_encoder="shapes", batch_size=16, max_steps=16_000, warmup_steps=200, lr=2e-3, end_lr=2e-4, beta2=0.99,
     loss="shapes",
     disc_start=16_000, dtype="fp32", compile=False, log_every=200, sample_every=2000, ckpt_every=2000,
     num_workers=0,
 )  # fmt: skip
-# VQ: longer (28,000 steps), on a relation-heavy mix of scenes, with 30% of the captions
-# dropped, and compiled (~375 against ~322 img/s eager in 1,500-step runs). Without dropout
-# the decoder took each object's shape from the caption and bound it to the wrong object in some runs (two
-# objects drawn with one shape), and MaskGen-VQ's generated tokens showed the same failure;
-# with it the tokens carry the whole scene (reconstructions with "" for the caption score
-# within 0.01 of those with it). 24,000 steps reconstructed 0.997 / 0.977 / 0.993 (count
-# one image short of 0.98), these 28,000 0.990 / 0.983 / 0.980 (0.990 / 0.980 / 0.980 as
-# bundled in fp16, README).
+# VQ: longer, on a relation-heavy mix of scenes, compiled, and with 30% of the captions
+# dropped: without dropout the decoder can take each object's shape from the caption and
+# bind it to the wrong object (two objects drawn with one shape), and MaskGen-VQ's
+# generated tokens then show the same failure; with it the tokens carry the whole scene.
 PRESETS["shapes"] = TrainConfig(
     tokenizer="shapes", out_dir="runs/shapes_tokenizer",
     **{**_SHAPES, "max_steps": 28_000, "disc_start": 28_000, "shapes_mix": "0.2,0.3,0.5", "caption_drop": 0.3,

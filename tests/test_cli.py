@@ -1,4 +1,4 @@
-"""The trainers' command line (train_config.py, issue 15): --help / -h / --list /
+"""The trainers' command line (train_common.parse_config): --help / -h / --list /
 --print_config, a bare train_maskgen.py, value checks with messages naming what is allowed,
 config.json and the lines a run prints, and the optional trackers (faked: neither wandb
 nor tensorboard is a dependency)."""
@@ -14,7 +14,7 @@ import pytest
 
 import train_maskgen
 import train_tokenizer
-from train_config import RunConfig
+from train_common import RunConfig
 
 TRAINERS = {"tokenizer": train_tokenizer, "maskgen": train_maskgen}
 DEFAULTS = {"tokenizer": "tiny", "maskgen": "tiny_vq"}
@@ -47,7 +47,7 @@ def test_help_lists_every_field(which, capsys):
         assert kind == f.type.__name__ and note, f.name  # every field has a type and a description
         want = getattr(preset, f.name)
         assert value == ('""' if want == "" else str(want).lower() if isinstance(want, bool) else str(want)), f.name
-    # descriptions are the comments that end the fields' lines in the source
+    # descriptions are the help texts the fields declare (their metadata)
     assert rows["batch_size"][2] == "per GPU, per micro-step"
     assert rows["dtype"][2] == "bf16 | fp16 | fp32 (autocast is used on CUDA only)"
     assert exits(mod.main, ["-h"]) == 0 and capsys.readouterr().out == out
@@ -62,7 +62,7 @@ def test_help_shows_the_chosen_preset(capsys):
 
 
 def test_bare_train_maskgen_prints_help():
-    # Issue 15: a bare run said "error: unknown --config=tiny" (its default preset did not exist).
+    # A bare run prints the help of its default preset (which must exist).
     out = subprocess.run([sys.executable, "train_maskgen.py"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("usage: python train_maskgen.py") and "values in preset tiny_vq" in out.stdout
@@ -130,7 +130,7 @@ def test_bad_values_are_refused_with_what_is_allowed(which, arg, message, tmp_pa
 
 
 def test_fp8_is_refused_on_cpu_too(tmp_path):
-    # It used to be ignored on CPU (no autocast there): now refused before the run starts.
+    # Refused before the run starts, on CPU too (where there is no autocast to use it).
     with pytest.raises(SystemExit, match="--dtype=fp8 is not allowed"):
         train_tokenizer.main(["--config=tiny", "--dtype=fp8", "--device=cpu", f"--out_dir={tmp_path}"])
     assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,4 @@
-"""Fault cases of the trainers on the tiny presets, on CPU (issue 14): checkpoints that are
+"""Fault cases of the trainers on the tiny presets, on CPU: checkpoints that are
 corrupt, stray, damaged or hold inf are never resumed from nor counted by retention;
 non-finite steps are skipped and stop the run when they persist; SIGTERM writes a
 checkpoint and exits non-zero, under torchrun too, and a second signal stops at once;
@@ -203,7 +203,7 @@ def test_a_second_signal_during_a_checkpoint_write_exits_at_once_and_leaves_no_p
 
 
 def test_a_signal_after_the_ranks_agreed_waits_for_the_next_step(tmp_path):
-    """The race that once failed the torchrun test below: a signal landing on one rank after
+    """A race the torchrun test below could hit: a signal landing on one rank after
     stop_requested() read its flag must not make that rank exit alone (the other ranks, told
     to go on, would crash in the next step's collectives); the next step's check sees it."""
     import train_common
@@ -268,7 +268,7 @@ def test_sigterm_under_torchrun_every_rank_saves_and_the_job_resumes(tmp_path):
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0 and out.count("received SIGTERM: finishing this step") == 2, out[-3000:]
     saved = ckpts(tmp_path)
-    assert len(saved) == 1, out[-3000:]  # failed twice before the fix tested above (a rank exiting alone)
+    assert len(saved) == 1, out[-3000:]  # one checkpoint: no rank exited alone (the race tested above)
     step = int(saved[0][5:13])
     assert f"stopped by SIGTERM at step {step}; checkpoint {tmp_path / saved[0]}" in out
     ck = torch.load(tmp_path / saved[0], weights_only=True)

@@ -17,7 +17,7 @@ from PIL import Image
 
 import checkpoint as L
 import maskgen as M
-import runtime
+import train_common
 import sample as S
 import tokenizer as T
 from checkpoint import load_checked
@@ -235,10 +235,10 @@ def test_sharding_over_ranks_matches_one_process(ckpts, tmp_path, monkeypatch):
 
     args = ["--generator", ckpts["gen"], "--prompt", "a", "--prompt", "b", "--prompt", "c", "--num_images", "2", "--batch_size", "2"]
     run(args, tmp_path / "one")
-    monkeypatch.setattr(runtime, "barrier", lambda: None)
+    monkeypatch.setattr(train_common, "barrier", lambda: None)
     for rank in (1, 0):  # rank 0 last: it draws the grid from every rank's files
         monkeypatch.setenv("RANK", str(rank))  # as torchrun sets it: only then is the process group set up
-        monkeypatch.setattr(runtime, "setup_distributed", lambda device, r=rank, **kw: (r, 2, S.pick_device(device)))
+        monkeypatch.setattr(train_common, "setup_distributed", lambda device, r=rank, **kw: (r, 2, S.pick_device(device)))
         res = run(args, tmp_path / "two")
         assert len(res["images"]) == 3
     one, two = folder_pixels(tmp_path / "one"), folder_pixels(tmp_path / "two")
@@ -505,7 +505,7 @@ def test_temperature_zero_and_devices(ckpts, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"--device cuda was asked for but torch.cuda.is_available\(\) is False; use --device cpu or auto"):
         S.main(["--prompt", "x", "--device", "cuda", "--outdir", str(tmp_path / "out")])
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    for pick_device in (S.pick_device, runtime.pick_device):  # sample.py's own, and the trainers' (torchrun)
+    for pick_device in (S.pick_device, train_common.pick_device):  # sample.py's own, and the trainers' (torchrun)
         with pytest.raises(ValueError, match=r"unknown --device 'gpu'"):
             pick_device("gpu")
         with pytest.raises(ValueError, match=r"--device mps was asked for but torch.backends.mps.is_available\(\) is False"):

@@ -1,5 +1,6 @@
 """The trainers on tiny presets and the shapes world, on CPU: the loss falls, resume is
-exact, a truncated checkpoint is never resumed from, DDP (gloo) equals one process."""
+exact, a truncated checkpoint is never resumed from, DDP (gloo) equals one process; and
+the training curves (train_common.plot_curves) drawn from log.jsonl."""
 
 import contextlib
 import glob
@@ -12,6 +13,7 @@ import types
 
 import pytest
 import torch
+from PIL import Image
 
 import checkpoint
 import shapes
@@ -53,13 +55,10 @@ def test_tokenizer_loss_falls(tmp_path):
     assert "hinge" in log(tmp_path)[-1]  # the discriminator switched on at step 8
     assert os.path.exists(tmp_path / "recon_00000016.png")
     # curves.png is drawn at each sample interval: one panel per loss term, the LR and the grad norm.
-    from PIL import Image
-
-    import curves
-
-    n = len(curves.series(curves.read_log(tmp_path / "log.jsonl")))
-    assert n >= 4 and "grad_norm" in curves.series(log(tmp_path)) and "lr" in curves.series(log(tmp_path))
-    assert Image.open(tmp_path / "curves.png").size == (3 * curves.PANEL_W, -(-n // 3) * curves.PANEL_H)
+    curves = train_common.series(train_common.read_log(tmp_path / "log.jsonl"))
+    n = len(curves)
+    assert n >= 4 and "grad_norm" in train_common.series(log(tmp_path)) and "lr" in train_common.series(log(tmp_path))
+    assert Image.open(tmp_path / "curves.png").size == (3 * train_common.PANEL_W, -(-n // 3) * train_common.PANEL_H)
 
 
 @pytest.mark.parametrize("mode", ["vq", "kl"])
@@ -110,7 +109,7 @@ def test_kl_scale_factor_is_measured_on_what_the_model_trains_on(tmp_path, tok_r
 
     import checkpoint
     import maskgen
-    from train_config import parse_config
+    from train_common import parse_config
 
     scales = {}
     for kind in ("sample", "mean"):
@@ -378,8 +377,6 @@ CHANGES = {
 
 
 def test_every_resumable_field_is_tested():
-    import train_common
-
     assert train_common.RESUMABLE_FIELDS - {"compile"} <= set(CHANGES)  # compile: its own test below
     assert "num_workers" not in train_common.RESUMABLE_FIELDS and "max_steps" not in train_common.RESUMABLE_FIELDS
 
@@ -442,7 +439,7 @@ def test_max_steps_may_change_only_where_no_step_depended_on_it(tmp_path, tok_ru
 
 
 def test_resume_pins_the_tokenizer_and_text_encoder(tmp_path, tok_runs, capsys):
-    """Issue 14: other weights at the same --tokenizer path (a replaced checkpoint) would
+    """Other weights at the same --tokenizer path (a replaced checkpoint) would
     resume on other tokens; the checkpoint's hashes of both frozen models refuse it."""
     import checkpoint
 
@@ -479,3 +476,96 @@ def test_resume_pins_the_tokenizer_and_text_encoder(tmp_path, tok_runs, capsys):
     run_mg(out, tok, "vq", "--max_steps=4", "--sample_every=100")  # the same files: resumes
     assert f"resumed from {out / 'ckpt_00000002.pt'} at step 2" in capsys.readouterr().out
     assert final_ckpt(out)["step"] == 4 and final_ckpt(out)["inputs"] == recorded
+
+
+# -----------------------------------------------------------------------------
+# Training curves: curves.png from log.jsonl
+
+
+def _write_log(path, records, tail=""):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        f.write(tail)
+
+
+def test_last_record_per_step_wins_and_junk_is_ignored(tmp_path):
+    # A run logged steps 10..40, was killed after its checkpoint at 20 and resumed: steps
+    # 30 and 40 appear twice, the later (resumed) records are the ones that count.
+    first = [{"step": s, "lr": 1e-3, "loss": 1.0 / s} for s in (10, 20, 30, 40)]
+    resumed = [{"step": s, "lr": 1e-3, "loss": 2.0 / s} for s in (30, 40, 50)]
+    _write_log(tmp_path / "log.jsonl", first + resumed, tail='{"step": 60, "lo')  # a line cut by a kill
+    recs = train_common.read_log(tmp_path / "log.jsonl")
+    assert [r["step"] for r in recs] == [10, 20, 30, 40, 50]
+    assert recs[2]["loss"] == 2.0 / 30 and recs[1]["loss"] == 1.0 / 20
+
+
+def test_series_keeps_curves_only_and_drops_nonfinite():
+    recs = [{"step": 1, "lr": 0.1, "grad_norm": float("nan"), "l2_loss": 0.5, "img_per_s": 9.0, "mfu": 0.1,
+             "skipped_nonfinite": 1, "skipped": {"corrupt_image": 2}},
+            {"step": 2, "lr": 0.2, "grad_norm": 3.0, "l2_loss": 0.4, "img_per_s": 9.0}]  # fmt: skip
+    s = train_common.series(recs)
+    assert list(s) == ["l2_loss", "lr", "grad_norm"]  # losses first; throughput and counters are not curves
+    assert s["grad_norm"] == ([2], [3.0]) and s["l2_loss"] == ([1, 2], [0.5, 0.4])
+
+
+def test_plot_curves_writes_one_panel_per_curve(tmp_path):
+    assert train_common.plot_curves(str(tmp_path)) is None  # no log yet: nothing drawn, no error
+    recs = [{"step": s, "lr": min(1.0, s / 5) * 1e-3, "grad_norm": 1.0 / s, "loss": 3.0 / s, "kl_loss": 0.1}
+            for s in range(1, 21)]  # fmt: skip
+    _write_log(tmp_path / "log.jsonl", recs)
+    path = train_common.plot_curves(str(tmp_path))
+    assert path == str(tmp_path / "curves.png")
+    img = Image.open(path)
+    # 4 curves, 3 per row: 2 rows x 3 panels.
+    assert img.size == (3 * train_common.PANEL_W, 2 * train_common.PANEL_H)
+    # The lines are drawn in blue: every one of the four used panels holds blue pixels, the
+    # two empty ones none.
+    px = img.convert("RGB").load()
+
+    def blue_in(col, row):
+        x0, y0 = col * train_common.PANEL_W, row * train_common.PANEL_H
+        return any(px[x, y] == (31, 119, 180) for x in range(x0, x0 + train_common.PANEL_W, 2)
+                   for y in range(y0, y0 + train_common.PANEL_H, 2))  # fmt: skip
+
+    assert [blue_in(c, r) for r in range(2) for c in range(3)] == [True, True, True, True, False, False]
+    assert not (tmp_path / "curves.png.tmp.png").exists()
+
+
+def test_curves_command_redraws_a_run_folder(tmp_path):
+    _write_log(tmp_path / "log.jsonl", [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)])
+    out = subprocess.run([sys.executable, "train_common.py", "curves", str(tmp_path)], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0 and out.stdout.strip() == str(tmp_path / "curves.png"), out.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "train_common.py", "curves", str(tmp_path / "none")], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert "has no log.jsonl; pass a train_tokenizer.py / train_maskgen.py run folder" in bad.stderr
+
+
+# -----------------------------------------------------------------------------
+# The one shapes-batch path: ShapesWorld.batch, used by the trainers and data.ShapesDataset
+
+
+def test_shapes_batch_is_the_one_path():
+    import numpy as np
+    import torch.nn.functional as F
+
+    import data
+
+    world = shapes.ShapesWorld(seed=3)
+    images, samples = world.batch(range(5, 9))
+    assert images.shape == (4, 3, 64, 64) and images.dtype == torch.float32
+    # 64 px: exactly the rendered pixels, k / 255
+    assert np.array_equal((images * 255).round().byte().permute(0, 2, 3, 1).numpy(), np.stack([s.image for s in samples]))
+    assert torch.equal(images * 255, (images * 255).round())
+    small, _ = world.batch(range(5, 9), image_size=32)
+    want = F.interpolate(images, size=(32, 32), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    assert torch.equal(small, want) and small.min() >= 0 and small.max() <= 1
+    # the trainers' data slots and the dataset's items are the same tensors
+    cfg = types.SimpleNamespace(data="shapes", seed=3, batch_size=4, grad_accum=1, shapes_mix="")
+    got, captions = train_common.image_batches(cfg, 32, rank=0, world=1, start_step=0)(0, 0)
+    first, _ = world.batch(range(4), image_size=32)
+    assert torch.equal(got, first) and captions == [s.caption for s in world.batch(range(4))[1]]
+    for size, batch in ((64, world.batch(range(4))[0]), (32, first)):
+        ds = data.ShapesDataset(seed=3, image_size=size)
+        assert all(torch.equal(ds.item(i)["image"], batch[i]) for i in range(4)), size

@@ -36,7 +36,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 from checkpoint import atomic_write, newest_checkpoint, save_checkpoint
@@ -772,6 +771,8 @@ def save_grid(images, path, nrow):
     """Tile (B, 3, H, W) images in [0, 1] into one PNG, nrow per row, 2 px white gaps."""
     # Rounded to the 256 levels first, halves to even (data.to_uint8's rounding): save_image
     # alone rounds halves up, and resized shapes images hold many exact halves.
+    from torchvision.utils import save_image  # here: sample.py imports this file and never needs torchvision
+
     levels = (images.detach().float().clamp(0, 1) * 255).round()
     save_image(levels / 255, path, nrow=nrow, padding=2, pad_value=1.0)
 

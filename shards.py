@@ -1,54 +1,19 @@
 """
-WebDataset tar shards, end to end: finding them, reading one shard's bytes (a local
-file, a pipe, a URL) as samples, writing shards, and the streaming dataset that every
-shard reader builds on.
+WebDataset tar shards, end to end: finding them, reading one shard (a local file, a
+pipe, a URL) as samples, writing shards, and the streaming dataset data.py builds on.
 
-Paper: §5.1 "Training Data" / Appendix A. The web image-text pairs (DataComp, CC12M,
-LAION) come as WebDataset tar shards, the layout img2dataset writes, and MaskGen's
-pretokenized tokens (data.py) are stored the same way. Standard library only:
-  * a shard like 000123.tar holds 000123001.jpg, 000123001.txt, 000123001.json,
-    000123002.jpg, ... The files of one sample sit next to each other and share a
-    key: the member path up to the first dot of its file name. Everything after that
-    dot is the "extension" ("jpg", "txt", "recap.txt").
-  * a shard is one of three sources (webdataset's conventions):
-      "data/000123.tar"  a local file (or .tar.gz / .tgz). A plain tar can be opened at
-                         any sample's byte offset: a resumed run seeks straight there.
-      "pipe:COMMAND"     COMMAND runs in a shell and the tar is read from its stdout, e.g.
-                         "pipe:aws s3 cp s3://bucket/000123.tar -". A failing command
-                         (non-zero exit, missing program) is an unreadable shard, with
-                         the end of its stderr in the log; stdin is closed, so a command
-                         that asks for input fails instead of waiting. (A data spec is
-                         thus a shell command line: take one only from whom you would
-                         let run commands.)
-      "https://..."      streamed with urllib, never downloaded whole; an HTTP or
-                         network error is an unreadable shard.
-    A pipe, a URL or a compressed tar cannot seek: to start at an offset it is read
-    from its beginning, dropping the members before the offset. Resuming one therefore
-    costs one partial shard, not a replay of the run.
-  * cuts and damage: a well-formed tar ends with a block of zeros. When the bytes end
-    (or turn to garbage) before it, every complete sample before the cut is kept, a
-    sample whose member is cut is dropped, and the shard counts once as
-    "truncated_member", whether the cut falls inside a member's data, at a member
-    boundary or inside a header.
-  * a sample's text fields: the caption (.txt, or a .json field), the Molmo
-    recaption with its "The image depicts ..." prefix stripped (App. A), and the
-    aesthetic score (MaskGen's micro-condition, also the paper's data filter).
-  * StreamDataset splits the samples over DDP ranks and DataLoader workers without
-    duplicates, shuffles, repeats epochs, and skips bad inputs (corrupt images,
-    missing or non-UTF-8 captions, truncated tars, unreadable shards), counting them
-    in `dataset.skipped`, never a crash. It resumes exactly, at the same cost at step
-    300k as at step 10, from the reader positions a checkpoint saved (StreamPositions).
-
-Sections, in reading order:
-  1. Finding shards       is_remote, expand_braces, list_shards
-  2. One shard's samples  open_shard, split_key, iter_tar_groups
-  3. Writing shards       encode_npy / decode_npy, ShardWriter
-  4. A sample's text      strip_recaption_prefix, sample_name
-  5. Skip counting        SKIP_REASONS, SkipCounter
-  6. The stream           resolve_rank, StreamDataset, StreamPositions
-data.py builds the image datasets and the pretokenized-token dataset on StreamDataset.
+Paper: §5.1 "Training Data" / App. A. The web image-text pairs (DataComp, CC12M, LAION)
+come as WebDataset tars, the layout img2dataset writes; MaskGen's pretokenized tokens are
+stored the same way. A sample's members sit together and share a key, the member path up
+to the first dot of its name: 000123001.jpg, 000123001.txt, 000123001.recap.txt, ...
+A shard is "data/000123.tar" (or .tar.gz / .tgz), "pipe:COMMAND" (the tar on the stdout of
+a shell command, e.g. "pipe:aws s3 cp s3://bucket/000123.tar -"; a data spec is thus a
+command line: take one only from whom you would let run commands), or an http(s) URL
+(streamed, never downloaded whole). A plain local tar seeks straight to a sample's byte
+offset on resume; the others are read from their beginning, costing one partial shard.
+A cut or damaged tar keeps every complete sample before the cut and counts the shard once
+as "truncated_member". Bad inputs are counted in `dataset.skipped`, never a crash.
 """
-
 import glob
 import io
 import itertools
@@ -78,30 +43,23 @@ URL_TIMEOUT_S = 60  # seconds without a byte from an http(s) shard before it cou
 COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz: these cannot seek to a member
 PIPE_TAIL_BYTES = 1 << 20  # what a pipe may still send after its tar's end (tar pads to 10 KiB records)
 
-# =============================================================================
-# 1. Finding shards: brace patterns, globs, folders, pipes and URLs
-# =============================================================================
 
-
-def is_remote(source):
-    """Whether a shard name is a pipe: command or an http(s):// URL rather than a file."""
-    return source.startswith("pipe:") or re.match(r"https?://", source) is not None
-
-
+# ----------------------------------------------------------------------------- 1. Finding shards
 def expand_braces(pattern):
-    """Expand shell-style braces: "s/{000..002}.tar" -> ["s/000.tar", "s/001.tar", "s/002.tar"];
-    "{a,b}-{1..2}" -> ["a-1", "a-2", "b-1", "b-2"]. Zero-padded bounds keep their width;
-    groups may nest; a brace group with neither ".." nor "," stays literal."""
+    """Shell-style braces: "s/{000..002}.tar" -> s/000.tar, s/001.tar, s/002.tar; "{a,b}-{1..2}"
+    -> a-1, a-2, b-1, b-2. Zero-padded bounds keep their width; groups nest; "{abc}" stays literal."""
     start = pattern.find("{")
     if start < 0:
         if "}" in pattern:
             raise ValueError(f"unbalanced '}}' in pattern {pattern!r}; every '}}' needs an opening '{{'")
         return [pattern]
-    depth = 0
+    depth, commas = 0, []  # the body's top-level commas
     for end in range(start, len(pattern)):
         depth += {"{": 1, "}": -1}.get(pattern[end], 0)
         if depth == 0:
             break
+        if depth == 1 and pattern[end] == ",":
+            commas.append(end)
     else:
         raise ValueError(f"unbalanced '{{' in pattern {pattern!r}; close it with '}}'")
     head, body, tail = pattern[:start], pattern[start + 1 : end], pattern[end + 1 :]
@@ -110,36 +68,26 @@ def expand_braces(pattern):
         a, b = m.groups()
         padded = (len(a) > 1 and a.startswith("0")) or (len(b) > 1 and b.startswith("0"))
         width = max(len(a), len(b)) if padded else 0
-        lo, hi = int(a), int(b)
-        step = 1 if hi >= lo else -1
-        options = [str(i).zfill(width) for i in range(lo, hi + step, step)]
-    else:
-        # Split the body at its top-level commas only.
-        options, depth, last = [], 0, 0
-        for i, ch in enumerate(body):
-            depth += {"{": 1, "}": -1}.get(ch, 0)
-            if ch == "," and depth == 0:
-                options.append(body[last:i])
-                last = i + 1
-        options.append(body[last:])
-        if len(options) == 1:  # "{abc}": not a brace expression, keep it literally
-            return [head + "{" + body + "}" + rest for rest in expand_braces(tail)]
-        options = [x for opt in options for x in expand_braces(opt)]
+        step = 1 if int(b) >= int(a) else -1
+        options = [str(i).zfill(width) for i in range(int(a), int(b) + step, step)]
+    elif commas:
+        cuts = [start, *commas, end]
+        options = [x for i, j in zip(cuts, cuts[1:]) for x in expand_braces(pattern[i + 1 : j])]
+    else:  # "{abc}": not a brace expression
+        return [head + "{" + body + "}" + rest for rest in expand_braces(tail)]
     return [head + opt + rest for opt in options for rest in expand_braces(tail)]
 
 
 def list_shards(spec, exts=SHARD_EXTS):
-    """Shard names from a spec: a brace pattern, a glob, a directory (its tar files),
-    several of those joined by "::", or a list of them. Local names that do not exist
-    are kept (the reader counts them as unreadable shards); a spec matching no existing
-    file at all raises. "pipe:COMMAND" and "http(s)://URL" entries are brace-expanded
-    over the whole entry, one shard per expansion, and checked only when read:
-        "pipe:aws s3 cp s3://bucket/{000..009}.tar -"  ->  10 commands, one per shard"""
+    """Shard names from a brace pattern, a glob, a directory (its tar files), several joined
+    by "::", or a list. Missing local names are kept (read as unreadable shards) unless none
+    exists, which raises. pipe: and http(s) entries are brace-expanded whole, one shard per
+    expansion, and checked only when read: "pipe:aws s3 cp s3://b/{000..009}.tar -" -> 10."""
     if isinstance(spec, (list, tuple)):
         return [p for s in spec for p in list_shards(s, exts)]
     out = []
     for part in str(spec).split("::"):
-        if is_remote(part):
+        if part.startswith("pipe:") or re.match(r"https?://", part):  # checked only when read
             out += expand_braces(part)
             continue
         if re.match(r"^[a-z0-9+]+:(//)?", part) and not os.path.exists(part):
@@ -170,28 +118,20 @@ def list_shards(spec, exts=SHARD_EXTS):
     return out
 
 
-# =============================================================================
-# 2. One shard's samples: opening its bytes, grouping members by key, detecting cuts
-# =============================================================================
-
-
+# ----------------------------------------------------------------------------- 2. One shard's samples
 def open_shard(source, offset=0):
-    """Open a shard's bytes, positioned at `offset` where it can seek there -> (file object,
-    start, finish). `start` is the tar byte the file object begins at: `offset` for a
-    plain local file, else 0 (the caller reads forward to the offset). finish(completed)
-    closes everything and returns why the source failed (a pipe's exit status and
-    stderr), or None; completed=False (the reader stopped early) ends a pipe's command
-    without judging it. Raises OSError when the source cannot be opened at all (a
-    missing file, an HTTP error, an unreachable host)."""
+    """-> (file object, start, finish): `start` is the tar byte the file begins at (`offset`
+    for a plain local file, else 0: the caller reads forward). finish(completed) closes it and
+    returns why a pipe failed (exit status, stderr) or None; completed=False ends the command
+    unjudged. OSError when the source cannot be opened (missing file, HTTP error, no host)."""
     if source.startswith("pipe:"):
         stderr = tempfile.TemporaryFile()  # a file, not a pipe: a chatty command cannot block on it
         proc = subprocess.Popen(source[len("pipe:"):], shell=True, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=stderr)  # fmt: skip
 
         def finish(completed):
-            # After the tar's end only its padding should follow: read it, so that the command
-            # is not cut off mid-write. More than that (a cut tar, a command that goes on) is
-            # not waited for: the command is stopped and, having been stopped, not judged.
+            # Read the padding after the tar's end so the command is not cut off mid-write. More
+            # than that (a cut tar, a command that goes on) is not waited for: it is stopped, unjudged.
             if completed and proc.stdout.read(PIPE_TAIL_BYTES) and proc.stdout.read(1):
                 completed = False
             if proc.poll() is None and not completed:
@@ -225,9 +165,8 @@ def split_key(name):
 
 
 class _Header(tarfile.TarInfo):
-    """tarfile's member header that also remembers why reading headers stopped: tarfile
-    ends an iteration silently on the end-of-archive zero block (a clean end), but also
-    on no bytes at all, a partial header or a damaged one (a cut)."""
+    """A member header that remembers why reading stopped: tarfile ends an iteration silently
+    both on the end-of-archive block (a clean end) and on a missing, partial or damaged header (a cut)."""
 
     @classmethod
     def fromtarfile(cls, tar):
@@ -239,12 +178,11 @@ class _Header(tarfile.TarInfo):
 
 
 def _groups(fileobj, source, start, skip_to):
-    """Yield the samples of an open tar stream (see iter_tar_groups); return the problem
-    that ended it, (reason, detail), or None after a clean end. `start` is the tar byte
-    where fileobj begins; members before byte `skip_to` are passed over unread."""
+    """Yield the samples of an open tar stream that begins at tar byte `start`, passing over
+    members before byte `skip_to`; return (reason, detail) of the problem that ended it, or None."""
     try:
-        # "r|": a forward-only stream (what a pipe or a socket allows); "r|*" also detects
-        # compression, which only a stream from the shard's first byte can have.
+        # "r|": forward-only (all a pipe or socket allows); "r|*" also detects compression,
+        # which only a stream from the shard's first byte can show.
         tar = tarfile.open(fileobj=fileobj, mode="r|" if start else "r|*", tarinfo=_Header)
     except READ_ERRORS as e:
         if start:  # a seek into the middle of a shard that has nothing readable there
@@ -270,13 +208,12 @@ def _groups(fileobj, source, start, skip_to):
                 group["__end__"] = start + tar.offset  # the tar byte after this member: where a reader resumes
             # The loop ended without an error: at the end-of-archive block, or at a cut (_Header).
             stop, where = getattr(tar, "stopped_by", None), f"at byte {start + tar.offset}"
-            if stop is None or isinstance(stop, tarfile.EOFHeaderError):
-                problem = None  # the end-of-archive block: a clean end
-            elif isinstance(stop, tarfile.EmptyHeaderError):
+            problem = None  # stop None or EOFHeaderError: the end-of-archive block, a clean end
+            if isinstance(stop, tarfile.EmptyHeaderError):
                 problem = f"the tar ends {where}, at a member boundary, without its end-of-archive blocks"
             elif isinstance(stop, tarfile.TruncatedHeaderError):
                 problem = f"the tar ends {where}, inside a member header"
-            else:
+            elif stop is not None and not isinstance(stop, tarfile.EOFHeaderError):
                 problem = f"a damaged member header {where} ({stop})"
         except READ_ERRORS as e:
             problem = f"{type(e).__name__}: {e} after byte {start + tar.offset}"
@@ -286,12 +223,9 @@ def _groups(fileobj, source, start, skip_to):
 
 
 def iter_tar_groups(source, skipped=None, offset=0):
-    """Yield one dict per sample of a shard, in file order, from byte `offset` on (a
-    sample's start, as recorded in "__end__" of the sample before it):
-        {"__key__": key, "__shard__": source, "__end__": byte after the sample, "<ext>": bytes, ...}
-    A shard that cannot be read counts "unreadable_shard"; a tar that is cut or damaged
-    counts "truncated_member" (see the module docstring); each at most once per call.
-    `skipped` is a SkipCounter, or None to count nothing."""
+    """Yield a shard's samples in file order from byte `offset` (a sample's start, the "__end__"
+    of the one before): {"__key__", "__shard__": source, "__end__": byte after it, "<ext>": bytes}.
+    Counts "unreadable_shard" or "truncated_member" at most once per call in `skipped` (a SkipCounter)."""
     count = skipped.add if skipped is not None else (lambda reason, detail="": None)
     try:
         fileobj, start, finish = open_shard(source, offset)
@@ -310,13 +244,8 @@ def iter_tar_groups(source, skipped=None, offset=0):
         count(*problem)
 
 
-# =============================================================================
-# 3. Writing shards
-# =============================================================================
-
-
-# Arrays travel as .npy files, whose header records dtype and shape; allow_pickle=False:
-# reading a shard never runs code from it.
+# ----------------------------------------------------------------------------- 3. Writing shards
+# Arrays travel as .npy (dtype and shape in its header); allow_pickle=False: a shard never runs code.
 def encode_npy(array):
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
@@ -328,14 +257,11 @@ def decode_npy(data):
 
 
 class ShardWriter:
-    """Write samples into tar shards of at most `per_shard` samples each:
-    out_dir/<prefix>-000000.tar, -000001.tar, ... A shard is written under a .tmp
-    name and renamed when complete, so an interrupted run never leaves a
-    half-written shard that looks finished.
-
+    """Samples into tar shards of at most `per_shard` samples: out_dir/<prefix>-000000.tar, ...
+    Each is written as .tmp and renamed when complete, so an interrupted run leaves no
+    half-written shard that looks finished. Member values: bytes, str, dict/list (JSON), ndarray.
         with ShardWriter("out", "train", per_shard=1000) as w:
-            w.write("000000001", {"png": png_bytes, "txt": "a red circle", "json": {...}})
-    Member values: bytes, str (utf-8), dict/list (JSON) or np.ndarray (.npy)."""
+            w.write("000000001", {"png": png_bytes, "txt": "a red circle", "json": {...}})"""
 
     def __init__(self, out_dir, prefix="shard", per_shard=1000):
         if per_shard < 1:
@@ -389,10 +315,7 @@ class ShardWriter:
             self._tar = None
 
 
-# =============================================================================
-# 4. A sample's text fields
-# =============================================================================
-
+# ----------------------------------------------------------------------------- 4. A sample's text fields
 # Where a caption, a recaption and an aesthetic score may sit.
 CAPTION_FIELDS = ("caption", "text", "TEXT", "prompt")
 RECAPTION_EXTS = ("recap.txt", "recap_txt", "recaption.txt")
@@ -400,14 +323,14 @@ RECAPTION_FIELDS = ("recaption", "recap_caption", "recap_txt", "molmo_caption")
 AESTHETIC_EXTS = ("aesthetic", "score", "aes_score", "aesthetic.txt")
 AESTHETIC_FIELDS = ("aesthetic_score", "AESTHETIC_SCORE", "aesthetic", "aes_score")
 # The score of a sample without one: NaN marks it unknown, so that the trainer can
-# apply its own configured default (and pretokenize stores it as null, not a guess).
+# apply its own configured default (and pretokenize stores null, not a guess).
 MISSING_AESTHETIC = float("nan")
 RECAPTION_PREFIXES = tuple(f"The image {verb}" for verb in ("depicts", "displays", "showcases", "features", "shows"))
 
 
 def strip_recaption_prefix(text):
-    """Remove Molmo's stock opening ("The image depicts ...") and capitalise what is
-    left: App. A filters these prefixes so that they do not leak into training."""
+    """Remove Molmo's stock opening ("The image depicts ...") and capitalise the rest:
+    App. A filters these prefixes so that they do not leak into training."""
     text = text.strip()
     for prefix in RECAPTION_PREFIXES:
         if text.startswith(prefix):
@@ -426,13 +349,9 @@ def sample_name(group):
     return f"{os.path.basename(group['__shard__'])}:{group['__key__']}"
 
 
-# =============================================================================
-# 5. Skip counting
-# =============================================================================
-
-# The reasons a sample (or a whole shard) can be skipped; counted per reason.
-# "filtered_*" are the paper's data filters doing their job, not errors: they are
-# counted but logged only at DEBUG level.
+# ----------------------------------------------------------------------------- 5. Skip counting
+# Why a sample (or a whole shard) is skipped. "filtered_*" are the paper's data filters
+# doing their job, not errors: counted, but logged only at DEBUG level.
 SKIP_REASONS = (
     "unreadable_shard",  # missing file, not a tar, a failing pipe: command or URL (once per shard and pass)
     "truncated_member",  # the tar is cut or damaged; the rest of that shard is lost (once per shard and pass)
@@ -452,14 +371,10 @@ SKIP_REASONS = (
 
 
 class SkipCounter:
-    """How many samples were skipped, per reason, summed over all DataLoader workers.
-
-    The counts live in a small shared-memory tensor with one row per process (row 0:
-    the main process; row 1 + i: DataLoader worker i), so each process only writes
-    its own row (no lock needed) and the trainer reads the sum in the main process:
-        dataset.skipped.counts()   -> {"corrupt_image": 2, ...}  (all reasons)
-        dataset.skipped.summary()  -> "corrupt_image=2 missing_caption=1"
-    The first few skips of each reason in each process are logged with a warning."""
+    """Skipped samples per reason, summed over DataLoader workers: a shared-memory table with
+    one row per process (0: main, 1 + i: worker i), so each writes only its own row, lock-free.
+    counts() -> {"corrupt_image": 2, ...}; summary() -> "corrupt_image=2 missing_caption=1".
+    The first few skips of each reason in each process are logged."""
 
     ROWS, LOG_FIRST = 257, 5  # the main process + up to 256 workers; skips logged per reason and process
 
@@ -488,20 +403,15 @@ class SkipCounter:
         return " ".join(f"{k}={v}" for k, v in self.counts().items() if v) or "none"
 
 
-# =============================================================================
-# 6. The stream: ranks x workers, epochs, shuffling, exact resume
-# =============================================================================
-
-
+# ----------------------------------------------------------------------------- 6. The stream
 def resolve_rank(rank=None, world_size=None):
-    """(rank, world_size) as given, else the process group's, else torchrun's environment
-    (RANK, WORLD_SIZE), else (0, 1); checked."""
-    if rank is None or world_size is None:
-        joined = dist.is_available() and dist.is_initialized()
-        r = dist.get_rank() if joined else int(os.environ.get("RANK", 0))
-        w = dist.get_world_size() if joined else int(os.environ.get("WORLD_SIZE", 1))
-        rank = r if rank is None else rank
-        world_size = w if world_size is None else world_size
+    """(rank, world_size) as given, else the process group's, else torchrun's RANK and
+    WORLD_SIZE, else (0, 1); checked."""
+    joined = dist.is_available() and dist.is_initialized()
+    if rank is None:
+        rank = dist.get_rank() if joined else int(os.environ.get("RANK", 0))
+    if world_size is None:
+        world_size = dist.get_world_size() if joined else int(os.environ.get("WORLD_SIZE", 1))
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}; pass 0 <= rank < world_size")
     return int(rank), int(world_size)
@@ -519,34 +429,26 @@ START = (0, 0, 0, 0, 0)  # the position of a reader that has read nothing
 
 
 class StreamDataset(IterableDataset):
-    """The part every stream-read dataset shares: splitting over ranks and workers,
-    epochs, shuffling, exact resume, skip counting, and a sample's text fields with
-    the paper's aesthetic filter.
+    """What every stream-read dataset shares: the rank x worker split, epochs, shuffling,
+    exact resume, skip counting, and a sample's text fields with the aesthetic filter.
 
-    Splitting. The readers ("slots") are the world_size x num_workers DataLoader
-    workers. Each epoch yields this slot's raw samples (_epoch_groups); epochs repeat
-    forever when infinite=True, each in a new seeded order.
+    The readers ("slots") are the world_size x num_workers DataLoader workers; each epoch
+    yields a slot's raw samples (_epoch_groups), epochs repeating in new seeded orders
+    when infinite. Each reader cuts its stream into blocks of `shuffle_buffer` samples and
+    permutes each with a generator seeded by where the block starts. So a reader's state
+    is a position, a LongTensor of POSITION_FIELDS: the epoch, its shard and byte offset
+    where the block starts, the epoch's samples before that (with fewer shards than
+    readers every reader reads every shard, keeping every n_slots-th sample), and the
+    block's samples already used. Each sample carries the position after it ("position").
 
-    Shuffling. Each reader cuts its epoch's stream into blocks of `shuffle_buffer`
-    consecutive samples and yields each block in a random order, drawn from a generator
-    seeded by where the block starts. So a reader's whole state is a position (a
-    LongTensor of POSITION_FIELDS): the epoch; which of its shards and the byte offset
-    in it where the current block starts; how many samples of the epoch came before
-    that (with fewer shards than readers, every reader reads every shard and keeps every
-    n_slots-th sample); and how many of the block's samples were already used. Every
-    yielded sample carries the position after it as sample["position"].
-
-    Exact resume. DataLoader worker j of a run that starts at batch s makes batches
-    s + j, s + j + W, ... So it plays the part of "logical worker" (s + j) % W of the
-    first run. positions: the (W, 5) positions those logical workers had reached
-    (StreamPositions keeps them from the batches a trainer consumed): the worker opens
-    the shard at that byte offset (pipes, URLs and compressed tars read forward to
-    it), re-reads one block and goes on, at the same cost at any step. A row of -1
-    (unknown; also positions=None) makes that worker regenerate its stream from the
-    seed and fast-forward past the batches it already made (a cost proportional to
-    the position). Either way the resumed run sees exactly the samples (and crops, and
-    flips) the uninterrupted run would have, provided world_size, num_workers,
-    batch_size, shuffle_buffer and seed are unchanged.
+    Exact resume: worker j of a run starting at batch s makes batches s + j, s + j + W, ...,
+    i.e. it is "logical worker" (s + j) % W of the first run. `positions` (W, 5) holds where
+    those logical workers stood (StreamPositions): the worker opens the shard at that
+    offset, re-reads one block and goes on, at the same cost at any step. A row of -1
+    (unknown; also positions=None) regenerates the stream from the seed and fast-forwards
+    past the batches already made. Either way the run sees exactly the samples, crops and
+    flips of the uninterrupted run, given the same world_size, num_workers, batch_size,
+    shuffle_buffer and seed.
 
     min_aesthetic:     keep samples scoring >= this (paper: 5.0 pre-training, 6.0
                        fine-tuning); samples without a score are kept
@@ -571,14 +473,11 @@ class StreamDataset(IterableDataset):
 
     # --- subclass hooks: _epoch_groups (where raw samples come from), _decode (what they become) ---
     def _epoch_groups(self, epoch, slot, n_slots, start=(0, 0, 0)):
-        """Raw samples (dicts of bytes) of one epoch that belong to this slot, from the
-        tar shards in self.shards, beginning at start = (shard, offset, seen); each
-        carries "__next__", the (shard, offset, seen) just after it.
-
-        With at least as many shards as readers, whole shards are dealt out (each shard
-        is read by one reader only). With fewer, every reader reads every shard and
-        keeps every n_slots-th sample, and only reader 0 counts shard-level problems,
-        so that nothing is counted twice."""
+        """Raw samples (dicts of bytes) of one epoch for this slot from the tar shards in
+        self.shards, from start = (shard, offset, seen); each carries "__next__", the
+        (shard, offset, seen) after it. With at least as many shards as readers, whole shards
+        are dealt out; with fewer, every reader reads every shard, keeps every n_slots-th
+        sample, and only reader 0 counts shard-level problems (nothing counted twice)."""
         order = np.arange(len(self.shards))
         if self.shuffle:  # the same order on every rank and worker: it depends on (seed, epoch) only
             order = np.random.default_rng([self.seed, 2, epoch]).permutation(len(self.shards))
@@ -605,12 +504,10 @@ class StreamDataset(IterableDataset):
         return None
 
     def _text_fields(self, group, check_only):
-        """{"caption", "recaption", "aesthetic": FloatTensor (), "key"} from the .txt /
-        .json / score members, or None (counted) when the sample has no caption or scores
-        below min_aesthetic. Samples without a score get default_aesthetic and are kept."""
+        """{"caption", "recaption", "aesthetic": FloatTensor (), "key"} from the .txt / .json /
+        score members, or None (counted) without a caption or below min_aesthetic."""
         where = sample_name(group)
-        # Captions must be valid UTF-8: decoding with replacement characters would train on
-        # text nobody wrote, so such a sample is skipped ("invalid_utf8").
+        # Text must be valid UTF-8: replacement characters would train on text nobody wrote.
         text = {}
         for ext in ("txt", "json", *RECAPTION_EXTS):
             if ext in group:
@@ -658,9 +555,9 @@ class StreamDataset(IterableDataset):
 
     # --- the shared machinery ---
     def _stream(self, slot, n_slots, position):
-        """(raw sample, this reader's position after it) pairs from `position` on: each
-        epoch's samples in blocks of shuffle_buffer, each block permuted by a generator
-        seeded from where it starts, so that a block re-read from there comes out the same."""
+        """(raw sample, this reader's position after it) from `position` on: blocks of
+        shuffle_buffer samples, each permuted by a generator seeded from where it starts, so
+        that a block re-read from there comes out the same."""
         epoch, shard, offset, seen, taken = position
         size = self.buffer_size if self.shuffle and self.buffer_size > 1 else 1
         while True:
@@ -695,8 +592,8 @@ class StreamDataset(IterableDataset):
                              f"resume with the num_workers the positions were saved with")  # fmt: skip
         saved = None if self.positions is None else self.positions[logical].tolist()
         known = saved is not None and saved[0] >= 0
-        # Without a saved position, regenerate the stream and fast-forward past the samples of
-        # the batches this logical worker made among batches 0 .. start_batch - 1.
+        # Without a saved position, regenerate the stream and skip the samples of the batches
+        # this logical worker made among batches 0 .. start_batch - 1.
         made = max(0, (self.start_batch - logical + num_workers - 1) // num_workers)
         to_skip = 0 if known else made * self.batch_size
         produced = failures = n_groups = 0
@@ -722,18 +619,14 @@ class StreamDataset(IterableDataset):
 
 
 class StreamPositions:
-    """Where each reader of this rank stands after the batches a trainer has consumed:
-    what a checkpoint saves so that StreamDataset(positions=...) resumes in O(1).
-
-    The DataLoader hands out its workers' batches round-robin, so batch b (counted from
-    the start of the run) was made by logical worker b % W, and its last sample's
+    """Where each reader of this rank stands after the batches a trainer consumed: what a
+    checkpoint saves for StreamDataset(positions=...). The DataLoader hands out its workers'
+    batches round-robin, so batch b came from logical worker b % W, and its last sample's
     "position" is where that reader stands once the batch is consumed.
-
-        positions = StreamPositions.resume(ckpt, rank, num_workers, start_batch)  # ckpt: None when fresh
+        positions = StreamPositions.resume(ckpt, rank, num_workers, start_batch)  # ckpt None: fresh
         ds = TarShardDataset(..., start_batch=start_batch, positions=positions.saved)
         for batch in loader: positions.consumed(batch); ...
-        checkpoint["data_positions"] = [every rank's positions.state()]
-    """
+        checkpoint["data_positions"] = [every rank's positions.state()]"""
 
     def __init__(self, num_workers, start_batch=0, saved=None):
         self.workers, self.batch = max(1, int(num_workers)), int(start_batch)
@@ -749,9 +642,8 @@ class StreamPositions:
 
     @classmethod
     def resume(cls, ckpt, rank, num_workers, start_batch):
-        """This rank's positions saved in a trainer checkpoint (ckpt["data_positions"], one
-        state() per rank), or fresh ones (ckpt None), or unknown ones (a checkpoint that holds
-        no positions: its readers fast-forward). ValueError if num_workers changed."""
+        """This rank's positions from ckpt["data_positions"] (one state() per rank); fresh ones
+        when ckpt is None; unknown ones (fast-forward) when it holds none."""
         saved = ckpt["data_positions"][rank] if ckpt is not None and ckpt.get("data_positions") else None
         return cls(num_workers, start_batch, saved)
 

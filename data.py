@@ -1,43 +1,22 @@
 """
-Data: everything that turns pictures and captions into training tensors, MaskGen's
-pretokenized tokens, and the data command line.
+Data: pictures and captions into training tensors, MaskGen's pretokenized tokens, and
+the data command line.
 
-Paper: §5.1 "Training Data" and Appendix A ("Dataset Filtering", "Dataset
-Recaptioning", Tab. 7). The recipe this file implements:
-  * web image-text pairs (DataComp, CC12M, LAION) stored as WebDataset tar shards,
-    the layout img2dataset writes (read by shards.py: local files, "pipe:COMMAND"
-    such as "pipe:aws s3 cp s3://bucket/{000..099}.tar -", or http(s) URLs), or a
-    plain image folder;
-  * a resolution filter on every dataset: longer side >= 256 and aspect ratio < 2;
-    an optional aesthetic-score filter (5.0 for pre-training, 6.0 for fine-tuning);
-  * resize the shorter edge, random crop, random flip (App. A / Tab. 8);
-  * Molmo recaptions kept next to the original captions, so the trainer can use the
-    recaption with probability 0.95 (the 95:5 ratio of App. A; pick_captions);
-  * the aesthetic score carried along as MaskGen's micro-condition;
-  * images pretokenized once by the frozen TA-TiTok for MaskGen training: MaskGen
-    never sees pixels, so encoding every image once (instead of every step) makes its
-    training far cheaper.
-The same entry point serves the shapes world (shapes.py, a project addition), so
-that every trainer takes --data=shapes as readily as a folder of shards.
+Paper: §5.1 "Training Data" and App. A ("Dataset Filtering", "Dataset Recaptioning",
+Tab. 7). The recipe: web image-text pairs as WebDataset tar shards (read by shards.py:
+files, "pipe:COMMAND", http(s) URLs) or an image folder; a resolution filter (longer side
+>= 256, aspect ratio < 2) and an optional aesthetic filter (5.0 pre-training, 6.0
+fine-tuning); shorter-edge resize, random crop and flip (Tab. 8); Molmo recaptions kept
+beside the captions for the 95:5 mix (pick_captions); the aesthetic score carried as
+MaskGen's micro-condition; and images pretokenized once by the frozen TA-TiTok, since
+MaskGen never sees pixels. --data=shapes (shapes.py) takes the same entry point.
 
-Sections, in reading order:
-  1. Image helpers       IMAGE_EXTS, find_images, to_tensor, to_uint8, ImageTransform, load_image
-  2. Image datasets      MAX_PIXELS, size_filter, TarShardDataset, ImageFolderDataset (on shards.StreamDataset)
-  3. The shapes world    ShapesDataset
-  4. One entry point     build_image_dataset, image_text_loader, collate, pick_captions
-  5. Pretokenized tokens pretokenize (writing), PretokenizedDataset (reading)
-  6. Command line        make_shapes_shards, main()
+Every image dataset yields {"image": FloatTensor (3,S,S) in [0,1], "caption": str,
+"recaption": str ("" if none), "aesthetic": FloatTensor (), "key": str}, the streams
+(shards, folders) also "position": LongTensor (5,), their reader's position after it.
+All split over DDP ranks and DataLoader workers without duplicates and resume exactly;
+bad inputs are skipped and counted in `dataset.skipped`.
 
-Every image dataset here is a torch IterableDataset that yields dicts:
-    {"image": FloatTensor (3,S,S) in [0,1], "caption": str, "recaption": str ("" if none),
-     "aesthetic": FloatTensor () , "key": str}
-and the stream-read ones (shards, folders) also "position": LongTensor (5,), their
-reader's position after the sample. All of them split their samples over DDP ranks
-and DataLoader workers without duplicates and resume exactly: the shapes world from a
-batch count (it is indexed), the streams from saved reader positions (see
-shards.StreamDataset). Bad inputs are skipped and counted in `dataset.skipped`.
-
-Command line:
     python data.py make-shapes --out shards/shapes --n 10000
     torchrun --nproc_per_node=8 data.py pretokenize --tokenizer <dir> --data "shards/{000000..000099}.tar" --out pretok/
     python data.py inspect --data shards/shapes      # what is there, and what a training filter would drop
@@ -68,10 +47,8 @@ from shards import (
 
 log = logging.getLogger("data")
 
-# =============================================================================
-# 1. Image helpers (shared by the datasets, sample.py and evaluate.py)
-# =============================================================================
 
+# ----------------------------------------------------------------------------- 1. Image helpers
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")  # file extensions, in the order a tar sample's are tried
 
 
@@ -99,17 +76,15 @@ def to_tensor(image):
 
 
 def to_uint8(images):
-    """Float images in [0, 1] (any shape, e.g. (B, 3, H, W)) -> uint8 [0, 255] of the same
-    shape, rounded. (The official evaluator truncates with .to(uint8), which biases every
-    pixel down by half a level.)"""
+    """Float images in [0, 1], any shape -> uint8 [0, 255], rounded (the official evaluator
+    truncates with .to(uint8), biasing every pixel down by half a level)."""
     return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 class ImageTransform:
-    """Resize the shorter edge to `resize` (default: size), crop size x size (random or
-    centre), flip left-right with probability 1/2 -> FloatTensor (3, size, size) in [0,1].
-    The paper's recipe: shorter edge 256, random crop 256, random flip (App. A / Tab. 8).
-    Without the random parts it is the evaluation protocol (resize + centre crop)."""
+    """Shorter edge to `resize` (default: size), crop size x size (random or centre), flip
+    with probability 1/2 -> FloatTensor (3, size, size) in [0,1]: the paper's 256 recipe
+    (App. A / Tab. 8); without the random parts, the evaluation protocol."""
 
     def __init__(self, size=256, resize=None, random_crop=True, random_flip=True):
         self.size, self.resize = int(size), int(resize or size)
@@ -136,9 +111,8 @@ class ImageTransform:
 
 
 def load_image(path, size=None):
-    """An image file -> FloatTensor (3, S, S) in [0, 1]: the shorter side resized to
-    `size` (bicubic) and centre-cropped (the ImageNet-val protocol); size=None keeps
-    the image as it is, (3, H, W)."""
+    """An image file -> FloatTensor (3, S, S) in [0, 1], shorter side resized to `size`
+    (bicubic) and centre-cropped (the ImageNet-val protocol); size=None: as it is, (3, H, W)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image {path!r} does not exist")
     with Image.open(path) as image:
@@ -148,14 +122,9 @@ def load_image(path, size=None):
     return ImageTransform(size, random_crop=False, random_flip=False)(image, None)
 
 
-# =============================================================================
-# 2. Image datasets: tar shards and image folders
-# =============================================================================
-
-
-# The largest image decoded: width x height from the header, checked before any pixel
-# is read (PIL's own DecompressionBombError comes only at 2 x 89M pixels). 8192 x 8192,
-# 64 Mi pixels, is 200 MB of RGB; web datasets hold a few larger scans and panoramas.
+# ----------------------------------------------------------------------------- 2. Image datasets
+# The largest image decoded, checked on the header's size before any pixel is read (PIL's own
+# DecompressionBombError comes only at 2 x 89M pixels); 64 Mi pixels is 200 MB of RGB.
 MAX_PIXELS = 8192 * 8192
 
 
@@ -169,19 +138,15 @@ def size_filter(w, h, min_longer_side, max_aspect_ratio):
 
 
 class _ImageStream(StreamDataset):
-    """Decoding, filtering and transforming image samples (shared by tar shards and
-    image folders).
+    """Decoding, filtering and transforming image samples (tar shards and image folders).
 
-    image_size:        the crop size S of the output (3, S, S); None keeps every image at
-                       its own size, (3, H, W), with no resolution filter (`data.py inspect`)
+    image_size:        crop size S of the output (3, S, S); None: every image at its own
+                       size, (3, H, W), without the resolution filter (`data.py inspect`)
     resize:            shorter edge before cropping (default S)
-    random_crop, random_flip: training augmentation (off for evaluation / pretokenizing)
     min_longer_side:   keep images whose longer side is >= this (default S: 256 in the paper)
     max_aspect_ratio:  keep images with long/short < this (paper: 2); None disables
-    max_pixels:        skip images whose header says width x height > this, without
-                       decoding them ("too_many_pixels"; default MAX_PIXELS, 8192 x 8192)
-    min_aesthetic, default_aesthetic: see shards.StreamDataset
-    """
+    max_pixels:        skip images whose header says width x height > this, undecoded
+    Other options (aesthetic filter, split, shuffle, resume): shards.StreamDataset."""
 
     def __init__(self, image_size=256, *, resize=None, random_crop=True, random_flip=True, min_longer_side=None,
                  max_aspect_ratio=2.0, max_pixels=MAX_PIXELS, **stream):  # fmt: skip
@@ -199,8 +164,7 @@ class _ImageStream(StreamDataset):
         fields = self._text_fields(group, check_only)  # caption, recaption, aesthetic, key
         if fields is None:
             return None
-        # Decoding catches every exception: image decoders raise OSError, SyntaxError,
-        # ValueError, struct.error, DecompressionBombError, ... on bad bytes.
+        # Every exception is caught: decoders raise OSError, SyntaxError, struct.error, ... on bad bytes.
         try:
             image = Image.open(io.BytesIO(group[image_ext]))  # reads the header only
             w, h = image.size
@@ -224,28 +188,18 @@ class _ImageStream(StreamDataset):
             return True
         if self.transform is None:  # image_size=None: the image as it is, (3, H, W)
             return {"image": to_tensor(to_rgb(image)), **fields}
-        # The crop and flip come from a generator keyed by the sample and the epoch,
-        # so they do not depend on which worker decodes the sample.
+        # Crop and flip from a generator keyed by sample and epoch, not by the decoding worker.
         name = f"{os.path.basename(group['__shard__'])}/{group['__key__']}".encode()
         rng = np.random.default_rng([self.seed, 3, group["__epoch__"], zlib.crc32(name)])
         return {"image": self.transform(image, rng), **fields}
 
 
 class TarShardDataset(_ImageStream):
-    """Image-caption samples from WebDataset-format tar shards.
-
-        ds = TarShardDataset("data/{000000..000099}.tar", image_size=256, seed=0)
-        loader = DataLoader(ds, batch_size=32, num_workers=8)
-        ... ds.skipped.summary()  # log it
-
-    A sample needs an image (.jpg/.jpeg/.png/.webp/.bmp) and a caption (.txt, or the
-    "caption" field of its .json). Optional: a recaption (.recap.txt or a json field
-    such as "recaption") and an aesthetic score (json "aesthetic_score" /
-    "AESTHETIC_SCORE" / "aesthetic", or an .aesthetic / .score member).
-    Keyword arguments: see _ImageStream (image options) and shards.StreamDataset
-    (split, shuffle, resume). Defaults are for training: infinite, shuffled, augmented.
-    Batch with the default collate or `collate` below.
-    """
+    """Image-caption samples from WebDataset tar shards, e.g.
+    TarShardDataset("data/{000000..000099}.tar", image_size=256, seed=0). A sample needs an
+    image (IMAGE_EXTS) and a caption (.txt or a .json field); a recaption and an aesthetic
+    score are optional (where they may sit: shards.py). Options: _ImageStream. Defaults are
+    for training: infinite, shuffled, augmented."""
 
     def __init__(self, shards, image_size=256, **kwargs):
         self.shards = list_shards(shards)
@@ -253,10 +207,9 @@ class TarShardDataset(_ImageStream):
 
 
 class ImageFolderDataset(_ImageStream):
-    """Images anywhere under `root` with a same-stem caption file: a/b/cat.jpg + a/b/cat.txt.
-    Optional same-stem side files: cat.json (caption / recaption / aesthetic fields as in
-    the tar shards) and cat.recap.txt. Same options and skip rules as TarShardDataset;
-    each epoch is a full random permutation (no shuffle buffer needed)."""
+    """Images anywhere under `root` with a same-stem caption: a/b/cat.jpg + a/b/cat.txt, and
+    optionally cat.json and cat.recap.txt as in the tar shards. Options and skips as
+    TarShardDataset; each epoch is a full random permutation (no shuffle buffer)."""
 
     def __init__(self, root, image_size=256, **kwargs):
         if not os.path.isdir(root):
@@ -269,8 +222,7 @@ class ImageFolderDataset(_ImageStream):
         super().__init__(image_size, **kwargs)
 
     def _epoch_groups(self, epoch, slot, n_slots, start=(0, 0, 0)):
-        """This slot's files of one epoch, from place start[0] of the epoch's shuffled file
-        order on (StreamDataset's hook; a folder needs no byte offset)."""
+        """This slot's files of one epoch from place start[0] of its shuffled order (no byte offset)."""
         order = np.arange(len(self.files))
         if self.shuffle:
             order = np.random.default_rng([self.seed, 2, epoch]).permutation(len(self.files))
@@ -294,26 +246,17 @@ class ImageFolderDataset(_ImageStream):
             yield group
 
 
-# =============================================================================
-# 3. The shapes world as a dataset
-# =============================================================================
-
-
+# ----------------------------------------------------------------------------- 3. The shapes world
 class ShapesDataset(IterableDataset):
-    """Shapes samples (shapes.ShapesWorld) as training dicts:
-        {"image": (3,S,S) in [0,1], "caption", "recaption": "", "aesthetic": 6.5,
-         "key", "index", "category"}
+    """Shapes samples (shapes.ShapesWorld) as training dicts: {"image": (3,S,S) in [0,1],
+    "caption", "recaption": "", "aesthetic", "key", "index", "category"}.
 
-    Order. With batch_size = the DataLoader's per-rank batch size B, batch b of rank r
-    holds sample indices (b * world_size + r) * B + [0, B). So the global batch b (all
-    ranks together) is exactly batch b of a single process with batch world_size * B,
-    whatever the number of DataLoader workers: DataLoader worker j makes batches
-    start_batch + j, + num_workers, ..., which the loader hands out round-robin, in
-    order. To resume after n batches, pass start_batch=n.
-
-    length: None = unbounded indices; N = only indices [0, N) (repeated when infinite,
-    a single pass when infinite=False). image_size != 64 resizes (bicubic, antialiased).
-    """
+    With B = the DataLoader's per-rank batch size, batch b of rank r holds indices
+    (b * world_size + r) * B + [0, B): the global batch b is batch b of one process with
+    batch world_size * B, for any number of workers (worker j makes batches start_batch + j,
+    + num_workers, ..., handed out round-robin). Resume after n batches: start_batch=n.
+    length: None = unbounded indices, N = indices [0, N) (repeated when infinite).
+    image_size != 64 resizes (bicubic, antialiased)."""
 
     def __init__(self, seed=0, *, category_mix=None, image_size=shapes.IMAGE_SIZE, length=None, infinite=True,
                  rank=None, world_size=None, batch_size=None, start_batch=0):
@@ -345,24 +288,15 @@ class ShapesDataset(IterableDataset):
             batch += num_workers
 
 
-# =============================================================================
-# 4. One entry point for the trainers, and batching
-# =============================================================================
-
-
+# ----------------------------------------------------------------------------- 4. One entry point, batching
 def build_image_dataset(spec, image_size=256, *, train=True, seed=0, rank=None, world_size=None,
                         batch_size=None, start_batch=0, positions=None, **kwargs):  # fmt: skip
-    """One entry point for the trainers' --data:
-        "shapes"          the infinite shapes stream (64 px, resized to image_size if different)
-        "shapes:N"        shapes samples 0..N-1 (repeated when training)
-        a directory       tar shards inside it, else an image folder
-        anything else     tar shards: a pattern (braces, globs, "::"-joined), "pipe:COMMAND"
-                          entries or http(s):// URLs (see shards.py)
-    train=False: one pass, no shuffle, centre crop, no flip (evaluation, pretokenizing).
-    image_size=None: every image at its own size (the shapes world: 64).
-    positions: saved reader positions to resume from (shards.StreamPositions; streams only).
-    Extra keyword arguments go to the image datasets (filters, resize, ...); the
-    shapes world takes only category_mix."""
+    """The trainers' --data: "shapes" (the infinite shapes stream), "shapes:N" (samples
+    0..N-1), a directory (its tar shards, else an image folder), or tar shards (patterns,
+    "pipe:COMMAND", http(s) URLs: shards.list_shards). train=False: one pass, no shuffle,
+    centre crop, no flip. image_size=None: images at their own size (shapes: 64).
+    positions: saved reader positions (shards.StreamPositions). Extra keyword arguments go
+    to the image datasets (filters, resize, ...); the shapes world takes only category_mix."""
     split = dict(rank=rank, world_size=world_size, batch_size=batch_size, start_batch=start_batch)
     m = re.fullmatch(r"shapes(?::(\d+))?", str(spec))
     if m:
@@ -383,20 +317,16 @@ def build_image_dataset(spec, image_size=256, *, train=True, seed=0, rank=None, 
 
 def image_text_loader(spec, image_size=256, batch_size=32, *, rank=None, world_size=None, num_workers=0, seed=0,
                       start_batch=0, train=True, **kwargs):  # fmt: skip
-    """A DataLoader of image-caption batches from build_image_dataset(spec, ...):
-    {"image": (B,3,S,S) in [0,1], "caption": [str], "recaption": [str], "aesthetic": (B,), "key": [str],
-     "position": (B, 5) (streams: each reader's position after the sample)}.
-    start_batch (with positions=, the saved reader positions, in O(1)) resumes exactly
-    (same world_size / num_workers / batch_size / seed); the skip counts are in
-    loader.dataset.skipped."""
+    """A DataLoader of build_image_dataset(spec, ...) batches: {"image": (B,3,S,S) in [0,1],
+    "caption": [str], "recaption": [str], "aesthetic": (B,), "key": [str], "position": (B, 5)
+    (streams)}. start_batch (and positions=, O(1)) resumes exactly; skips: loader.dataset.skipped."""
     ds = build_image_dataset(spec, image_size, train=train, seed=seed, rank=rank, world_size=world_size,
                              batch_size=batch_size, start_batch=start_batch, **kwargs)  # fmt: skip
     return DataLoader(ds, batch_size=batch_size, num_workers=num_workers, persistent_workers=num_workers > 0)
 
 
 def collate(samples):
-    """Batch a list of sample dicts: tensors are stacked ((B, ...)), numbers become a
-    tensor (B,), anything else (captions, keys, None) stays a list of length B."""
+    """Batch sample dicts: tensors stacked (B, ...), numbers a tensor (B,), the rest a list of B."""
     out = {}
     for key in samples[0]:
         values = [s[key] for s in samples]
@@ -410,31 +340,18 @@ def collate(samples):
 
 
 def pick_captions(captions, recaptions, p_recaption=0.95, generator=None):
-    """Per sample, the recaption with probability p_recaption (where there is one),
-    else the original caption: the 95:5 mix of App. A. `generator` is a
-    torch.Generator, so the trainer can checkpoint the choice's RNG state."""
+    """Per sample, the recaption (where there is one) with probability p_recaption, else the
+    caption: App. A's 95:5 mix. `generator`: a torch.Generator the trainer checkpoints."""
     draws = torch.rand(len(captions), generator=generator).tolist()
     return [r if (r and u < p_recaption) else c for c, r, u in zip(captions, recaptions, draws)]
 
 
-# =============================================================================
-# 5. Pretokenized tokens for MaskGen: written once with the frozen tokenizer, read as a stream
-#
-# The token shards are again WebDataset tars, one sample per image:
-#     <key>.tokens.npy   VQ ids, int16 (int32 for codebooks over 32768 entries), shape (K,)
-#  or <key>.mean.npy     KL posterior mean, float32 (K, C)
-#     <key>.logvar.npy   KL posterior log-variance, float32 (K, C)
-#     <key>.txt          the caption
-#     <key>.json         {"caption", "recaption", "aesthetic" (null if unknown), "source"}
-# plus meta.json in the output folder describing the tokenizer (tokenizer_meta).
-#
-# VQ ids are stored as integers (a .npy header records the dtype): float16's 11-bit
-# significand cannot hold every integer above 2048 (2049 reads back as 2048, 8191 as
-# 8192), so the official loader, which decodes tokens as float16, silently corrupts
-# ids of an 8192-entry codebook. The reader here refuses any non-integer token array.
-# =============================================================================
-
-
+# ----------------------------------------------------------------------------- 5. Pretokenized tokens
+# Written once with the frozen tokenizer as WebDataset tars, one sample per image: <key>.tokens.npy
+# (VQ ids (K,), int16, int32 above 32768 codes) or <key>.mean.npy + .logvar.npy (KL, float32 (K, C)),
+# <key>.txt and <key>.json {"caption", "recaption", "aesthetic" (null if unknown), "source"}; plus
+# meta.json (tokenizer_meta). Ids stay integers: float16 cannot hold every integer above 2048
+# (8191 reads back as 8192), so the official float16 loader corrupts an 8192-code codebook's ids.
 def token_dtype(codebook_size):
     """The smallest integer dtype that holds every id of the codebook."""
     return np.dtype(np.int16) if codebook_size <= np.iinfo(np.int16).max + 1 else np.dtype(np.int32)
@@ -570,11 +487,7 @@ class PretokenizedDataset(StreamDataset):
         return None if fields is None else {**out, **fields}
 
 
-# =============================================================================
-# 6. Shapes shards and the command line
-# =============================================================================
-
-
+# ----------------------------------------------------------------------------- 6. Shapes shards, command line
 def make_shapes_shards(out_dir, n, per_shard=1000, seed=0, category_mix=None, prefix="shapes"):
     """Write shapes samples 0..n-1 as WebDataset tars: <key>.png (lossless, so the
     palette colours stay exact), <key>.txt and <key>.json (caption, category,

@@ -139,7 +139,6 @@ def size_filter(w, h, min_longer_side, max_aspect_ratio):
 
 class _ImageStream(StreamDataset):
     """Decoding, filtering and transforming image samples (tar shards and image folders).
-
     image_size:        crop size S of the output (3, S, S); None: every image at its own
                        size, (3, H, W), without the resolution filter (`data.py inspect`)
     resize:            shorter edge before cropping (default S)
@@ -251,12 +250,9 @@ class ShapesDataset(IterableDataset):
     """Shapes samples (shapes.ShapesWorld) as training dicts: {"image": (3,S,S) in [0,1],
     "caption", "recaption": "", "aesthetic", "key", "index", "category"}.
 
-    With B = the DataLoader's per-rank batch size, batch b of rank r holds indices
-    (b * world_size + r) * B + [0, B): the global batch b is batch b of one process with
-    batch world_size * B, for any number of workers (worker j makes batches start_batch + j,
-    + num_workers, ..., handed out round-robin). Resume after n batches: start_batch=n.
-    length: None = unbounded indices, N = indices [0, N) (repeated when infinite).
-    image_size != 64 resizes (bicubic, antialiased)."""
+    Batch b of rank r (B = per-rank batch_size) holds indices (b * world_size + r) * B + [0, B),
+    so global batch b equals batch b of one process, for any number of workers. Resume after
+    n batches: start_batch=n. length N: indices [0, N) only (repeated when infinite)."""
 
     def __init__(self, seed=0, *, category_mix=None, image_size=shapes.IMAGE_SIZE, length=None, infinite=True,
                  rank=None, world_size=None, batch_size=None, start_batch=0):
@@ -309,9 +305,8 @@ def build_image_dataset(spec, image_size=256, *, train=True, seed=0, rank=None, 
     if not train:
         kwargs = dict(dict(random_crop=False, random_flip=False, shuffle=False), **kwargs)
     kwargs = dict(kwargs, seed=seed, infinite=train, positions=positions, **split)
-    if isinstance(spec, str) and os.path.isdir(spec):
-        if not any(n.endswith(SHARD_EXTS) for n in os.listdir(spec)):
-            return ImageFolderDataset(spec, image_size, **kwargs)
+    if isinstance(spec, str) and os.path.isdir(spec) and not any(n.endswith(SHARD_EXTS) for n in os.listdir(spec)):
+        return ImageFolderDataset(spec, image_size, **kwargs)
     return TarShardDataset(spec, image_size, **kwargs)
 
 
@@ -380,9 +375,8 @@ def pretokenized_members(caption, recaption="", aesthetic=None, source="", token
 @torch.no_grad()
 def pretokenize(tokenizer, dataset, out_dir, *, batch_size=64, per_shard=5000, num_workers=0, rank=0,
                 max_samples=None, prefix=None, progress=False):  # fmt: skip
-    """Encode every image of `dataset` (already split for this rank) with the frozen
-    tokenizer and write this rank's shards: <out_dir>/<prefix>-NNNNNN.tar (default
-    prefix "pretok-rank<rank>"). The tokenizer follows tokenizer.TATiTok's API.
+    """Encode every image of `dataset` (already split for this rank) with the frozen TA-TiTok into
+    this rank's shards <out_dir>/<prefix>-NNNNNN.tar (prefix default "pretok-rank<rank>").
     Returns {"samples": n, "shards": [paths], "skipped": the dataset's skip counts}."""
     cfg, mode = tokenizer.config, tokenizer.config.quantize_mode
     if mode not in ("vq", "kl"):
@@ -393,7 +387,6 @@ def pretokenize(tokenizer, dataset, out_dir, *, batch_size=64, per_shard=5000, n
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     if progress:
         from tqdm import tqdm
-
         loader = tqdm(loader, desc=f"pretokenize rank {rank}", unit="batch")
     n = 0
     with ShardWriter(out_dir, prefix or f"pretok-rank{rank:03d}", per_shard) as writer:
@@ -445,13 +438,10 @@ class TokenDtypeError(TypeError):
 
 
 class PretokenizedDataset(StreamDataset):
-    """Reads the shards `pretokenize` writes, for train_maskgen.py. Yields
-        VQ: {"tokens": LongTensor (K,), ...}
-        KL: {"posterior": FloatTensor (K, 2C) = cat(mean, logvar), ...}
-    plus "caption", "recaption" ("" if none), "aesthetic" FloatTensor () and "key".
-    `shards`: a folder of shards, a brace pattern, a glob or a list. Split, shuffle,
-    resume and aesthetic options as in shards.StreamDataset; missing aesthetic scores
-    get default_aesthetic (NaN, "unknown", unless given)."""
+    """The shards `pretokenize` writes (a folder, pattern, glob or list), for train_maskgen.py:
+    VQ {"tokens": LongTensor (K,)} or KL {"posterior": FloatTensor (K, 2C) = cat(mean, logvar)},
+    plus "caption", "recaption", "aesthetic" () and "key"; options as shards.StreamDataset.
+    Non-integer VQ ids raise TokenDtypeError instead of training on corrupted ids."""
 
     def __init__(self, shards, **stream):
         self.shards = list_shards(shards)
@@ -489,9 +479,8 @@ class PretokenizedDataset(StreamDataset):
 
 # ----------------------------------------------------------------------------- 6. Shapes shards, command line
 def make_shapes_shards(out_dir, n, per_shard=1000, seed=0, category_mix=None, prefix="shapes"):
-    """Write shapes samples 0..n-1 as WebDataset tars: <key>.png (lossless, so the
-    palette colours stay exact), <key>.txt and <key>.json (caption, category,
-    aesthetic_score, objects). Returns the shard paths."""
+    """Shapes samples 0..n-1 as WebDataset tars of <key>.png (lossless: exact palette colours),
+    .txt and .json (caption, category, aesthetic_score, objects) -> the shard paths."""
     world = shapes.ShapesWorld(seed, category_mix)
     with ShardWriter(out_dir, prefix, per_shard) as writer:
         for index in range(n):
@@ -511,9 +500,8 @@ def _cmd_make_shapes(args):
 
 
 def _cmd_inspect(args):
-    # Every readable sample at its own size: the resolution filter is not applied but
-    # reported, since a dataset made for another image size (the shapes world is 64 px)
-    # would otherwise look empty.
+    # Every readable sample at its own size; the resolution filter is reported, not applied:
+    # a dataset made for another image size (shapes: 64 px) would otherwise look empty.
     ds = build_image_dataset(args.data, None, train=False, min_longer_side=0, max_aspect_ratio=None)
     sizes = collections.Counter()
     for n, sample in enumerate(ds):
@@ -532,9 +520,8 @@ def _cmd_inspect(args):
     aspect = args.max_aspect_ratio or None
     dropped = collections.Counter()
     for (w, h), c in sizes.items():
-        reason = size_filter(w, h, longer, aspect)
-        if reason:
-            dropped[reason] += c
+        dropped[size_filter(w, h, longer, aspect)] += c
+    dropped.pop(None, None)  # kept
     rule = f"longer side >= {longer}" + (f", aspect ratio < {aspect:g}" if aspect else "")
     counts = " ".join(f"{k}={v}" for k, v in dropped.items())
     verdict = f"would drop {sum(dropped.values())} of these {n}: {counts}" if dropped else f"keeps all {n}"
@@ -543,9 +530,8 @@ def _cmd_inspect(args):
 
 
 def _cmd_pretokenize(args):
-    # Under torchrun every rank encodes its share of the data and writes its own
-    # shards; rank 0 adds meta.json once the counts are summed.
-    # (The process group is joined here, not through train_common.py, which imports this file.)
+    # Under torchrun each rank writes its share's shards; rank 0 adds meta.json once the counts
+    # are summed. (The group is joined here: train_common.py imports this file.)
     rank, world_size = resolve_rank()  # torchrun's RANK / WORLD_SIZE, else (0, 1)
     gpu = torch.cuda.is_available() and args.device in (None, "auto", "cuda")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if gpu else torch.device(
@@ -564,9 +550,8 @@ def _cmd_pretokenize(args):
     summed = torch.tensor(local, dtype=torch.int64, device=device)
     if world_size > 1:
         torch.distributed.all_reduce(summed)  # also the last sync point: every rank's shards are written
-        # gloo's worker thread drops its own reference to `summed` a moment after the call
-        # returns. Were this process already exiting when it does, that late release would
-        # abort it ("terminate called without an active exception"): hold `summed` until then.
+        # gloo's worker thread drops its reference to `summed` a moment after the call returns; a
+        # process exiting before that aborts ("terminate called without an active exception").
         deadline = time.monotonic() + 10.0
         while summed._use_count() > 1 and time.monotonic() < deadline:
             time.sleep(0.001)

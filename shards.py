@@ -322,8 +322,7 @@ RECAPTION_EXTS = ("recap.txt", "recap_txt", "recaption.txt")
 RECAPTION_FIELDS = ("recaption", "recap_caption", "recap_txt", "molmo_caption")
 AESTHETIC_EXTS = ("aesthetic", "score", "aes_score", "aesthetic.txt")
 AESTHETIC_FIELDS = ("aesthetic_score", "AESTHETIC_SCORE", "aesthetic", "aes_score")
-# The score of a sample without one: NaN marks it unknown, so that the trainer can
-# apply its own configured default (and pretokenize stores null, not a guess).
+# NaN marks a missing score unknown: the trainer applies its own default, pretokenize stores null.
 MISSING_AESTHETIC = float("nan")
 RECAPTION_PREFIXES = tuple(f"The image {verb}" for verb in ("depicts", "displays", "showcases", "features", "shows"))
 
@@ -432,27 +431,21 @@ class StreamDataset(IterableDataset):
     """What every stream-read dataset shares: the rank x worker split, epochs, shuffling,
     exact resume, skip counting, and a sample's text fields with the aesthetic filter.
 
-    The readers ("slots") are the world_size x num_workers DataLoader workers; each epoch
-    yields a slot's raw samples (_epoch_groups), epochs repeating in new seeded orders
-    when infinite. Each reader cuts its stream into blocks of `shuffle_buffer` samples and
-    permutes each with a generator seeded by where the block starts. So a reader's state
-    is a position, a LongTensor of POSITION_FIELDS: the epoch, its shard and byte offset
-    where the block starts, the epoch's samples before that (with fewer shards than
-    readers every reader reads every shard, keeping every n_slots-th sample), and the
-    block's samples already used. Each sample carries the position after it ("position").
+    The readers ("slots") are the world_size x num_workers DataLoader workers. Each cuts its
+    epoch's stream (_epoch_groups) into blocks of `shuffle_buffer` samples, each permuted by
+    a generator seeded by where the block starts, so a reader's whole state is a position
+    (POSITION_FIELDS): epoch, shard and byte offset of the block, the epoch's samples
+    before it, and the block's samples used. Each sample carries the position after it.
 
-    Exact resume: worker j of a run starting at batch s makes batches s + j, s + j + W, ...,
-    i.e. it is "logical worker" (s + j) % W of the first run. `positions` (W, 5) holds where
-    those logical workers stood (StreamPositions): the worker opens the shard at that
-    offset, re-reads one block and goes on, at the same cost at any step. A row of -1
-    (unknown; also positions=None) regenerates the stream from the seed and fast-forwards
-    past the batches already made. Either way the run sees exactly the samples, crops and
-    flips of the uninterrupted run, given the same world_size, num_workers, batch_size,
+    Exact resume: worker j of a run starting at batch s is "logical worker" (s + j) % W of
+    the first run. positions (W, 5), where those stood (StreamPositions): it seeks there and
+    re-reads one block, at the same cost at any step; a row of -1 (or positions=None)
+    regenerates the stream and fast-forwards. Either way the run sees the samples, crops and
+    flips of the uninterrupted one, given the same world_size, num_workers, batch_size,
     shuffle_buffer and seed.
 
-    min_aesthetic:     keep samples scoring >= this (paper: 5.0 pre-training, 6.0
-                       fine-tuning); samples without a score are kept
-    default_aesthetic: the score given to samples without one (default NaN = unknown)
+    min_aesthetic:     keep samples scoring >= this (paper: 5.0 pre-training, 6.0 fine-tuning)
+    default_aesthetic: the score of samples without one, which are kept (NaN = unknown)
     """
 
     def __init__(self, *, shuffle=True, shuffle_buffer=1000, seed=0, infinite=True, rank=None, world_size=None,
@@ -555,9 +548,7 @@ class StreamDataset(IterableDataset):
 
     # --- the shared machinery ---
     def _stream(self, slot, n_slots, position):
-        """(raw sample, this reader's position after it) from `position` on: blocks of
-        shuffle_buffer samples, each permuted by a generator seeded from where it starts, so
-        that a block re-read from there comes out the same."""
+        """(raw sample, this reader's position after it) from `position` on, block by block."""
         epoch, shard, offset, seen, taken = position
         size = self.buffer_size if self.shuffle and self.buffer_size > 1 else 1
         while True:

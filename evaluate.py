@@ -171,18 +171,16 @@ class FeatureBank:
     """This rank's (features, logits, category ids (-1: none)); .gather() joins all ranks."""
 
     def __init__(self, extractor):
-        self.extractor, self.feats, self.logits, self.groups = extractor, [], [], []
+        self.extractor, self.rows = extractor, []
 
     def add(self, images, groups=None):  # images (B, 3, H, W) float in [0, 1]; groups (B,) ids or None
-        f, l = self.extractor(to_uint8(images))
-        self.feats.append(f.detach().float().cpu())
-        self.logits.append(l.detach().float().cpu())
-        self.groups.append(torch.full((f.shape[0],), -1) if groups is None else torch.as_tensor(groups).long().cpu())
+        f, l = self.extractor(to_uint8(images))  # (B, 2048), (B, 1008)
+        g = torch.full((f.shape[0],), -1) if groups is None else torch.as_tensor(groups).long()
+        self.rows.append((f.detach().float().cpu(), l.detach().float().cpu(), g.cpu()))
 
-    def gather(self):
-        f, l = (torch.cat(x) if x else torch.zeros(0, 1) for x in (self.feats, self.logits))  # (N, 2048), (N, 1008)
-        g = torch.cat(self.groups) if self.groups else torch.zeros(0, dtype=torch.long)
-        return gather_rows(f).numpy(), gather_rows(l).numpy(), gather_rows(g).numpy()
+    def gather(self):  # -> (N, 2048), (N, 1008), (N,) over all ranks
+        none = [(torch.zeros(0, 1), torch.zeros(0, 1), torch.zeros(0, dtype=torch.long))]  # a rank without images
+        return tuple(gather_rows(torch.cat(x)).numpy() for x in zip(*(self.rows or none)))
 
 
 class CLIPScorer:
@@ -481,22 +479,11 @@ def prompts_option(path, files):
 SAMPLE_NAME = re.compile(r"(\d+)_s-?\d+(?:_aes[^/]*)?")  # sample.py's flat layout: <prompt>_s<seed>[_aes<a>]
 
 
-def lookup_prompt(prompts, path, index, source):
-    """Image `path`'s prompt (`index`: its number in sorted order) in read_prompts' result."""
-    if isinstance(prompts, list):
-        return prompts[index]
-    stem = os.path.splitext(os.path.basename(path))[0]
-    m = SAMPLE_NAME.fullmatch(stem)
-    for key in (stem, int(m.group(1)) if m else None):
-        if key in prompts:
-            return prompts[key]
-    raise ValueError(f"{source} has no prompt for {path} (matched by file name: {stem!r})")
-
-
 def prompt_for(path, prompts=None, index=None, class_names=None, class_dirs=None):
-    """An image's caption, from the first of: a sidecar <stem>.txt; GenEval's <k>/metadata.jsonl
-    beside <k>/samples/; sample.py's prompts.jsonl beside <prompt>_s<seed>.png or above MJHQ's
-    <category>/<id>.png; --prompts; "A photo of a {class}." for a class folder; else ""."""
+    """The caption of image `path` (number `index` in sorted order), from the first of: a sidecar
+    <stem>.txt; GenEval's <k>/metadata.jsonl beside <k>/samples/; sample.py's prompts.jsonl beside
+    <prompt>_s<seed>.png or above MJHQ's <category>/<id>.png; `prompts` (read_prompts' list, or a
+    dict by file name); "A photo of a {class}." for a class folder; else ""."""
     side = os.path.splitext(path)[0] + ".txt"
     if os.path.exists(side):
         with open(side) as f:
@@ -506,14 +493,20 @@ def prompt_for(path, prompts=None, index=None, class_names=None, class_dirs=None
     if os.path.basename(os.path.dirname(path)) == "samples" and os.path.exists(meta):
         with open(meta) as f:
             return json.loads(f.readline())["prompt"]
-    stem = os.path.splitext(os.path.basename(path))[0]
+    stem, source = os.path.splitext(os.path.basename(path))[0], "--prompts"
     flat, mjhq = os.path.join(os.path.dirname(path), "prompts.jsonl"), os.path.join(parent, "prompts.jsonl")
-    if SAMPLE_NAME.fullmatch(stem) and os.path.exists(flat):
-        return lookup_prompt(read_prompts(flat), path, index, flat)
-    if os.path.exists(mjhq) and isinstance(read_prompts(mjhq), dict) and stem in read_prompts(mjhq):
+    m = SAMPLE_NAME.fullmatch(stem)
+    if m and os.path.exists(flat):
+        prompts, source = read_prompts(flat), flat
+    elif os.path.exists(mjhq) and isinstance(read_prompts(mjhq), dict) and stem in read_prompts(mjhq):
         return read_prompts(mjhq)[stem]
+    if isinstance(prompts, list):
+        return prompts[index]
     if prompts is not None:
-        return lookup_prompt(prompts, path, index, "--prompts")
+        for key in (stem, int(m.group(1)) if m else None):  # <id>.png, or sample.py's <index>_s<seed>.png
+            if key in prompts:
+                return prompts[key]
+        raise ValueError(f"{source} has no prompt for {path} (matched by file name: {stem!r})")
     if class_names is not None:
         folder = os.path.basename(os.path.dirname(path))
         name = class_names.get(folder) or class_names.get(str(class_dirs.index(folder)) if folder in class_dirs else "")
@@ -600,7 +593,8 @@ def cmd_recon(args, device):
     tok, text = checkpoint.load_tokenizer(args.tokenizer, device, revision=args.revision)
     extractor = None if args.no_fid else inception_extractor(device, args.inception_weights)
     skipped = {}
-    source = batches = recon_batches(args.data, args.batch_size, args.size or tok.config.image_size, class_names, skipped)
+    size = args.size or tok.config.image_size
+    source = batches = recon_batches(args.data, args.batch_size, size, class_names, skipped)
     if args.limit:  # the first N batches' worth, per rank
         batches = (b for b, _ in zip(source, range(-(-args.limit // args.batch_size))))
     res = evaluate_reconstruction(tok, text, batches, extractor, args.is_splits)
@@ -634,14 +628,15 @@ def load_ref_stats(path):
 
 
 def cmd_gen(args, device):
+    def categories_of(fs, root):  # each file's first folder under root (MJHQ's <category>/), or None
+        return [(os.path.relpath(f, root).split(os.sep)[:-1] or [None])[0] for f in fs]
+
     if args.no_fid and not args.clip:
         raise ValueError("gen --no-fid without --clip would compute nothing; drop --no-fid (FID and IS) or add --clip")
     files = list_images(args.images)[: args.limit]
     prompts = prompts_option(args.prompts, files)
     extractor = None if args.no_fid else inception_extractor(device, args.inception_weights)
     ref_batches, ref_stats, categories, gen_skipped, ref_skipped = None, None, None, {}, {}
-    # Each file's first folder under its root (MJHQ's <root>/<category>/<id>.jpg), or None.
-    categories_of = lambda fs, root: [(os.path.relpath(f, root).split(os.sep)[:-1] or [None])[0] for f in fs]  # noqa: E731
     gen_cats = categories_of(files, args.images)
     if extractor is not None:
         if args.ref is None:
@@ -776,11 +771,11 @@ def main(argv=None):
     fid.add_argument("--size", type=int, help="resize+centre-crop side (recon: the tokenizer's; gen: if sizes differ)")
     world = argparse.ArgumentParser(add_help=False)
     world.add_argument("--generator", help="MaskGen checkpoint (default: the shipped one)")
-    world.add_argument("--tokenizer", help="TA-TiTok checkpoint (default: the generator's; alone: shapes --reconstruct)")
+    world.add_argument("--tokenizer", help="TA-TiTok checkpoint (default: the generator's; alone: --reconstruct)")
     world.add_argument("--n-per-category", type=int, default=300)
     world.add_argument("--seed", type=int, default=shapes.HELDOUT_SEED, help="held-out prompt / scene seed")
     world.add_argument("--sample-seed", type=int, default=0,
-                       help="generation: prompt j is sampled with seed + j; context: the masking orders and posterior samples")
+                       help="generation: prompt j is sampled with seed + j; context: masking orders, posterior draws")
     prompts = argparse.ArgumentParser(add_help=False)
     prompts.add_argument("--prompts", help="prompts for --clip / shapes: .txt (one line per image, sorted file order), "
                          "sample.py's prompts.jsonl (by file name) or MJHQ-30K's meta_data.json; default: the folder's")

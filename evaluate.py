@@ -2,42 +2,19 @@
 Evaluation: the paper's metrics in plain code (numbers in, numbers out), and the command
 line that runs them on folders, datasets and checkpoints.
 
-Paper §5.1 ("Evaluation metrics") and appendix E: the tokenizer is scored by
-reconstruction FID (rFID) and Inception Score (IS) on ImageNet-val, zero-shot with
-the caption "A photo of a {class}."; the generator by FID on MJHQ-30K / COCO-30K, by
-CLIP score, and by GenEval, a compositional (object / count / colour / position) benchmark.
-
-The metrics, numbers in, numbers out (numpy float64 where precision matters): FID, Inception
-Score, PSNR, codebook usage and perplexity (VQ tokenizers), CLIP score (open_clip). FID / IS
-features come from the standard FID Inception-v3 (the TF-2015 graph, as ported by
-torch-fidelity, an optional dependency) so numbers are comparable with the literature; the
-maths on top -- Fréchet distance, Inception Score -- is written out below. Under torchrun
-every rank scores its own images and gather_rows joins them.
-
-The commands (each writes <out>.json and a readable table <out>.txt; default out/eval/<cmd>):
-  * `recon`: a tokenizer (any reference checkpoint.py takes) on an image folder or tar shards:
-    rFID, IS, PSNR, codebook usage.
-        python evaluate.py recon --tokenizer DIR_OR_RUN --data IMAGENET_VAL_DIR --class-names classes.txt
-  * `gen`: a folder of generated images (sample.py's, GenEval's or MJHQ-30K's layout,
-    sidecar captions, or a prompt file) against a reference: gFID, IS, CLIP score; in
-    MJHQ's layout (<dir>/<category>/<id>.png, and the reference's <ref>/<category>/*.jpg)
-    also the FID of each category.
-        python evaluate.py gen --images GEN_DIR --ref REF_DIR|ref_stats.npz [--clip --prompts prompts.txt]
-        python evaluate.py gen --images out/mjhq --ref mjhq30k_imgs/     # overall + per-category FID
-  * `shapes`: the shapes-world compositional score, a GenEval stand-in for the project's
-    own 64x64 world, scored by the rule-based detector that lives beside the world's
-    spec in shapes.py (shapes.shapes_score): generate_shapes_images(prompts, ...).
-        python evaluate.py shapes [--generator CKPT] [--n-per-category 300]   # default: shipped checkpoint
-        python evaluate.py shapes --images SAMPLE_DIR | --ground-truth | --reconstruct
-  * `context`: does a MaskGen read the tokens already drawn? On shapes-world scenes,
-    VQ: the masked tokens' cross-entropy with 0 / 50 / 90% of the tokens visible; KL: how
-    much of a masked token's posterior mean a ridge regression recovers (R^2) from the
-    model's per-token conditions, at the same fractions; and both: the detector's score
-    when the hidden 50 / 25 / 10% of a scene's tokens are filled in one step
-    (context_use, inpaint_use).
-        python evaluate.py context [--generator CKPT] [--n-per-category 300]
-Any of them under torchrun (images / prompts sharded over ranks, features gathered):
-    torchrun --nproc_per_node=8 evaluate.py ...
+Paper §5.1 and appendix E: the tokenizer is scored by reconstruction FID (rFID) and Inception
+Score on ImageNet-val, decoding with the caption "A photo of a {class}."; the generator by FID
+on MJHQ-30K / COCO-30K, CLIP score and GenEval. FID / IS features come from the standard FID
+Inception-v3 (the TF-2015 graph as ported by torch-fidelity, optional) so that numbers compare
+with the literature. Each command writes <out>.json and a table <out>.txt (out/eval/<cmd>):
+    python evaluate.py recon --tokenizer DIR_OR_RUN --data IMAGENET_VAL_DIR --class-names classes.txt
+    python evaluate.py gen --images GEN_DIR --ref REF_DIR|ref_stats.npz [--clip --prompts prompts.txt]
+    python evaluate.py shapes [--generator CKPT] [--images DIR | --ground-truth | --reconstruct]
+    python evaluate.py context [--generator CKPT]       # does MaskGen read the tokens already drawn?
+`gen` on MJHQ-30K's layout (<dir>/<category>/<image>, both sides) also gives each category's
+FID; `shapes` is a GenEval stand-in for the 64x64 shapes world, scored by the rule-based
+detector in shapes.py. Under torchrun (torchrun --nproc_per_node=8 evaluate.py ...) every rank
+scores its share of the images or prompts and gather_rows joins them.
 """
 
 import argparse
@@ -54,30 +31,28 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-import data
 import checkpoint
-import train_common
+import data
 import sample
 import shapes
+import train_common
 from data import load_image, to_uint8
 from shards import SKIP_REASONS
 
-# ---- Gathering over ranks: under torchrun every rank scores its own share of the images. ---
+
 def gather_rows(x):
-    """Concatenate every rank's (n_r, ...) tensor along dim 0 (rank order); a no-op
-    without torch.distributed. Ranks may hold different n_r (all_gather_object sends
-    each rank's tensor whole, whatever its length)."""
+    """Every rank's (n_r, ...) tensor, concatenated in rank order (n_r may differ: all_gather_object
+    sends each whole); x itself in a single process."""
     if train_common.rank_world()[1] == 1:
         return x
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, x.cpu())
     return torch.cat(out)
 
-# ---- Fréchet Inception Distance (Heusel et al. 2017). --------------------------------
-#
-# Fit a Gaussian to each set of Inception features; FID is the Fréchet (2-Wasserstein)
-# distance between the two Gaussians:
-#     d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr( (S1 S2)^{1/2} )
+
+# -----------------------------------------------------------------------------
+# Metrics: FID (Heusel et al. 2017), Inception Score (Salimans et al. 2016), PSNR, codebook use.
+
 def feature_stats(features):
     """(N, D) features -> mean (D,) and unbiased covariance (D, D), in float64."""
     x = np.asarray(features, dtype=np.float64)
@@ -85,33 +60,14 @@ def feature_stats(features):
         raise ValueError(f"need an (N, D) feature array with N >= 2 to fit a Gaussian, got shape {x.shape}")
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
-def trace_sqrt_product(s1, s2):
-    """tr((S1 S2)^{1/2}) for PSD S1, S2, without a general (non-symmetric) sqrtm.
-
-    S1 S2 is not symmetric, but it is similar to the symmetric PSD matrix
-    M = S1^{1/2} S2 S1^{1/2}  (S1 S2 = S1^{1/2} M S1^{-1/2}), so both have the same
-    eigenvalues, all real and >= 0, and tr((S1 S2)^{1/2}) = sum_i sqrt(eig_i(M)).
-    Two symmetric eigen-decompositions: stable, real, and no NaN for singular inputs
-    (scipy.linalg.sqrtm of S1 S2 can return complex or inf values there).
-    """
-    # S1^{1/2} from S1 = V diag(w) V^T; tiny negative eigenvalues (round-off in a
-    # rank-deficient covariance) are clipped to 0.
-    w, v = np.linalg.eigh(s1)
-    r1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-    m = r1 @ s2 @ r1
-    m = 0.5 * (m + m.T)  # symmetrise away round-off
-    return float(np.sqrt(np.clip(np.linalg.eigvalsh(m), 0.0, None)).sum())
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """FID between N(mu1, sigma1) and N(mu2, sigma2); mu: (D,), sigma: (D, D).
-
-    eps: like the reference pytorch-fid, when a covariance is numerically singular
-    (e.g. fewer samples than the 2048 feature dimensions) eps * I is added to both.
-    Our eigen route would not NaN without it; the offset keeps numbers close to
-    pytorch-fid's in that regime. pytorch-fid offsets only inside the square root,
-    which leaves a -2 * eps * D bias (identical statistics score -0.004 at D = 2048);
-    we offset both covariances everywhere, i.e. compute the exact distance between
-    the two slightly widened Gaussians, so identical statistics still give 0.
+    """FID: the Fréchet (2-Wasserstein) distance between the Gaussians N(mu1, sigma1) and
+    N(mu2, sigma2) fit to two feature sets; mu: (D,), sigma: (D, D).
+        d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2})
+    As in pytorch-fid, a numerically singular covariance (fewer samples than dimensions) gets
+    eps * I, which keeps numbers close to pytorch-fid's; but both Gaussians are widened
+    everywhere, not only inside the root (a -2 eps D bias), so equal statistics give exactly 0.
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
@@ -119,18 +75,21 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
     if any(np.linalg.eigvalsh(s).min() <= eps * max(1.0, np.abs(s).max()) for s in (s1, s2)):  # singular
         s1, s2 = s1 + eps * np.eye(s1.shape[0]), s2 + eps * np.eye(s1.shape[0])
+    # tr((S1 S2)^{1/2}) without a general sqrtm (which can go complex or inf for singular input):
+    # S1 S2 is similar to the symmetric PSD M = S1^{1/2} S2 S1^{1/2}, so the trace is
+    # sum_i sqrt(eig_i(M)), from two symmetric eigen-decompositions (round-off negatives clipped).
+    w, v = np.linalg.eigh(s1)
+    r1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T  # S1^{1/2}
+    m = r1 @ s2 @ r1
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(0.5 * (m + m.T)), 0.0, None)).sum()  # M symmetrised
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * trace_sqrt_product(s1, s2))
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * float(tr_sqrt))
 
-# ---- Inception Score (Salimans et al. 2016): exp( E_x KL( p(y|x) || p(y) ) ). --------
-# High when each image is confidently one class (sharp p(y|x)) and the classes
-# are diverse (broad marginal p(y)). Bounded by the number of classes.
+
 def inception_score(logits=None, probs=None, splits=1):
-    """logits (N, C) -- or probs (N, C) -- -> (mean, std) of the IS over `splits` chunks.
-
-    splits=1 is the official TA-TiTok evaluator (one score over all images); the
-    Salimans / torch-fidelity convention is 10 splits (report the mean and std).
-    """
+    """IS = exp(E_x KL(p(y|x) || p(y))): high when each image is confidently one class and the
+    classes are diverse. logits or probs (N, C) -> (mean, std) over `splits` chunks; 1 split is
+    the official TA-TiTok evaluator, 10 Salimans' / torch-fidelity's."""
     if (logits is None) == (probs is None):
         raise ValueError("pass exactly one of logits= or probs=")
     p = torch.as_tensor(logits if probs is None else probs, dtype=torch.float64)  # (N, C)
@@ -142,37 +101,37 @@ def inception_score(logits=None, probs=None, splits=1):
     for i in range(splits):
         chunk = p[i * n // splits : (i + 1) * n // splits]  # (n_i, C)
         marginal = chunk.mean(dim=0, keepdim=True)  # p(y): (1, C)
-        # KL(p(y|x) || p(y)) = sum_y p log p - p log p(y); xlogy makes 0 log 0 = 0
-        # exactly, so one-hot predictions need no epsilon.
+        # KL = sum_y p log p - p log p(y); xlogy makes 0 log 0 = 0, so one-hot rows need no epsilon.
         kl = (torch.special.xlogy(chunk, chunk) - torch.special.xlogy(chunk, marginal)).sum(dim=1)
         scores.append(math.exp(kl.mean().item()))
     return float(np.mean(scores)), float(np.std(scores))
 
-# ---- PSNR and codebook statistics. ---------------------------------------------------
+
 def psnr(a, b, data_range=1.0):
-    """Peak signal-to-noise ratio per image: 10 log10(range^2 / MSE). a, b: (B, C, H, W).
-    Identical images would give +inf; the MSE is floored at 1e-10 * range^2 (100 dB)."""
+    """Per-image 10 log10(range^2 / MSE); a, b: (B, C, H, W) -> (B,). The MSE is floored at
+    1e-10 range^2 (100 dB), so identical images do not give +inf."""
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     if a.shape != b.shape:
         raise ValueError(f"psnr needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
     mse = (a - b).pow(2).flatten(1).mean(dim=1).clamp_min(1e-10 * data_range**2)  # (B,)
     return 10.0 * torch.log10(data_range**2 / mse)
 
-class CodebookCounter:
-    """How a VQ tokenizer uses its codebook, accumulated over batches.
 
-    usage      = fraction of codes chosen at least once (official evaluator's "CodebookUsage");
-    perplexity = exp(entropy of the code frequencies): the "effective number" of codes --
-                 equal to the codebook size when every code is used equally often.
-    """
+class CodebookCounter:
+    """How a VQ tokenizer uses its codebook, over batches: usage = the fraction of codes chosen at
+    least once (the official evaluator's "CodebookUsage"); perplexity = exp(entropy of the code
+    frequencies), the codebook size when all are used equally."""
+
     def __init__(self, codebook_size):
         self.counts = torch.zeros(codebook_size, dtype=torch.float64)
+
     def update(self, ids):
         ids = torch.as_tensor(ids).flatten().long().cpu()
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.counts.numel()):
             raise ValueError(f"code ids must lie in [0, {self.counts.numel()}), got [{ids.min()}, {ids.max()}]")
         self.counts += torch.bincount(ids, minlength=self.counts.numel()).double()
         return self
+
     def result(self):
         counts = gather_rows(self.counts[None]).sum(dim=0)  # (codebook_size,) summed over ranks
         total = counts.sum().item()
@@ -181,17 +140,16 @@ class CodebookCounter:
         p = counts / total
         entropy = -torch.special.xlogy(p, p).sum().item()  # nats
         return dict(codebook_usage=float((counts > 0).double().mean()), codebook_perplexity=math.exp(entropy),
-                    codebook_entropy_bits=entropy / math.log(2))  # fmt: skip
+                    codebook_entropy_bits=entropy / math.log(2))
 
-# ---- Feature extraction: the FID Inception network (via torch-fidelity), sharded over ranks. ---
+
+# -----------------------------------------------------------------------------
+# Features: the FID Inception network (via torch-fidelity), and the CLIP score.
+
 def inception_extractor(device="cpu", weights_path=None):
-    """The standard FID Inception-v3 as a callable: uint8 (B,3,H,W) -> (feats (B,2048), logits (B,1008)).
-
-    Features are the 2048-d pool3 activations (FID); logits are the 1008-way
-    "logits_unbiased" of the TF graph (IS), both exactly as torch-fidelity / the
-    official evaluator use them. Inputs of any size are resized to 299 inside, with
-    the TF-1 bilinear resize the reference numbers were computed with.
-    """
+    """The standard FID Inception-v3: uint8 (B, 3, H, W) -> (pool3 features (B, 2048) for FID, the
+    TF graph's "logits_unbiased" (B, 1008) for IS), resized to 299 inside with the TF-1 bilinear
+    resize the reference numbers were computed with."""
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError as e:
@@ -199,78 +157,74 @@ def inception_extractor(device="cpu", weights_path=None):
                           "which is not installed. Fix: `pip install torch-fidelity` (an optional dependency; "
                           "the rest of evaluate.py works without it), or pass --no-fid.") from e
     try:
-        layers = ["2048", "logits_unbiased"]  # pool3 features, the 1008-way logits
-        net = FeatureExtractorInceptionV3("inception-v3-compat", layers, feature_extractor_weights_path=weights_path)
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                          feature_extractor_weights_path=weights_path)
     except Exception as e:  # first use downloads the weights from GitHub
         raise RuntimeError(f"could not load the FID Inception weights ({e}). Fix: run once with internet access "
-                           "(torch-fidelity caches them under $TORCH_HOME/hub/checkpoints), or pass --inception-weights "
-                           "weights-inception-2015-12-05-6726825d.pth") from e
+                           "(torch-fidelity caches them under $TORCH_HOME/hub/checkpoints), or pass "
+                           "--inception-weights weights-inception-2015-12-05-6726825d.pth") from e
     net = net.to(device).eval()
-    return torch.no_grad()(lambda images_uint8: net(images_uint8.to(device)))  # -> (feats, logits)
+    return torch.no_grad()(lambda images_uint8: net(images_uint8.to(device)))
+
 
 class FeatureBank:
-    """Collects (features, logits, group ids) batch by batch on this rank; .gather() joins
-    all ranks. A group id names the category of each image (-1: none)."""
+    """This rank's (features, logits, category ids (-1: none)); .gather() joins all ranks."""
+
     def __init__(self, extractor):
-        self.extractor, self.feats, self.logits, self.groups = extractor, [], [], []
+        self.extractor, self.rows = extractor, []
+
     def add(self, images, groups=None):  # images (B, 3, H, W) float in [0, 1]; groups (B,) ids or None
-        f, l = self.extractor(to_uint8(images))
-        self.feats.append(f.detach().float().cpu())
-        self.logits.append(l.detach().float().cpu())
-        self.groups.append(torch.full((f.shape[0],), -1) if groups is None else torch.as_tensor(groups).long().cpu())
-    def gather(self):
-        f, l = (torch.cat(x) if x else torch.zeros(0, 1) for x in (self.feats, self.logits))  # (N, 2048), (N, 1008)
-        g = torch.cat(self.groups) if self.groups else torch.zeros(0, dtype=torch.long)
-        return gather_rows(f).numpy(), gather_rows(l).numpy(), gather_rows(g).numpy()
+        f, l = self.extractor(to_uint8(images))  # (B, 2048), (B, 1008)
+        g = torch.full((f.shape[0],), -1) if groups is None else torch.as_tensor(groups).long()
+        self.rows.append((f.detach().float().cpu(), l.detach().float().cpu(), g.cpu()))
 
-# ---- CLIP score: how well an image matches its prompt, by CLIP embedding similarity. ---
+    def gather(self):  # -> (N, 2048), (N, 1008), (N,) over all ranks
+        none = [(torch.zeros(0, 1), torch.zeros(0, 1), torch.zeros(0, dtype=torch.long))]  # a rank without images
+        return tuple(gather_rows(torch.cat(x)).numpy() for x in zip(*(self.rows or none)))
+
+
 class CLIPScorer:
-    """CLIP score = 100 * max(cos(image embedding, text embedding), 0), per image
-    (the torchmetrics / T2I-literature convention; Hessel et al.'s CLIPScore uses
-    2.5 instead of 100).
+    """CLIP score = 100 * max(cos(image embedding, text embedding), 0) per image (torchmetrics'
+    convention; Hessel et al. use 2.5). Default: OpenAI's ViT-L/14 via open_clip, with the
+    QuickGELU it was trained with; tests pass a tiny model (and tokenizer) instead."""
 
-    Default model: OpenAI ViT-L/14 through open_clip (downloads on first use on a
-    user's machine); its weights were trained with QuickGELU, so that is forced.
-    Tests inject a tiny random open_clip model: CLIPScorer(model=..., tokenizer=...).
-    """
     def __init__(self, model_name="ViT-L-14", pretrained="openai", device="cpu", model=None, tokenizer=None):
         import open_clip
+
         if model is None:
-            quick_gelu = pretrained == "openai"
-            model = open_clip.create_model(model_name, pretrained=pretrained, force_quick_gelu=quick_gelu, device=device)
+            model = open_clip.create_model(model_name, pretrained=pretrained,
+                                           force_quick_gelu=pretrained == "openai", device=device)
             tokenizer = open_clip.get_tokenizer(model_name)
         if tokenizer is None:
             ctx = getattr(model, "context_length", 77)
             tokenizer = lambda texts: open_clip.tokenize(texts, context_length=ctx)  # noqa: E731
         self.model, self.tokenizer, self.device = model.to(device).eval(), tokenizer, device
-        size = model.visual.image_size
-        self.size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        self.size = model.visual.image_size  # an int or (H, W)
         mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
         std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
         self.mean, self.std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std))
+
     @torch.no_grad()
     def __call__(self, images, prompts):
         """images: (B, 3, H, W) in [0, 1]; prompts: B strings -> (B,) scores."""
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
-        x = images.to(self.device).float()
-        # Bicubic resize to CLIP's input size (our images are square; others are
-        # squashed, which is fine for a similarity score), then CLIP normalisation.
-        x = F.interpolate(x, size=self.size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        # Bicubic resize to CLIP's input size (squashing non-square images: fine for a similarity).
+        x = F.interpolate(images.to(self.device).float(), size=self.size, mode="bicubic", align_corners=False,
+                          antialias=True).clamp(0, 1)  # (B, 3, S, S)
         img = F.normalize(self.model.encode_image((x - self.mean) / self.std).float(), dim=-1)  # (B, E)
         txt = F.normalize(self.model.encode_text(self.tokenizer(list(prompts)).to(self.device)).float(), dim=-1)
         return 100.0 * (img * txt).sum(dim=-1).clamp_min(0).cpu()
 
-# ---- Evaluation routines: batches in, a dict of metrics out. -------------------------
+
+# -----------------------------------------------------------------------------
+# Evaluation routines: batches in, a dict of metrics out.
+
 @torch.no_grad()
 def evaluate_reconstruction(tokenizer, text_encoder, batches, extractor=None, is_splits=1):
-    """Tokenizer reconstruction metrics over this rank's batches (all ranks joined).
-
-    batches: iterable of (images (B,3,S,S) float [0,1], captions list[str]).
-    The text-aware decoder reads the captions' CLIP states. KL tokenizers decode the
-    posterior mean (encode() returns it), VQ tokenizers their code ids.
-    Returns rFID, IS (of the reconstructions), PSNR, and codebook usage/perplexity (VQ).
-    """
+    """rFID, IS (of the reconstructions), PSNR and, for VQ, codebook usage, over this rank's batches
+    of (images (B, 3, S, S) in [0, 1], captions), all ranks joined. KL tokenizers decode the
+    posterior mean (what encode() returns); the text-aware decoder reads the captions."""
     device = next(tokenizer.parameters()).device
     real_bank, fake_bank = (FeatureBank(extractor), FeatureBank(extractor)) if extractor else (None, None)
     counter = CodebookCounter(tokenizer.config.codebook_size) if tokenizer.config.quantize_mode == "vq" else None
@@ -279,14 +233,14 @@ def evaluate_reconstruction(tokenizer, text_encoder, batches, extractor=None, is
         images = images.to(device)
         tokens = tokenizer.encode(images)  # VQ (B, K) ids | KL (B, K, C) mean
         recon = tokenizer.decode(tokens, text_encoder(list(captions)).final.to(device)).float().clamp(0, 1)
-        # PSNR on the 8-bit images one would save, i.e. after rounding both to 256 levels.
+        # PSNR of the 8-bit images one would save: both rounded to 256 levels first.
         psnrs.append(psnr(to_uint8(images).float() / 255, to_uint8(recon).float() / 255).cpu())
         if counter is not None:
             counter.update(tokens)
         if extractor is not None:
             real_bank.add(images)
             fake_bank.add(recon)
-    p = gather_rows(torch.cat(psnrs).float() if psnrs else torch.zeros(0))  # (N,) all ranks; a rank may get no images
+    p = gather_rows(torch.cat(psnrs).float() if psnrs else torch.zeros(0))  # (N,) all ranks; a rank may get none
     res = {"num_images": int(p.numel()), "psnr": float(p.mean())}
     if counter is not None:
         res.update(counter.result())
@@ -297,30 +251,25 @@ def evaluate_reconstruction(tokenizer, text_encoder, batches, extractor=None, is
         res["inception_score"], res["inception_score_std"] = inception_score(lf, splits=is_splits)
     return res
 
+
 def stats_by_group(feats, groups, categories):
-    """{"": (mu, sigma) of all rows} plus {name: (mu, sigma)} for each category with at
-    least 2 rows (a Gaussian needs 2); groups (N,) holds row -> index into categories."""
+    """{"": (mu, sigma) of all rows, name: (mu, sigma) of each category (groups (N,): row ->
+    index into categories) with the 2 rows a Gaussian needs}."""
     stats = {"": feature_stats(feats)}
     for k, name in enumerate(categories or []):
         if (groups == k).sum() >= 2:
             stats[name] = feature_stats(feats[groups == k])
     return stats
 
+
 @torch.no_grad()
 def evaluate_generation(gen_batches, extractor=None, ref_batches=None, ref_stats=None, clip_scorer=None,
-                        is_splits=1, categories=None):  # fmt: skip
-    """Generator metrics: FID against a reference set (its batches, or saved statistics),
-    IS of the generated images, and the CLIP score when a scorer is given.
-
-    gen_batches: iterable of (images (B,3,H,W) float [0,1], prompts list[str][, groups]).
-    ref_batches: iterable of (images, anything[, groups]).
-    categories: names for the optional groups, (B,) ids into this list (as MJHQ-30K's
-        categories): then also "fid_per_category", each category's generated images
-        against the same category's reference images, as MJHQ-30K reports it (a category
-        with fewer than 2 images on either side has no Gaussian, so no FID: left out).
-    ref_stats: {"": (mu, sigma) overall, name: (mu, sigma) per category}, as returned.
-    Returns (metrics dict, the reference statistics in that form).
-    """
+                        is_splits=1, categories=None):
+    """FID against a reference (its batches or its statistics), IS, and the CLIP score with a
+    scorer -> (metrics, the reference's stats_by_group). gen_batches: (images (B, 3, H, W) in
+    [0, 1], prompts[, group ids (B,)]); ref_batches: (images, any[, group ids]). `categories`
+    names the group ids (MJHQ-30K's): then also each category's FID against the reference's
+    same category, as MJHQ-30K reports it."""
     bank = FeatureBank(extractor) if extractor else None
     clip, res, stats = [], {}, ref_stats
     for images, prompts, *groups in gen_batches:
@@ -342,7 +291,8 @@ def evaluate_generation(gen_batches, extractor=None, ref_batches=None, ref_stats
         mine = stats_by_group(feats, ids, categories)
         res["fid"] = frechet_distance(*mine[""], *stats[""])
         if categories:
-            res["fid_per_category"] = {c: frechet_distance(*mine[c], *stats[c]) for c in categories if c in mine and c in stats}
+            res["fid_per_category"] = {c: frechet_distance(*mine[c], *stats[c])
+                                       for c in categories if c in mine and c in stats}
             res["num_images_per_category"] = {c: int((ids == k).sum()) for k, c in enumerate(categories)}
         res["inception_score"], res["inception_score_std"] = inception_score(logits, splits=is_splits)
     if clip_scorer is not None:
@@ -350,49 +300,50 @@ def evaluate_generation(gen_batches, extractor=None, ref_batches=None, ref_stats
         res["clip_score"], res["num_images"] = float(scores.mean()), int(scores.numel())
     return res, stats
 
+
 def generate_shapes_images(prompts, generator=None, tokenizer=None, device="cpu", seed=0, batch_size=50,
-                           num_steps=None, guidance_scale=None, guidance_schedule=None, temperature=None):  # fmt: skip
-    """Images for `prompts` from a MaskGen + TA-TiTok pair, loaded by checkpoint.py and sampled by
-    sample.py (generator=None: the shipped checkpoints/shapes.pt). Under torchrun every rank draws
-    prompts rank::world and rank 0 gets all images back, in prompt order.
-    Returns a list of uint8 (H, W, 3) arrays (complete on rank 0)."""
+                           num_steps=None, guidance_scale=None, guidance_schedule=None, temperature=None):
+    """uint8 (H, W, 3) images for `prompts` in their order, prompt j sampled with seed + j by
+    sample.py (generator None: the shipped checkpoints/shapes.pt). Under torchrun rank r draws
+    prompts r::world and every rank gets all images."""
     models = checkpoint.load_models(generator, tokenizer, device)
     opts = dict(num_steps=num_steps, guidance_scale=guidance_scale, guidance_schedule=guidance_schedule,
-                randomize_temperature=None, temperature=temperature)  # fmt: skip
+                randomize_temperature=None, temperature=temperature)
     rank, world = train_common.rank_world()
     mine = list(range(len(prompts)))[rank::world]
-    out = []
+    aesthetic, out = models.generator.config.aesthetic, []
     with torch.inference_mode():
         null = models.gen_text([""])  # the classifier-free guidance null condition
         for i in range(0, len(mine), batch_size):
             idx = mine[i : i + batch_size]
-            imgs = sample.generate_images(models, [prompts[j] for j in idx], [models.generator.config.aesthetic] * len(idx),
-                                          [seed + j for j in idx], null, opts, device, seeding="batch")  # fmt: skip
+            imgs = sample.generate_images(models, [prompts[j] for j in idx], [aesthetic] * len(idx),
+                                          [seed + j for j in idx], null, opts, device, seeding="batch")
             out.append(to_uint8(imgs).permute(0, 2, 3, 1).cpu())  # (b, H, W, 3)
     S = models.tokenizer.config.image_size
     images = gather_rows(torch.cat(out) if out else torch.zeros((0, S, S, 3), dtype=torch.uint8))
     order = gather_rows(torch.tensor(mine, dtype=torch.long))  # the prompt number of each gathered image
-    return list(images.numpy()[order.argsort().numpy()])  # back in prompt order
+    return list(images.numpy()[order.argsort().numpy()])
 
-# ---- `context`: does MaskGen use the tokens already drawn? ----------------------------
-# A model that does not draws each token from its marginal, and with 1D tokens that are
-# only meaningful together the decoded image falls apart into fragments.
+
+# -----------------------------------------------------------------------------
+# `context`: does MaskGen use the tokens already drawn? One that does not draws each token
+# from its marginal, and 1D tokens, meaningful only together, decode to fragments.
+
 def ridge_r2(x_train, y_train, x_test, y_test, lam=1.0):
-    """R^2 on the test rows of a ridge regression y ~ x + bias fit on the train rows (float64)."""
+    """Test-row R^2 of a ridge regression y ~ x + bias fit on the train rows (float64)."""
     a = F.pad(x_train.double(), (0, 1), value=1.0)  # (N, D + 1): a constant column for the bias
     eye = torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
     w = torch.linalg.solve(a.T @ a + lam * eye, a.T @ y_train.double())
     err = (F.pad(x_test.double(), (0, 1), value=1.0) @ w - y_test.double()).pow(2).sum()
     return (1 - err / (y_test.double() - y_train.double().mean(0)).pow(2).sum()).item()
 
+
 def hidden_token_setup(models, images, captions, aesthetic, seed):
-    """What context_use and inpaint_use share: the captions' features, the aesthetic scores
-    (B,), each image's random hiding order rank (B, K) (a token is hidden at fraction f
-    when rank >= round(f K)), the true tokens as the generator reads them (VQ: ids (B, K);
-    KL: (B, K, C), scaled, a posterior sample or the mean as in training), the KL posterior
-    (None for VQ), and the CPU generator the draws came from (for any later draws).
-    All randomness comes from that CPU generator, so one seed gives the same draws on every
-    device (hence the posterior sample by hand, not post.sample)."""
+    """(caption features, aesthetic scores (B,), hiding order rank (B, K), true tokens, KL
+    posterior or None, CPU generator) for context_use and inpaint_use. At fraction f a token is
+    hidden when rank >= round(f K). The tokens are what the generator reads (VQ ids (B, K); KL
+    (B, K, C) scaled, a posterior sample or the mean as in training). Every draw comes from the
+    CPU generator, so a seed gives the same draws on every device."""
     G, T = models.generator, models.tokenizer
     device, c = next(G.parameters()).device, G.config
     g = torch.Generator().manual_seed(seed)
@@ -406,17 +357,14 @@ def hidden_token_setup(models, images, captions, aesthetic, seed):
     x = post.mean + post.std * noise if c.kl_tokens == "sample" else post.mean
     return feats, aes, rank, x * c.scale_factor, post, g
 
+
 @torch.no_grad()
 def context_use(models, images, captions, aesthetic, fractions=(0.0, 0.5, 0.9), seed=0):
-    """How much MaskGen's predictions for masked tokens depend on the visible ones.
-
-    images (B, 3, H, W) in [0, 1] with their captions; each image's tokens are hidden in
-    a random order, all but the first `fraction` of them. VQ: {"masked_ce@f"}: the
-    cross-entropy of the masked ids. KL: {"r2_from_z@f"}: R^2 of a ridge regression from
-    the per-token conditions z (what DiffLoss sees) to the masked tokens' posterior means,
-    fit on the even images and scored on the odd ones. A model that reads its context does
-    far better (lower cross-entropy, higher R^2) with tokens visible than with none.
-    """
+    """How much MaskGen's predictions for the hidden tokens of images (B, 3, H, W) in [0, 1]
+    depend on the visible `fraction`: VQ {"masked_ce@f"}, their cross-entropy; KL
+    {"r2_from_z@f"}, the R^2 of a ridge regression from the per-token conditions z (what
+    DiffLoss sees) to their posterior means, fit on even images, scored on odd ones. A model
+    that reads its context does far better with tokens visible than without."""
     G = models.generator
     B, K = len(captions), G.config.num_tokens
     feats, aes, rank, x, post, _ = hidden_token_setup(models, images, captions, aesthetic, seed)
@@ -430,7 +378,7 @@ def context_use(models, images, captions, aesthetic, fractions=(0.0, 0.5, 0.9), 
         return out
     mean = post.mean * G.config.scale_factor  # (B, K, C): the regression targets
     txt, cond = G.trunk.encode_condition(feats.penultimate, feats.pooled, aes)
-    even = (torch.arange(B, device=x.device) % 2 == 0)[:, None]  # (B, 1): fit on even, score on odd
+    even = (torch.arange(B, device=x.device) % 2 == 0)[:, None]  # (B, 1)
     for f in fractions:
         masked = rank >= round(f * K)  # (B, K) bool
         z = G.token_conditions(x, masked.float(), txt, cond)  # (B, K, D)
@@ -438,15 +386,13 @@ def context_use(models, images, captions, aesthetic, fractions=(0.0, 0.5, 0.9), 
         out[f"r2_from_z@{f:g}"] = ridge_r2(z[fit], mean[fit], z[test], mean[test], lam=10.0)
     return out
 
+
 @torch.no_grad()
 def inpaint_use(models, images, captions, aesthetic, fractions=(0.5, 0.75, 0.9), seed=0):
-    """How well MaskGen fills in the rest of a real scene. All but `fraction` of each
-    scene's tokens are hidden (a random order, as in context_use) and drawn in ONE step
-    from the true visible ones, without guidance (VQ: the most likely id; KL: one DiffLoss
-    draw at the config's temperature); the decoded scenes are scored by the shapes
-    detector: {"inpaint@f": overall score}. The context is the truth here, so this
-    measures the per-token predictions apart from the decoding schedule. Also returns the
-    decoded images, {f: (B, 3, H, W) in [0, 1]}."""
+    """How well MaskGen fills in a real scene whose tokens but `fraction` are hidden: all drawn
+    in ONE unguided step from the true visible ones (VQ: the likeliest id; KL: one DiffLoss
+    draw), so the per-token predictions are measured apart from the decoding schedule. ->
+    ({"inpaint@f": the shapes detector's overall score}, {f: decoded (B, 3, H, W) in [0, 1]})."""
     G, T = models.generator, models.tokenizer
     c, K = G.config, G.config.num_tokens
     feats, aes, rank, visible, _, g = hidden_token_setup(models, images, captions, aesthetic, seed)
@@ -470,10 +416,13 @@ def inpaint_use(models, images, captions, aesthetic, fractions=(0.5, 0.75, 0.9),
         out[f"inpaint@{f:g}"] = shapes.shapes_score(uint8, captions)["overall"]
     return out, decoded
 
-# ---- Command line: image folders, prompts and reports. -------------------------------
+
+# -----------------------------------------------------------------------------
+# Command line: image folders, their prompts, reports.
+
 def list_images(folder):
-    """Every image file under folder (recursively, data.IMAGE_EXTS), sorted: a stable
-    order for sharding. sample.py's overview grid.png is no sample and is left out."""
+    """Every image under folder (data.IMAGE_EXTS, recursively) but sample.py's grid.png, sorted
+    (a stable order to shard)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"image folder {folder!r} does not exist")
     files = [f for f in data.find_images(folder) if os.path.basename(f) != "grid.png"]
@@ -481,12 +430,11 @@ def list_images(folder):
         raise FileNotFoundError(f"no images ({', '.join(data.IMAGE_EXTS)}) found under {folder!r}")
     return files
 
+
 def read_class_names(path):
-    """Class-names file -> {folder name or index string: class name}.
-    Lines "n01440764 tench, Tinca tinca" (LOC_synset_mapping.txt) map folder names;
-    other lines are names in class-index order, for the sorted class folders "0", "1", ...
-    The whole name, synonyms included, goes into the caption, as the official code does
-    ("A photo of a tench, Tinca tinca.")."""
+    """Class-names file -> {folder name or class index: name}. Lines "n01440764 tench, Tinca
+    tinca" (LOC_synset_mapping.txt) name folders; other lines name the sorted class folders
+    "0", "1", ... by line. The whole name goes into the caption, as in the official code."""
     names = {}
     with open(path) as f:
         lines = [ln.strip() for ln in f if ln.strip()]
@@ -496,10 +444,10 @@ def read_class_names(path):
         names[key if synset else str(i)] = name.strip() if synset else ln
     return names
 
+
 @functools.lru_cache(maxsize=None)  # read once: sample.py's prompts.jsonl serves every image beside it
 def read_prompts(path):
-    """A prompt file -> a list (one prompt per image, in sorted file order)
-    or a dict matched to each image's file name:
+    """A prompt file -> a list (one prompt per image, sorted file order) or a dict by file name:
       .txt                  one prompt per non-empty line (a list);
       .jsonl with "id"      {id: prompt}, for the image <id>.png (sample.py --mjhq's prompts.jsonl);
       .jsonl with "index"   {index: prompt}, for sample.py's <index>_s<seed>.png (its prompts.jsonl);
@@ -510,59 +458,55 @@ def read_prompts(path):
     lines = [ln for ln in sample.read_text(path, "prompt file") if ln.strip()]
     if not path.lower().endswith(".jsonl"):
         return lines
-    rows = []
     for n, line in enumerate(lines, 1):
         sample._jsonl_prompt(line, path, n)  # a clear error for a bad line
-        rows.append(json.loads(line))
+    rows = [json.loads(line) for line in lines]
     for key in ("id", "index"):
         if all(key in r for r in rows):
             return {r[key]: r["prompt"] for r in rows}
     return [r["prompt"] for r in rows]
 
+
 def prompts_option(path, files):
-    """--prompts (read_prompts) for the images `files`, or None without the option; a
-    plain list needs a line for every image."""
+    """--prompts (read_prompts) for the images `files`; None without the option."""
     prompts = read_prompts(path) if path else None
     if isinstance(prompts, list) and len(prompts) < len(files):
-        raise ValueError(f"--prompts has {len(prompts)} lines for {len(files)} images (one line per image, sorted file order)")
+        raise ValueError(f"--prompts has {len(prompts)} lines for {len(files)} images "
+                         "(one line per image, sorted file order)")
     return prompts
+
 
 SAMPLE_NAME = re.compile(r"(\d+)_s-?\d+(?:_aes[^/]*)?")  # sample.py's flat layout: <prompt>_s<seed>[_aes<a>]
 
-def lookup_prompt(prompts, path, index, source):
-    """The prompt of image `path` (number `index` in sorted order) from read_prompts' result."""
-    if isinstance(prompts, list):
-        return prompts[index]
-    stem = os.path.splitext(os.path.basename(path))[0]
-    m = SAMPLE_NAME.fullmatch(stem)
-    for key in (stem, int(m.group(1)) if m else None):
-        if key in prompts:
-            return prompts[key]
-    raise ValueError(f"{source} has no prompt for {path} (matched by file name: {stem!r})")
 
 def prompt_for(path, prompts=None, index=None, class_names=None, class_dirs=None):
-    """The caption of an image: a sidecar <stem>.txt; else GenEval's layout
-    (<dir>/<k>/samples/x.png with <dir>/<k>/metadata.jsonl); else sample.py's layout
-    (<dir>/<prompt>_s<seed>.png with <dir>/prompts.jsonl), or its MJHQ layout
-    (<dir>/<category>/<id>.png with <dir>/prompts.jsonl); else --prompts (read_prompts);
-    else "A photo of a {class}." from its class folder; else ""."""
+    """The caption of image `path` (number `index` in sorted order), from the first of: a sidecar
+    <stem>.txt; GenEval's <k>/metadata.jsonl beside <k>/samples/; sample.py's prompts.jsonl beside
+    <prompt>_s<seed>.png or above MJHQ's <category>/<id>.png; `prompts` (read_prompts' list, or a
+    dict by file name); "A photo of a {class}." for a class folder; else ""."""
     side = os.path.splitext(path)[0] + ".txt"
     if os.path.exists(side):
         with open(side) as f:
             return f.read().strip()
-    meta = os.path.join(os.path.dirname(os.path.dirname(path)), "metadata.jsonl")
+    parent = os.path.dirname(os.path.dirname(path))
+    meta = os.path.join(parent, "metadata.jsonl")
     if os.path.basename(os.path.dirname(path)) == "samples" and os.path.exists(meta):
         with open(meta) as f:
             return json.loads(f.readline())["prompt"]
-    stem = os.path.splitext(os.path.basename(path))[0]
-    flat = os.path.join(os.path.dirname(path), "prompts.jsonl")  # beside <prompt>_s<seed>.png
-    mjhq = os.path.join(os.path.dirname(os.path.dirname(path)), "prompts.jsonl")  # above <category>/<id>.png
-    if SAMPLE_NAME.fullmatch(stem) and os.path.exists(flat):
-        return lookup_prompt(read_prompts(flat), path, index, flat)
-    if os.path.exists(mjhq) and isinstance(read_prompts(mjhq), dict) and stem in read_prompts(mjhq):
+    stem, source = os.path.splitext(os.path.basename(path))[0], "--prompts"
+    flat, mjhq = os.path.join(os.path.dirname(path), "prompts.jsonl"), os.path.join(parent, "prompts.jsonl")
+    m = SAMPLE_NAME.fullmatch(stem)
+    if m and os.path.exists(flat):
+        prompts, source = read_prompts(flat), flat
+    elif os.path.exists(mjhq) and isinstance(read_prompts(mjhq), dict) and stem in read_prompts(mjhq):
         return read_prompts(mjhq)[stem]
+    if isinstance(prompts, list):
+        return prompts[index]
     if prompts is not None:
-        return lookup_prompt(prompts, path, index, "--prompts")
+        for key in (stem, int(m.group(1)) if m else None):  # <id>.png, or sample.py's <index>_s<seed>.png
+            if key in prompts:
+                return prompts[key]
+        raise ValueError(f"{source} has no prompt for {path} (matched by file name: {stem!r})")
     if class_names is not None:
         folder = os.path.basename(os.path.dirname(path))
         name = class_names.get(folder) or class_names.get(str(class_dirs.index(folder)) if folder in class_dirs else "")
@@ -570,11 +514,11 @@ def prompt_for(path, prompts=None, index=None, class_names=None, class_dirs=None
             return f"A photo of a {name}."  # the paper's zero-shot ImageNet caption
     return ""
 
+
 def folder_batches(files, batch_size, skipped, size=None, prompts=None, class_names=None, groups=None):
-    """Yield (images (B,3,S,S), captions, group ids (B,) or None) over this rank's share of
-    `files` (rank::world). groups: one category id per file (or None). A file that does
-    not decode as an image is skipped and counted in `skipped` ({reason: count}, the
-    reasons of data.py's loaders), as data.py does, instead of ending the run."""
+    """(images (B, 3, S, S), captions, category ids (B,) or None) over this rank's files
+    (rank::world); groups: a category id per file. Files that do not decode are skipped and
+    counted in `skipped` ({reason: count}), as data.py does."""
     rank, world = train_common.rank_world()
     class_dirs = sorted({os.path.basename(os.path.dirname(f)) for f in files})
     mine = list(range(len(files)))[rank::world]
@@ -596,22 +540,23 @@ def folder_batches(files, batch_size, skipped, size=None, prompts=None, class_na
         caps = [prompt_for(files[j], prompts, j, class_names, class_dirs) for j in idx]
         yield torch.stack(imgs), caps, None if groups is None else torch.tensor([groups[j] for j in idx])
 
+
 def with_skips(res, skipped, key="skipped"):
-    """res plus {key: this rank's skip counts {reason: count} summed over all ranks}, when
-    anything was skipped (every rank calls it)."""
+    """res plus {key: skip counts summed over ranks} when anything was skipped (all ranks call it)."""
     counts = gather_rows(torch.tensor([[skipped.get(r, 0) for r in SKIP_REASONS]], dtype=torch.long)).sum(0)
     total = {r: int(n) for r, n in zip(SKIP_REASONS, counts) if n}
     if total:
         print(f"{key}: " + ", ".join(f"{r}={n}" for r, n in total.items()))
     return {**res, key: total} if total else res
 
+
 def write_report(results, out_prefix, title):
-    """Write <out>.json (machine-readable) and <out>.txt (a table), and print the table."""
+    """Write <out>.json and a table <out>.txt, and print the table."""
     rows = [(k, v) for k, v in results.items() if not isinstance(v, (dict, list))]
     width = max(len(k) for k, _ in rows) if rows else 10
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
     table = "\n".join([title, "-" * (width + 14)] + [f"{k:<{width}}  {fmt(v):>12}" for k, v in rows])
-    for k, v in results.items():
+    for k, v in results.items():  # flat dicts (per category, skip counts) as one line each
         if isinstance(v, dict) and all(not isinstance(x, (dict, list)) for x in v.values()):
             table += f"\n{k}: " + ", ".join(f"{a}={fmt(b)}" for a, b in v.items())
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
@@ -620,12 +565,14 @@ def write_report(results, out_prefix, title):
         txt.write(table + "\n")
     print(f"{table}\nwrote {out_prefix}.json and {out_prefix}.txt")
 
-# ---- `recon`: real images through a tokenizer (models: checkpoint.py). ---------------------
+
+# -----------------------------------------------------------------------------
+# The commands: each takes the parsed arguments and the device, and returns (metrics, title).
+
 def recon_batches(spec, batch_size, size, class_names, skipped):
-    """(images, captions) batches for `recon`: an image folder (with sidecar .txt captions
-    or ImageNet-style class folders + a class-names file) is read here; tar shards and
-    everything else go through data.py's loader (one pass, centre crop, rank-sharded).
-    Samples that cannot be read are skipped and counted in `skipped` ({reason: count})."""
+    """`recon`'s (images, captions): an image folder (sidecar .txt captions, or class folders and
+    class names) read here; tar shards and the rest by data.py's loader (one pass, centre crop,
+    rank-sharded). Unreadable samples are counted in `skipped`."""
     if os.path.isdir(spec) and not any(n.endswith((".tar", ".tar.gz", ".tgz")) for n in os.listdir(spec)):
         batches = folder_batches(list_images(spec), batch_size, skipped, size, class_names=class_names)
         yield from ((images, captions) for images, captions, _ in batches)
@@ -639,45 +586,35 @@ def recon_batches(spec, batch_size, size, class_names, skipped):
         for reason, n in loader.dataset.skipped.counts().items():
             skipped[reason] = skipped.get(reason, 0) + n
 
+
 def cmd_recon(args, device):
     class_names = read_class_names(args.class_names) if args.class_names else None
-    tok, text = checkpoint.load_tokenizer(args.tokenizer, device, revision=args.revision)  # frozen; text: the encoder its decoder was trained with
+    # Frozen, with the text encoder its decoder was trained with.
+    tok, text = checkpoint.load_tokenizer(args.tokenizer, device, revision=args.revision)
     extractor = None if args.no_fid else inception_extractor(device, args.inception_weights)
     skipped = {}
-    source = batches = recon_batches(args.data, args.batch_size, args.size or tok.config.image_size, class_names, skipped)
+    size = args.size or tok.config.image_size
+    source = batches = recon_batches(args.data, args.batch_size, size, class_names, skipped)
     if args.limit:  # the first N batches' worth, per rank
         batches = (b for b, _ in zip(source, range(-(-args.limit // args.batch_size))))
     res = evaluate_reconstruction(tok, text, batches, extractor, args.is_splits)
     source.close()  # the loader's skip counts are read when it closes
     return with_skips(res, skipped), f"reconstruction: {args.tokenizer} on {args.data}"
 
-# ---- `gen`: a folder of generated images against a reference folder or its saved statistics. ---
-def categories_of(files, root):
-    """The first folder under root of each file (MJHQ's <root>/<category>/<id>.jpg), or
-    None for a file directly in root."""
-    parts = (os.path.relpath(f, root).split(os.sep) for f in files)
-    return [p[0] if len(p) > 1 else None for p in parts]
 
 def shared_categories(gen_cats, ref_cats, ref):
-    """The categories `gen` scores one by one: when every generated image lies in a
-    <category>/ folder and the reference has folders of those names (MJHQ-30K's layout,
-    which sample.py --mjhq writes), their sorted names; else None (overall FID only)."""
+    """The categories `gen` scores one by one, sorted: when every generated image lies in a
+    <category>/ folder and the reference has such folders (MJHQ-30K's layout, which sample.py
+    --mjhq writes); else None (overall FID only)."""
     gen, refs = set(gen_cats), set(ref_cats) - {None}
     if None in gen or not gen & refs:
         return None
     if gen - refs:
-        raise ValueError(f"per-category FID: the reference {ref} has no category {sorted(gen - refs)} of the generated "
-                         f"images; both sides need MJHQ-30K's layout, <dir>/<category>/<image> (sample.py --mjhq writes it)")
+        raise ValueError(f"per-category FID: the reference {ref} has no category {sorted(gen - refs)} of the "
+                         "generated images; both sides need MJHQ-30K's layout, <dir>/<category>/<image> "
+                         "(sample.py --mjhq writes it)")
     return sorted(gen)
 
-def save_ref_stats(path, stats):
-    """The reference statistics ({"": (mu, sigma), category: (mu, sigma)}) as a .npz:
-    mu, sigma, and per category (when there are any) categories, mu_per_category,
-    sigma_per_category."""
-    cats = [c for c in stats if c]
-    per = dict(categories=np.array(cats), mu_per_category=np.stack([stats[c][0] for c in cats]),
-               sigma_per_category=np.stack([stats[c][1] for c in cats])) if cats else {}  # fmt: skip
-    np.savez(path, mu=stats[""][0], sigma=stats[""][1], **per)
 
 def load_ref_stats(path):
     """A .npz written by --save-ref-stats -> {"": (mu, sigma), category: (mu, sigma)}."""
@@ -689,7 +626,11 @@ def load_ref_stats(path):
         stats[str(name)] = (z["mu_per_category"][k], z["sigma_per_category"][k])
     return stats
 
+
 def cmd_gen(args, device):
+    def categories_of(fs, root):  # each file's first folder under root (MJHQ's <category>/), or None
+        return [(os.path.relpath(f, root).split(os.sep)[:-1] or [None])[0] for f in fs]
+
     if args.no_fid and not args.clip:
         raise ValueError("gen --no-fid without --clip would compute nothing; drop --no-fid (FID and IS) or add --clip")
     files = list_images(args.images)[: args.limit]
@@ -715,16 +656,19 @@ def cmd_gen(args, device):
     res, stats = evaluate_generation(gen, extractor, ref_batches, ref_stats, clip, args.is_splits, categories)
     res = with_skips(with_skips(res, gen_skipped), ref_skipped, "ref_skipped")
     if args.save_ref_stats and stats is not None and train_common.rank_world()[0] == 0:
-        save_ref_stats(args.save_ref_stats, stats)
+        # The .npz load_ref_stats reads: mu, sigma and, with categories, their names and stacked stats.
+        cats = [c for c in stats if c]
+        per = dict(categories=np.array(cats), mu_per_category=np.stack([stats[c][0] for c in cats]),
+                   sigma_per_category=np.stack([stats[c][1] for c in cats])) if cats else {}
+        np.savez(args.save_ref_stats, mu=stats[""][0], sigma=stats[""][1], **per)
         print(f"saved reference statistics to {args.save_ref_stats}")
     return res, f"generation: {args.images} vs {args.ref}"
 
-# ---- `shapes` and `context`: the shapes world's held-out prompts and scenes. ---------
+
 def save_scored(folder, images, rows):
-    """Write the images just scored, so that misses can be looked at: <folder>/<category>/
-    <i>_<ok|miss>.png (i: the prompt's number within its category) with its prompt in the
-    sidecar <i>_<ok|miss>.txt (so `--images <folder>` scores them again), and the detector's
-    verdicts in <folder>/results.jsonl (file, prompt, category, correct, reason, detections)."""
+    """Write the scored images, to look at the misses: <folder>/<category>/<i>_<ok|miss>.png (i:
+    the prompt's number in its category), its prompt in <i>_<ok|miss>.txt (so `--images folder`
+    scores them again), and the detector's verdicts in <folder>/results.jsonl."""
     counts = {}
     os.makedirs(folder, exist_ok=True)  # empty or new: cmd_shapes refuses a used one, so nothing is overwritten
     with open(os.path.join(folder, "results.jsonl"), "w") as log:
@@ -738,10 +682,10 @@ def save_scored(folder, images, rows):
             log.write(json.dumps({"file": name + ".png", **row}) + "\n")
     print(f"saved {len(rows)} scored images to {folder}/<category>/ (misses: *_miss.png; verdicts: results.jsonl)")
 
+
 def reconstruct(images, captions, generator, tokenizer, device, batch_size):
-    """Encode and decode uint8 (H, W, 3) images with the generator's tokenizer, or with
-    `tokenizer` alone when no generator is given (a tokenizer run, before any MaskGen), and
-    its text encoder, since the decoder is text-aware."""
+    """uint8 (H, W, 3) images through the generator's tokenizer (or `tokenizer` alone: a
+    tokenizer run before any MaskGen), its text-aware decoder reading `captions`."""
     if generator is None and tokenizer is not None:
         tok, tok_text = checkpoint.load_tokenizer(tokenizer, device)
     else:
@@ -751,9 +695,10 @@ def reconstruct(images, captions, generator, tokenizer, device, batch_size):
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
             x = torch.from_numpy(np.stack(images[i : i + batch_size])).permute(0, 3, 1, 2).float().div(255).to(device)
-            recon = tok.decode(tok.encode(x), tok_text(captions[i : i + batch_size]).final)
+            recon = tok.decode(tok.encode(x), tok_text(captions[i : i + batch_size]).final)  # (b, 3, H, W)
             out += list(to_uint8(recon).permute(0, 2, 3, 1).cpu().numpy())
     return out
+
 
 def cmd_shapes(args, device):
     if args.n_per_category < 1:
@@ -762,7 +707,7 @@ def cmd_shapes(args, device):
         raise ValueError("--decoder-text only applies to --reconstruct (the tokenizer's decoder)")
     if args.save and os.path.isdir(args.save) and os.listdir(args.save):  # refused before the (long) generation
         raise ValueError(f"--save folder {args.save!r} is not empty; name a new folder (or remove that one)")
-    if args.images:  # a folder of already generated images with their prompts
+    if args.images:  # already generated images, with their prompts
         files = list_images(args.images)
         prompts = prompts_option(args.prompts, files)
         caps = [prompt_for(p, prompts, i) for i, p in enumerate(files)]
@@ -794,25 +739,26 @@ def cmd_shapes(args, device):
             f.writelines(json.dumps(row) + "\n" for row in rows)
     return res, f"shapes compositional score: {source}"
 
+
 def cmd_context(args, device):
     if args.n_per_category < 2:
-        raise ValueError(f"--n-per-category must be at least 2 (half the scenes fit, half score), got {args.n_per_category}")
+        raise ValueError("--n-per-category must be at least 2 (half the scenes fit, half score), "
+                         f"got {args.n_per_category}")
     models = checkpoint.load_models(args.generator, args.tokenizer, device)
     samples = shapes.heldout_samples(args.n_per_category, args.seed)
+    # One batch of all scenes (no --batch-size): the regressions need every image at once.
     images = torch.tensor(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float().div(255).to(device)
-    # One pass over all scenes (900 at the default: small for the shapes models; --batch-size
-    # is not used); the regressions need every image at once anyway.
     captions = [s.caption for s in samples]
     res = context_use(models, images, captions, shapes.SHAPES_AESTHETIC, seed=args.sample_seed)
     res.update(inpaint_use(models, images, captions, shapes.SHAPES_AESTHETIC, seed=args.sample_seed)[0])
     return res, f"context use of {args.generator or 'checkpoints/shapes.pt'} on {len(samples)} held-out scenes"
 
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    # Options shared by several commands, as parent parsers: every command's output and
-    # device; recon / gen: the FID Inception network and the image size; shapes / context:
-    # the models and the held-out scenes.
+    # Options several commands share, as parent parsers: output and device (all); the FID network
+    # and image size (recon, gen); the models and held-out scenes (shapes, context); prompts.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", help="output prefix for <out>.json / <out>.txt (default out/eval/<cmd>)")
     common.add_argument("--device", help="cuda / mps / cpu (default: best available)")
@@ -822,56 +768,55 @@ def main(argv=None):
     fid.add_argument("--inception-weights", help="local FID Inception weights (.pth), for offline use")
     fid.add_argument("--is-splits", type=int, default=1, help="IS splits: 1 = official evaluator, 10 = Salimans")
     fid.add_argument("--limit", type=int, help="use only the first N images")
-    fid.add_argument("--size", type=int, help="resize+centre-crop side (recon default: the tokenizer's; gen: needed if sizes differ)")
+    fid.add_argument("--size", type=int, help="resize+centre-crop side (recon: the tokenizer's; gen: if sizes differ)")
     world = argparse.ArgumentParser(add_help=False)
     world.add_argument("--generator", help="MaskGen checkpoint (default: the shipped one)")
-    world.add_argument("--tokenizer", help="TA-TiTok checkpoint (default: the generator's; alone: shapes --reconstruct)")
+    world.add_argument("--tokenizer", help="TA-TiTok checkpoint (default: the generator's; alone: --reconstruct)")
     world.add_argument("--n-per-category", type=int, default=300)
-    world.add_argument("--seed", type=int, default=shapes.HELDOUT_SEED, help="held-out prompt / scene seed (no training run uses it)")
+    world.add_argument("--seed", type=int, default=shapes.HELDOUT_SEED, help="held-out prompt / scene seed")
     world.add_argument("--sample-seed", type=int, default=0,
-                       help="generation: prompt j is sampled with seed + j; context: the masking orders and posterior samples")
-    prompts_help = ("prompts for --clip / shapes: .txt (one line per image, sorted file order), sample.py's prompts.jsonl "
-                    "(matched by file name) or MJHQ-30K's meta_data.json; default: what the folder holds")  # fmt: skip
+                       help="generation: prompt j is sampled with seed + j; context: masking orders, posterior draws")
+    prompts = argparse.ArgumentParser(add_help=False)
+    prompts.add_argument("--prompts", help="prompts for --clip / shapes: .txt (one line per image, sorted file order), "
+                         "sample.py's prompts.jsonl (by file name) or MJHQ-30K's meta_data.json; default: the folder's")
+
     p = sub.add_parser("recon", parents=[common, fid], help="tokenizer reconstruction: rFID, IS, PSNR, codebook")
-    p.add_argument("--tokenizer", required=True, help="official release dir or Hub id (owner/name[@rev]), or our run / checkpoint")
+    p.add_argument("--tokenizer", required=True, help="official release dir or Hub id (owner/name[@rev]), or our run")
     p.add_argument("--revision", help="Hub revision (branch, tag, commit) for a --tokenizer Hub id")
     p.add_argument("--data", required=True, help="image folder (e.g. ImageNet val with class sub-folders)")
     p.add_argument("--class-names", help="class names file -> captions 'A photo of a {class}.'")
-    p = sub.add_parser("gen", parents=[common, fid], help="generated folder: gFID vs a reference, IS, CLIP score")
+    p = sub.add_parser("gen", parents=[common, fid, prompts], help="generated folder: gFID vs a reference, IS, CLIP")
     p.add_argument("--images", required=True)
     p.add_argument("--ref", help="reference image folder, or a .npz with mu / sigma")
     p.add_argument("--ref-limit", type=int)
     p.add_argument("--save-ref-stats", help="save the reference mu / sigma to this .npz")
-    p.add_argument("--prompts", help=prompts_help)
     p.add_argument("--clip", action="store_true", help="also compute the CLIP score")
     p.add_argument("--clip-model", default="ViT-L-14")
     p.add_argument("--clip-pretrained", default="openai")
-    p = sub.add_parser("shapes", parents=[common, world], help="shapes-world compositional score")
+    p = sub.add_parser("shapes", parents=[common, world, prompts], help="shapes-world compositional score")
     p.add_argument("--images", help="folder of generated images (prompts as in `gen`)")
-    p.add_argument("--prompts", help=prompts_help)
     p.add_argument("--steps", type=int, help="sampling steps (default: the generator's config)")
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--guidance-schedule", help="VQ: cosine | linear | none; KL: linear | constant")
-    p.add_argument("--temperature", type=float,
-                   help="VQ: softmax temperature (default annealed); KL: DiffLoss noise (default: the config's)")
+    p.add_argument("--temperature", type=float, help="VQ: softmax temperature (default annealed); KL: DiffLoss noise")
     p.add_argument("--ground-truth", action="store_true", help="score ground-truth renders (detector check)")
-    p.add_argument("--reconstruct", action="store_true",
-                   help="score ground-truth renders after a trip through the tokenizer (the generator's ceiling)")
+    p.add_argument("--reconstruct", action="store_true", help="score ground-truth renders through the tokenizer")
     p.add_argument("--decoder-text", choices=["caption", "next", "empty"], default="caption",
                    help="--reconstruct: the decoder reads each scene's caption, the next scene's, or \"\"")
     p.add_argument("--details", help="write per-prompt results to this .jsonl")
-    p.add_argument("--save", metavar="DIR",
-                   help="write the scored images to DIR/<category>/<i>_<ok|miss>.png (+ .txt prompts, results.jsonl)")
+    p.add_argument("--save", metavar="DIR", help="write the scored images to DIR/<category>/<i>_<ok|miss>.png")
     sub.add_parser("context", parents=[common, world], help="does a MaskGen read the visible tokens? (shapes world)")
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     rank, _, device = train_common.setup_distributed(args.device or "auto")  # joins torchrun's process group
-    res, title = {"recon": cmd_recon, "gen": cmd_gen, "shapes": cmd_shapes, "context": cmd_context}[args.cmd](args, device)
+    cmd = {"recon": cmd_recon, "gen": cmd_gen, "shapes": cmd_shapes, "context": cmd_context}[args.cmd]
+    res, title = cmd(args, device)
     if rank == 0:
         write_report(res, args.out or os.path.join("out", "eval", args.cmd), title)
     train_common.teardown()
     return res
+
 
 if __name__ == "__main__":
     try:

@@ -2,23 +2,17 @@
 Losses for training the TA-TiTok tokenizer in one stage.
 
 Paper §4.1, "Improved one-stage training recipe": TA-TiTok drops TiTok's two-stage
-(proxy-code distillation) training and trains pixels-to-pixels directly, with two
-ideas borrowed from MaskBit (Weber et al. 2024, "Embedding-free image generation
-via bit tokens"):
-  1. a perceptual loss on a ResNet-50 classifier instead of LPIPS' VGG, because a
-     modern ImageNet classifier gives richer features;
-  2. a stronger PatchGAN discriminator: blur-kernel downsampling instead of average
-     pooling, and LeCAM regularisation of the discriminator's logits.
-The released training configs (NOTES.md, "Training recipe") then set:
-    L2 reconstruction x 1.0, perceptual x 1.1 with "lpips-convnext_s-1.0-0.1",
-    GAN x 0.1 from step 200k (hinge loss, no adaptive weight), LeCAM x 0.001,
-    KL x 1e-6 (KL variant) or the quantizer loss x 1.0 (VQ variant).
+(proxy-code distillation) training and trains pixels-to-pixels directly, with two ideas from
+MaskBit (Weber et al. 2024): a perceptual loss on a modern ImageNet classifier (ResNet-50,
+richer features than LPIPS' VGG), and a stronger PatchGAN discriminator (blur-kernel instead
+of average-pool downsampling, LeCAM regularisation of its logits). The released training
+configs (NOTES.md, "Training recipe") set L2 reconstruction x 1.0, perceptual x 1.1 with
+"lpips-convnext_s-1.0-0.1", GAN x 0.1 from step 200k (hinge loss, no adaptive weight),
+LeCAM x 0.001, and KL x 1e-6 (KL variant) or the quantizer loss x 1.0 (VQ variant).
 
-What "lpips-convnext_s-1.0-0.1" means in the official code: LPIPS (VGG-16) with
-weight 1.0 and an MSE between ConvNeXt-S *logits* with weight 0.1, averaged as
-(1.0 * lpips + 0.1 * convnext) / 1.1. Times the perceptual weight 1.1 that is
-exactly lpips + 0.1 * convnext. The paper's text describes MaskBit's ResNet-50
-variant instead; both are here, picked by a name string in LossConfig.perceptual.
+"lpips-convnext_s-1.0-0.1" in the official code: (1.0 * LPIPS(VGG-16) + 0.1 * MSE between
+ConvNeXt-S *logits*) / 1.1, so times the perceptual weight 1.1 exactly lpips + 0.1 * convnext.
+The paper's text describes MaskBit's ResNet-50 variant; LossConfig.perceptual picks either.
 
 Data flow, in the order the pieces appear below:
     images, recon (B,3,H,W) in [0,1]
@@ -28,13 +22,11 @@ Data flow, in the order the pieces appear below:
       -> TokenizerLoss      the weighted sum, the step schedule, logging dicts
 
 Public API:
-    cfg  = LossConfig()                          # official numbers; PRESETS["tiny"] for tests
-    loss = TokenizerLoss(cfg)                    # owns the discriminator (a trainable module)
+    loss = TokenizerLoss(LossConfig())           # official numbers; PRESETS["tiny"] for tests
     g, logs = loss.generator_loss(images, recon, extras, step)      # for the tokenizer
     if loss.discriminator_active(step):
-        d, logs = loss.discriminator_loss(images, recon, step)      # for the discriminator
-    loss.discriminator.parameters()              # what the discriminator optimizer steps
-    loss.state_dict()                            # discriminator + LeCAM EMAs only (see below)
+        d, logs = loss.discriminator_loss(images, recon, step)      # for loss.discriminator
+    loss.state_dict()                            # the discriminator + LeCAM EMAs only
 """
 
 import importlib.util
@@ -47,11 +39,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# torchvision is imported lazily (inside the builders): the discriminator and the
-# loss maths work without it, and importing it costs ~1 s.
-
-# ImageNet statistics that every torchvision classifier was trained with. Our images
-# are in [0,1], so the nets see (x - mean) / std, exactly as in their training.
+# torchvision is imported lazily (inside the builders): the discriminator and the loss maths
+# work without it, and importing it costs ~1 s. Every torchvision classifier was trained on
+# (x - mean) / std of [0, 1] images with these ImageNet statistics.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -59,25 +49,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Frozen backbones from torchvision.
 
 
-def _hub_checkpoint_path(weights):
-    """Where torch.hub keeps a downloaded weight file: $TORCH_HOME/hub/checkpoints/<file>."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-
-
 def _load_weights(weights, allow_download=True):
-    """State dict of a torchvision weight enum, with an actionable error when it is missing.
-
-    torchvision downloads into the torch.hub cache on first use. On a machine with no
-    internet that fails deep inside urllib; we say instead which file is needed and
-    where to put it.
-    """
-    path = _hub_checkpoint_path(weights)
-    hint = (
-        f"the frozen perceptual network needs the torchvision weights {weights} ({weights.url}). "
-        f"Fix: run once on a machine with internet (they download to {path}), or copy that file "
-        f"there, or point TORCH_HOME at a directory that holds hub/checkpoints/{os.path.basename(path)}. "
-        f"For tests and quick experiments use LossConfig(perceptual_pretrained=False) (random weights)."
-    )
+    """State dict of a torchvision weight enum. torchvision downloads it into the torch.hub cache
+    on first use; offline that fails deep inside urllib, so say which file is needed and where."""
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))  # $TORCH_HOME/hub/...
+    hint = (f"the frozen perceptual network needs the torchvision weights {weights} ({weights.url}). "
+            f"Fix: run once on a machine with internet (they download to {path}), or copy that file "
+            f"there, or point TORCH_HOME at a directory that holds hub/checkpoints/{os.path.basename(path)}. "
+            f"For tests and quick experiments use LossConfig(perceptual_pretrained=False) (random weights).")
     if not os.path.exists(path) and not allow_download:
         raise FileNotFoundError(f"weights not found at {path}: {hint}")
     try:
@@ -87,13 +66,10 @@ def _load_weights(weights, allow_download=True):
 
 
 def _freeze_as_buffers(module):
-    """Turn every parameter and buffer of a frozen net into a non-persistent buffer.
-
-    Why: the perceptual nets never train. As buffers they still follow .to(device) and
-    gradients still flow *through* them to the reconstruction, but they get no .grad,
-    no optimizer sees them, DDP ignores them, and -- being non-persistent -- they stay
-    out of checkpoints (ConvNeXt-S alone is 200 MB; it is rebuilt from torchvision).
-    """
+    """Turn every parameter and buffer of a frozen net into a non-persistent buffer: it still
+    follows .to(device) and passes gradients *through* to the reconstruction, but gets no .grad,
+    no optimizer or DDP sees it, and it stays out of checkpoints (ConvNeXt-S alone is 200 MB;
+    it is rebuilt from torchvision)."""
     for m in module.modules():
         for name, p in list(m.named_parameters(recurse=False)):
             delattr(m, name)
@@ -104,15 +80,10 @@ def _freeze_as_buffers(module):
 
 
 class ClassifierPerceptual(nn.Module):
-    """MSE between the outputs of a frozen ImageNet classifier on two images (MaskBit).
-
-    MaskBit's default, and the official ConvNeXt-S term, compares the *logits*
-    (1000 classes): a loss that asks the reconstruction to be recognised as the same
-    thing. With on_logits=False it adds the last feature map (MaskBit's option:
-    ResNet-50 layer4 (B,2048,7,7) / ConvNeXt-S features (B,768,7,7)) to the logits.
-    Inputs are resized to 224x224 (bilinear, antialiased), the classifiers' training
-    resolution, then ImageNet-normalised.
-    """
+    """MSE between a frozen ImageNet classifier's *logits* (1000 classes) on two images: MaskBit's
+    default and the official ConvNeXt-S term, asking that the reconstruction be recognised as the
+    same thing. on_logits=False adds the last feature map (ResNet-50 layer4 (B,2048,7,7) /
+    ConvNeXt-S (B,768,7,7)). Inputs are resized to 224 (bilinear, antialiased), normalised."""
 
     def __init__(self, arch="resnet50", pretrained=True, on_logits=True, resize=224, allow_download=True):
         super().__init__()
@@ -131,43 +102,31 @@ class ClassifierPerceptual(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def _features_and_logits(self, x):  # x: (B, 3, 224, 224) normalised
-        n = self.net
-        if self.arch == "resnet50":
-            x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
-            feat = n.layer4(n.layer3(n.layer2(n.layer1(x))))  # (B, 2048, 7, 7)
-            logits = n.fc(torch.flatten(n.avgpool(feat), 1))  # (B, 1000)
-        else:
-            feat = n.features(x)  # (B, 768, 7, 7)
-            logits = n.classifier(n.avgpool(feat))  # (B, 1000); classifier = LN2d, flatten, linear
-        return feat, logits
-
     def forward(self, x, y):  # x, y: (B, 3, H, W) in [0, 1]
         xy = torch.cat([x, y])  # one pass through the net for both: (2B, 3, H, W)
         if xy.shape[-2:] != (self.resize, self.resize):
             xy = F.interpolate(xy, size=self.resize, mode="bilinear", align_corners=False, antialias=True)
-        feat, logits = self._features_and_logits((xy - self.mean) / self.std)
-        fx, fy = feat.chunk(2)
-        lx, ly = logits.chunk(2)
-        loss = F.mse_loss(lx, ly)
-        if not self.on_logits:
-            loss = loss + F.mse_loss(fx, fy)
-        return loss
+        n, xy = self.net, (xy - self.mean) / self.std
+        if self.arch == "resnet50":
+            xy = n.maxpool(n.relu(n.bn1(n.conv1(xy))))
+            feat = n.layer4(n.layer3(n.layer2(n.layer1(xy))))  # (2B, 2048, 7, 7)
+            logits = n.fc(torch.flatten(n.avgpool(feat), 1))  # (2B, 1000)
+        else:
+            feat = n.features(xy)  # (2B, 768, 7, 7)
+            logits = n.classifier(n.avgpool(feat))  # (2B, 1000); classifier = LN2d, flatten, linear
+        loss = F.mse_loss(*logits.chunk(2))
+        return loss if self.on_logits else loss + F.mse_loss(*feat.chunk(2))
 
     def train(self, mode=True):  # BatchNorm / dropout stay in inference mode, always
         return super().train(False)
 
 
 class LPIPS(nn.Module):
-    """LPIPS (Zhang et al. 2018) with its VGG-16 backbone, as in the official config.
-
-    d(x, y) = sum over 5 VGG stages l of mean_{h,w} || w_l * (n(f_l(x)) - n(f_l(y))) ||^2
-    where n() normalises each spatial feature vector to unit length and w_l are the
-    learned non-negative per-channel weights ("lin" layers). VGG comes from torchvision;
-    the lin weights are LPIPS' own file (v0.1 "vgg.pth", shipped inside the `lpips`
-    pip package); pass its path, or install `lpips` and we find it. Not a core
-    dependency: only the official "lpips-..." perceptual setting needs it.
-    """
+    """LPIPS (Zhang et al. 2018) with its VGG-16 backbone, as in the official config:
+    d(x, y) = sum over 5 VGG stages l of mean_{h,w} || w_l * (n(f_l(x)) - n(f_l(y))) ||^2, n()
+    unit-normalising each feature vector, w_l the learned per-channel "lin" weights. VGG comes
+    from torchvision, the lin weights from LPIPS' own v0.1 "vgg.pth" (inside the `lpips` pip
+    package: pass its path or install it); only the official "lpips-..." setting needs them."""
 
     # The VGG-16 `features` indices that end the 5 stages (relu1_2 .. relu5_3).
     STAGE_ENDS = (4, 9, 16, 23, 30)
@@ -185,15 +144,19 @@ class LPIPS(nn.Module):
         if pretrained:
             sd = _load_weights(models.VGG16_Weights.IMAGENET1K_V1, allow_download)
             feats.load_state_dict({k[len("features.") :]: v for k, v in sd.items() if k.startswith("features.")})
-        feats = feats[: self.STAGE_ENDS[-1]]
-        starts = (0,) + self.STAGE_ENDS[:-1]
-        self.stages = nn.ModuleList(feats[a:b] for a, b in zip(starts, self.STAGE_ENDS))
+        self.stages = nn.ModuleList(feats[a:b] for a, b in zip((0,) + self.STAGE_ENDS[:-1], self.STAGE_ENDS))
         for m in self.stages.modules():  # in-place ReLU would overwrite the stage outputs we keep
             if isinstance(m, nn.ReLU):
                 m.inplace = False
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self.CHANNELS)
         if pretrained:
-            self._load_lin(lin_path)
+            sd = torch.load(lin_path, map_location="cpu", weights_only=True)
+            for i, lin in enumerate(self.lins):
+                # The release names them lin{i}.model.1.weight (index 0 is a Dropout).
+                key = next((k for k in (f"lin{i}.model.1.weight", f"lin{i}.model.0.weight") if k in sd), None)
+                if key is None:
+                    raise KeyError(f"{lin_path} has no weights for LPIPS layer lin{i}; is it LPIPS v0.1 vgg.pth?")
+                lin.weight.data.copy_(sd[key])
         _freeze_as_buffers(self)
         # LPIPS' input scaling, for inputs in [-1, 1] (constants of the LPIPS release).
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
@@ -206,22 +169,11 @@ class LPIPS(nn.Module):
             if spec is not None and spec.submodule_search_locations:
                 path = os.path.join(list(spec.submodule_search_locations)[0], "weights", "v0.1", "vgg.pth")
         if path is None or not os.path.exists(path):
-            raise FileNotFoundError(
-                f"LPIPS needs its learned linear-layer weights (v0.1 'vgg.pth'; looked for {path}). Fix: "
-                "`pip install lpips` (the file ships inside that package), or pass "
-                "LossConfig(lpips_weights='/path/to/vgg.pth'), or choose a perceptual setting without LPIPS "
-                "(perceptual='resnet50' or 'convnext_s')."
-            )
+            raise FileNotFoundError(f"LPIPS needs its learned linear-layer weights (v0.1 'vgg.pth'; looked for "
+                                    f"{path}). Fix: `pip install lpips` (the file ships inside that package), or "
+                                    "pass LossConfig(lpips_weights='/path/to/vgg.pth'), or choose a perceptual "
+                                    "setting without LPIPS (perceptual='resnet50' or 'convnext_s').")
         return path
-
-    def _load_lin(self, path):
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        for i, lin in enumerate(self.lins):
-            # The release names them lin{i}.model.1.weight (index 0 is a Dropout).
-            key = next((k for k in (f"lin{i}.model.1.weight", f"lin{i}.model.0.weight") if k in sd), None)
-            if key is None:
-                raise KeyError(f"{path} has no weights for LPIPS layer lin{i}; is it LPIPS v0.1 vgg.pth?")
-            lin.weight.data.copy_(sd[key])
 
     def forward(self, x, y):  # x, y: (B, 3, H, W) in [0, 1]
         h = torch.cat([x, y]) * 2 - 1  # LPIPS was trained on [-1, 1] inputs: (2B, 3, H, W)
@@ -239,15 +191,10 @@ class LPIPS(nn.Module):
 
 
 class PerceptualLoss(nn.Module):
-    """A weighted average of perceptual terms, named as in the official configs.
-
-    spec: components joined by '-', optionally followed by one weight per component:
-        "resnet50"                  MaskBit / the paper: ResNet-50 logits
-        "convnext_s"                ConvNeXt-S logits
-        "lpips-convnext_s-1.0-0.1"  the official TA-TiTok setting
-    The result is sum_i w_i * L_i / sum_i w_i (the official averaging), so a single
-    component is just that component.
-    """
+    """A weighted average of perceptual terms, named as in the official configs: components
+    joined by '-', optionally followed by one weight each ("resnet50": MaskBit / the paper;
+    "convnext_s"; "lpips-convnext_s-1.0-0.1": the official setting). The result is
+    sum_i w_i * L_i / sum_i w_i (the official averaging): one component is just itself."""
 
     COMPONENTS = ("lpips", "convnext_s", "resnet50")
 
@@ -262,17 +209,14 @@ class PerceptualLoss(nn.Module):
         except ValueError:
             ok = False
         if not ok:
-            raise ValueError(
-                f"bad perceptual spec {spec!r}: expected components from {self.COMPONENTS} joined by '-', "
-                f"optionally followed by one weight each, e.g. 'resnet50' or 'lpips-convnext_s-1.0-0.1'"
-            )
+            raise ValueError(f"bad perceptual spec {spec!r}: expected components from {self.COMPONENTS} "
+                             f"joined by '-', optionally followed by one weight each, e.g. 'resnet50' or "
+                             f"'lpips-convnext_s-1.0-0.1'")
         self.weights = dict(zip(names, weights))
         self.terms = nn.ModuleDict()
         for name in names:
-            if name == "lpips":
-                self.terms[name] = LPIPS(pretrained, lpips_weights, allow_download)
-            else:
-                self.terms[name] = ClassifierPerceptual(name, pretrained, on_logits, resize, allow_download)
+            self.terms[name] = (LPIPS(pretrained, lpips_weights, allow_download) if name == "lpips" else
+                                ClassifierPerceptual(name, pretrained, on_logits, resize, allow_download))
 
     def forward(self, x, y):
         """x, y: (B, 3, H, W) in [0, 1] -> (scalar weighted average, {name: unweighted term})."""
@@ -286,14 +230,10 @@ class PerceptualLoss(nn.Module):
 
 
 class BlurDownsample(nn.Module):
-    """Anti-aliased 2x downsampling: a fixed binomial low-pass filter, then stride 2.
-
-    Average pooling is a box filter and lets high frequencies alias into the
-    downsampled map; a binomial kernel ([1,3,3,1] outer itself, normalised, as in
-    StyleGAN / Zhang 2019 "Making CNNs shift-invariant again") suppresses them, which
-    makes the discriminator's judgement smoother under small shifts. Padding is
-    TensorFlow-"same" for a 4-tap kernel at stride 2, so output size = ceil(H / 2).
-    """
+    """Anti-aliased 2x downsampling: a fixed binomial low-pass filter ([1,3,3,1] outer itself,
+    normalised, as StyleGAN / Zhang 2019 "Making CNNs shift-invariant again"), then stride 2.
+    Average pooling (a box filter) lets high frequencies alias; this keeps the discriminator's
+    judgement smooth under small shifts. TensorFlow-"same" padding: output size = ceil(H / 2)."""
 
     KERNELS = {3: (1, 2, 1), 4: (1, 3, 3, 1), 5: (1, 4, 6, 4, 1)}
 
@@ -314,14 +254,10 @@ class BlurDownsample(nn.Module):
 
 
 class PatchDiscriminator(nn.Module):
-    """Conv 5x5 -> num_stages x [conv 3x3, blur-downsample, GroupNorm, LeakyReLU]
-    -> adaptive max-pool to a 16x16 patch grid -> 1x1 conv, 5x5 conv -> one logit per patch.
-
-    Widths 128 -> 128 -> 256 -> 512 by default (the official NLayerDiscriminator:
-    hidden 128, 3 stages). All convs are stride 1 with "same" padding; only the blur
-    downsamples. The max-pool fixes the number of patches whatever the input size.
-    Parameter names follow the official module (block_in, blocks, to_logits).
-    """
+    """Conv 5x5 -> num_stages x [conv 3x3, blur-downsample, GroupNorm, LeakyReLU] -> adaptive
+    max-pool to a 16x16 patch grid (whatever the input size) -> 1x1 conv, 5x5 conv -> one logit
+    per patch. Widths 128 -> 128 -> 256 -> 512 by default (the official NLayerDiscriminator);
+    convs are stride 1, "same" padding: only the blur downsamples. Names as the official module."""
 
     def __init__(self, in_channels=3, hidden=128, num_stages=3, blur_taps=4, pool_size=16):
         super().__init__()
@@ -332,12 +268,7 @@ class PatchDiscriminator(nn.Module):
         # Stage widths: the first keeps `hidden`, then each doubles: 128 -> 128 -> 256 -> 512.
         chans = [hidden] + [hidden * 2**i for i in range(num_stages)]
         self.blocks = nn.ModuleList(
-            nn.Sequential(
-                nn.Conv2d(cin, cout, 3, padding=1),
-                BlurDownsample(blur_taps),
-                nn.GroupNorm(32, cout),
-                act(),
-            )
+            nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), BlurDownsample(blur_taps), nn.GroupNorm(32, cout), act())
             for cin, cout in zip(chans[:-1], chans[1:])
         )
         self.pool = nn.AdaptiveMaxPool2d(pool_size)
@@ -366,16 +297,12 @@ def hinge_g_loss(logits_fake):
 
 
 class LeCAM(nn.Module):
-    """LeCAM regularisation (Tseng et al. 2021) as in MaskBit / the official code.
-
-    Keeps EMAs of the batch-mean real and fake logits and penalises the current means
-    for drifting past the *other* side's EMA:
+    """LeCAM regularisation (Tseng et al. 2021) as in MaskBit / the official code: EMAs (from 0,
+    decay 0.999) of the batch-mean real and fake logits, and a penalty on the current means for
+    drifting past the *other* side's EMA, which stops D from driving real and fake logits ever
+    further apart (how it overfits on limited data):
         relu(mean D(real) - ema_fake)^2 + relu(ema_real - mean D(fake))^2
-    This stops the discriminator from driving real and fake logits ever further apart
-    (which is how it overfits on limited data). The official code applies relu to the
-    batch *means* (not per sample as in the LeCAM paper); we follow the official code.
-    EMAs start at 0 and decay at 0.999.
-    """
+    relu acts on the batch *means*, as in the official code (the LeCAM paper: per sample)."""
 
     def __init__(self, decay=0.999):
         super().__init__()
@@ -389,9 +316,8 @@ class LeCAM(nn.Module):
     @torch.no_grad()
     def update(self, real_mean, fake_mean):
         means = torch.stack([real_mean.detach().float(), fake_mean.detach().float()])
-        # Under DDP, average over ranks so every rank keeps the same EMA (a single-process
-        # run with the global batch gets the same value). The official code keeps a
-        # rank-local EMA, so its ranks drift apart slightly.
+        # Under DDP, average over ranks so every rank keeps the same EMA, that of a single process
+        # with the global batch (the official code keeps rank-local EMAs, which drift apart).
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(means)
             means /= dist.get_world_size()
@@ -427,18 +353,13 @@ class LossConfig:
 class TokenizerLoss(nn.Module):
     """All tokenizer training losses, with the GAN schedule.
 
-    Generator (tokenizer) objective, per step:
-        w_rec * L2 + w_perc * perceptual + (w_q * quantizer | w_kl * KL) + [step >= start] w_gan * hinge_G
-    Discriminator objective, from step `discriminator_start` on:
-        hinge_D + w_lecam * LeCAM
-    The VQ/KL variant is read from the tokenizer's extras: "quantizer_loss" (VQ) or
-    "posterior" (KL, a DiagonalGaussian with .kl() -> (B,)).
-
-    All losses are computed in fp32 with autocast off (as the official code): the
-    GAN and perceptual terms are sums of small differences that bf16 would blur.
-
-    state_dict() holds only what trains or accumulates -- the discriminator and the
-    LeCAM EMAs; the frozen perceptual nets are rebuilt from torchvision on load.
+    Generator: w_rec * L2 + w_perc * perceptual + (w_q * quantizer | w_kl * KL) + [step >= start] w_gan * hinge_G
+    Discriminator, from step `discriminator_start` on: hinge_D + w_lecam * LeCAM.
+    The variant is read from the tokenizer's extras: "quantizer_loss" (VQ) or "posterior" (KL,
+    a DiagonalGaussian with .kl() -> (B,)). All losses run in fp32, autocast off (as the official
+    code): the GAN and perceptual terms are sums of small differences that bf16 would blur.
+    state_dict() holds only the discriminator and the LeCAM EMAs; the frozen perceptual nets are
+    rebuilt from torchvision on load.
     """
 
     def __init__(self, config: LossConfig, allow_download=True):
@@ -446,10 +367,8 @@ class TokenizerLoss(nn.Module):
         self.config = c = config
         self.perceptual = None
         if c.perceptual != "none" and c.perceptual_weight > 0:
-            self.perceptual = PerceptualLoss(
-                c.perceptual, c.perceptual_pretrained, c.perceptual_on_logits, c.perceptual_resize,
-                c.lpips_weights, allow_download,
-            )  # fmt: skip
+            self.perceptual = PerceptualLoss(c.perceptual, c.perceptual_pretrained, c.perceptual_on_logits,
+                                             c.perceptual_resize, c.lpips_weights, allow_download)  # fmt: skip
         self.discriminator = None
         if c.discriminator_weight > 0:
             self.discriminator = PatchDiscriminator(3, c.disc_hidden, c.disc_stages, c.disc_blur_taps)
@@ -463,66 +382,49 @@ class TokenizerLoss(nn.Module):
         """images, recon: (B, 3, H, W) in [0, 1]; extras: the tokenizer's forward() dict.
         Returns (total scalar with graph, {name: detached scalar} for logging; weighted terms)."""
         c = self.config
-        dev = images.device
-        with torch.autocast(device_type=dev.type, enabled=False):
+        with torch.autocast(device_type=images.device.type, enabled=False):
             images, recon = images.float(), recon.float()
-            logs = {}
-            rec = c.reconstruction_weight * F.mse_loss(recon, images)
-            total = rec
-            logs["recon"] = rec
-
+            total = c.reconstruction_weight * F.mse_loss(recon, images)
+            logs = {"recon": total}
             if self.perceptual is not None:
                 perc, parts = self.perceptual(recon, images)
-                total = total + c.perceptual_weight * perc
                 logs["perceptual"] = c.perceptual_weight * perc
+                total = total + logs["perceptual"]
                 if len(parts) > 1:  # unweighted components, to see what each contributes
                     logs.update({f"perceptual_{k}": v for k, v in parts.items()})
-
             if "quantizer_loss" in extras:  # VQ variant
-                q = c.quantizer_weight * extras["quantizer_loss"].float()
-                total = total + q
-                logs["quantizer"] = q
-                for k in ("commitment_loss", "codebook_loss"):
-                    if k in extras:
-                        logs[k.replace("_loss", "")] = extras[k]
+                logs["quantizer"] = c.quantizer_weight * extras["quantizer_loss"].float()
+                total = total + logs["quantizer"]
+                logs.update({k[:-5]: extras[k] for k in ("commitment_loss", "codebook_loss") if k in extras})
             elif "posterior" in extras:  # KL variant
                 # Sum over tokens and channels, mean over the batch (official). The official
                 # also divides L2 by exp(logvar) with a frozen logvar = 0, i.e. by 1: omitted.
-                kl = c.kl_weight * extras["posterior"].kl().mean()
-                total = total + kl
-                logs["kl"] = kl
+                logs["kl"] = c.kl_weight * extras["posterior"].kl().mean()
+                total = total + logs["kl"]
             else:
-                raise KeyError(
-                    "extras must hold 'quantizer_loss' (VQ tokenizer) or 'posterior' (KL tokenizer); "
-                    f"got keys {sorted(extras)}. Pass the second output of TATiTok.forward()."
-                )
-
+                raise KeyError("extras must hold 'quantizer_loss' (VQ tokenizer) or 'posterior' (KL tokenizer); "
+                               f"got keys {sorted(extras)}. Pass the second output of TATiTok.forward().")
             if self.discriminator_active(step):
-                # Freeze D for this pass: gradients flow through it into the reconstruction
-                # only. (Call the plain module here, not a DDP wrapper of it.)
+                # Freeze D for this pass: gradients flow through it into the reconstruction only.
+                # (Call the plain module here, not a DDP wrapper of it.)
                 self.discriminator.requires_grad_(False)
-                gan = hinge_g_loss(self.discriminator(recon))
-                total = total + c.discriminator_weight * gan
-                logs["gan"] = c.discriminator_weight * gan
+                logs["gan"] = c.discriminator_weight * hinge_g_loss(self.discriminator(recon))
+                total = total + logs["gan"]
             logs["total"] = total
         return total, {k: v.detach() for k, v in logs.items()}
 
     def discriminator_loss(self, images, recon, step, discriminator=None):
-        """One discriminator step's objective. Call it only when discriminator_active(step);
-        before that it returns a zero with no graph (nothing to train).
-
-        discriminator: pass the DDP-wrapped discriminator under torchrun, so that its
-        gradients are averaged over ranks; by default the plain self.discriminator."""
-        dev = images.device
+        """One discriminator step's objective; before discriminator_active(step), a zero with no graph.
+        discriminator: the DDP-wrapped one under torchrun, so that its gradients are averaged over
+        ranks; by default the plain self.discriminator."""
         if not self.discriminator_active(step):
-            return torch.zeros((), device=dev), {}
+            return torch.zeros((), device=images.device), {}
         c = self.config
         D = discriminator if discriminator is not None else self.discriminator
         self.discriminator.requires_grad_(True)
-        with torch.autocast(device_type=dev.type, enabled=False):
+        with torch.autocast(device_type=images.device.type, enabled=False):
             # recon is detached: this step trains D, not the tokenizer.
-            real = D(images.detach().float())  # (B, 1, 16, 16)
-            fake = D(recon.detach().float())
+            real, fake = D(images.detach().float()), D(recon.detach().float())  # (B, 1, 16, 16) each
             hinge = hinge_d_loss(real, fake)
             real_mean, fake_mean = real.mean(), fake.mean()
             lecam = c.lecam_weight * self.lecam(real_mean, fake_mean) if c.lecam_weight > 0 else hinge * 0
@@ -544,17 +446,12 @@ PRESETS = {
     "official": LossConfig(),
     # The paper's text / MaskBit: ResNet-50 logits as the perceptual loss, otherwise official.
     "paper_resnet50": LossConfig(perceptual="resnet50"),
-    # The shapes world on a CPU: no downloads, so no pretrained perceptual net; a small
-    # discriminator that switches on late. KL weight 1e-7: beside L2 alone the official 1e-6
-    # makes the KL tokenizer's posterior noise as large as the spread of its means; at 1e-7
-    # the means outweigh the noise and reconstructions are sharper.
-    "shapes": LossConfig(
-        perceptual="none", perceptual_weight=0.0, discriminator_start=3000, discriminator_weight=0.1,
-        disc_hidden=32, disc_stages=2, kl_weight=1e-7,
-    ),  # fmt: skip
+    # The shapes world on a CPU: no downloads, so no pretrained perceptual net; a small discriminator
+    # that switches on late. KL weight 1e-7: beside L2 alone the official 1e-6 makes the posterior
+    # noise as large as the spread of the means; at 1e-7 the means win and reconstructions are sharper.
+    "shapes": LossConfig(perceptual="none", perceptual_weight=0.0, discriminator_start=3000, discriminator_weight=0.1,
+                         disc_hidden=32, disc_stages=2, kl_weight=1e-7),  # fmt: skip
     # Tests: every code path, random weights, small inputs, the GAN on from step 2.
-    "tiny": LossConfig(
-        perceptual="resnet50", perceptual_pretrained=False, perceptual_resize=32, discriminator_start=2,
-        disc_hidden=32, disc_stages=2,
-    ),  # fmt: skip
+    "tiny": LossConfig(perceptual="resnet50", perceptual_pretrained=False, perceptual_resize=32, discriminator_start=2,
+                       disc_hidden=32, disc_stages=2),  # fmt: skip
 }

@@ -2,11 +2,10 @@
 The shapes world: a tiny captioned world of coloured shapes, and the rule-based
 detector that scores images against its captions.
 
-A project addition, not in the paper. It stands in for the paper's web image-text
-data (§5.1, App. A) and for GenEval (§5.1 "Evaluation metrics"), so that the whole
-system -- TA-TiTok, MaskGen and the evaluation -- trains and is scored from scratch
-on a laptop CPU. GenEval scores object, count, colour and position with an object
-detector; this world is simple enough to be scored exactly with rules instead.
+A project addition, not in the paper: it stands in for the web image-text data (§5.1,
+App. A) and for GenEval (§5.1 "Evaluation metrics"), so that TA-TiTok, MaskGen and the
+evaluation train and are scored from scratch on a laptop CPU. GenEval scores object,
+count, colour and position with a detector; this world is scored exactly with rules.
 
 A scene is a 64x64 white canvas with 1-3 objects, each one of 6 palette colours and
 3 shapes, drawn without antialiasing, with >= 3 white pixels between objects. Its
@@ -17,18 +16,10 @@ caption is in one of three categories:
 The spec in section 1 is shared with the detector below and with outside checks, so
 it is followed to the letter: change nothing there without them.
 
-Sections, in reading order:
-  1. The spec        palette, sizes, gaps, relations, categories
-  2. Scenes          ShapeObject, CaptionSpec, shape_mask, render, white_gap, relation_holds
-  3. Captions        make_caption, parse_caption
-  4. The world       ShapesWorld (seeded, random access), heldout_prompts, heldout_samples
-  5. The detector    detect_shapes, check_prompt, shapes_score
-
-Numpy, and torch for ShapesWorld.batch (the world as training tensors). data.py turns
-the world into a training dataset (ShapesDataset, the "shapes" / "shapes:N" data specs)
-and into tar shards (`python data.py make-shapes`);
-evaluate.py generates images for the held-out prompts and scores them
-(`python evaluate.py shapes`).
+Sections: 1. the spec, 2. scenes and drawing, 3. captions, 4. the world (ShapesWorld,
+held-out prompts), 5. the detector (detect_shapes, check_prompt, shapes_score).
+data.py turns the world into a dataset and tar shards (`python data.py make-shapes`);
+evaluate.py scores generated images against the held-out prompts (`python evaluate.py shapes`).
 """
 
 import re
@@ -94,8 +85,7 @@ class ShapeObject:
     @property
     def box(self):
         """(x0, y0, x1, y1): the first and last pixel column / row of the box, inclusive."""
-        x0 = int(round(self.cx - (self.size - 1) / 2))
-        y0 = int(round(self.cy - (self.size - 1) / 2))
+        x0, y0 = (int(round(c - (self.size - 1) / 2)) for c in (self.cx, self.cy))
         return x0, y0, x0 + self.size - 1, y0 + self.size - 1
 
 
@@ -103,13 +93,9 @@ class ShapeObject:
 class CaptionSpec:
     """What a caption asks for; the detector scores images against it.
 
-    objects:  the (color, shape) pairs in the order the caption names them:
-              one for "single" and "count", (subject, reference) for "relation".
-    count:    how many objects of each named kind the image holds: 1 for "single"
-              and "relation", 2 or 3 for "count".
-    relation: one of RELATIONS for "relation" (the subject is `relation` the
-              reference), else None.
-    """
+    objects: the (color, shape) pairs in caption order: one for "single" and "count",
+    (subject, reference) for "relation". count: objects of each named kind (2 or 3 for
+    "count", else 1). relation: one of RELATIONS for "relation", else None."""
 
     category: str
     objects: tuple
@@ -127,21 +113,18 @@ class ShapesSample:
 
 
 def shape_mask(obj):
-    """Boolean (64, 64) mask of the pixels the object covers. No antialiasing: a pixel
-    is in or out by whether its centre lies in the shape, so every object pixel gets
-    exactly its palette colour. Each mask spans exactly the object's box."""
+    """Boolean (64, 64) mask of the object: a pixel is in iff its centre lies in the shape (no
+    antialiasing: every object pixel is exactly its palette colour). It spans exactly the box."""
     x0, y0, x1, y1 = obj.box
     yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
     in_box = (xx >= x0) & (xx <= x1) & (yy >= y0) & (yy <= y1)
     if obj.shape == "square":
         return in_box
     if obj.shape == "circle":
-        # Radius size/2 reaches the box's edge pixels (whose centres are (size-1)/2
-        # from the centre) but not one pixel beyond.
+        # Radius size/2 reaches the box's edge pixels (centres (size-1)/2 away) but not one beyond.
         return (xx - obj.cx) ** 2 + (yy - obj.cy) ** 2 <= (obj.size / 2) ** 2
     if obj.shape == "triangle":
-        # Upright isosceles: the half-width grows by 1/2 px per row from the apex
-        # row (1-2 px wide) to the bottom row (the full box width). Height = base.
+        # Upright isosceles, height = base: the half-width grows 1/2 px per row, apex row 1-2 px wide.
         half_width = (yy - y0) / 2 + 0.5
         return in_box & (np.abs(xx - obj.cx) <= half_width)
     raise ValueError(f"unknown shape {obj.shape!r}; use one of {SHAPES}")
@@ -160,11 +143,8 @@ def render(objects):
 def white_gap(a, b):
     """White pixels between the boxes of a and b along the better-separated axis
     (negative when the boxes overlap). The spec wants >= MIN_GAP."""
-    ax0, ay0, ax1, ay1 = a.box
-    bx0, by0, bx1, by1 = b.box
-    gap_x = max(bx0 - ax1, ax0 - bx1) - 1
-    gap_y = max(by0 - ay1, ay0 - by1) - 1
-    return max(gap_x, gap_y)
+    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a.box, b.box
+    return max(bx0 - ax1, ax0 - bx1, by0 - ay1, ay0 - by1) - 1  # the larger of the x and y gaps
 
 
 def relation_holds(subject, reference, relation):
@@ -185,12 +165,9 @@ def relation_holds(subject, reference, relation):
 
 def make_caption(spec):
     """CaptionSpec -> the caption string (the inverse of parse_caption)."""
-    if spec.category == "single":
-        (color, shape), = spec.objects
-        return f"a {color} {shape}"
-    if spec.category == "count":
-        (color, shape), = spec.objects
-        return f"{NUMBER_WORDS[spec.count]} {color} {shape}s"  # every shape name pluralises with -s
+    if spec.category in ("single", "count"):
+        (color, shape), = spec.objects  # every shape name pluralises with -s
+        return f"a {color} {shape}" if spec.category == "single" else f"{NUMBER_WORDS[spec.count]} {color} {shape}s"
     if spec.category == "relation":
         (c1, s1), (c2, s2) = spec.objects
         return f"a {c1} {s1} {spec.relation} a {c2} {s2}"
@@ -210,17 +187,13 @@ def parse_caption(caption):
     """A shapes caption -> CaptionSpec. Case and extra spaces are forgiven; anything
     outside the three caption forms raises ValueError."""
     text = " ".join(caption.lower().split())
-    m = _CAPTION_RES["relation"].fullmatch(text)
-    if m:
+    if m := _CAPTION_RES["relation"].fullmatch(text):
         c1, s1, rel, c2, s2 = m.groups()
         return CaptionSpec("relation", ((c1, s1), (c2, s2)), 1, rel)
-    m = _CAPTION_RES["count"].fullmatch(text)
-    if m:
+    if m := _CAPTION_RES["count"].fullmatch(text):
         word, color, shape = m.groups()
-        count = {w: n for n, w in NUMBER_WORDS.items()}[word]
-        return CaptionSpec("count", ((color, shape),), count)
-    m = _CAPTION_RES["single"].fullmatch(text)
-    if m:
+        return CaptionSpec("count", ((color, shape),), {w: n for n, w in NUMBER_WORDS.items()}[word])
+    if m := _CAPTION_RES["single"].fullmatch(text):
         return CaptionSpec("single", (m.groups(),), 1)
     raise ValueError(
         f"{caption!r} is not a shapes caption; write 'a <colour> <shape>', "
@@ -257,7 +230,6 @@ def _scatter(rng, kinds, attempts=100, tries_per_object=50):
 def _place_pair(rng, subject, reference, relation, attempts=100):
     """Place two objects so that `subject <relation> reference` holds unambiguously."""
     axis, sign = RELATION_AXES[relation]
-    horizontal = axis == "x"
     subject_first = sign < 0  # the subject has the smaller coordinate ("to the left of", "above")
     for _ in range(attempts):
         s_sub, s_ref = (int(s) for s in rng.integers(MIN_SIZE, MAX_SIZE + 1, size=2))
@@ -275,49 +247,36 @@ def _place_pair(rng, subject, reference, relation, attempts=100):
         hi = min(IMAGE_SIZE - s2, (mid + 2 * RELATION_MAX_CROSS) // 2)
         c2 = int(rng.integers(lo, hi + 1))
         first, second = (subject, reference) if subject_first else (reference, subject)
-        xy1, xy2 = ((a1, c1), (a2, c2)) if horizontal else ((c1, a1), (c2, a2))
-        o1 = ShapeObject.at(*first, *xy1, s1)
-        o2 = ShapeObject.at(*second, *xy2, s2)
+        xy1, xy2 = ((a1, c1), (a2, c2)) if axis == "x" else ((c1, a1), (c2, a2))
+        o1, o2 = ShapeObject.at(*first, *xy1, s1), ShapeObject.at(*second, *xy2, s2)
         sub, ref = (o1, o2) if subject_first else (o2, o1)
-        # Checked again with the same predicates the tests use, so a slip above can
-        # only cost a retry, never a wrong sample.
+        # Re-checked with the spec's own predicates: a slip above costs a retry, never a wrong sample.
         if relation_holds(sub, ref, relation) and white_gap(sub, ref) >= MIN_GAP:
             return [sub, ref]
     raise RuntimeError(f"could not place a {relation!r} pair in {attempts} attempts (should never happen)")
 
 
-def _category_weights(category_mix):
-    """None -> equal thirds; a dict {category: weight} or a 3-sequence -> probabilities."""
-    if category_mix is None:
-        return np.full(3, 1 / 3)
-    if isinstance(category_mix, dict):
-        unknown = set(category_mix) - set(CATEGORIES)
-        if unknown:
-            raise ValueError(f"category_mix has unknown categories {sorted(unknown)}; use {CATEGORIES}")
-        weights = [float(category_mix.get(c, 0.0)) for c in CATEGORIES]
-    else:
-        weights = [float(w) for w in category_mix]
-        if len(weights) != 3:
-            raise ValueError(f"category_mix needs 3 weights for {CATEGORIES}, got {len(weights)}")
-    w = np.asarray(weights)
-    if (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"category_mix weights must be >= 0 with a positive sum, got {weights}")
-    return w / w.sum()
-
-
 class ShapesWorld:
-    """Seeded generator of shapes scenes. Sample `index` depends only on (seed, index):
-    it draws from its own numpy Generator seeded with [seed, index], so any sample can
-    be regenerated alone, in any order, on any rank or worker.
-
-    category_mix: None (equal thirds), {"single": w, "count": w, "relation": w}, or 3 weights.
-    """
+    """Seeded generator of shapes scenes. Sample `index` draws from its own numpy Generator
+    seeded with [seed, index], so it can be regenerated alone, in any order, on any rank.
+    category_mix: None (equal thirds), {"single": w, "count": w, "relation": w}, or 3 weights."""
 
     def __init__(self, seed=0, category_mix=None):
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.seed = int(seed)
-        self.weights = _category_weights(category_mix)
+        if isinstance(category_mix, dict):
+            unknown = set(category_mix) - set(CATEGORIES)
+            if unknown:
+                raise ValueError(f"category_mix has unknown categories {sorted(unknown)}; use {CATEGORIES}")
+            category_mix = [category_mix.get(c, 0.0) for c in CATEGORIES]
+        weights = [1.0] * 3 if category_mix is None else [float(w) for w in category_mix]
+        if len(weights) != 3:
+            raise ValueError(f"category_mix needs 3 weights for {CATEGORIES}, got {len(weights)}")
+        w = np.asarray(weights)
+        if (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"category_mix weights must be >= 0 with a positive sum, got {weights}")
+        self.weights = w / w.sum()  # (3,) probabilities of CATEGORIES
 
     def scene(self, index, category=None):
         """(CaptionSpec, [ShapeObject]) of sample `index`, without rendering.
@@ -326,8 +285,7 @@ class ShapesWorld:
             rng = np.random.default_rng([self.seed, int(index)])
             category = CATEGORIES[int(rng.choice(3, p=self.weights))]
         elif category in CATEGORIES:
-            # A forced category gets its own stream, so that the held-out prompts of
-            # different categories are independent draws.
+            # A forced category gets its own stream: held-out prompts of each category are independent.
             rng = np.random.default_rng([self.seed, int(index), 1 + CATEGORIES.index(category)])
         else:
             raise ValueError(f"unknown category {category!r}; use one of {CATEGORIES}")
@@ -348,10 +306,9 @@ class ShapesWorld:
         return ShapesSample(render(objects), make_caption(spec), spec.category, objects)
 
     def batch(self, indices, image_size=IMAGE_SIZE):
-        """The samples `indices` as a training batch: (images FloatTensor (N, 3, S, S) in
-        [0, 1], [ShapesSample]). The one path from this world to tensors (the trainers and
-        data.ShapesDataset both use it). At S = 64 the pixels are the rendered ones exactly
-        (k / 255); another size is resized bicubic and antialiased, clamped to [0, 1]."""
+        """The samples `indices` as (images (N, 3, S, S) float in [0, 1], [ShapesSample]): the one
+        path from this world to tensors (trainers, data.ShapesDataset). At S = 64 the pixels are
+        exactly the rendered k / 255; another S is resized bicubic, antialiased, clamped."""
         samples = [self.sample(i) for i in indices]
         images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255
         if image_size != IMAGE_SIZE:
@@ -361,21 +318,18 @@ class ShapesWorld:
 
 
 def heldout_prompts(n_per_category=300, seed=HELDOUT_SEED):
-    """Evaluation prompts: a list of 3 * n captions, n per category, in CATEGORIES order
-    (parse_caption gives each one's category and spec).
+    """Evaluation prompts: 3 * n captions, n per category, in CATEGORIES order.
 
-    Drawn from a seed no training run uses. The caption space is small (18 single,
-    36 count, 1224 relation captions), so single / count captions necessarily repeat
-    training captions; what is held out is the draw (and, for the evaluator, the
-    generation seeds), as in GenEval-style scoring."""
+    Drawn from a seed no training run uses. The caption space is small (18 single, 36 count,
+    1224 relation captions), so single / count captions necessarily repeat training ones;
+    what is held out is the draw (and the generation seeds), as in GenEval-style scoring."""
     world = ShapesWorld(seed)
     return [make_caption(world.scene(i, category)[0]) for category in CATEGORIES for i in range(n_per_category)]
 
 
 def heldout_samples(n_per_category=300, seed=HELDOUT_SEED):
-    """The held-out prompts' own ground-truth scenes, rendered ([ShapesSample], in the
-    order of heldout_prompts): a check of the detector (it should score ~1.0), and the
-    ceiling a generator is measured against."""
+    """The held-out prompts' ground-truth scenes ([ShapesSample], same order): a check of the
+    detector (it should score 1.0) and the ceiling a generator is measured against."""
     world = ShapesWorld(seed)
     return [world.sample(i, category) for category in CATEGORIES for i in range(n_per_category)]
 
@@ -383,9 +337,8 @@ def heldout_samples(n_per_category=300, seed=HELDOUT_SEED):
 # =============================================================================
 # 5. The detector: the compositional score (a GenEval stand-in)
 #
-# The world is simple enough to "detect" objects by colour: every object is one
-# exact palette colour on white. Per palette colour: pixel mask -> connected
-# components -> shape from the component's geometry -> position = its centroid.
+# Every object is one exact palette colour on white, so per palette colour: pixel mask
+# -> connected components -> shape from the component's geometry -> position = centroid.
 # =============================================================================
 
 
@@ -401,15 +354,10 @@ class Detection:
 
 
 def label_components(mask):
-    """4-connected components of a boolean (H, W) mask, numpy only.
-
-    Every foreground pixel starts with its own label (its flat index); each sweep
-    replaces a label by the smallest label among itself and its 4 foreground
-    neighbours, until nothing changes. A component ends up labelled with its
-    smallest index. Sweeps needed <= the longest path inside a component (a few
-    dozen for our objects), each a handful of vectorised array ops.
-    Returns (labels (H, W) int, 0 = background, 1..n; n).
-    """
+    """4-connected components of a boolean (H, W) mask, numpy only -> (labels (H, W) int,
+    0 = background, 1..n; n). Each foreground pixel starts labelled by its flat index; each
+    sweep takes the smallest label among a pixel and its 4 foreground neighbours, until
+    nothing changes (sweeps <= the longest path inside a component, a few dozen here)."""
     H, W = mask.shape
     big = H * W + 1
     lab = np.where(mask, np.arange(1, H * W + 1).reshape(H, W), big)
@@ -432,17 +380,13 @@ def label_components(mask):
 def classify_shape(comp):
     """Shape of one component, from a boolean mask cropped to its bounding box (h, w).
 
-    Corner patches (side = a quarter of the box) and row widths tell the three apart:
-      * an upright triangle has empty top corners, full bottom corners, and rows that
-        widen downwards: triangle_score = (bottom - top corner coverage)
-        + (bottom - top quarter mean row width) / w is ~1.5 for a triangle, ~0 otherwise;
-      * a square fills its box and its corners, a circle fills pi/4 of it and leaves
-        the corners mostly empty: square_score = corner coverage + fill / 2 is ~1.5
-        for a square, ~0.6 for a circle.
-    Thresholds sit midway between the classes' ranges measured on renders blurred
-    (Gaussian sigma up to 1.2 px) and noised (std up to 12 levels) -- a stand-in for a
-    generator's imperfect output -- where this rule made no errors on ~3000 objects.
-    Returns (shape name, fill ratio).
+    Returns (shape name, fill ratio). Corner patches (side = a quarter of the box) and row widths:
+      * an upright triangle has empty top corners, full bottom ones and rows widening downwards:
+        (bottom - top corner coverage) + (bottom - top quarter mean row width) / w is ~1.5, else ~0;
+      * a square fills its corners, a circle (pi/4 of its box) mostly not:
+        corner coverage + fill / 2 is ~1.5 for a square, ~0.6 for a circle.
+    Thresholds sit midway between the classes' ranges on renders blurred (sigma <= 1.2 px) and
+    noised (std <= 12 levels), a stand-in for a generator's output, with no errors on ~3000 objects.
     """
     h, w = comp.shape
     fill = float(comp.mean())
@@ -462,44 +406,37 @@ def classify_shape(comp):
 def detect_shapes(image, tol=60.0, min_area=40, white=230):
     """Objects in a shapes-world image. image: uint8 (H, W, 3) -> list[Detection].
 
-    tol: max RGB distance from a palette colour for a pixel to count as that colour.
-      The closest two palette colours (blue, purple) are ~115 apart, so 60 is
-      unambiguous, while tolerating antialiased edges and a generator's colour drift.
-    min_area: components smaller than this are noise (the smallest real object, a
-      16 px triangle, covers ~130 px at 64x64); scaled with the image area.
-    white: pixels with every channel >= this are background.
+    tol: max RGB distance from a palette colour. The closest two (blue, purple) are ~115
+      apart, so 60 is unambiguous yet tolerates soft edges and a generator's colour drift.
+    min_area: smaller components are noise (a 16 px triangle covers ~130 px at 64x64);
+      scaled with the image area. white: pixels with every channel >= this are background.
     """
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {img.shape}")
-    H, W = img.shape[:2]
-    min_area = min_area * (H * W) / (64 * 64)
-    x = img.astype(np.float32)
-    names = list(COLORS)
-    pal = np.array([COLORS[n] for n in names], dtype=np.float32)  # (6, 3)
-    d = np.linalg.norm(x[:, :, None, :] - pal[None, None], axis=-1)  # (H, W, 6)
+    min_area = min_area * (img.shape[0] * img.shape[1]) / (64 * 64)
+    pal = np.array([COLORS[n] for n in _COLOR_NAMES], dtype=np.float32)  # (6, 3)
+    d = np.linalg.norm(img.astype(np.float32)[:, :, None, :] - pal[None, None], axis=-1)  # (H, W, 6)
     nearest = d.argmin(axis=-1)  # (H, W)
     fg = (d.min(axis=-1) < tol) & ~(img >= white).all(axis=-1)
     out = []
-    for ci, name in enumerate(names):
+    for ci, name in enumerate(_COLOR_NAMES):
         labels, n = label_components(fg & (nearest == ci))
         for k in range(1, n + 1):
             ys, xs = np.nonzero(labels == k)
             if len(ys) < min_area:
                 continue
-            y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
+            x0, y0, x1, y1 = (int(v) for v in (xs.min(), ys.min(), xs.max(), ys.max()))
             shape, fill = classify_shape(labels[y0 : y1 + 1, x0 : x1 + 1] == k)
-            bbox = (int(x0), int(y0), int(x1), int(y1))
-            out.append(Detection(name, shape, float(xs.mean()), float(ys.mean()), len(ys), bbox, fill))
+            out.append(Detection(name, shape, float(xs.mean()), float(ys.mean()), len(ys), (x0, y0, x1, y1), fill))
     return out
 
 
 def check_prompt(dets, spec, margin=4.0):
-    """Do detections satisfy a parsed caption (CaptionSpec)? Exact matching: the image
-    must hold exactly the prompted objects -- none missing, none extra -- with the
-    right colours, shapes and count; for a relation the subject's centroid must lie
-    beyond the reference's by more than `margin` px along the relation's axis (like
-    GenEval, the other axis is not checked). Returns (ok, reason)."""
+    """Do detections satisfy a CaptionSpec? -> (ok, reason). The image must hold exactly the
+    prompted objects (colours, shapes, count; none missing, none extra); for a relation the
+    subject's centroid must lie beyond the reference's by > `margin` px along the relation's
+    axis (like GenEval, the other axis is not checked)."""
     want = [tuple(o) for o in spec.objects for _ in range(spec.count)]
     got = [(d.color, d.shape) for d in dets]
     if len(got) != len(want):
@@ -508,8 +445,7 @@ def check_prompt(dets, spec, margin=4.0):
         return False, f"found {sorted(got)}, expected {sorted(want)}"
     if spec.relation is None:
         return True, "ok"
-    # Subject and reference differ in colour or shape (the world's rule), so each
-    # matches exactly one detection.
+    # Subject and reference differ in colour or shape (the world's rule): each matches one detection.
     a, b = (next(d for d in dets if (d.color, d.shape) == tuple(o)) for o in spec.objects)
     axis, sign = RELATION_AXES[spec.relation]
     delta = (a.cx - b.cx) if axis == "x" else (a.cy - b.cy)
@@ -519,13 +455,11 @@ def check_prompt(dets, spec, margin=4.0):
 
 
 def shapes_score(images, prompts, return_details=False, **detect_kw):
-    """The compositional score of images against their prompts.
+    """The compositional score of images (uint8 (H, W, 3) arrays) against their captions.
 
-    images: list of uint8 (H, W, 3) arrays; prompts: list of captions (same length).
-    Returns {"single": acc, "count": acc, "relation": acc, "overall": mean over the
-    categories present (GenEval's "overall"), "n": {category: count}}; with
-    return_details, also "per_prompt": [{prompt, category, correct, reason, detections}].
-    """
+    Returns {"single": acc, "count": acc, "relation": acc, "overall": mean over the categories
+    present (GenEval's), "n": {category: count}}; with return_details also "per_prompt":
+    [{prompt, category, correct, reason, detections}]."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     hits, details = {}, []

@@ -4,28 +4,21 @@ TA-TiTok: the Text-Aware Transformer-based 1-Dimensional Tokenizer.
 Paper: "Democratizing Text-to-Image Masked Generative Models with Compact
 Text-Aware One-Dimensional Tokens" (Kim et al., arXiv 2501.07730), §3.2 and §4.1.
 
-An image is cut into patches, and a ViT encoder reads them together with K
-learnable "latent tokens". Only the latent tokens are kept at the output, so the
-image becomes a 1D sequence of K tokens (K = 32, 64 or 128) instead of a 2D grid.
-They are either quantized against a codebook (the VQ variant, discrete ids) or
-read as the parameters of a diagonal Gaussian (the KL variant, continuous tokens).
-The decoder is a second ViT that reads the K tokens, a grid of mask tokens that
-become the output patches, and -- new in TA-TiTok (paper Eq. 3) -- the CLIP text
-embedding of the image's caption, so that the tokens themselves can spend their
-capacity on what the caption does not already say.
+A ViT encoder reads an image's patches together with K learnable "latent tokens" and
+keeps only the latter: the image becomes a 1D sequence of K tokens (K = 32, 64 or 128),
+quantized against a codebook (VQ: discrete ids) or read as a diagonal Gaussian (KL:
+continuous tokens). A second ViT decodes the K tokens, a grid of mask tokens that become
+the output patches and -- new in TA-TiTok (Eq. 3) -- the CLIP text embedding of the
+caption, so that the tokens can spend their capacity on what the caption does not say.
 
-Data flow, in the order the classes below appear:
-
+Data flow, in the order the classes appear:
     images (B,3,H,W) in [0,1]
       -> Encoder            patches + latent tokens -> ViT -> (B, K, C) or (B, K, 2C)
       -> VectorQuantizer    (VQ)  nearest codebook entry, straight-through gradient
          DiagonalGaussian   (KL)  mean / log-variance, sample() / mode() / kl()
       -> Decoder            tokens + mask grid + CLIP text -> ViT -> pixels
 
-The CLIP text encoder is in text.py; the release format (names, config.json, reading and
-writing release directories) in checkpoint.py.
-
-Public API:
+Public API (the CLIP text encoder is in text.py, the release format in checkpoint.py):
     tok = TATiTok(PRESETS["tatitok_bl32_vq"])      or checkpoint.load_tokenizer(dir)[0]
     ids = tok.encode(images)                       # VQ: (B,K) long; KL: (B,K,C) mean
     text = TextEncoder()(["a photo of a cat"])     # text.py: .final / .penultimate / .pooled
@@ -59,8 +52,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, keep=None):
-        """keep: None, or a slice of the sequence whose rows alone are returned (every
-        row still supplies keys and values)."""
+        """keep: None, or a slice: return only those rows (every row still supplies keys and values)."""
         B, N, D = x.shape
         h, d = self.heads, D // self.heads
         if keep is None:
@@ -96,9 +88,8 @@ class Block(nn.Module):
         self.mlp = MLP(dim)
 
     def forward(self, x, keep=None):
-        # keep (a slice): compute only those output rows. The last block of the encoder
-        # and of the decoder use it: each row of attention and the MLP is independent, so
-        # the rows that would be thrown away cost only their keys and values.
+        # keep (a slice): compute only those output rows (the last encoder / decoder block). Rows
+        # of attention and the MLP are independent, so discarded rows cost only their keys and values.
         x = (x if keep is None else x[:, keep]) + self.attn(self.ln_1(x), keep)
         return x + self.mlp(self.ln_2(x))
 
@@ -111,15 +102,13 @@ class Encoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         W, self.grid = cfg.enc_width, cfg.image_size // cfg.enc_patch_size
-        # Non-overlapping patches: a conv whose stride equals its kernel is a
-        # per-patch linear projection.
+        # Non-overlapping patches: a conv whose stride equals its kernel is a per-patch linear map.
         self.patch_embed = nn.Conv2d(3, W, cfg.enc_patch_size, stride=cfg.enc_patch_size)
         s = W**-0.5  # CLIP-style init scale for the embeddings
         self.class_embedding = nn.Parameter(s * torch.randn(1, W))
         # One learned position per patch, plus one for the class token.
         self.positional_embedding = nn.Parameter(s * torch.randn(self.grid**2 + 1, W))
-        # The latent tokens' content lives in TATiTok.latent_tokens; here only
-        # their positions, so that each of the K slots can specialise.
+        # The latent tokens' content is TATiTok.latent_tokens; here their positions, so each slot can specialise.
         self.latent_token_positional_embedding = nn.Parameter(s * torch.randn(cfg.num_latent_tokens, W))
         self.ln_pre = nn.LayerNorm(W)
         self.blocks = nn.ModuleList(Block(W, cfg.enc_heads) for _ in range(cfg.enc_depth))
@@ -130,18 +119,14 @@ class Encoder(nn.Module):
     def forward(self, images, latent_tokens):
         B = images.shape[0]
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, G*G, W)
-        cls = self.class_embedding.expand(B, -1, -1)  # (B, 1, W)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding  # (B, 1+G*G, W)
+        x = torch.cat([self.class_embedding.expand(B, -1, -1), x], dim=1) + self.positional_embedding  # (B, 1+G*G, W)
         lat = latent_tokens + self.latent_token_positional_embedding  # (K, W)
-        x = torch.cat([x, lat.expand(B, -1, -1)], dim=1)  # (B, 1+G*G+K, W)
-        x = self.ln_pre(x)
-        # Keep only the latent tokens: everything the decoder will see about the
-        # image has to pass through these K slots.
+        x = self.ln_pre(torch.cat([x, lat.expand(B, -1, -1)], dim=1))  # (B, 1+G*G+K, W)
+        # Keep only the latent tokens: all the decoder sees of the image passes through these K slots.
         latents = slice(1 + self.grid**2, None)
         for i, blk in enumerate(self.blocks):
             x = blk(x, latents if i == len(self.blocks) - 1 else None)  # last: (B, K, W)
-        z = self.ln_post(x)  # (B, K, W)
-        return self.proj_out(z)  # (B, K, C) or (B, K, 2C)
+        return self.proj_out(self.ln_post(x))  # (B, K, C) or (B, K, 2C)
 
 
 # -----------------------------------------------------------------------------
@@ -151,21 +136,14 @@ class Encoder(nn.Module):
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour codebook lookup with the straight-through estimator.
 
-    Losses follow VQ-VAE: the codebook term pulls codes towards the (frozen)
-    encoder outputs, the commitment term (x commitment_cost) pulls encoder
-    outputs towards the (frozen) codes.
-
-    clustering_vq (CVQ-VAE, Zheng & Vedaldi 2023) revives dead codes: each code
-    tracks an EMA of how often it is used, and rarely used codes are moved
-    towards the encoder output closest to them in the current (global) batch.
-
-    The revival is split in two so that it sees the whole global batch of an
-    optimiser step, whatever the split into ranks and micro-batches: each training
-    forward only *collects* the batch's statistics (`_collect`), and the trainer calls
-    `revive_codes()` once per optimiser step, which gathers them over the ranks and
-    moves the codebook. So torchrun over N ranks and one process with N x gradient
-    accumulation make the same update. (The official code revives inside every forward,
-    before the optimiser step; with one micro-batch per step the two agree up to that order.)
+    Losses follow VQ-VAE: the codebook term pulls codes towards the (frozen) encoder
+    outputs, the commitment term (x commitment_cost) the outputs towards the (frozen) codes.
+    clustering_vq (CVQ-VAE, Zheng & Vedaldi 2023) revives dead codes: each code tracks an
+    EMA of its usage, and rarely used codes move towards the encoder output nearest to them.
+    So that this sees an optimiser step's whole global batch however it is split into ranks
+    and micro-batches, each training forward only collects statistics (`_collect`) and the
+    trainer calls `revive_codes()` once per step: N ranks and one process with N x gradient
+    accumulation make the same update. (The official code revives inside every forward.)
     """
 
     def __init__(self, codebook_size, token_size, commitment_cost=0.25, use_l2_norm=False, clustering_vq=False):
@@ -201,26 +179,23 @@ class VectorQuantizer(nn.Module):
         d = flat.pow(2).sum(1, keepdim=True) + emb.pow(2).sum(1) - 2 * flat @ emb.t()  # (B*K, V)
         ids = d.argmin(dim=1)  # (B*K,)
         zq = F.embedding(ids, emb).view_as(z)  # (B, K, C)
-
         commitment = self.commitment_cost * (zq.detach() - z).pow(2).mean()
         codebook = (zq - z.detach()).pow(2).mean()
         if self.clustering_vq and self.training:
             self._collect(ids, d, raw)
         # Straight-through: forward uses the code, backward copies the gradient to z.
         zq = z + (zq - z).detach()
-        ids = ids.view(z.shape[:-1])  # (B, K)
-        return zq, dict(quantizer_loss=commitment + codebook, commitment_loss=commitment, codebook_loss=codebook, ids=ids)
+        return zq, dict(quantizer_loss=commitment + codebook, commitment_loss=commitment, codebook_loss=codebook,
+                        ids=ids.view(z.shape[:-1]))  # ids: (B, K)
 
-    # Bookkeeping in plain tensors kept on the module between calls: TATiTok.before_compile
-    # wraps it in torch.compiler.disable, so it stays eager. (Not a decorator here: that
-    # imports torch._dynamo, ~2 s that loading a model to sample skips.)
+    # Plain-tensor bookkeeping kept on the module: TATiTok.before_compile wraps it in torch.compiler.disable
+    # (not a decorator: that imports torch._dynamo, ~2 s that loading a model to sample skips).
     @torch.no_grad()
     def _collect(self, ids, d, raw):
-        """Add one micro-batch to the step's statistics: how often each code was picked,
-        and for every code the nearest feature seen so far (its distance and the
-        un-normalised feature). Micro-batches arrive in slot order and a strictly smaller
-        distance is needed to replace the kept one, so ties go to the earliest feature,
-        as an argmin over the concatenated global batch would pick."""
+        """Add one micro-batch to the step's statistics: each code's pick count, and its nearest
+        feature so far (distance, un-normalised feature). Micro-batches arrive in slot order and
+        only a strictly smaller distance replaces the kept one, so ties go to the earliest
+        feature, as an argmin over the concatenated global batch would pick."""
         counts = torch.bincount(ids, minlength=self.codebook_size).float()  # (V,)
         rows = d.argmin(dim=0)  # (V,) the nearest feature to every code (first of equals)
         best = d.gather(0, rows[None])[0]  # (V,) its distance
@@ -235,9 +210,8 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def revive_codes(self):
-        """Once per optimiser step (the trainer calls it on every rank): update the usage EMA
-        with the step's global batch and move rarely used codes onto their nearest feature.
-        Does nothing when no training forward ran since the last call."""
+        """Once per optimiser step, on every rank: update the usage EMA with the step's global batch
+        and move rarely used codes onto their nearest feature (nothing if no training forward ran)."""
         if self._pending is None:
             return
         counts, n, best, anchors = self._pending
@@ -251,13 +225,12 @@ class VectorQuantizer(nn.Module):
             for b, a in zip(all_best[1:], all_anchors[1:]):
                 closer = b < best
                 best, anchors = torch.where(closer, b, best), torch.where(closer[:, None], a, anchors)
-        usage = counts / n  # (V,) share of the step's tokens that picked each code
-        self.embed_prob.mul_(self.decay).add_(usage, alpha=1 - self.decay)
-        # Codes in constant use get decay ~0 (untouched); unused ones decay ~1
-        # (replaced by their anchor). Constants as in the official code.
+        # counts / n: (V,) the share of the step's tokens that picked each code.
+        self.embed_prob.mul_(self.decay).add_(counts / n, alpha=1 - self.decay)
+        # Codes in constant use get decay ~0 (untouched); unused ones ~1 (replaced by their anchor).
+        # Constants as in the official code.
         decay = torch.exp(-(self.embed_prob * self.codebook_size * 10) / (1 - self.decay) - 1e-3)
-        w = self.embedding.weight.data
-        w.mul_(1 - decay[:, None]).add_(anchors * decay[:, None])
+        self.embedding.weight.data.mul_(1 - decay[:, None]).add_(anchors * decay[:, None])
 
 
 def _all_gather_stack(t):
@@ -277,8 +250,7 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
 
     def sample(self, generator=None):
-        noise = torch.randn(self.mean.shape, device=self.mean.device, generator=generator)
-        return self.mean + self.std * noise
+        return self.mean + self.std * torch.randn(self.mean.shape, device=self.mean.device, generator=generator)
 
     def mode(self):
         return self.mean
@@ -300,8 +272,7 @@ class Decoder(nn.Module):
         self.decoder_embed = nn.Linear(cfg.token_size, W)
         self.class_embedding = nn.Parameter(s * torch.randn(1, W))
         self.positional_embedding = nn.Parameter(s * torch.randn(self.grid**2 + 1, W))
-        # One shared learned vector fills every output patch slot; the grid
-        # positions tell the slots apart and attention fills in the content.
+        # One shared learned vector fills every output slot; positions tell them apart, attention fills them.
         self.mask_token = nn.Parameter(s * torch.randn(1, 1, W))
         self.latent_token_positional_embedding = nn.Parameter(s * torch.randn(cfg.num_latent_tokens, W))
         # CLIP text states (B, 77, 768) -> decoder width, with their own positions.
@@ -310,9 +281,8 @@ class Decoder(nn.Module):
         self.ln_pre = nn.LayerNorm(W)
         self.blocks = nn.ModuleList(Block(W, cfg.dec_heads) for _ in range(cfg.dec_depth))
         self.ln_post = nn.LayerNorm(W)
-        # Each grid slot predicts its p x p x 3 pixels directly (a 1x1 conv on the
-        # grid, written as a Linear on tokens); a 3x3 conv then smooths the seams
-        # between neighbouring patches.
+        # Each grid slot predicts its p x p x 3 pixels directly (a 1x1 conv on the grid, written as a
+        # Linear on tokens); a 3x3 conv then smooths the seams between neighbouring patches.
         self.to_pixels = nn.Linear(W, self.patch * self.patch * 3)
         self.conv_out = nn.Conv2d(3, 3, 3, padding=1)
 
@@ -326,11 +296,9 @@ class Decoder(nn.Module):
         slots = slice(1, 1 + G * G)  # the output patch slots
         for i, blk in enumerate(self.blocks):
             x = blk(x, slots if i == len(self.blocks) - 1 else None)  # last: (B, G*G, W)
-        x = self.ln_post(x)  # (B, G*G, W)
-        x = self.to_pixels(x)  # (B, G*G, p*p*3), channel order (p1, p2, rgb)
+        x = self.to_pixels(self.ln_post(x))  # (B, G*G, p*p*3), channel order (p1, p2, rgb)
         x = x.view(B, G, G, p, p, 3).permute(0, 5, 1, 3, 2, 4)  # (B, 3, G, p, G, p)
-        x = x.reshape(B, 3, G * p, G * p)  # (B, 3, H, W)
-        return self.conv_out(x)
+        return self.conv_out(x.reshape(B, 3, G * p, G * p))  # (B, 3, H, W)
 
 
 # -----------------------------------------------------------------------------
@@ -369,8 +337,7 @@ class TATiTok(nn.Module):
             if cfg.image_size % getattr(cfg, f"{side}_patch_size"):
                 raise ValueError(f"image_size {cfg.image_size} is not a multiple of {side}_patch_size")
         self.config = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
         # The K latent tokens' content: learned, shared by every image.
         self.latent_tokens = nn.Parameter(cfg.enc_width**-0.5 * torch.randn(cfg.num_latent_tokens, cfg.enc_width))
         self.apply(_init_weights)
@@ -414,18 +381,15 @@ class TATiTok(nn.Module):
         tshape = (tokens.shape[0], cfg.text_context_length, cfg.text_embed_dim)
         if tuple(text_hidden.shape) != tshape:
             raise ValueError(f"text_hidden must be (B, {tshape[1]}, {tshape[2]}) CLIP final-layer states for the "
-                             f"same batch, got {tuple(text_hidden.shape)}; pass TextEncoder(...)(captions).final")  # fmt: skip
+                             f"same batch, got {tuple(text_hidden.shape)}; pass TextEncoder(...)(captions).final")
         return self.decoder(tokens, text_hidden.to(tokens.dtype))
 
     def flops(self):
-        """Forward FLOPs per image, counted from the config: {"encode": ..., "decode": ...}.
-
-        Every matmul and convolution counts 2 FLOPs per multiply-add, attention QK^T and AV
-        (4 T^2 W per layer); norms, activations and softmax are left out (the MFU convention,
-        and torch.utils.flop_counter's). A training step costs ~3x the forward (backward = 2x)."""
+        """Forward FLOPs per image: {"encode": ..., "decode": ...}. 2 per multiply-add of every matmul
+        and conv, attention QK^T and AV included (4 T^2 W per layer); norms, activations and softmax
+        left out (the MFU convention, as torch.utils.flop_counter). Training costs ~3x the forward."""
         c = self.config
-        P = (c.image_size // c.enc_patch_size) ** 2  # patches (= output slots: both patch sizes match in presets)
-        K, C = c.num_latent_tokens, c.token_size
+        P, K, C = (c.image_size // c.enc_patch_size) ** 2, c.num_latent_tokens, c.token_size  # P patches
 
         def blocks(T, n, W, depth):  # T tokens, n rows kept by the last block
             full = 24 * T * W * W + 4 * T * T * W  # qkv 6TW^2 + proj 2TW^2 + MLP 16TW^2, attention 4T^2W
@@ -457,16 +421,14 @@ class TATiTok(nn.Module):
         return self.decoder(zq.to(z.dtype), text_hidden), extras
 
     def before_compile(self):
-        """Call before torch.compile(model) when training: the VQ code-revival statistics
-        (VectorQuantizer._collect) stay eager, outside the compiled graph."""
+        """Call before torch.compile(model) for training: VectorQuantizer._collect stays eager."""
         if self.config.quantize_mode == "vq" and self.quantize.clustering_vq:
             self.quantize._collect = torch.compiler.disable(self.quantize._collect)
         return self
 
     def end_step(self, applied=True):
-        """Called by the trainer once per optimiser step, on every rank: the VQ codebook's
-        dead-code revival over the step's global batch (VectorQuantizer.revive_codes).
-        A skipped step (non-finite gradients) drops the statistics it collected."""
+        """Once per optimiser step, on every rank: the VQ dead-code revival (revive_codes) over the
+        step's global batch. A skipped step (non-finite gradients) drops the statistics it collected."""
         if self.config.quantize_mode == "vq" and self.quantize.clustering_vq:
             if applied:
                 self.quantize.revive_codes()
@@ -489,9 +451,8 @@ def sincos_2d(grid, width):
     half the channels encode the row, half the column. Neighbours get similar codes."""
     assert width % 4 == 0, f"width {width} must be a multiple of 4 for 2D sin-cos codes"
     omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))  # (W/4,)
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                                indexing="ij")  # fmt: skip
-
+    g = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(g, g, indexing="ij")  # (G, G) each
     angles = [pos.reshape(-1, 1) * omega for pos in (rows, cols)]  # 2 x (G*G, W/4)
     return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1).float()  # (G*G, W)
 
@@ -500,25 +461,17 @@ def sincos_2d(grid, width):
 def _local_init(model, std=0.1, pos_scale=10.0, qk_std=0.4):
     """A locality-biased initialisation for small models trained briefly (init="local").
 
-    With the official init (weights ~ N(0, 0.02), random position tables), a small
-    TA-TiTok on the shapes world sits at the mean image for a long time: attention
-    starts uniform, so every latent token sees the same average of the image and every
-    output patch the same average of the tokens, and neither side can learn where to
-    look before the other does. This init breaks that symmetry, changing values only
-    (the same parameters, so checkpoints are interchangeable):
-      - image patches, decoder grid slots and latent tokens get 2D sin-cos positions
-        (x pos_scale, so position dominates after the LayerNorm), latent token k sitting
-        at an evenly spaced patch of the grid, with no extra learned content;
-      - every attention starts with W_k = W_q (std qk_std), so q.k is largest between
-        tokens at the same place: each latent token starts by reading "its" patch and each
-        output patch by reading the nearest latent token ("mimetic" init, Trockman &
-        Kolter 2023, makes W_q W_k^T ~ identity for the same reason);
-      - other weights ~ N(0, std) instead of 0.02, so an image changes the tokens, and
-        the tokens the output, by more than a rounding error at step 0;
-      - with l2-normalised VQ codes, the decoder's input projection x sqrt(token_size): a
-        unit-norm code has per-channel RMS 1/sqrt(C), so this gives a code the input scale
-        of a unit-variance (KL-like) token, against the x pos_scale positions it is added
-        to. Without it the decoder first reads almost only positions and barely the codes.
+    With the official init a small TA-TiTok on the shapes world long sits at the mean image:
+    attention starts uniform, so every latent token sees the image's average and every output
+    patch the tokens' average, and neither side can learn where to look before the other does.
+    This init breaks the symmetry, changing values only (checkpoints stay interchangeable):
+      - patches, grid slots and latent tokens get 2D sin-cos positions x pos_scale (position
+        dominates after the LayerNorm), latent token k at an evenly spaced patch, no content;
+      - W_k = W_q (std qk_std) in every attention, so q.k peaks at the same place: a latent token
+        first reads "its" patch, an output patch the nearest token (as the "mimetic" init,
+        Trockman & Kolter 2023); other weights ~ N(0, std), not 0.02, so inputs move outputs;
+      - l2-normalised VQ codes (per-channel RMS 1/sqrt(C)) enter the decoder x sqrt(token_size),
+        at a unit-variance token's scale, or the decoder first reads almost only the positions.
     """
     c = model.config
     for m in model.modules():
@@ -546,13 +499,19 @@ def _local_init(model, std=0.1, pos_scale=10.0, qk_std=0.4):
 VIT_SIZES = {"small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
 
 
-def _preset(enc, dec, K, mode, **kw):
-    e, d = VIT_SIZES[enc], VIT_SIZES[dec]
-    return TATiTokConfig(
-        enc_width=e[0], enc_depth=e[1], enc_heads=e[2], dec_width=d[0], dec_depth=d[1], dec_heads=d[2],
-        num_latent_tokens=K, quantize_mode=mode, token_size=64 if mode == "vq" else 16, **kw,
-    )  # fmt: skip
+def _preset(enc, dec, K, mode):
+    (ew, ed, eh), (dw, dd, dh) = VIT_SIZES[enc], VIT_SIZES[dec]
+    return TATiTokConfig(enc_width=ew, enc_depth=ed, enc_heads=eh, dec_width=dw, dec_depth=dd, dec_heads=dh,
+                         num_latent_tokens=K, quantize_mode=mode, token_size=64 if mode == "vq" else 16)
 
+
+# For tests: 32 px, patch 8, two blocks each side, a 16-entry text context.
+_TINY = dict(image_size=32, enc_patch_size=8, dec_patch_size=8, enc_width=32, enc_depth=2, enc_heads=2,
+             dec_width=32, dec_depth=2, dec_heads=2, num_latent_tokens=8, text_context_length=16, text_embed_dim=32)
+# The shapes world (shapes.ShapesWorld): 64 px, patch 8 (64 patches) -> 32 tokens, small widths,
+# the locality-biased init (see _local_init).
+_SHAPES = dict(image_size=64, enc_patch_size=8, dec_patch_size=8, enc_width=64, enc_depth=2, enc_heads=2,
+               dec_width=64, num_latent_tokens=32, text_context_length=16, text_embed_dim=64, init="local")
 
 PRESETS = {
     "tatitok_bl32_vq": _preset("base", "large", 32, "vq"),
@@ -561,30 +520,11 @@ PRESETS = {
     "tatitok_bl32_vae": _preset("base", "large", 32, "kl"),
     "tatitok_bl64_vae": _preset("base", "large", 64, "kl"),
     "tatitok_sl128_vae": _preset("small", "large", 128, "kl"),
-    # For tests: 32 px, patch 8, two blocks each side, a 16-entry text context.
-    "tiny": TATiTokConfig(
-        image_size=32, enc_patch_size=8, dec_patch_size=8, enc_width=32, enc_depth=2, enc_heads=2,
-        dec_width=32, dec_depth=2, dec_heads=2, num_latent_tokens=8, codebook_size=64, token_size=8,
-        text_context_length=16, text_embed_dim=32,
-    ),  # fmt: skip
-    "tiny_kl": TATiTokConfig(
-        image_size=32, enc_patch_size=8, dec_patch_size=8, enc_width=32, enc_depth=2, enc_heads=2,
-        dec_width=32, dec_depth=2, dec_heads=2, num_latent_tokens=8, quantize_mode="kl", token_size=4,
-        text_context_length=16, text_embed_dim=32,
-    ),  # fmt: skip
-    # The shapes world (shapes.ShapesWorld): 64 px, patch 8 (64 patches) -> 32 tokens, small
-    # widths, the locality-biased init (see _local_init), l2-normalised codes. The VQ decoder
-    # has 3 blocks of 4 heads: 4 heads of 16 rather than 2 of 32 give it more ways to bind
-    # caption words to token positions at the same cost. 2,048 codes: with train_tokenizer's
-    # caption dropout the tokens must carry the shapes themselves, which needs a larger codebook.
-    "shapes": TATiTokConfig(
-        image_size=64, enc_patch_size=8, dec_patch_size=8, enc_width=64, enc_depth=2, enc_heads=2,
-        dec_width=64, dec_depth=3, dec_heads=4, num_latent_tokens=32, codebook_size=2048, token_size=16,
-        use_l2_norm=True, text_context_length=16, text_embed_dim=64, init="local",
-    ),  # fmt: skip
-    "shapes_kl": TATiTokConfig(
-        image_size=64, enc_patch_size=8, dec_patch_size=8, enc_width=64, enc_depth=2, enc_heads=2,
-        dec_width=64, dec_depth=2, dec_heads=2, num_latent_tokens=32, quantize_mode="kl", token_size=8,
-        text_context_length=16, text_embed_dim=64, init="local",
-    ),  # fmt: skip
+    "tiny": TATiTokConfig(**_TINY, codebook_size=64, token_size=8),
+    "tiny_kl": TATiTokConfig(**_TINY, quantize_mode="kl", token_size=4),
+    # l2-normalised codes; the VQ decoder has 3 blocks of 4 heads: 4 heads of 16 rather than 2 of
+    # 32 give it more ways to bind caption words to token positions at the same cost. 2,048 codes:
+    # with train_tokenizer's caption dropout the tokens must carry the shapes themselves.
+    "shapes": TATiTokConfig(**_SHAPES, dec_depth=3, dec_heads=4, codebook_size=2048, token_size=16, use_l2_norm=True),
+    "shapes_kl": TATiTokConfig(**_SHAPES, dec_depth=2, dec_heads=2, quantize_mode="kl", token_size=8),
 }

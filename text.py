@@ -30,16 +30,18 @@ class TextFeatures(NamedTuple):
 
 
 # -----------------------------------------------------------------------------
-# Small random towers, written here rather than built by open_clip: `import open_clip`
-# pulls in timm, torchvision and torch._dynamo, which takes longer than importing torch
-# itself and would dominate a small model's sampling time.
-# Parameter names, shapes, init and maths are open_clip's TextTransformer (GELU,
-# pre-LN, causal mask, packed q/k/v projection), so a tower's weights load into either,
-# and tests/test_text.py checks that the two agree, weights and outputs.
+# Small random towers, written here rather than built by open_clip: `import open_clip` pulls in
+# timm, torchvision and torch._dynamo, which takes longer than importing torch itself and would
+# dominate a small model's sampling time. Parameter names, shapes, init and maths are open_clip's
+# TextTransformer (GELU, pre-LN, causal mask, packed q/k/v), so a tower's weights load into
+# either; tests/test_text.py checks that the two agree.
 
 
-@functools.lru_cache(maxsize=None)  # the file is executed once per process
-def _simple_tokenizer_class():
+@functools.lru_cache(maxsize=None)  # one per context length: the file and vocabulary are read once
+def clip_tokenizer(context_length):
+    """CLIP's BPE tokenizer (open_clip's SimpleTokenizer) without importing open_clip: its
+    tokenizer module is self-contained, so we load that one file (and its vocabulary) from the
+    installed package, and import the package only if the file moves."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None:
         raise ImportError("the CLIP tokenizer comes from open_clip_torch: pip install -r requirements.txt")
@@ -51,14 +53,7 @@ def _simple_tokenizer_class():
         SimpleTokenizer = module.SimpleTokenizer
     except Exception:  # another open_clip layout: the slow but certain way
         from open_clip.tokenizer import SimpleTokenizer
-    return SimpleTokenizer
-
-
-def clip_tokenizer(context_length):
-    """CLIP's BPE tokenizer (open_clip's SimpleTokenizer) without importing open_clip:
-    its tokenizer module is self-contained, so we load that one file (and its vocabulary)
-    from the installed package. Falls back to the package import if the file moves."""
-    return _simple_tokenizer_class()(context_length=context_length)
+    return SimpleTokenizer(context_length=context_length)
 
 
 class CausalSelfAttention(nn.Module):
@@ -92,9 +87,8 @@ class TextBlock(nn.Module):
         self.attn = CausalSelfAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(
-            OrderedDict(c_fc=nn.Linear(width, hidden), gelu=nn.GELU(), c_proj=nn.Linear(hidden, width))
-        )
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, hidden), gelu=nn.GELU(),
+                                             c_proj=nn.Linear(hidden, width)))
 
     def forward(self, x, attn_mask=None):  # (B, L, W) -> (B, L, W)
         x = x + self.attn(self.ln_1(x), attn_mask)
@@ -135,9 +129,8 @@ class TextEncoder(nn.Module):
 
     TextEncoder()                       -> open_clip's ViT-L-14-336, OpenAI weights (downloads once)
     TextEncoder.from_config(cfg, dim)   -> a randomly initialised TextTower (tests, shapes world)
-
-    We run the blocks ourselves instead of calling encode_text(), because MaskGen
-    needs the states before the last block and encode_text() only returns the end.
+    The blocks are run here, not by encode_text(), which returns only the end: MaskGen needs
+    the states before the last block.
     """
 
     def __init__(self, model_name="ViT-L-14-336", pretrained="openai", *, _tower=None, _tokenizer=None):
@@ -171,8 +164,8 @@ class TextEncoder(nn.Module):
         """A randomly initialised TextTower; text_cfg holds its context_length, width, heads
         and layers (open_clip CLIPTextCfg names; a TEXT_PRESETS entry)."""
         known = {"context_length", "width", "heads", "layers", "vocab_size", "mlp_ratio"}
-        if set(text_cfg) - known:
-            unknown = sorted(set(text_cfg) - known)
+        unknown = sorted(set(text_cfg) - known)
+        if unknown:
             raise ValueError(f"text tower config has unknown fields {unknown}; known: {sorted(known)}")
         tower = TextTower(**text_cfg, embed_dim=embed_dim)
         return cls(_tower=tower, _tokenizer=clip_tokenizer(text_cfg["context_length"]))
@@ -185,17 +178,14 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, text):
-        ids = self.tokenize(text) if not torch.is_tensor(text) else text
-        ids = ids.to(self.token_embedding.weight.device)  # (B, L)
+        ids = (text if torch.is_tensor(text) else self.tokenize(text)).to(self.token_embedding.weight.device)  # (B, L)
         x = self.token_embedding(ids) + self.positional_embedding  # (B, L, W)
-        blocks = self.transformer.resblocks
         # open_clip >= 2.31 runs its blocks batch-first; older versions want (L, B, W).
         seq_first = not getattr(self.transformer, "batch_first", False)
         x = x.transpose(0, 1) if seq_first else x
-        for blk in blocks[:-1]:
+        for blk in self.transformer.resblocks[:-1]:
             x = blk(x, attn_mask=self.attn_mask)
-        penultimate = x
-        x = blocks[-1](x, attn_mask=self.attn_mask)
+        penultimate, x = x, self.transformer.resblocks[-1](x, attn_mask=self.attn_mask)
         if seq_first:
             x, penultimate = x.transpose(0, 1), penultimate.transpose(0, 1)
         final = self.ln_final(x)  # (B, L, W)
@@ -206,12 +196,11 @@ class TextEncoder(nn.Module):
         return TextFeatures(final, penultimate, pooled)
 
     def cached(self, captions):
-        """forward() with a memo per caption, for a finite set of captions (the shapes world
-        has ~1,300): a frozen tower gives a caption the same features every time, so the
-        trainers skip the tower's share of a shapes step (~3-5% by a profile). Each new
-        caption is encoded alone (batch 1), so a row never depends on which captions shared
-        its batch and a resumed or multi-process run stays bit-exact. Unbounded: not for
-        open-ended captions."""
+        """forward() with a memo per caption, for a finite set of captions (the shapes world has
+        ~1,300): a frozen tower gives a caption the same features every time, so the trainers skip
+        the tower's share of a shapes step (~3-5%). Each new caption is encoded alone (batch 1), so
+        a row never depends on its batch and a resumed or multi-process run stays bit-exact.
+        Unbounded: not for open-ended captions."""
         for c in dict.fromkeys(captions):  # new captions, in order of first use
             if c not in self._memo:
                 self._memo[c] = self.forward([c])
@@ -234,16 +223,13 @@ def build_text_encoder(name, pretrained="openai", state=None, where="checkpoint"
     weights it carries (`state`, shape from TEXT_PRESETS[name]), or a named open_clip model."""
     if state is not None:
         if name not in TEXT_PRESETS:
-            raise ValueError(
-                f"{where!r} carries the weights of text tower {name!r}, which text.TEXT_PRESETS does not "
-                f"define; add its shape there (known: {sorted(TEXT_PRESETS)})"
-            )
+            raise ValueError(f"{where!r} carries the weights of text tower {name!r}, which text.TEXT_PRESETS does "
+                             f"not define; add its shape there (known: {sorted(TEXT_PRESETS)})")
         enc = TextEncoder.from_config(**TEXT_PRESETS[name])
         enc.load_state_dict(state)
         return enc
     if name is None or name in TEXT_PRESETS:
-        raise ValueError(
-            f"{where!r} was trained with the randomly initialised text tower {name!r} but does not carry its "
-            f"weights, so its text features cannot be reproduced; re-save the checkpoint with 'text_encoder' weights"
-        )
+        raise ValueError(f"{where!r} was trained with the randomly initialised text tower {name!r} but does not carry "
+                         f"its weights, so its text features cannot be reproduced; re-save the checkpoint with "
+                         f"'text_encoder' weights")
     return TextEncoder(name, pretrained)  # downloads the weights once (open_clip cache)

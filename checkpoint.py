@@ -133,7 +133,7 @@ def write_dir(out, write):
         os.makedirs(out, exist_ok=True)
         for name in os.listdir(tmp):
             dst = os.path.join(out, name)
-            if os.path.isdir(dst) and not os.path.islink(dst):
+            if os.path.isdir(dst) and not os.path.islink(dst):  # a folder is replaced whole
                 shutil.rmtree(dst)
             elif os.path.lexists(dst):
                 os.remove(dst)
@@ -190,7 +190,7 @@ def content_digest(obj):
     (dict keys sorted): a file damaged in any byte of its data, or torn, cannot reproduce it."""
     h = hashlib.sha256()
 
-    def walk(x):
+    def walk(x):  # a tag per node (T tensor, D dict, L list, U tuple), so equal bytes in another shape differ
         if torch.is_tensor(x):
             h.update(f"T{x.dtype}{tuple(x.shape)}".encode())
             h.update(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -259,7 +259,7 @@ def save_checkpoint(out_dir, step, payload, keep=2, log=print):
         raise ValueError(f"refusing to write a checkpoint with non-finite weights ({', '.join(bad)})")
     path = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
     atomic_write(path, lambda f: torch.save({**payload, "sha256": content_digest(payload)}, f))
-    st = os.stat(path)
+    st = os.stat(path)  # the file just written is good: it is not read back
     _GOOD[(path, st.st_size, st.st_mtime_ns)] = True
     good, unreadable = [], []
     for p in run_checkpoints(out_dir):
@@ -296,6 +296,7 @@ class Release:
             raise FileNotFoundError(f"{path!r} has neither model.safetensors nor pytorch_model.bin; "
                                     "re-download the release")
         self.file = st if os.path.isfile(st) else pt
+        # safetensors reads each tensor from the file when asked; a .bin is memory-mapped by torch_load
         self._st, self._sd = (open_safetensors(st), None) if self.file == st else (None, torch_load(pt))
         self.keys = list(self._st.keys() if self._st is not None else self._sd.keys())
 
@@ -340,8 +341,10 @@ def open_safetensors(path):
 # from what the official fields give, so the release of an official-size model stays official.
 REQUIRED, EXTRA = object(), "extra_fields"
 TATITOK_FIELDS = {
-    "any": [("vq_model.vit_enc_patch_size", "enc_patch_size", REQUIRED), ("preprocessing.crop_size", "image_size", REQUIRED),
-            ("vq_model.vit_dec_patch_size", "dec_patch_size", REQUIRED), ("vq_model.token_size", "token_size", REQUIRED),
+    "any": [("vq_model.vit_enc_patch_size", "enc_patch_size", REQUIRED),
+            ("vq_model.token_size", "token_size", REQUIRED),
+            ("vq_model.vit_dec_patch_size", "dec_patch_size", REQUIRED),
+            ("preprocessing.crop_size", "image_size", REQUIRED),
             ("vq_model.num_latent_tokens", "num_latent_tokens", REQUIRED),
             ("vq_model.text_context_length", "text_context_length", 77),
             ("vq_model.text_embed_dim", "text_embed_dim", 768)],
@@ -385,6 +388,7 @@ def _read_fields(d, table, path, what, expected, finish):
     the table cannot. A missing field, or one of the wrong kind, is a ValueError."""
     d = _unwrap(d)
     try:
+        # The sections the tables name: model.vq_model, model.maskgen, losses, dataset.preprocessing.
         s = dict(d["model"], losses=d.get("losses", {}), preprocessing=d.get("dataset", {}).get("preprocessing", {}))
         mode = {"vq": "vq", "vae": "kl"}[s["vq_model"].get("quantize_mode", "vq")]
         kw = {ours: s[sec][key] if default is REQUIRED else s[sec].get(key, default)
@@ -460,6 +464,7 @@ def release_config(model):
             names = [n for n, a in T.VIT_SIZES.items() if a == arch]
             vq[f"vit_{side}_model_size"] = names[0] if names else "custom"
             vq.update({} if names else {f"vit_{side}_{k}": v for k, v in zip(_ARCH, arch)})  # e.g. the tiny presets
+    # Read it back: whatever the official fields do not reproduce goes to EXTRA.
     back = type(c)(**(maskgen_kwargs if is_maskgen else tatitok_kwargs)(d))
     extra = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if getattr(back, f.name) != getattr(c, f.name)}
     return {**d, EXTRA: extra} if extra else d
@@ -763,16 +768,12 @@ def default_release(role, missing):
     return path
 
 
-def _release_dir(path):
-    """A directory with config.json that is not one of our run folders (the trainers write a config.json
-    of their own there, beside log.jsonl and ckpt_*.pt)."""
+def is_release(ref, revision=None):
+    """Is `ref` a release: a directory (or the Hub id of one) with config.json that is not one of our run
+    folders (the trainers write a config.json of their own there, beside log.jsonl and ckpt_*.pt)?"""
+    path = local_path(ref, revision)
     run = os.path.isfile(os.path.join(path, "log.jsonl")) or run_checkpoints(path)
     return os.path.isfile(os.path.join(path, "config.json")) and not run
-
-
-def is_release(ref, revision=None):
-    """Is `ref` a release (a directory with config.json, or a Hub id of one)?"""
-    return _release_dir(local_path(ref, revision))
 
 
 def _release_text(path, cfg):
@@ -801,7 +802,7 @@ def resolve(ref, role=None, revision=None):
             f"checkpoint file; download an official release with e.g. `hf download turkeyju/{example} --local-dir DIR` "
             f"(`huggingface-cli download` before huggingface_hub 1.0)"
         )  # fmt: skip
-    if os.path.isdir(path) and _release_dir(path):
+    if os.path.isdir(path) and is_release(path):  # a local path: local_path returns it as is
         cfg, file = read_config(path), os.path.join(path, "config.json")
         found = "generator" if "maskgen" in _unwrap(cfg).get("model", {}) else "tokenizer"
         if role not in (None, found):
@@ -935,7 +936,8 @@ def _tokenizer_of(gen, tokenizer=None, revision=None):
                          f"releases never do); pass --tokenizer DIR. Official pairs: {OFFICIAL_PAIRS}")
     else:
         ref, base = gen.tokenizer, os.path.dirname(os.path.abspath(gen.where))
-        tries = [ref] if os.path.isabs(ref) else [ref, *(os.path.join(b, ref) for b in (base, os.path.dirname(base), HERE))]
+        near = (base, os.path.dirname(base), HERE)  # the run folder, the folder holding it, this file's
+        tries = [ref] if os.path.isabs(ref) else [ref, *(os.path.join(b, ref) for b in near)]
         found = next((p for p in tries if os.path.exists(p)), ref if hub_id(ref) else None)
         recorded = f"the generator {gen.where!r} was trained with tokenizer {ref!r} (recorded in its config)"
         if found is None:
@@ -954,11 +956,12 @@ def load_models(generator=None, tokenizer=None, device="cpu", revision=None):
     checkpoints/shapes/generator by default; the tokenizer may be omitted when the generator records it."""
     if generator is None:
         if tokenizer is not None:
-            raise ValueError("--tokenizer was given without --generator; pass the MaskGen checkpoint as --generator too")
+            raise ValueError("--tokenizer was given without --generator; pass the MaskGen checkpoint as --generator "
+                             "too")
         generator = default_release("generator", "no checkpoint given")
     gen = resolve(generator, "generator", revision)
     src = _tokenizer_of(gen, tokenizer, revision)  # both configs checked before anything big is built
-    gen_model, gen_source = _build(gen, device)
+    gen_model, gen_source = _build(gen, device)  # one model at a time
     tok, tok_source = _build(src, device)
     tok_text = build_text_encoder(*src.text, src.where).to(device)  # official releases: CLIP ViT-L-14-336
     # One text encoder serves both models unless the generator was trained with another.
@@ -987,8 +990,9 @@ def export_release(ref, out, which=None, tokenizer=None, overwrite=False, revisi
     gen, tok = (None, src) if src.role == "tokenizer" else (src, None)
     if gen is not None and (which != "generator" or tokenizer is not None or gen.tokenizer is not None):
         tok = _tokenizer_of(gen, tokenizer, revision)  # its text encoder too
-    parts = {"tokenizer": (tok, tok.text)} if tok is not None and which != "generator" else {}  # role -> (Source, TextSpec)
-    if gen is not None and which != "tokenizer":  # one that records no text encoder was trained with its tokenizer's
+    # role -> (Source, TextSpec); a generator that records no text encoder was trained with its tokenizer's
+    parts = {"tokenizer": (tok, tok.text)} if tok is not None and which != "generator" else {}
+    if gen is not None and which != "tokenizer":
         parts["generator"] = (gen, tok.text if tok is not None and _same_text(gen.text, tok.text) else gen.text)
     for role, (s, text) in parts.items():
         if text.name is None or (text.state is None and text.name in TEXT_PRESETS):  # it could not be rebuilt
@@ -998,7 +1002,8 @@ def export_release(ref, out, which=None, tokenizer=None, overwrite=False, revisi
     def write(tmp):
         for role, (s, text) in parts.items():  # built one at a time: one model in memory
             d = os.path.join(tmp, role) if len(parts) > 1 else tmp
-            extra = {} if text == OFFICIAL_TEXT else {"text_encoder": {"name": text.name, "pretrained": text.pretrained}}
+            official = text == OFFICIAL_TEXT  # the official code assumes CLIP ViT-L-14-336; others are recorded
+            extra = {} if official else {"text_encoder": {"name": text.name, "pretrained": text.pretrained}}
             beside = role == "generator" and "tokenizer" in parts  # its tokenizer is written beside it
             save_release(_build(s, "cpu")[0], d, half, **extra, **({"tokenizer": "../tokenizer"} if beside else {}))
             if text.state is not None and not (beside and text is parts["tokenizer"][1]):  # one copy of a shared tower

@@ -1,26 +1,18 @@
 """
-Everything a model is read from or written to: checkpoint files and training-run folders, the
-official release layout of TA-TiTok (paper §3.2) and MaskGen (§3.3, §4.2), Hugging Face Hub ids,
-and the one loader that turns a reference into a tokenizer and a generator checked to fit each
-other (§4.2: MaskGen-VQ works on TA-TiTok's VQ ids, MaskGen-KL on its continuous KL tokens; both
-read CLIP text features). The networks are in tokenizer.py, maskgen.py and text.py, which never
-import this file.
+Reading and writing models: checkpoint files and training-run folders, the official release layout of
+TA-TiTok (paper §3.2) and MaskGen (§3.3, §4.2), Hugging Face Hub ids, and the loader that turns a reference
+into a tokenizer and a generator checked to fit each other (§4.2: MaskGen-VQ works on TA-TiTok's VQ ids,
+MaskGen-KL on its continuous KL tokens; both read CLIP text features). The networks (tokenizer.py,
+maskgen.py, text.py) never import this file.
 
-A model reference is one of these, and every entry point accepts each of them (resolve()):
-    a release directory   config.json + model.safetensors, the official Hugging Face layout; the
-                          shipped models are checkpoints/shapes{,_kl}/{generator,tokenizer}/ (fp16)
-    a Hub id              owner/name, hf-hub:owner/name or owner/name@revision, fetched into the
-                          Hub cache (local_path); a local path of the same name wins
-    a training run        a folder of ckpt_*.pt (its newest good one is used)
+Every entry point accepts any model reference (resolve()):
+    a release directory   config.json + model.safetensors, the official Hugging Face layout; the shipped
+                          models are checkpoints/shapes{,_kl}/{generator,tokenizer}/ (fp16)
+    a Hub id              owner/name, hf-hub:owner/name or owner/name@revision (a local path of that name wins)
+    a training run        a folder of ckpt_*.pt, read at its newest good one
     a checkpoint file     one ckpt_*.pt written by train_tokenizer.py / train_maskgen.py
-Weights: the EMA copy when a checkpoint has one (it samples better), else the raw one.
-
-    tok, text = load_tokenizer(ref, device, with_text=True)   frozen TATiTok + its TextEncoder (or None)
-    model = load_generator(ref, device)                        MaskGenVQ / MaskGenKL, eval mode
-    m = load_models(generator, tokenizer, device)              Models: both, cross-checked, + text encoder(s)
-    save_release(model, dir) / export_release(ref, out)        write release directories
-    save_checkpoint(run, step, payload) / newest_checkpoint(run)   training-run folders
-Every pairing check runs on the configs, before any model is built, so a wrong pairing costs seconds.
+A checkpoint's EMA weights are used when it has them (they sample better). The pairing checks read only the
+configs, so a wrong pairing is refused before any model is built.
 """
 
 import dataclasses
@@ -48,22 +40,22 @@ from text import TEXT_PRESETS, build_text_encoder
 
 
 class CheckpointError(ValueError):
-    """A file that cannot be read as a checkpoint. .path, .cause: what is wrong with it."""
+    """A file that cannot be read as a checkpoint; .cause says what is wrong with it."""
 
     def __init__(self, path, cause, fix):
         super().__init__(f"{path!r} {cause}. {fix}")
         self.path, self.cause = path, cause
 
 
-# Said for every file torch cannot read: which files this project can read.
-_OURS = "pass a file written by train_tokenizer.py or train_maskgen.py, or a release directory (config.json + model.safetensors)"
+# The fix offered for every file torch cannot read: which files this project reads.
+_OURS = ("Fix: pass a file written by train_tokenizer.py or train_maskgen.py, or a release directory "
+         "(config.json + model.safetensors)")
 
 
 def torch_load(path):
-    """torch.load for files we did not write ourselves in this process: weights_only, and
-    memory-mapped, so a big file is not read twice. A file that cannot be read raises
-    CheckpointError naming it and the cause in our words; torch's own advice to load it
-    unsafely (with weights_only=False) is never passed on."""
+    """torch.load, weights_only and memory-mapped, for files this process did not write. A file that cannot
+    be read raises CheckpointError in our words; torch's advice to load it with weights_only=False is never
+    passed on."""
     path = os.fspath(path)
     try:
         with warnings.catch_warnings():  # "Detected pickle protocol 4": noise before the real error
@@ -79,21 +71,24 @@ def torch_load(path):
     except Exception as e:
         with open(path, "rb") as f:
             head = f.read(2)
+        fix = _OURS
         if not head:
-            raise CheckpointError(path, "is empty, not a checkpoint", f"Fix: {_OURS}") from None
-        if not head.startswith((b"PK", b"\x80")):  # neither a zip archive (torch.save) nor a pickle (legacy)
-            raise CheckpointError(path, "is not a PyTorch checkpoint file (neither a zip archive nor a pickle)", f"Fix: {_OURS}") from None
-        if isinstance(e, pickle.UnpicklingError):  # weights_only refused something: never code, so never ours
+            cause = "is empty, not a checkpoint"
+        elif not head.startswith((b"PK", b"\x80")):  # neither a zip archive (torch.save) nor a pickle (legacy)
+            cause = "is not a PyTorch checkpoint file (neither a zip archive nor a pickle)"
+        elif isinstance(e, pickle.UnpicklingError):  # weights_only refused something: never code, so never ours
             found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
             reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
-            what = (f"a Python object of type {found[1]}" if found else "pickled data beyond tensors and plain values "
-                    f"({reason[1].strip().split('. ')[0] if reason else 'unknown content'})")  # fmt: skip
-            raise CheckpointError(path, f"is not a checkpoint this project wrote: it holds {what}, which is not "
-                                  "loaded because unpickling it could run code", f"Fix: {_OURS}") from None  # fmt: skip
-        if isinstance(e, (RuntimeError, EOFError)):  # "PytorchStreamReader failed ...": cut short or damaged
+            what = (f"a Python object of type {found[1]}" if found else "pickled data beyond tensors and plain "
+                    f"values ({reason[1].strip().split('. ')[0] if reason else 'unknown content'})")
+            cause = (f"is not a checkpoint this project wrote: it holds {what}, which is not loaded because "
+                     "unpickling it could run code")
+        elif isinstance(e, (RuntimeError, EOFError)):  # "PytorchStreamReader failed ...": cut short or damaged
             cause = f"is damaged or incomplete (torch: {str(e).split('. ')[0] or type(e).__name__})"
-            raise CheckpointError(path, cause, "Fix: copy it again or use an earlier checkpoint") from None
-        raise CheckpointError(path, f"cannot be read as a checkpoint (torch.load: {type(e).__name__}: {e})", f"Fix: {_OURS}") from None
+            fix = "Fix: copy it again or use an earlier checkpoint"
+        else:
+            cause = f"cannot be read as a checkpoint (torch.load: {type(e).__name__}: {e})"
+        raise CheckpointError(path, cause, fix) from None
 
 
 # -----------------------------------------------------------------------------
@@ -101,9 +96,8 @@ def torch_load(path):
 
 
 def atomic_write(path, write):
-    """Write a file that is either complete or absent: write(f) fills path + '.tmp', which
-    is flushed to disk and renamed over path (atomic on POSIX). On any failure (a full
-    disk, a signal, an exception in write) the temporary file is removed."""
+    """write(f) fills path + '.tmp', which is flushed to disk and renamed over path (atomic on POSIX); on
+    any failure (a full disk, a signal, an exception in write) the temporary file is removed."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -117,38 +111,33 @@ def atomic_write(path, write):
         raise
 
 
-def check_out_dir(out, overwrite, flag="--overwrite"):
-    """Refuse, before any work, to write into `out` when it is a file, or a non-empty
-    directory unless asked."""
+def check_out_dir(out, overwrite):
+    """Refuse, before any work, to write into a file, or into a non-empty directory unless asked."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} is a file; give a directory to write into")
     held = sorted(os.listdir(out)) if os.path.isdir(out) else []
     if held and not overwrite:
         more = f", ... ({len(held)} entries)" if len(held) > 4 else ""
-        raise ValueError(f"--out {out!r} is not empty (it holds {', '.join(held[:4])}{more}); pass {flag} to replace "
-                         f"what this command writes there, or choose an empty or new directory")  # fmt: skip
+        raise ValueError(f"--out {out!r} is not empty (it holds {', '.join(held[:4])}{more}); pass --overwrite "
+                         f"to replace what this command writes there, or choose an empty or new directory")
 
 
-def write_dir(out, write, overwrite=False):
-    """Fill directory `out`: write(tmp) fills a fresh temporary folder beside it, whose
-    entries then replace those of the same name in `out` (other entries are left alone).
-    A failure leaves `out` as it was and removes the temporary folder. Returns the names."""
-    check_out_dir(out, overwrite)
+def write_dir(out, write):
+    """write(tmp) fills a fresh folder beside `out`, whose entries then replace those of the same name in
+    `out` (others are left alone). A failure leaves `out` as it was."""
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", suffix=".tmp", dir=parent)
     try:
         write(tmp)
         os.makedirs(out, exist_ok=True)
-        names = sorted(os.listdir(tmp))
-        for name in names:
+        for name in os.listdir(tmp):
             dst = os.path.join(out, name)
-            if os.path.isdir(dst) and not os.path.islink(dst):
+            if os.path.isdir(dst) and not os.path.islink(dst):  # a folder is replaced whole
                 shutil.rmtree(dst)
             elif os.path.lexists(dst):
                 os.remove(dst)
             os.replace(os.path.join(tmp, name), dst)
-        return names
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -157,16 +146,16 @@ def write_dir(out, write, overwrite=False):
 # Weights that do not fit a model, and weights that are not finite.
 
 
-def mismatch_error(where, missing, unexpected, shapes, model="the model built from its config",
-                   fix="Check that the config belongs to these weights (same variant and size)."):  # fmt: skip
-    """A RuntimeError naming every missing / unexpected key and every shape mismatch
-    ("key: checkpoint (..) vs model (..)"), at most 20 of each; None when all fit."""
+def check_fit(where, missing, unexpected, shapes, model="the model built from its config",
+              fix="Check that the config belongs to these weights (same variant and size)."):
+    """Raise a RuntimeError listing missing / unexpected keys and shape mismatches (20 of each at most)."""
     msg = [f"checkpoint {where!r} does not match {model}:"]
     for name, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
         if keys:
             more = f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else ""
             msg.append(f"  {name} ({len(keys)}):\n    " + "\n    ".join(keys[:20]) + more)
-    return RuntimeError("\n".join(msg + [f"  {fix}"])) if len(msg) > 1 else None
+    if len(msg) > 1:
+        raise RuntimeError("\n".join(msg + [f"  {fix}"]))
 
 
 def load_checked(model, sd, where):
@@ -174,9 +163,7 @@ def load_checked(model, sd, where):
     own = model.state_dict()
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
               for k in sorted(set(sd) & set(own)) if sd[k].shape != own[k].shape]  # fmt: skip
-    err = mismatch_error(where, sorted(set(own) - set(sd)), sorted(set(sd) - set(own)), shapes)
-    if err is not None:
-        raise err
+    check_fit(where, sorted(set(own) - set(sd)), sorted(set(sd) - set(own)), shapes)
     model.load_state_dict(sd)
     return model
 
@@ -187,24 +174,23 @@ def nonfinite(named):
 
 
 def nonfinite_weights(ckpt):
-    """Names of the model / EMA tensors of a checkpoint dict that hold nan or inf (at most 5)."""
+    """Names of a checkpoint dict's model / EMA tensors that hold nan or inf (at most 5)."""
     parts = [part for part in ("model", "ema") if isinstance(ckpt.get(part), dict)]
     return nonfinite((f"{part}.{k}", v) for part in parts for k, v in ckpt[part].items())
 
 
 # -----------------------------------------------------------------------------
-# Run folders: ckpt_<step>.pt files, each written atomically and carrying a checksum of its
-# content. A file is "good" when it loads, its checksum matches and its model/EMA weights
-# are finite; only good files are resumed from, read, or counted by retention.
+# Run folders: ckpt_<step>.pt files, each written atomically with a checksum of its content. A file is
+# "good" when it loads, its checksum matches and its model / EMA weights are finite; only good files are
+# resumed from, read, or counted by retention.
 
 
 def content_digest(obj):
-    """sha256 over a checkpoint's content: every tensor's dtype, shape and bytes and every
-    other value's repr, walked in a fixed order (dict keys sorted). A file damaged in any
-    byte of its data, or torn, cannot reproduce it."""
+    """sha256 over every tensor's dtype, shape and bytes and every other value's repr, in a fixed order
+    (dict keys sorted): a file damaged in any byte of its data, or torn, cannot reproduce it."""
     h = hashlib.sha256()
 
-    def walk(x):
+    def walk(x):  # a tag per node (T tensor, D dict, L list, U tuple), so equal bytes in another shape differ
         if torch.is_tensor(x):
             h.update(f"T{x.dtype}{tuple(x.shape)}".encode())
             h.update(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -236,7 +222,7 @@ def load_good(path):
     if not isinstance(ckpt, dict):
         return None, f"not a checkpoint dict ({type(ckpt).__name__})"
     digest = ckpt.pop("sha256", None)
-    if digest is not None and digest != content_digest(ckpt):  # files from before checksums have none
+    if digest is not None and digest != content_digest(ckpt):  # a file written without a checksum is not checked
         return None, "checksum mismatch (its content was damaged)"
     bad = nonfinite_weights(ckpt)
     return (None, f"non-finite weights ({', '.join(bad)})") if bad else (ckpt, None)
@@ -248,9 +234,8 @@ def run_checkpoints(run_dir):
 
 
 def newest_checkpoint(run_dir, log=print, rejected=None):
-    """(path, checkpoint) of the newest good ckpt_*.pt in a training run's folder, or
-    (None, None) when it holds none. A bad file is reported and skipped (and appended as
-    (path, why) to `rejected` when given), and the one before it is used."""
+    """(path, checkpoint) of the newest good ckpt_*.pt in a run folder, or (None, None). Each bad file
+    before it is logged (and appended as (path, why) to `rejected` when given)."""
     paths = run_checkpoints(run_dir)
     for i, path in enumerate(paths):
         ckpt, why = load_good(path)
@@ -258,7 +243,8 @@ def newest_checkpoint(run_dir, log=print, rejected=None):
             return path, ckpt
         if rejected is not None:
             rejected.append((path, why))
-        log(f"warning: checkpoint {path} is {why}" + ("; falling back to the previous one" if i + 1 < len(paths) else ""))
+        more = "; falling back to the previous one" if i + 1 < len(paths) else ""
+        log(f"warning: checkpoint {path} is {why}{more}")
     return None, None
 
 
@@ -266,16 +252,14 @@ _GOOD = {}  # (path, size, mtime) -> is it good: retention checks each file once
 
 
 def save_checkpoint(out_dir, step, payload, keep=2, log=print):
-    """Write ckpt_<step>.pt with its checksum, atomically (a temporary file, fsync, rename:
-    a crash mid-write leaves no ckpt_*.pt), then keep the newest `keep` good checkpoints.
-    Bad files are left alone and named; the newest good one is never deleted. A payload
-    whose weights are not finite is refused (ValueError): it would only spread."""
+    """Write ckpt_<step>.pt with its checksum atomically, then keep the newest `keep` good checkpoints (bad
+    files are named and left alone). Non-finite weights are refused (ValueError): they would only spread."""
     bad = nonfinite_weights(payload)
     if bad:
         raise ValueError(f"refusing to write a checkpoint with non-finite weights ({', '.join(bad)})")
     path = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
     atomic_write(path, lambda f: torch.save({**payload, "sha256": content_digest(payload)}, f))
-    st = os.stat(path)
+    st = os.stat(path)  # the file just written is good: it is not read back
     _GOOD[(path, st.st_size, st.st_mtime_ns)] = True
     good, unreadable = [], []
     for p in run_checkpoints(out_dir):
@@ -284,7 +268,7 @@ def save_checkpoint(out_dir, step, payload, keep=2, log=print):
         if key not in _GOOD:
             _GOOD[key] = load_good(p)[0] is not None
         (good if _GOOD[key] else unreadable).append(p)
-    for old in good[max(1, keep):]:
+    for old in good[max(1, keep):]:  # the newest good one is never deleted
         os.remove(old)
     if unreadable:
         log(f"warning: left alone, not counted as checkpoints (bad files): {', '.join(unreadable)}")
@@ -292,32 +276,27 @@ def save_checkpoint(out_dir, step, payload, keep=2, log=print):
 
 
 # -----------------------------------------------------------------------------
-# The release layout. The authors released TA-TiTok and MaskGen as Hugging Face repositories
-# (turkeyju/tokenizer_tatitok_*, turkeyju/generator_maskgen_*), each a directory with
-#     config.json         the official nested (OmegaConf) config: model.vq_model, model.maskgen, ...
-#     model.safetensors   the weights under the official code's names (or pytorch_model.bin)
-# Our releases add, where needed, top-level config.json entries the official code ignores:
-# "text_encoder" (a text tower other than OpenAI's CLIP; a small random tower's weights are in
-# text_encoder.safetensors), "tokenizer" (a generator's tokenizer, relative to its directory)
-# and EXTRA. Our modules hold the same weights under other names and, in places, other layouts:
-# TA-TiTok's 1x1 convs are Linears here, MaskGen's q/k/v projections one fused matrix per stream.
+# The release layout: the authors' Hugging Face repositories (turkeyju/tokenizer_tatitok_*,
+# turkeyju/generator_maskgen_*) each hold config.json, the official nested (OmegaConf) config, and
+# model.safetensors (or pytorch_model.bin), the weights under the official code's names. Our releases may add
+# top-level config.json entries that the official code ignores: "text_encoder" (a text tower other than
+# OpenAI's CLIP; a small random tower's weights go in text_encoder.safetensors), "tokenizer" (a generator's
+# tokenizer, relative to its directory) and EXTRA. Our modules name the weights differently and, in places,
+# lay them out differently: TA-TiTok's 1x1 convs are Linears here, MaskGen's q/k/v one fused matrix per stream.
 
 
 class Release:
-    """A release directory, read lazily: .config (the config.json dict), .file (the weights
-    file), .keys, .shape(key), .get(key). Tensors are read one at a time when asked for
-    (safetensors: straight from the file; pytorch_model.bin: memory-mapped when the file
-    allows it), so loading holds one copy of the weights (1.1B parameters for MaskGen-XL)."""
+    """A release directory's weights, read lazily: .file, .keys, .shape(key), .get(key). Tensors are read
+    one at a time (a .bin memory-mapped), so loading holds one copy of the weights (1.1B for MaskGen-XL)."""
 
     def __init__(self, path):
         self.path = path = os.fspath(path)
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"{path!r} has no config.json; a release directory holds config.json and model.safetensors")
-        self.config = read_config(path)
         st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
         if not (os.path.isfile(st) or os.path.isfile(pt)):
-            raise FileNotFoundError(f"{path!r} has neither model.safetensors nor pytorch_model.bin; re-download the release")
+            raise FileNotFoundError(f"{path!r} has neither model.safetensors nor pytorch_model.bin; "
+                                    "re-download the release")
         self.file = st if os.path.isfile(st) else pt
+        # safetensors reads each tensor from the file when asked; a .bin is memory-mapped by torch_load
         self._st, self._sd = (open_safetensors(st), None) if self.file == st else (None, torch_load(pt))
         self.keys = list(self._st.keys() if self._st is not None else self._sd.keys())
 
@@ -329,8 +308,7 @@ class Release:
 
 
 def read_config(path):
-    """A release's config.json (path: the file or its directory) -> dict. Anything else
-    (empty, not JSON, not UTF-8, not an object) is a ValueError naming the file."""
+    """A release's config.json (the file or its directory) -> dict; anything else is a ValueError."""
     path = os.path.join(path, "config.json") if os.path.isdir(path) else path
     fix = "re-download the release, or re-export it with `python sample.py export`"
     try:
@@ -354,42 +332,50 @@ def open_safetensors(path):
         return safe_open(path, framework="pt", device="cpu")
     except Exception as e:  # safetensors' own error type: "Error while deserializing header: ..."
         raise ValueError(f"{path} is not a readable safetensors file ({e}); it is damaged or incomplete: "
-                         f"download or write it again") from None  # fmt: skip
+                         f"download or write it again") from None
 
 
-# The config.json fields -> ours, as (section, official key, our field, the value assumed when a
-# release leaves it out; REQUIRED: it may not), one table per model read both ways. Fields of our
-# configs that the official layout has no place for (e.g. the shapes models' init, pos_init_std,
-# diffloss_clip_x0) go in a section of their own, EXTRA, only when they differ from what the
-# official fields give: the release of an official-size model stays official.
+# config.json fields <-> ours, one table per model read both ways: ("section.official_key", our field, the
+# value assumed when a release leaves it out, or REQUIRED). Our fields that the official layout has no place
+# for (e.g. the shapes models' init, pos_init_std) go in a section of their own, EXTRA, only when they differ
+# from what the official fields give, so the release of an official-size model stays official.
 REQUIRED, EXTRA = object(), "extra_fields"
 TATITOK_FIELDS = {
-    "any": [("vq_model", "vit_enc_patch_size", "enc_patch_size", REQUIRED), ("vq_model", "token_size", "token_size", REQUIRED),
-            ("vq_model", "vit_dec_patch_size", "dec_patch_size", REQUIRED), ("preprocessing", "crop_size", "image_size", REQUIRED),
-            ("vq_model", "num_latent_tokens", "num_latent_tokens", REQUIRED), ("vq_model", "text_context_length", "text_context_length", 77),
-            ("vq_model", "text_embed_dim", "text_embed_dim", 768)],
-    "vq": [("vq_model", "codebook_size", "codebook_size", REQUIRED), ("vq_model", "commitment_cost", "commitment_cost", 0.25),
-           ("vq_model", "use_l2_norm", "use_l2_norm", False), ("vq_model", "clustering_vq", "clustering_vq", False)],
+    "any": [("vq_model.vit_enc_patch_size", "enc_patch_size", REQUIRED),
+            ("vq_model.token_size", "token_size", REQUIRED),
+            ("vq_model.vit_dec_patch_size", "dec_patch_size", REQUIRED),
+            ("preprocessing.crop_size", "image_size", REQUIRED),
+            ("vq_model.num_latent_tokens", "num_latent_tokens", REQUIRED),
+            ("vq_model.text_context_length", "text_context_length", 77),
+            ("vq_model.text_embed_dim", "text_embed_dim", 768)],
+    "vq": [("vq_model.codebook_size", "codebook_size", REQUIRED), ("vq_model.commitment_cost", "commitment_cost", 0.25),
+           ("vq_model.use_l2_norm", "use_l2_norm", False), ("vq_model.clustering_vq", "clustering_vq", False)],
     "kl": [],
 }  # fmt: skip
-# MaskGen. The official VQ "temperature" is our randomize_temperature (of the Gumbel noise that
-# picks the tokens); KL's is the diffusion sampling temperature.
+# MaskGen. The official VQ "temperature" is our randomize_temperature (of the Gumbel noise that picks the
+# tokens); KL's is the diffusion sampling temperature.
 MASKGEN_FIELDS = {
-    "any": [("vq_model", "num_latent_tokens", "num_tokens", REQUIRED), ("vq_model", "text_embed_dim", "text_width", 768),
-            ("maskgen", "decoder_embed_dim", "width", REQUIRED), ("maskgen", "decoder_depth", "depth", REQUIRED),
-            ("maskgen", "decoder_num_heads", "heads", REQUIRED), ("maskgen", "sample_aesthetic_score", "aesthetic", 6.5)],
-    "vq": [("vq_model", "token_size", "token_size", 64), ("vq_model", "codebook_size", "codebook_size", REQUIRED),
-           ("maskgen", "cfg", "guidance_scale", 12.0), ("maskgen", "cfg_schedule", "guidance_schedule", "cosine"),
-           ("maskgen", "num_iter", "num_steps", 16), ("maskgen", "condition_num_classes", "num_class_rows", 1000),
-           ("maskgen", "temperature", "randomize_temperature", 2.0), ("losses", "label_smoothing", "label_smoothing", 0.1),
-           ("losses", "loss_weight_unmasked_token", "unmasked_weight", 0.1)],
-    "kl": [("vq_model", "token_size", "token_size", 16), ("vq_model", "scale_factor", "scale_factor", REQUIRED),
-           ("maskgen", "cfg", "guidance_scale", 3.0), ("maskgen", "cfg_schedule", "guidance_schedule", "linear"),
-           ("maskgen", "num_iter", "num_steps", 32), ("maskgen", "diffusion_batch_mul", "diffusion_batch_mul", 4),
-           ("maskgen", "temperature", "temperature", 1.0), ("losses", "diffloss_d", "diffloss_depth", REQUIRED),
-           ("losses", "diffloss_w", "diffloss_width", REQUIRED), ("losses", "num_sampling_steps", "num_sampling_steps", "100")],
+    "any": [("vq_model.num_latent_tokens", "num_tokens", REQUIRED), ("vq_model.text_embed_dim", "text_width", 768),
+            ("maskgen.decoder_embed_dim", "width", REQUIRED), ("maskgen.decoder_depth", "depth", REQUIRED),
+            ("maskgen.decoder_num_heads", "heads", REQUIRED), ("maskgen.sample_aesthetic_score", "aesthetic", 6.5)],
+    "vq": [("vq_model.token_size", "token_size", 64), ("vq_model.codebook_size", "codebook_size", REQUIRED),
+           ("maskgen.cfg", "guidance_scale", 12.0), ("maskgen.cfg_schedule", "guidance_schedule", "cosine"),
+           ("maskgen.num_iter", "num_steps", 16), ("maskgen.condition_num_classes", "num_class_rows", 1000),
+           ("maskgen.temperature", "randomize_temperature", 2.0), ("losses.label_smoothing", "label_smoothing", 0.1),
+           ("losses.loss_weight_unmasked_token", "unmasked_weight", 0.1)],
+    "kl": [("vq_model.token_size", "token_size", 16), ("vq_model.scale_factor", "scale_factor", REQUIRED),
+           ("maskgen.cfg", "guidance_scale", 3.0), ("maskgen.cfg_schedule", "guidance_schedule", "linear"),
+           ("maskgen.num_iter", "num_steps", 32), ("maskgen.diffusion_batch_mul", "diffusion_batch_mul", 4),
+           ("maskgen.temperature", "temperature", 1.0), ("losses.diffloss_d", "diffloss_depth", REQUIRED),
+           ("losses.diffloss_w", "diffloss_width", REQUIRED),
+           ("losses.num_sampling_steps", "num_sampling_steps", "100")],
 }  # fmt: skip
 _ARCH = ("width", "depth", "heads")
+
+
+def _fields(table, mode):
+    """(section, official key, our field, default) for every field of `mode` in a field table."""
+    return [(*field.split("."), ours, default) for field, ours, default in table["any"] + table[mode]]
 
 
 def _unwrap(d):
@@ -397,15 +383,16 @@ def _unwrap(d):
     return d["config"] if "model" not in d and isinstance(d.get("config"), dict) else d
 
 
-def _read_fields(d, fields, path, what, expected, finish):
-    """config.json dict -> our config's kwargs by a field table; finish(sections, kwargs, mode)
-    reads what the table cannot. A missing field, or one of the wrong kind, is a ValueError."""
+def _read_fields(d, table, path, what, expected, finish):
+    """config.json dict -> our config's kwargs by a field table; finish(sections, kwargs, mode) reads what
+    the table cannot. A missing field, or one of the wrong kind, is a ValueError."""
     d = _unwrap(d)
     try:
+        # The sections the tables name: model.vq_model, model.maskgen, losses, dataset.preprocessing.
         s = dict(d["model"], losses=d.get("losses", {}), preprocessing=d.get("dataset", {}).get("preprocessing", {}))
         mode = {"vq": "vq", "vae": "kl"}[s["vq_model"].get("quantize_mode", "vq")]
         kw = {ours: s[sec][key] if default is REQUIRED else s[sec].get(key, default)
-              for sec, key, ours, default in fields["any"] + fields[mode]}  # fmt: skip
+              for sec, key, ours, default in _fields(table, mode)}  # fmt: skip
         finish(s, kw, mode)
     except (KeyError, TypeError, AttributeError) as e:
         why = f"missing field {e}" if isinstance(e, KeyError) else f"a field of the wrong kind ({e})"
@@ -429,7 +416,8 @@ def tatitok_kwargs(d, path="config.json"):
         if vq.get("finetune_decoder", False):
             raise ValueError(f"{path}: finetune_decoder: True (TiTok's two-stage decoder) is not part of TA-TiTok")
 
-    return _read_fields(d, TATITOK_FIELDS, path, "TA-TiTok config", "model.vq_model and dataset.preprocessing.crop_size", finish)
+    expected = "model.vq_model and dataset.preprocessing.crop_size"
+    return _read_fields(d, TATITOK_FIELDS, path, "TA-TiTok config", expected, finish)
 
 
 def maskgen_kwargs(d, path="config.json"):
@@ -438,7 +426,7 @@ def maskgen_kwargs(d, path="config.json"):
     def finish(s, kw, mode):
         mg = s["maskgen"]
         kw.update(mode=mode, pooled_dim=s["vq_model"].get("pooled_embed_dim", kw["text_width"]),
-                  aes_embed_dim=mg["micro_condition_embed_dim"] if mg.get("micro_condition", False) else 0)  # fmt: skip
+                  aes_embed_dim=mg["micro_condition_embed_dim"] if mg.get("micro_condition", False) else 0)
         if mode == "kl":
             kw["num_sampling_steps"] = str(kw["num_sampling_steps"])
             return
@@ -446,18 +434,20 @@ def maskgen_kwargs(d, path="config.json"):
         if not mg.get("weight_tying", True):
             raise ValueError(f"{path}: weight_tying: False (an untied LM head) is not supported; every release ties it")
         if mg.get("mask_schedule_strategy", "arccos") != "arccos":
-            raise ValueError(f"{path}: only the arccos mask schedule is implemented, got {mg['mask_schedule_strategy']!r}")
+            raise ValueError(f"{path}: only the arccos mask schedule is implemented, "
+                             f"got {mg['mask_schedule_strategy']!r}")
 
-    return _read_fields(d, MASKGEN_FIELDS, path, "MaskGen config.json", "model.vq_model, model.maskgen, losses", finish)
+    expected = "model.vq_model, model.maskgen, losses"
+    return _read_fields(d, MASKGEN_FIELDS, path, "MaskGen config.json", expected, finish)
 
 
 def release_config(model):
-    """config.json content for `model`: the official (OmegaConf) layout, and EXTRA for the
-    fields of model.config that the official fields do not give back."""
+    """config.json content for `model`: the official layout, plus EXTRA for the fields of model.config
+    that the official fields do not give back."""
     c, is_maskgen = model.config, hasattr(model.config, "mode")  # a TATiTokConfig has quantize_mode
-    mode, fields = (c.mode, MASKGEN_FIELDS) if is_maskgen else (c.quantize_mode, TATITOK_FIELDS)
+    mode, table = (c.mode, MASKGEN_FIELDS) if is_maskgen else (c.quantize_mode, TATITOK_FIELDS)
     vq, mg, losses, prep = {"quantize_mode": "vq" if mode == "vq" else "vae"}, {}, {}, {}
-    for sec, key, ours, _ in fields["any"] + fields[mode]:
+    for sec, key, ours, _ in _fields(table, mode):
         {"vq_model": vq, "maskgen": mg, "losses": losses, "preprocessing": prep}[sec][key] = getattr(c, ours)
     d = {"model": {"vq_model": vq}, "dataset": {"preprocessing": prep}}
     if is_maskgen:
@@ -474,21 +464,21 @@ def release_config(model):
             names = [n for n, a in T.VIT_SIZES.items() if a == arch]
             vq[f"vit_{side}_model_size"] = names[0] if names else "custom"
             vq.update({} if names else {f"vit_{side}_{k}": v for k, v in zip(_ARCH, arch)})  # e.g. the tiny presets
+    # Read it back: whatever the official fields do not reproduce goes to EXTRA.
     back = type(c)(**(maskgen_kwargs if is_maskgen else tatitok_kwargs)(d))
     extra = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if getattr(back, f.name) != getattr(c, f.name)}
     return {**d, EXTRA: extra} if extra else d
 
 
-# Weight names. TA-TiTok: official name fragment -> ours (everything else is named the same);
-# their 1x1 convs on a fake (B, C, 1, K) grid are our Linears on (B, K, C): weights (out, in, 1, 1)
-# there, (out, in) here.
+# Weight names. TA-TiTok: official name fragment -> ours (everything else is named the same); their 1x1 convs
+# on a fake (B, C, 1, K) grid are our Linears on (B, K, C): weights (out, in, 1, 1) there, (out, in) here.
 TATITOK_RENAMES = [(".transformer.", ".blocks."), (".attn.in_proj_weight", ".attn.qkv.weight"),
                    (".attn.in_proj_bias", ".attn.qkv.bias"), (".attn.out_proj.", ".attn.proj."),
                    ("encoder.conv_out.", "encoder.proj_out."), ("decoder.ffn.0.", "decoder.to_pixels.")]  # fmt: skip
 _CONV_1X1 = ("encoder.conv_out.weight", "decoder.ffn.0.weight")
-# MaskGen: official key -> ours at the top level, per variant (an entry ending in "." is a
-# prefix). TRUNK is where our state dict keeps the MM-DiT trunk both variants share (text and
-# pooled projections, blocks, final norm): one line to change if it moves.
+# MaskGen: official key -> ours at the top level, per variant (an entry ending in "." is a prefix). TRUNK is
+# where our state dict keeps the MM-DiT trunk both variants share (text and pooled projections, blocks, final
+# norm): one line to change if it moves.
 TRUNK = "trunk."
 MASKGEN_RENAMES = {
     "vq": [("text_embed_proj.", TRUNK + "text_proj."), ("cond_pooled_proj.", TRUNK + "pooled_proj."),
@@ -500,8 +490,8 @@ MASKGEN_RENAMES = {
            ("decoder_pos_embed_learned", "pos_emb"), ("diffusion_pos_embed_learned", "diff_pos_emb"),
            ("diffloss.net.", "diffloss.net.")],
 }  # fmt: skip
-# Inside a block: diffusers' JointTransformerBlock names -> ours, with q, k and v as the
-# separate parts that split_qkv shows of our fused projections.
+# Inside a block: diffusers' JointTransformerBlock names -> ours, with q, k and v as the separate parts that
+# split_qkv shows of our fused projections.
 BLOCK_RENAMES = [
     ("norm1.linear.", "img_adaln.linear."), ("norm1_context.linear.", "txt_adaln.linear."),
     ("attn.to_q.", "attn.img_q."), ("attn.to_k.", "attn.img_k."), ("attn.to_v.", "attn.img_v."),
@@ -513,10 +503,9 @@ BLOCK_RENAMES = [
 
 
 def split_qkv(sd, copy=False):
-    """Our state dict with each fused attention projection (maskgen.FUSED_QKV, e.g.
-    'blocks.3.attn.img_qkv.weight') replaced by its parts ('...attn.img_q.weight', img_k,
-    img_v): row-block views of the fused tensor (copying into a part writes the model's
-    weight, which is how a release's separate to_q / to_k / to_v are loaded), or copies."""
+    """Our state dict with each fused attention projection (maskgen.FUSED_QKV, e.g. '...attn.img_qkv.weight')
+    replaced by its parts ('...attn.img_q.weight', img_k, img_v): row-block views of the fused tensor (copying
+    into one writes the model's weight: how a release's separate to_q / to_k / to_v load), or copies."""
     out = {}
     for key, t in sd.items():
         mod, _, param = key.rpartition(".")
@@ -540,16 +529,14 @@ def block_key_from_official(key):
 
 
 def _last_q_proj(c):
-    """The release name of MaskGen's last-block text-query projection, which we do not hold
-    (the last block's text stream only gives keys and values, see maskgen's JointAttention)."""
+    """The release name of MaskGen's last-block text-query projection, which we do not hold (that block's
+    text stream only gives keys and values, see maskgen's JointAttention)."""
     return f"{'blocks' if c.mode == 'vq' else 'decoder_blocks'}.{c.depth - 1}.attn.add_q_proj"
 
 
 def _release_view(model):
-    """{official key: the model's tensor in the release's shape}. The tensors are views of
-    the model's weights, so copying into one loads it: MaskGen's q, k and v are row blocks
-    of the fused projections, TA-TiTok's 1x1-conv weights (out, in, 1, 1) views of Linears.
-    State the releases do not hold (MaskGen's tied head is the embedding table) is left out."""
+    """{official key: the model's tensor in the release's shape}, as views of the model's weights, so copying
+    into one loads it. State the releases do not hold (MaskGen's tied head) is left out."""
     view, sd = {}, model.state_dict()
     if not hasattr(model.config, "mode"):  # TA-TiTok
         for key, v in sd.items():
@@ -570,18 +557,19 @@ def _release_view(model):
 
 
 def load_weights(model, release):
-    """Copy the weights of `release` (a Release) into `model` (built from its config), one
-    tensor at a time. Every missing, unexpected or mis-shaped key is reported by its release
-    name before anything is copied; weights holding nan or inf are refused, naming the file."""
+    """Copy the weights of a Release into `model`, one tensor at a time, after every missing, unexpected or
+    mis-shaped key is reported by its release name; weights holding nan or inf are refused."""
     view, skip, alias, c = _release_view(model), set(), {}, model.config
     what = f"MaskGen-{c.mode.upper()}" if hasattr(c, "mode") else "TA-TiTok"
     if hasattr(c, "mode"):
-        # Not loaded on purpose: the last block's text queries (unused), and the tied LM
-        # head, which is the embedding table itself. safetensors keeps one name for shared
-        # tensors; only if that name is lm_head.weight is it read, as the table.
+        # Not loaded on purpose: the last block's text queries (unused), and the tied LM head, which is the
+        # embedding table itself. safetensors keeps one name for shared tensors; only if that name is
+        # lm_head.weight is it read, as the table.
         skip = {f"{_last_q_proj(c)}.weight", f"{_last_q_proj(c)}.bias"}
-        if c.mode == "vq":
-            (skip.add("lm_head.weight") if "embeddings.weight" in release.keys else alias.update({"lm_head.weight": "embeddings.weight"}))
+        if c.mode == "vq" and "embeddings.weight" in release.keys:
+            skip.add("lm_head.weight")
+        elif c.mode == "vq":
+            alias["lm_head.weight"] = "embeddings.weight"
     found, unexpected, shapes, misfit = {}, [], [], set()
     for key in (k for k in release.keys if k not in skip):
         name = alias.get(key, key)
@@ -593,13 +581,9 @@ def load_weights(model, release):
         else:
             found[name] = key
     missing = [k for k in view if k not in found and k not in misfit]
-    err = mismatch_error(
-        release.path, missing, unexpected, shapes, model=f"the {what} model its config.json describes",
-        fix="Fix: use the config.json that was released with these weights (same variant and size); "
-        "a directory written by this project must use official key names (checkpoint.release_state_dict).",
-    )  # fmt: skip
-    if err is not None:
-        raise err
+    check_fit(release.path, missing, unexpected, shapes, model=f"the {what} model its config.json describes",
+              fix="Fix: use the config.json that was released with these weights (same variant and size); a "
+              "directory written by this project must use official key names (checkpoint.release_state_dict).")
     bad = []
     with torch.no_grad():  # tensor by tensor: one copy of the weights in memory
         for name, key in found.items():
@@ -608,27 +592,30 @@ def load_weights(model, release):
             view[name].copy_(t)
     if bad:  # a diverged run or a damaged file: it would only draw noise
         raise ValueError(f"{release.file} holds non-finite weights (nan or inf: {', '.join(bad[:5])}); "
-                         f"re-download the release, or export it again from a good checkpoint")  # fmt: skip
+                         f"re-download the release, or export it again from a good checkpoint")
     return model
 
 
+def _half(sd, half):
+    """A state dict's tensors, contiguous, in fp16 with half (they load back into fp32 models exactly)."""
+    return {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+
+
 def release_state_dict(model, half=False):
-    """Our weights under the release's names and shapes (the inverse of load_weights), as
-    copies (safetensors refuses tensors that share storage), in fp16 with half. MaskGen's
-    unused last-block text-query projection is written as zeros so the official code can
-    load the result strictly; its tied lm_head is left out, as in the released files."""
+    """Our weights under the release's names and shapes (the inverse of load_weights), as copies (safetensors
+    refuses shared storage). MaskGen's unused last-block text-query projection is written as zeros so the
+    official code can load the result strictly; its tied lm_head is left out, as in the released files."""
     out = {k: v.clone() for k, v in _release_view(model).items()}
     if hasattr(model.config, "mode"):
         c, ref = model.config, next(model.parameters())
         out[f"{_last_q_proj(c)}.weight"] = torch.zeros(c.width, c.width, dtype=ref.dtype, device=ref.device)
         out[f"{_last_q_proj(c)}.bias"] = torch.zeros(c.width, dtype=ref.dtype, device=ref.device)
-    return {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in out.items()}
+    return _half(out, half)
 
 
 def save_release(model, path, half=False, **extra):
-    """Write `model` as a release directory (config.json + model.safetensors), its weights in
-    fp16 with half (they load back into fp32 models exactly); returns path. extra: more
-    top-level config.json entries (export_release records a text encoder and a tokenizer)."""
+    """Write `model` as a release directory (config.json + model.safetensors), fp16 with half; extra: more
+    top-level config.json entries (a text encoder, a tokenizer). Returns path."""
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump({**release_config(model), **extra}, f, indent=2)
@@ -637,12 +624,11 @@ def save_release(model, path, half=False, **extra):
 
 
 # -----------------------------------------------------------------------------
-# Hugging Face Hub ids. The releases live on the Hub (turkeyju/...), so wherever a release
-# directory is accepted, so is its id: huggingface_hub (installed with open_clip) fetches
-# it once into its cache, and the snapshot directory there is read like any other.
+# Hugging Face Hub ids: wherever a release directory is accepted, so is its id. huggingface_hub (installed
+# with open_clip) fetches it once into its cache, and the snapshot directory there is read like any other.
 
-# owner/name, optionally with open_clip's "hf-hub:" before and "@revision" after (a branch,
-# tag or commit; it may hold slashes itself, e.g. refs/pr/1).
+# owner/name, optionally with open_clip's "hf-hub:" before and "@revision" after (a branch, tag or commit;
+# it may hold slashes itself, e.g. refs/pr/1).
 _HUB_ID = re.compile(r"(?:hf-hub:)?([A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_])(?:@(.+))?")
 _FILE_EXTS = (".pt", ".pth", ".bin", ".safetensors", ".json")  # 'runs/ckpt.pt' is a missing file, not an id
 
@@ -652,9 +638,8 @@ class HubError(FileNotFoundError):
 
 
 def hub_id(ref):
-    """(repo_id, revision or None) when `ref` names a Hub repository, else None. A local
-    path always wins: a path that exists is no id, nor is 'runs/x' when the folder runs/
-    exists (a typo under a local folder stays a missing path), nor a file name."""
+    """(repo_id, revision or None) when `ref` names a Hub repository, else None. A local path always wins:
+    a path that exists is no id, nor is a file name, nor 'runs/x' when the folder runs/ exists."""
     if not isinstance(ref, (str, os.PathLike)):
         return None
     ref = os.fspath(ref)
@@ -667,10 +652,8 @@ def hub_id(ref):
 
 
 def local_path(ref, revision=None, what="checkpoint"):
-    """`ref` as a local path: unchanged unless it is a Hub id (hub_id), which becomes the
-    directory of its snapshot, downloaded by huggingface_hub.snapshot_download or found in
-    the Hub cache (only there when HF_HUB_OFFLINE is set). revision: for ids that name
-    none. A failure raises HubError naming the id, the revision, what was tried and the fix."""
+    """`ref` unchanged, or for a Hub id the directory of its snapshot (downloaded, or found in the Hub cache,
+    only there when HF_HUB_OFFLINE is set) at `revision` when the id names none. Failures raise HubError."""
     hub = hub_id(ref)
     if hub is None:
         return ref
@@ -694,7 +677,7 @@ def local_path(ref, revision=None, what="checkpoint"):
     elif names & {"LocalEntryNotFoundError", "IncompleteSnapshotError"}:
         why = f"the Hub could not be reached (no network?) and the Hub cache holds no complete snapshot of {at}"
     else:
-        why = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else 'no details'}"
+        why = f"{type(error).__name__}: {(str(error).strip() or 'no details').splitlines()[0]}"
     tried = f"the local path {os.path.abspath(ref)!r}, the Hub cache {constants.HF_HUB_CACHE}"
     tried += "" if offline else f", the Hub at {constants.ENDPOINT}"
     get = f"hf download {repo_id}" + (f" --revision {rev}" if rev else "") + " --local-dir DIR"
@@ -708,8 +691,7 @@ def local_path(ref, revision=None, what="checkpoint"):
 
 
 def record_ref(ref):
-    """How to record a reference for later use (meta.json, configs): a Hub id as given,
-    a local path made absolute."""
+    """A reference as recorded for later use (meta.json, configs): a Hub id as given, a path made absolute."""
     return ref if hub_id(ref) else os.path.abspath(ref)
 
 
@@ -717,8 +699,7 @@ def record_ref(ref):
 # References: resolve() opens one and says what it is (configs only, nothing built).
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# The small models trained on the shapes world that ship with the repository (README):
-# DEFAULT_RELEASE/generator (MaskGen-VQ) and DEFAULT_RELEASE/tokenizer (its TA-TiTok).
+# The small shapes-world models that ship with the repository: DEFAULT_RELEASE/{generator,tokenizer}.
 DEFAULT_RELEASE = os.path.join(HERE, "checkpoints", "shapes")
 HOW_TO_GET_DEFAULT = (
     "It ships with the repository: restore it with `git checkout -- checkpoints/shapes` (or re-clone; "
@@ -746,13 +727,12 @@ OFFICIAL_PAIRS = "MaskGen-VQ (L, XL) <- tokenizer_tatitok_bl128_vq;  MaskGen-KL 
 class Source(NamedTuple):
     """A reference, opened and identified, with its model config read: not built yet."""
 
-    kind: str  # "release" | "ckpt"
     role: str  # "generator" | "tokenizer"
     where: str  # the release directory or the checkpoint file actually read
     config: object  # MaskGenConfig | TATiTokConfig
     text: TextSpec  # the text encoder its conditions come from
     tokenizer: Optional[str] = None  # generators: the tokenizer recorded with it (a path or Hub id), if any
-    ckpt: Optional[dict] = None  # our checkpoint dict (kind "ckpt")
+    ckpt: Optional[dict] = None  # our checkpoint dict (None: a release)
 
 
 class Models(NamedTuple):
@@ -766,8 +746,8 @@ class Models(NamedTuple):
 
 # A reference of one kind where the other was asked for, or of neither: (kind, wanted, found).
 _WRONG = {
-    ("release", "generator", "tokenizer"): "{w!r} is a TA-TiTok tokenizer release (its config.json has no model.maskgen); "
-    "pass it as --tokenizer, and a MaskGen release (turkeyju/generator_maskgen_*) as --generator",
+    ("release", "generator", "tokenizer"): "{w!r} is a TA-TiTok tokenizer release (its config.json has no "
+    "model.maskgen); pass it as --tokenizer, and a MaskGen release (turkeyju/generator_maskgen_*) as --generator",
     ("release", "tokenizer", "generator"): "{w!r} is a MaskGen release, not a tokenizer; pass it as --generator",
     ("ckpt", "generator", "tokenizer"): "{w!r} is a TA-TiTok tokenizer checkpoint (it has 'tokenizer_config'), not a "
     "MaskGen one; pass it as --tokenizer and give the MaskGen run (train_maskgen.py output) as --generator",
@@ -781,31 +761,37 @@ _WRONG = {
 
 
 def default_release(role, missing):
-    """The shipped shapes model's `role` directory, or a FileNotFoundError starting with
-    `missing` that says how to get it."""
+    """The shipped model's `role` directory, or a FileNotFoundError starting with `missing`."""
     path = os.path.join(DEFAULT_RELEASE, role)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{missing} and the default {path} is missing. {HOW_TO_GET_DEFAULT}")
     return path
 
 
-def _release_dir(path):
-    """A directory with config.json that is not one of our run folders (the trainers write a
-    config.json of their own there, beside log.jsonl and ckpt_*.pt)."""
+def is_release(ref, revision=None):
+    """Is `ref` a release: a directory (or the Hub id of one) with config.json that is not one of our run
+    folders (the trainers write a config.json of their own there, beside log.jsonl and ckpt_*.pt)?"""
+    path = local_path(ref, revision)
     run = os.path.isfile(os.path.join(path, "log.jsonl")) or run_checkpoints(path)
     return os.path.isfile(os.path.join(path, "config.json")) and not run
 
 
-def is_release(ref, revision=None):
-    """Is `ref` a release (a directory with config.json, or a Hub id of one)?"""
-    return _release_dir(local_path(ref, revision))
+def _release_text(path, cfg):
+    """The TextSpec a release's config.json records ("text_encoder"; the official CLIP when absent)."""
+    spec = cfg.get("text_encoder")
+    if spec is None:
+        return OFFICIAL_TEXT
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ValueError(f"{path}/config.json: 'text_encoder' must be {{\"name\": ..., \"pretrained\": ...}}, "
+                         f"got {spec!r}")
+    file = os.path.join(path, TEXT_FILE)
+    f = open_safetensors(file) if os.path.isfile(file) else None  # a small random tower's weights
+    return TextSpec(spec["name"], spec.get("pretrained", "openai"), f and {k: f.get_tensor(k) for k in f.keys()})
 
 
 def resolve(ref, role=None, revision=None):
-    """The one reading of a model reference (module docstring) -> its Source. role:
-    "generator" or "tokenizer", what the caller needs (a model of the other kind is refused,
-    naming the flag to pass it with), or None for either (`sample.py export SRC`).
-    revision: the Hub revision for an id that names none."""
+    """A model reference (module docstring) -> its Source. role: "generator" or "tokenizer", what the
+    caller needs (the other kind is refused, naming its flag), or None for either (`sample.py export`)."""
     flag, name = (f"--{role}", role) if role else ("SRC", "export")
     path = os.fspath(local_path(ref, revision, f"{name} checkpoint"))
     if not os.path.exists(path):
@@ -815,28 +801,23 @@ def resolve(ref, role=None, revision=None):
             f"model.safetensors) or its Hub id (owner/name[@revision]), one of our run folders (ckpt_*.pt) or a "
             f"checkpoint file; download an official release with e.g. `hf download turkeyju/{example} --local-dir DIR` "
             f"(`huggingface-cli download` before huggingface_hub 1.0)"
-        )
-    if os.path.isdir(path) and _release_dir(path):
+        )  # fmt: skip
+    if os.path.isdir(path) and is_release(path):  # a local path: local_path returns it as is
         cfg, file = read_config(path), os.path.join(path, "config.json")
         found = "generator" if "maskgen" in _unwrap(cfg).get("model", {}) else "tokenizer"
         if role not in (None, found):
             raise ValueError(_WRONG["release", role, found].format(w=path))
-        config = M.MaskGenConfig(**maskgen_kwargs(cfg, file)) if found == "generator" else T.TATiTokConfig(**tatitok_kwargs(cfg, file))
-        spec, text = cfg.get("text_encoder"), OFFICIAL_TEXT
-        if spec is not None:  # a release written here from a run with its own text encoder
-            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-                raise ValueError(f"{path}/config.json: 'text_encoder' must be {{\"name\": ..., \"pretrained\": ...}}, got {spec!r}")
-            f = open_safetensors(os.path.join(path, TEXT_FILE)) if os.path.isfile(os.path.join(path, TEXT_FILE)) else None
-            text = TextSpec(spec["name"], spec.get("pretrained", "openai"), f and {k: f.get_tensor(k) for k in f.keys()})
+        gen = found == "generator"
+        config = M.MaskGenConfig(**maskgen_kwargs(cfg, file)) if gen else T.TATiTokConfig(**tatitok_kwargs(cfg, file))
         tok = cfg.get("tokenizer")  # written relative to the generator's own directory
         if tok is not None and not (os.path.isabs(tok) or hub_id(tok)):
             tok = os.path.normpath(os.path.join(path, tok))
-        return Source("release", found, path, config, text, tok)
+        return Source(found, path, config, _release_text(path, cfg), tok)
     if os.path.isdir(path):  # one of our training runs
         found, ckpt = newest_checkpoint(path)
         if found is None:
-            raise FileNotFoundError(f"{name} directory {path!r} has no config.json (an official release) nor ckpt_*.pt "
-                                    f"(one of our training runs); point {flag} at one of those")  # fmt: skip
+            raise FileNotFoundError(f"{name} directory {path!r} has no config.json (an official release) nor "
+                                    f"ckpt_*.pt (one of our training runs); point {flag} at one of those")
         path = found
     else:
         ckpt = torch_load(path)
@@ -848,8 +829,8 @@ def resolve(ref, role=None, revision=None):
     cfg = ckpt.get("config") or {}  # the training config: text encoder, tokenizer path
     text = TextSpec(cfg.get("text_encoder"), cfg.get("text_pretrained", "openai"), ckpt.get("text_encoder"))
     if found == "generator":
-        return Source("ckpt", found, path, M.MaskGenConfig(**ckpt["maskgen_config"]), text, cfg.get("tokenizer"), ckpt)
-    return Source("ckpt", found, path, T.TATiTokConfig(**ckpt["tokenizer_config"]), text, None, ckpt)
+        return Source(found, path, M.MaskGenConfig(**ckpt["maskgen_config"]), text, cfg.get("tokenizer"), ckpt)
+    return Source(found, path, T.TATiTokConfig(**ckpt["tokenizer_config"]), text, None, ckpt)
 
 
 def _weights(ckpt, where):
@@ -864,7 +845,7 @@ def _weights(ckpt, where):
 def _build(src, device):
     """The model of a Source on `device`, in eval mode -> (model, "where (which weights)")."""
     model = M.build(src.config, init_weights=False) if src.role == "generator" else T.TATiTok(src.config)
-    if src.kind == "release":  # every weight comes from the file
+    if src.ckpt is None:  # a release: every weight comes from the file
         model, which = load_weights(model, Release(src.where)), "release"
     else:
         sd, which = _weights(src.ckpt, src.where)
@@ -877,31 +858,28 @@ def _build(src, device):
 
 
 def load_tokenizer(ref, device="cpu", with_text=True, revision=None):
-    """A frozen TA-TiTok (eval mode, no gradients) and the text encoder its decoder was
-    trained with, from any reference (revision: for Hub ids that name none). Returns
-    (tokenizer, text_encoder), or (tokenizer, None) with with_text=False (e.g. for
-    pretokenization: no text needed, and no CLIP download)."""
+    """(frozen TA-TiTok in eval mode, the text encoder its decoder was trained with) from any reference; the
+    text encoder is None with with_text=False (pretokenization needs no text, so no CLIP download)."""
     src = resolve(ref, "tokenizer", revision)
     tok = _build(src, device)[0].requires_grad_(False)
     return tok, build_text_encoder(*src.text, src.where).to(device) if with_text else None
 
 
 def load_generator(ref, device="cpu", revision=None):
-    """MaskGenVQ or MaskGenKL (eval mode) from any reference (revision: for Hub ids)."""
+    """MaskGenVQ or MaskGenKL (eval mode) from any reference."""
     return _build(resolve(ref, "generator", revision), device)[0]
 
 
 def generator_weights(ref):
-    """(state dict, where) of a MaskGen reference, under our names: the EMA weights of a run
-    or checkpoint file when present, a release's as loaded. For train_maskgen.py --init_from."""
+    """(state dict under our names, where) of a MaskGen reference, for train_maskgen.py --init_from: a run's
+    or checkpoint's EMA weights when present, a release's as loaded."""
     src = resolve(ref, "generator")
-    return (_build(src, "cpu")[0].state_dict() if src.kind == "release" else _weights(src.ckpt, src.where)[0]), src.where
+    return (_build(src, "cpu")[0].state_dict() if src.ckpt is None else _weights(src.ckpt, src.where)[0]), src.where
 
 
 def _same_text(a, b):
-    """Do two TextSpecs describe the same encoder? A generator that records no text encoder
-    uses its tokenizer's (train_maskgen.py takes it from load_tokenizer), and a release pair
-    stores a small tower's weights once, with the tokenizer."""
+    """Do two TextSpecs describe the same encoder? One that records none is taken to match (a generator
+    trained with its tokenizer's; a release pair stores a small tower's weights once, with the tokenizer)."""
     if a.name is None or b.name is None:
         return True
     if a.name != b.name:
@@ -911,56 +889,60 @@ def _same_text(a, b):
     return a.state.keys() == b.state.keys() and all(torch.equal(a.state[k], b.state[k]) for k in a.state)
 
 
+def _refuse(head, problems, fix):
+    """A ValueError listing `problems` under `head`, when there are any."""
+    if problems:
+        raise ValueError(head + "\n  - " + "\n  - ".join(problems) + "\n" + fix)
+
+
 def check_pair(tcfg, gcfg, tok_where, gen_where):
     """The tokenizer must produce exactly the tokens the generator was trained on."""
     tmode, problems = tcfg.quantize_mode, []
     if tmode != gcfg.mode:
         problems.append(f"token type: tokenizer is {tmode.upper()} but the generator is MaskGen-{gcfg.mode.upper()}")
     if tcfg.num_latent_tokens != gcfg.num_tokens:
-        problems.append(f"token count K: tokenizer has {tcfg.num_latent_tokens} latent tokens but the generator makes {gcfg.num_tokens}")
+        problems.append(f"token count K: tokenizer has {tcfg.num_latent_tokens} latent tokens but the generator "
+                        f"makes {gcfg.num_tokens}")
     if tmode == gcfg.mode == "vq" and tcfg.codebook_size != gcfg.codebook_size:
         problems.append(f"codebook size: tokenizer {tcfg.codebook_size} vs generator {gcfg.codebook_size}")
     if tmode == gcfg.mode == "kl" and tcfg.token_size != gcfg.token_size:
         problems.append(f"token channels C: tokenizer {tcfg.token_size} vs generator {gcfg.token_size}")
-    if problems:
-        raise ValueError(
-            f"tokenizer {tok_where!r} and generator {gen_where!r} do not fit together:\n  - " + "\n  - ".join(problems)
-            + f"\nFix: pass --tokenizer the TA-TiTok the generator was trained with (for our runs it is recorded in "
-            f"the generator's config; omit --tokenizer to use it). Official pairs: {OFFICIAL_PAIRS}"
-        )  # fmt: skip
+    _refuse(f"tokenizer {tok_where!r} and generator {gen_where!r} do not fit together:", problems,
+            "Fix: pass --tokenizer the TA-TiTok the generator was trained with (for our runs it is recorded in the "
+            f"generator's config; omit --tokenizer to use it). Official pairs: {OFFICIAL_PAIRS}")
 
 
 def check_text(gcfg, tcfg, gen_text, tok_text, gen_where, tok_where):
     """Both text encoders give the widths their models were built for."""
-    problems = []
+    problems, gen, tok = [], f"generator {gen_where!r} expects", f"tokenizer {tok_where!r} expects"
     if gen_text.width != gcfg.text_width:
-        problems.append(f"generator {gen_where!r} expects text states of width {gcfg.text_width}, its text encoder gives {gen_text.width}")
+        problems.append(f"{gen} text states of width {gcfg.text_width}, its text encoder gives {gen_text.width}")
     if gen_text.embed_dim != gcfg.pooled_dim:
-        problems.append(f"generator {gen_where!r} expects pooled text of size {gcfg.pooled_dim}, its text encoder gives {gen_text.embed_dim}")
+        problems.append(f"{gen} pooled text of size {gcfg.pooled_dim}, its text encoder gives {gen_text.embed_dim}")
     if (tok_text.context_length, tok_text.width) != (tcfg.text_context_length, tcfg.text_embed_dim):
-        problems.append(f"tokenizer {tok_where!r} expects text states ({tcfg.text_context_length}, {tcfg.text_embed_dim}), "
-                        f"its text encoder gives ({tok_text.context_length}, {tok_text.width})")  # fmt: skip
-    if problems:
-        raise ValueError("text encoder mismatch:\n  - " + "\n  - ".join(problems) + "\nFix: use the checkpoints as trained (same text encoder).")
+        problems.append(f"{tok} text states ({tcfg.text_context_length}, {tcfg.text_embed_dim}), "
+                        f"its text encoder gives ({tok_text.context_length}, {tok_text.width})")
+    _refuse("text encoder mismatch:", problems, "Fix: use the checkpoints as trained (same text encoder).")
 
 
 def _tokenizer_of(gen, tokenizer=None, revision=None):
-    """The tokenizer Source for generator Source `gen`, checked to fit it: `tokenizer` when
-    given, else the one the generator records (our runs, and releases written with theirs).
-    A path recorded in a run's config was relative to where training ran: it is tried as
-    given, then next to the run, then next to this file; a Hub id found nowhere is fetched."""
+    """The tokenizer Source for generator Source `gen`, checked to fit it: `tokenizer`, else the one the
+    generator records. A path recorded in a run's config is tried as given, then next to the run, then next
+    to this file; a Hub id found nowhere is fetched."""
     if tokenizer is not None:
         src = resolve(tokenizer, "tokenizer", revision)
     elif gen.tokenizer is None:
-        raise ValueError(f"the generator {gen.where!r} does not say which tokenizer it was trained with (official releases "
-                         f"never do); pass --tokenizer DIR. Official pairs: {OFFICIAL_PAIRS}")  # fmt: skip
+        raise ValueError(f"the generator {gen.where!r} does not say which tokenizer it was trained with (official "
+                         f"releases never do); pass --tokenizer DIR. Official pairs: {OFFICIAL_PAIRS}")
     else:
         ref, base = gen.tokenizer, os.path.dirname(os.path.abspath(gen.where))
-        tries = [ref] if os.path.isabs(ref) else [ref, *(os.path.join(b, ref) for b in (base, os.path.dirname(base), HERE))]
+        near = (base, os.path.dirname(base), HERE)  # the run folder, the folder holding it, this file's
+        tries = [ref] if os.path.isabs(ref) else [ref, *(os.path.join(b, ref) for b in near)]
         found = next((p for p in tries if os.path.exists(p)), ref if hub_id(ref) else None)
         recorded = f"the generator {gen.where!r} was trained with tokenizer {ref!r} (recorded in its config)"
         if found is None:
-            raise FileNotFoundError(f"{recorded}, which is not found from here; pass --tokenizer PATH to that tokenizer run or release")
+            raise FileNotFoundError(f"{recorded}, which is not found from here; pass --tokenizer PATH to that "
+                                    "tokenizer run or release")
         try:
             src = resolve(found, "tokenizer")
         except HubError as e:
@@ -970,39 +952,34 @@ def _tokenizer_of(gen, tokenizer=None, revision=None):
 
 
 def load_models(generator=None, tokenizer=None, device="cpu", revision=None):
-    """Load and cross-check the generator, its tokenizer and their text encoder(s) -> Models.
-    With neither, the shipped checkpoints/shapes/generator is used. The tokenizer may be
-    omitted when the generator records it (our runs, the shipped releases). revision: the
-    Hub revision for generator / tokenizer Hub ids that name none (owner/name@rev does)."""
+    """The generator, its tokenizer and their text encoder(s), cross-checked -> Models. The shipped
+    checkpoints/shapes/generator by default; the tokenizer may be omitted when the generator records it."""
     if generator is None:
         if tokenizer is not None:
-            raise ValueError("--tokenizer was given without --generator; pass the MaskGen checkpoint as --generator too")
+            raise ValueError("--tokenizer was given without --generator; pass the MaskGen checkpoint as --generator "
+                             "too")
         generator = default_release("generator", "no checkpoint given")
     gen = resolve(generator, "generator", revision)
     src = _tokenizer_of(gen, tokenizer, revision)  # both configs checked before anything big is built
-    gen_model, gen_source = _build(gen, device)
+    gen_model, gen_source = _build(gen, device)  # one model at a time
     tok, tok_source = _build(src, device)
     tok_text = build_text_encoder(*src.text, src.where).to(device)  # official releases: CLIP ViT-L-14-336
     # One text encoder serves both models unless the generator was trained with another.
     if _same_text(gen.text, src.text):
         gen_text = tok_text
     else:
-        print(f"note: the generator's text encoder {gen.text.name!r} differs from the tokenizer's {src.text.name!r}; using both")
+        print(f"note: the generator's text encoder {gen.text.name!r} differs from the tokenizer's "
+              f"{src.text.name!r}; using both")
         gen_text = build_text_encoder(*gen.text, gen.where).to(device)
     check_text(gen.config, src.config, gen_text, tok_text, gen.where, src.where)
     return Models(gen_model, tok.requires_grad_(False), gen_text, tok_text, gen_source, tok_source)
 
 
 def export_release(ref, out, which=None, tokenizer=None, overwrite=False, revision=None, half=False):
-    """Write the model(s) of `ref` (a run folder, checkpoint file, release or Hub id) as
-    release directories, which load_tokenizer / load_generator and the official code read:
-    EMA weights when present, as the samplers use; fp16 with half. which: "tokenizer" |
-    "generator" | "both" (default: both for a generator, the tokenizer for a tokenizer);
-    tokenizer: the generator's tokenizer when it records none. One model fills `out` itself;
-    both go to out/generator and out/tokenizer, the generator recording "../tokenizer" and
-    leaving a small text tower they share to the tokenizer's directory. A text encoder other
-    than the official CLIP is recorded in config.json ("text_encoder"), with a random
-    tower's weights in text_encoder.safetensors. Returns {role: directory}."""
+    """Write the model(s) of `ref` as release directories (EMA weights when present; fp16 with half) ->
+    {role: directory}. which: "tokenizer" | "generator" | "both" (default: both for a generator). One model
+    fills `out`; both go to out/generator and out/tokenizer, the generator recording "../tokenizer" and a small
+    text tower they share written once, with the tokenizer. tokenizer: the generator's when it records none."""
     if which not in (None, "tokenizer", "generator", "both"):
         raise ValueError(f"--which must be tokenizer, generator or both, got {which!r}")
     check_out_dir(out, overwrite)  # before any work
@@ -1013,25 +990,26 @@ def export_release(ref, out, which=None, tokenizer=None, overwrite=False, revisi
     gen, tok = (None, src) if src.role == "tokenizer" else (src, None)
     if gen is not None and (which != "generator" or tokenizer is not None or gen.tokenizer is not None):
         tok = _tokenizer_of(gen, tokenizer, revision)  # its text encoder too
-    parts = {"tokenizer": (tok, tok.text)} if tok is not None and which != "generator" else {}  # role -> (Source, TextSpec)
-    if gen is not None and which != "tokenizer":  # one that records no text encoder was trained with its tokenizer's
+    # role -> (Source, TextSpec); a generator that records no text encoder was trained with its tokenizer's
+    parts = {"tokenizer": (tok, tok.text)} if tok is not None and which != "generator" else {}
+    if gen is not None and which != "tokenizer":
         parts["generator"] = (gen, tok.text if tok is not None and _same_text(gen.text, tok.text) else gen.text)
     for role, (s, text) in parts.items():
         if text.name is None or (text.state is None and text.name in TEXT_PRESETS):  # it could not be rebuilt
             raise ValueError(f"the {role} {s.where!r} does not record the text encoder it was trained with (or a "
-                             f"random tower's weights); pass --tokenizer, the TA-TiTok run it was trained with")  # fmt: skip
+                             f"random tower's weights); pass --tokenizer, the TA-TiTok run it was trained with")
 
     def write(tmp):
         for role, (s, text) in parts.items():  # built one at a time: one model in memory
             d = os.path.join(tmp, role) if len(parts) > 1 else tmp
-            extra = {} if text == OFFICIAL_TEXT else {"text_encoder": {"name": text.name, "pretrained": text.pretrained}}
+            official = text == OFFICIAL_TEXT  # the official code assumes CLIP ViT-L-14-336; others are recorded
+            extra = {} if official else {"text_encoder": {"name": text.name, "pretrained": text.pretrained}}
             beside = role == "generator" and "tokenizer" in parts  # its tokenizer is written beside it
             save_release(_build(s, "cpu")[0], d, half, **extra, **({"tokenizer": "../tokenizer"} if beside else {}))
             if text.state is not None and not (beside and text is parts["tokenizer"][1]):  # one copy of a shared tower
-                save_file({k: (v.half() if half and v.is_floating_point() else v).contiguous().clone()
-                           for k, v in text.state.items()}, os.path.join(d, TEXT_FILE))  # fmt: skip
+                save_file({k: v.clone() for k, v in _half(text.state, half).items()}, os.path.join(d, TEXT_FILE))
 
-    write_dir(out, write, overwrite)
+    write_dir(out, write)
     dirs = {role: os.path.join(out, role) if len(parts) > 1 else out for role in parts}
     for role, d in dirs.items():
         print(f"wrote the {role} release {d}/ from {src.where}; load it with --{role} {d}")

@@ -1,51 +1,24 @@
 """
 MaskGen: text-to-image masked generative models on compact 1D tokens.
 
-Paper: "Democratizing Text-to-Image Masked Generative Models with Compact
-Text-Aware One-Dimensional Tokens" (Kim et al., arXiv 2501.07730), §3 (masked
-generation, diffusion loss), §4.2 and Fig. 3 (MaskGen), Tab. 1 (model sizes), Tab. 8
-(training hyper-parameters).
+Paper: "Democratizing Text-to-Image Masked Generative Models with Compact Text-Aware
+One-Dimensional Tokens" (Kim et al., arXiv 2501.07730): §3 (masked generation, diffusion
+loss), §4.2 and Fig. 3 (MaskGen), Tab. 1 (model sizes), Tab. 8 (training hyper-parameters).
 
-MaskGen generates the K tokens of a TA-TiTok image (tokenizer.py) from a caption,
-by iterative unmasking: start from K [MASK] tokens and, over a few steps, fill in the
-tokens the model is most sure of. Two variants share one transformer trunk:
+MaskGen generates the K tokens of a TA-TiTok image (tokenizer.py) from a caption by iterative
+unmasking: from K [MASK] tokens, each step fills in those the model is most sure of.
+    MaskGen-VQ  discrete ids (K = 128, codebook 8192), tied embedding / head, MaskGIT decoding.
+    MaskGen-KL  continuous tokens (K = 32, C = 16); each output position conditions a per-token
+                diffusion MLP (MAR's DiffLoss, diffloss.py); MAR's random-order decoding.
+Both share an MM-DiT trunk (SD3): image tokens and CLIP text states as two streams with their own adaLN,
+projections and MLP, and ONE joint attention, modulated by the pooled text embedding plus an aesthetic
+score. A block is diffusers' `JointTransformerBlock` without qk-norm, as the official's. Read bottom-up.
 
-    MaskGen-VQ  discrete ids (K = 128, codebook 8192). Tokens are embedded from a
-                table, the head is the same table (weight tying), training is
-                cross-entropy on masked ids (MaskGIT / Muse), and sampling is
-                MaskGIT's confidence-based parallel decoding.
-    MaskGen-KL  continuous tokens (K = 32, C = 16). Tokens are linearly projected
-                in; each output position becomes a condition z for a small
-                per-token diffusion MLP (DiffLoss, from MAR, in diffloss.py) that
-                models the token's distribution. Sampling is MAR's random-order
-                decoding.
-
-The trunk is a stack of MM-DiT blocks (Esser et al., "Scaling Rectified Flow Transformers
-for High-Resolution Image Synthesis", SD3, 2024): two streams, the image tokens and the
-caption's CLIP states, each with its own adaptive LayerNorms, projections and MLP, and ONE
-attention over both. The pooled text embedding plus an aesthetic score modulates both
-streams (adaLN, DiT). The blocks compute the same function as diffusers'
-`JointTransformerBlock(dim, heads, dim // heads, context_pre_only=last)` (no qk-norm),
-which the official MaskGen uses (tests/test_mmdit_parity.py compares them).
-
-In the order below (bottom-up, as data flows):
-    AdaLNZero, AdaLNContinuous   LayerNorms modulated by the pooled condition
-    JointAttention, FeedForward, JointBlock   one MM-DiT block
-    aesthetic_embedding_vq / _kl the aesthetic score's sinusoidal features (§4.2)
-    MMDiT                        the trunk: text + pooled + aesthetic in, (B, K, D) out
-    schedules                    masking rates, per-step counts, guidance ramps
-    check_generators, draw_rows  one torch.Generator per image
-    MaskGenConfig, MaskGenVQ, MaskGenKL, build   the models (each owns `self.trunk`)
-    PRESETS, preset_for
-
-Public API:
-    model = build(PRESETS["maskgen_vq_l"])            # a MaskGenVQ or MaskGenKL by config.mode
+    model = build(PRESETS["maskgen_vq_l"])            # MaskGenVQ or MaskGenKL by config.mode
     model = checkpoint.load_generator("turkeyju/generator_maskgen_kl_l")   # a release (dir or Hub id)
-    loss = model(tokens, text, pooled, aesthetic)     # training; VQ tokens (B,K) long,
-                                                      # KL tokens (B,K,2C) = cat(mean, logvar)
-    tokens = model.generate(text, pooled, null_text, null_pooled, aesthetic=6.5)
-        # -> VQ (B,K) ids | KL (B,K,C) unscaled, ready for TATiTok.decode
-    text/pooled are text.TextEncoder(...)(captions).penultimate / .pooled; null_* the "" caption's.
+    loss = model(tokens, text, pooled, aesthetic)     # VQ (B,K) long; KL (B,K,2C) = cat(mean, logvar)
+    tokens = model.generate(text, pooled, null_text, null_pooled)  # VQ (B,K) ids | KL (B,K,C), for TATiTok.decode
+    text/pooled: text.TextEncoder(...)(captions).penultimate / .pooled; null_*: the "" caption's.
 """
 
 import dataclasses
@@ -64,26 +37,24 @@ from diffloss import DiffLoss
 # Adaptive LayerNorms: the pooled condition sets the normalisation's shift and scale.
 
 
-class AdaLNZero(nn.Module):
-    """adaLN-Zero (DiT): LayerNorm without affine, modulated by the condition.
+class _AdaLN(nn.Module):
+    """LayerNorm without affine, and silu(cond) (B, D) -> (B, n*D), prompt-only: generate() passes it as `mod`."""
 
-    One linear map of silu(cond) gives six vectors, in diffusers' order: shift, scale
-    and gate for the attention branch, then shift, scale and gate for the MLP branch.
-    The attention input is modulated here; the other three are returned for the block.
-    ("Zero" is DiT's zero-init of this map, which makes each block start as the
-    identity; the official MaskGen-VQ init does not actually zero it, see
-    MaskGenVQ.initialize_weights.)
-    """
-
-    def __init__(self, dim):
+    def __init__(self, dim, n):
         super().__init__()
-        self.linear = nn.Linear(dim, 6 * dim)
+        self.linear = nn.Linear(dim, n * dim)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
     def modulation(self, cond):
-        """(B, D) condition -> (B, 6D). It depends only on the prompt, so generate()
-        computes it once (MMDiT.modulations) and passes it to every step as `mod`."""
         return self.linear(F.silu(cond))
+
+
+class AdaLNZero(_AdaLN):
+    """adaLN-Zero (DiT): shift, scale, gate for attention, then for the MLP (diffusers' order); the
+    attention input is modulated here, the rest goes back to the block."""
+
+    def __init__(self, dim):
+        super().__init__(dim, 6)
 
     def forward(self, x, cond, mod=None):
         mod = self.modulation(cond) if mod is None else mod  # (B, 6D)
@@ -92,20 +63,11 @@ class AdaLNZero(nn.Module):
         return x, gate_a, shift_m, scale_m, gate_m
 
 
-class AdaLNContinuous(nn.Module):
-    """LayerNorm without affine, then (1 + scale) * x + shift from the condition.
-
-    Used as the final norm of the image stream and as the text stream's norm in the
-    last ("pre-only") block. Note the chunk order: scale first, then shift (diffusers).
-    """
+class AdaLNContinuous(_AdaLN):
+    """(1 + scale) * LayerNorm(x) + shift (scale first, as diffusers): final and last text norm."""
 
     def __init__(self, dim):
-        super().__init__()
-        self.linear = nn.Linear(dim, 2 * dim)
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-
-    def modulation(self, cond):  # (B, D) -> (B, 2D), prompt-only like AdaLNZero's
-        return self.linear(F.silu(cond))
+        super().__init__(dim, 2)
 
     def forward(self, x, cond, mod=None):
         mod = self.modulation(cond) if mod is None else mod
@@ -115,38 +77,20 @@ class AdaLNContinuous(nn.Module):
 
 # -----------------------------------------------------------------------------
 # The MM-DiT joint block (SD3's MM-DiT, paper §4.2): two streams, one attention.
-
-
-# JointAttention's fused projections and the separate ones they stack, in row order.
-FUSED_QKV = {"img_qkv": ("img_q", "img_k", "img_v"), "txt_qkv": ("txt_q", "txt_k", "txt_v"), "txt_kv": ("txt_k", "txt_v")}
+# FUSED_QKV: JointAttention's fused projections and the separate ones they stack, in row order.
+FUSED_QKV = {"img_qkv": ("img_q", "img_k", "img_v"), "txt_qkv": ("txt_q", "txt_k", "txt_v"),
+             "txt_kv": ("txt_k", "txt_v")}
 
 
 class JointAttention(nn.Module):
-    """Attention over the concatenated [image, text] sequence, with separate q/k/v/out
-    projections per stream, so each modality keeps its own weights but every token
-    can attend to every other.
-
-    Each stream's q, k and v projections are one fused Linear (img_qkv: rows q | k | v),
-    so they run as one matrix multiply instead of three. The official checkpoints hold
-    them separately (to_q, to_k, to_v); checkpoint.py maps them onto the row blocks
-    (FUSED_QKV names them).
-
-    txt_queries=False is the last block's "pre-only" text stream: its outputs would be
-    thrown away, so we do not compute text queries or a text output at all (txt_kv: rows
-    k | v). Each query row of attention is independent, so the image outputs are
-    unchanged. (The released checkpoints carry an `add_q_proj` for that block;
-    checkpoint.py skips it.)
-    """
-
-    # Fused Linear -> how many (D, D) projections it stacks (the init treats each alone).
+    """Attention over [image, text] with each stream's own projections; q, k, v of a stream are one
+    fused Linear (one matmul). txt_queries=False: the last block's text outputs would be thrown
+    away, so only its keys and values are computed (image outputs are unchanged)."""
 
     def __init__(self, dim, heads, txt_queries=True):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"width {dim} is not divisible by {heads} heads; pick heads that divide it")
         self.heads = heads
-        self.img_qkv = nn.Linear(dim, 3 * dim)
-        self.img_out = nn.Linear(dim, dim)
+        self.img_qkv, self.img_out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         if txt_queries:
             self.txt_qkv, self.txt_out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         else:
@@ -154,8 +98,7 @@ class JointAttention(nn.Module):
         self.txt_queries = txt_queries
 
     def forward(self, img, txt):
-        B, N, D = img.shape
-        h = self.heads
+        (B, N, D), h = img.shape, self.heads
 
         def heads_first(t, n):  # (B, T, n*D) -> n tensors (B, h, T, D/h)
             return t.view(B, t.shape[1], n, h, D // h).permute(2, 0, 3, 1, 4).unbind(0)
@@ -176,25 +119,19 @@ class JointAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Linear -> GELU (tanh approximation, as diffusers' "gelu-approximate") -> Linear, ratio 4."""
+    """Linear -> GELU (tanh approximation, diffusers' "gelu-approximate") -> Linear, ratio 4."""
 
     def __init__(self, dim, ratio=4):
         super().__init__()
-        self.fc1 = nn.Linear(dim, ratio * dim)
-        self.fc2 = nn.Linear(ratio * dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, ratio * dim), nn.Linear(ratio * dim, dim)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class JointBlock(nn.Module):
-    """One MM-DiT block: diffusers' JointTransformerBlock without qk-norm.
-
-    Both streams are modulated by the same pooled condition but through their own
-    adaLN. forward(img (B,N,D), txt (B,L,D), cond (B,D)) -> (img, txt); in the last
-    block (txt_pre_only=True) the text stream only supplies keys/values, gets an
-    AdaLNContinuous instead of adaLN-Zero, has no MLP, and None is returned for it.
-    """
+    """One MM-DiT block: (img (B,N,D), txt (B,L,D), cond (B,D)) -> (img, txt). txt_pre_only (the
+    last block): text only gives keys/values, with AdaLNContinuous and no MLP; None is returned."""
 
     def __init__(self, dim, heads, txt_pre_only=False):
         super().__init__()
@@ -208,10 +145,6 @@ class JointBlock(nn.Module):
             self.txt_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
             self.txt_mlp = FeedForward(dim)
 
-    def modulations(self, cond):
-        """The adaLN maps of both streams for a (B, D) condition: (img_mod, txt_mod)."""
-        return self.img_adaln.modulation(cond), self.txt_adaln.modulation(cond)
-
     def forward(self, img, txt, cond, mods=None):
         img_mod, txt_mod = (None, None) if mods is None else mods  # precomputed by generate()
         img_in, gate_a, shift_m, scale_m, gate_m = self.img_adaln(img, cond, img_mod)  # img_in (B, N, D)
@@ -220,49 +153,32 @@ class JointBlock(nn.Module):
         else:
             txt_in, t_gate_a, t_shift_m, t_scale_m, t_gate_m = self.txt_adaln(txt, cond, txt_mod)
         img_att, txt_att = self.attn(img_in, txt_in)  # (B, N, D), (B, L, D) or None
-
-        # Image stream: gated attention residual, then a gated MLP residual whose input
-        # is a plain LayerNorm modulated by the MLP shift/scale.
+        # Gated attention residual, then a gated MLP residual on LayerNorm modulated by the MLP shift/scale.
         img = img + gate_a[:, None] * img_att
         h = self.img_norm2(img) * (1 + scale_m[:, None]) + shift_m[:, None]
         img = img + gate_m[:, None] * self.img_mlp(h)  # (B, N, D)
         if self.txt_pre_only:
             return img, None
-
-        # Text stream: the same, with its own gates and MLP.
-        txt = txt + t_gate_a[:, None] * txt_att
+        txt = txt + t_gate_a[:, None] * txt_att  # the text stream: the same, with its own gates and MLP
         h = self.txt_norm2(txt) * (1 + t_scale_m[:, None]) + t_shift_m[:, None]
         txt = txt + t_gate_m[:, None] * self.txt_mlp(h)  # (B, L, D)
         return img, txt
 
 
 # -----------------------------------------------------------------------------
-# Aesthetic-score embeddings (§4.2: the score is "projected into sinusoidal
-# embeddings and appended to the pooled text embedding").
-#
-# The two released variants embed the score differently, and each variant's weights
-# only make sense with its own features, so both are kept. Both are written with the
-# official operation order in float32 so the released weights see the same numbers.
+# Aesthetic-score embeddings (§4.2: "projected into sinusoidal embeddings and appended to the pooled
+# text embedding"): each variant's own, in the official operation order. score (B,) x100 -> (B, dim).
 
 
-def aesthetic_embedding_vq(score, dim):
-    """MaskGen-VQ: [sin | cos] halves, frequencies exp(-ln(1000) * i / half).
-
-    score: (B,) already x100. Returns (B, dim) float32.
-    """
+def aesthetic_embedding_vq(score, dim):  # [sin | cos] halves, frequencies exp(-ln(1000) * i / half)
     half = dim // 2
-    i = torch.arange(half, dtype=torch.float32, device=score.device)
-    freqs = torch.exp(-math.log(1000) * i / half)  # (half,) from 1 down to ~1/1000
+    freqs = torch.exp(-math.log(1000) * torch.arange(half, dtype=torch.float32, device=score.device) / half)
     angles = score.float()[:, None] * freqs[None, :]  # (B, half)
     emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)  # (B, 2 * half)
     return F.pad(emb, (0, 1)) if dim % 2 else emb  # (B, dim)
 
 
-def aesthetic_embedding_kl(score, dim):
-    """MaskGen-KL: sin and cos interleaved (sin0, cos0, sin1, ...), frequencies 10000^(-2i/dim).
-
-    score: (B,) already x100. Returns (B, dim) float32.
-    """
+def aesthetic_embedding_kl(score, dim):  # sin, cos interleaved (sin0, cos0, sin1, ...), freqs 10000^(-2i/dim)
     freqs = torch.pow(10000, -torch.arange(0, dim, 2, dtype=torch.float32, device=score.device) / dim)
     angles = score.float()[:, None] * freqs  # (B, dim/2)
     return torch.stack([torch.sin(angles), torch.cos(angles)], dim=-1).flatten(1)  # (B, dim)
@@ -273,16 +189,11 @@ def aesthetic_embedding_kl(score, dim):
 
 
 class MMDiT(nn.Module):
-    """MaskGen's MM-DiT trunk (paper Fig. 3), everything but the token layers:
+    """The MM-DiT trunk (Fig. 3; SD3's, the aesthetic score in the timestep's place):
 
         CLIP penultimate states (B, L, text_width)           -> text_proj   -> txt  (B, L, D)
         CLIP pooled (B, pooled_dim) ++ aesthetic embedding    -> pooled_proj -> cond (B, D)
         tokens (B, N, D), txt, cond -> depth x JointBlock -> AdaLNContinuous(cond) -> (B, N, D)
-
-    As in SD3's MM-DiT (context embedder; pooled text + timestep embedding; joint blocks;
-    final adaLN), with the aesthetic score in the timestep's place. The last block's text
-    stream is "pre-only" (keys and values only). config: a MaskGenConfig (width, depth,
-    heads, text_width, pooled_dim, aes_embed_dim, and mode / aesthetic for the score).
     """
 
     def __init__(self, config):
@@ -291,44 +202,33 @@ class MMDiT(nn.Module):
         D = config.width
         self.text_proj = nn.Linear(config.text_width, D)
         self.pooled_proj = nn.Linear(config.pooled_dim + config.aes_embed_dim, D)
-        self.blocks = nn.ModuleList(
-            [JointBlock(D, config.heads, txt_pre_only=(i == config.depth - 1)) for i in range(config.depth)]
-        )
+        self.blocks = nn.ModuleList([JointBlock(D, config.heads, txt_pre_only=(i == config.depth - 1))
+                                     for i in range(config.depth)])  # fmt: skip
         self.norm_out = AdaLNContinuous(D)
         self.grad_checkpointing = False  # set True to trade compute for memory in training
 
     def _aesthetic(self, aesthetic, batch, device):
-        """A scalar, a 0-d / (1,) / (B,) tensor, or None (config default) -> (B,) float32."""
+        """A number, a 0-d / (1,) / (B,) tensor, or None (config default) -> (B,) float32."""
         aesthetic = self.config.aesthetic if aesthetic is None else aesthetic
         score = torch.as_tensor(aesthetic, dtype=torch.float32, device=device)
         if score.dim() == 0 or tuple(score.shape) == (1,):
             return score.reshape(1).expand(batch)
         if tuple(score.shape) != (batch,):
-            raise ValueError(
-                f"aesthetic must be a number or a ({batch},) tensor, one score per sample; "
-                f"got shape {tuple(score.shape)}"
-            )
+            raise ValueError(f"aesthetic must be a number or a ({batch},) tensor, one score per sample; "
+                             f"got shape {tuple(score.shape)}")  # fmt: skip
         return score
 
     def encode_condition(self, text, pooled, aesthetic=None):
-        """Prompt-only conditions: txt (B, L, D) for the text stream, cond (B, D) for adaLN.
-
-        text: (B, L, text_width) CLIP penultimate states; pooled: (B, pooled_dim) or the
-        official (B, 1, pooled_dim); aesthetic: see _aesthetic.
-        """
+        """text (B, L, text_width), pooled (B, [1,] pooled_dim) -> txt (B, L, D), cond (B, D)."""
         c = self.config
         if text.dim() != 3 or text.shape[-1] != c.text_width:
-            raise ValueError(
-                f"text must be (B, L, {c.text_width}) CLIP penultimate states, got {tuple(text.shape)}; "
-                f"pass TextEncoder(...)(captions).penultimate (or set MaskGenConfig.text_width)"
-            )
+            raise ValueError(f"text must be (B, L, {c.text_width}) CLIP penultimate states, got {tuple(text.shape)}; "
+                             f"pass TextEncoder(...)(captions).penultimate (or set MaskGenConfig.text_width)")
         B = text.shape[0]
         if pooled.shape[0] != B or pooled.numel() != B * c.pooled_dim:
-            raise ValueError(
-                f"pooled must be ({B}, {c.pooled_dim}), one CLIP pooled embedding per caption, "
-                f"got {tuple(pooled.shape)}; "
-                f"pass TextEncoder(...)(captions).pooled (or set MaskGenConfig.pooled_dim)"
-            )
+            raise ValueError(f"pooled must be ({B}, {c.pooled_dim}), one CLIP pooled embedding per caption, "
+                             f"got {tuple(pooled.shape)}; "
+                             f"pass TextEncoder(...)(captions).pooled (or set MaskGenConfig.pooled_dim)")  # fmt: skip
         pooled = pooled.reshape(B, c.pooled_dim)
         if c.aes_embed_dim:
             embed = aesthetic_embedding_vq if c.mode == "vq" else aesthetic_embedding_kl
@@ -337,46 +237,33 @@ class MMDiT(nn.Module):
         return self.text_proj(text), self.pooled_proj(pooled)  # (B, L, D), (B, D)
 
     def prompt_conditions(self, text, pooled, null_text, null_pooled, aesthetic, guided):
-        """encode_condition for generate(): [cond; uncond] stacked (2B rows) when guided.
-
-        The unconditional rows use the "" caption's encoding and the same aesthetic score.
-        This runs once per generate() call: nothing here depends on the step.
-        """
+        """encode_condition; when guided [cond; uncond] (2B rows), uncond from the "" caption."""
         if not guided:
             return self.encode_condition(text, pooled, aesthetic)
         if null_text is None or null_pooled is None:
-            raise ValueError(
-                "guidance_scale != 1 needs the unconditional condition: pass null_text and null_pooled, "
-                "the empty caption's encoding (enc = TextEncoder()(['']); enc.penultimate, enc.pooled), "
-                "or use guidance_scale=1.0 for no guidance"
-            )
+            raise ValueError("guidance_scale != 1 needs the unconditional condition: pass null_text and null_pooled, "
+                             "the empty caption's encoding (enc = TextEncoder()(['']); enc.penultimate, enc.pooled), "
+                             "or use guidance_scale=1.0 for no guidance")  # fmt: skip
         B = text.shape[0]
         if null_text.shape[0] not in (1, B) or null_pooled.shape[0] not in (1, B):
-            raise ValueError(
-                f"null_text / null_pooled must have 1 or {B} rows (the '' caption's encoding), "
-                f"got {tuple(null_text.shape)} and {tuple(null_pooled.shape)}"
-            )
-        null_text = null_text.expand(B, -1, -1) if null_text.shape[0] == 1 else null_text
-        null_pooled = null_pooled.reshape(null_pooled.shape[0], -1)
-        null_pooled = null_pooled.expand(B, -1) if null_pooled.shape[0] == 1 else null_pooled
+            raise ValueError(f"null_text / null_pooled must have 1 or {B} rows (the '' caption's encoding), "
+                             f"got {tuple(null_text.shape)} and {tuple(null_pooled.shape)}")  # fmt: skip
+        null_text = null_text.expand(B, -1, -1)
+        null_pooled = null_pooled.reshape(null_pooled.shape[0], -1).expand(B, -1)
         score = self._aesthetic(aesthetic, B, text.device)
         # Project both halves in one batch, as the official does (same rounding).
-        return self.encode_condition(
-            torch.cat([text, null_text.to(text.dtype)]),
-            torch.cat([pooled.reshape(B, -1), null_pooled.to(pooled.dtype)]),
-            torch.cat([score, score]),
-        )
+        return self.encode_condition(torch.cat([text, null_text.to(text.dtype)]),
+                                     torch.cat([pooled.reshape(B, -1), null_pooled.to(pooled.dtype)]),
+                                     torch.cat([score, score]))  # fmt: skip
 
     def modulations(self, cond):
-        """Every adaLN modulation of the trunk for a (B, D) condition: one (img, txt) pair
-        per block, then the final norm's. They depend only on the prompt, so generate()
-        computes them once instead of at every step (for a small batch these weight
-        reads are ~1/5 of each step's memory traffic)."""
-        return [blk.modulations(cond) for blk in self.blocks] + [self.norm_out.modulation(cond)]
+        """Every adaLN modulation for cond (B, D), once per generate() (for a small batch these weight
+        reads are ~1/5 of a step's memory traffic): an (img, txt) pair per block, then the final norm's."""
+        mods = [(blk.img_adaln.modulation(cond), blk.txt_adaln.modulation(cond)) for blk in self.blocks]
+        return mods + [self.norm_out.modulation(cond)]
 
     def forward(self, img, txt, cond, mods=None):
-        """img (B, N, D) tokens, txt (B, L, D) projected text, cond (B, D) -> (B, N, D).
-        mods: self.modulations(cond), when precomputed."""
+        """img (B, N, D), txt (B, L, D), cond (B, D) -> (B, N, D); mods: self.modulations(cond)."""
         mods = [None] * (len(self.blocks) + 1) if mods is None else mods
         for blk, m in zip(self.blocks, mods):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -385,67 +272,33 @@ class MMDiT(nn.Module):
                 img, txt = blk(img, txt, cond, m)
         return self.norm_out(img, cond, mods[-1])
 
-    def flops(self, N, L):
-        """Forward FLOPs per sample of the trunk for N tokens and L text tokens, as
-        (condition: the text / pooled projections and every adaLN modulation, which depend
-        only on the prompt; one trunk pass over the N tokens). 2 FLOPs per multiply-add,
-        attention's QK^T and AV; norms, activations and softmax left out."""
-        c, D, T = self.config, self.config.width, N + L
-        condition = 2 * L * c.text_width * D + 2 * (c.pooled_dim + c.aes_embed_dim) * D
-        # adaLN maps: two adaLN-Zero per block (2 x 12 D^2), except the last block's text
-        # AdaLNContinuous (4 D^2), and the final norm (4 D^2).
-        condition += (c.depth - 1) * 24 * D * D + 16 * D * D + 4 * D * D
-        # Blocks before the last: q/k/v/out and the MLP on all T tokens (24 T D^2),
-        # joint attention (4 T^2 D).
-        step = (c.depth - 1) * (24 * T * D * D + 4 * T * T * D)
-        # The last block: image q/k/v/out + MLP (24 N D^2), text k/v only (4 L D^2), N
-        # queries over T keys.
-        step += 24 * N * D * D + 4 * L * D * D + 4 * N * T * D
-        return condition, step
-
 
 # -----------------------------------------------------------------------------
-# Schedules of masked generation (§3, §4.2, Tab. 8: "masked tokens are sampled by
-# randomly selecting the masking rate from [0, 1] on a cosine schedule, following
-# MaskGIT"). VQ decodes as MaskGIT (confidence-based, arccos schedule), KL as MAR
-# (random order, cosine schedule); the numbers follow the official inference code,
-# including its float32 rounding. Every per-step count is computed in Python before
-# the decoding loop, so the loop has static shapes and no host syncs (torch.compile).
-
-# The classifier-free guidance ramps each variant's sampler knows (official inference code).
+# Schedules (§3, §4.2, Tab. 8), with the official numbers and float32 rounding. Per-step counts are
+# Python ints, so the decoding loops have static shapes and no host syncs (torch.compile). Then the
+# sampling inputs: one torch.Generator per image (diffusers' convention), and numbers.
 GUIDANCE_SCHEDULES = {"vq": ("cosine", "linear", "none"), "kl": ("linear", "constant")}
 
 
 def check_guidance_schedule(mode, schedule, name="guidance_schedule"):
     if schedule not in GUIDANCE_SCHEDULES[mode]:
-        raise ValueError(
-            f"{name} {schedule!r} is not available for MaskGen-{mode.upper()}; choose one of {GUIDANCE_SCHEDULES[mode]}"
-        )
+        raise ValueError(f"{name} {schedule!r} is not available for MaskGen-{mode.upper()}; "
+                         f"choose one of {GUIDANCE_SCHEDULES[mode]}")  # fmt: skip
 
 
 def gumbel(shape, generator, device):
-    """Gumbel(0, 1) noise -log(-log(u)), with the official clamps (1e-20) so u = 0 cannot give inf."""
+    """Gumbel(0, 1) noise, with the official clamps (u = 0 cannot give inf)."""
     u = torch.rand(shape, generator=generator, device=device)
     return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
 
 
 def arccos_mask_rate(u):
-    """The "arccos" masking schedule: rate = acos(u) / (pi/2) for progress u in [0, 1].
-
-    With u ~ U(0, 1) its mean is 2/pi ~ 0.64, so training sees mostly heavy masking;
-    during sampling u = step / steps gives few tokens early and many late.
-    """
+    """Masking rate for progress u in [0, 1]; mean 2/pi for u ~ U(0, 1): mostly heavy masking."""
     return torch.acos(u) / (math.pi * 0.5)
 
 
 def vq_mask_schedule(num_tokens, num_steps):
-    """How many tokens stay masked after each VQ decoding step (a Python list).
-
-    The official computes floor(K * arccos_rate(ratio)) in float32 on the device and
-    clamps it to [1, (tokens masked now) - 1] using the first sample's count; every
-    sample has the same count, so doing it once here in Python (in float32, for the
-    same rounding) gives the same numbers without a host sync in the loop.
-    """
+    """Tokens left masked after each VQ step: floor(K * arccos_rate(ratio)) in [1, masked - 1]."""
     counts, masked = [], num_tokens
     for step in range(num_steps):
         rate = arccos_mask_rate(torch.tensor((step + 1) / num_steps))  # float32, as official
@@ -455,11 +308,8 @@ def vq_mask_schedule(num_tokens, num_steps):
 
 
 def kl_draw_schedule(num_tokens, num_steps):
-    """MaskGen-KL's (MAR's) cosine schedule, as Python ints: one (lo, hi, left) per step
-    that draws tokens. Positions order[:, :hi] are masked before the step, which draws
-    order[:, lo:hi]; `left` = floor(K cos(pi/2 (s+1)/N)), kept in [1, hi - 1], sets the
-    guidance ramp. The last step draws everything still masked (lo = 0); with N > K some
-    steps would draw nothing and are left out."""
+    """MAR's cosine schedule: (lo, hi, left) per step that draws order[:, lo:hi] of the masked
+    order[:, :hi]; left = floor(K cos(pi/2 (s+1)/N)) in [1, hi - 1] sets the guidance ramp."""
     K, N, masked, draws = num_tokens, num_steps, num_tokens, []
     for step in range(N):
         left = max(1, min(masked - 1, math.floor(K * math.cos(math.pi / 2 * (step + 1) / N))))
@@ -471,12 +321,7 @@ def kl_draw_schedule(num_tokens, num_steps):
 
 
 def vq_guidance_scale(scale, schedule, ratio, power=1.0):
-    """The VQ guidance weight s at step ratio (step + 1) / steps, official schedules.
-
-    "cosine" (MDT) ramps s from ~1 at the first step to `scale` at the last, in float32
-    as the official computes it (so guided logits match bit for bit); "linear" ramps
-    linearly; "none" keeps `scale`.
-    """
+    """VQ guidance weight at ratio (step + 1) / steps; "cosine" (MDT) in float32, as the official."""
     if schedule == "none":
         return scale
     if schedule == "linear":
@@ -486,27 +331,13 @@ def vq_guidance_scale(scale, schedule, ratio, power=1.0):
     return float(((scale - 1) * ramp + 1)[0])
 
 
-def kl_guidance_scale(scale, schedule, num_tokens, left):
-    """The KL guidance weight at a step that leaves `left` of K tokens masked (MAR):
-    "linear" ramps 1 + (scale - 1) (K - left) / K, "constant" keeps `scale`."""
-    return 1 + (scale - 1) * (num_tokens - left) / num_tokens if schedule == "linear" else scale
-
-
-# -----------------------------------------------------------------------------
-# Sampling inputs: one torch.Generator per image (diffusers' convention), and numbers.
-
-
-def check_generators(generator, device, count=None, where="generate"):
-    """A sampler's `generator`: None, one torch.Generator for the whole batch, or a list
-    (or tuple) of them, one per image (then `count` of them, when count is given). Each
-    must be on the inputs' device type. Returns it unchanged (a list as a list)."""
-    if generator is None:
-        return None
+def check_generators(generator, device, count, where="generate"):
+    """None, one torch.Generator, or a list of `count` (one per image) on the inputs' device type."""
     many = isinstance(generator, (list, tuple))
-    if many and count is not None and len(generator) != count:
+    if many and len(generator) != count:
         raise ValueError(f"{where}: got {len(generator)} generators for {count} images; pass one "
                          f"torch.Generator per image, or a single one for the whole batch")  # fmt: skip
-    for i, g in enumerate(generator if many else [generator]):
+    for i, g in enumerate(generator if many else [] if generator is None else [generator]):
         name = f"generator[{i}]" if many else "the generator"
         g_device = getattr(g, "device", None)
         if not isinstance(g_device, torch.device):
@@ -518,10 +349,8 @@ def check_generators(generator, device, count=None, where="generate"):
 
 
 def draw_rows(draw, shape, generator):
-    """draw(shape, generator) -> random numbers, drawn with one generator (or None) for all
-    of them, or with a list of G generators: then dim 0 (G equal blocks of rows, image j's
-    rows in block j) is drawn block by block, block j from generator j alone. So an image's
-    numbers are exactly those a batch of that image alone would draw from its generator."""
+    """draw(shape, generator); with a list of G, dim 0 is G equal blocks, block j drawn by generator j
+    alone, so an image's numbers equal those of a batch of that image alone."""
     if not isinstance(generator, (list, tuple)):
         return draw(shape, generator)
     G = len(generator)
@@ -531,45 +360,34 @@ def draw_rows(draw, shape, generator):
 
 
 def check_number(name, value, positive=False):
-    """A sampling number of generate(): finite, and >= 0 (> 0 where `positive`); NaN or a
-    wrong sign would not fail, only give garbage tokens."""
     if value is not None and not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
         raise ValueError(f"generate(): {name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
-
-
-# -----------------------------------------------------------------------------
-# Config and the models.
 
 
 @dataclass
 class MaskGenConfig:
     mode: str = "vq"  # "vq": discrete ids + cross-entropy; "kl": continuous tokens + DiffLoss
-    # Transformer (paper Tab. 1: L = 16 x 1024, XL = 20 x 1280, 16 heads; MLP ratio 4).
-    width: int = 1024
+    width: int = 1024  # transformer (Tab. 1: L = 16 x 1024, XL = 20 x 1280, 16 heads; MLP ratio 4)
     depth: int = 16
     heads: int = 16
-    # Tokens, as the TA-TiTok tokenizer produces them.
-    num_tokens: int = 128  # K
+    num_tokens: int = 128  # K, as the TA-TiTok tokenizer produces them
     codebook_size: int = 8192  # VQ: ids 0..V-1; id V is [MASK]
     num_class_rows: int = 1000  # VQ: unused embedding rows the released table carries
     token_size: int = 16  # KL: channels C per token (VQ: the tokenizer's, unused here)
     scale_factor: float = 0.7525  # KL: tokens are multiplied by this before the model
     pos_init_std: float = 0.02  # KL: init std of the position tables and the mask token (official 0.02)
     kl_tokens: str = "sample"  # KL: train on a fresh posterior "sample" each time (official) or its "mean"
-    # Conditioning: CLIP ViT-L/14 penultimate states (B, 77, text_width), pooled (B, pooled_dim).
-    text_width: int = 768
+    text_width: int = 768  # CLIP ViT-L/14 penultimate states (B, 77, text_width), pooled (B, pooled_dim)
     pooled_dim: int = 768
     aes_embed_dim: int = 256  # sinusoidal aesthetic-score features; 0 = no score condition
-    # Training (Tab. 8 and the official configs).
-    label_smoothing: float = 0.1  # VQ
+    label_smoothing: float = 0.1  # VQ; the training values follow Tab. 8 and the official configs
     unmasked_weight: float = 0.1  # VQ: loss weight of tokens that were not masked
     diffloss_depth: int = 8  # KL: DiffLoss MLP blocks x width (= transformer width)
     diffloss_width: int = 1024
     diffusion_batch_mul: int = 4  # KL: each token is seen with 4 noise levels per step
     num_sampling_steps: str = "100"  # KL: DiffLoss respacing at sampling time
     diffloss_clip_x0: float = 0.0  # KL: bound on the sampler's x0 estimates; 0 = none, as the reference (see DiffLoss)
-    # generate() defaults (the official inference configs).
-    num_steps: int = 16  # VQ 16, KL 32
+    num_steps: int = 16  # generate() defaults, the official inference configs: VQ 16, KL 32
     guidance_scale: float = 12.0  # VQ 12, KL 3
     guidance_schedule: str = "cosine"  # VQ: cosine | linear | none;  KL: linear | constant
     randomize_temperature: float = 2.0  # VQ: Gumbel temperature, annealed to 0
@@ -584,53 +402,62 @@ class MaskGenConfig:
         if self.kl_tokens not in ("sample", "mean"):
             raise ValueError(f"MaskGenConfig.kl_tokens must be 'sample' or 'mean', got {self.kl_tokens!r}")
         if self.mode == "kl" and self.aes_embed_dim % 2:
-            raise ValueError(
-                f"the KL aesthetic embedding interleaves sin/cos; aes_embed_dim must be even, got {self.aes_embed_dim}"
-            )
+            raise ValueError(f"the KL aesthetic embedding interleaves sin/cos; aes_embed_dim must be even, "
+                             f"got {self.aes_embed_dim}")  # fmt: skip
         check_guidance_schedule(self.mode, self.guidance_schedule)
 
 
 class MaskGenBase(nn.Module):
-    """What both variants share: the MM-DiT trunk (self.trunk), generate()'s argument
-    handling, compiled sampling steps, and the FLOPs of a training step. Each variant adds
-    its token layers, loss, `_decode` loop and FLOP count."""
+    """The shared trunk (state-dict keys "trunk.*"), generate(), compiled steps and FLOP counts."""
 
     mode = None  # "vq" | "kl", set by each variant
 
     def __init__(self, config):
         super().__init__()
         if config.mode != self.mode:
-            raise ValueError(
-                f"{type(self).__name__} needs a config with mode={self.mode!r}, got {config.mode!r}; use build(config)"
-            )
+            raise ValueError(f"{type(self).__name__} needs a config with mode={self.mode!r}, got {config.mode!r}; "
+                             f"use build(config)")  # fmt: skip
         self.config = config
-        self.trunk = MMDiT(config)  # state-dict keys "trunk.*"
-        # torch.compile'd per-step functions of generate(compile=...), made on first use.
-        # A plain dict, not a module: the weights and state_dict are untouched.
-        self.compiled_steps = {}
+        self.trunk = MMDiT(config)
+        self.compiled_steps = {}  # step_function's compiled functions; a plain dict keeps them out of state_dict
 
     def step_function(self, fn, compile, dynamic_rows=False):
-        """fn (a bound method) as generate() runs it: itself, or with compile (True or a dict
-        of torch.compile options) its compiled version, made once and kept. fullgraph: no
-        graph breaks. dynamic_rows: dim 0 of every input is marked dynamic, so one graph
-        serves every row count (DiffLoss draws a different number of tokens per step)."""
+        """fn, or with compile (True or torch.compile options) its fullgraph compiled version, made once.
+        dynamic_rows: one graph for every row count (DiffLoss draws a varying number of tokens)."""
         if not compile:
             return fn
         options = {} if compile is True else dict(compile)
         key = (fn.__name__, tuple(sorted(options.items())))
         if key not in self.compiled_steps:
             compiled = torch.compile(fn, fullgraph=True, **options)
-            if dynamic_rows:
 
-                def rows_dynamic(*args):
-                    for a in args:
-                        torch._dynamo.maybe_mark_dynamic(a, 0)
-                    return compiled(*args)
+            def rows_dynamic(*args):
+                for a in args:
+                    torch._dynamo.maybe_mark_dynamic(a, 0)
+                return compiled(*args)
 
-                self.compiled_steps[key] = rows_dynamic
-            else:
-                self.compiled_steps[key] = compiled
+            self.compiled_steps[key] = rows_dynamic if dynamic_rows else compiled
         return self.compiled_steps[key]
+
+    def flops(self, text_len):
+        """Forward FLOPs per sample (2 per multiply-add, as torch.utils.flop_counter): "condition" (prompt-only),
+        "step" (one trunk pass), KL's "diffloss_row" (one token) with its "diffloss_time" / "_cond" parts."""
+        c, D, N, L = self.config, self.config.width, self.config.num_tokens, text_len
+        T = N + L
+        condition = 2 * L * c.text_width * D + 2 * (c.pooled_dim + c.aes_embed_dim) * D
+        # adaLN maps: 2 x 12 D^2 per block, but 4 D^2 for the last block's text norm and the final norm
+        condition += (c.depth - 1) * 24 * D * D + 16 * D * D + 4 * D * D
+        # Blocks before the last on all T tokens; the last: text k/v only, N queries over T keys.
+        step = (c.depth - 1) * (24 * T * D * D + 4 * T * T * D) + 24 * N * D * D + 4 * L * D * D + 4 * N * T * D
+        if self.mode == "vq":
+            step += 2 * N * D * c.codebook_size  # the tied LM head
+            return {"condition": condition, "step": step, "diffloss_row": 0, "diffloss_time": 0, "diffloss_cond": 0}
+        W, C = c.diffloss_width, c.token_size
+        step += 2 * N * C * D  # z_proj
+        time, cond = 2 * 256 * W + 2 * W * W, 2 * D * W  # timestep MLP, condition embedding
+        # + input projection, residual blocks, final layer
+        row = 2 * C * W + time + cond + c.diffloss_depth * 10 * W * W + 4 * W * W + 2 * W * 2 * C
+        return {"condition": condition, "step": step, "diffloss_row": row, "diffloss_time": time, "diffloss_cond": cond}
 
     def train_flops(self, text_len):
         """FLOPs of one training step per sample: 3x the forward (the backward is ~2x)."""
@@ -638,46 +465,37 @@ class MaskGenBase(nn.Module):
         rows = self.config.diffusion_batch_mul * self.config.num_tokens  # KL: each token m times
         return 3 * (f["condition"] + f["step"] + rows * f["diffloss_row"])
 
-    @torch.no_grad()
-    def generate(
-        self, text, pooled, null_text=None, null_pooled=None, aesthetic=None, num_steps=None, guidance_scale=None,
-        guidance_schedule=None, randomize_temperature=None, temperature=None, generator=None, guidance_scale_pow=1.0,
-        compile=False,
-    ):  # fmt: skip
-        """Tokens for B captions, by iterative unmasking: VQ ids (B, K) in [0, V) (MaskGIT
-        decoding), or KL tokens (B, K, C) (MAR decoding). Either goes straight into
-        TATiTok.decode. Each variant's _decode describes its loop; None = the config's
-        value (the official inference configs).
+    def generate_flops(self, text_len, num_steps=None, guided=True, batch=1):
+        """FLOPs of generate() per image (x2 guided); DiffLoss embeds z once per token, t once per step and call."""
+        c, f, halves = self.config, self.flops(text_len), 2 if guided else 1
+        steps = c.num_steps if num_steps is None else num_steps
+        if self.mode == "vq":
+            return halves * (f["condition"] + steps * f["step"])
+        draws, T = len(kl_draw_schedule(c.num_tokens, steps)), self.diffloss.gen_diffusion.num_timesteps
+        total = halves * (f["condition"] + draws * f["step"])
+        per_step = f["diffloss_row"] - f["diffloss_time"] - f["diffloss_cond"]
+        total += halves * c.num_tokens * (T * per_step + f["diffloss_cond"])
+        return total + draws * T * f["diffloss_time"] / batch
 
-        text (B, L, Dt), pooled (B, Dp): the captions' CLIP features; null_text,
-            null_pooled: the "" caption's (one row or B rows), needed when guided.
-        aesthetic: a number or (B,) scores (None: config default 6.5). Unlike the
-            official generate(), which ignores the score it is given and always uses the
-            config's (a bug), the caller's score is used, guided or not.
-        guidance_scale: classifier-free guidance, ramped by guidance_schedule (VQ: cosine |
-            linear | none; KL: linear | constant). 1.0 means NO guidance: one conditional
-            pass per step, no unconditional batch.
-        randomize_temperature (VQ), temperature, guidance_scale_pow (VQ): see _decode.
-        generator: optional torch.Generator on the inputs' device, for reproducibility; or
-            a list of B of them, one per image (diffusers' convention): image b's random
-            draws then come from generator[b] alone, so it equals image 0 of a call for
-            caption b alone with an identically seeded generator (float rounding of the
-            batched matmuls aside), whatever else is in the batch.
-        compile: False, or True / a dict of torch.compile options: the per-step work (VQ:
-            trunk + LM head; KL: trunk and the DiffLoss MLP) runs compiled, each function
-            compiled once (step_function); the Python loop stays eager (index bookkeeping).
-        """
+    @torch.no_grad()
+    def generate(self, text, pooled, null_text=None, null_pooled=None, aesthetic=None, num_steps=None,
+                 guidance_scale=None, guidance_schedule=None, randomize_temperature=None, temperature=None,
+                 generator=None, guidance_scale_pow=1.0, compile=False):  # fmt: skip
+        """VQ ids (B, K) or KL tokens (B, K, C) for B captions, for TATiTok.decode; None = the config's value.
+        null_*: the "" caption's, needed when guided. aesthetic: a number or (B,) scores, used as given (the
+        official ignores it). guidance_scale 1.0 = no guidance. generator: a torch.Generator, or one per image
+        (image b then equals a call for caption b alone). compile: True or torch.compile options."""
         c = self.config
         g = float(c.guidance_scale if guidance_scale is None else guidance_scale)
         schedule = c.guidance_schedule if guidance_schedule is None else guidance_schedule
         check_guidance_schedule(c.mode, schedule)
         check_number("guidance_scale", g)
         generator = check_generators(generator, text.device, count=text.shape[0])
-        txt, cond = self.trunk.prompt_conditions(text, pooled, null_text, null_pooled, aesthetic, g != 1.0)  # once
+        txt, cond = self.trunk.prompt_conditions(text, pooled, null_text, null_pooled, aesthetic, g != 1.0)
         mods = self.trunk.modulations(cond)  # once: every step reuses them
         N = c.num_steps if num_steps is None else int(num_steps)
-        return self._decode(txt, cond, mods, text.shape[0], N, g, schedule, generator,
-                            randomize_temperature, temperature, guidance_scale_pow, compile)  # fmt: skip
+        return self._decode(txt, cond, mods, text.shape[0], N, g, schedule, generator, compile, temperature=temperature,
+                            randomize_temperature=randomize_temperature, power=guidance_scale_pow)  # fmt: skip
 
 
 class MaskGenVQ(MaskGenBase):
@@ -688,9 +506,7 @@ class MaskGenVQ(MaskGenBase):
     def __init__(self, config, init_weights=True):
         super().__init__(config)
         V, D = config.codebook_size, config.width
-        # Rows: V codes, then [MASK] (id V), then num_class_rows + 1 rows the released
-        # table carries from the class-conditional MaskGIT code (unused here, kept so
-        # the released weights load unchanged).
+        # V codes, [MASK] (id V), then num_class_rows + 1 unused rows the released table carries.
         self.mask_id = V
         self.tok_emb = nn.Embedding(V + 1 + config.num_class_rows + 1, D)
         self.pos_emb = nn.Parameter(torch.zeros(1, config.num_tokens, D))
@@ -698,9 +514,7 @@ class MaskGenVQ(MaskGenBase):
             self.initialize_weights()
 
     def initialize_weights(self):
-        # The official init: truncated normal(0.02) for linears, embeddings and the
-        # position table, zero biases; only the AdaLNContinuous maps (final norm, last
-        # block's text norm) start at zero. The adaLN-Zero maps are NOT zeroed.
+        # The official init: truncated normal(0.02), zero biases; only AdaLNContinuous maps start at zero.
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -713,19 +527,17 @@ class MaskGenVQ(MaskGenBase):
                 nn.init.zeros_(m.linear.bias)
 
     @property
-    def head_weight(self):
-        """The LM head: a view of the first V embedding rows (weight tying, shared storage)."""
+    def head_weight(self):  # the LM head: a view of the first V embedding rows (weight tying)
         return self.tok_emb.weight[: self.config.codebook_size]  # (V, D)
 
     def predict(self, ids, txt, cond, mods=None):
-        """ids (B, K) with [MASK] = V, txt (B, L, D), cond (B, D) -> logits (B, K, V).
-        mods: the precomputed self.trunk.modulations(cond), if any."""
+        """ids (B, K) with [MASK] = V, txt (B, L, D), cond (B, D) -> logits (B, K, V)."""
         x = self.tok_emb(ids) + self.pos_emb[:, : ids.shape[1]]  # (B, K, D)
         x = self.trunk(x, txt, cond, mods)  # (B, K, D)
         return torch.matmul(x, self.head_weight.t())  # (B, K, V)
 
     def logits(self, ids, text, pooled, aesthetic=None):
-        """Logits for given (possibly masked) ids, from raw CLIP features: (B, K, V)."""
+        """Logits (B, K, V) for (possibly masked) ids, from raw CLIP features."""
         self._check_ids(ids)
         txt, cond = self.trunk.encode_condition(text, pooled, aesthetic)
         return self.predict(ids, txt, cond)
@@ -733,72 +545,32 @@ class MaskGenVQ(MaskGenBase):
     def _check_ids(self, ids):
         K = self.config.num_tokens
         if ids.dim() != 2 or ids.shape[1] != K or ids.dtype != torch.long:
-            raise ValueError(
-                f"VQ tokens must be a (B, {K}) LongTensor of code ids, got {tuple(ids.shape)} {ids.dtype}; "
-                f"use TATiTok.encode(images)"
-            )
+            raise ValueError(f"VQ tokens must be a (B, {K}) LongTensor of code ids, got {tuple(ids.shape)} "
+                             f"{ids.dtype}; use TATiTok.encode(images)")  # fmt: skip
 
     def forward(self, tokens, text, pooled, aesthetic=None):
         """Training loss for clean ids (B, K): mask, predict, weighted cross-entropy."""
         self._check_ids(tokens)
         B, K = tokens.shape
-        # Masking rate per sample from the arccos schedule, at least one token masked.
+        # Masking rate per sample (arccos, at least one token); ranks below n_masked are masked.
         rate = arccos_mask_rate(torch.rand(B, device=tokens.device)).clamp(1e-6, 1.0)  # (B,)
         n_masked = (K * rate).round().clamp(min=1)  # (B,)
-        # A random permutation per sample; positions whose rank is < n_masked are masked.
         rank = torch.rand(B, K, device=tokens.device).argsort(dim=-1)  # (B, K)
         masked = rank < n_masked[:, None]  # (B, K) bool
         ids = torch.where(masked, self.mask_id, tokens)
-
         logits = self.logits(ids, text, pooled, aesthetic)  # (B, K, V)
-        ce = F.cross_entropy(
-            logits.float().flatten(0, 1), tokens.flatten(), label_smoothing=self.config.label_smoothing,
-            reduction="none",
-        ).view(B, K)  # fmt: skip
-        # Every token is a target: masked ones with weight 1, visible ones (copying the
-        # input) with weight 0.1; normalised by the total weight over the batch.
+        ce = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="none",
+                             label_smoothing=self.config.label_smoothing).view(B, K)  # fmt: skip
+        # Visible tokens (copying the input) count with unmasked_weight, normalised over the batch.
         w = torch.where(masked, 1.0, self.config.unmasked_weight)
         return (ce * w).sum() / w.sum()
 
-    def flops(self, text_len):
-        """Forward FLOPs per sample, counted from the config, for a text stream of
-        text_len tokens (77 for CLIP). 2 FLOPs per multiply-add of every matmul, plus
-        attention's QK^T and AV; norms, activations and softmax are left out (the usual
-        MFU convention, and torch.utils.flop_counter's, which the tests compare against).
-
-        Returns {"condition": text + pooled projections and every adaLN modulation
-                              (prompt-only: once per generate() call),
-                 "step": one trunk pass over the K tokens incl. the token in/out layers,
-                 "diffloss_row", "diffloss_time", "diffloss_cond": 0 (see MaskGenKL.flops)}."""
-        c = self.config
-        condition, step = self.trunk.flops(c.num_tokens, text_len)
-        step += 2 * c.num_tokens * c.width * c.codebook_size  # the tied LM head
-        return {"condition": condition, "step": step, "diffloss_row": 0, "diffloss_time": 0, "diffloss_cond": 0}
-
-    def generate_flops(self, text_len, num_steps=None, guided=True, batch=1):
-        """FLOPs of generate() per image: the conditions once, then one trunk pass per
-        step (both CFG halves when guided). `batch` does not change the VQ count."""
-        f, steps = self.flops(text_len), self.config.num_steps if num_steps is None else num_steps
-        return (2 if guided else 1) * (f["condition"] + steps * f["step"])
-
-    def _decode(self, txt, cond, mods, B, N, g, schedule, generator, randomize_temperature, temperature, power,
-                compile):  # fmt: skip
-        """MaskGIT-style decoding (official defaults: 16 steps, guidance 12 with cosine ramp,
-        randomize temperature 2). Returns ids (B, K) in [0, V).
-
-        Each step predicts all tokens, samples ids for the masked ones (Gumbel-max with a
-        temperature annealed to 0), and re-masks the least confident of them, fewer
-        each step (arccos schedule), until none is left.
-
-        guidance: logits = cond + (cond - uncond) * s, the official formula, with s ramped
-            from 1 to g by the schedule (vq_guidance_scale; power: the cosine ramp's
-            exponent). At g = 1 the official would still run both passes and use
-            2*cond - uncond; every other scale matches the official exactly.
-        randomize_temperature: Gumbel noise temperature, times (1 - step ratio); 0 gives
-            deterministic decoding (equal to the official's).
-        temperature: None = the official annealed softmax temperature 0.5 + 0.8 (1 - ratio);
-            a number = that constant softmax temperature.
-        """
+    def _decode(self, txt, cond, mods, B, N, g, schedule, generator, compile, temperature, randomize_temperature,
+                power):  # fmt: skip
+        """MaskGIT decoding -> ids (B, K): each step predicts all tokens, samples the masked ones by
+        Gumbel-max (randomize_temperature, annealed to 0) and re-masks the least confident.
+        guidance: cond + (cond - uncond) * s as the official, s ramped from 1 to g (cosine ramp's
+        exponent: power). temperature: None = the official 0.5 + 0.8 (1 - ratio), else constant."""
         c = self.config
         rand_t = float(c.randomize_temperature if randomize_temperature is None else randomize_temperature)
         temperature = c.temperature if temperature is None else temperature
@@ -807,7 +579,6 @@ class MaskGenVQ(MaskGenBase):
         device, K, guided = txt.device, c.num_tokens, g != 1.0
         predict = self.step_function(self.predict, compile)  # same shapes every step: one graph
         remasked = vq_mask_schedule(K, N)
-        # Gumbel noise; with one generator per image, image b's rows come from generator b.
         noise = lambda shape, gen: gumbel(shape, gen, device)  # noqa: E731
         ids = torch.full((B, K), self.mask_id, dtype=torch.long, device=device)
         for step in range(N):
@@ -820,25 +591,19 @@ class MaskGenVQ(MaskGenBase):
             else:
                 logits = predict(ids, txt, cond, mods)  # (B, K, V)
             logits = logits / (0.5 + 0.8 * (1 - ratio) if temperature is None else temperature)
-
-            # Sample ids by Gumbel-max; the noise temperature anneals to 0 at the last step.
-            noise_t = rand_t * (1 - ratio)
+            noise_t = rand_t * (1 - ratio)  # Gumbel-max sampling, annealed to argmax at the last step
             noisy = logits + noise_t * draw_rows(noise, logits.shape, generator) if noise_t > 0 else logits
             sampled = noisy.argmax(dim=-1)  # (B, K)
             is_mask = ids == self.mask_id
-            sampled = torch.where(is_mask, sampled, ids)  # already decoded tokens stay
+            sampled = torch.where(is_mask, sampled, ids)  # decoded tokens stay
             if step == N - 1:
                 return sampled
-
-            # Confidence = the chosen id's logit, plus fresh Gumbel noise (sampling which
-            # tokens to keep, without replacement); decoded tokens are never re-masked.
+            # Confidence: the chosen id's logit plus fresh Gumbel noise. Exactly remasked[step] go back (static
+            # shapes; the official's `<= cut-off` picks the same set unless two confidences tie).
             confidence = logits.gather(-1, sampled[..., None]).squeeze(-1)  # (B, K)
             confidence = torch.where(is_mask, confidence, torch.inf)
             if noise_t > 0:
                 confidence = confidence + noise_t * draw_rows(noise, confidence.shape, generator)
-            # Re-mask exactly the `remasked[step]` least confident tokens (a fixed count,
-            # so the shapes are static; the official's `<= cut-off` picks the same set
-            # unless two confidences tie exactly).
             low = confidence.topk(remasked[step], dim=-1, largest=False).indices  # (B, n)
             ids = sampled.scatter(1, low, self.mask_id)
         return ids  # only reached with num_steps == 0
@@ -863,16 +628,12 @@ class MaskGenKL(MaskGenBase):
             self.initialize_weights()
 
     def initialize_weights(self):
-        # The official (and MAR's) init: normal(0.02) for the mask token and position
-        # tables, then Xavier-uniform for EVERY linear with zero biases, and unit
-        # LayerNorms. That pass also covers the DiffLoss MLP and so replaces its own
-        # zero-init of the adaLN and output layers, exactly as in the official model.
+        # The official (MAR's): normal(pos_init_std) tables; Xavier-uniform for EVERY linear (replacing DiffLoss's
+        # zero-init), per block of a fused q|k|v as the official separate projections; unit LayerNorms.
         for p in (self.mask_token, self.pos_emb, self.diff_pos_emb):
             nn.init.normal_(p, std=self.config.pos_init_std)
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
-                # A fused q|k|v Linear gets Xavier block by block: the same distribution as
-                # the official separate (D, D) projections (fan-out D, not 3D).
                 parts = len(FUSED_QKV.get(name.rpartition(".")[2], ("",)))
                 with torch.no_grad():
                     for w in m.weight.chunk(parts):
@@ -884,113 +645,49 @@ class MaskGenKL(MaskGenBase):
                 nn.init.zeros_(m.bias)
 
     def token_conditions(self, x, mask, txt, cond, mods=None):
-        """The per-token conditions z that DiffLoss is conditioned on.
-
-        x (B, K, C) scaled tokens (values at masked positions are ignored), mask (B, K)
-        with 1 = masked, txt (B, L, D), cond (B, D) -> z (B, K, D). mods: the
-        precomputed self.trunk.modulations(cond), if any.
-        """
+        """DiffLoss's conditions z (B, K, D) for scaled tokens x (B, K, C), mask (B, K) (1 = masked)."""
         x = self.z_norm(self.z_proj(x))  # (B, K, D)
-        # The official drops the visible tokens and pads them back MAE-style; with no
-        # separate encoder that is exactly "replace masked positions by the mask token".
+        # The official's MAE-style drop and pad-back, with no separate encoder, is exactly this.
         x = torch.where(mask[..., None].bool(), self.mask_token.to(x.dtype), x)
         x = self.trunk(x + self.pos_emb, txt, cond, mods)  # (B, K, D)
         return x + self.diff_pos_emb  # (B, K, D)
 
     def forward(self, tokens, text, pooled, aesthetic=None):
-        """Training loss. tokens: (B, K, 2C) posterior parameters cat(mean, logvar), as
-        TATiTok.encode(..., return_posterior=True) gives them; a sample is drawn here (or
-        the mean is taken, kl_tokens="mean"). (B, K, C) is taken as the tokens themselves."""
+        """Training loss. tokens: (B, K, 2C) = cat(mean, logvar) from TATiTok.encode(...,
+        return_posterior=True), sampled here (kl_tokens="mean": its mean); or (B, K, C) tokens."""
         c = self.config
         B, K, C = tokens.shape[0], c.num_tokens, c.token_size
         if tokens.dim() != 3 or tokens.shape[1] != K or tokens.shape[2] not in (C, 2 * C):
-            raise ValueError(
-                f"KL tokens must be (B, {K}, {2 * C}) = cat(mean, logvar) or (B, {K}, {C}), "
-                f"got {tuple(tokens.shape)}"
-            )
+            raise ValueError(f"KL tokens must be (B, {K}, {2 * C}) = cat(mean, logvar) or (B, {K}, {C}), "
+                             f"got {tuple(tokens.shape)}")  # fmt: skip
+        x = tokens.float()
         if tokens.shape[2] == 2 * C:
-            mean, logvar = tokens.float().chunk(2, dim=-1)  # (B, K, C) each
+            mean, logvar = x.chunk(2, dim=-1)  # (B, K, C) each
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # the LDM Gaussian's clamp
-            # kl_tokens="mean" drops the posterior noise: the target is the tokenizer's mean.
             x = mean + std * torch.randn_like(mean) if c.kl_tokens == "sample" else mean
-        else:
-            x = tokens.float()
         x = x * c.scale_factor  # (B, K, C), the diffusion target
-
         txt, cond = self.trunk.encode_condition(text, pooled, aesthetic)
-        # One masking rate for the whole batch (arccos schedule, at least one token), as
-        # the official and MAR; the order in which tokens get masked is per sample. The
-        # count stays a 0-d tensor: no host sync, and one compiled graph serves every count.
+        # One masking rate for the batch (arccos, >= 1 token), as the official and MAR; the order is
+        # per sample. The count stays a 0-d tensor: no host sync, one compiled graph for every count.
         rate = arccos_mask_rate(torch.rand((), device=x.device)).clamp(1e-6, 1.0)
         n_masked = torch.ceil(K * rate)  # () float, in [1, K]
         order = torch.rand(B, K, device=x.device).argsort(dim=-1)  # (B, K)
         mask = (order.argsort(dim=-1) < n_masked).float()  # (B, K), 1 = masked: the first n_masked in the order
-
         z = self.token_conditions(x, mask, txt, cond)  # (B, K, D)
-        # DiffLoss on every token, weighted by the mask, with each token's row repeated
-        # diffusion_batch_mul times (more noise levels per forward pass). Row b*K + k of
-        # target, z and mask all belong to token k of sample b. The official also passes
-        # the pooled condition tiled with .repeat(K, 1), which lists samples in the
-        # order 0..B-1, 0..B-1 (not each sample K times, as the token rows are) and,
-        # as a `text_condition=` argument DiffLoss does not take, crashes (upstream
-        # issue #117). z already carries the text condition, so nothing else is passed.
+        # DiffLoss on every token weighted by the mask, at diffusion_batch_mul noise levels; z carries the text.
         m = c.diffusion_batch_mul
-        target = x.reshape(B * K, C).repeat(m, 1)  # (m*B*K, C)
+        target = x.reshape(B * K, C).repeat(m, 1)  # (m*B*K, C), row b*K + k: token k of sample b
         z = z.reshape(B * K, -1).repeat(m, 1)  # (m*B*K, D)
         return self.diffloss(target, z, mask.reshape(B * K).repeat(m))
 
-    def flops(self, text_len):
-        """Forward FLOPs per sample, as MaskGenVQ.flops, and for DiffLoss:
-        "diffloss_row": one DiffLoss MLP pass for one token row; "diffloss_time",
-        "diffloss_cond": the part of a row that is the timestep MLP, and the condition
-        embedding (sampling computes them once per step and once per chain, see
-        DiffLoss.sample)."""
-        c, D = self.config, self.config.width
-        condition, step = self.trunk.flops(c.num_tokens, text_len)
-        step += 2 * c.num_tokens * c.token_size * D  # z_proj
-        W, C = c.diffloss_width, c.token_size
-        time, cond = 2 * 256 * W + 2 * W * W, 2 * D * W  # timestep MLP, condition embedding
-        row = 2 * C * W + time + cond  # + the input projection
-        row += c.diffloss_depth * 10 * W * W + 4 * W * W + 2 * W * 2 * C  # res blocks, final layer
-        return {"condition": condition, "step": step, "diffloss_row": row, "diffloss_time": time, "diffloss_cond": cond}
-
-    def generate_flops(self, text_len, num_steps=None, guided=True, batch=1):
-        """FLOPs of generate() per image: the conditions once, then one trunk pass per
-        step that draws tokens (both CFG halves when guided); for each of the K tokens,
-        one DiffLoss MLP pass per respaced diffusion step, less the condition embedding
-        (once per token) and the timestep MLP (one row per step, shared by the `batch`
-        images of one generate() call)."""
-        c, f, halves = self.config, self.flops(text_len), 2 if guided else 1
-        steps = c.num_steps if num_steps is None else num_steps
-        draws, T = len(kl_draw_schedule(c.num_tokens, steps)), self.diffloss.gen_diffusion.num_timesteps
-        total = halves * (f["condition"] + draws * f["step"])  # steps that draw nothing are skipped
-        per_step = f["diffloss_row"] - f["diffloss_time"] - f["diffloss_cond"]
-        total += halves * c.num_tokens * (T * per_step + f["diffloss_cond"])
-        return total + draws * T * f["diffloss_time"] / batch
-
-    def _decode(self, txt, cond, mods, B, N, g, schedule, generator, randomize_temperature, temperature, power,
-                compile):  # fmt: skip
-        """MAR-style decoding (official defaults: 32 steps, cfg 3 with a linear ramp,
-        temperature 1). Returns tokens (B, K, C), divided by scale_factor again, so
-        they go straight into TATiTok.decode.
-
-        Each sample gets a random order; at each step the next tokens in that order
-        are drawn by DiffLoss, conditioned on the transformer's output at their
-        positions. The number left masked after step s is floor(K cos(pi/2 (s+1)/N))
-        (at least 1 until the last step). The counts are computed in Python beforehand
-        (kl_draw_schedule), so the loop only gathers/scatters fixed-size index blocks:
-        static shapes, no boolean indexing and no host syncs, and it runs under
-        torch.compile.
-
-        guidance: DiffLoss's eps-guidance uncond + s (cond - uncond); "linear" ramps
-            s = 1 + (g - 1) (K - masked next) / K, "constant" keeps s = g (as the official,
-            also at g = 1). randomize_temperature and power are VQ-only, not used here.
-        temperature: DiffLoss noise temperature (None: config, 1.0).
-        """
+    def _decode(self, txt, cond, mods, B, N, g, schedule, generator, compile, temperature, **_):
+        """MAR decoding -> tokens (B, K, C) / scale_factor: each step draws the next tokens of a random
+        order per sample with DiffLoss (noise temperature, None: 1.0), conditioned on the trunk's
+        output there, guided uncond + s (cond - uncond) with s ramped linearly (MAR) or constant."""
         c = self.config
         temperature = (1.0 if c.temperature is None else c.temperature) if temperature is None else temperature
         check_number("temperature", temperature)  # scales DiffLoss's noise: 0 = no noise
-        device, K, C, D, guided = txt.device, c.num_tokens, c.token_size, c.width, g != 1.0
+        device, K, C, D, halves = txt.device, c.num_tokens, c.token_size, c.width, 2 if g != 1.0 else 1
         conditions = self.step_function(self.token_conditions, compile)  # static shapes: one graph
         denoise = self.step_function(self.diffloss.net.denoise, compile, dynamic_rows=True)
         # (B, K) generation order; with one generator per image, row b comes from generator b
@@ -999,29 +696,20 @@ class MaskGenKL(MaskGenBase):
         tokens = torch.zeros(B, K, C, device=device)
         mask = torch.ones(B, K, device=device)  # 1 = still masked
         for lo, hi, left in kl_draw_schedule(K, N):
-            s = kl_guidance_scale(g, schedule, K, left)
-            # Masked positions are order[:, :hi]; this step draws order[:, lo:hi].
-            idx = order[:, lo:hi]  # (B, n)
-            n = hi - lo
-            if guided:
-                z = conditions(torch.cat([tokens, tokens]), torch.cat([mask, mask]), txt, cond, mods)
-                z_idx = torch.cat([idx, idx])  # (2B, n)
-            else:
-                z = conditions(tokens, mask, txt, cond, mods)  # (B, K, D)
-                z_idx = idx
-            z = z.gather(1, z_idx[..., None].expand(-1, -1, D)).reshape(-1, D)  # ([2]B*n, D): [cond; uncond]
-            new = self.diffloss.sample(z, temperature=temperature, cfg=s if guided else 1.0, generator=generator,
+            s = 1 + (g - 1) * (K - left) / K if schedule == "linear" else g  # MAR's ramp, or constant
+            idx = order[:, lo:hi]  # (B, n): this step's draws; order[:, :hi] is masked
+            z = conditions(tokens.repeat(halves, 1, 1), mask.repeat(halves, 1), txt, cond, mods)  # ([2]B, K, D)
+            z = z.gather(1, idx.repeat(halves, 1)[..., None].expand(-1, -1, D)).reshape(-1, D)  # [cond; uncond]
+            new = self.diffloss.sample(z, temperature=temperature, cfg=s if halves == 2 else 1.0, generator=generator,
                                        denoise=denoise)  # fmt: skip
-            new = new[: B * n].reshape(B, n, C)  # the guided (cond-half) samples
+            new = new[: B * (hi - lo)].reshape(B, hi - lo, C)  # the guided (cond-half) samples
             tokens = tokens.scatter(1, idx[..., None].expand(-1, -1, C), new.to(tokens.dtype))
             mask = mask.scatter(1, idx, 0.0)
         return tokens / c.scale_factor  # (B, K, C)
 
 
 def build(config, init_weights=True):
-    """The MaskGen variant config.mode names: MaskGenVQ or MaskGenKL, so a preset or a loaded
-    config builds the right one without the caller choosing. init_weights=False skips the
-    initialisation when a checkpoint overwrites every weight anyway."""
+    """MaskGenVQ or MaskGenKL, as config.mode says; init_weights=False when a checkpoint follows."""
     if not isinstance(config, MaskGenConfig):
         raise TypeError(f"build(config) needs a MaskGenConfig, got {type(config).__name__}; use PRESETS[name]")
     return (MaskGenVQ if config.mode == "vq" else MaskGenKL)(config, init_weights)
@@ -1034,58 +722,39 @@ _VQ = dict(mode="vq", num_tokens=128, codebook_size=8192, token_size=64, num_ste
            guidance_schedule="cosine", randomize_temperature=2.0)  # fmt: skip
 _KL = dict(mode="kl", num_tokens=32, token_size=16, scale_factor=0.7525, num_steps=32, guidance_scale=3.0,
            guidance_schedule="linear", temperature=1.0, diffloss_depth=8)  # fmt: skip
+_L, _XL = dict(width=1024, depth=16, heads=16), dict(width=1280, depth=20, heads=16)
+# For tests: two 64-wide blocks, a 32-wide text stream, short sampling loops.
+_TINY = dict(width=64, depth=2, heads=4, text_width=32, pooled_dim=32, aes_embed_dim=16, guidance_scale=3.0)
+# The shapes world (tokenizer.PRESETS["shapes"/"shapes_kl"]): four 128-wide blocks, as in a fixed budget the samples
+# seen count for more than width. Sampling chosen with `evaluate.py shapes` on a seed not used for scoring.
+_SHAPES = dict(width=128, depth=4, heads=4, num_tokens=32, text_width=64, pooled_dim=64, aes_embed_dim=32, num_steps=32)
 
 PRESETS = {
-    "maskgen_vq_l": MaskGenConfig(width=1024, depth=16, heads=16, **_VQ),
-    "maskgen_vq_xl": MaskGenConfig(width=1280, depth=20, heads=16, **_VQ),
-    "maskgen_kl_l": MaskGenConfig(width=1024, depth=16, heads=16, diffloss_width=1024, **_KL),
-    "maskgen_kl_xl": MaskGenConfig(width=1280, depth=20, heads=16, diffloss_width=1280, **_KL),
-    # For tests: two blocks of width 64, a 64-entry codebook / 4-channel tokens, a
-    # 32-wide text stream, and short sampling loops.
-    "tiny_vq": MaskGenConfig(
-        mode="vq", width=64, depth=2, heads=4, num_tokens=16, codebook_size=64, num_class_rows=10, token_size=8,
-        text_width=32, pooled_dim=32, aes_embed_dim=16, num_steps=8, guidance_scale=3.0, randomize_temperature=1.0,
-    ),
-    "tiny_kl": MaskGenConfig(
-        mode="kl", width=64, depth=2, heads=4, num_tokens=8, token_size=4, scale_factor=0.75, text_width=32,
-        pooled_dim=32, aes_embed_dim=16, diffloss_depth=2, diffloss_width=64, num_sampling_steps="10", num_steps=4,
-        guidance_scale=3.0, guidance_schedule="linear", temperature=1.0,
-    ),
-    # The shapes world: 32 tokens from tokenizer.PRESETS["shapes"/"shapes_kl"] and the
-    # 64-wide "shapes" text tower (train_maskgen's presets set the run lengths). VQ: four
-    # 128-wide blocks (2.5M parameters with the 2,048-way head). In a fixed compute budget
-    # the number of samples seen counts for more than width, so the trunk stays narrow and
-    # shallow. Sampling: 32 steps (one token per step) at guidance 1.5, chosen with
-    # `evaluate.py shapes` on prompts of a seed that is not used for scoring.
-    "shapes_vq": MaskGenConfig(
-        mode="vq", width=128, depth=4, heads=4, num_tokens=32, codebook_size=2048, num_class_rows=0, token_size=16,
-        text_width=64, pooled_dim=64, aes_embed_dim=32, num_steps=32, guidance_scale=1.5, randomize_temperature=1.0,
-    ),
-    # KL: four 128-wide blocks (3.0M parameters with DiffLoss, 0.51 GFLOP per training
-    # sample), narrow for the same reason as VQ. DiffLoss sees 2 noise levels per token
-    # (not 4), which cuts the step cost, and the sampler clips x0 (diffloss_clip_x0):
-    # unclipped, a briefly trained DiffLoss drifts out of range and draws blank canvases.
-    # pos_init_std 1.0, not 0.02: a visible token enters as LayerNorm(z_proj(token)), ~1 per
-    # element, so a 0.02 position table hides which of the 32 positions it came from, and a
-    # 1D token means nothing without its index (`python evaluate.py context` measures how
-    # much of a masked token the conditions z recover from the visible ones).
-    # Sampling: 32 steps (the paper's KL count; one token per step here), a constant
-    # guidance of 3 and temperature 0.5 (sharper tokens), chosen with `evaluate.py shapes`
-    # on prompts of a seed that is not used for scoring.
-    "shapes_kl": MaskGenConfig(
-        mode="kl", width=128, depth=4, heads=4, num_tokens=32, token_size=8, text_width=64, pooled_dim=64,
-        aes_embed_dim=32, pos_init_std=1.0, diffloss_depth=3, diffloss_width=192, diffusion_batch_mul=2,
-        num_sampling_steps="50", diffloss_clip_x0=3.0, num_steps=32, guidance_scale=3.0, guidance_schedule="constant",
-        temperature=0.5,
-    ),
+    "maskgen_vq_l": MaskGenConfig(**_L, **_VQ),
+    "maskgen_vq_xl": MaskGenConfig(**_XL, **_VQ),
+    "maskgen_kl_l": MaskGenConfig(**_L, diffloss_width=1024, **_KL),
+    "maskgen_kl_xl": MaskGenConfig(**_XL, diffloss_width=1280, **_KL),
+    "tiny_vq": MaskGenConfig(mode="vq", num_tokens=16, codebook_size=64, num_class_rows=10, token_size=8, num_steps=8,
+                             randomize_temperature=1.0, **_TINY),  # fmt: skip
+    "tiny_kl": MaskGenConfig(mode="kl", num_tokens=8, token_size=4, scale_factor=0.75, diffloss_depth=2,
+                             diffloss_width=64, num_sampling_steps="10", num_steps=4, guidance_schedule="linear",
+                             temperature=1.0, **_TINY),  # fmt: skip
+    # 2.5M parameters with the 2,048-way head; one token per step at guidance 1.5.
+    "shapes_vq": MaskGenConfig(mode="vq", codebook_size=2048, num_class_rows=0, token_size=16, guidance_scale=1.5,
+                               randomize_temperature=1.0, **_SHAPES),  # fmt: skip
+    # 3.0M parameters with DiffLoss; 2 noise levels per token (not 4) cut the step cost. Unclipped x0, a briefly
+    # trained DiffLoss drifts out of range and draws blank canvases. pos_init_std 1.0: a visible token enters as
+    # LayerNorm(z_proj(token)), ~1 per element, which a 0.02 table would drown, and a 1D token means nothing
+    # without its index (`evaluate.py context`). Constant guidance 3, temperature 0.5 (sharper tokens).
+    "shapes_kl": MaskGenConfig(mode="kl", token_size=8, pos_init_std=1.0, diffloss_depth=3, diffloss_width=192,
+                               diffusion_batch_mul=2, num_sampling_steps="50", diffloss_clip_x0=3.0,
+                               guidance_scale=3.0, guidance_schedule="constant", temperature=0.5,
+                               **_SHAPES),  # fmt: skip
 }
 
 
 def preset_for(name, tokenizer_config, text_width, pooled_dim):
-    """PRESETS[name] fitted to its inputs: the preset gives the transformer sizes, the
-    TA-TiTok config the token count, codebook and channels, the text encoder the widths."""
+    """PRESETS[name] with the TA-TiTok config's token count, codebook and channels and the text widths."""
     t = tokenizer_config
-    return dataclasses.replace(
-        PRESETS[name], num_tokens=t.num_latent_tokens, codebook_size=t.codebook_size, token_size=t.token_size,
-        text_width=text_width, pooled_dim=pooled_dim,
-    )  # fmt: skip
+    return dataclasses.replace(PRESETS[name], num_tokens=t.num_latent_tokens, codebook_size=t.codebook_size,
+                               token_size=t.token_size, text_width=text_width, pooled_dim=pooled_dim)  # fmt: skip

@@ -42,31 +42,18 @@ from train_common import (
 
 
 @dataclass
-class TrainConfig(RunConfig):  # RunConfig: dtype, compile, device, seed, log/sample/checkpoint intervals
+class TrainConfig(RunConfig):  # RunConfig: optimisation, numerics, device, seed, intervals, trackers
     # Each field's second argument is its --help line.
     maskgen: str = option("maskgen_vq_l", "a maskgen.PRESETS name (sizes; tokens follow the tokenizer)")
     tokenizer: str = option("", "official release dir, or a train_tokenizer.py run dir / checkpoint (required)")
     # data: "shapes", a tar-shard pattern or image folder (encoded on the fly),
     # or "pretokenized:PATTERN" (shards written by `python data.py pretokenize`)
     data: str = option("shapes", "shapes | a tar-shard pattern | an image folder | pretokenized:PATTERN")
-    num_workers: int = option(4, "DataLoader processes reading shards / folders (the data order depends on it)")
     caption_drop: float = option(0.1, "fraction of samples trained on the empty caption (CFG's null condition)")
     recaption_prob: float = option(0.95, "use the recaption (if a sample has one) with this probability")
     aesthetic_default: float = option(6.5, "the aesthetic score of a sample that carries none")
     scale_factor: float = option(-1.0, "KL: token scale; -1 = the preset's for official tokenizers, else 1/std")
-    # optimisation (Tab. 8 / official: VQ AdamW (0.9, 0.96) wd 0.03 lr 4e-4 cosine; KL (0.9, 0.95) wd 0.02 lr 1e-4 constant)
-    batch_size: int = option(128, "per GPU, per micro-step")
-    grad_accum: int = option(1, "micro-steps per optimiser step (global batch = batch_size x grad_accum x GPUs)")
-    max_steps: int = option(500_000, "optimiser steps; a cosine schedule decays until here")
-    lr: float = option(4e-4, "peak learning rate, after the linear warm-up")
-    end_lr: float = option(1e-5, "learning rate at the end of a cosine decay")
     schedule: str = option("cosine", "cosine | constant (after the warm-up)")
-    warmup_steps: int = option(10_000, "steps of linear warm-up from 0")
-    weight_decay: float = option(0.03, "AdamW's, on weight matrices only (not gains, biases, embeddings-as-vectors)")
-    beta1: float = option(0.9, "AdamW's first-moment decay")
-    beta2: float = option(0.96, "AdamW's second-moment decay")
-    grad_clip: float = option(1.0, "the global gradient norm is clipped to this")
-    ema_decay: float = option(0.999, "of the EMA weights (warmed up as (1+t)/(10+t))")
     init_from: str = option("", "stage 2: start from a stage-1 run's EMA weights (dir or checkpoint)")
     sample_prompts: str = option("", '"|"-separated prompts of the sample grids; empty = a fixed shapes-world set')
     out_dir: str = option("runs/maskgen", "checkpoints, log.jsonl, config.json, sample grids")
@@ -278,7 +265,7 @@ def main(argv=None):
 
 # -----------------------------------------------------------------------------
 # Presets: the paper's two stages for L/XL, VQ/KL (official configs), and tiny ones.
-
+# Tab. 8 / official: VQ AdamW (0.9, 0.96) wd 0.03 lr 4e-4 cosine; KL (0.9, 0.95) wd 0.02 lr 1e-4 constant.
 _VQ = dict(lr=4e-4, beta2=0.96, weight_decay=0.03, schedule="cosine", warmup_steps=10_000, batch_size=128)
 _KL = dict(lr=1e-4, beta2=0.95, weight_decay=0.02, schedule="constant", warmup_steps=50_000, batch_size=32)
 PRESETS = {}
@@ -288,8 +275,8 @@ for size in ("l", "xl"):
         maskgen=f"maskgen_vq_{size}", max_steps=250_000, **{**_VQ, "lr": 1e-4})  # fmt: skip
     PRESETS[f"maskgen_kl_{size}_stage1"] = TrainConfig(maskgen=f"maskgen_kl_{size}", max_steps=1_000_000, **_KL)
     PRESETS[f"maskgen_kl_{size}_stage2"] = TrainConfig(maskgen=f"maskgen_kl_{size}", max_steps=500_000, **_KL)
-_TINY = dict(batch_size=8, max_steps=20, warmup_steps=2, lr=1e-3, dtype="fp32", compile=False, log_every=5,
-             sample_every=20, ckpt_every=10, num_workers=0)  # fmt: skip
+_TINY = dict(batch_size=8, max_steps=20, warmup_steps=2, lr=1e-3, beta2=0.96, weight_decay=0.03, dtype="fp32",
+             compile=False, log_every=5, sample_every=20, ckpt_every=10, num_workers=0)  # fmt: skip
 PRESETS["tiny_vq"] = TrainConfig(maskgen="tiny_vq", out_dir="runs/tiny_maskgen_vq", **_TINY)
 PRESETS["tiny_kl"] = TrainConfig(maskgen="tiny_kl", out_dir="runs/tiny_maskgen_kl", schedule="constant", **_TINY)
 # The shapes world on 2 CPU cores, on top of train_tokenizer.py --config=shapes(_kl): run

@@ -37,7 +37,7 @@ from train_common import (
 
 
 @dataclass
-class TrainConfig(RunConfig):  # RunConfig: dtype, compile, device, seed, log/sample/checkpoint intervals
+class TrainConfig(RunConfig):  # RunConfig: optimisation, numerics, device, seed, intervals, trackers
     # Each field's second argument is its --help line.
     tokenizer: str = option("tiny", "a tokenizer.PRESETS name")
     text_encoder: str = option("ViT-L-14-336", "open_clip model name, or a text.TEXT_PRESETS name")
@@ -45,19 +45,6 @@ class TrainConfig(RunConfig):  # RunConfig: dtype, compile, device, seed, log/sa
     data: str = option("shapes", '"shapes" (the procedural world), a tar-shard pattern, or an image folder')
     shapes_mix: str = option("", 'shapes world: weights of single,count,relation scenes, e.g. 0.2,0.3,0.5; "" = '
                                  "thirds")  # fmt: skip
-    num_workers: int = option(4, "DataLoader processes reading shards / folders (the data order depends on it)")
-    # optimisation (official: AdamW (0.9, 0.999), wd 1e-4, lr 1e-4, 10k warm-up, cosine to 1e-5)
-    batch_size: int = option(32, "per GPU, per micro-step")
-    grad_accum: int = option(1, "micro-steps per optimiser step (global batch = batch_size x grad_accum x GPUs)")
-    max_steps: int = option(650_000, "optimiser steps; the cosine decay ends here")
-    lr: float = option(1e-4, "peak learning rate, after the linear warm-up")
-    end_lr: float = option(1e-5, "learning rate at the end of the cosine decay")
-    warmup_steps: int = option(10_000, "steps of linear warm-up from 0")
-    weight_decay: float = option(1e-4, "AdamW's, on weight matrices only (not gains, biases, latent tokens)")
-    beta1: float = option(0.9, "AdamW's first-moment decay")
-    beta2: float = option(0.999, "AdamW's second-moment decay")
-    grad_clip: float = option(1.0, "the global gradient norm is clipped to this")
-    ema_decay: float = option(0.999, "of the EMA weights (warmed up as (1+t)/(10+t))")
     loss: str = option("official", "a losses.PRESETS name (official: LPIPS + ConvNeXt-S; paper_resnet50, shapes, "
                                    "tiny)")  # fmt: skip
     disc_start: int = option(-1, "step at which the GAN switches on; -1 keeps the loss preset's (official 200k)")

@@ -2,16 +2,12 @@
 What the two trainers (train_tokenizer.py, train_maskgen.py) share: the command line, where a
 process runs, the optimiser and its schedule (paper App. A, Tab. 7 and 8: AdamW, linear warm-up
 then cosine or constant, EMA weights), deterministic data slots, exact resume, preemption,
-logging and the training-curve picture. The maths of a step (LR, clipping, loss scale, the
-optimiser and EMA updates) stays in sight in each trainer's flat main().
+logging and the training-curve picture. The maths of a step stays in each trainer's main().
 
-Exact resume and DDP == one process rest on two rules kept here:
-  - every random draw of a micro-step is seeded from (seed, step, global micro-batch slot)
-    (`seed_for_slot`), and the data of a slot is fixed (`image_batches`);
-  - a checkpoint holds everything a run's future depends on: weights, EMA, optimiser, grad
-    scaler, step and every rank's RNG state (`run_state` / `restore_run_state`).
-Under torchrun a process finds RANK, LOCAL_RANK and WORLD_SIZE in its environment and joins
-a process group; under plain python it is rank 0 of 1.
+Exact resume and DDP == one process rest on two rules: every random draw of a micro-step is
+seeded from (seed, step, global micro-batch slot) and the data of a slot is fixed
+(`seed_for_slot`, `image_batches`); a checkpoint holds everything a run's future depends on:
+weights, EMA, optimiser, grad scaler, step and every rank's RNG state (`run_state`).
 """
 
 import copy
@@ -26,7 +22,6 @@ import signal
 import sys
 import textwrap
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, NamedTuple
 
@@ -49,7 +44,7 @@ def option(default, help):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-@dataclass
+@dataclasses.dataclass
 class RunConfig:
     """The fields of every training run; each trainer's TrainConfig adds its model's and data's.
     The optimisation defaults are the tokenizer's official recipe (Tab. 7: AdamW (0.9, 0.999),
@@ -210,13 +205,12 @@ def pick_device(name="auto", mps=True):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
     except RuntimeError:
         raise ValueError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} was asked for but torch.cuda.is_available() is False; use --device cpu or auto")
+    check = {"cuda": ("cuda", torch.cuda.is_available()), "mps": ("backends.mps", mps_ok)}.get(device.type)
+    if check and not check[1]:
+        raise ValueError(f"--device {name} was asked for but torch.{check[0]}.is_available() is False; "
+                         f"use --device cpu or auto")  # fmt: skip
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
-    if device.type == "mps" and not mps_ok:
-        raise ValueError(f"--device {name} was asked for but torch.backends.mps.is_available() is False; "
-                         f"use --device cpu or auto")  # fmt: skip
     return device
 
 
@@ -249,11 +243,6 @@ def teardown():
     """Leave the process group, if this process joined one."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def collective_device():
-    """Where a collective's tensors live: NCCL moves CUDA tensors only, gloo CPU tensors."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -429,18 +418,7 @@ def seed_for_slot(seed, step, slot):
     seed_everything(hash((seed, step, slot)) % 2**62)
 
 
-# 6. Exact resume: RNG states, what may change, the checkpoint's run state -------------------------
-def rng_state():
-    """This process's Python, NumPy, torch (and CUDA) RNG states, as tensors and plain Python
-    values only, so that checkpoints load with weights_only=True."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
-    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
+# 6. Exact resume: what may change, the checkpoint's run state, the checks on resuming -------------
 # Fields that may change between a run and its resumption, because they do not change the
 # maths (tests/test_train.py shows each, bit for bit): what is logged, sampled and kept,
 # where and when, the stop conditions, the trackers, compile and device (float rounding
@@ -457,7 +435,7 @@ WHY_FIXED = {"max_steps": " (the cosine decay's length, which the steps so far f
 def check_resume_config(saved, current, step, pinned=()):
     """Stop, naming every differing field, when a run would resume a checkpoint written with
     other maths (fields outside RESUMABLE_FIELDS). `pinned`: fields naming files whose content
-    the checkpoint pins by hash (check_inputs), which may therefore move. max_steps may change
+    the checkpoint pins by hash (find_resume), which may therefore move. max_steps may change
     where no step trained so far had an LR that depended on it (a constant schedule, or a run
     still in warm-up: the last trained step decides). The tokenizer has no schedule: cosine."""
     def lr(max_steps):
@@ -475,33 +453,25 @@ def check_resume_config(saved, current, step, pinned=()):
                  f"Pass the same values, or use a new --out_dir to start a fresh run.")  # fmt: skip
 
 
-def check_inputs(recorded, current, path, log):
-    """Stop when a frozen model the run trains on is not the one the checkpoint at `path` was
-    trained on. recorded / current: {name: sha256 of its weights}."""
-    if not current:
-        return
-    if recorded is None:
-        log(text=f"warning: {path} predates recording the frozen models' hashes; {', '.join(current)} not checked")
-        return
-    diff = [f"  {k}: the checkpoint was trained on sha256 {recorded.get(k, 'none')[:16]}, this run has {h[:16]}"
-            for k, h in current.items() if recorded.get(k) != h]  # fmt: skip
-    if diff:
-        sys.exit(f"error: the frozen weights this run would train on are not those {path} was trained on:\n"
-                 + "\n".join(diff) + "\nResuming would go on with other tokens or text features. Give the run "
-                 "the files it started with (--tokenizer: that run or release, unchanged), or start a new --out_dir "
-                 "(--init_from=<that checkpoint> starts from its weights).")  # fmt: skip
-
-
 def find_resume(cfg, log, inputs=None):
     """(path, checkpoint) of the newest good checkpoint in cfg.out_dir, after checking that it
     was written with this config and, for `inputs` ({name: sha256} of the frozen models the
-    run trains on), on the same weights; (None, None) for a fresh run. Then rank 0 writes the
-    resolved config to out_dir/config.json (the latest start's: resumable fields may differ)."""
+    run trains on, recorded in its checkpoints), on the same weights; (None, None) for a fresh
+    run. Then rank 0 writes the resolved config to out_dir/config.json (the latest start's)."""
     rejected = []
     path, ckpt = newest_checkpoint(cfg.out_dir, log=lambda s: log(text=s), rejected=rejected)
     if ckpt is not None:
         check_resume_config(ckpt["config"], dataclasses.asdict(cfg), ckpt["step"], pinned=ckpt.get("inputs") or ())
-        check_inputs(ckpt.get("inputs"), inputs, path, log)
+        recorded = ckpt.get("inputs")
+        if inputs and recorded is None:
+            log(text=f"warning: {path} predates recording the frozen models' hashes; {', '.join(inputs)} not checked")
+        diff = [f"  {k}: the checkpoint was trained on sha256 {recorded.get(k, 'none')[:16]}, this run has {h[:16]}"
+                for k, h in (inputs or {}).items() if recorded is not None and recorded.get(k) != h]  # fmt: skip
+        if diff:
+            sys.exit(f"error: the frozen weights this run would train on are not those {path} was trained on:\n"
+                     + "\n".join(diff) + "\nResuming would go on with other tokens or text features. Give the run "
+                     "the files it started with (--tokenizer: that run or release, unchanged), or start a new "
+                     "--out_dir (--init_from=<that checkpoint> starts from its weights).")  # fmt: skip
     elif rejected:
         names = ", ".join(os.path.basename(p) for p, _ in rejected)
         log(text=f"no usable checkpoint in {cfg.out_dir} ({len(rejected)} unreadable: {names}); starting from scratch")
@@ -522,8 +492,13 @@ def run_state(cfg, step, scaler, world, data=None):
             dist.all_gather_object(out, mine)
         return out
 
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+           "torch": torch.get_rng_state()}  # tensors and plain values only: checkpoints load with weights_only=True
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
     scaler_state = scaler.state_dict() if scaler.is_enabled() else None
-    state = {"config": dataclasses.asdict(cfg), "step": step, "scaler": scaler_state, "rng": every_rank(rng_state())}
+    state = {"config": dataclasses.asdict(cfg), "step": step, "scaler": scaler_state, "rng": every_rank(rng)}
     mine = data.positions.state() if getattr(data, "positions", None) is not None else None
     if mine is not None:  # the same kind of data on every rank, so every rank gathers
         state["data_positions"] = every_rank(mine)
@@ -531,7 +506,7 @@ def run_state(cfg, step, scaler, world, data=None):
 
 
 def restore_run_state(ckpt, scaler, rank, world):
-    """Restore the scaler and this rank's RNG state (the inverse of rng_state); returns the
+    """Restore the scaler and this rank's RNG state (the inverse of run_state); returns the
     step. (Stream positions go to image_batches / the token loader: resume=ckpt.)"""
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
@@ -601,7 +576,7 @@ class RunControl:
         alone would crash the others in the next step's collectives)."""
         flag = self.signum
         if self.world > 1:
-            t = torch.tensor([flag], device=collective_device())
+            t = torch.tensor([flag], device="cuda" if dist.get_backend() == "nccl" else "cpu")  # NCCL: CUDA only
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = int(t.item())
         self.signum = self.signum or flag  # a rank that got none treats the next signal as the second

@@ -33,6 +33,18 @@ from train_common import (
 )  # fmt: skip
 
 
+def drop_captions(captions, p, generator=None):
+    """Replace each caption by "" with probability p (drawn from torch's CPU RNG). The
+    text-aware decoder can take *what* is in the image from the caption and leave the tokens
+    only *where*; then it must bind each word to the right object, and on the shapes world a
+    VQ tokenizer that fails to draws two objects with one shape. Decoding some samples without
+    their caption makes the tokens carry the whole scene. The paper has no such dropout."""
+    if p <= 0:
+        return list(captions)
+    drop = (torch.rand(len(captions), generator=generator) < p).tolist()
+    return ["" if d else c for c, d in zip(captions, drop)]
+
+
 @dataclass
 class TrainConfig(RunConfig):  # RunConfig: optimisation, numerics, device, seed, intervals, trackers
     tokenizer: str = option("tiny", "a tokenizer.PRESETS name")
@@ -57,18 +69,6 @@ RULES = {
     "data": Rule(lambda v: not v.startswith("pretokenized:"), "the tokenizer trains on images: shapes, a "
                  "tar-shard pattern or an image folder (pretokenized: shards are for train_maskgen.py)"),
 }  # fmt: skip
-
-
-def drop_captions(captions, p, generator=None):
-    """Replace each caption by "" with probability p (drawn from torch's CPU RNG). The
-    text-aware decoder can take *what* is in the image from the caption and leave the tokens
-    only *where*; then it must bind each word to the right object, and on the shapes world a
-    VQ tokenizer that fails to draws two objects with one shape. Decoding some samples without
-    their caption makes the tokens carry the whole scene. The paper has no such dropout."""
-    if p <= 0:
-        return list(captions)
-    drop = (torch.rand(len(captions), generator=generator) < p).tolist()
-    return ["" if d else c for c, d in zip(captions, drop)]
 
 
 def main(argv=None):

@@ -34,8 +34,7 @@ from tqdm import tqdm
 from checkpoint import atomic_write, newest_checkpoint, save_checkpoint
 from shapes import ShapesWorld
 
-# data.py and shards.py (streamed datasets) are imported where a stream is opened: they use
-# this file's process helpers (an import cycle here), and the shapes world needs neither.
+# data.py and shards.py are imported where a stream is opened: they import this file.
 
 
 # 1. Config: typed dataclasses, --field=value, --help / --list / --print_config --------------------
@@ -194,10 +193,9 @@ def print_presets(cls, presets, default):
 
 # 2. Processes: device, process group, numerics, seeds, peak FLOP/s (also for sample, evaluate, data, bench) --
 def pick_device(name="auto", mps=True):
-    """The torch.device for --device=NAME. "auto" is this process's GPU, else Apple's GPU (MPS,
-    where `mps`: the trainers keep to CUDA and CPU), else the CPU; a bare "cuda" is GPU
-    LOCAL_RANK (torchrun starts one process per GPU). A device this machine lacks is refused
-    here, in words (torch would fail much later, obscurely)."""
+    """The torch.device for --device=NAME: "auto" is this process's GPU (LOCAL_RANK, as is a bare
+    "cuda"), else MPS where `mps`, else the CPU. A device this machine lacks is refused here, in
+    words (torch would fail much later, obscurely)."""
     mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if mps and mps_ok else "cpu"
@@ -222,9 +220,8 @@ def rank_world():
 
 
 def setup_distributed(device="auto", mps=True, backend=None, timeout=None):
-    """Pick this process's device and, under torchrun with several processes, join the process
-    group: NCCL for GPUs, else gloo (so the scripts and tests run several processes on CPU).
-    Returns (rank, world_size, device)."""
+    """(rank, world_size, device); under torchrun with several processes, joins the process
+    group: NCCL for GPUs, else gloo (so the scripts and tests run several processes on CPU)."""
     device = pick_device(device, mps)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL, and every bare .cuda(), use the current device
@@ -361,13 +358,11 @@ def shapes_mix_ok(text):
 
 def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0, resume=None):
     """Returns get(step, k) -> (images (B,3,S,S) in [0,1], captions) for micro-step k.
-
-    Every micro-batch has a global slot = rank * grad_accum + k. The shapes world is indexed,
-    so slot n of step s is a fixed set of sample ids: one process with grad_accum=2 sees the
-    data of two DDP ranks with grad_accum=1, and a resumed run the data it would have seen.
-    Tar shards and image folders are streams: get.positions (shards.StreamPositions) follows
-    where each reader stands, run_state(..., data=get) saves it, and resume=<the checkpoint
-    resumed> starts every reader there, exactly and at the same cost at any step."""
+    Every micro-batch has a global slot = rank * grad_accum + k; the shapes world is indexed,
+    so a slot is a fixed set of sample ids: one process with grad_accum=2 sees the data of two
+    DDP ranks with grad_accum=1, and a resumed run the data it would have seen. Shards and
+    folders are streams: get.positions (shards.StreamPositions) follows each reader, run_state
+    saves it, and resume=<the checkpoint> starts every reader there, exactly, at any step."""
     B, A = cfg.batch_size, cfg.grad_accum
     if cfg.data == "shapes":
         shapes = ShapesWorld(seed=cfg.seed, category_mix=shapes_mix(getattr(cfg, "shapes_mix", "")))
@@ -419,11 +414,10 @@ def seed_for_slot(seed, step, slot):
 
 
 # 6. Exact resume: what may change, the checkpoint's run state, the checks on resuming -------------
-# Fields that may change between a run and its resumption, because they do not change the
-# maths (tests/test_train.py shows each, bit for bit): what is logged, sampled and kept,
-# where and when, the stop conditions, the trackers, compile and device (float rounding
-# only), and init_from (read by fresh runs only). Not num_workers: the order of shard data
-# depends on it. max_steps only where no step trained so far depended on it (below).
+# Fields that may change between a run and its resumption, as they do not change the maths
+# (tests/test_train.py shows each, bit for bit): what is logged, sampled and kept, where and
+# when, the stop conditions, trackers, compile and device (float rounding only), init_from
+# (read by fresh runs only). max_steps only where no step so far depended on it (below).
 RESUMABLE_FIELDS = {"log_every", "sample_every", "ckpt_every", "stop_at", "keep_ckpts", "out_dir", "compile", "device",
                     "peak_tflops", "max_nonfinite_steps", "dist_timeout_s", "wandb_project", "tensorboard_dir",
                     "sample_prompts", "init_from"}  # fmt: skip
@@ -549,8 +543,7 @@ class RunControl:
                    f"(send it again to stop at once)")  # fmt: skip
 
     def close(self, logs=True, leave=False):
-        """Give SIGTERM / SIGINT their previous handlers; close log.jsonl and the trackers;
-        `leave`: leave the process group too."""
+        """Restore SIGTERM / SIGINT's handlers; close log.jsonl and the trackers (and the group)."""
         for s, h in self.old.items():
             signal.signal(s, h)
         if logs:
@@ -570,10 +563,9 @@ class RunControl:
                      f"lower --lr or raise --grad_clip / use --dtype=fp32, and resume from it")  # fmt: skip
 
     def stop_requested(self):
-        """Whether any rank got a signal: a collective every rank calls every step, so the
-        answer (which exit_if_stopped acts on) is the same on every rank. A signal landing on
-        one rank after its flag was read is left to the next step's call (that rank stopping
-        alone would crash the others in the next step's collectives)."""
+        """Whether any rank got a signal: a collective every step, so every rank gets the same
+        answer. A signal landing after the flag was read waits for the next step's call (one
+        rank stopping alone would crash the others' collectives)."""
         flag = self.signum
         if self.world > 1:
             t = torch.tensor([flag], device="cuda" if dist.get_backend() == "nccl" else "cpu")  # NCCL: CUDA only
@@ -593,8 +585,7 @@ class RunControl:
             sys.exit(f"error: at step {step}: {e}. The last good checkpoint is {self.last_ckpt or 'none'}")
 
     def exit_if_stopped(self, step, master):
-        """After a preempted step's checkpoint, on the decision all ranks share (stop_requested):
-        say where it is and exit 128 + signal."""
+        """After a preempted step's checkpoint (all ranks agreed): say where it is, exit 128 + signal."""
         if self.stopping:
             if master:
                 self.log(text=f"stopped by {signal.Signals(self.stopping).name} at step {step}; checkpoint "
@@ -674,9 +665,8 @@ def scalars(record, prefix=""):
 
 
 class Progress:
-    """The progress bar (rank 0), and the throughput since the last read(): images per second
-    over all ranks, and the model FLOPs utilisation, model FLOP/s over the peak of all devices
-    (only where that peak is known: peak_flops)."""
+    """The progress bar (rank 0) and the throughput since the last read(): images per second
+    over all ranks, and MFU (model FLOP/s over all devices' peak, where known: peak_flops)."""
 
     def __init__(self, cfg, step, world, device, flops_per_image, enabled):
         self.bar = tqdm(total=cfg.max_steps, initial=step, disable=not enabled, dynamic_ncols=True)
@@ -690,7 +680,6 @@ class Progress:
         self.steps += 1
 
     def read(self):
-        """{"img_per_s", and "mfu" where the peak is known} since the last read."""
         rec = {"img_per_s": self.steps * self.images_per_step / (time.time() - self.t0)}
         if self.peak:
             rec["mfu"] = rec["img_per_s"] * self.flops_per_image / (self.world * self.peak)

@@ -283,9 +283,8 @@ def peak_flops(device, override_tflops=0.0):
 
 # 3. Set-up of a training run ----------------------------------------------------------------------
 def setup_run(cfg):
-    """The start both trainers share: DDP under torchrun (with a collective timeout, so a stuck
-    rank ends the job with an error instead of hanging it), the numerics, and the rank-0 logger.
-    Returns (rank, world, device, autocast, scaler, log)."""
+    """DDP under torchrun (a collective timeout ends a stuck job with an error), the numerics and
+    the rank-0 logger. Returns (rank, world, device, autocast, scaler, log)."""
     try:
         rank, world, device = setup_distributed(cfg.device, mps=False, timeout=timedelta(seconds=cfg.dist_timeout_s))
     except ValueError as e:  # a device this machine does not have
@@ -314,8 +313,7 @@ def lr_at(step, base_lr, warmup, max_steps, schedule="cosine", end_lr=0.0):
 
 
 def adamw(model, lr, betas, weight_decay):
-    """AdamW without weight decay on gains, biases and latent tokens (the official rule:
-    ndim < 2, LayerNorms, biases, latent tokens)."""
+    """AdamW, no weight decay on ndim < 2, LayerNorms, biases, latent tokens (the official rule)."""
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -330,9 +328,8 @@ def adamw(model, lr, betas, weight_decay):
 
 @torch.no_grad()
 def ema_update(ema, model, step, max_decay):
-    """ema <- decay * ema + (1 - decay) * model (a lerp toward the model); buffers are copied.
-    The decay warms up as (1+t)/(10+t): a copy at step 0, so early EMA weights are not
-    dominated by the random initialisation."""
+    """ema <- decay * ema + (1 - decay) * model; buffers are copied. The decay warms up as
+    (1+t)/(10+t) (a copy at step 0), so early EMA weights are not the random initialisation's."""
     decay = min(max_decay, (1 + step) / (10 + step)) if step > 0 else 0.0
     for e, m in zip(ema.parameters(), model.parameters()):
         e.lerp_(m.detach(), 1.0 - decay)
@@ -342,8 +339,7 @@ def ema_update(ema, model, step, max_decay):
 
 # 5. Data: an endless, deterministic stream of (images, captions) batches --------------------------
 def shapes_mix(text):
-    """"0.2,0.3,0.5" -> [0.2, 0.3, 0.5], the shapes world's weights of single, count and
-    relation scenes; "" -> None (equal thirds)."""
+    """"0.2,0.3,0.5" -> [0.2, 0.3, 0.5]: weights of single, count, relation scenes; "" -> None (thirds)."""
     return [float(w) for w in text.split(",")] if text.strip() else None
 
 
@@ -476,10 +472,9 @@ def find_resume(cfg, log, inputs=None):
 
 
 def run_state(cfg, step, scaler, world, data=None):
-    """The part of a checkpoint both trainers write besides models and optimisers: config,
-    step, grad scaler, every rank's RNG state (a resumed run continues every rank's random
-    stream) and, for a stream (`data`: the batch function, with its .positions), every
-    rank's reader positions. A collective: every rank calls it."""
+    """A checkpoint's part besides models and optimisers: config, step, grad scaler, every rank's
+    RNG state and, for a stream (`data`: the batch function, with .positions), every rank's
+    reader positions. A collective: every rank calls it."""
     def every_rank(mine):  # [rank 0's, rank 1's, ...]
         out = [mine] * world
         if world > 1:
@@ -552,8 +547,8 @@ class RunControl:
             teardown()
 
     def count_skipped(self, ok, step):
-        """Count a skipped (non-finite) step; stop after too many in a row. Every rank decides
-        alike: the decision rests on the norm of the all-reduced gradients."""
+        """Count a skipped (non-finite) step; stop after too many in a row (alike on every rank: the
+        norm is of the all-reduced gradients)."""
         self.in_a_row = 0 if ok else self.in_a_row + 1
         self.skipped += not ok
         if self.in_a_row >= self.cfg.max_nonfinite_steps:
@@ -603,8 +598,8 @@ class RunControl:
 
 # 8. Logging: log.jsonl and the trackers, progress and MFU, image grids ----------------------------
 class Logger:
-    """A JSONL record per log interval plus a readable line, rank 0 only; the records also go
-    to the trackers asked for (--wandb_project, --tensorboard_dir). Every rank makes out_dir."""
+    """Rank 0 only: a JSONL record per log interval, also sent to the trackers asked for, and a
+    readable line. Every rank makes out_dir."""
 
     def __init__(self, cfg, enabled):
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -630,8 +625,7 @@ class Logger:
 
 
 def open_trackers(cfg):
-    """The optional trackers, as (write(scalars, step), close) pairs. Each package is imported
-    only when asked for, so neither is a dependency."""
+    """The trackers asked for, as (write(scalars, step), close) pairs; neither is a dependency."""
     out = []
     if cfg.wandb_project:  # one W&B run per start of the run, named after its folder
         wandb = import_for("wandb", "wandb", "--wandb_project")
@@ -751,7 +745,8 @@ def _panel(draw, font, x0, y0, name, xs, ys):
     else:
         draw.line(pts, fill=(31, 119, 180), width=2)
     for value, y in ((hi, top - 2), (lo, top + h - 10)):
-        draw.text((x0 + 2, y), f"{value:.2e}" if value and abs(value) < 1e-2 else f"{value:.3g}", fill="black", font=font)
+        text = f"{value:.2e}" if value and abs(value) < 1e-2 else f"{value:.3g}"
+        draw.text((x0 + 2, y), text, fill="black", font=font)
     if log_y:
         draw.text((x0 + 2, top + h // 2 - 5), "log", fill=(120, 120, 120), font=font)
     label = f"step {int(max(xs))}"

@@ -1,19 +1,13 @@
 """
-What the two trainers (train_tokenizer.py, train_maskgen.py) share: their command line,
-where a process runs, the optimiser and its schedule (paper App. A, Tab. 7 and 8: AdamW,
-linear warm-up then cosine or constant, EMA weights), deterministic data slots, exact
-resume, preemption, logging and the training-curve picture. Each trainer's main() reads
-top to bottom and calls these; the maths of a step (the LR, clipping, the loss scale, the
-optimiser and EMA updates) stays in sight in the trainers' loops.
+What the two trainers (train_tokenizer.py, train_maskgen.py) share: the command line, where a
+process runs, the optimiser and its schedule (paper App. A, Tab. 7 and 8: AdamW, linear warm-up
+then cosine or constant, EMA weights), deterministic data slots, exact resume, preemption,
+logging and the training-curve picture. The maths of a step stays in each trainer's main().
 
-Exact resume and DDP == one process rest on two rules kept here:
-  - every random draw of a micro-step is seeded from (seed, step, global micro-batch
-    slot) (`seed_for_slot`), and the data of a slot is fixed (`image_batches`);
-  - a checkpoint holds everything a run's future depends on: weights, EMA, optimiser,
-    grad scaler, step and every rank's RNG state (`run_state` / `restore_run_state`).
-
-Launched by torchrun, a process finds RANK, LOCAL_RANK and WORLD_SIZE in its environment
-and joins a process group; launched by plain python it is rank 0 of 1. Nine sections, below.
+Exact resume and DDP == one process rest on two rules: every random draw of a micro-step is
+seeded from (seed, step, global micro-batch slot) and the data of a slot is fixed
+(`seed_for_slot`, `image_batches`); a checkpoint holds everything a run's future depends on:
+weights, EMA, optimiser, grad scaler, step and every rank's RNG state (`run_state`).
 """
 
 import copy
@@ -28,7 +22,6 @@ import signal
 import sys
 import textwrap
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, NamedTuple
 
@@ -41,23 +34,33 @@ from tqdm import tqdm
 from checkpoint import atomic_write, newest_checkpoint, save_checkpoint
 from shapes import ShapesWorld
 
-# data.py and shards.py (the streamed datasets) are imported where a stream is opened:
-# they use this file's process helpers, so importing them here would be an import cycle,
-# and a run on the shapes world needs neither.
+# data.py and shards.py are imported where a stream is opened: they import this file.
+
 
 # 1. Config: typed dataclasses, --field=value, --help / --list / --print_config --------------------
-
-
 def option(default, help):
     """A config field with its one-line --help text (kept in the field's metadata)."""
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-@dataclass
+@dataclasses.dataclass
 class RunConfig:
-    """The fields of every training run that are not about the model, the data or the
-    optimisation (each trainer's TrainConfig adds those)."""
+    """The fields of every training run; each trainer's TrainConfig adds its model's and data's.
+    The optimisation defaults are the tokenizer's official recipe (Tab. 7: AdamW (0.9, 0.999),
+    wd 1e-4, lr 1e-4, 10k warm-up, cosine to 1e-5); MaskGen's presets set their own (Tab. 8)."""
 
+    num_workers: int = option(4, "DataLoader processes reading shards / folders (the data order depends on it)")
+    batch_size: int = option(32, "per GPU, per micro-step")
+    grad_accum: int = option(1, "micro-steps per optimiser step (global batch = batch_size x grad_accum x GPUs)")
+    max_steps: int = option(650_000, "optimiser steps; a cosine schedule decays until here")
+    lr: float = option(1e-4, "peak learning rate, after the linear warm-up")
+    end_lr: float = option(1e-5, "learning rate at the end of a cosine decay")
+    warmup_steps: int = option(10_000, "steps of linear warm-up from 0")
+    weight_decay: float = option(1e-4, "AdamW's, on weight matrices only (not gains, biases, latent tokens)")
+    beta1: float = option(0.9, "AdamW's first-moment decay")
+    beta2: float = option(0.999, "AdamW's second-moment decay")
+    grad_clip: float = option(1.0, "the global gradient norm is clipped to this")
+    ema_decay: float = option(0.999, "of the EMA weights (warmed up as (1+t)/(10+t))")
     dtype: str = option("bf16", "bf16 | fp16 | fp32 (autocast is used on CUDA only)")
     compile: bool = option(True, "torch.compile the model (faster; changes float rounding, not the maths)")
     device: str = option("auto", "auto | cpu | cuda | cuda:N; auto = this process's GPU, else the CPU")
@@ -79,12 +82,10 @@ Rule = NamedTuple("Rule", [("ok", Callable), ("allowed", str)])
 
 
 def one_of(choices):
-    """A field that takes one of `choices` (a preset name, a schedule, a dtype)."""
     return Rule(lambda v: v in choices, f"choose one of {sorted(choices)}")
 
 
 def at_least(low):
-    """A number >= low (a count, a step, a rate)."""
     return Rule(lambda v: v >= low, f"it must be >= {low}")
 
 
@@ -94,7 +95,7 @@ def within(low, high, open_high=False):
     return Rule(ok, f"it must be in [{low}, {high}{')' if open_high else ']'}")
 
 
-# The allowed values of the fields both trainers have; each trainer adds its own (RULES).
+# The allowed values of RunConfig's fields; each trainer adds its own (RULES).
 # lr may be 0 (a frozen run that only replays data, as a test does); nan fails every bound.
 COMMON_RULES = {
     "dtype": one_of(("bf16", "fp16", "fp32")),
@@ -110,13 +111,9 @@ COMMON_RULES = {
 
 def parse_config(cls, presets, argv=None, default="tiny", rules=None):
     """Build a config dataclass from `--config=NAME` (a preset; `default` when not given) plus
-    `--field=value` overrides (argv: default sys.argv[1:]), then check every value.
-
-    Values are converted to the field's declared type (a bool may be given bare: --compile);
-    an unknown field, a badly typed value or one outside `rules` (COMMON_RULES plus the
-    trainer's) stops with a message saying what is allowed. No arguments, -h or --help
-    print the fields; --list the presets; --print_config the resolved config as JSON.
-    """
+    `--field=value` overrides (argv: default sys.argv[1:]), converted to each field's type (a
+    bool may be given bare: --compile) and checked against COMMON_RULES and `rules`. No
+    arguments, -h or --help print the fields; --list the presets; --print_config the config."""
     argv = sys.argv[1:] if argv is None else list(argv)
     stray = [a for a in argv if not a.startswith("--") and a != "-h"]
     if stray:
@@ -143,10 +140,8 @@ def parse_config(cls, presets, argv=None, default="tiny", rules=None):
                 sys.exit(f"error: --{key} needs a value: --{key}={example}")
             raw = "true"
         try:
-            if t is bool and raw.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            val = raw.lower() in ("true", "1") if t is bool else t(raw)
-        except ValueError:
+            val = {"true": True, "1": True, "false": False, "0": False}[raw.lower()] if t is bool else t(raw)
+        except (KeyError, ValueError):
             sys.exit(f"error: --{key}={raw} is not a valid {t.__name__}")
         setattr(cfg, key, val)
     for key, rule in {**COMMON_RULES, **(rules or {})}.items():
@@ -170,8 +165,7 @@ def own_fields_first(cls):
 
 
 def print_help(cls, presets, name):
-    """Print what --help shows: usage, every field with its type, its value in preset `name`
-    and its description (the field's metadata); then exit 0."""
+    """--help: usage, then every field with its type, its value in preset `name` and its help."""
     module = sys.modules[cls.__module__]
     script = os.path.basename(getattr(module, "__file__", "") or "train.py")
     about = (module.__doc__ or "").strip().split("\n\n")[0]  # the first paragraph of the trainer's docstring
@@ -189,7 +183,7 @@ def print_help(cls, presets, name):
 
 
 def print_presets(cls, presets, default):
-    """Print what --list shows: each preset and the fields it sets apart from the defaults; exit 0."""
+    """--list: each preset and the fields it sets apart from the defaults."""
     base, order = dataclasses.asdict(cls()), own_fields_first(cls)
     for name, p in presets.items():
         changed = [f"{f.name}={show(getattr(p, f.name))}" for f in order if getattr(p, f.name) != base[f.name]]
@@ -198,13 +192,10 @@ def print_presets(cls, presets, default):
 
 
 # 2. Processes: device, process group, numerics, seeds, peak FLOP/s (also for sample, evaluate, data, bench) --
-
-
 def pick_device(name="auto", mps=True):
-    """The torch.device for --device=NAME. "auto" is this process's GPU, else Apple's GPU (MPS,
-    where `mps`: the trainers keep to CUDA and CPU), else the CPU. A bare "cuda" is this
-    process's GPU too (torchrun starts one process per GPU, numbered LOCAL_RANK). A device
-    this machine lacks is refused here, in words (torch would fail much later, obscurely)."""
+    """The torch.device for --device=NAME: "auto" is this process's GPU (LOCAL_RANK, as is a bare
+    "cuda"), else MPS where `mps`, else the CPU. A device this machine lacks is refused here, in
+    words (torch would fail much later, obscurely)."""
     mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if mps and mps_ok else "cpu"
@@ -212,29 +203,25 @@ def pick_device(name="auto", mps=True):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
     except RuntimeError:
         raise ValueError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} was asked for but torch.cuda.is_available() is False; use --device cpu or auto")
+    check = {"cuda": ("cuda", torch.cuda.is_available()), "mps": ("backends.mps", mps_ok)}.get(device.type)
+    if check and not check[1]:
+        raise ValueError(f"--device {name} was asked for but torch.{check[0]}.is_available() is False; "
+                         f"use --device cpu or auto")  # fmt: skip
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
-    if device.type == "mps" and not mps_ok:
-        raise ValueError(f"--device {name} was asked for but torch.backends.mps.is_available() is False; "
-                         f"use --device cpu or auto")  # fmt: skip
     return device
 
 
 def rank_world():
-    """(rank, world_size): from the process group once joined, else from torchrun's
-    environment, else (0, 1)."""
+    """(rank, world_size): from the process group, else torchrun's environment, else (0, 1)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def setup_distributed(device="auto", mps=True, backend=None, timeout=None):
-    """Pick this process's device and, under torchrun with more than one process, join the
-    process group. Returns (rank, world_size, device). The backend is NCCL for GPUs and gloo
-    otherwise, which lets the same scripts (and the tests) run several processes on CPU.
-    `backend`/`timeout` override torch's defaults."""
+    """(rank, world_size, device); under torchrun with several processes, joins the process
+    group: NCCL for GPUs, else gloo (so the scripts and tests run several processes on CPU)."""
     device = pick_device(device, mps)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL, and every bare .cuda(), use the current device
@@ -245,7 +232,6 @@ def setup_distributed(device="auto", mps=True, backend=None, timeout=None):
 
 
 def barrier():
-    """Wait for every process (a no-op without a process group)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -256,19 +242,12 @@ def teardown():
         dist.destroy_process_group()
 
 
-def collective_device():
-    """Where a tensor must live to take part in a collective: NCCL moves CUDA tensors
-    only, gloo moves CPU tensors."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def allow_tf32():
     """Let fp32 matmuls and convolutions use TF32 on Ampere and newer GPUs: ~8x the fp32
-    throughput with a 10-bit mantissa, which is plenty for training and running these
-    models (the official configs enable it too). No effect on CPU."""
+    throughput with a 10-bit mantissa, plenty for these models (the official configs do too)."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
@@ -285,8 +264,8 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s per GPU, from the vendor data
-# sheets, matched in this order against torch.cuda.get_device_name(): first hit wins.
+# Dense bf16 tensor-core peaks in TFLOP/s per GPU (vendor data sheets), matched in this
+# order against torch.cuda.get_device_name(): first hit wins.
 PEAK_BF16_TFLOPS = [
     ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("B200", 2250.0),
     ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0),
@@ -294,26 +273,18 @@ PEAK_BF16_TFLOPS = [
 
 
 def peak_flops(device, override_tflops=0.0):
-    """Peak FLOP/s of one device for MFU: the override when given, else the table's bf16
-    figure for a known GPU, else None (then no MFU is reported: a guess would mislead)."""
+    """Peak FLOP/s of one device for MFU: the override, else the table's figure for a known
+    GPU, else None (then no MFU is reported: a guess would mislead)."""
     if override_tflops > 0:
         return override_tflops * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in PEAK_BF16_TFLOPS:
-            if key in name:
-                return tflops * 1e12
-    return None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
 
 
 # 3. Set-up of a training run ----------------------------------------------------------------------
-
-
 def setup_run(cfg):
-    """The start both trainers share: DDP when launched by torchrun (with a collective
-    timeout, so a stuck rank ends the job with an error instead of hanging it), the
-    numerics, and the rank-0 logger, which says where the run folder is.
-    Returns (rank, world, device, autocast, scaler, log)."""
+    """DDP under torchrun (a collective timeout ends a stuck job with an error), the numerics and
+    the rank-0 logger. Returns (rank, world, device, autocast, scaler, log)."""
     try:
         rank, world, device = setup_distributed(cfg.device, mps=False, timeout=timedelta(seconds=cfg.dist_timeout_s))
     except ValueError as e:  # a device this machine does not have
@@ -331,8 +302,6 @@ def setup_run(cfg):
 
 
 # 4. Optimisation ----------------------------------------------------------------------------------
-
-
 def lr_at(step, base_lr, warmup, max_steps, schedule="cosine", end_lr=0.0):
     """Linear warm-up from 0, then cosine decay to end_lr or constant (official schedules)."""
     if step < warmup:
@@ -344,26 +313,23 @@ def lr_at(step, base_lr, warmup, max_steps, schedule="cosine", end_lr=0.0):
 
 
 def adamw(model, lr, betas, weight_decay):
-    """AdamW with no weight decay on gains, biases, embeddings-as-vectors and latent tokens
-    (the official exclusion rule: ndim < 2, LayerNorms, biases, latent tokens)."""
+    """AdamW, no weight decay on ndim < 2, LayerNorms, biases, latent tokens (the official rule)."""
     decay, no_decay = [], []
     for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or "ln" in n or "norm" in n or "bias" in n or "latent_tokens" in n
-        (no_decay if skip else decay).append(p)
+        if p.requires_grad:
+            skip = p.ndim < 2 or "ln" in n or "norm" in n or "bias" in n or "latent_tokens" in n
+            (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused AdamW updates all tensors in one kernel per step instead of a dozen ops per
-    # tensor: on CUDA, and on CPU too since PyTorch 2.4; the same maths up to float rounding.
+    # fused: one kernel per step for all tensors instead of a dozen ops per tensor, on CUDA
+    # and (since PyTorch 2.4) CPU; the same maths up to float rounding.
     fused = next(model.parameters()).device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
 @torch.no_grad()
 def ema_update(ema, model, step, max_decay):
-    """EMA of the weights: ema <- decay * ema + (1 - decay) * model, i.e. a lerp toward the
-    model. The decay warms up as (1+t)/(10+t), so at step 0 it is a copy (decay 0) and early
-    EMA weights are not dominated by the random initialisation. Buffers are copied."""
+    """ema <- decay * ema + (1 - decay) * model; buffers are copied. The decay warms up as
+    (1+t)/(10+t) (a copy at step 0), so early EMA weights are not the random initialisation's."""
     decay = min(max_decay, (1 + step) / (10 + step)) if step > 0 else 0.0
     for e, m in zip(ema.parameters(), model.parameters()):
         e.lerp_(m.detach(), 1.0 - decay)
@@ -372,11 +338,8 @@ def ema_update(ema, model, step, max_decay):
 
 
 # 5. Data: an endless, deterministic stream of (images, captions) batches --------------------------
-
-
 def shapes_mix(text):
-    """"0.2,0.3,0.5" -> [0.2, 0.3, 0.5], the shapes world's weights of single, count and
-    relation scenes; "" -> None (equal thirds). ShapesWorld checks the weights."""
+    """"0.2,0.3,0.5" -> [0.2, 0.3, 0.5]: weights of single, count, relation scenes; "" -> None (thirds)."""
     return [float(w) for w in text.split(",")] if text.strip() else None
 
 
@@ -391,15 +354,11 @@ def shapes_mix_ok(text):
 
 def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0, resume=None):
     """Returns get(step, k) -> (images (B,3,S,S) in [0,1], captions) for micro-step k.
-
-    Every micro-batch of the run has a global slot = rank * grad_accum + k. The shapes
-    world is indexed, so slot n of step s is a fixed set of sample ids: one process with
-    grad_accum=2 sees exactly the data of two DDP ranks with grad_accum=1, and a resumed
-    run sees exactly the data it would have seen.
-
-    Tar shards and image folders are streams: get.positions (shards.StreamPositions)
-    follows where each reader stands, run_state(..., data=get) saves it, and resume=<the
-    checkpoint resumed> starts every reader there, exactly and at the same cost at any step."""
+    Every micro-batch has a global slot = rank * grad_accum + k; the shapes world is indexed,
+    so a slot is a fixed set of sample ids: one process with grad_accum=2 sees the data of two
+    DDP ranks with grad_accum=1, and a resumed run the data it would have seen. Shards and
+    folders are streams: get.positions (shards.StreamPositions) follows each reader, run_state
+    saves it, and resume=<the checkpoint> starts every reader there, exactly, at any step."""
     B, A = cfg.batch_size, cfg.grad_accum
     if cfg.data == "shapes":
         shapes = ShapesWorld(seed=cfg.seed, category_mix=shapes_mix(getattr(cfg, "shapes_mix", "")))
@@ -410,8 +369,7 @@ def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0, 
             return images, [s.caption for s in samples]
 
         return get
-    # Tar shards or an image folder: a seeded stream per rank, started where the run
-    # stopped. Corrupt or filtered samples are skipped and counted (get.skipped).
+    # A seeded stream per rank; corrupt or filtered samples are skipped and counted (get.skipped).
     import data
 
     positions = resume_positions(resume, rank, cfg.num_workers, start_step * A)
@@ -433,8 +391,8 @@ def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0, 
 
 
 def resume_positions(resume, rank, num_workers, start_batch):
-    """This rank's shards.StreamPositions from the checkpoint being resumed (None: a fresh
-    run); a checkpoint written with another num_workers stops the run with the reason."""
+    """This rank's shards.StreamPositions from the checkpoint resumed (None: a fresh run); one
+    written with another num_workers stops the run with the reason."""
     from shards import StreamPositions
 
     try:
@@ -445,31 +403,17 @@ def resume_positions(resume, rank, num_workers, start_batch):
 
 def seed_for_slot(seed, step, slot):
     """Reseed every RNG from (seed, step, global micro-batch slot) before each micro-step:
-    random draws (masks, noise) then depend on which data they belong to, not on which
-    rank runs them, so DDP equals one process with the same global batch, and resuming
-    needs no RNG bookkeeping to be exact."""
+    random draws (masks, noise) then depend on which data they belong to, not on which rank
+    runs them, so DDP equals one process with the same global batch, and resuming needs no
+    RNG bookkeeping to be exact."""
     seed_everything(hash((seed, step, slot)) % 2**62)
 
 
-# 6. Exact resume: RNG states, what may change, the checkpoint's run state -------------------------
-
-
-def rng_state():
-    """This process's Python, NumPy, torch (and CUDA) RNG states, as tensors and plain
-    Python values only, so that checkpoints load with weights_only=True."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
-    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-# Fields that may change between a run and its resumption, because they do not change the
-# maths (tests/test_train.py shows each, bit for bit): what is logged, sampled and kept,
-# where and when, the stop conditions, the trackers, compile and device (float rounding
-# only), and init_from (read by fresh runs only). Not num_workers: the order of shard data
-# depends on it. max_steps only where no step trained so far depended on it (below).
+# 6. Exact resume: what may change, the checkpoint's run state, the checks on resuming -------------
+# Fields that may change between a run and its resumption, as they do not change the maths
+# (tests/test_train.py shows each, bit for bit): what is logged, sampled and kept, where and
+# when, the stop conditions, trackers, compile and device (float rounding only), init_from
+# (read by fresh runs only). max_steps only where no step so far depended on it (below).
 RESUMABLE_FIELDS = {"log_every", "sample_every", "ckpt_every", "stop_at", "keep_ckpts", "out_dir", "compile", "device",
                     "peak_tflops", "max_nonfinite_steps", "dist_timeout_s", "wandb_project", "tensorboard_dir",
                     "sample_prompts", "init_from"}  # fmt: skip
@@ -479,12 +423,11 @@ WHY_FIXED = {"max_steps": " (the cosine decay's length, which the steps so far f
 
 
 def check_resume_config(saved, current, step, pinned=()):
-    """Stop, naming every differing field, when a run would resume a checkpoint written
-    with different maths (fields outside RESUMABLE_FIELDS). `pinned`: fields naming files
-    whose content the checkpoint pins by hash (check_inputs), which may therefore move.
-    max_steps may change where no step trained so far had a learning rate that depended on
-    it (a constant schedule, or a run still in warm-up: the last trained step decides).
-    (The tokenizer's config has no schedule field: it is always cosine.)"""
+    """Stop, naming every differing field, when a run would resume a checkpoint written with
+    other maths (fields outside RESUMABLE_FIELDS). `pinned`: fields naming files whose content
+    the checkpoint pins by hash (find_resume), which may therefore move. max_steps may change
+    where no step trained so far had an LR that depended on it (a constant schedule, or a run
+    still in warm-up: the last trained step decides). The tokenizer has no schedule: cosine."""
     def lr(max_steps):
         return lr_at(step - 1, current["lr"], current["warmup_steps"], max_steps, current.get("schedule", "cosine"),
                      current["end_lr"])  # fmt: skip
@@ -496,72 +439,64 @@ def check_resume_config(saved, current, step, pinned=()):
     if diff:
         lines = "\n".join(f"  {k}: checkpoint has {a!r}, this run has {b!r}{WHY_FIXED.get(k, '')}"
                           for k, (a, b) in diff.items())  # fmt: skip
-        sys.exit(
-            f"error: the config does not match the checkpoint being resumed:\n{lines}\n"
-            f"Pass the same values, or use a new --out_dir to start a fresh run."
-        )
-
-
-def check_inputs(recorded, current, path, log):
-    """Stop when a frozen model the run trains on is not the one the checkpoint at `path`
-    was trained on. recorded / current: {name: sha256 of its weights}."""
-    if not current:
-        return
-    if recorded is None:
-        log(text=f"warning: {path} predates recording the frozen models' hashes; {', '.join(current)} not checked")
-        return
-    diff = [f"  {k}: the checkpoint was trained on sha256 {recorded.get(k, 'none')[:16]}, this run has {h[:16]}"
-            for k, h in current.items() if recorded.get(k) != h]  # fmt: skip
-    if diff:
-        sys.exit(f"error: the frozen weights this run would train on are not those {path} was trained on:\n"
-                 + "\n".join(diff) + "\nResuming would go on with other tokens or text features. Give the run "
-                 "the files it started with (--tokenizer: that run or release, unchanged), or start a new --out_dir "
-                 "(--init_from=<that checkpoint> starts from its weights).")  # fmt: skip
+        sys.exit(f"error: the config does not match the checkpoint being resumed:\n{lines}\n"
+                 f"Pass the same values, or use a new --out_dir to start a fresh run.")  # fmt: skip
 
 
 def find_resume(cfg, log, inputs=None):
-    """(path, checkpoint) of the newest good checkpoint in cfg.out_dir, after checking that
-    it was written with this config and, for `inputs` ({name: sha256} of the frozen models
-    the run trains on, recorded in its checkpoints), on the same weights; (None, None) for a
-    fresh run. Then rank 0 writes the resolved config to out_dir/config.json."""
+    """(path, checkpoint) of the newest good checkpoint in cfg.out_dir, after checking that it
+    was written with this config and, for `inputs` ({name: sha256} of the frozen models the
+    run trains on, recorded in its checkpoints), on the same weights; (None, None) for a fresh
+    run. Then rank 0 writes the resolved config to out_dir/config.json (the latest start's)."""
     rejected = []
     path, ckpt = newest_checkpoint(cfg.out_dir, log=lambda s: log(text=s), rejected=rejected)
     if ckpt is not None:
         check_resume_config(ckpt["config"], dataclasses.asdict(cfg), ckpt["step"], pinned=ckpt.get("inputs") or ())
-        check_inputs(ckpt.get("inputs"), inputs, path, log)
+        recorded = ckpt.get("inputs")
+        if inputs and recorded is None:
+            log(text=f"warning: {path} predates recording the frozen models' hashes; {', '.join(inputs)} not checked")
+        diff = [f"  {k}: the checkpoint was trained on sha256 {recorded.get(k, 'none')[:16]}, this run has {h[:16]}"
+                for k, h in (inputs or {}).items() if recorded is not None and recorded.get(k) != h]  # fmt: skip
+        if diff:
+            sys.exit(f"error: the frozen weights this run would train on are not those {path} was trained on:\n"
+                     + "\n".join(diff) + "\nResuming would go on with other tokens or text features. Give the run "
+                     "the files it started with (--tokenizer: that run or release, unchanged), or start a new "
+                     "--out_dir (--init_from=<that checkpoint> starts from its weights).")  # fmt: skip
     elif rejected:
         names = ", ".join(os.path.basename(p) for p, _ in rejected)
         log(text=f"no usable checkpoint in {cfg.out_dir} ({len(rejected)} unreadable: {names}); starting from scratch")
-    if log.enabled:  # the config of the latest start (resumable fields may differ from the first's)
+    if log.enabled:
         text = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
         atomic_write(os.path.join(cfg.out_dir, "config.json"), lambda f: f.write(text.encode()))
     return path, ckpt
 
 
 def run_state(cfg, step, scaler, world, data=None):
-    """The part of a checkpoint both trainers write besides their models and optimisers:
-    config, step, grad scaler, every rank's RNG state (a resumed run continues every rank's
-    random stream) and, for a streamed dataset (`data`: the batch function, with its
-    .positions), every rank's reader positions. A collective: every rank calls it."""
-    def every_rank(mine):  # [rank 0's, rank 1's, ...]: a collective
-        out = [mine] if world == 1 else [None] * world
+    """A checkpoint's part besides models and optimisers: config, step, grad scaler, every rank's
+    RNG state and, for a stream (`data`: the batch function, with .positions), every rank's
+    reader positions. A collective: every rank calls it."""
+    def every_rank(mine):  # [rank 0's, rank 1's, ...]
+        out = [mine] * world
         if world > 1:
             dist.all_gather_object(out, mine)
         return out
 
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+           "torch": torch.get_rng_state()}  # tensors and plain values only: checkpoints load with weights_only=True
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
     scaler_state = scaler.state_dict() if scaler.is_enabled() else None
-    state = {"config": dataclasses.asdict(cfg), "step": step, "scaler": scaler_state, "rng": every_rank(rng_state())}
-    positions = getattr(data, "positions", None)
-    mine = positions.state() if positions is not None else None
+    state = {"config": dataclasses.asdict(cfg), "step": step, "scaler": scaler_state, "rng": every_rank(rng)}
+    mine = data.positions.state() if getattr(data, "positions", None) is not None else None
     if mine is not None:  # the same kind of data on every rank, so every rank gathers
         state["data_positions"] = every_rank(mine)
     return state
 
 
 def restore_run_state(ckpt, scaler, rank, world):
-    """The part of a resume both trainers share: scaler, this rank's RNG state (the inverse
-    of rng_state), the step. (The data stream's positions go to image_batches / the token
-    loader: resume=ckpt.)"""
+    """Restore the scaler and this rank's RNG state (the inverse of run_state); returns the
+    step. (Stream positions go to image_batches / the token loader: resume=ckpt.)"""
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     if len(ckpt["rng"]) != world:
@@ -578,16 +513,14 @@ def restore_run_state(ckpt, scaler, rank, world):
 
 
 # 7. Stopping: non-finite steps, preemption, the checkpoint on the way out -------------------------
-
-
 class RunControl:
     """What stops a run early, the same way on every rank:
-      - non-finite steps: after cfg.max_nonfinite_steps skipped steps in a row the run
-        stops, naming the last good checkpoint;
-      - preemption: SIGTERM / SIGINT (what SLURM, Kubernetes, torchrun and Ctrl-C send) set
-        a flag; the ranks agree on it after every step (one tiny all-reduce), write a
-        checkpoint and exit with 128 + the signal number. A second signal exits at once,
-        with the same status, leaving no partial checkpoint; a third is the default action.
+      - non-finite steps: after cfg.max_nonfinite_steps skipped steps in a row the run stops,
+        naming the last good checkpoint;
+      - preemption: SIGTERM / SIGINT (what SLURM, Kubernetes, torchrun and Ctrl-C send) set a
+        flag; the ranks agree on it after every step (one tiny all-reduce), write a checkpoint
+        and exit with 128 + the signal number. A second signal exits at once, with the same
+        status, leaving no partial checkpoint; a third is the default action.
     Every way out goes through close(), which also closes log.jsonl and the trackers."""
 
     def __init__(self, cfg, world, log, last_ckpt=None):
@@ -604,16 +537,18 @@ class RunControl:
         tqdm.write(f"received {signal.Signals(signum).name}: finishing this step and writing a checkpoint "
                    f"(send it again to stop at once)")  # fmt: skip
 
-    def close(self, logs=True):
-        """Give SIGTERM / SIGINT their previous handlers; close log.jsonl and the trackers."""
+    def close(self, logs=True, leave=False):
+        """Restore SIGTERM / SIGINT's handlers; close log.jsonl and the trackers (and the group)."""
         for s, h in self.old.items():
             signal.signal(s, h)
         if logs:
             self.log.close()
+        if leave:
+            teardown()
 
     def count_skipped(self, ok, step):
-        """Count a skipped (non-finite) step; stop after too many in a row. The decision is
-        the same on every rank: it rests on the norm of the all-reduced gradients."""
+        """Count a skipped (non-finite) step; stop after too many in a row (alike on every rank: the
+        norm is of the all-reduced gradients)."""
         self.in_a_row = 0 if ok else self.in_a_row + 1
         self.skipped += not ok
         if self.in_a_row >= self.cfg.max_nonfinite_steps:
@@ -623,14 +558,12 @@ class RunControl:
                      f"lower --lr or raise --grad_clip / use --dtype=fp32, and resume from it")  # fmt: skip
 
     def stop_requested(self):
-        """Whether any rank got a signal (a collective: every rank calls it every step). The
-        answer is the same on every rank, and it is what exit_if_stopped acts on. A signal
-        landing on one rank after its flag was read here is not acted on by that rank alone
-        (the others would run on into the next step's collectives and crash): the next
-        step's call sees it."""
+        """Whether any rank got a signal: a collective every step, so every rank gets the same
+        answer. A signal landing after the flag was read waits for the next step's call (one
+        rank stopping alone would crash the others' collectives)."""
         flag = self.signum
         if self.world > 1:
-            t = torch.tensor([flag], device=collective_device())
+            t = torch.tensor([flag], device="cuda" if dist.get_backend() == "nccl" else "cpu")  # NCCL: CUDA only
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = int(t.item())
         self.signum = self.signum or flag  # a rank that got none treats the next signal as the second
@@ -647,32 +580,26 @@ class RunControl:
             sys.exit(f"error: at step {step}: {e}. The last good checkpoint is {self.last_ckpt or 'none'}")
 
     def exit_if_stopped(self, step, master):
-        """After the checkpoint of a preempted step: say where it is and exit 128 + signal.
-        Only on the decision all ranks share (stop_requested), never on this rank's own flag."""
-        if not self.stopping:
-            return
-        if master:
-            self.log(text=f"stopped by {signal.Signals(self.stopping).name} at step {step}; checkpoint "
-                          f"{self.last_ckpt}; run the same command to resume")  # fmt: skip
-        self.close()
-        teardown()
-        sys.exit(128 + self.stopping)
+        """After a preempted step's checkpoint (all ranks agreed): say where it is, exit 128 + signal."""
+        if self.stopping:
+            if master:
+                self.log(text=f"stopped by {signal.Signals(self.stopping).name} at step {step}; checkpoint "
+                              f"{self.last_ckpt}; run the same command to resume")  # fmt: skip
+            self.close(leave=True)
+            sys.exit(128 + self.stopping)
 
     def finish(self, progress, master):
         """The end of a run that reached its last step: say where its checkpoint is."""
-        progress.close()
+        progress.bar.close()
         if master:
             self.log(text=f"done: checkpoint {self.last_ckpt}")
-        self.close()
-        teardown()
+        self.close(leave=True)
 
 
 # 8. Logging: log.jsonl and the trackers, progress and MFU, image grids ----------------------------
-
-
 class Logger:
-    """A JSONL record per log interval plus a readable line, rank 0 only; the records also go to
-    the trackers asked for (--wandb_project, --tensorboard_dir). Every rank makes out_dir."""
+    """Rank 0 only: a JSONL record per log interval, also sent to the trackers asked for, and a
+    readable line. Every rank makes out_dir."""
 
     def __init__(self, cfg, enabled):
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -681,14 +608,12 @@ class Logger:
         self.trackers = open_trackers(cfg) if enabled else []
 
     def __call__(self, record=None, text=None):
-        if not self.enabled:
-            return
-        if record is not None:
+        if self.enabled and record is not None:
             self.f.write(json.dumps(record) + "\n")
             self.f.flush()
             for write, _ in self.trackers:
                 write(scalars(record), record.get("step"))
-        if text is not None:
+        if self.enabled and text is not None:
             tqdm.write(text)  # keeps the progress bar intact
 
     def close(self):
@@ -700,8 +625,7 @@ class Logger:
 
 
 def open_trackers(cfg):
-    """The optional trackers, as (write(scalars, step), close) pairs. Each package is
-    imported only when asked for, so neither is a dependency."""
+    """The trackers asked for, as (write(scalars, step), close) pairs; neither is a dependency."""
     out = []
     if cfg.wandb_project:  # one W&B run per start of the run, named after its folder
         wandb = import_for("wandb", "wandb", "--wandb_project")
@@ -709,14 +633,9 @@ def open_trackers(cfg):
                          config=dataclasses.asdict(cfg), dir=cfg.out_dir)  # fmt: skip
         out.append((lambda rec, step: run.log(rec, step=step), run.finish))
     if cfg.tensorboard_dir:
-        tensorboard = import_for("torch.utils.tensorboard", "tensorboard", "--tensorboard_dir")
-        writer = tensorboard.SummaryWriter(cfg.tensorboard_dir)
-
-        def write(rec, step):
-            for k, v in rec.items():
-                writer.add_scalar(k, v, step)
-
-        out.append((write, writer.close))
+        writer = import_for("torch.utils.tensorboard", "tensorboard", "--tensorboard_dir").SummaryWriter(
+            cfg.tensorboard_dir)  # fmt: skip
+        out.append((lambda rec, step: [writer.add_scalar(k, v, step) for k, v in rec.items()], writer.close))
     return out
 
 
@@ -740,9 +659,8 @@ def scalars(record, prefix=""):
 
 
 class Progress:
-    """The progress bar (rank 0), and the throughput since the last reading: images per second
-    over all ranks, and the model FLOPs utilisation, model FLOP/s over the peak of all
-    devices (only where that peak is known: peak_flops)."""
+    """The progress bar (rank 0) and the throughput since the last read(): images per second
+    over all ranks, and MFU (model FLOP/s over all devices' peak, where known: peak_flops)."""
 
     def __init__(self, cfg, step, world, device, flops_per_image, enabled):
         self.bar = tqdm(total=cfg.max_steps, initial=step, disable=not enabled, dynamic_ncols=True)
@@ -756,21 +674,17 @@ class Progress:
         self.steps += 1
 
     def read(self):
-        """{"img_per_s", and "mfu" where the peak is known} since the last read."""
         rec = {"img_per_s": self.steps * self.images_per_step / (time.time() - self.t0)}
         if self.peak:
             rec["mfu"] = rec["img_per_s"] * self.flops_per_image / (self.world * self.peak)
         self.t0, self.steps = time.time(), 0
         return rec
 
-    def close(self):
-        self.bar.close()
-
 
 def save_grid(images, path, nrow):
-    """Tile (B, 3, H, W) images in [0, 1] into one PNG, nrow per row, 2 px white gaps."""
-    # Rounded to the 256 levels first, halves to even (data.to_uint8's rounding): save_image
-    # alone rounds halves up, and resized shapes images hold many exact halves.
+    """Tile (B, 3, H, W) images in [0, 1] into one PNG, nrow per row, 2 px white gaps. Rounded
+    to the 256 levels first, halves to even (data.to_uint8's rounding): save_image alone rounds
+    halves up, and resized shapes images hold many exact halves."""
     from torchvision.utils import save_image  # here: sample.py imports this file and never needs torchvision
 
     levels = (images.detach().float().clamp(0, 1) * 255).round()
@@ -783,9 +697,9 @@ PANEL_W, PANEL_H, MARGIN = 360, 200, 56  # pixels per panel and the room for its
 
 
 def read_log(path):
-    """log.jsonl -> [record, ...] sorted by step, one per step. A resumed run appends the steps
-    it replays after its last checkpoint, so a step can appear twice: the last record wins
-    (the surviving run's). Lines that are not JSON objects with a step (cut by a kill) are ignored."""
+    """log.jsonl -> [record, ...] sorted by step, one per step. A resumed run appends the steps it
+    replays after its last checkpoint, so the last record of a step wins (the surviving run's).
+    Lines that are not JSON objects with a step (cut by a kill) are ignored."""
     by_step = {}
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -799,75 +713,64 @@ def read_log(path):
 
 
 def series(records):
-    """{name: ([step, ...], [value, ...])} for every numeric field worth a curve, finite
-    values only (a skipped non-finite step logs nan)."""
+    """{name: ([step, ...], [value, ...])} for every numeric field worth a curve, finite values
+    only (a skipped non-finite step logs nan): the losses in logged order, then lr, grad_norm."""
     out = {}
     for rec in records:
         for key, v in rec.items():
-            if key in NOT_CURVES or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                continue
-            xs, ys = out.setdefault(key, ([], []))
-            xs.append(rec["step"])
-            ys.append(float(v))
-    # Losses first (in logged order), then the learning rate and the gradient norm.
-    order = [k for k in out if k not in ("lr", "grad_norm")] + [k for k in ("lr", "grad_norm") if k in out]
-    return {k: out[k] for k in order}
+            if key not in NOT_CURVES and type(v) in (int, float) and math.isfinite(v):
+                xs, ys = out.setdefault(key, ([], []))
+                xs.append(rec["step"])
+                ys.append(float(v))
+    last = [k for k in ("lr", "grad_norm") if k in out]
+    return {k: out[k] for k in [k for k in out if k not in last] + last}
 
 
 def _panel(draw, font, x0, y0, name, xs, ys):
-    """One curve in the box at (x0, y0): title, frame, min/max labels, the line. The y axis
-    is logarithmic when every value is positive and they span more than a factor of 20
-    (losses and the learning-rate warm-up do), linear otherwise."""
-    left, top = x0 + MARGIN, y0 + 18
-    w, h = PANEL_W - MARGIN - 8, PANEL_H - 18 - 22
-    draw.text((x0 + MARGIN, y0 + 2), name, fill="black", font=font)
+    """One curve in the box at (x0, y0): title, frame, the line, the value range on the left
+    (short numbers: 1.67e-04, not 0.000167) and the steps below. The y axis is logarithmic
+    when every value is positive and they span more than a factor of 20 (losses and the LR
+    warm-up do; marked "log"), linear otherwise."""
+    left, top, w, h = x0 + MARGIN, y0 + 18, PANEL_W - MARGIN - 8, PANEL_H - 18 - 22
+    draw.text((left, y0 + 2), name, fill="black", font=font)
     draw.rectangle([left, top, left + w, top + h], outline=(160, 160, 160))
     lo, hi = min(ys), max(ys)
     log_y = lo > 0 and hi / lo > 20
     f = math.log10 if log_y else (lambda v: v)
-    a, b = f(lo), f(hi)
-    if b - a < 1e-12:  # a flat line: centre it
-        a, b = a - 1, b + 1
-    x_lo, x_hi = min(xs), max(xs)
-    x_span = max(x_hi - x_lo, 1)
+    a, b = (f(lo) - 1, f(hi) + 1) if f(hi) - f(lo) < 1e-12 else (f(lo), f(hi))  # a flat line: centred
+    x_lo, x_span = min(xs), max(max(xs) - min(xs), 1)
     pts = [(left + (x - x_lo) / x_span * w, top + h - (f(y) - a) / (b - a) * h) for x, y in zip(xs, ys)]
     if len(pts) == 1:
-        px, py = pts[0]
-        draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=(31, 119, 180))
+        draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=(31, 119, 180))
     else:
         draw.line(pts, fill=(31, 119, 180), width=2)
-    # Labels: the value range on the left (with "log" when the axis is), steps below.
-    for value, y in ((hi, top - 2), (lo, top + h - 10)):  # short numbers: 1.67e-04, not 0.000167
+    for value, y in ((hi, top - 2), (lo, top + h - 10)):
         text = f"{value:.2e}" if value and abs(value) < 1e-2 else f"{value:.3g}"
         draw.text((x0 + 2, y), text, fill="black", font=font)
     if log_y:
         draw.text((x0 + 2, top + h // 2 - 5), "log", fill=(120, 120, 120), font=font)
+    label = f"step {int(max(xs))}"
     draw.text((left, top + h + 4), str(int(x_lo)), fill="black", font=font)
-    label = f"step {int(x_hi)}"
     draw.text((left + w - draw.textlength(label, font=font), top + h + 4), label, fill="black", font=font)
 
 
 def plot_curves(run_dir, out=None, cols=3):
-    """Draw RUN_DIR/log.jsonl into RUN_DIR/curves.png (or `out`): every logged loss, the
-    learning rate and the gradient norm against the step, one panel each. The trainers call
-    it at each sample interval; `python train_common.py curves RUN_DIR ...` redraws by hand.
-    Returns the PNG's path, or None when the log has nothing to draw yet."""
+    """Draw RUN_DIR/log.jsonl into RUN_DIR/curves.png (or `out`): every logged loss, the LR and
+    the gradient norm against the step, one panel each. The trainers call it at each sample
+    interval; `python train_common.py curves RUN_DIR ...` redraws by hand. Returns the PNG's
+    path, or None when the log has nothing to draw yet."""
     log_path = os.path.join(run_dir, "log.jsonl")
-    if not os.path.isfile(log_path):
-        return None
-    curves = series(read_log(log_path))
+    curves = series(read_log(log_path)) if os.path.isfile(log_path) else {}
     if not curves:
         return None
-    rows = math.ceil(len(curves) / cols)
-    cols = min(cols, len(curves))
+    rows, cols = math.ceil(len(curves) / cols), min(cols, len(curves))
     image = Image.new("RGB", (cols * PANEL_W, rows * PANEL_H), "white")
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
     for i, (name, (xs, ys)) in enumerate(curves.items()):
         _panel(draw, font, (i % cols) * PANEL_W, (i // cols) * PANEL_H, name, xs, ys)
     out = out or os.path.join(run_dir, "curves.png")
-    tmp = out + ".tmp.png"  # written then renamed: a reader never sees half a PNG
-    image.save(tmp)
-    os.replace(tmp, out)
+    image.save(out + ".tmp.png")  # written then renamed: a reader never sees half a PNG
+    os.replace(out + ".tmp.png", out)
     return out
 
 

@@ -13,11 +13,9 @@ encoded on the fly, or read as tokens written once by `python data.py pretokeniz
 
 Per micro-step: tokens + captions -> CLIP penultimate states and pooled embedding ->
 caption dropout (10%: the "" encoding, for classifier-free guidance) -> MaskGen's loss
-(VQ: masked cross-entropy; KL: masked diffusion loss). The rest -- precision,
-schedule, EMA, atomic checkpoints, exact resume, the command line, the device and process
-group -- is train_common.py, shared with train_tokenizer.py. The loop in main() shows each
-step's maths: the LR, the clip and the non-finite check, the optimiser and loss-scale
-steps, the EMA update.
+(VQ: masked cross-entropy; KL: masked diffusion loss). What train_tokenizer.py shares
+(command line, processes, schedule, EMA, exact resume, logging) is train_common.py;
+main()'s loop shows each step's maths.
 """
 
 import copy
@@ -42,31 +40,16 @@ from train_common import (
 
 
 @dataclass
-class TrainConfig(RunConfig):  # RunConfig: dtype, compile, device, seed, log/sample/checkpoint intervals
-    # Each field's second argument is its --help line.
+class TrainConfig(RunConfig):  # RunConfig: optimisation, numerics, device, seed, intervals, trackers
     maskgen: str = option("maskgen_vq_l", "a maskgen.PRESETS name (sizes; tokens follow the tokenizer)")
     tokenizer: str = option("", "official release dir, or a train_tokenizer.py run dir / checkpoint (required)")
-    # data: "shapes", a tar-shard pattern or image folder (encoded on the fly),
-    # or "pretokenized:PATTERN" (shards written by `python data.py pretokenize`)
-    data: str = option("shapes", "shapes | a tar-shard pattern | an image folder | pretokenized:PATTERN")
-    num_workers: int = option(4, "DataLoader processes reading shards / folders (the data order depends on it)")
+    data: str = option("shapes", "shapes | a tar-shard pattern | an image folder (all encoded on the fly) | "
+                                 "pretokenized:PATTERN (written by data.py pretokenize)")  # fmt: skip
     caption_drop: float = option(0.1, "fraction of samples trained on the empty caption (CFG's null condition)")
     recaption_prob: float = option(0.95, "use the recaption (if a sample has one) with this probability")
     aesthetic_default: float = option(6.5, "the aesthetic score of a sample that carries none")
     scale_factor: float = option(-1.0, "KL: token scale; -1 = the preset's for official tokenizers, else 1/std")
-    # optimisation (Tab. 8 / official: VQ AdamW (0.9, 0.96) wd 0.03 lr 4e-4 cosine; KL (0.9, 0.95) wd 0.02 lr 1e-4 constant)
-    batch_size: int = option(128, "per GPU, per micro-step")
-    grad_accum: int = option(1, "micro-steps per optimiser step (global batch = batch_size x grad_accum x GPUs)")
-    max_steps: int = option(500_000, "optimiser steps; a cosine schedule decays until here")
-    lr: float = option(4e-4, "peak learning rate, after the linear warm-up")
-    end_lr: float = option(1e-5, "learning rate at the end of a cosine decay")
     schedule: str = option("cosine", "cosine | constant (after the warm-up)")
-    warmup_steps: int = option(10_000, "steps of linear warm-up from 0")
-    weight_decay: float = option(0.03, "AdamW's, on weight matrices only (not gains, biases, embeddings-as-vectors)")
-    beta1: float = option(0.9, "AdamW's first-moment decay")
-    beta2: float = option(0.96, "AdamW's second-moment decay")
-    grad_clip: float = option(1.0, "the global gradient norm is clipped to this")
-    ema_decay: float = option(0.999, "of the EMA weights (warmed up as (1+t)/(10+t))")
     init_from: str = option("", "stage 2: start from a stage-1 run's EMA weights (dir or checkpoint)")
     sample_prompts: str = option("", '"|"-separated prompts of the sample grids; empty = a fixed shapes-world set')
     out_dir: str = option("runs/maskgen", "checkpoints, log.jsonl, config.json, sample grids")
@@ -82,12 +65,10 @@ RULES = {
 
 
 def token_batches(cfg, tokenizer, rank, world, start_step, device, resume=None):
-    """Returns get(step, k) -> (tokens, captions, aesthetic (B,)) for micro-step k.
-
-    VQ tokens are ids (B, K); KL tokens are the posterior's cat(mean, logvar) (B, K, 2C),
-    from which MaskGen draws a fresh sample every time it sees the image. Streams carry
-    get.positions for run_state, and resume=<the checkpoint resumed> restarts them
-    where they stood (see train_common.image_batches)."""
+    """Returns get(step, k) -> (tokens, captions, aesthetic (B,)) for micro-step k. VQ tokens are
+    ids (B, K); KL tokens the posterior's cat(mean, logvar) (B, K, 2C), from which MaskGen draws
+    a fresh sample each time. Streams keep get.positions and restart from resume= (as
+    train_common.image_batches)."""
     B, mode = cfg.batch_size, tokenizer.config.quantize_mode
     if cfg.data.startswith("pretokenized:"):
         start = start_step * cfg.grad_accum
@@ -126,10 +107,8 @@ def token_batches(cfg, tokenizer, rank, world, start_step, device, resume=None):
 
 
 DEFAULT_PROMPTS = [
-    "a red circle", "two blue squares", "a green triangle to the left of a yellow circle",
-    "three purple circles", "a cyan square above a red triangle", "a yellow square",
-    "a blue circle below a green square", "two red triangles",
-]  # fmt: skip
+    "a red circle", "two blue squares", "a green triangle to the left of a yellow circle", "three purple circles",
+    "a cyan square above a red triangle", "a yellow square", "a blue circle below a green square", "two red triangles"]
 
 
 def main(argv=None):
@@ -141,8 +120,7 @@ def main(argv=None):
 
     # ---- frozen tokenizer and text encoder
     tokenizer, text_encoder = checkpoint.load_tokenizer(cfg.tokenizer, device)
-    tokenizer.requires_grad_(False)
-    tcfg = tokenizer.config
+    tcfg = tokenizer.requires_grad_(False).config
 
     # ---- the MaskGen config: sizes from the preset, tokens from the tokenizer, text widths from CLIP
     mcfg = M.preset_for(cfg.maskgen, tcfg, text_encoder.width, text_encoder.embed_dim)
@@ -150,16 +128,15 @@ def main(argv=None):
         sys.exit(f"error: --maskgen={cfg.maskgen} is a {mcfg.mode.upper()} model but the tokenizer is "
                  f"{tcfg.quantize_mode.upper()}; pick a maskgen_{tcfg.quantize_mode}_* preset")  # fmt: skip
 
-    # ---- resume or start. What the run trains on is pinned by content: a resume on other
-    # tokenizer or text-encoder weights (same path, new files) would go on with other tokens.
+    # ---- resume or start. The frozen inputs are pinned by content: a resume on other weights
+    # (same path, new files) would go on with other tokens.
     inputs = {"tokenizer": content_digest(tokenizer.state_dict()),
               "text_encoder": content_digest(text_encoder.state_dict())}  # sha256 of the weights
     path, ckpt = find_resume(cfg, log, inputs)  # refuses a checkpoint trained on other inputs
     if ckpt is not None:
         mcfg = M.MaskGenConfig(**ckpt["maskgen_config"])  # includes the scale factor chosen at the start
     elif mcfg.mode == "kl" and cfg.scale_factor < 0 and not checkpoint.is_release(cfg.tokenizer):
-        # Our own tokenizer: scale tokens to unit variance (as LDM does), measured once on
-        # the first global batch (slot 0, the same data on every rank).
+        # Our own tokenizer: tokens scaled to unit variance (as LDM), on global batch slot 0 (alike on every rank).
         tokens, _, _ = token_batches(cfg, tokenizer, 0, 1, 0, device)(0, 0)
         mean, logvar = tokens.chunk(2, dim=-1)
         noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
@@ -190,20 +167,17 @@ def main(argv=None):
         step = restore_run_state(ckpt, scaler, rank, world)
         log(text=f"resumed from {path} at step {step}")
     control = RunControl(cfg, world, log, last_ckpt=path)  # non-finite steps, SIGTERM / SIGINT
-    # MFU counts MaskGen's own FLOPs (3x its forward per sample); encoding images with the
-    # frozen tokenizer and captions with CLIP is extra work it leaves out.
+    # MFU counts MaskGen's own FLOPs (3x its forward per sample), not the frozen tokenizer's and CLIP's.
     train_flops = model.train_flops(text_encoder.context_length)
-    if master:
-        n = sum(p.numel() for p in model.parameters())
-        log(text=f"MaskGen-{mcfg.mode.upper()} ({cfg.maskgen}): {n / 1e6:.1f}M parameters, {mcfg.num_tokens} tokens, "
-                 f"{train_flops / 1e9:.2f} GFLOP per sample per step, {world} process(es) on {device}")  # fmt: skip
+    n = sum(p.numel() for p in model.parameters())
+    log(text=f"MaskGen-{mcfg.mode.upper()} ({cfg.maskgen}): {n / 1e6:.1f}M parameters, {mcfg.num_tokens} tokens, "
+             f"{train_flops / 1e9:.2f} GFLOP per sample per step, {world} process(es) on {device}")  # rank 0 logs
 
     fwd_model = torch.compile(model) if cfg.compile else model
     if world > 1:
         fwd_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # The CFG null condition: the encoding of the empty caption, computed once.
-    null = text_encoder([""])
+    null = text_encoder([""])  # the CFG null condition: the encoding of the empty caption, computed once
     get_batch = token_batches(cfg, tokenizer, rank, world, step, device, resume=ckpt)  # ckpt: reader positions
     # The shapes world has a finite set of captions: encode each once (TextEncoder.cached).
     encode_text = text_encoder.cached if cfg.data == "shapes" else text_encoder
@@ -235,11 +209,10 @@ def main(argv=None):
             scaler.scale(loss).backward()  # fp16: the loss times the loss scale, so small grads survive
             loss_sum += loss.detach()  # a tensor: no host sync until logging
 
-        # ---- the optimiser step. unscale_ divides the fp16 gradients by the loss scale (a
-        # no-op otherwise), so that the clip sees their true size; the global grad norm is of
-        # the all-reduced gradients under DDP, so every rank decides alike. A non-finite norm
-        # (a nan/inf loss or gradient) skips the update, and the EMA's; reading it is this
-        # step's one host sync.
+        # ---- the optimiser step. unscale_ divides fp16 gradients by the loss scale, so the clip
+        # sees their true size; the norm is of the all-reduced gradients, so every rank decides
+        # alike. A non-finite norm (nan/inf loss or gradient) skips the update and the EMA's;
+        # reading it is the step's one host sync.
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         ok = bool(torch.isfinite(grad_norm))
@@ -259,8 +232,7 @@ def main(argv=None):
             log(rec, f"step {step:7d} | " + " | ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "step"))
         if master and (step % cfg.sample_every == 0 or step == end):
             with torch.no_grad():
-                f = prompt_feats
-                gen = torch.Generator(device=device).manual_seed(cfg.seed)
+                f, gen = prompt_feats, torch.Generator(device=device).manual_seed(cfg.seed)
                 toks = ema.generate(f.penultimate, f.pooled, null.penultimate, null.pooled, generator=gen)
                 images = tokenizer.decode(toks, f.final)
             save_grid(images, os.path.join(cfg.out_dir, f"samples_{step:08d}.png"), nrow=len(prompts))
@@ -278,7 +250,7 @@ def main(argv=None):
 
 # -----------------------------------------------------------------------------
 # Presets: the paper's two stages for L/XL, VQ/KL (official configs), and tiny ones.
-
+# Tab. 8 / official: VQ AdamW (0.9, 0.96) wd 0.03 lr 4e-4 cosine; KL (0.9, 0.95) wd 0.02 lr 1e-4 constant.
 _VQ = dict(lr=4e-4, beta2=0.96, weight_decay=0.03, schedule="cosine", warmup_steps=10_000, batch_size=128)
 _KL = dict(lr=1e-4, beta2=0.95, weight_decay=0.02, schedule="constant", warmup_steps=50_000, batch_size=32)
 PRESETS = {}
@@ -288,20 +260,18 @@ for size in ("l", "xl"):
         maskgen=f"maskgen_vq_{size}", max_steps=250_000, **{**_VQ, "lr": 1e-4})  # fmt: skip
     PRESETS[f"maskgen_kl_{size}_stage1"] = TrainConfig(maskgen=f"maskgen_kl_{size}", max_steps=1_000_000, **_KL)
     PRESETS[f"maskgen_kl_{size}_stage2"] = TrainConfig(maskgen=f"maskgen_kl_{size}", max_steps=500_000, **_KL)
-_TINY = dict(batch_size=8, max_steps=20, warmup_steps=2, lr=1e-3, dtype="fp32", compile=False, log_every=5,
-             sample_every=20, ckpt_every=10, num_workers=0)  # fmt: skip
+_TINY = dict(batch_size=8, max_steps=20, warmup_steps=2, lr=1e-3, beta2=0.96, weight_decay=0.03, dtype="fp32",
+             compile=False, log_every=5, sample_every=20, ckpt_every=10, num_workers=0)  # fmt: skip
 PRESETS["tiny_vq"] = TrainConfig(maskgen="tiny_vq", out_dir="runs/tiny_maskgen_vq", **_TINY)
 PRESETS["tiny_kl"] = TrainConfig(maskgen="tiny_kl", out_dir="runs/tiny_maskgen_kl", schedule="constant", **_TINY)
 # The shapes world on 2 CPU cores, on top of train_tokenizer.py --config=shapes(_kl): run
 # lengths that keep each pipeline, tokenizer then MaskGen, within about an hour (README).
-_SHAPES = dict(batch_size=64, max_steps=16000, warmup_steps=300, lr=1e-3, end_lr=1e-5, schedule="cosine",
+_SHAPES = dict(batch_size=64, warmup_steps=300, lr=1e-3, end_lr=1e-5, schedule="cosine",
                beta2=0.96, weight_decay=0.03, ema_decay=0.998, dtype="fp32", compile=False, log_every=100,
                sample_every=1000, ckpt_every=500, num_workers=0)  # fmt: skip
-PRESETS["shapes_vq"] = TrainConfig(
-    maskgen="shapes_vq", tokenizer="runs/shapes_tokenizer", out_dir="runs/shapes_maskgen_vq",
-    **{**_SHAPES, "max_steps": 12500})  # fmt: skip
-# KL: a step costs ~2x a VQ step (DiffLoss on 2 noise levels per token: 0.51 vs 0.24 GFLOP
-# per sample), so the run is shorter.
+PRESETS["shapes_vq"] = TrainConfig(maskgen="shapes_vq", tokenizer="runs/shapes_tokenizer",
+                                   out_dir="runs/shapes_maskgen_vq", max_steps=12500, **_SHAPES)  # fmt: skip
+# KL: a step costs ~2x a VQ step (DiffLoss on 2 noise levels per token: 0.51 vs 0.24 GFLOP per sample): a shorter run.
 PRESETS["shapes_kl"] = TrainConfig(
     maskgen="shapes_kl", tokenizer="runs/shapes_tokenizer_kl", out_dir="runs/shapes_maskgen_kl",
     **{**_SHAPES, "max_steps": 10400, "warmup_steps": 150, "sample_every": 1300, "ckpt_every": 650})  # fmt: skip

@@ -10,12 +10,9 @@ Single process (CPU or one GPU):
 Many GPUs / nodes (the same script, launched by torchrun):
     torchrun --nproc_per_node=8 train_tokenizer.py --config=tatitok_bl32_vq --data=...
 
-Any config field can be overridden with --field=value (types are checked). Runs resume
-automatically from the newest good checkpoint in --out_dir. The plumbing shared with
-train_maskgen.py (command line, device and process group, LR schedule, EMA, checkpoints
-with exact resume, logging) is in train_common.py; this file is the config and one flat
-main(), whose loop shows each step's maths: the LR, the clip and the non-finite check,
-the optimiser and loss-scale steps, the EMA update.
+Any config field can be overridden with --field=value; runs resume from the newest good
+checkpoint in --out_dir. What train_maskgen.py shares (command line, processes, schedule,
+EMA, exact resume, logging) is train_common.py; main()'s loop shows each step's maths.
 """
 
 import copy
@@ -36,28 +33,26 @@ from train_common import (
 )  # fmt: skip
 
 
+def drop_captions(captions, p, generator=None):
+    """Replace each caption by "" with probability p (drawn from torch's CPU RNG). The
+    text-aware decoder can take *what* is in the image from the caption and leave the tokens
+    only *where*; then it must bind each word to the right object, and on the shapes world a
+    VQ tokenizer that fails to draws two objects with one shape. Decoding some samples without
+    their caption makes the tokens carry the whole scene. The paper has no such dropout."""
+    if p <= 0:
+        return list(captions)
+    drop = (torch.rand(len(captions), generator=generator) < p).tolist()
+    return ["" if d else c for c, d in zip(captions, drop)]
+
+
 @dataclass
-class TrainConfig(RunConfig):  # RunConfig: dtype, compile, device, seed, log/sample/checkpoint intervals
-    # Each field's second argument is its --help line.
+class TrainConfig(RunConfig):  # RunConfig: optimisation, numerics, device, seed, intervals, trackers
     tokenizer: str = option("tiny", "a tokenizer.PRESETS name")
     text_encoder: str = option("ViT-L-14-336", "open_clip model name, or a text.TEXT_PRESETS name")
     text_pretrained: str = option("openai", "open_clip weights tag of a named text encoder")
     data: str = option("shapes", '"shapes" (the procedural world), a tar-shard pattern, or an image folder')
     shapes_mix: str = option("", 'shapes world: weights of single,count,relation scenes, e.g. 0.2,0.3,0.5; "" = '
                                  "thirds")  # fmt: skip
-    num_workers: int = option(4, "DataLoader processes reading shards / folders (the data order depends on it)")
-    # optimisation (official: AdamW (0.9, 0.999), wd 1e-4, lr 1e-4, 10k warm-up, cosine to 1e-5)
-    batch_size: int = option(32, "per GPU, per micro-step")
-    grad_accum: int = option(1, "micro-steps per optimiser step (global batch = batch_size x grad_accum x GPUs)")
-    max_steps: int = option(650_000, "optimiser steps; the cosine decay ends here")
-    lr: float = option(1e-4, "peak learning rate, after the linear warm-up")
-    end_lr: float = option(1e-5, "learning rate at the end of the cosine decay")
-    warmup_steps: int = option(10_000, "steps of linear warm-up from 0")
-    weight_decay: float = option(1e-4, "AdamW's, on weight matrices only (not gains, biases, latent tokens)")
-    beta1: float = option(0.9, "AdamW's first-moment decay")
-    beta2: float = option(0.999, "AdamW's second-moment decay")
-    grad_clip: float = option(1.0, "the global gradient norm is clipped to this")
-    ema_decay: float = option(0.999, "of the EMA weights (warmed up as (1+t)/(10+t))")
     loss: str = option("official", "a losses.PRESETS name (official: LPIPS + ConvNeXt-S; paper_resnet50, shapes, "
                                    "tiny)")  # fmt: skip
     disc_start: int = option(-1, "step at which the GAN switches on; -1 keeps the loss preset's (official 200k)")
@@ -76,20 +71,6 @@ RULES = {
 }  # fmt: skip
 
 
-def drop_captions(captions, p, generator=None):
-    """Replace each caption by "" with probability p (drawn from torch's CPU RNG).
-
-    The text-aware decoder can lean on the caption for *what* is in the image and leave
-    the tokens only *where*; then it must bind each word to the right object, and on the
-    shapes world a VQ tokenizer that fails to draws two objects with one shape. Decoding
-    some samples without their caption makes the tokens carry the whole scene. The
-    paper's recipe has no such dropout (p = 0)."""
-    if p <= 0:
-        return list(captions)
-    drop = (torch.rand(len(captions), generator=generator) < p).tolist()
-    return ["" if d else c for c, d in zip(captions, drop)]
-
-
 def main(argv=None):
     cfg = parse_config(TrainConfig, PRESETS, argv, default="tiny", rules=RULES)  # no arguments: --help
     rank, world, device, autocast, scaler, log = setup_run(cfg)  # DDP, precision, rank-0 logger
@@ -105,10 +86,9 @@ def main(argv=None):
         text_encoder = TextEncoder(cfg.text_encoder, cfg.text_pretrained)
     text_encoder.to(device)
     if (text_encoder.context_length, text_encoder.width) != (tcfg.text_context_length, tcfg.text_embed_dim):
-        sys.exit(
-            f"error: text encoder {cfg.text_encoder} gives (L={text_encoder.context_length}, W={text_encoder.width}) "
-            f"but tokenizer {cfg.tokenizer} expects (L={tcfg.text_context_length}, W={tcfg.text_embed_dim})"
-        )
+        sys.exit(f"error: text encoder {cfg.text_encoder} gives (L={text_encoder.context_length}, "
+                 f"W={text_encoder.width}) but tokenizer {cfg.tokenizer} expects (L={tcfg.text_context_length}, "
+                 f"W={tcfg.text_embed_dim})")  # fmt: skip
     lcfg = copy.deepcopy(losses.PRESETS[cfg.loss])
     if cfg.disc_start >= 0:
         lcfg.discriminator_start = cfg.disc_start
@@ -117,8 +97,7 @@ def main(argv=None):
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # eval: no code revival, no dropout
     opt = adamw(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
     opt_d = adamw(disc, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay) if disc is not None else None
-    # MFU counts the tokenizer's own FLOPs (3x its forward per image); the frozen text
-    # encoder and the loss networks are extra work it leaves out, so it is a lower bound.
+    # MFU counts the tokenizer's own FLOPs (3x its forward per image): a lower bound (not the text encoder, losses).
     f = model.flops()
     train_flops = 3 * (f["encode"] + f["decode"])
     if master:
@@ -126,7 +105,7 @@ def main(argv=None):
         log(text=f"TA-TiTok {cfg.tokenizer}: {n / 1e6:.1f}M parameters, {train_flops / 1e9:.2f} GFLOP per "
                  f"image per step, {world} process(es) on {device}")  # fmt: skip
 
-    # ---- resume (config check, weights, optimisers, step, RNG of every rank)
+    # ---- resume: config check, weights, optimisers, step, every rank's RNG
     step = 0
     path, ckpt = find_resume(cfg, log)
     if ckpt is not None:
@@ -185,12 +164,10 @@ def main(argv=None):
                 stats[name] = stats.get(name, 0.0) + v / cfg.grad_accum
             micro.append((images, recon.detach()))
 
-        # ---- the tokenizer's optimiser step. unscale_ divides the fp16 gradients by the loss
-        # scale (a no-op otherwise), so that the clip sees their true size; the global grad
-        # norm is of the all-reduced gradients under DDP, so every rank decides alike. A
-        # non-finite norm (a nan/inf loss or gradient) skips the update, and the EMA's;
-        # reading it is this step's one host sync. scaler.step is opt.step() unless fp16
-        # found an inf.
+        # ---- the tokenizer's optimiser step. unscale_ divides fp16 gradients by the loss scale, so
+        # the clip sees their true size; the norm is of the all-reduced gradients, so every rank
+        # decides alike. A non-finite norm (nan/inf loss or gradient) skips the update and the
+        # EMA's; reading it is the step's one host sync. scaler.step is opt.step() unless fp16 found an inf.
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         ok = bool(torch.isfinite(grad_norm))
@@ -255,30 +232,24 @@ def main(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# Presets: the paper's six tokenizers (official training configs) and small ones.
-
+# Presets: the paper's six tokenizers (official training configs: RunConfig's defaults) and small ones.
 PRESETS = {name: TrainConfig(tokenizer=name) for name in
            ["tatitok_bl32_vq", "tatitok_bl64_vq", "tatitok_bl128_vq",
             "tatitok_bl32_vae", "tatitok_bl64_vae", "tatitok_sl128_vae"]}  # fmt: skip
 PRESETS["tiny"] = TrainConfig(
-    tokenizer="tiny", text_encoder="tiny", batch_size=4, max_steps=20, warmup_steps=2, lr=3e-3,
-    loss="tiny", disc_start=10, out_dir="runs/tiny_tokenizer",
-    dtype="fp32", compile=False, log_every=5, sample_every=20, ckpt_every=10, num_workers=0,
-)  # fmt: skip
+    tokenizer="tiny", text_encoder="tiny", batch_size=4, max_steps=20, warmup_steps=2, lr=3e-3, loss="tiny",
+    disc_start=10, out_dir="runs/tiny_tokenizer", dtype="fp32", compile=False, log_every=5, sample_every=20,
+    ckpt_every=10, num_workers=0)  # fmt: skip
 # The shapes world on 2 CPU cores (README): L2 and quantizer (or KL) losses only (the GAN
 # never switches on: in so short a run it costs more than it sharpens). beta2 = 0.99: with
 # 0.999 the second moments remember the huge first-step gradients for ~1k steps, which
 # stalls a run this short.
 _SHAPES = dict(
     text_encoder="shapes", batch_size=16, max_steps=16_000, warmup_steps=200, lr=2e-3, end_lr=2e-4, beta2=0.99,
-    loss="shapes",
-    disc_start=16_000, dtype="fp32", compile=False, log_every=200, sample_every=2000, ckpt_every=2000,
-    num_workers=0,
-)  # fmt: skip
-# VQ: longer, on a relation-heavy mix of scenes, compiled, and with 30% of the captions
-# dropped: without dropout the decoder can take each object's shape from the caption and
-# bind it to the wrong object (two objects drawn with one shape), and MaskGen-VQ's
-# generated tokens then show the same failure; with it the tokens carry the whole scene.
+    loss="shapes", disc_start=16_000, dtype="fp32", compile=False, log_every=200, sample_every=2000,
+    ckpt_every=2000, num_workers=0)  # fmt: skip
+# VQ: longer, on a relation-heavy mix of scenes, compiled, and with 30% of the captions dropped
+# (drop_captions): then MaskGen-VQ's tokens, too, carry each object's shape.
 PRESETS["shapes"] = TrainConfig(
     tokenizer="shapes", out_dir="runs/shapes_tokenizer",
     **{**_SHAPES, "max_steps": 28_000, "disc_start": 28_000, "shapes_mix": "0.2,0.3,0.5", "caption_drop": 0.3,

@@ -390,9 +390,8 @@ def release_config(model):
     that the official fields do not give back."""
     c, is_maskgen = model.config, hasattr(model.config, "mode")  # a TATiTokConfig has quantize_mode
     mode, table = (c.mode, M.MASKGEN_FIELDS) if is_maskgen else (c.quantize_mode, T.TATITOK_FIELDS)
-    s = {"vq_model": {"quantize_mode": "vq" if mode == "vq" else "vae"}, "maskgen": {}, "losses": {},
-         "preprocessing": {}}  # the sections the tables name, filled from c, then laid out by the model's file
-    for sec, key, ours, _ in _fields(table, mode):
+    s = dict(vq_model={"quantize_mode": "vq" if mode == "vq" else "vae"}, maskgen={}, losses={}, preprocessing={})
+    for sec, key, ours, _ in _fields(table, mode):  # the sections the tables name, laid out by official_config
         s[sec][key] = getattr(c, ours)
     d = (M if is_maskgen else T).official_config(c, s)
     # Read it back: whatever the official fields do not reproduce goes to EXTRA.
@@ -402,9 +401,8 @@ def release_config(model):
 
 
 def _release_view(model):
-    """{official key: the model's tensor in the release's shape}, as views of the model's weights, so copying
-    into one loads it (release_view in tokenizer.py / maskgen.py). State the releases do not hold (MaskGen's
-    tied head) is left out."""
+    """{official key: the model's tensor in the release's shape}, views (copying into one loads it) that
+    release_view in tokenizer.py / maskgen.py gives; state the releases lack (MaskGen's tied head) is left out."""
     sd, c = model.state_dict(), model.config
     return M.release_view(sd, c.mode) if hasattr(c, "mode") else T.release_view(sd)
 

@@ -3,7 +3,8 @@ Reading and writing models: checkpoint files and training-run folders, the offic
 TA-TiTok (paper §3.2) and MaskGen (§3.3, §4.2), Hugging Face Hub ids, and the loader that turns a reference
 into a tokenizer and a generator checked to fit each other (§4.2: MaskGen-VQ works on TA-TiTok's VQ ids,
 MaskGen-KL on its continuous KL tokens; both read CLIP text features). The networks (tokenizer.py,
-maskgen.py, text.py) never import this file.
+maskgen.py, text.py) never import this file. The official names (config.json field tables, weight renames)
+sit at the end of each model's file, tokenizer.py and maskgen.py; this file reads and writes with them.
 
 Every entry point accepts any model reference (resolve()):
     a release directory   config.json + model.safetensors, the official Hugging Face layout; the shipped
@@ -282,7 +283,8 @@ def save_checkpoint(out_dir, step, payload, keep=2, log=print):
 # top-level config.json entries that the official code ignores: "text_encoder" (a text tower other than
 # OpenAI's CLIP; a small random tower's weights go in text_encoder.safetensors), "tokenizer" (a generator's
 # tokenizer, relative to its directory) and EXTRA. Our modules name the weights differently and, in places,
-# lay them out differently: TA-TiTok's 1x1 convs are Linears here, MaskGen's q/k/v one fused matrix per stream.
+# lay them out differently: TA-TiTok's 1x1 convs are Linears here, MaskGen's q/k/v one fused matrix per stream
+# (the renames: release_view at the end of tokenizer.py and maskgen.py).
 
 
 class Release:
@@ -335,47 +337,17 @@ def open_safetensors(path):
                          f"download or write it again") from None
 
 
-# config.json fields <-> ours, one table per model read both ways: ("section.official_key", our field, the
-# value assumed when a release leaves it out, or REQUIRED). Our fields that the official layout has no place
-# for (e.g. the shapes models' init, pos_init_std) go in a section of their own, EXTRA, only when they differ
-# from what the official fields give, so the release of an official-size model stays official.
+# config.json fields <-> ours, one table per model read both ways (TATITOK_FIELDS in tokenizer.py,
+# MASKGEN_FIELDS in maskgen.py): ("section.official_key", our field[, the value assumed when a release leaves
+# it out]); a field without one is REQUIRED. Our fields that the official layout has no place for (e.g. the
+# shapes models' init, pos_init_std) go in a section of their own, EXTRA, only when they differ from what the
+# official fields give, so the release of an official-size model stays official.
 REQUIRED, EXTRA = object(), "extra_fields"
-TATITOK_FIELDS = {
-    "any": [("vq_model.vit_enc_patch_size", "enc_patch_size", REQUIRED),
-            ("vq_model.token_size", "token_size", REQUIRED),
-            ("vq_model.vit_dec_patch_size", "dec_patch_size", REQUIRED),
-            ("preprocessing.crop_size", "image_size", REQUIRED),
-            ("vq_model.num_latent_tokens", "num_latent_tokens", REQUIRED),
-            ("vq_model.text_context_length", "text_context_length", 77),
-            ("vq_model.text_embed_dim", "text_embed_dim", 768)],
-    "vq": [("vq_model.codebook_size", "codebook_size", REQUIRED), ("vq_model.commitment_cost", "commitment_cost", 0.25),
-           ("vq_model.use_l2_norm", "use_l2_norm", False), ("vq_model.clustering_vq", "clustering_vq", False)],
-    "kl": [],
-}  # fmt: skip
-# MaskGen. The official VQ "temperature" is our randomize_temperature (of the Gumbel noise that picks the
-# tokens); KL's is the diffusion sampling temperature.
-MASKGEN_FIELDS = {
-    "any": [("vq_model.num_latent_tokens", "num_tokens", REQUIRED), ("vq_model.text_embed_dim", "text_width", 768),
-            ("maskgen.decoder_embed_dim", "width", REQUIRED), ("maskgen.decoder_depth", "depth", REQUIRED),
-            ("maskgen.decoder_num_heads", "heads", REQUIRED), ("maskgen.sample_aesthetic_score", "aesthetic", 6.5)],
-    "vq": [("vq_model.token_size", "token_size", 64), ("vq_model.codebook_size", "codebook_size", REQUIRED),
-           ("maskgen.cfg", "guidance_scale", 12.0), ("maskgen.cfg_schedule", "guidance_schedule", "cosine"),
-           ("maskgen.num_iter", "num_steps", 16), ("maskgen.condition_num_classes", "num_class_rows", 1000),
-           ("maskgen.temperature", "randomize_temperature", 2.0), ("losses.label_smoothing", "label_smoothing", 0.1),
-           ("losses.loss_weight_unmasked_token", "unmasked_weight", 0.1)],
-    "kl": [("vq_model.token_size", "token_size", 16), ("vq_model.scale_factor", "scale_factor", REQUIRED),
-           ("maskgen.cfg", "guidance_scale", 3.0), ("maskgen.cfg_schedule", "guidance_schedule", "linear"),
-           ("maskgen.num_iter", "num_steps", 32), ("maskgen.diffusion_batch_mul", "diffusion_batch_mul", 4),
-           ("maskgen.temperature", "temperature", 1.0), ("losses.diffloss_d", "diffloss_depth", REQUIRED),
-           ("losses.diffloss_w", "diffloss_width", REQUIRED),
-           ("losses.num_sampling_steps", "num_sampling_steps", "100")],
-}  # fmt: skip
-_ARCH = ("width", "depth", "heads")
 
 
 def _fields(table, mode):
     """(section, official key, our field, default) for every field of `mode` in a field table."""
-    return [(*field.split("."), ours, default) for field, ours, default in table["any"] + table[mode]]
+    return [(*f[0].split("."), f[1], f[2] if len(f) > 2 else REQUIRED) for f in table["any"] + table[mode]]
 
 
 def _unwrap(d):
@@ -383,9 +355,10 @@ def _unwrap(d):
     return d["config"] if "model" not in d and isinstance(d.get("config"), dict) else d
 
 
-def _read_fields(d, table, path, what, expected, finish):
-    """config.json dict -> our config's kwargs by a field table; finish(sections, kwargs, mode) reads what
-    the table cannot. A missing field, or one of the wrong kind, is a ValueError."""
+def _read_fields(d, table, finish, path, what, expected):
+    """config.json dict -> our config's kwargs by a field table; finish(sections, kwargs, mode, path) reads
+    what the table cannot (kwargs_from_official in tokenizer.py / maskgen.py). A missing field, or one of the
+    wrong kind, is a ValueError."""
     d = _unwrap(d)
     try:
         # The sections the tables name: model.vq_model, model.maskgen, losses, dataset.preprocessing.
@@ -393,7 +366,7 @@ def _read_fields(d, table, path, what, expected, finish):
         mode = {"vq": "vq", "vae": "kl"}[s["vq_model"].get("quantize_mode", "vq")]
         kw = {ours: s[sec][key] if default is REQUIRED else s[sec].get(key, default)
               for sec, key, ours, default in _fields(table, mode)}  # fmt: skip
-        finish(s, kw, mode)
+        finish(s, kw, mode, path)
     except (KeyError, TypeError, AttributeError) as e:
         why = f"missing field {e}" if isinstance(e, KeyError) else f"a field of the wrong kind ({e})"
         raise ValueError(f"{path} is not a {what}: {why} (expected {expected})") from None
@@ -402,158 +375,36 @@ def _read_fields(d, table, path, what, expected, finish):
 
 def tatitok_kwargs(d, path="config.json"):
     """A TA-TiTok config.json dict -> TATiTokConfig(**kwargs)."""
-
-    def finish(s, kw, mode):
-        vq = s["vq_model"]
-        for side in ("enc", "dec"):  # a named ViT size, or "custom" (our tiny presets) spelled out
-            name = vq[f"vit_{side}_model_size"]
-            if name != "custom" and name not in T.VIT_SIZES:
-                raise ValueError(f"unknown vit_{side}_model_size {name!r}; expected one of {sorted(T.VIT_SIZES)}")
-            arch = T.VIT_SIZES[name] if name != "custom" else [vq[f"vit_{side}_{k}"] for k in _ARCH]
-            kw.update({f"{side}_{k}": v for k, v in zip(_ARCH, arch)}, quantize_mode=mode)
-        if vq.get("is_legacy", True):  # it reshapes the encoder output without a permute (a bug); no release uses it
-            raise ValueError(f"{path} has is_legacy: True; only is_legacy: False checkpoints are supported")
-        if vq.get("finetune_decoder", False):
-            raise ValueError(f"{path}: finetune_decoder: True (TiTok's two-stage decoder) is not part of TA-TiTok")
-
     expected = "model.vq_model and dataset.preprocessing.crop_size"
-    return _read_fields(d, TATITOK_FIELDS, path, "TA-TiTok config", expected, finish)
+    return _read_fields(d, T.TATITOK_FIELDS, T.kwargs_from_official, path, "TA-TiTok config", expected)
 
 
 def maskgen_kwargs(d, path="config.json"):
     """A MaskGen config.json dict -> MaskGenConfig(**kwargs)."""
-
-    def finish(s, kw, mode):
-        mg = s["maskgen"]
-        kw.update(mode=mode, pooled_dim=s["vq_model"].get("pooled_embed_dim", kw["text_width"]),
-                  aes_embed_dim=mg["micro_condition_embed_dim"] if mg.get("micro_condition", False) else 0)
-        if mode == "kl":
-            kw["num_sampling_steps"] = str(kw["num_sampling_steps"])
-            return
-        kw["randomize_temperature"] = mg.get("randomize_temperature", kw["randomize_temperature"])
-        if not mg.get("weight_tying", True):
-            raise ValueError(f"{path}: weight_tying: False (an untied LM head) is not supported; every release ties it")
-        if mg.get("mask_schedule_strategy", "arccos") != "arccos":
-            raise ValueError(f"{path}: only the arccos mask schedule is implemented, "
-                             f"got {mg['mask_schedule_strategy']!r}")
-
     expected = "model.vq_model, model.maskgen, losses"
-    return _read_fields(d, MASKGEN_FIELDS, path, "MaskGen config.json", expected, finish)
+    return _read_fields(d, M.MASKGEN_FIELDS, M.kwargs_from_official, path, "MaskGen config.json", expected)
 
 
 def release_config(model):
     """config.json content for `model`: the official layout, plus EXTRA for the fields of model.config
     that the official fields do not give back."""
     c, is_maskgen = model.config, hasattr(model.config, "mode")  # a TATiTokConfig has quantize_mode
-    mode, table = (c.mode, MASKGEN_FIELDS) if is_maskgen else (c.quantize_mode, TATITOK_FIELDS)
-    vq, mg, losses, prep = {"quantize_mode": "vq" if mode == "vq" else "vae"}, {}, {}, {}
-    for sec, key, ours, _ in _fields(table, mode):
-        {"vq_model": vq, "maskgen": mg, "losses": losses, "preprocessing": prep}[sec][key] = getattr(c, ours)
-    d = {"model": {"vq_model": vq}, "dataset": {"preprocessing": prep}}
-    if is_maskgen:
-        mg.update(micro_condition=c.aes_embed_dim > 0, micro_condition_embed_dim=c.aes_embed_dim, text_drop_prob=0.1)
-        d.update(model={"vq_model": vq, "maskgen": mg}, losses=losses, dataset={"preprocessing": {"crop_size": 256}})
-        if c.pooled_dim != c.text_width:  # not in the official layout (it uses one width for both)
-            vq["pooled_embed_dim"] = c.pooled_dim
-        if mode == "kl" and c.temperature is None:
-            mg["temperature"] = 1.0
-    else:
-        vq.update(finetune_decoder=False, is_legacy=False)
-        for side in ("enc", "dec"):
-            arch = tuple(getattr(c, f"{side}_{k}") for k in _ARCH)
-            names = [n for n, a in T.VIT_SIZES.items() if a == arch]
-            vq[f"vit_{side}_model_size"] = names[0] if names else "custom"
-            vq.update({} if names else {f"vit_{side}_{k}": v for k, v in zip(_ARCH, arch)})  # e.g. the tiny presets
+    mode, table = (c.mode, M.MASKGEN_FIELDS) if is_maskgen else (c.quantize_mode, T.TATITOK_FIELDS)
+    s = dict(vq_model={"quantize_mode": "vq" if mode == "vq" else "vae"}, maskgen={}, losses={}, preprocessing={})
+    for sec, key, ours, _ in _fields(table, mode):  # the sections the tables name, laid out by official_config
+        s[sec][key] = getattr(c, ours)
+    d = (M if is_maskgen else T).official_config(c, s)
     # Read it back: whatever the official fields do not reproduce goes to EXTRA.
     back = type(c)(**(maskgen_kwargs if is_maskgen else tatitok_kwargs)(d))
     extra = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if getattr(back, f.name) != getattr(c, f.name)}
     return {**d, EXTRA: extra} if extra else d
 
 
-# Weight names. TA-TiTok: official name fragment -> ours (everything else is named the same); their 1x1 convs
-# on a fake (B, C, 1, K) grid are our Linears on (B, K, C): weights (out, in, 1, 1) there, (out, in) here.
-TATITOK_RENAMES = [(".transformer.", ".blocks."), (".attn.in_proj_weight", ".attn.qkv.weight"),
-                   (".attn.in_proj_bias", ".attn.qkv.bias"), (".attn.out_proj.", ".attn.proj."),
-                   ("encoder.conv_out.", "encoder.proj_out."), ("decoder.ffn.0.", "decoder.to_pixels.")]  # fmt: skip
-_CONV_1X1 = ("encoder.conv_out.weight", "decoder.ffn.0.weight")
-# MaskGen: official key -> ours at the top level, per variant (an entry ending in "." is a prefix). TRUNK is
-# where our state dict keeps the MM-DiT trunk both variants share (text and pooled projections, blocks, final
-# norm): one line to change if it moves.
-TRUNK = "trunk."
-MASKGEN_RENAMES = {
-    "vq": [("text_embed_proj.", TRUNK + "text_proj."), ("cond_pooled_proj.", TRUNK + "pooled_proj."),
-           ("blocks.", TRUNK + "blocks."), ("norm.linear.", TRUNK + "norm_out.linear."),
-           ("embeddings.weight", "tok_emb.weight"), ("pos_embed", "pos_emb")],
-    "kl": [("text_emb.", TRUNK + "text_proj."), ("text_pooled_emb.", TRUNK + "pooled_proj."),
-           ("decoder_blocks.", TRUNK + "blocks."), ("decoder_norm.linear.", TRUNK + "norm_out.linear."),
-           ("z_proj.", "z_proj."), ("z_proj_ln.", "z_norm."), ("mask_token", "mask_token"),
-           ("decoder_pos_embed_learned", "pos_emb"), ("diffusion_pos_embed_learned", "diff_pos_emb"),
-           ("diffloss.net.", "diffloss.net.")],
-}  # fmt: skip
-# Inside a block: diffusers' JointTransformerBlock names -> ours, with q, k and v as the separate parts that
-# split_qkv shows of our fused projections.
-BLOCK_RENAMES = [
-    ("norm1.linear.", "img_adaln.linear."), ("norm1_context.linear.", "txt_adaln.linear."),
-    ("attn.to_q.", "attn.img_q."), ("attn.to_k.", "attn.img_k."), ("attn.to_v.", "attn.img_v."),
-    ("attn.to_out.0.", "attn.img_out."), ("attn.add_q_proj.", "attn.txt_q."), ("attn.add_k_proj.", "attn.txt_k."),
-    ("attn.add_v_proj.", "attn.txt_v."), ("attn.to_add_out.", "attn.txt_out."),
-    ("ff.net.0.proj.", "img_mlp.fc1."), ("ff.net.2.", "img_mlp.fc2."),
-    ("ff_context.net.0.proj.", "txt_mlp.fc1."), ("ff_context.net.2.", "txt_mlp.fc2."),
-]  # fmt: skip
-
-
-def split_qkv(sd, copy=False):
-    """Our state dict with each fused attention projection (maskgen.FUSED_QKV, e.g. '...attn.img_qkv.weight')
-    replaced by its parts ('...attn.img_q.weight', img_k, img_v): row-block views of the fused tensor (copying
-    into one writes the model's weight: how a release's separate to_q / to_k / to_v load), or copies."""
-    out = {}
-    for key, t in sd.items():
-        mod, _, param = key.rpartition(".")
-        head, _, name = mod.rpartition(".")
-        if name in M.FUSED_QKV and (head == "attn" or head.endswith(".attn")):
-            for part, rows in zip(M.FUSED_QKV[name], t.chunk(len(M.FUSED_QKV[name]))):
-                out[f"{head}.{part}.{param}"] = rows.clone() if copy else rows
-        else:
-            out[key] = t
-    return out
-
-
-def _rename(key, table):
-    """`key` renamed by the first (from, to) entry of `table` that matches it, else None."""
-    return next((b + key[len(a) :] for a, b in table if key == a or (a.endswith(".") and key.startswith(a))), None)
-
-
-def block_key_from_official(key):
-    """A diffusers JointTransformerBlock key ('attn.to_q.weight') -> ours, or None."""
-    return _rename(key, BLOCK_RENAMES)
-
-
-def _last_q_proj(c):
-    """The release name of MaskGen's last-block text-query projection, which we do not hold (that block's
-    text stream only gives keys and values, see maskgen's JointAttention)."""
-    return f"{'blocks' if c.mode == 'vq' else 'decoder_blocks'}.{c.depth - 1}.attn.add_q_proj"
-
-
 def _release_view(model):
-    """{official key: the model's tensor in the release's shape}, as views of the model's weights, so copying
-    into one loads it. State the releases do not hold (MaskGen's tied head) is left out."""
-    view, sd = {}, model.state_dict()
-    if not hasattr(model.config, "mode"):  # TA-TiTok
-        for key, v in sd.items():
-            for official, ours in TATITOK_RENAMES:
-                key = key.replace(ours, official)
-            view[key] = v[:, :, None, None] if key in _CONV_1X1 else v
-        return view
-    blocks, inverse = TRUNK + "blocks.", [(b, a) for a, b in MASKGEN_RENAMES[model.config.mode]]
-    for key, v in split_qkv(sd).items():
-        if key.startswith(blocks):  # blocks.<i>.<inner>: the inner name by BLOCK_RENAMES
-            i, _, inner = key[len(blocks) :].partition(".")
-            inner = _rename(inner, [(b, a) for a, b in BLOCK_RENAMES])
-            key = None if inner is None else f"{blocks}{i}.{inner}"
-        name = None if key is None else _rename(key, inverse)
-        if name is not None:
-            view[name] = v
-    return view
+    """{official key: the model's tensor in the release's shape}, views (copying into one loads it) that
+    release_view in tokenizer.py / maskgen.py gives; state the releases lack (MaskGen's tied head) is left out."""
+    sd, c = model.state_dict(), model.config
+    return M.release_view(sd, c.mode) if hasattr(c, "mode") else T.release_view(sd)
 
 
 def load_weights(model, release):
@@ -565,7 +416,7 @@ def load_weights(model, release):
         # Not loaded on purpose: the last block's text queries (unused), and the tied LM head, which is the
         # embedding table itself. safetensors keeps one name for shared tensors; only if that name is
         # lm_head.weight is it read, as the table.
-        skip = {f"{_last_q_proj(c)}.weight", f"{_last_q_proj(c)}.bias"}
+        skip = {f"{M.last_q_proj(c)}.weight", f"{M.last_q_proj(c)}.bias"}
         if c.mode == "vq" and "embeddings.weight" in release.keys:
             skip.add("lm_head.weight")
         elif c.mode == "vq":
@@ -608,8 +459,8 @@ def release_state_dict(model, half=False):
     out = {k: v.clone() for k, v in _release_view(model).items()}
     if hasattr(model.config, "mode"):
         c, ref = model.config, next(model.parameters())
-        out[f"{_last_q_proj(c)}.weight"] = torch.zeros(c.width, c.width, dtype=ref.dtype, device=ref.device)
-        out[f"{_last_q_proj(c)}.bias"] = torch.zeros(c.width, dtype=ref.dtype, device=ref.device)
+        out[f"{M.last_q_proj(c)}.weight"] = torch.zeros(c.width, c.width, dtype=ref.dtype, device=ref.device)
+        out[f"{M.last_q_proj(c)}.bias"] = torch.zeros(c.width, dtype=ref.dtype, device=ref.device)
     return _half(out, half)
 
 

@@ -13,6 +13,8 @@ unmasking: from K [MASK] tokens, each step fills in those the model is most sure
 Both share an MM-DiT trunk (SD3): image tokens and CLIP text states as two streams with their own adaLN,
 projections and MLP, and ONE joint attention, modulated by the pooled text embedding plus an aesthetic
 score. A block is diffusers' `JointTransformerBlock` without qk-norm, as the official's. Read bottom-up.
+The official names (config.json fields, weight keys, diffusers' block names) are at the end of this file;
+checkpoint.py reads and writes release directories with them.
 
     model = build(PRESETS["maskgen_vq_l"])            # MaskGenVQ or MaskGenKL by config.mode
     model = checkpoint.load_generator("turkeyju/generator_maskgen_kl_l")   # a release (dir or Hub id)
@@ -758,3 +760,128 @@ def preset_for(name, tokenizer_config, text_width, pooled_dim):
     t = tokenizer_config
     return dataclasses.replace(PRESETS[name], num_tokens=t.num_latent_tokens, codebook_size=t.codebook_size,
                                token_size=t.token_size, text_width=text_width, pooled_dim=pooled_dim)  # fmt: skip
+
+
+# -----------------------------------------------------------------------------
+# Official names: the authors' releases (turkeyju/generator_maskgen_*) hold config.json, the official nested
+# config, and weights under the official code's names. checkpoint.py reads and writes them with what follows.
+
+# config.json field -> ours, as tokenizer.TATITOK_FIELDS (a field without a default is required). The official
+# VQ "temperature" is our randomize_temperature (of the Gumbel noise that picks the tokens); KL's is the
+# diffusion sampling temperature.
+MASKGEN_FIELDS = {
+    "any": [("vq_model.num_latent_tokens", "num_tokens"), ("vq_model.text_embed_dim", "text_width", 768),
+            ("maskgen.decoder_embed_dim", "width"), ("maskgen.decoder_depth", "depth"),
+            ("maskgen.decoder_num_heads", "heads"), ("maskgen.sample_aesthetic_score", "aesthetic", 6.5)],
+    "vq": [("vq_model.token_size", "token_size", 64), ("vq_model.codebook_size", "codebook_size"),
+           ("maskgen.cfg", "guidance_scale", 12.0), ("maskgen.cfg_schedule", "guidance_schedule", "cosine"),
+           ("maskgen.num_iter", "num_steps", 16), ("maskgen.condition_num_classes", "num_class_rows", 1000),
+           ("maskgen.temperature", "randomize_temperature", 2.0), ("losses.label_smoothing", "label_smoothing", 0.1),
+           ("losses.loss_weight_unmasked_token", "unmasked_weight", 0.1)],
+    "kl": [("vq_model.token_size", "token_size", 16), ("vq_model.scale_factor", "scale_factor"),
+           ("maskgen.cfg", "guidance_scale", 3.0), ("maskgen.cfg_schedule", "guidance_schedule", "linear"),
+           ("maskgen.num_iter", "num_steps", 32), ("maskgen.diffusion_batch_mul", "diffusion_batch_mul", 4),
+           ("maskgen.temperature", "temperature", 1.0), ("losses.diffloss_d", "diffloss_depth"),
+           ("losses.diffloss_w", "diffloss_width"), ("losses.num_sampling_steps", "num_sampling_steps", "100")],
+}  # fmt: skip
+
+
+def kwargs_from_official(s, kw, mode, path):
+    """Complete the MaskGenConfig kwargs `kw` that MASKGEN_FIELDS read from config.json sections `s`.
+    Official options MaskGen here does not implement are refused (ValueError naming `path`)."""
+    mg = s["maskgen"]
+    kw.update(mode=mode, pooled_dim=s["vq_model"].get("pooled_embed_dim", kw["text_width"]),
+              aes_embed_dim=mg["micro_condition_embed_dim"] if mg.get("micro_condition", False) else 0)
+    if mode == "kl":
+        kw["num_sampling_steps"] = str(kw["num_sampling_steps"])
+        return
+    kw["randomize_temperature"] = mg.get("randomize_temperature", kw["randomize_temperature"])
+    if not mg.get("weight_tying", True):
+        raise ValueError(f"{path}: weight_tying: False (an untied LM head) is not supported; every release ties it")
+    if mg.get("mask_schedule_strategy", "arccos") != "arccos":
+        raise ValueError(f"{path}: only the arccos mask schedule is implemented, got {mg['mask_schedule_strategy']!r}")
+
+
+def official_config(c, s):
+    """The config.json dict of MaskGenConfig `c`, from the sections `s` that MASKGEN_FIELDS filled."""
+    vq, mg = s["vq_model"], s["maskgen"]
+    mg.update(micro_condition=c.aes_embed_dim > 0, micro_condition_embed_dim=c.aes_embed_dim, text_drop_prob=0.1)
+    if c.pooled_dim != c.text_width:  # not in the official layout (it uses one width for both)
+        vq["pooled_embed_dim"] = c.pooled_dim
+    if c.mode == "kl" and c.temperature is None:
+        mg["temperature"] = 1.0
+    return {"model": {"vq_model": vq, "maskgen": mg}, "dataset": {"preprocessing": {"crop_size": 256}},
+            "losses": s["losses"]}
+
+
+# Weight names: official key -> ours at the top level, per variant (an entry ending in "." is a prefix). TRUNK
+# is where our state dict keeps the MM-DiT trunk both variants share (text and pooled projections, blocks,
+# final norm): one line to change if it moves.
+TRUNK = "trunk."
+MASKGEN_RENAMES = {
+    "vq": [("text_embed_proj.", TRUNK + "text_proj."), ("cond_pooled_proj.", TRUNK + "pooled_proj."),
+           ("blocks.", TRUNK + "blocks."), ("norm.linear.", TRUNK + "norm_out.linear."),
+           ("embeddings.weight", "tok_emb.weight"), ("pos_embed", "pos_emb")],
+    "kl": [("text_emb.", TRUNK + "text_proj."), ("text_pooled_emb.", TRUNK + "pooled_proj."),
+           ("decoder_blocks.", TRUNK + "blocks."), ("decoder_norm.linear.", TRUNK + "norm_out.linear."),
+           ("z_proj.", "z_proj."), ("z_proj_ln.", "z_norm."), ("mask_token", "mask_token"),
+           ("decoder_pos_embed_learned", "pos_emb"), ("diffusion_pos_embed_learned", "diff_pos_emb"),
+           ("diffloss.net.", "diffloss.net.")],
+}  # fmt: skip
+# Inside a block: diffusers' JointTransformerBlock names -> ours, with q, k and v as the separate parts that
+# split_qkv shows of our fused projections.
+BLOCK_RENAMES = [
+    ("norm1.linear.", "img_adaln.linear."), ("norm1_context.linear.", "txt_adaln.linear."),
+    ("attn.to_q.", "attn.img_q."), ("attn.to_k.", "attn.img_k."), ("attn.to_v.", "attn.img_v."),
+    ("attn.to_out.0.", "attn.img_out."), ("attn.add_q_proj.", "attn.txt_q."), ("attn.add_k_proj.", "attn.txt_k."),
+    ("attn.add_v_proj.", "attn.txt_v."), ("attn.to_add_out.", "attn.txt_out."),
+    ("ff.net.0.proj.", "img_mlp.fc1."), ("ff.net.2.", "img_mlp.fc2."),
+    ("ff_context.net.0.proj.", "txt_mlp.fc1."), ("ff_context.net.2.", "txt_mlp.fc2."),
+]  # fmt: skip
+
+
+def split_qkv(sd, copy=False):
+    """Our state dict with each fused attention projection (FUSED_QKV, e.g. '...attn.img_qkv.weight')
+    replaced by its parts ('...attn.img_q.weight', img_k, img_v): row-block views of the fused tensor (copying
+    into one writes the model's weight: how a release's separate to_q / to_k / to_v load), or copies."""
+    out = {}
+    for key, t in sd.items():
+        mod, _, param = key.rpartition(".")
+        head, _, name = mod.rpartition(".")
+        if name in FUSED_QKV and (head == "attn" or head.endswith(".attn")):
+            for part, rows in zip(FUSED_QKV[name], t.chunk(len(FUSED_QKV[name]))):
+                out[f"{head}.{part}.{param}"] = rows.clone() if copy else rows
+        else:
+            out[key] = t
+    return out
+
+
+def _rename(key, table):
+    """`key` renamed by the first (from, to) entry of `table` that matches it, else None."""
+    return next((b + key[len(a) :] for a, b in table if key == a or (a.endswith(".") and key.startswith(a))), None)
+
+
+def block_key_from_official(key):
+    """A diffusers JointTransformerBlock key ('attn.to_q.weight') -> ours, or None."""
+    return _rename(key, BLOCK_RENAMES)
+
+
+def last_q_proj(c):
+    """The release name of the last block's text-query projection, which we do not hold (that block's text
+    stream only gives keys and values, see JointAttention)."""
+    return f"{'blocks' if c.mode == 'vq' else 'decoder_blocks'}.{c.depth - 1}.attn.add_q_proj"
+
+
+def release_view(sd, mode):
+    """Our state dict `sd` as {official key: tensor}, views (split_qkv's): copying into one loads it. The
+    tied LM head, which the releases do not hold, is left out."""
+    view, blocks, inverse = {}, TRUNK + "blocks.", [(b, a) for a, b in MASKGEN_RENAMES[mode]]
+    for key, v in split_qkv(sd).items():
+        if key.startswith(blocks):  # blocks.<i>.<inner>: the inner name by BLOCK_RENAMES
+            i, _, inner = key[len(blocks) :].partition(".")
+            inner = _rename(inner, [(b, a) for a, b in BLOCK_RENAMES])
+            key = None if inner is None else f"{blocks}{i}.{inner}"
+        name = None if key is None else _rename(key, inverse)
+        if name is not None:
+            view[name] = v
+    return view

@@ -18,6 +18,9 @@ Data flow, in the order the classes appear:
          DiagonalGaussian   (KL)  mean / log-variance, sample() / mode() / kl()
       -> Decoder            tokens + mask grid + CLIP text -> ViT -> pixels
 
+The official names (config.json fields, weight keys) are at the end of this file, with the functions
+that turn them into ours; checkpoint.py reads and writes release directories with them.
+
 Public API (the CLIP text encoder is in text.py, the release format in checkpoint.py):
     tok = TATiTok(PRESETS["tatitok_bl32_vq"])      or checkpoint.load_tokenizer(dir)[0]
     ids = tok.encode(images)                       # VQ: (B,K) long; KL: (B,K,C) mean
@@ -528,3 +531,68 @@ PRESETS = {
     "shapes": TATiTokConfig(**_SHAPES, dec_depth=3, dec_heads=4, codebook_size=2048, token_size=16, use_l2_norm=True),
     "shapes_kl": TATiTokConfig(**_SHAPES, dec_depth=2, dec_heads=2, quantize_mode="kl", token_size=8),
 }
+
+
+# -----------------------------------------------------------------------------
+# Official names: the authors' releases (turkeyju/tokenizer_tatitok_*) hold config.json, the official nested
+# config, and weights under the official code's names. checkpoint.py reads and writes them with what follows.
+
+# config.json field -> ours: ("section.official_key", our field[, the value assumed when a release leaves it
+# out]); a field without one is required. "any" holds the fields of both quantize modes.
+TATITOK_FIELDS = {
+    "any": [("vq_model.vit_enc_patch_size", "enc_patch_size"), ("vq_model.token_size", "token_size"),
+            ("vq_model.vit_dec_patch_size", "dec_patch_size"), ("preprocessing.crop_size", "image_size"),
+            ("vq_model.num_latent_tokens", "num_latent_tokens"),
+            ("vq_model.text_context_length", "text_context_length", 77),
+            ("vq_model.text_embed_dim", "text_embed_dim", 768)],
+    "vq": [("vq_model.codebook_size", "codebook_size"), ("vq_model.commitment_cost", "commitment_cost", 0.25),
+           ("vq_model.use_l2_norm", "use_l2_norm", False), ("vq_model.clustering_vq", "clustering_vq", False)],
+    "kl": [],
+}  # fmt: skip
+_ARCH = ("width", "depth", "heads")  # a ViT's size, in VIT_SIZES' order
+
+
+def kwargs_from_official(s, kw, mode, path):
+    """Complete the TATiTokConfig kwargs `kw` that TATITOK_FIELDS read from config.json sections `s`: the
+    ViT sizes and the mode. Official options TA-TiTok does not use are refused (ValueError naming `path`)."""
+    vq = s["vq_model"]
+    for side in ("enc", "dec"):  # a named ViT size, or "custom" (our tiny presets) spelled out
+        name = vq[f"vit_{side}_model_size"]
+        if name != "custom" and name not in VIT_SIZES:
+            raise ValueError(f"unknown vit_{side}_model_size {name!r}; expected one of {sorted(VIT_SIZES)}")
+        arch = VIT_SIZES[name] if name != "custom" else [vq[f"vit_{side}_{k}"] for k in _ARCH]
+        kw.update({f"{side}_{k}": v for k, v in zip(_ARCH, arch)}, quantize_mode=mode)
+    if vq.get("is_legacy", True):  # it reshapes the encoder output without a permute (a bug); no release uses it
+        raise ValueError(f"{path} has is_legacy: True; only is_legacy: False checkpoints are supported")
+    if vq.get("finetune_decoder", False):
+        raise ValueError(f"{path}: finetune_decoder: True (TiTok's two-stage decoder) is not part of TA-TiTok")
+
+
+def official_config(c, s):
+    """The config.json dict of TATiTokConfig `c`, from the sections `s` that TATITOK_FIELDS filled."""
+    vq = s["vq_model"]
+    vq.update(finetune_decoder=False, is_legacy=False)
+    for side in ("enc", "dec"):
+        arch = tuple(getattr(c, f"{side}_{k}") for k in _ARCH)
+        names = [n for n, a in VIT_SIZES.items() if a == arch]
+        vq[f"vit_{side}_model_size"] = names[0] if names else "custom"
+        vq.update({} if names else {f"vit_{side}_{k}": v for k, v in zip(_ARCH, arch)})  # e.g. the tiny presets
+    return {"model": {"vq_model": vq}, "dataset": {"preprocessing": s["preprocessing"]}}
+
+
+# Weight names: official name fragment -> ours (everything else is named the same). The official 1x1 convs
+# on a fake (B, C, 1, K) grid are our Linears on (B, K, C): weights (out, in, 1, 1) there, (out, in) here.
+TATITOK_RENAMES = [(".transformer.", ".blocks."), (".attn.in_proj_weight", ".attn.qkv.weight"),
+                   (".attn.in_proj_bias", ".attn.qkv.bias"), (".attn.out_proj.", ".attn.proj."),
+                   ("encoder.conv_out.", "encoder.proj_out."), ("decoder.ffn.0.", "decoder.to_pixels.")]  # fmt: skip
+_CONV_1X1 = ("encoder.conv_out.weight", "decoder.ffn.0.weight")
+
+
+def release_view(sd):
+    """Our state dict `sd` as {official key: tensor in the release's shape}, views: copying into one loads it."""
+    view = {}
+    for key, v in sd.items():
+        for official, ours in TATITOK_RENAMES:
+            key = key.replace(ours, official)
+        view[key] = v[:, :, None, None] if key in _CONV_1X1 else v
+    return view

@@ -27,8 +27,8 @@ import sample as S
 import shapes
 import tokenizer as T
 import train_maskgen
-from checkpoint import CheckpointError, split_qkv, torch_load
-from maskgen import PRESETS, build
+from checkpoint import CheckpointError, torch_load
+from maskgen import PRESETS, build, split_qkv
 from test_sample import CPU, GEN_VQ, ckpts, pixels, save_generator_run, save_tokenizer_run, tiny_text  # noqa: F401
 from text import TEXT_PRESETS, TextEncoder
 

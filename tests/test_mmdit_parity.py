@@ -7,8 +7,7 @@ import torch
 diffusers_attention = pytest.importorskip("diffusers.models.attention")
 diffusers_norm = pytest.importorskip("diffusers.models.normalization")
 
-from maskgen import AdaLNContinuous, JointBlock  # noqa: E402
-from checkpoint import block_key_from_official, split_qkv  # noqa: E402
+from maskgen import AdaLNContinuous, JointBlock, block_key_from_official, split_qkv  # noqa: E402
 
 D, HEADS, N, L = 64, 4, 10, 7
 

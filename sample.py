@@ -41,9 +41,6 @@ import train_common
 from data import IMAGE_EXTS, load_image
 from maskgen import check_guidance_schedule
 
-# -----------------------------------------------------------------------------
-# Prompts.
-
 
 def read_text(path, what, hint=""):
     """The lines of a UTF-8 text file, with errors that name it."""
@@ -81,38 +78,31 @@ def _jsonl_prompt(line, path, n):
     return obj["prompt"]
 
 
-MJHQ_SHAPE = '{"<image id>": {"category": "animals", "prompt": "..."}, ...}'
-
-
 def read_mjhq(path):
     """MJHQ-30K's meta_data.json -> [(id, category, prompt)] in the file's order. Image <id>
     goes to <outdir>/<category>/<id>.png, MJHQ's own layout, so that evaluate.py gen can
     score each category on its own."""
-    bad = f"MJHQ metadata file {path!r}"
+    bad, shape = f"MJHQ metadata file {path!r}", '{"<image id>": {"category": "animals", "prompt": "..."}, ...}'
     text = "\n".join(read_text(path, "MJHQ metadata file", " (meta_data.json in playgroundai/MJHQ-30K)"))
     try:
         meta = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{bad} is not valid JSON ({e}); --mjhq takes MJHQ-30K's meta_data.json: "
-                         f"{MJHQ_SHAPE}") from None
+        raise ValueError(f"{bad} is not valid JSON ({e}); --mjhq takes MJHQ-30K's meta_data.json: {shape}") from None
     if not isinstance(meta, dict) or not meta:
         got = "an empty object" if meta == {} else f"a JSON {type(meta).__name__}"
-        raise ValueError(f"{bad} holds {got}; MJHQ-30K's meta_data.json is one object {MJHQ_SHAPE}")
+        raise ValueError(f"{bad} holds {got}; MJHQ-30K's meta_data.json is one object {shape}")
     for key, row in meta.items():
         if not (isinstance(row, dict) and isinstance(row.get("category"), str) and isinstance(row.get("prompt"), str)):
-            raise ValueError(f'{bad}: entry {key!r} needs string fields "category" and "prompt", like {MJHQ_SHAPE}')
+            raise ValueError(f'{bad}: entry {key!r} needs string fields "category" and "prompt", like {shape}')
         for what, name in (("image id", key), ("category", row["category"])):
             if name in ("", ".", "..") or any(sep in name for sep in "/\\\0"):
                 raise ValueError(f"{bad}: entry {key!r} has the {what} {name!r}, which cannot name a file or folder")
     return [(key, row["category"], row["prompt"]) for key, row in meta.items()]
 
 
-# -----------------------------------------------------------------------------
 # The work list, and sampling it. Every image is one item (prompt p, image i, aesthetic score a)
 # with the seed seed + p * num_images + i: it depends on neither the batch size nor the number of
 # processes, and the same (p, i) at different aesthetic scores shares a seed (Fig. 7).
-
-
 Item = namedtuple("Item", "prompt_index image_index aes_index seed")
 
 
@@ -179,7 +169,6 @@ def save_png(arr, path):
             os.remove(tmp)
 
 
-# -----------------------------------------------------------------------------
 # The output folder: never a mix of old and new samples, since evaluate.py scores every image
 # in it. The names sample.py gives its files, relative to --outdir (MJHQ's <category>/<id>.png
 # are those its prompts.jsonl lists):
@@ -233,23 +222,18 @@ def check_outdir(outdir, planned, overwrite, clear):
     print(f"--overwrite: deleted {len(stale)} file(s) of an earlier run from {outdir}")
 
 
-# -----------------------------------------------------------------------------
-# Labelled grids (PIL's default font; small images are enlarged so labels stay readable).
-
-
 def labelled_grid(rows, row_labels=None, tile_labels=None, min_tile=128, pad=4):
     """rows: lists of equally sized PIL images (ragged rows are padded with white);
     row_labels: a string per row, drawn above it; tile_labels: a string per tile, drawn under it."""
-    # PIL's FreeType font at 13 px: at its default 10 px a space is no wider than the gap between
-    # letters ("twogreen triangles"). Without FreeType or load_default(size=) (Pillow < 10.1), its
-    # bitmap font, whose space is a full 6 px cell.
+    # PIL's FreeType font at 13 px: at its default 10 px a space is no wider than a letter gap ("twogreen
+    # triangles"). Without FreeType or load_default(size=) (Pillow < 10.1): its bitmap font (6 px spaces).
     try:
         font = ImageFont.load_default(size=13)
     except (TypeError, ImportError, OSError):
         font = getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()
     line = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), "Ag", font=font)[3] + 4  # a text line + margin
     w0, h0 = rows[0][0].size
-    s = max(1, math.ceil(min_tile / max(w0, h0)))  # integer nearest-neighbour upscaling
+    s = max(1, math.ceil(min_tile / max(w0, h0)))  # integer nearest-neighbour upscaling, so labels stay readable
     tw, th = w0 * s, h0 * s
     row_h = (line if row_labels else 0) + th + (line if tile_labels else 0) + pad
     W, H = pad + max(len(r) for r in rows) * (tw + pad), pad + len(rows) * row_h
@@ -291,13 +275,10 @@ def build_run_grid(path_of, prompts, items, aesthetics, max_rows, max_cols=16):
     return labelled_grid(list(rows.values()), [labels[k] for k in rows], [tile_labels[k] for k in rows])
 
 
-# -----------------------------------------------------------------------------
 # The tokenizer figures (`sample.py tokviz`). TA-TiTok's K 1D latent tokens (§3.2) each read the
 # whole image, so a token often owns one semantic element (an object, its colour, the style)
 # rather than a fixed patch: swapping its code changes that element (§5.2, Fig. 4), and its
 # attention in the encoder covers it (App. G, Fig. 8).
-
-
 @torch.no_grad()
 def swap_tokens(tok, tokens, text_final, positions, replacements, batch_size=64):
     """Decode the image with token `positions[p]` replaced by `replacements[j]`, for all p, j.
@@ -306,11 +287,10 @@ def swap_tokens(tok, tokens, text_final, positions, replacements, batch_size=64)
     replacements: VQ code ids (J,), or KL token vectors (J,C). Returns (P, J, 3, H, W) in [0,1].
     """
     cfg = tok.config
-    K, P, J = cfg.num_latent_tokens, len(positions), len(replacements)
+    K, P, J, vq = cfg.num_latent_tokens, len(positions), len(replacements), cfg.quantize_mode == "vq"
     bad = [i for i in positions if not 0 <= i < K]
     if bad:
         raise ValueError(f"token positions {bad} are out of range: this tokenizer has K={K} tokens (0..{K - 1})")
-    vq = cfg.quantize_mode == "vq"
     codes = torch.as_tensor(replacements, dtype=torch.long if vq else tokens.dtype, device=tokens.device)  # (J,)|(J,C)
     if vq and codes.numel() and (codes.min() < 0 or codes.max() >= cfg.codebook_size):
         raise ValueError(f"code ids must lie in [0, {cfg.codebook_size}); got {codes.tolist()}")
@@ -341,8 +321,7 @@ def encoder_attention(tok, images):
     finally:
         hook.remove()
     x = last.ln_1(seen["x"])  # (B, T, W), T = 1 + G*G + K
-    B, Tn, W = x.shape
-    h, G = last.attn.heads, enc.grid
+    (B, Tn, W), h, G = x.shape, last.attn.heads, enc.grid
     q, k, _ = last.attn.qkv(x).view(B, Tn, 3, h, W // h).permute(2, 0, 3, 1, 4)  # each (B, h, T, d)
     att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(W // h), dim=-1).mean(dim=1)  # (B, T, T)
     return att[:, 1 + G * G :, 1 : 1 + G * G].reshape(B, cfg.num_latent_tokens, G, G)  # latents -> patches
@@ -364,10 +343,6 @@ def _spread(n, k):
     """k indices evenly spread over range(n)."""
     k = min(k, n)
     return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
-
-
-# -----------------------------------------------------------------------------
-# The commands.
 
 
 def main(argv=None):
@@ -406,7 +381,6 @@ def main(argv=None):
     o.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
     o.add_argument("--dtype", choices=sorted(train_common.DTYPES), default="fp32", help="autocast precision")
     args = p.parse_args(argv)
-
     # 1. Prompts, numbers and the work list, read and checked before anything is loaded.
     geneval, geneval_lines, mjhq = bool(args.geneval), None, None
     layout_flag = "--geneval" if args.geneval else "--mjhq" if args.mjhq else None
@@ -446,8 +420,7 @@ def main(argv=None):
         if value is not None and not math.isfinite(value):
             raise ValueError(f"{flag} must be a finite number, got {value}")
         if value is not None and value < 0 and flag != "--aesthetic":
-            why = " (1 = no guidance)" if flag == "--guidance_scale" else ""
-            raise ValueError(f"{flag} must be >= 0, got {value}{why}")
+            raise ValueError(f"{flag} must be >= 0, got {value}" + " (1 = no guidance)" * (flag == "--guidance_scale"))
     items = make_items(len(prompts), num_images, len(aesthetics), args.seed)
 
     def path_of(item):
@@ -463,13 +436,11 @@ def main(argv=None):
     torchrun, hours = "RANK" in os.environ, datetime.timedelta(hours=4)
     rank, world, device = (train_common.setup_distributed(args.device, backend="gloo", timeout=hours) if torchrun
                            else (0, 1, pick_device(args.device)))
-
     # 3. Another run's images in the output folder are refused, or deleted with --overwrite
     # (by rank 0; never one this run writes, so no rank waits for it).
+    metas = {p: os.path.join(args.outdir, f"{p:05d}", "metadata.jsonl") for p in range(len(prompts)) if geneval}
     planned = [path_of(it) for it in items] + [os.path.join(args.outdir, "grid.png")] * (args.grid_rows > 0)
-    planned += [os.path.join(args.outdir, f"{p:05d}", "metadata.jsonl") for p in range(len(prompts)) if geneval]
-    check_outdir(args.outdir, planned, args.overwrite, clear=rank == 0)
-
+    check_outdir(args.outdir, planned + list(metas.values()), args.overwrite, clear=rank == 0)
     # 4. Checkpoints, cross-checked (tokens, codebook, text widths); options for one variant only.
     models = checkpoint.load_models(args.generator, args.tokenizer, device, revision=args.revision)
     gcfg = models.generator.config
@@ -488,7 +459,6 @@ def main(argv=None):
         print(f"tokenizer: {models.tok_source}")
     opts = dict(num_steps=args.steps, guidance_scale=args.guidance_scale, guidance_schedule=args.guidance_schedule,
                 randomize_temperature=args.randomize_temperature, temperature=args.temperature)
-
     # 5. This rank's share of the work list, in batches.
     mine = shard(items, rank, world)
     os.makedirs(args.outdir, exist_ok=True)
@@ -512,13 +482,12 @@ def main(argv=None):
                 save_png(arr, path)
                 written.append(path)
                 if geneval and it.image_index == 0:  # the rank that owns image 0 writes the metadata, verbatim
-                    meta = os.path.join(args.outdir, f"{it.prompt_index:05d}", "metadata.jsonl")
-                    with open(meta, "w", encoding="utf-8") as f:
+                    with open(metas[it.prompt_index], "w", encoding="utf-8") as f:
                         f.write(geneval_lines[it.prompt_index] + "\n")
-
-    # 6. After every rank is done, rank 0 draws the grid from the files on disk.
+    # 6. After every rank is done (and has left the process group), rank 0 draws the grid from the files on disk.
     if torchrun:
         train_common.barrier()
+        train_common.teardown()
     grid_path = os.path.join(args.outdir, "grid.png") if rank == 0 and args.grid_rows > 0 else None
     if grid_path:  # outside the numbered folders: GenEval skips it
         build_run_grid(path_of, prompts, items, aesthetics, args.grid_rows).save(grid_path)
@@ -527,8 +496,6 @@ def main(argv=None):
         where = f"{out}/<prompt>/samples/" if geneval else f"{out}/<category>/" if mjhq else f"{out}/"
         where = ", ".join(written) if world == 1 and n <= 4 else where  # a few images: name each file
         print(f"wrote {n} image{'s' * (n != 1)} to {where}" + (f"; grid: {grid_path}" if grid_path else ""))
-    if torchrun:
-        train_common.teardown()
     return {"images": written, "grid": grid_path, "items": mine}
 
 
@@ -567,7 +534,6 @@ def tokviz_main(argv):
     p.add_argument("--outdir", default="out/tokviz")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
-
     device = pick_device(args.device)
     ref = args.tokenizer or checkpoint.default_release("tokenizer", "no --tokenizer given")
     tok, text_enc = checkpoint.load_tokenizer(ref, device)
@@ -591,20 +557,16 @@ def tokviz_main(argv):
         swaps = swap_tokens(tok, tokens, final, positions, replacements)  # (P,J,3,S,S)
         attn = encoder_attention(tok, image)[0]  # (K,G,G)
         overlays = attention_overlays(image[0], attn)  # (K,3,S,S)
-
     # Figure 4: each row is [input, reconstruction, the swaps of one token position].
     os.makedirs(args.outdir, exist_ok=True)
-    ids = tokens[0].tolist() if vq else None
+    swap_path, attn_path = os.path.join(args.outdir, "swap.png"), os.path.join(args.outdir, "attention.png")
     inp, rec = (Image.fromarray(a) for a in to_pixels(torch.stack([image[0], recon])))
     rows = [[inp, rec] + [Image.fromarray(a) for a in row] for row in to_pixels(swaps)]
-    row_labels = [f"token {i}" + (f" (code {ids[i]})" if ids else "") + " replaced by ->" for i in positions]
-    swap_path = os.path.join(args.outdir, "swap.png")
+    row_labels = [f"token {i}" + (f" (code {int(tokens[0, i])})" if vq else "") + " replaced by ->" for i in positions]
     labelled_grid(rows, row_labels, [["input", "reconstruction"] + names for _ in positions]).save(swap_path)
-
     # Figure 8: the input, then one overlay per latent token, 8 tiles a row.
     tiles = [inp] + [Image.fromarray(a) for a in to_pixels(overlays)]
     labels = ["input"] + [f"latent {k}" for k in range(K)]
-    attn_path = os.path.join(args.outdir, "attention.png")
     starts = range(0, len(tiles), 8)
     labelled_grid([tiles[i : i + 8] for i in starts], None, [labels[i : i + 8] for i in starts]).save(attn_path)
     print(f"wrote {swap_path} (latent-code swapping) and {attn_path} (encoder attention maps)")

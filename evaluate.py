@@ -245,8 +245,7 @@ def evaluate_reconstruction(tokenizer, text_encoder, batches, extractor=None, is
     if counter is not None:
         res.update(counter.result())
     if extractor is not None:
-        fr, _, _ = real_bank.gather()
-        ff, lf, _ = fake_bank.gather()
+        (fr, _, _), (ff, lf, _) = real_bank.gather(), fake_bank.gather()
         res["rfid"] = frechet_distance(*feature_stats(fr), *feature_stats(ff))
         res["inception_score"], res["inception_score_std"] = inception_score(lf, splits=is_splits)
     return res
@@ -339,11 +338,12 @@ def ridge_r2(x_train, y_train, x_test, y_test, lam=1.0):
 
 
 def hidden_token_setup(models, images, captions, aesthetic, seed):
-    """(caption features, aesthetic scores (B,), hiding order rank (B, K), true tokens, KL
-    posterior or None, CPU generator) for context_use and inpaint_use. At fraction f a token is
-    hidden when rank >= round(f K). The tokens are what the generator reads (VQ ids (B, K); KL
-    (B, K, C) scaled, a posterior sample or the mean as in training). Every draw comes from the
-    CPU generator, so a seed gives the same draws on every device."""
+    """(hiding order rank (B, K), true tokens, KL posterior or None, CPU generator, predict) for
+    context_use and inpaint_use. At fraction f a token is hidden when rank >= round(f K). The
+    tokens are what the generator reads (VQ ids (B, K); KL (B, K, C) scaled, a posterior sample or
+    the mean as in training). predict(masked (B, K) bool) is MaskGen's view of the hidden tokens
+    given the visible true ones: VQ logits (B, K, V), KL per-token conditions z (B, K, D). Every
+    draw comes from the CPU generator, so a seed gives the same draws on every device."""
     G, T = models.generator, models.tokenizer
     device, c = next(G.parameters()).device, G.config
     g = torch.Generator().manual_seed(seed)
@@ -351,11 +351,13 @@ def hidden_token_setup(models, images, captions, aesthetic, seed):
     aes = torch.full((len(captions),), float(aesthetic), device=device)
     rank = torch.rand(len(captions), c.num_tokens, generator=g).argsort(-1).argsort(-1).to(device)  # (B, K)
     if c.mode == "vq":
-        return feats, aes, rank, T.encode(images), None, g
+        x = T.encode(images)
+        return rank, x, None, g, lambda m: G.logits(torch.where(m, G.mask_id, x), feats.penultimate, feats.pooled, aes)
     post = T.encode(images, return_posterior=True)
     noise = torch.randn(post.mean.shape, generator=g).to(device)  # drawn even for "mean": later draws stay the same
-    x = post.mean + post.std * noise if c.kl_tokens == "sample" else post.mean
-    return feats, aes, rank, x * c.scale_factor, post, g
+    x = (post.mean + post.std * noise if c.kl_tokens == "sample" else post.mean) * c.scale_factor
+    txt, cond = G.trunk.encode_condition(feats.penultimate, feats.pooled, aes)
+    return rank, x, post, g, lambda m: G.token_conditions(x, m.float(), txt, cond)
 
 
 @torch.no_grad()
@@ -365,25 +367,19 @@ def context_use(models, images, captions, aesthetic, fractions=(0.0, 0.5, 0.9), 
     {"r2_from_z@f"}, the R^2 of a ridge regression from the per-token conditions z (what
     DiffLoss sees) to their posterior means, fit on even images, scored on odd ones. A model
     that reads its context does far better with tokens visible than without."""
-    G = models.generator
-    B, K = len(captions), G.config.num_tokens
-    feats, aes, rank, x, post, _ = hidden_token_setup(models, images, captions, aesthetic, seed)
-    out = {}
-    if G.config.mode == "vq":
-        for f in fractions:
-            masked = rank >= round(f * K)  # (B, K) bool
-            logits = G.logits(torch.where(masked, G.mask_id, x), feats.penultimate, feats.pooled, aes)
-            ce = F.cross_entropy(logits.float().flatten(0, 1), x.flatten(), reduction="none").view(B, K)
-            out[f"masked_ce@{f:g}"] = ce[masked].mean().item()
-        return out
-    mean = post.mean * G.config.scale_factor  # (B, K, C): the regression targets
-    txt, cond = G.trunk.encode_condition(feats.penultimate, feats.pooled, aes)
+    c = models.generator.config
+    B, K = len(captions), c.num_tokens
+    rank, x, post, _, predict = hidden_token_setup(models, images, captions, aesthetic, seed)
     even = (torch.arange(B, device=x.device) % 2 == 0)[:, None]  # (B, 1)
+    out = {}
     for f in fractions:
         masked = rank >= round(f * K)  # (B, K) bool
-        z = G.token_conditions(x, masked.float(), txt, cond)  # (B, K, D)
-        fit, test = masked & even, masked & ~even
-        out[f"r2_from_z@{f:g}"] = ridge_r2(z[fit], mean[fit], z[test], mean[test], lam=10.0)
+        if c.mode == "vq":
+            ce = F.cross_entropy(predict(masked).float().flatten(0, 1), x.flatten(), reduction="none").view(B, K)
+            out[f"masked_ce@{f:g}"] = ce[masked].mean().item()
+        else:  # z (B, K, D) -> the posterior means (B, K, C), the regression targets
+            z, mean, fit, test = predict(masked), post.mean * c.scale_factor, masked & even, masked & ~even
+            out[f"r2_from_z@{f:g}"] = ridge_r2(z[fit], mean[fit], z[test], mean[test], lam=10.0)
     return out
 
 
@@ -395,21 +391,17 @@ def inpaint_use(models, images, captions, aesthetic, fractions=(0.5, 0.75, 0.9),
     ({"inpaint@f": the shapes detector's overall score}, {f: decoded (B, 3, H, W) in [0, 1]})."""
     G, T = models.generator, models.tokenizer
     c, K = G.config, G.config.num_tokens
-    feats, aes, rank, visible, _, g = hidden_token_setup(models, images, captions, aesthetic, seed)
+    rank, visible, _, g, predict = hidden_token_setup(models, images, captions, aesthetic, seed)
     tok_text = models.tok_text(captions).final
-    if c.mode == "kl":
-        txt, cond = G.trunk.encode_condition(feats.penultimate, feats.pooled, aes)
-        temperature = 1.0 if c.temperature is None else c.temperature
-        draws = g if visible.device.type == "cpu" else None  # DiffLoss draws on visible's device
+    temperature = 1.0 if c.temperature is None else c.temperature
+    draws = g if visible.device.type == "cpu" else None  # DiffLoss draws on visible's device
     out, decoded = {}, {}
     for f in fractions:
         masked = rank >= round(f * K)  # (B, K) bool
         if c.mode == "vq":
-            logits = G.logits(torch.where(masked, G.mask_id, visible), feats.penultimate, feats.pooled, aes)
-            tokens = torch.where(masked, logits.argmax(-1), visible)  # (B, K)
+            tokens = torch.where(masked, predict(masked).argmax(-1), visible)  # (B, K)
         else:
-            z = G.token_conditions(visible, masked.float(), txt, cond)  # (B, K, D)
-            new = G.diffloss.sample(z[masked], temperature=temperature, generator=draws)  # (hidden, C)
+            new = G.diffloss.sample(predict(masked)[masked], temperature=temperature, generator=draws)  # (hidden, C)
             tokens = visible.masked_scatter(masked[..., None], new.to(visible.dtype)) / c.scale_factor  # (B, K, C)
         decoded[f] = T.decode(tokens, tok_text)
         uint8 = list(to_uint8(decoded[f]).permute(0, 2, 3, 1).cpu().numpy())
@@ -458,13 +450,12 @@ def read_prompts(path):
     lines = [ln for ln in sample.read_text(path, "prompt file") if ln.strip()]
     if not path.lower().endswith(".jsonl"):
         return lines
-    for n, line in enumerate(lines, 1):
-        sample._jsonl_prompt(line, path, n)  # a clear error for a bad line
+    prompts = [sample._jsonl_prompt(line, path, n) for n, line in enumerate(lines, 1)]  # a clear error for a bad line
     rows = [json.loads(line) for line in lines]
     for key in ("id", "index"):
         if all(key in r for r in rows):
-            return {r[key]: r["prompt"] for r in rows}
-    return [r["prompt"] for r in rows]
+            return {r[key]: p for r, p in zip(rows, prompts)}
+    return prompts
 
 
 def prompts_option(path, files):
@@ -748,9 +739,8 @@ def cmd_context(args, device):
     samples = shapes.heldout_samples(args.n_per_category, args.seed)
     # One batch of all scenes (no --batch-size): the regressions need every image at once.
     images = torch.tensor(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float().div(255).to(device)
-    captions = [s.caption for s in samples]
-    res = context_use(models, images, captions, shapes.SHAPES_AESTHETIC, seed=args.sample_seed)
-    res.update(inpaint_use(models, images, captions, shapes.SHAPES_AESTHETIC, seed=args.sample_seed)[0])
+    scenes = (models, images, [s.caption for s in samples], shapes.SHAPES_AESTHETIC)
+    res = {**context_use(*scenes, seed=args.sample_seed), **inpaint_use(*scenes, seed=args.sample_seed)[0]}
     return res, f"context use of {args.generator or 'checkpoints/shapes.pt'} on {len(samples)} held-out scenes"
 
 
@@ -759,24 +749,21 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     # Options several commands share, as parent parsers: output and device (all); the FID network
     # and image size (recon, gen); the models and held-out scenes (shapes, context); prompts.
-    common = argparse.ArgumentParser(add_help=False)
+    common, fid, world, prompts = (argparse.ArgumentParser(add_help=False) for _ in range(4))
     common.add_argument("--out", help="output prefix for <out>.json / <out>.txt (default out/eval/<cmd>)")
     common.add_argument("--device", help="cuda / mps / cpu (default: best available)")
     common.add_argument("--batch-size", type=int, default=50)
-    fid = argparse.ArgumentParser(add_help=False)
     fid.add_argument("--no-fid", action="store_true", help="skip FID / IS (no torch-fidelity needed)")
     fid.add_argument("--inception-weights", help="local FID Inception weights (.pth), for offline use")
     fid.add_argument("--is-splits", type=int, default=1, help="IS splits: 1 = official evaluator, 10 = Salimans")
     fid.add_argument("--limit", type=int, help="use only the first N images")
     fid.add_argument("--size", type=int, help="resize+centre-crop side (recon: the tokenizer's; gen: if sizes differ)")
-    world = argparse.ArgumentParser(add_help=False)
     world.add_argument("--generator", help="MaskGen checkpoint (default: the shipped one)")
     world.add_argument("--tokenizer", help="TA-TiTok checkpoint (default: the generator's; alone: --reconstruct)")
     world.add_argument("--n-per-category", type=int, default=300)
     world.add_argument("--seed", type=int, default=shapes.HELDOUT_SEED, help="held-out prompt / scene seed")
     world.add_argument("--sample-seed", type=int, default=0,
                        help="generation: prompt j is sampled with seed + j; context: masking orders, posterior draws")
-    prompts = argparse.ArgumentParser(add_help=False)
     prompts.add_argument("--prompts", help="prompts for --clip / shapes: .txt (one line per image, sorted file order), "
                          "sample.py's prompts.jsonl (by file name) or MJHQ-30K's meta_data.json; default: the folder's")
 
@@ -810,8 +797,7 @@ def main(argv=None):
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     rank, _, device = train_common.setup_distributed(args.device or "auto")  # joins torchrun's process group
-    cmd = {"recon": cmd_recon, "gen": cmd_gen, "shapes": cmd_shapes, "context": cmd_context}[args.cmd]
-    res, title = cmd(args, device)
+    res, title = dict(recon=cmd_recon, gen=cmd_gen, shapes=cmd_shapes, context=cmd_context)[args.cmd](args, device)
     if rank == 0:
         write_report(res, args.out or os.path.join("out", "eval", args.cmd), title)
     train_common.teardown()

@@ -82,8 +82,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     r1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T  # S1^{1/2}
     m = r1 @ s2 @ r1
     tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(0.5 * (m + m.T)), 0.0, None)).sum()  # M symmetrised
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * float(tr_sqrt))
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2.0 * float(tr_sqrt))
 
 
 def inception_score(logits=None, probs=None, splits=1):
@@ -195,9 +194,8 @@ class CLIPScorer:
             model = open_clip.create_model(model_name, pretrained=pretrained,
                                            force_quick_gelu=pretrained == "openai", device=device)
             tokenizer = open_clip.get_tokenizer(model_name)
-        if tokenizer is None:
-            ctx = getattr(model, "context_length", 77)
-            tokenizer = lambda texts: open_clip.tokenize(texts, context_length=ctx)  # noqa: E731
+        ctx = getattr(model, "context_length", 77)
+        tokenizer = functools.partial(open_clip.tokenize, context_length=ctx) if tokenizer is None else tokenizer
         self.model, self.tokenizer, self.device = model.to(device).eval(), tokenizer, device
         self.size = model.visual.image_size  # an int or (H, W)
         mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
@@ -229,7 +227,7 @@ def evaluate_reconstruction(tokenizer, text_encoder, batches, extractor=None, is
     real_bank, fake_bank = (FeatureBank(extractor), FeatureBank(extractor)) if extractor else (None, None)
     counter = CodebookCounter(tokenizer.config.codebook_size) if tokenizer.config.quantize_mode == "vq" else None
     psnrs = []
-    for images, captions in batches:
+    for images, captions, *_ in batches:  # category ids, from folder_batches, unused
         images = images.to(device)
         tokens = tokenizer.encode(images)  # VQ (B, K) ids | KL (B, K, C) mean
         recon = tokenizer.decode(tokens, text_encoder(list(captions)).final.to(device)).float().clamp(0, 1)
@@ -565,8 +563,7 @@ def recon_batches(spec, batch_size, size, class_names, skipped):
     class names) read here; tar shards and the rest by data.py's loader (one pass, centre crop,
     rank-sharded). Unreadable samples are counted in `skipped`."""
     if os.path.isdir(spec) and not any(n.endswith((".tar", ".tar.gz", ".tgz")) for n in os.listdir(spec)):
-        batches = folder_batches(list_images(spec), batch_size, skipped, size, class_names=class_names)
-        yield from ((images, captions) for images, captions, _ in batches)
+        yield from folder_batches(list_images(spec), batch_size, skipped, size, class_names=class_names)
         return
     rank, world = train_common.rank_world()
     loader = data.image_text_loader(spec, size, batch_size, rank=rank, world_size=world, train=False)
@@ -621,7 +618,6 @@ def load_ref_stats(path):
 def cmd_gen(args, device):
     def categories_of(fs, root):  # each file's first folder under root (MJHQ's <category>/), or None
         return [(os.path.relpath(f, root).split(os.sep)[:-1] or [None])[0] for f in fs]
-
     if args.no_fid and not args.clip:
         raise ValueError("gen --no-fid without --clip would compute nothing; drop --no-fid (FID and IS) or add --clip")
     files = list_images(args.images)[: args.limit]

@@ -169,8 +169,10 @@ def inception_extractor(device="cpu", weights_path=None):
 class FeatureBank:
     """This rank's (features, logits, category ids (-1: none)); .gather() joins all ranks."""
 
-    def __init__(self, extractor):
+    def __init__(self, extractor, batches=()):  # batches: (images, any[, group ids (B,)]) to add now
         self.extractor, self.rows = extractor, []
+        for images, _, *groups in batches:
+            self.add(images, *groups)
 
     def add(self, images, groups=None):  # images (B, 3, H, W) float in [0, 1]; groups (B,) ids or None
         f, l = self.extractor(to_uint8(images))  # (B, 2048), (B, 1008)
@@ -189,7 +191,6 @@ class CLIPScorer:
 
     def __init__(self, model_name="ViT-L-14", pretrained="openai", device="cpu", model=None, tokenizer=None):
         import open_clip
-
         if model is None:
             model = open_clip.create_model(model_name, pretrained=pretrained,
                                            force_quick_gelu=pretrained == "openai", device=device)
@@ -224,9 +225,8 @@ def evaluate_reconstruction(tokenizer, text_encoder, batches, extractor=None, is
     of (images (B, 3, S, S) in [0, 1], captions), all ranks joined. KL tokenizers decode the
     posterior mean (what encode() returns); the text-aware decoder reads the captions."""
     device = next(tokenizer.parameters()).device
-    real_bank, fake_bank = (FeatureBank(extractor), FeatureBank(extractor)) if extractor else (None, None)
+    real_bank, fake_bank, psnrs = FeatureBank(extractor), FeatureBank(extractor), []
     counter = CodebookCounter(tokenizer.config.codebook_size) if tokenizer.config.quantize_mode == "vq" else None
-    psnrs = []
     for images, captions, *_ in batches:  # category ids, from folder_batches, unused
         images = images.to(device)
         tokens = tokenizer.encode(images)  # VQ (B, K) ids | KL (B, K, C) mean
@@ -252,11 +252,8 @@ def evaluate_reconstruction(tokenizer, text_encoder, batches, extractor=None, is
 def stats_by_group(feats, groups, categories):
     """{"": (mu, sigma) of all rows, name: (mu, sigma) of each category (groups (N,): row ->
     index into categories) with the 2 rows a Gaussian needs}."""
-    stats = {"": feature_stats(feats)}
-    for k, name in enumerate(categories or []):
-        if (groups == k).sum() >= 2:
-            stats[name] = feature_stats(feats[groups == k])
-    return stats
+    per = {c: feature_stats(feats[groups == k]) for k, c in enumerate(categories or []) if (groups == k).sum() >= 2}
+    return {"": feature_stats(feats), **per}
 
 
 @torch.no_grad()
@@ -267,23 +264,19 @@ def evaluate_generation(gen_batches, extractor=None, ref_batches=None, ref_stats
     [0, 1], prompts[, group ids (B,)]); ref_batches: (images, any[, group ids]). `categories`
     names the group ids (MJHQ-30K's): then also each category's FID against the reference's
     same category, as MJHQ-30K reports it."""
-    bank = FeatureBank(extractor) if extractor else None
-    clip, res, stats = [], {}, ref_stats
+    bank, clip, res, stats = FeatureBank(extractor), [], {}, ref_stats
     for images, prompts, *groups in gen_batches:
-        if bank is not None:
+        if extractor is not None:
             bank.add(images, *groups)
         if clip_scorer is not None:
             clip.append(clip_scorer(images, prompts).float())
-    if bank is not None:
+    if extractor is not None:
         feats, logits, ids = bank.gather()
         res["num_images"] = int(feats.shape[0])
         if stats is None:
             if ref_batches is None:
                 raise ValueError("FID needs a reference: pass ref_batches or ref_stats")
-            ref = FeatureBank(extractor)
-            for images, _, *groups in ref_batches:
-                ref.add(images, *groups)
-            ref_feats, _, ref_ids = ref.gather()
+            ref_feats, _, ref_ids = FeatureBank(extractor, ref_batches).gather()
             stats = stats_by_group(ref_feats, ref_ids, categories)
         mine = stats_by_group(feats, ids, categories)
         res["fid"] = frechet_distance(*mine[""], *stats[""])
@@ -329,8 +322,7 @@ def generate_shapes_images(prompts, generator=None, tokenizer=None, device="cpu"
 def ridge_r2(x_train, y_train, x_test, y_test, lam=1.0):
     """Test-row R^2 of a ridge regression y ~ x + bias fit on the train rows (float64)."""
     a = F.pad(x_train.double(), (0, 1), value=1.0)  # (N, D + 1): a constant column for the bias
-    eye = torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
-    w = torch.linalg.solve(a.T @ a + lam * eye, a.T @ y_train.double())
+    w = torch.linalg.solve(a.T @ a + lam * torch.eye(a.shape[1]).to(a), a.T @ y_train.double())
     err = (F.pad(x_test.double(), (0, 1), value=1.0) @ w - y_test.double()).pow(2).sum()
     return (1 - err / (y_test.double() - y_train.double().mean(0)).pow(2).sum()).item()
 
@@ -609,10 +601,9 @@ def load_ref_stats(path):
     z = np.load(path)
     if not {"mu", "sigma"} <= set(z.files):
         raise ValueError(f"{path} holds {z.files}, not mu and sigma; write it with `evaluate.py gen --save-ref-stats`")
-    stats = {"": (z["mu"], z["sigma"])}
-    for k, name in enumerate(z["categories"] if "categories" in z.files else []):
-        stats[str(name)] = (z["mu_per_category"][k], z["sigma_per_category"][k])
-    return stats
+    cats = z["categories"] if "categories" in z.files else []
+    per = {str(c): (z["mu_per_category"][k], z["sigma_per_category"][k]) for k, c in enumerate(cats)}
+    return {"": (z["mu"], z["sigma"]), **per}
 
 
 def cmd_gen(args, device):
@@ -762,7 +753,6 @@ def main(argv=None):
                        help="generation: prompt j is sampled with seed + j; context: masking orders, posterior draws")
     prompts.add_argument("--prompts", help="prompts for --clip / shapes: .txt (one line per image, sorted file order), "
                          "sample.py's prompts.jsonl (by file name) or MJHQ-30K's meta_data.json; default: the folder's")
-
     p = sub.add_parser("recon", parents=[common, fid], help="tokenizer reconstruction: rFID, IS, PSNR, codebook")
     p.add_argument("--tokenizer", required=True, help="official release dir or Hub id (owner/name[@rev]), or our run")
     p.add_argument("--revision", help="Hub revision (branch, tag, commit) for a --tokenizer Hub id")

@@ -2,19 +2,18 @@
 Evaluation: the paper's metrics in plain code (numbers in, numbers out), and the command
 line that runs them on folders, datasets and checkpoints.
 
-Paper §5.1 and appendix E: the tokenizer is scored by reconstruction FID (rFID) and Inception
-Score on ImageNet-val, decoding with the caption "A photo of a {class}."; the generator by FID
-on MJHQ-30K / COCO-30K, CLIP score and GenEval. FID / IS features come from the standard FID
-Inception-v3 (the TF-2015 graph as ported by torch-fidelity, optional) so that numbers compare
-with the literature. Each command writes <out>.json and a table <out>.txt (out/eval/<cmd>):
+Paper §5.1 and appendix E: the tokenizer is scored by reconstruction FID (rFID) and Inception Score on
+ImageNet-val, decoding with the caption "A photo of a {class}."; the generator by FID on MJHQ-30K / COCO-30K,
+CLIP score and GenEval. FID / IS features come from the standard FID Inception-v3 (the TF-2015 graph as ported
+by torch-fidelity, optional) so that numbers compare with the literature. Each command writes <out>.json and a
+table <out>.txt (out/eval/<cmd>):
     python evaluate.py recon --tokenizer DIR_OR_RUN --data IMAGENET_VAL_DIR --class-names classes.txt
     python evaluate.py gen --images GEN_DIR --ref REF_DIR|ref_stats.npz [--clip --prompts prompts.txt]
     python evaluate.py shapes [--generator CKPT] [--images DIR | --ground-truth | --reconstruct]
     python evaluate.py context [--generator CKPT]       # does MaskGen read the tokens already drawn?
-`gen` on MJHQ-30K's layout (<dir>/<category>/<image>, both sides) also gives each category's
-FID; `shapes` is a GenEval stand-in for the 64x64 shapes world, scored by the rule-based
-detector in shapes.py. Under torchrun (torchrun --nproc_per_node=8 evaluate.py ...) every rank
-scores its share of the images or prompts and gather_rows joins them.
+`gen` on MJHQ-30K's layout (<dir>/<category>/<image>, both sides) also gives each category's FID; `shapes` is
+a GenEval stand-in for the 64x64 shapes world, scored by the rule-based detector in shapes.py. Under torchrun
+(torchrun --nproc_per_node=8 evaluate.py ...) every rank scores its share and gather_rows joins them.
 """
 
 import argparse
@@ -62,22 +61,20 @@ def feature_stats(features):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """FID: the Fréchet (2-Wasserstein) distance between the Gaussians N(mu1, sigma1) and
-    N(mu2, sigma2) fit to two feature sets; mu: (D,), sigma: (D, D).
-        d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2})
-    As in pytorch-fid, a numerically singular covariance (fewer samples than dimensions) gets
-    eps * I, which keeps numbers close to pytorch-fid's; but both Gaussians are widened
-    everywhere, not only inside the root (a -2 eps D bias), so equal statistics give exactly 0.
-    """
+    """FID: the Fréchet (2-Wasserstein) distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2) fit to
+    two feature sets; mu: (D,), sigma: (D, D).   d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2})
+    As in pytorch-fid, a numerically singular covariance (fewer samples than dimensions) gets eps * I, which keeps
+    numbers close to pytorch-fid's; but both Gaussians are widened everywhere, not only inside the root (a -2 eps D
+    bias), so equal statistics give exactly 0."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
         raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
     if any(np.linalg.eigvalsh(s).min() <= eps * max(1.0, np.abs(s).max()) for s in (s1, s2)):  # singular
         s1, s2 = s1 + eps * np.eye(s1.shape[0]), s2 + eps * np.eye(s1.shape[0])
-    # tr((S1 S2)^{1/2}) without a general sqrtm (which can go complex or inf for singular input):
-    # S1 S2 is similar to the symmetric PSD M = S1^{1/2} S2 S1^{1/2}, so the trace is
-    # sum_i sqrt(eig_i(M)), from two symmetric eigen-decompositions (round-off negatives clipped).
+    # tr((S1 S2)^{1/2}) without a general sqrtm (which can go complex or inf for singular input): S1 S2 is similar
+    # to the symmetric PSD M = S1^{1/2} S2 S1^{1/2}, so the trace is sum_i sqrt(eig_i(M)), from two symmetric
+    # eigen-decompositions (round-off negatives clipped).
     w, v = np.linalg.eigh(s1)
     r1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T  # S1^{1/2}
     m = r1 @ s2 @ r1
@@ -259,11 +256,10 @@ def stats_by_group(feats, groups, categories):
 @torch.no_grad()
 def evaluate_generation(gen_batches, extractor=None, ref_batches=None, ref_stats=None, clip_scorer=None,
                         is_splits=1, categories=None):
-    """FID against a reference (its batches or its statistics), IS, and the CLIP score with a
-    scorer -> (metrics, the reference's stats_by_group). gen_batches: (images (B, 3, H, W) in
-    [0, 1], prompts[, group ids (B,)]); ref_batches: (images, any[, group ids]). `categories`
-    names the group ids (MJHQ-30K's): then also each category's FID against the reference's
-    same category, as MJHQ-30K reports it."""
+    """FID against a reference (its batches or its statistics), IS, and the CLIP score with a scorer -> (metrics,
+    the reference's stats_by_group). gen_batches: (images (B, 3, H, W) in [0, 1], prompts[, group ids (B,)]);
+    ref_batches: (images, any[, group ids]). `categories` names the group ids (MJHQ-30K's): then also each
+    category's FID against the reference's same category, as MJHQ-30K reports it."""
     bank, clip, res, stats = FeatureBank(extractor), [], {}, ref_stats
     for images, prompts, *groups in gen_batches:
         if extractor is not None:
@@ -328,12 +324,11 @@ def ridge_r2(x_train, y_train, x_test, y_test, lam=1.0):
 
 
 def hidden_token_setup(models, images, captions, aesthetic, seed):
-    """(hiding order rank (B, K), true tokens, KL posterior or None, CPU generator, predict) for
-    context_use and inpaint_use. At fraction f a token is hidden when rank >= round(f K). The
-    tokens are what the generator reads (VQ ids (B, K); KL (B, K, C) scaled, a posterior sample or
-    the mean as in training). predict(masked (B, K) bool) is MaskGen's view of the hidden tokens
-    given the visible true ones: VQ logits (B, K, V), KL per-token conditions z (B, K, D). Every
-    draw comes from the CPU generator, so a seed gives the same draws on every device."""
+    """(hiding order rank (B, K), true tokens, KL posterior or None, CPU generator, predict) for context_use and
+    inpaint_use. At fraction f a token is hidden when rank >= round(f K). The tokens are what the generator reads
+    (VQ ids (B, K); KL (B, K, C) scaled, a posterior sample or the mean as in training). predict(masked (B, K) bool)
+    is MaskGen's view of the hidden tokens given the visible true ones: VQ logits (B, K, V), KL per-token conditions
+    z (B, K, D). Every draw comes from the CPU generator, so a seed gives the same draws on every device."""
     G, T = models.generator, models.tokenizer
     device, c = next(G.parameters()).device, G.config
     g = torch.Generator().manual_seed(seed)
@@ -352,11 +347,10 @@ def hidden_token_setup(models, images, captions, aesthetic, seed):
 
 @torch.no_grad()
 def context_use(models, images, captions, aesthetic, fractions=(0.0, 0.5, 0.9), seed=0):
-    """How much MaskGen's predictions for the hidden tokens of images (B, 3, H, W) in [0, 1]
-    depend on the visible `fraction`: VQ {"masked_ce@f"}, their cross-entropy; KL
-    {"r2_from_z@f"}, the R^2 of a ridge regression from the per-token conditions z (what
-    DiffLoss sees) to their posterior means, fit on even images, scored on odd ones. A model
-    that reads its context does far better with tokens visible than without."""
+    """How much MaskGen's predictions for the hidden tokens of images (B, 3, H, W) in [0, 1] depend on the visible
+    `fraction`: VQ {"masked_ce@f"}, their cross-entropy; KL {"r2_from_z@f"}, the R^2 of a ridge regression from the
+    per-token conditions z (what DiffLoss sees) to their posterior means, fit on even images, scored on odd ones. A
+    model that reads its context does far better with tokens visible than without."""
     c = models.generator.config
     B, K = len(captions), c.num_tokens
     rank, x, post, _, predict = hidden_token_setup(models, images, captions, aesthetic, seed)

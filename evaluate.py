@@ -2,19 +2,18 @@
 Evaluation: the paper's metrics in plain code (numbers in, numbers out), and the command
 line that runs them on folders, datasets and checkpoints.
 
-Paper §5.1 and appendix E: the tokenizer is scored by reconstruction FID (rFID) and Inception
-Score on ImageNet-val, decoding with the caption "A photo of a {class}."; the generator by FID
-on MJHQ-30K / COCO-30K, CLIP score and GenEval. FID / IS features come from the standard FID
-Inception-v3 (the TF-2015 graph as ported by torch-fidelity, optional) so that numbers compare
-with the literature. Each command writes <out>.json and a table <out>.txt (out/eval/<cmd>):
+Paper §5.1 and appendix E: the tokenizer is scored by reconstruction FID (rFID) and Inception Score on
+ImageNet-val, decoding with the caption "A photo of a {class}."; the generator by FID on MJHQ-30K / COCO-30K,
+CLIP score and GenEval. FID / IS features come from the standard FID Inception-v3 (the TF-2015 graph as ported
+by torch-fidelity, optional) so that numbers compare with the literature. Each command writes <out>.json and a
+table <out>.txt (out/eval/<cmd>):
     python evaluate.py recon --tokenizer DIR_OR_RUN --data IMAGENET_VAL_DIR --class-names classes.txt
     python evaluate.py gen --images GEN_DIR --ref REF_DIR|ref_stats.npz [--clip --prompts prompts.txt]
     python evaluate.py shapes [--generator CKPT] [--images DIR | --ground-truth | --reconstruct]
     python evaluate.py context [--generator CKPT]       # does MaskGen read the tokens already drawn?
-`gen` on MJHQ-30K's layout (<dir>/<category>/<image>, both sides) also gives each category's
-FID; `shapes` is a GenEval stand-in for the 64x64 shapes world, scored by the rule-based
-detector in shapes.py. Under torchrun (torchrun --nproc_per_node=8 evaluate.py ...) every rank
-scores its share of the images or prompts and gather_rows joins them.
+`gen` on MJHQ-30K's layout (<dir>/<category>/<image>, both sides) also gives each category's FID; `shapes` is
+a GenEval stand-in for the 64x64 shapes world, scored by the rule-based detector in shapes.py. Under torchrun
+(torchrun --nproc_per_node=8 evaluate.py ...) every rank scores its share and gather_rows joins them.
 """
 
 import argparse
@@ -62,28 +61,25 @@ def feature_stats(features):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """FID: the Fréchet (2-Wasserstein) distance between the Gaussians N(mu1, sigma1) and
-    N(mu2, sigma2) fit to two feature sets; mu: (D,), sigma: (D, D).
-        d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2})
-    As in pytorch-fid, a numerically singular covariance (fewer samples than dimensions) gets
-    eps * I, which keeps numbers close to pytorch-fid's; but both Gaussians are widened
-    everywhere, not only inside the root (a -2 eps D bias), so equal statistics give exactly 0.
-    """
+    """FID: the Fréchet (2-Wasserstein) distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2) fit to
+    two feature sets; mu: (D,), sigma: (D, D).   d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2})
+    As in pytorch-fid, a numerically singular covariance (fewer samples than dimensions) gets eps * I, which keeps
+    numbers close to pytorch-fid's; but both Gaussians are widened everywhere, not only inside the root (a -2 eps D
+    bias), so equal statistics give exactly 0."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
         raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
     if any(np.linalg.eigvalsh(s).min() <= eps * max(1.0, np.abs(s).max()) for s in (s1, s2)):  # singular
         s1, s2 = s1 + eps * np.eye(s1.shape[0]), s2 + eps * np.eye(s1.shape[0])
-    # tr((S1 S2)^{1/2}) without a general sqrtm (which can go complex or inf for singular input):
-    # S1 S2 is similar to the symmetric PSD M = S1^{1/2} S2 S1^{1/2}, so the trace is
-    # sum_i sqrt(eig_i(M)), from two symmetric eigen-decompositions (round-off negatives clipped).
+    # tr((S1 S2)^{1/2}) without a general sqrtm (which can go complex or inf for singular input): S1 S2 is similar
+    # to the symmetric PSD M = S1^{1/2} S2 S1^{1/2}, so the trace is sum_i sqrt(eig_i(M)), from two symmetric
+    # eigen-decompositions (round-off negatives clipped).
     w, v = np.linalg.eigh(s1)
     r1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T  # S1^{1/2}
     m = r1 @ s2 @ r1
     tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(0.5 * (m + m.T)), 0.0, None)).sum()  # M symmetrised
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * float(tr_sqrt))
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2.0 * float(tr_sqrt))
 
 
 def inception_score(logits=None, probs=None, splits=1):
@@ -170,8 +166,10 @@ def inception_extractor(device="cpu", weights_path=None):
 class FeatureBank:
     """This rank's (features, logits, category ids (-1: none)); .gather() joins all ranks."""
 
-    def __init__(self, extractor):
+    def __init__(self, extractor, batches=()):  # batches: (images, any[, group ids (B,)]) to add now
         self.extractor, self.rows = extractor, []
+        for images, _, *groups in batches:
+            self.add(images, *groups)
 
     def add(self, images, groups=None):  # images (B, 3, H, W) float in [0, 1]; groups (B,) ids or None
         f, l = self.extractor(to_uint8(images))  # (B, 2048), (B, 1008)
@@ -190,14 +188,12 @@ class CLIPScorer:
 
     def __init__(self, model_name="ViT-L-14", pretrained="openai", device="cpu", model=None, tokenizer=None):
         import open_clip
-
         if model is None:
             model = open_clip.create_model(model_name, pretrained=pretrained,
                                            force_quick_gelu=pretrained == "openai", device=device)
             tokenizer = open_clip.get_tokenizer(model_name)
-        if tokenizer is None:
-            ctx = getattr(model, "context_length", 77)
-            tokenizer = lambda texts: open_clip.tokenize(texts, context_length=ctx)  # noqa: E731
+        ctx = getattr(model, "context_length", 77)
+        tokenizer = functools.partial(open_clip.tokenize, context_length=ctx) if tokenizer is None else tokenizer
         self.model, self.tokenizer, self.device = model.to(device).eval(), tokenizer, device
         self.size = model.visual.image_size  # an int or (H, W)
         mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
@@ -226,10 +222,9 @@ def evaluate_reconstruction(tokenizer, text_encoder, batches, extractor=None, is
     of (images (B, 3, S, S) in [0, 1], captions), all ranks joined. KL tokenizers decode the
     posterior mean (what encode() returns); the text-aware decoder reads the captions."""
     device = next(tokenizer.parameters()).device
-    real_bank, fake_bank = (FeatureBank(extractor), FeatureBank(extractor)) if extractor else (None, None)
+    real_bank, fake_bank, psnrs = FeatureBank(extractor), FeatureBank(extractor), []
     counter = CodebookCounter(tokenizer.config.codebook_size) if tokenizer.config.quantize_mode == "vq" else None
-    psnrs = []
-    for images, captions in batches:
+    for images, captions, *_ in batches:  # category ids, from folder_batches, unused
         images = images.to(device)
         tokens = tokenizer.encode(images)  # VQ (B, K) ids | KL (B, K, C) mean
         recon = tokenizer.decode(tokens, text_encoder(list(captions)).final.to(device)).float().clamp(0, 1)
@@ -245,8 +240,7 @@ def evaluate_reconstruction(tokenizer, text_encoder, batches, extractor=None, is
     if counter is not None:
         res.update(counter.result())
     if extractor is not None:
-        fr, _, _ = real_bank.gather()
-        ff, lf, _ = fake_bank.gather()
+        (fr, _, _), (ff, lf, _) = real_bank.gather(), fake_bank.gather()
         res["rfid"] = frechet_distance(*feature_stats(fr), *feature_stats(ff))
         res["inception_score"], res["inception_score_std"] = inception_score(lf, splits=is_splits)
     return res
@@ -255,38 +249,30 @@ def evaluate_reconstruction(tokenizer, text_encoder, batches, extractor=None, is
 def stats_by_group(feats, groups, categories):
     """{"": (mu, sigma) of all rows, name: (mu, sigma) of each category (groups (N,): row ->
     index into categories) with the 2 rows a Gaussian needs}."""
-    stats = {"": feature_stats(feats)}
-    for k, name in enumerate(categories or []):
-        if (groups == k).sum() >= 2:
-            stats[name] = feature_stats(feats[groups == k])
-    return stats
+    per = {c: feature_stats(feats[groups == k]) for k, c in enumerate(categories or []) if (groups == k).sum() >= 2}
+    return {"": feature_stats(feats), **per}
 
 
 @torch.no_grad()
 def evaluate_generation(gen_batches, extractor=None, ref_batches=None, ref_stats=None, clip_scorer=None,
                         is_splits=1, categories=None):
-    """FID against a reference (its batches or its statistics), IS, and the CLIP score with a
-    scorer -> (metrics, the reference's stats_by_group). gen_batches: (images (B, 3, H, W) in
-    [0, 1], prompts[, group ids (B,)]); ref_batches: (images, any[, group ids]). `categories`
-    names the group ids (MJHQ-30K's): then also each category's FID against the reference's
-    same category, as MJHQ-30K reports it."""
-    bank = FeatureBank(extractor) if extractor else None
-    clip, res, stats = [], {}, ref_stats
+    """FID against a reference (its batches or its statistics), IS, and the CLIP score with a scorer -> (metrics,
+    the reference's stats_by_group). gen_batches: (images (B, 3, H, W) in [0, 1], prompts[, group ids (B,)]);
+    ref_batches: (images, any[, group ids]). `categories` names the group ids (MJHQ-30K's): then also each
+    category's FID against the reference's same category, as MJHQ-30K reports it."""
+    bank, clip, res, stats = FeatureBank(extractor), [], {}, ref_stats
     for images, prompts, *groups in gen_batches:
-        if bank is not None:
+        if extractor is not None:
             bank.add(images, *groups)
         if clip_scorer is not None:
             clip.append(clip_scorer(images, prompts).float())
-    if bank is not None:
+    if extractor is not None:
         feats, logits, ids = bank.gather()
         res["num_images"] = int(feats.shape[0])
         if stats is None:
             if ref_batches is None:
                 raise ValueError("FID needs a reference: pass ref_batches or ref_stats")
-            ref = FeatureBank(extractor)
-            for images, _, *groups in ref_batches:
-                ref.add(images, *groups)
-            ref_feats, _, ref_ids = ref.gather()
+            ref_feats, _, ref_ids = FeatureBank(extractor, ref_batches).gather()
             stats = stats_by_group(ref_feats, ref_ids, categories)
         mine = stats_by_group(feats, ids, categories)
         res["fid"] = frechet_distance(*mine[""], *stats[""])
@@ -332,18 +318,17 @@ def generate_shapes_images(prompts, generator=None, tokenizer=None, device="cpu"
 def ridge_r2(x_train, y_train, x_test, y_test, lam=1.0):
     """Test-row R^2 of a ridge regression y ~ x + bias fit on the train rows (float64)."""
     a = F.pad(x_train.double(), (0, 1), value=1.0)  # (N, D + 1): a constant column for the bias
-    eye = torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
-    w = torch.linalg.solve(a.T @ a + lam * eye, a.T @ y_train.double())
+    w = torch.linalg.solve(a.T @ a + lam * torch.eye(a.shape[1]).to(a), a.T @ y_train.double())
     err = (F.pad(x_test.double(), (0, 1), value=1.0) @ w - y_test.double()).pow(2).sum()
     return (1 - err / (y_test.double() - y_train.double().mean(0)).pow(2).sum()).item()
 
 
 def hidden_token_setup(models, images, captions, aesthetic, seed):
-    """(caption features, aesthetic scores (B,), hiding order rank (B, K), true tokens, KL
-    posterior or None, CPU generator) for context_use and inpaint_use. At fraction f a token is
-    hidden when rank >= round(f K). The tokens are what the generator reads (VQ ids (B, K); KL
-    (B, K, C) scaled, a posterior sample or the mean as in training). Every draw comes from the
-    CPU generator, so a seed gives the same draws on every device."""
+    """(hiding order rank (B, K), true tokens, KL posterior or None, CPU generator, predict) for context_use and
+    inpaint_use. At fraction f a token is hidden when rank >= round(f K). The tokens are what the generator reads
+    (VQ ids (B, K); KL (B, K, C) scaled, a posterior sample or the mean as in training). predict(masked (B, K) bool)
+    is MaskGen's view of the hidden tokens given the visible true ones: VQ logits (B, K, V), KL per-token conditions
+    z (B, K, D). Every draw comes from the CPU generator, so a seed gives the same draws on every device."""
     G, T = models.generator, models.tokenizer
     device, c = next(G.parameters()).device, G.config
     g = torch.Generator().manual_seed(seed)
@@ -351,39 +336,34 @@ def hidden_token_setup(models, images, captions, aesthetic, seed):
     aes = torch.full((len(captions),), float(aesthetic), device=device)
     rank = torch.rand(len(captions), c.num_tokens, generator=g).argsort(-1).argsort(-1).to(device)  # (B, K)
     if c.mode == "vq":
-        return feats, aes, rank, T.encode(images), None, g
+        x = T.encode(images)
+        return rank, x, None, g, lambda m: G.logits(torch.where(m, G.mask_id, x), feats.penultimate, feats.pooled, aes)
     post = T.encode(images, return_posterior=True)
     noise = torch.randn(post.mean.shape, generator=g).to(device)  # drawn even for "mean": later draws stay the same
-    x = post.mean + post.std * noise if c.kl_tokens == "sample" else post.mean
-    return feats, aes, rank, x * c.scale_factor, post, g
+    x = (post.mean + post.std * noise if c.kl_tokens == "sample" else post.mean) * c.scale_factor
+    txt, cond = G.trunk.encode_condition(feats.penultimate, feats.pooled, aes)
+    return rank, x, post, g, lambda m: G.token_conditions(x, m.float(), txt, cond)
 
 
 @torch.no_grad()
 def context_use(models, images, captions, aesthetic, fractions=(0.0, 0.5, 0.9), seed=0):
-    """How much MaskGen's predictions for the hidden tokens of images (B, 3, H, W) in [0, 1]
-    depend on the visible `fraction`: VQ {"masked_ce@f"}, their cross-entropy; KL
-    {"r2_from_z@f"}, the R^2 of a ridge regression from the per-token conditions z (what
-    DiffLoss sees) to their posterior means, fit on even images, scored on odd ones. A model
-    that reads its context does far better with tokens visible than without."""
-    G = models.generator
-    B, K = len(captions), G.config.num_tokens
-    feats, aes, rank, x, post, _ = hidden_token_setup(models, images, captions, aesthetic, seed)
-    out = {}
-    if G.config.mode == "vq":
-        for f in fractions:
-            masked = rank >= round(f * K)  # (B, K) bool
-            logits = G.logits(torch.where(masked, G.mask_id, x), feats.penultimate, feats.pooled, aes)
-            ce = F.cross_entropy(logits.float().flatten(0, 1), x.flatten(), reduction="none").view(B, K)
-            out[f"masked_ce@{f:g}"] = ce[masked].mean().item()
-        return out
-    mean = post.mean * G.config.scale_factor  # (B, K, C): the regression targets
-    txt, cond = G.trunk.encode_condition(feats.penultimate, feats.pooled, aes)
+    """How much MaskGen's predictions for the hidden tokens of images (B, 3, H, W) in [0, 1] depend on the visible
+    `fraction`: VQ {"masked_ce@f"}, their cross-entropy; KL {"r2_from_z@f"}, the R^2 of a ridge regression from the
+    per-token conditions z (what DiffLoss sees) to their posterior means, fit on even images, scored on odd ones. A
+    model that reads its context does far better with tokens visible than without."""
+    c = models.generator.config
+    B, K = len(captions), c.num_tokens
+    rank, x, post, _, predict = hidden_token_setup(models, images, captions, aesthetic, seed)
     even = (torch.arange(B, device=x.device) % 2 == 0)[:, None]  # (B, 1)
+    out = {}
     for f in fractions:
         masked = rank >= round(f * K)  # (B, K) bool
-        z = G.token_conditions(x, masked.float(), txt, cond)  # (B, K, D)
-        fit, test = masked & even, masked & ~even
-        out[f"r2_from_z@{f:g}"] = ridge_r2(z[fit], mean[fit], z[test], mean[test], lam=10.0)
+        if c.mode == "vq":
+            ce = F.cross_entropy(predict(masked).float().flatten(0, 1), x.flatten(), reduction="none").view(B, K)
+            out[f"masked_ce@{f:g}"] = ce[masked].mean().item()
+        else:  # z (B, K, D) -> the posterior means (B, K, C), the regression targets
+            z, mean, fit, test = predict(masked), post.mean * c.scale_factor, masked & even, masked & ~even
+            out[f"r2_from_z@{f:g}"] = ridge_r2(z[fit], mean[fit], z[test], mean[test], lam=10.0)
     return out
 
 
@@ -395,21 +375,17 @@ def inpaint_use(models, images, captions, aesthetic, fractions=(0.5, 0.75, 0.9),
     ({"inpaint@f": the shapes detector's overall score}, {f: decoded (B, 3, H, W) in [0, 1]})."""
     G, T = models.generator, models.tokenizer
     c, K = G.config, G.config.num_tokens
-    feats, aes, rank, visible, _, g = hidden_token_setup(models, images, captions, aesthetic, seed)
+    rank, visible, _, g, predict = hidden_token_setup(models, images, captions, aesthetic, seed)
     tok_text = models.tok_text(captions).final
-    if c.mode == "kl":
-        txt, cond = G.trunk.encode_condition(feats.penultimate, feats.pooled, aes)
-        temperature = 1.0 if c.temperature is None else c.temperature
-        draws = g if visible.device.type == "cpu" else None  # DiffLoss draws on visible's device
+    temperature = 1.0 if c.temperature is None else c.temperature
+    draws = g if visible.device.type == "cpu" else None  # DiffLoss draws on visible's device
     out, decoded = {}, {}
     for f in fractions:
         masked = rank >= round(f * K)  # (B, K) bool
         if c.mode == "vq":
-            logits = G.logits(torch.where(masked, G.mask_id, visible), feats.penultimate, feats.pooled, aes)
-            tokens = torch.where(masked, logits.argmax(-1), visible)  # (B, K)
+            tokens = torch.where(masked, predict(masked).argmax(-1), visible)  # (B, K)
         else:
-            z = G.token_conditions(visible, masked.float(), txt, cond)  # (B, K, D)
-            new = G.diffloss.sample(z[masked], temperature=temperature, generator=draws)  # (hidden, C)
+            new = G.diffloss.sample(predict(masked)[masked], temperature=temperature, generator=draws)  # (hidden, C)
             tokens = visible.masked_scatter(masked[..., None], new.to(visible.dtype)) / c.scale_factor  # (B, K, C)
         decoded[f] = T.decode(tokens, tok_text)
         uint8 = list(to_uint8(decoded[f]).permute(0, 2, 3, 1).cpu().numpy())
@@ -458,13 +434,12 @@ def read_prompts(path):
     lines = [ln for ln in sample.read_text(path, "prompt file") if ln.strip()]
     if not path.lower().endswith(".jsonl"):
         return lines
-    for n, line in enumerate(lines, 1):
-        sample._jsonl_prompt(line, path, n)  # a clear error for a bad line
+    prompts = [sample._jsonl_prompt(line, path, n) for n, line in enumerate(lines, 1)]  # a clear error for a bad line
     rows = [json.loads(line) for line in lines]
     for key in ("id", "index"):
         if all(key in r for r in rows):
-            return {r[key]: r["prompt"] for r in rows}
-    return [r["prompt"] for r in rows]
+            return {r[key]: p for r, p in zip(rows, prompts)}
+    return prompts
 
 
 def prompts_option(path, files):
@@ -574,8 +549,7 @@ def recon_batches(spec, batch_size, size, class_names, skipped):
     class names) read here; tar shards and the rest by data.py's loader (one pass, centre crop,
     rank-sharded). Unreadable samples are counted in `skipped`."""
     if os.path.isdir(spec) and not any(n.endswith((".tar", ".tar.gz", ".tgz")) for n in os.listdir(spec)):
-        batches = folder_batches(list_images(spec), batch_size, skipped, size, class_names=class_names)
-        yield from ((images, captions) for images, captions, _ in batches)
+        yield from folder_batches(list_images(spec), batch_size, skipped, size, class_names=class_names)
         return
     rank, world = train_common.rank_world()
     loader = data.image_text_loader(spec, size, batch_size, rank=rank, world_size=world, train=False)
@@ -621,16 +595,14 @@ def load_ref_stats(path):
     z = np.load(path)
     if not {"mu", "sigma"} <= set(z.files):
         raise ValueError(f"{path} holds {z.files}, not mu and sigma; write it with `evaluate.py gen --save-ref-stats`")
-    stats = {"": (z["mu"], z["sigma"])}
-    for k, name in enumerate(z["categories"] if "categories" in z.files else []):
-        stats[str(name)] = (z["mu_per_category"][k], z["sigma_per_category"][k])
-    return stats
+    cats = z["categories"] if "categories" in z.files else []
+    per = {str(c): (z["mu_per_category"][k], z["sigma_per_category"][k]) for k, c in enumerate(cats)}
+    return {"": (z["mu"], z["sigma"]), **per}
 
 
 def cmd_gen(args, device):
     def categories_of(fs, root):  # each file's first folder under root (MJHQ's <category>/), or None
         return [(os.path.relpath(f, root).split(os.sep)[:-1] or [None])[0] for f in fs]
-
     if args.no_fid and not args.clip:
         raise ValueError("gen --no-fid without --clip would compute nothing; drop --no-fid (FID and IS) or add --clip")
     files = list_images(args.images)[: args.limit]
@@ -748,9 +720,8 @@ def cmd_context(args, device):
     samples = shapes.heldout_samples(args.n_per_category, args.seed)
     # One batch of all scenes (no --batch-size): the regressions need every image at once.
     images = torch.tensor(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float().div(255).to(device)
-    captions = [s.caption for s in samples]
-    res = context_use(models, images, captions, shapes.SHAPES_AESTHETIC, seed=args.sample_seed)
-    res.update(inpaint_use(models, images, captions, shapes.SHAPES_AESTHETIC, seed=args.sample_seed)[0])
+    scenes = (models, images, [s.caption for s in samples], shapes.SHAPES_AESTHETIC)
+    res = {**context_use(*scenes, seed=args.sample_seed), **inpaint_use(*scenes, seed=args.sample_seed)[0]}
     return res, f"context use of {args.generator or 'checkpoints/shapes.pt'} on {len(samples)} held-out scenes"
 
 
@@ -759,27 +730,23 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     # Options several commands share, as parent parsers: output and device (all); the FID network
     # and image size (recon, gen); the models and held-out scenes (shapes, context); prompts.
-    common = argparse.ArgumentParser(add_help=False)
+    common, fid, world, prompts = (argparse.ArgumentParser(add_help=False) for _ in range(4))
     common.add_argument("--out", help="output prefix for <out>.json / <out>.txt (default out/eval/<cmd>)")
     common.add_argument("--device", help="cuda / mps / cpu (default: best available)")
     common.add_argument("--batch-size", type=int, default=50)
-    fid = argparse.ArgumentParser(add_help=False)
     fid.add_argument("--no-fid", action="store_true", help="skip FID / IS (no torch-fidelity needed)")
     fid.add_argument("--inception-weights", help="local FID Inception weights (.pth), for offline use")
     fid.add_argument("--is-splits", type=int, default=1, help="IS splits: 1 = official evaluator, 10 = Salimans")
     fid.add_argument("--limit", type=int, help="use only the first N images")
     fid.add_argument("--size", type=int, help="resize+centre-crop side (recon: the tokenizer's; gen: if sizes differ)")
-    world = argparse.ArgumentParser(add_help=False)
     world.add_argument("--generator", help="MaskGen checkpoint (default: the shipped one)")
     world.add_argument("--tokenizer", help="TA-TiTok checkpoint (default: the generator's; alone: --reconstruct)")
     world.add_argument("--n-per-category", type=int, default=300)
     world.add_argument("--seed", type=int, default=shapes.HELDOUT_SEED, help="held-out prompt / scene seed")
     world.add_argument("--sample-seed", type=int, default=0,
                        help="generation: prompt j is sampled with seed + j; context: masking orders, posterior draws")
-    prompts = argparse.ArgumentParser(add_help=False)
     prompts.add_argument("--prompts", help="prompts for --clip / shapes: .txt (one line per image, sorted file order), "
                          "sample.py's prompts.jsonl (by file name) or MJHQ-30K's meta_data.json; default: the folder's")
-
     p = sub.add_parser("recon", parents=[common, fid], help="tokenizer reconstruction: rFID, IS, PSNR, codebook")
     p.add_argument("--tokenizer", required=True, help="official release dir or Hub id (owner/name[@rev]), or our run")
     p.add_argument("--revision", help="Hub revision (branch, tag, commit) for a --tokenizer Hub id")
@@ -810,8 +777,7 @@ def main(argv=None):
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     rank, _, device = train_common.setup_distributed(args.device or "auto")  # joins torchrun's process group
-    cmd = {"recon": cmd_recon, "gen": cmd_gen, "shapes": cmd_shapes, "context": cmd_context}[args.cmd]
-    res, title = cmd(args, device)
+    res, title = dict(recon=cmd_recon, gen=cmd_gen, shapes=cmd_shapes, context=cmd_context)[args.cmd](args, device)
     if rank == 0:
         write_report(res, args.out or os.path.join("out", "eval", args.cmd), title)
     train_common.teardown()

@@ -2,20 +2,18 @@
 Data: pictures and captions into training tensors, MaskGen's pretokenized tokens, and
 the data command line.
 
-Paper: §5.1 "Training Data" and App. A ("Dataset Filtering", "Dataset Recaptioning",
-Tab. 7). The recipe: web image-text pairs as WebDataset tar shards (read by shards.py:
-files, "pipe:COMMAND", http(s) URLs) or an image folder; a resolution filter (longer side
->= 256, aspect ratio < 2) and an optional aesthetic filter (5.0 pre-training, 6.0
-fine-tuning); shorter-edge resize, random crop and flip (Tab. 8); Molmo recaptions kept
-beside the captions for the 95:5 mix (pick_captions); the aesthetic score carried as
-MaskGen's micro-condition; and images pretokenized once by the frozen TA-TiTok, since
-MaskGen never sees pixels. --data=shapes (shapes.py) takes the same entry point.
+Paper: §5.1 "Training Data" and App. A (Tab. 7). Web image-text pairs come as WebDataset tar
+shards (shards.py: files, "pipe:COMMAND", http(s) URLs) or an image folder; a resolution
+filter (longer side >= 256, aspect ratio < 2) and an optional aesthetic filter (5.0
+pre-training, 6.0 fine-tuning); shorter-edge resize, random crop and flip (Tab. 8); Molmo
+recaptions beside the captions for the 95:5 mix (pick_captions); the aesthetic score as
+MaskGen's micro-condition; images pretokenized once by the frozen TA-TiTok, since MaskGen
+never sees pixels. --data=shapes (shapes.py) takes the same entry point.
 
-Every image dataset yields {"image": FloatTensor (3,S,S) in [0,1], "caption": str,
-"recaption": str ("" if none), "aesthetic": FloatTensor (), "key": str}, the streams
-(shards, folders) also "position": LongTensor (5,), their reader's position after it.
-All split over DDP ranks and DataLoader workers without duplicates and resume exactly;
-bad inputs are skipped and counted in `dataset.skipped`.
+Image datasets yield {"image": FloatTensor (3,S,S) in [0,1], "caption": str, "recaption":
+str ("" if none), "aesthetic": FloatTensor (), "key": str}; streams also "position":
+LongTensor (5,). All split over DDP ranks and DataLoader workers without duplicates, resume
+exactly, and count bad inputs in `dataset.skipped`.
 
     python data.py make-shapes --out shards/shapes --n 10000
     torchrun --nproc_per_node=8 data.py pretokenize --tokenizer <dir> --data "shards/{000000..000099}.tar" --out pretok/
@@ -29,6 +27,7 @@ import json
 import logging
 import math
 import os
+import pathlib
 import re
 import sys
 import time
@@ -167,20 +166,17 @@ class _ImageStream(StreamDataset):
         try:
             image = Image.open(io.BytesIO(group[image_ext]))  # reads the header only
             w, h = image.size
-        except Image.DecompressionBombError as e:  # PIL's own (higher) limit, also from the header
-            return self._reject("too_many_pixels", f"{where}: {e}", check_only)
-        except Exception as e:
-            return self._reject("corrupt_image", f"{where}: {type(e).__name__}: {e}", check_only)
-        # The pixel limit and the paper's resolution filter, on the header size before any pixel is decoded.
-        if w * h > self.max_pixels:
-            return self._reject("too_many_pixels", f"{where}: {w}x{h} > max_pixels={self.max_pixels}", check_only)
-        reason = size_filter(w, h, self.min_longer_side, self.max_aspect_ratio)
-        if reason:
-            return self._reject(reason, f"{where}: {w}x{h}", check_only)
-        try:
+            # The pixel limit and the paper's resolution filter, on the header size before any pixel is decoded.
+            if w * h > self.max_pixels:
+                return self._reject("too_many_pixels", f"{where}: {w}x{h} > max_pixels={self.max_pixels}", check_only)
+            reason = size_filter(w, h, self.min_longer_side, self.max_aspect_ratio)
+            if reason:
+                return self._reject(reason, f"{where}: {w}x{h}", check_only)
             if check_only:  # JPEG: decode at 1/8 scale, which still reads (and checks) every byte
                 image.draft("RGB", (max(1, w // 8), max(1, h // 8)))
             image.load()  # truncated files fail here
+        except Image.DecompressionBombError as e:  # PIL's own (higher) limit, raised by the header read
+            return self._reject("too_many_pixels", f"{where}: {e}", check_only)
         except Exception as e:
             return self._reject("corrupt_image", f"{where}: {type(e).__name__}: {e}", check_only)
         if check_only:
@@ -222,27 +218,18 @@ class ImageFolderDataset(_ImageStream):
 
     def _epoch_groups(self, epoch, slot, n_slots, start=(0, 0, 0)):
         """This slot's files of one epoch from place start[0] of its shuffled order (no byte offset)."""
-        order = np.arange(len(self.files))
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, 2, epoch]).permutation(len(self.files))
-        for place in range(start[0], len(order)):
-            if place % n_slots != slot:
-                continue
-            path = self.files[order[place]]
-            stem, ext = os.path.splitext(path)
-            group = {"__key__": os.path.relpath(stem, self.root), "__shard__": self.root}
+        order = self._order(len(self.files), epoch)
+        for place in range(start[0] + (slot - start[0]) % n_slots, len(order), n_slots):  # this slot's places
+            stem = os.path.splitext(self.files[order[place]])[0]
+            # The image and its side files, each under its extension after the stem: jpg, txt, recap.txt, ...
+            paths = [self.files[order[place]]] + [f"{stem}.{e}" for e in ("txt", "json", "recap.txt")
+                                                  if os.path.isfile(f"{stem}.{e}")]  # fmt: skip
             try:
-                with open(path, "rb") as f:
-                    group[ext[1:].lower()] = f.read()
-                for side in ("txt", "json", "recap.txt"):
-                    if os.path.isfile(f"{stem}.{side}"):
-                        with open(f"{stem}.{side}", "rb") as f:
-                            group[side] = f.read()
+                group = {p[len(stem) + 1 :].lower(): pathlib.Path(p).read_bytes() for p in paths}
             except OSError as e:
-                self.skipped.add("unreadable_file", f"{path}: {e}")
+                self.skipped.add("unreadable_file", f"{paths[0]}: {e}")
                 continue
-            group["__next__"] = (place + 1, 0, 0)
-            yield group
+            yield dict(group, __key__=os.path.relpath(stem, self.root), __shard__=self.root, __next__=(place + 1, 0, 0))
 
 
 # ----------------------------------------------------------------------------- 3. The shapes world
@@ -302,9 +289,8 @@ def build_image_dataset(spec, image_size=256, *, train=True, seed=0, rank=None, 
         return ShapesDataset(seed, category_mix=kwargs.get("category_mix"), image_size=image_size or shapes.IMAGE_SIZE,
                              length=length, infinite=train, **split)  # fmt: skip
     kwargs.pop("category_mix", None)
-    if not train:
-        kwargs = dict(dict(random_crop=False, random_flip=False, shuffle=False), **kwargs)
-    kwargs = dict(kwargs, seed=seed, infinite=train, positions=positions, **split)
+    evaluation = {} if train else dict(random_crop=False, random_flip=False, shuffle=False)
+    kwargs = dict(evaluation, **kwargs, seed=seed, infinite=train, positions=positions, **split)
     if isinstance(spec, str) and os.path.isdir(spec) and not any(n.endswith(SHARD_EXTS) for n in os.listdir(spec)):
         return ImageFolderDataset(spec, image_size, **kwargs)
     return TarShardDataset(spec, image_size, **kwargs)
@@ -324,13 +310,11 @@ def collate(samples):
     """Batch sample dicts: tensors stacked (B, ...), numbers a tensor (B,), the rest a list of B."""
     out = {}
     for key in samples[0]:
-        values = [s[key] for s in samples]
+        values = out[key] = [s[key] for s in samples]
         if isinstance(values[0], torch.Tensor):
             out[key] = torch.stack(values)
         elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             out[key] = torch.tensor(values)
-        else:
-            out[key] = values
     return out
 
 
@@ -378,12 +362,12 @@ def pretokenize(tokenizer, dataset, out_dir, *, batch_size=64, per_shard=5000, n
     """Encode every image of `dataset` (already split for this rank) with the frozen TA-TiTok into
     this rank's shards <out_dir>/<prefix>-NNNNNN.tar (prefix default "pretok-rank<rank>").
     Returns {"samples": n, "shards": [paths], "skipped": the dataset's skip counts}."""
-    cfg, mode = tokenizer.config, tokenizer.config.quantize_mode
+    mode = tokenizer.config.quantize_mode
     if mode not in ("vq", "kl"):
         raise ValueError(f"tokenizer quantize_mode must be 'vq' or 'kl', got {mode!r}")
     tokenizer.eval()
     device = next(tokenizer.parameters()).device
-    dtype = token_dtype(getattr(cfg, "codebook_size", 8192))
+    dtype = token_dtype(getattr(tokenizer.config, "codebook_size", 8192))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     if progress:
         from tqdm import tqdm
@@ -393,18 +377,15 @@ def pretokenize(tokenizer, dataset, out_dir, *, batch_size=64, per_shard=5000, n
         for batch in loader:
             images = batch["image"].to(device)  # (B, 3, S, S) in [0, 1]
             if mode == "vq":
-                ids = tokenizer.encode(images).cpu().numpy()  # (B, K) int64
-                arrays = [dict(tokens=row) for row in ids]
+                arrays = [dict(tokens=row) for row in tokenizer.encode(images).cpu().numpy()]  # (K,) int64 each
             else:
                 post = tokenizer.encode(images, return_posterior=True)
                 mean, logvar = post.mean.float().cpu().numpy(), post.logvar.float().cpu().numpy()  # (B, K, C) each
                 arrays = [dict(mean=m, logvar=v) for m, v in zip(mean, logvar)]
-            for i, arr in enumerate(arrays):
-                if max_samples is not None and n >= max_samples:
-                    break
-                members = pretokenized_members(batch["caption"][i], batch["recaption"][i], float(batch["aesthetic"][i]),
-                                               batch["key"][i], dtype=dtype, **arr)  # fmt: skip
-                writer.write(f"r{rank:03d}_{n:09d}", members)
+            for i, arr in enumerate(arrays[: None if max_samples is None else max(0, max_samples - n)]):
+                writer.write(f"r{rank:03d}_{n:09d}", pretokenized_members(
+                    batch["caption"][i], batch["recaption"][i], float(batch["aesthetic"][i]), batch["key"][i],
+                    dtype=dtype, **arr))  # fmt: skip
                 n += 1
             if max_samples is not None and n >= max_samples:
                 break
@@ -426,11 +407,8 @@ def tokenizer_meta(tokenizer):
 def read_pretokenized_meta(path):
     """meta.json of a pretokenized folder (or of the folder holding a shard pattern), or None."""
     folder = path if os.path.isdir(path) else os.path.dirname(expand_braces(str(path).split("::")[0])[0])
-    meta_file = os.path.join(folder, "meta.json")
-    if not os.path.isfile(meta_file):
-        return None
-    with open(meta_file) as f:
-        return json.load(f)
+    meta_file = pathlib.Path(folder, "meta.json")
+    return json.loads(meta_file.read_text()) if meta_file.is_file() else None
 
 
 class TokenDtypeError(TypeError):
@@ -518,10 +496,8 @@ def _cmd_inspect(args):
     print(f"image sizes: {common}{' ...' if len(sizes) > 5 else ''}")
     longer = args.image_size if args.min_longer_side is None else args.min_longer_side
     aspect = args.max_aspect_ratio or None
-    dropped = collections.Counter()
-    for (w, h), c in sizes.items():
-        dropped[size_filter(w, h, longer, aspect)] += c
-    dropped.pop(None, None)  # kept
+    dropped = collections.Counter(reason for (w, h), c in sizes.items()  # a size's skip reason, once per sample
+                                  for reason in [size_filter(w, h, longer, aspect)] * c if reason)  # fmt: skip
     rule = f"longer side >= {longer}" + (f", aspect ratio < {aspect:g}" if aspect else "")
     counts = " ".join(f"{k}={v}" for k, v in dropped.items())
     verdict = f"would drop {sum(dropped.values())} of these {n}: {counts}" if dropped else f"keeps all {n}"

@@ -471,9 +471,7 @@ class StreamDataset(IterableDataset):
         (shard, offset, seen) after it. With at least as many shards as readers, whole shards
         are dealt out; with fewer, every reader reads every shard, keeps every n_slots-th
         sample, and only reader 0 counts shard-level problems (nothing counted twice)."""
-        order = np.arange(len(self.shards))
-        if self.shuffle:  # the same order on every rank and worker: it depends on (seed, epoch) only
-            order = np.random.default_rng([self.seed, 2, epoch]).permutation(len(self.shards))
+        order = self._order(len(self.shards), epoch)
         few = len(self.shards) < n_slots
         mine = order if few else order[slot::n_slots]
         first, offset, seen = start
@@ -485,6 +483,10 @@ class StreamDataset(IterableDataset):
                 group["__next__"] = (k, group["__end__"], seen)
                 if keep:
                     yield group
+
+    def _order(self, n, epoch):
+        """The epoch's order of n shards (or files): the same on every rank and worker (it depends on seed, epoch)."""
+        return np.random.default_rng([self.seed, 2, epoch]).permutation(n) if self.shuffle else np.arange(n)
 
     def _decode(self, group, check_only=False):
         """Raw sample -> training dict, or None when skipped. check_only: validate

@@ -2,13 +2,12 @@
 Data: pictures and captions into training tensors, MaskGen's pretokenized tokens, and
 the data command line.
 
-Paper: §5.1 "Training Data" and App. A (Tab. 7). Web image-text pairs come as WebDataset tar
-shards (shards.py: files, "pipe:COMMAND", http(s) URLs) or an image folder; a resolution
-filter (longer side >= 256, aspect ratio < 2) and an optional aesthetic filter (5.0
-pre-training, 6.0 fine-tuning); shorter-edge resize, random crop and flip (Tab. 8); Molmo
-recaptions beside the captions for the 95:5 mix (pick_captions); the aesthetic score as
-MaskGen's micro-condition; images pretokenized once by the frozen TA-TiTok, since MaskGen
-never sees pixels. --data=shapes (shapes.py) takes the same entry point.
+Paper: §5.1 "Training Data" and App. A (Tab. 7). Web image-text pairs as WebDataset tar shards
+(shards.py) or an image folder; a resolution filter (longer side >= 256, aspect ratio < 2) and
+an optional aesthetic filter (5.0 pre-training, 6.0 fine-tuning); shorter-edge resize, random
+crop and flip (Tab. 8); Molmo recaptions beside the captions for the 95:5 mix; the aesthetic
+score as MaskGen's micro-condition; images pretokenized once by the frozen TA-TiTok, since
+MaskGen never sees pixels. --data=shapes (shapes.py) takes the same entry point.
 
 Image datasets yield {"image": FloatTensor (3,S,S) in [0,1], "caption": str, "recaption":
 str ("" if none), "aesthetic": FloatTensor (), "key": str}; streams also "position":
@@ -23,6 +22,7 @@ exactly, and count bad inputs in `dataset.skipped`.
 import argparse
 import collections
 import io
+import itertools
 import json
 import logging
 import math
@@ -81,9 +81,8 @@ def to_uint8(images):
 
 
 class ImageTransform:
-    """Shorter edge to `resize` (default: size), crop size x size (random or centre), flip
-    with probability 1/2 -> FloatTensor (3, size, size) in [0,1]: the paper's 256 recipe
-    (App. A / Tab. 8); without the random parts, the evaluation protocol."""
+    """Shorter edge to `resize` (default: size), crop size x size (random or centre), flip with
+    probability 1/2 -> FloatTensor (3, size, size) in [0,1]: App. A / Tab. 8; unrandomised, evaluation's."""
 
     def __init__(self, size=256, resize=None, random_crop=True, random_flip=True):
         self.size, self.resize = int(size), int(resize or size)
@@ -91,8 +90,7 @@ class ImageTransform:
             raise ValueError(f"resize ({self.resize}) must be >= the crop size ({self.size})")
         self.random_crop, self.random_flip = random_crop, random_flip
 
-    def __call__(self, image, rng):
-        """image: PIL; rng: np.random.Generator (drives the crop and the flip)."""
+    def __call__(self, image, rng):  # image: PIL; rng: np.random.Generator (drives the crop and the flip)
         image = to_rgb(image)
         w, h = image.size
         scale = self.resize / min(w, h)
@@ -122,8 +120,8 @@ def load_image(path, size=None):
 
 
 # ----------------------------------------------------------------------------- 2. Image datasets
-# The largest image decoded, checked on the header's size before any pixel is read (PIL's own
-# DecompressionBombError comes only at 2 x 89M pixels); 64 Mi pixels is 200 MB of RGB.
+# The largest image decoded (200 MB of RGB), checked on the header's size before any pixel is
+# read; PIL's own DecompressionBombError comes only at 2 x 89M pixels.
 MAX_PIXELS = 8192 * 8192
 
 
@@ -138,8 +136,7 @@ def size_filter(w, h, min_longer_side, max_aspect_ratio):
 
 class _ImageStream(StreamDataset):
     """Decoding, filtering and transforming image samples (tar shards and image folders).
-    image_size:        crop size S of the output (3, S, S); None: every image at its own
-                       size, (3, H, W), without the resolution filter (`data.py inspect`)
+    image_size:        crop size S of the output (3, S, S); None: each image at its own size
     resize:            shorter edge before cropping (default S)
     min_longer_side:   keep images whose longer side is >= this (default S: 256 in the paper)
     max_aspect_ratio:  keep images with long/short < this (paper: 2); None disables
@@ -183,18 +180,15 @@ class _ImageStream(StreamDataset):
             return True
         if self.transform is None:  # image_size=None: the image as it is, (3, H, W)
             return {"image": to_tensor(to_rgb(image)), **fields}
-        # Crop and flip from a generator keyed by sample and epoch, not by the decoding worker.
-        name = f"{os.path.basename(group['__shard__'])}/{group['__key__']}".encode()
+        name = f"{os.path.basename(group['__shard__'])}/{group['__key__']}".encode()  # crop, flip: per sample, epoch
         rng = np.random.default_rng([self.seed, 3, group["__epoch__"], zlib.crc32(name)])
         return {"image": self.transform(image, rng), **fields}
 
 
 class TarShardDataset(_ImageStream):
-    """Image-caption samples from WebDataset tar shards, e.g.
-    TarShardDataset("data/{000000..000099}.tar", image_size=256, seed=0). A sample needs an
-    image (IMAGE_EXTS) and a caption (.txt or a .json field); a recaption and an aesthetic
-    score are optional (where they may sit: shards.py). Options: _ImageStream. Defaults are
-    for training: infinite, shuffled, augmented."""
+    """Image-caption samples from WebDataset tar shards ("data/{000000..000099}.tar"). A sample
+    needs an image (IMAGE_EXTS) and a caption (.txt or a .json field); a recaption and an
+    aesthetic score are optional. Options: _ImageStream; the defaults are for training."""
 
     def __init__(self, shards, image_size=256, **kwargs):
         self.shards = list_shards(shards)
@@ -202,9 +196,8 @@ class TarShardDataset(_ImageStream):
 
 
 class ImageFolderDataset(_ImageStream):
-    """Images anywhere under `root` with a same-stem caption: a/b/cat.jpg + a/b/cat.txt, and
-    optionally cat.json and cat.recap.txt as in the tar shards. Options and skips as
-    TarShardDataset; each epoch is a full random permutation (no shuffle buffer)."""
+    """Images under `root` with a same-stem caption (a/b/cat.jpg + a/b/cat.txt; optionally cat.json,
+    cat.recap.txt); options as TarShardDataset; each epoch a full permutation (no shuffle buffer)."""
 
     def __init__(self, root, image_size=256, **kwargs):
         if not os.path.isdir(root):
@@ -213,33 +206,29 @@ class ImageFolderDataset(_ImageStream):
         if not self.files:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) under {root!r}; "
                                     f"put images with same-name .txt captions there")  # fmt: skip
-        kwargs["shuffle_buffer"] = 0
-        super().__init__(image_size, **kwargs)
+        super().__init__(image_size, **dict(kwargs, shuffle_buffer=0))
 
     def _epoch_groups(self, epoch, slot, n_slots, start=(0, 0, 0)):
         """This slot's files of one epoch from place start[0] of its shuffled order (no byte offset)."""
         order = self._order(len(self.files), epoch)
         for place in range(start[0] + (slot - start[0]) % n_slots, len(order), n_slots):  # this slot's places
-            stem = os.path.splitext(self.files[order[place]])[0]
-            # The image and its side files, each under its extension after the stem: jpg, txt, recap.txt, ...
-            paths = [self.files[order[place]]] + [f"{stem}.{e}" for e in ("txt", "json", "recap.txt")
-                                                  if os.path.isfile(f"{stem}.{e}")]  # fmt: skip
-            try:
-                group = {p[len(stem) + 1 :].lower(): pathlib.Path(p).read_bytes() for p in paths}
+            path = self.files[order[place]]
+            stem = os.path.splitext(path)[0]
+            sides = [f"{stem}.{e}" for e in ("txt", "json", "recap.txt") if os.path.isfile(f"{stem}.{e}")]
+            try:  # each member is named by what follows the stem: jpg, txt, recap.txt, ...
+                group = {p[len(stem) + 1 :].lower(): pathlib.Path(p).read_bytes() for p in [path, *sides]}
             except OSError as e:
-                self.skipped.add("unreadable_file", f"{paths[0]}: {e}")
+                self.skipped.add("unreadable_file", f"{path}: {e}")
                 continue
             yield dict(group, __key__=os.path.relpath(stem, self.root), __shard__=self.root, __next__=(place + 1, 0, 0))
 
 
 # ----------------------------------------------------------------------------- 3. The shapes world
 class ShapesDataset(IterableDataset):
-    """Shapes samples (shapes.ShapesWorld) as training dicts: {"image": (3,S,S) in [0,1],
-    "caption", "recaption": "", "aesthetic", "key", "index", "category"}.
-
-    Batch b of rank r (B = per-rank batch_size) holds indices (b * world_size + r) * B + [0, B),
-    so global batch b equals batch b of one process, for any number of workers. Resume after
-    n batches: start_batch=n. length N: indices [0, N) only (repeated when infinite)."""
+    """Shapes samples (shapes.ShapesWorld) as training dicts: {"image": (3,S,S) in [0,1], "caption",
+    "recaption": "", "aesthetic", "key", "index", "category"}. Batch b of rank r (B = per-rank
+    batch_size) holds indices (b * world_size + r) * B + [0, B), whatever the number of workers;
+    resume after n batches with start_batch=n. length N: indices [0, N) only (repeated if infinite)."""
 
     def __init__(self, seed=0, *, category_mix=None, image_size=shapes.IMAGE_SIZE, length=None, infinite=True,
                  rank=None, world_size=None, batch_size=None, start_batch=0):
@@ -259,8 +248,8 @@ class ShapesDataset(IterableDataset):
 
     def __iter__(self):
         worker, num_workers = worker_slot()
-        B, batch = self.batch_size, self.start_batch + worker
-        while True:
+        B = self.batch_size
+        for batch in itertools.count(self.start_batch + worker, num_workers):  # this worker's batches
             for t in range(B):
                 index = (batch * self.world_size + self.rank) * B + t
                 if self.length is not None:
@@ -268,18 +257,15 @@ class ShapesDataset(IterableDataset):
                         return
                     index %= self.length
                 yield self.item(index)
-            batch += num_workers
 
 
 # ----------------------------------------------------------------------------- 4. One entry point, batching
 def build_image_dataset(spec, image_size=256, *, train=True, seed=0, rank=None, world_size=None,
                         batch_size=None, start_batch=0, positions=None, **kwargs):  # fmt: skip
-    """The trainers' --data: "shapes" (the infinite shapes stream), "shapes:N" (samples
-    0..N-1), a directory (its tar shards, else an image folder), or tar shards (patterns,
-    "pipe:COMMAND", http(s) URLs: shards.list_shards). train=False: one pass, no shuffle,
-    centre crop, no flip. image_size=None: images at their own size (shapes: 64).
-    positions: saved reader positions (shards.StreamPositions). Extra keyword arguments go
-    to the image datasets (filters, resize, ...); the shapes world takes only category_mix."""
+    """The trainers' --data: "shapes" (the infinite shapes stream), "shapes:N" (samples 0..N-1),
+    a directory (its tar shards, else an image folder), or tar shards (shards.list_shards).
+    train=False: one pass, no shuffle, centre crop, no flip. image_size=None: images at their
+    own size (shapes: 64). positions: saved reader positions (shards.StreamPositions)."""
     split = dict(rank=rank, world_size=world_size, batch_size=batch_size, start_batch=start_batch)
     m = re.fullmatch(r"shapes(?::(\d+))?", str(spec))
     if m:
@@ -326,11 +312,10 @@ def pick_captions(captions, recaptions, p_recaption=0.95, generator=None):
 
 
 # ----------------------------------------------------------------------------- 5. Pretokenized tokens
-# Written once with the frozen tokenizer as WebDataset tars, one sample per image: <key>.tokens.npy
-# (VQ ids (K,), int16, int32 above 32768 codes) or <key>.mean.npy + .logvar.npy (KL, float32 (K, C)),
-# <key>.txt and <key>.json {"caption", "recaption", "aesthetic" (null if unknown), "source"}; plus
-# meta.json (tokenizer_meta). Ids stay integers: float16 cannot hold every integer above 2048
-# (8191 reads back as 8192), so the official float16 loader corrupts an 8192-code codebook's ids.
+# WebDataset tars, one sample per image: <key>.tokens.npy (VQ ids (K,), int16, int32 above 32768
+# codes) or <key>.mean.npy + .logvar.npy (KL, float32 (K, C)), <key>.txt and <key>.json {"caption",
+# "recaption", "aesthetic" (null if unknown), "source"}; plus meta.json. Ids stay integers: float16
+# cannot hold every integer above 2048, so the official float16 loader corrupts 8192-code ids.
 def token_dtype(codebook_size):
     """The smallest integer dtype that holds every id of the codebook."""
     return np.dtype(np.int16) if codebook_size <= np.iinfo(np.int16).max + 1 else np.dtype(np.int32)
@@ -359,9 +344,8 @@ def pretokenized_members(caption, recaption="", aesthetic=None, source="", token
 @torch.no_grad()
 def pretokenize(tokenizer, dataset, out_dir, *, batch_size=64, per_shard=5000, num_workers=0, rank=0,
                 max_samples=None, prefix=None, progress=False):  # fmt: skip
-    """Encode every image of `dataset` (already split for this rank) with the frozen TA-TiTok into
-    this rank's shards <out_dir>/<prefix>-NNNNNN.tar (prefix default "pretok-rank<rank>").
-    Returns {"samples": n, "shards": [paths], "skipped": the dataset's skip counts}."""
+    """Encode every image of `dataset` (this rank's split) with the frozen TA-TiTok into shards
+    <out_dir>/<prefix>-NNNNNN.tar -> {"samples": n, "shards": [paths], "skipped": counts}."""
     mode = tokenizer.config.quantize_mode
     if mode not in ("vq", "kl"):
         raise ValueError(f"tokenizer quantize_mode must be 'vq' or 'kl', got {mode!r}")
@@ -394,16 +378,6 @@ def pretokenize(tokenizer, dataset, out_dir, *, batch_size=64, per_shard=5000, n
     return {"samples": n, "shards": writer.paths, "skipped": dataset.skipped.counts()}
 
 
-def tokenizer_meta(tokenizer):
-    """What a MaskGen trainer needs to know about the tokens (written to meta.json)."""
-    cfg = tokenizer.config
-    meta = {"quantize_mode": cfg.quantize_mode, "num_tokens": cfg.num_latent_tokens,
-            "token_size": cfg.token_size, "image_size": cfg.image_size}  # fmt: skip
-    if cfg.quantize_mode == "vq":
-        meta.update(codebook_size=cfg.codebook_size, token_dtype=str(token_dtype(cfg.codebook_size)))
-    return meta
-
-
 def read_pretokenized_meta(path):
     """meta.json of a pretokenized folder (or of the folder holding a shard pattern), or None."""
     folder = path if os.path.isdir(path) else os.path.dirname(expand_braces(str(path).split("::")[0])[0])
@@ -416,10 +390,9 @@ class TokenDtypeError(TypeError):
 
 
 class PretokenizedDataset(StreamDataset):
-    """The shards `pretokenize` writes (a folder, pattern, glob or list), for train_maskgen.py:
-    VQ {"tokens": LongTensor (K,)} or KL {"posterior": FloatTensor (K, 2C) = cat(mean, logvar)},
-    plus "caption", "recaption", "aesthetic" () and "key"; options as shards.StreamDataset.
-    Non-integer VQ ids raise TokenDtypeError instead of training on corrupted ids."""
+    """The shards `pretokenize` writes, for train_maskgen.py: VQ {"tokens": LongTensor (K,)}
+    or KL {"posterior": FloatTensor (K, 2C) = cat(mean, logvar)}, plus "caption", "recaption",
+    "aesthetic" () and "key"; options as shards.StreamDataset."""
 
     def __init__(self, shards, **stream):
         self.shards = list_shards(shards)
@@ -427,23 +400,21 @@ class PretokenizedDataset(StreamDataset):
 
     def _decode(self, group, check_only=False):
         where = sample_name(group)
-        out = {}
         try:
             if "tokens.npy" in group:
                 tokens = decode_npy(group["tokens.npy"])
-                if tokens.dtype.kind not in "iu":
-                    # Not a skip: the whole dataset would be silently wrong.
+                if tokens.dtype.kind not in "iu":  # not a skip: the whole dataset would be silently wrong
                     raise TokenDtypeError(f"{where}: VQ tokens are stored as {tokens.dtype}, not integers; float16 "
                                           f"cannot hold ids above 2048 exactly. Re-create the shards with "
                                           f"`python data.py pretokenize`.")  # fmt: skip
                 if tokens.ndim != 1:
                     raise ValueError(f"expected tokens of shape (K,), got {tokens.shape}")
-                out["tokens"] = torch.from_numpy(tokens.astype(np.int64))  # (K,)
+                out = {"tokens": torch.from_numpy(tokens.astype(np.int64))}  # (K,)
             elif "mean.npy" in group and "logvar.npy" in group:
                 mean, logvar = decode_npy(group["mean.npy"]), decode_npy(group["logvar.npy"])
                 if mean.shape != logvar.shape or mean.ndim != 2:
                     raise ValueError(f"mean {mean.shape} and logvar {logvar.shape} must both be (K, C)")
-                out["posterior"] = torch.from_numpy(np.concatenate([mean, logvar], -1).astype(np.float32))  # (K, 2C)
+                out = {"posterior": torch.from_numpy(np.concatenate([mean, logvar], -1).astype(np.float32))}  # (K,2C)
             else:
                 return self._reject("bad_tokens", f"{where} has neither tokens.npy nor mean.npy + logvar.npy",
                                     check_only)  # fmt: skip
@@ -478,8 +449,7 @@ def _cmd_make_shapes(args):
 
 
 def _cmd_inspect(args):
-    # Every readable sample at its own size; the resolution filter is reported, not applied:
-    # a dataset made for another image size (shapes: 64 px) would otherwise look empty.
+    # Each sample at its own size; the resolution filter is reported, not applied (shapes would look empty).
     ds = build_image_dataset(args.data, None, train=False, min_longer_side=0, max_aspect_ratio=None)
     sizes = collections.Counter()
     for n, sample in enumerate(ds):
@@ -506,8 +476,7 @@ def _cmd_inspect(args):
 
 
 def _cmd_pretokenize(args):
-    # Under torchrun each rank writes its share's shards; rank 0 adds meta.json once the counts
-    # are summed. (The group is joined here: train_common.py imports this file.)
+    # Under torchrun each rank writes its share's shards; rank 0 adds meta.json once the counts are summed.
     rank, world_size = resolve_rank()  # torchrun's RANK / WORLD_SIZE, else (0, 1)
     gpu = torch.cuda.is_available() and args.device in (None, "auto", "cuda")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if gpu else torch.device(
@@ -515,7 +484,6 @@ def _cmd_pretokenize(args):
     if world_size > 1:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     import checkpoint  # imported here so that data.py works without the models (shapes, shards)
-
     tok, _ = checkpoint.load_tokenizer(args.tokenizer, device, with_text=False)  # frozen; no text (no CLIP download)
     ds = build_image_dataset(args.data, tok.config.image_size, train=False, rank=rank, world_size=world_size,
                              min_longer_side=args.min_longer_side)  # fmt: skip
@@ -534,10 +502,14 @@ def _cmd_pretokenize(args):
     counts = summed.cpu()
     total = int(counts[-1])
     if rank == 0:
-        meta = dict(tokenizer_meta(tok), tokenizer=checkpoint.record_ref(args.tokenizer), data=str(args.data),
-                    num_samples=total, skipped={r: int(v) for r, v in zip(SKIP_REASONS, counts[:-1]) if v})  # fmt: skip
-        with open(os.path.join(args.out, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2)
+        cfg = tok.config  # what a MaskGen trainer needs to know about the tokens, and where they came from
+        meta = dict(quantize_mode=cfg.quantize_mode, num_tokens=cfg.num_latent_tokens, token_size=cfg.token_size,
+                    image_size=cfg.image_size)  # fmt: skip
+        if cfg.quantize_mode == "vq":
+            meta.update(codebook_size=cfg.codebook_size, token_dtype=str(token_dtype(cfg.codebook_size)))
+        meta.update(tokenizer=checkpoint.record_ref(args.tokenizer), data=str(args.data), num_samples=total,
+                    skipped={r: int(v) for r, v in zip(SKIP_REASONS, counts[:-1]) if v})  # fmt: skip
+        pathlib.Path(args.out, "meta.json").write_text(json.dumps(meta, indent=2))
         print(f"pretokenized {total} samples ({tok.config.quantize_mode}) into {args.out}/ "
               f"on {world_size} rank(s); skipped: {meta['skipped'] or 'none'}")  # fmt: skip
     if world_size > 1:

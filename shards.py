@@ -2,15 +2,14 @@
 WebDataset tar shards, end to end: finding them, reading one shard (a local file, a pipe,
 a URL) as samples, writing shards, and the streaming dataset data.py builds on.
 
-Paper: §5.1 "Training Data" / App. A. The web image-text pairs (DataComp, CC12M, LAION) come
-as WebDataset tars, the layout img2dataset writes; MaskGen's pretokenized tokens are stored
-the same way. A sample's members share a key, the member path up to the first dot of its
-name: 000123001.jpg, 000123001.txt, 000123001.recap.txt, ... A shard is "data/000123.tar"
-(or .tar.gz / .tgz), "pipe:COMMAND" (the tar on a shell command's stdout, e.g. "pipe:aws s3
-cp s3://bucket/000123.tar -": take a data spec only from whom you would let run commands),
-or an http(s) URL (streamed). A plain local tar seeks straight to a sample on resume; the
-others are read again from their beginning. A cut tar keeps every complete sample before
-the cut. Bad inputs are counted in `dataset.skipped`, never a crash.
+Paper: §5.1 "Training Data" / App. A. The web image-text pairs (DataComp, CC12M, LAION) and
+MaskGen's pretokenized tokens are WebDataset tars, the layout img2dataset writes: a sample's
+members share a key, the path up to the first dot of the name (000123001.jpg, .txt, .recap.txt).
+A shard is "data/000123.tar" (or .tar.gz / .tgz), "pipe:COMMAND" (the tar on a shell command's
+stdout, e.g. "pipe:aws s3 cp s3://bucket/000123.tar -": take a data spec only from whom you
+would let run commands), or an http(s) URL (streamed). Only a plain local tar seeks straight to
+a sample on resume. A cut tar keeps every complete sample before the cut. Bad inputs are
+counted in `dataset.skipped`, never a crash.
 """
 import glob
 import io
@@ -60,8 +59,7 @@ def expand_braces(pattern):
     else:
         raise ValueError(f"unbalanced '{{' in pattern {pattern!r}; close it with '}}'")
     head, body, tail = pattern[:start], pattern[start + 1 : end], pattern[end + 1 :]
-    m = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
-    if m:
+    if m := re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body):
         a, b = m.groups()
         width = max(len(a), len(b)) if any(len(x) > 1 and x.startswith("0") for x in (a, b)) else 0  # zero-padded
         step = 1 if int(b) >= int(a) else -1
@@ -75,9 +73,8 @@ def expand_braces(pattern):
 
 
 def list_shards(spec, exts=SHARD_EXTS):
-    """Shard names from a brace pattern, a glob, a directory (its tar files), several joined
-    by "::", or a list. Missing local names are kept (counted when read) unless none exists.
-    pipe: and http(s) entries are brace-expanded whole: "pipe:cat s/{000..009}.tar" -> 10."""
+    """Shard names from a brace pattern, glob, directory, several joined by "::", or a list; missing
+    files are kept (counted when read) unless none exists. pipe: and http(s) names are brace-expanded."""
     if isinstance(spec, (list, tuple)):
         return [p for s in spec for p in list_shards(s, exts)]
     out = []
@@ -114,9 +111,8 @@ def list_shards(spec, exts=SHARD_EXTS):
 
 # ----------------------------------------------------------------------------- 2. One shard's samples
 def open_shard(source, offset=0):
-    """-> (file object, start, finish): `start` is the tar byte the file begins at (`offset`
-    for a plain local file, else 0). finish(completed) closes it and returns why a pipe
-    failed, or None; completed=False ends the command unjudged. OSError when unopenable."""
+    """-> (file, start: the tar byte it begins at, finish(completed): closes it, returns why a pipe
+    failed or None; completed=False stops the command unjudged). OSError when unopenable."""
     if source.startswith("pipe:"):
         stderr = tempfile.TemporaryFile()  # a file, not a pipe: a chatty command cannot block on it
         proc = subprocess.Popen(source[len("pipe:"):], shell=True, stdin=subprocess.DEVNULL,
@@ -157,8 +153,7 @@ def split_key(name):
 
 
 class _Header(tarfile.TarInfo):
-    """A member header that records why reading stopped: tarfile ends an iteration silently
-    both on the end-of-archive block and on a missing or damaged header (a cut)."""
+    """A header that records why reading stopped: tarfile stops silently at the end and at a cut."""
 
     @classmethod
     def fromtarfile(cls, tar):
@@ -213,9 +208,8 @@ def _groups(fileobj, source, start, skip_to):
 
 
 def iter_tar_groups(source, skipped=None, offset=0):
-    """Yield a shard's samples in file order from byte `offset` (the "__end__" of a sample):
-    {"__key__", "__shard__": source, "__end__": byte after it, "<ext>": bytes}. Counts a shard
-    problem at most once per call in `skipped` (a SkipCounter)."""
+    """Yield a shard's samples {"__key__", "__shard__", "__end__": byte after it, "<ext>": bytes}
+    from byte `offset` (a sample's start); count a shard problem at most once in `skipped`."""
     count = skipped.add if skipped is not None else (lambda reason, detail="": None)
     try:
         fileobj, start, finish = open_shard(source, offset)
@@ -247,9 +241,8 @@ def decode_npy(data):
 
 
 class ShardWriter:
-    """Samples into tar shards of at most `per_shard` samples: out_dir/<prefix>-000000.tar, ...
-    each written as .tmp and renamed when complete, so an interrupted run leaves no finished-
-    looking half shard. Member values: bytes, str, dict/list (JSON), ndarray (.npy)."""
+    """Samples into tar shards out_dir/<prefix>-000000.tar, ... of <= per_shard samples, each renamed
+    from .tmp once complete; member values: bytes, str, dict/list (JSON), ndarray (.npy)."""
 
     def __init__(self, out_dir, prefix="shard", per_shard=1000):
         if per_shard < 1:
@@ -313,8 +306,7 @@ RECAPTION_PREFIXES = tuple(f"The image {verb}" for verb in ("depicts", "displays
 
 
 def strip_recaption_prefix(text):
-    """Remove Molmo's stock opening ("The image depicts ...") and capitalise the rest:
-    App. A filters these prefixes so that they do not leak into training."""
+    """Remove Molmo's stock opening ("The image depicts ...") and capitalise the rest (App. A)."""
     text = text.strip()
     for prefix in RECAPTION_PREFIXES:
         if text.startswith(prefix):
@@ -354,9 +346,8 @@ SKIP_REASONS = (
 
 
 class SkipCounter:
-    """Skipped samples per reason, summed over DataLoader workers: a shared-memory table with
-    one row per process (0: main, 1 + i: worker i), each writing only its own row, lock-free.
-    The first few skips of each reason in each process are logged."""
+    """Skipped samples per reason over DataLoader workers: a shared-memory table, one row per process
+    (0: main, 1 + i: worker i), each writing its own row, lock-free; the first few are logged."""
 
     ROWS, LOG_FIRST = 257, 5  # the main process + up to 256 workers; skips logged per reason and process
 
@@ -416,11 +407,9 @@ class StreamDataset(IterableDataset):
     a generator seeded by where the block starts, so a reader's whole state is a position
     (POSITION_FIELDS): epoch, shard and byte offset of the block, the epoch's samples
     before it, and the block's samples used. Each sample carries the position after it.
-
-    Exact resume: worker j of a run starting at batch s is "logical worker" (s + j) % W of
-    the first run. With positions (W, 5) (StreamPositions) it seeks there and re-reads one
-    block; a row of -1 (or positions=None) regenerates the stream and fast-forwards. Either
-    way the run sees the samples, crops and flips of the uninterrupted one.
+    Resume: worker j of a run starting at batch s is logical worker (s + j) % W of the first
+    run; it seeks to its saved position (StreamPositions), or without one (-1) regenerates
+    and fast-forwards: either way it sees the samples, crops and flips of the first run.
 
     min_aesthetic:     keep samples scoring >= this (paper: 5.0 pre-training, 6.0 fine-tuning)
     default_aesthetic: the score of samples without one, which are kept (NaN = unknown)"""
@@ -443,11 +432,10 @@ class StreamDataset(IterableDataset):
 
     # --- subclass hooks: _epoch_groups (where raw samples come from), _decode (what they become) ---
     def _epoch_groups(self, epoch, slot, n_slots, start=(0, 0, 0)):
-        """Raw samples (dicts of bytes) of one epoch for this slot from self.shards, from
-        start = (shard, offset, seen); each carries "__next__", the (shard, offset, seen)
-        after it. With at least as many shards as readers, whole shards are dealt out; with
-        fewer, every reader reads every shard, keeps every n_slots-th sample, and only
-        reader 0 counts shard-level problems."""
+        """Raw samples (dicts of bytes) of one epoch for this slot from self.shards, from start =
+        (shard, offset, seen), each with "__next__", the (shard, offset, seen) after it. Whole
+        shards are dealt out; with fewer shards than readers, every reader reads every shard,
+        keeps every n_slots-th sample, and only reader 0 counts shard-level problems."""
         order = self._order(len(self.shards), epoch)
         few = len(self.shards) < n_slots
         mine = order if few else order[slot::n_slots]
@@ -465,8 +453,7 @@ class StreamDataset(IterableDataset):
         return np.random.default_rng([self.seed, 2, epoch]).permutation(n) if self.shuffle else np.arange(n)
 
     def _decode(self, group, check_only=False):
-        """Raw sample -> training dict, or None when skipped. check_only: validate
-        cheaply for fast-forwarding and count nothing."""
+        """Raw sample -> training dict, or None when skipped; check_only: validate cheaply, count nothing."""
         raise NotImplementedError
 
     def _reject(self, reason, detail, check_only):
@@ -518,7 +505,6 @@ class StreamDataset(IterableDataset):
         return {"caption": caption, "recaption": strip_recaption_prefix(recaption),
                 "aesthetic": torch.tensor(aesthetic, dtype=torch.float32), "key": where}  # fmt: skip
 
-    # --- the shared machinery ---
     def _stream(self, slot, n_slots, position):
         """(raw sample, this reader's position after it) from `position` on, block by block."""
         epoch, shard, offset, seen, taken = position
@@ -579,13 +565,10 @@ class StreamDataset(IterableDataset):
 
 
 class StreamPositions:
-    """Where each reader of this rank stands after the batches a trainer consumed, for
-    StreamDataset(positions=...). The DataLoader hands out its workers' batches round-robin:
-    batch b came from logical worker b % W, which stands at its last sample's "position".
-        positions = StreamPositions.resume(ckpt, rank, num_workers, start_batch)  # ckpt None: fresh
-        ds = TarShardDataset(..., start_batch=start_batch, positions=positions.saved)
-        for batch in loader: positions.consumed(batch); ...
-        checkpoint["data_positions"] = [every rank's positions.state()]"""
+    """Where each reader of this rank stands after the batches consumed, for StreamDataset(positions=).
+    Batches come round-robin: batch b from logical worker b % W, now at its last sample's "position".
+    Use: resume(ckpt, ...) -> dataset(positions=.saved) -> consumed(batch) for each batch ->
+    ckpt["data_positions"] = [every rank's state()]."""
 
     def __init__(self, num_workers, start_batch=0, saved=None):
         self.workers, self.batch = max(1, int(num_workers)), int(start_batch)
@@ -601,8 +584,7 @@ class StreamPositions:
 
     @classmethod
     def resume(cls, ckpt, rank, num_workers, start_batch):
-        """This rank's positions from ckpt["data_positions"] (one state() per rank); fresh ones
-        when ckpt is None; unknown ones (fast-forward) when it holds none."""
+        """This rank's positions from ckpt["data_positions"]; fresh if ckpt is None, else unknown if none."""
         saved = ckpt["data_positions"][rank] if ckpt is not None and ckpt.get("data_positions") else None
         return cls(num_workers, start_batch, saved)
 
@@ -614,6 +596,5 @@ class StreamPositions:
         self.batch += 1
 
     def state(self):
-        """{"num_workers", "positions": LongTensor (W, 5)} for the checkpoint, or None when
-        the data is not a stream (the shapes world is indexed and needs none)."""
+        """{"num_workers", "positions": LongTensor (W, 5)} for the checkpoint; None if not a stream."""
         return {"num_workers": self.workers, "positions": self.table.clone()} if self.tracked else None

@@ -2,20 +2,17 @@
 Data: pictures and captions into training tensors, MaskGen's pretokenized tokens, and
 the data command line.
 
-Paper: §5.1 "Training Data" and App. A ("Dataset Filtering", "Dataset Recaptioning",
-Tab. 7). The recipe: web image-text pairs as WebDataset tar shards (read by shards.py:
-files, "pipe:COMMAND", http(s) URLs) or an image folder; a resolution filter (longer side
->= 256, aspect ratio < 2) and an optional aesthetic filter (5.0 pre-training, 6.0
-fine-tuning); shorter-edge resize, random crop and flip (Tab. 8); Molmo recaptions kept
-beside the captions for the 95:5 mix (pick_captions); the aesthetic score carried as
-MaskGen's micro-condition; and images pretokenized once by the frozen TA-TiTok, since
+Paper: §5.1 "Training Data" and App. A (Tab. 7). Web image-text pairs as WebDataset tar shards
+(shards.py) or an image folder; a resolution filter (longer side >= 256, aspect ratio < 2) and
+an optional aesthetic filter (5.0 pre-training, 6.0 fine-tuning); shorter-edge resize, random
+crop and flip (Tab. 8); Molmo recaptions beside the captions for the 95:5 mix; the aesthetic
+score as MaskGen's micro-condition; images pretokenized once by the frozen TA-TiTok, since
 MaskGen never sees pixels. --data=shapes (shapes.py) takes the same entry point.
 
-Every image dataset yields {"image": FloatTensor (3,S,S) in [0,1], "caption": str,
-"recaption": str ("" if none), "aesthetic": FloatTensor (), "key": str}, the streams
-(shards, folders) also "position": LongTensor (5,), their reader's position after it.
-All split over DDP ranks and DataLoader workers without duplicates and resume exactly;
-bad inputs are skipped and counted in `dataset.skipped`.
+Image datasets yield {"image": FloatTensor (3,S,S) in [0,1], "caption": str, "recaption":
+str ("" if none), "aesthetic": FloatTensor (), "key": str}; streams also "position":
+LongTensor (5,). All split over DDP ranks and DataLoader workers without duplicates, resume
+exactly, and count bad inputs in `dataset.skipped`.
 
     python data.py make-shapes --out shards/shapes --n 10000
     torchrun --nproc_per_node=8 data.py pretokenize --tokenizer <dir> --data "shards/{000000..000099}.tar" --out pretok/
@@ -25,10 +22,12 @@ bad inputs are skipped and counted in `dataset.skipped`.
 import argparse
 import collections
 import io
+import itertools
 import json
 import logging
 import math
 import os
+import pathlib
 import re
 import sys
 import time
@@ -82,9 +81,8 @@ def to_uint8(images):
 
 
 class ImageTransform:
-    """Shorter edge to `resize` (default: size), crop size x size (random or centre), flip
-    with probability 1/2 -> FloatTensor (3, size, size) in [0,1]: the paper's 256 recipe
-    (App. A / Tab. 8); without the random parts, the evaluation protocol."""
+    """Shorter edge to `resize` (default: size), crop size x size (random or centre), flip with
+    probability 1/2 -> FloatTensor (3, size, size) in [0,1]: App. A / Tab. 8; unrandomised, evaluation's."""
 
     def __init__(self, size=256, resize=None, random_crop=True, random_flip=True):
         self.size, self.resize = int(size), int(resize or size)
@@ -92,8 +90,7 @@ class ImageTransform:
             raise ValueError(f"resize ({self.resize}) must be >= the crop size ({self.size})")
         self.random_crop, self.random_flip = random_crop, random_flip
 
-    def __call__(self, image, rng):
-        """image: PIL; rng: np.random.Generator (drives the crop and the flip)."""
+    def __call__(self, image, rng):  # image: PIL; rng: np.random.Generator (drives the crop and the flip)
         image = to_rgb(image)
         w, h = image.size
         scale = self.resize / min(w, h)
@@ -123,8 +120,8 @@ def load_image(path, size=None):
 
 
 # ----------------------------------------------------------------------------- 2. Image datasets
-# The largest image decoded, checked on the header's size before any pixel is read (PIL's own
-# DecompressionBombError comes only at 2 x 89M pixels); 64 Mi pixels is 200 MB of RGB.
+# The largest image decoded (200 MB of RGB), checked on the header's size before any pixel is
+# read; PIL's own DecompressionBombError comes only at 2 x 89M pixels.
 MAX_PIXELS = 8192 * 8192
 
 
@@ -139,8 +136,7 @@ def size_filter(w, h, min_longer_side, max_aspect_ratio):
 
 class _ImageStream(StreamDataset):
     """Decoding, filtering and transforming image samples (tar shards and image folders).
-    image_size:        crop size S of the output (3, S, S); None: every image at its own
-                       size, (3, H, W), without the resolution filter (`data.py inspect`)
+    image_size:        crop size S of the output (3, S, S); None: each image at its own size
     resize:            shorter edge before cropping (default S)
     min_longer_side:   keep images whose longer side is >= this (default S: 256 in the paper)
     max_aspect_ratio:  keep images with long/short < this (paper: 2); None disables
@@ -167,38 +163,32 @@ class _ImageStream(StreamDataset):
         try:
             image = Image.open(io.BytesIO(group[image_ext]))  # reads the header only
             w, h = image.size
-        except Image.DecompressionBombError as e:  # PIL's own (higher) limit, also from the header
-            return self._reject("too_many_pixels", f"{where}: {e}", check_only)
-        except Exception as e:
-            return self._reject("corrupt_image", f"{where}: {type(e).__name__}: {e}", check_only)
-        # The pixel limit and the paper's resolution filter, on the header size before any pixel is decoded.
-        if w * h > self.max_pixels:
-            return self._reject("too_many_pixels", f"{where}: {w}x{h} > max_pixels={self.max_pixels}", check_only)
-        reason = size_filter(w, h, self.min_longer_side, self.max_aspect_ratio)
-        if reason:
-            return self._reject(reason, f"{where}: {w}x{h}", check_only)
-        try:
+            # The pixel limit and the paper's resolution filter, on the header size before any pixel is decoded.
+            if w * h > self.max_pixels:
+                return self._reject("too_many_pixels", f"{where}: {w}x{h} > max_pixels={self.max_pixels}", check_only)
+            reason = size_filter(w, h, self.min_longer_side, self.max_aspect_ratio)
+            if reason:
+                return self._reject(reason, f"{where}: {w}x{h}", check_only)
             if check_only:  # JPEG: decode at 1/8 scale, which still reads (and checks) every byte
                 image.draft("RGB", (max(1, w // 8), max(1, h // 8)))
             image.load()  # truncated files fail here
+        except Image.DecompressionBombError as e:  # PIL's own (higher) limit, raised by the header read
+            return self._reject("too_many_pixels", f"{where}: {e}", check_only)
         except Exception as e:
             return self._reject("corrupt_image", f"{where}: {type(e).__name__}: {e}", check_only)
         if check_only:
             return True
         if self.transform is None:  # image_size=None: the image as it is, (3, H, W)
             return {"image": to_tensor(to_rgb(image)), **fields}
-        # Crop and flip from a generator keyed by sample and epoch, not by the decoding worker.
-        name = f"{os.path.basename(group['__shard__'])}/{group['__key__']}".encode()
+        name = f"{os.path.basename(group['__shard__'])}/{group['__key__']}".encode()  # crop, flip: per sample, epoch
         rng = np.random.default_rng([self.seed, 3, group["__epoch__"], zlib.crc32(name)])
         return {"image": self.transform(image, rng), **fields}
 
 
 class TarShardDataset(_ImageStream):
-    """Image-caption samples from WebDataset tar shards, e.g.
-    TarShardDataset("data/{000000..000099}.tar", image_size=256, seed=0). A sample needs an
-    image (IMAGE_EXTS) and a caption (.txt or a .json field); a recaption and an aesthetic
-    score are optional (where they may sit: shards.py). Options: _ImageStream. Defaults are
-    for training: infinite, shuffled, augmented."""
+    """Image-caption samples from WebDataset tar shards ("data/{000000..000099}.tar"). A sample
+    needs an image (IMAGE_EXTS) and a caption (.txt or a .json field); a recaption and an
+    aesthetic score are optional. Options: _ImageStream; the defaults are for training."""
 
     def __init__(self, shards, image_size=256, **kwargs):
         self.shards = list_shards(shards)
@@ -206,9 +196,8 @@ class TarShardDataset(_ImageStream):
 
 
 class ImageFolderDataset(_ImageStream):
-    """Images anywhere under `root` with a same-stem caption: a/b/cat.jpg + a/b/cat.txt, and
-    optionally cat.json and cat.recap.txt as in the tar shards. Options and skips as
-    TarShardDataset; each epoch is a full random permutation (no shuffle buffer)."""
+    """Images under `root` with a same-stem caption (a/b/cat.jpg + a/b/cat.txt; optionally cat.json,
+    cat.recap.txt); options as TarShardDataset; each epoch a full permutation (no shuffle buffer)."""
 
     def __init__(self, root, image_size=256, **kwargs):
         if not os.path.isdir(root):
@@ -217,42 +206,29 @@ class ImageFolderDataset(_ImageStream):
         if not self.files:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) under {root!r}; "
                                     f"put images with same-name .txt captions there")  # fmt: skip
-        kwargs["shuffle_buffer"] = 0
-        super().__init__(image_size, **kwargs)
+        super().__init__(image_size, **dict(kwargs, shuffle_buffer=0))
 
     def _epoch_groups(self, epoch, slot, n_slots, start=(0, 0, 0)):
         """This slot's files of one epoch from place start[0] of its shuffled order (no byte offset)."""
-        order = np.arange(len(self.files))
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, 2, epoch]).permutation(len(self.files))
-        for place in range(start[0], len(order)):
-            if place % n_slots != slot:
-                continue
+        order = self._order(len(self.files), epoch)
+        for place in range(start[0] + (slot - start[0]) % n_slots, len(order), n_slots):  # this slot's places
             path = self.files[order[place]]
-            stem, ext = os.path.splitext(path)
-            group = {"__key__": os.path.relpath(stem, self.root), "__shard__": self.root}
-            try:
-                with open(path, "rb") as f:
-                    group[ext[1:].lower()] = f.read()
-                for side in ("txt", "json", "recap.txt"):
-                    if os.path.isfile(f"{stem}.{side}"):
-                        with open(f"{stem}.{side}", "rb") as f:
-                            group[side] = f.read()
+            stem = os.path.splitext(path)[0]
+            sides = [f"{stem}.{e}" for e in ("txt", "json", "recap.txt") if os.path.isfile(f"{stem}.{e}")]
+            try:  # each member is named by what follows the stem: jpg, txt, recap.txt, ...
+                group = {p[len(stem) + 1 :].lower(): pathlib.Path(p).read_bytes() for p in [path, *sides]}
             except OSError as e:
                 self.skipped.add("unreadable_file", f"{path}: {e}")
                 continue
-            group["__next__"] = (place + 1, 0, 0)
-            yield group
+            yield dict(group, __key__=os.path.relpath(stem, self.root), __shard__=self.root, __next__=(place + 1, 0, 0))
 
 
 # ----------------------------------------------------------------------------- 3. The shapes world
 class ShapesDataset(IterableDataset):
-    """Shapes samples (shapes.ShapesWorld) as training dicts: {"image": (3,S,S) in [0,1],
-    "caption", "recaption": "", "aesthetic", "key", "index", "category"}.
-
-    Batch b of rank r (B = per-rank batch_size) holds indices (b * world_size + r) * B + [0, B),
-    so global batch b equals batch b of one process, for any number of workers. Resume after
-    n batches: start_batch=n. length N: indices [0, N) only (repeated when infinite)."""
+    """Shapes samples (shapes.ShapesWorld) as training dicts: {"image": (3,S,S) in [0,1], "caption",
+    "recaption": "", "aesthetic", "key", "index", "category"}. Batch b of rank r (B = per-rank
+    batch_size) holds indices (b * world_size + r) * B + [0, B), whatever the number of workers;
+    resume after n batches with start_batch=n. length N: indices [0, N) only (repeated if infinite)."""
 
     def __init__(self, seed=0, *, category_mix=None, image_size=shapes.IMAGE_SIZE, length=None, infinite=True,
                  rank=None, world_size=None, batch_size=None, start_batch=0):
@@ -272,8 +248,8 @@ class ShapesDataset(IterableDataset):
 
     def __iter__(self):
         worker, num_workers = worker_slot()
-        B, batch = self.batch_size, self.start_batch + worker
-        while True:
+        B = self.batch_size
+        for batch in itertools.count(self.start_batch + worker, num_workers):  # this worker's batches
             for t in range(B):
                 index = (batch * self.world_size + self.rank) * B + t
                 if self.length is not None:
@@ -281,18 +257,15 @@ class ShapesDataset(IterableDataset):
                         return
                     index %= self.length
                 yield self.item(index)
-            batch += num_workers
 
 
 # ----------------------------------------------------------------------------- 4. One entry point, batching
 def build_image_dataset(spec, image_size=256, *, train=True, seed=0, rank=None, world_size=None,
                         batch_size=None, start_batch=0, positions=None, **kwargs):  # fmt: skip
-    """The trainers' --data: "shapes" (the infinite shapes stream), "shapes:N" (samples
-    0..N-1), a directory (its tar shards, else an image folder), or tar shards (patterns,
-    "pipe:COMMAND", http(s) URLs: shards.list_shards). train=False: one pass, no shuffle,
-    centre crop, no flip. image_size=None: images at their own size (shapes: 64).
-    positions: saved reader positions (shards.StreamPositions). Extra keyword arguments go
-    to the image datasets (filters, resize, ...); the shapes world takes only category_mix."""
+    """The trainers' --data: "shapes" (the infinite shapes stream), "shapes:N" (samples 0..N-1),
+    a directory (its tar shards, else an image folder), or tar shards (shards.list_shards).
+    train=False: one pass, no shuffle, centre crop, no flip. image_size=None: images at their
+    own size (shapes: 64). positions: saved reader positions (shards.StreamPositions)."""
     split = dict(rank=rank, world_size=world_size, batch_size=batch_size, start_batch=start_batch)
     m = re.fullmatch(r"shapes(?::(\d+))?", str(spec))
     if m:
@@ -302,9 +275,8 @@ def build_image_dataset(spec, image_size=256, *, train=True, seed=0, rank=None, 
         return ShapesDataset(seed, category_mix=kwargs.get("category_mix"), image_size=image_size or shapes.IMAGE_SIZE,
                              length=length, infinite=train, **split)  # fmt: skip
     kwargs.pop("category_mix", None)
-    if not train:
-        kwargs = dict(dict(random_crop=False, random_flip=False, shuffle=False), **kwargs)
-    kwargs = dict(kwargs, seed=seed, infinite=train, positions=positions, **split)
+    evaluation = {} if train else dict(random_crop=False, random_flip=False, shuffle=False)
+    kwargs = dict(evaluation, **kwargs, seed=seed, infinite=train, positions=positions, **split)
     if isinstance(spec, str) and os.path.isdir(spec) and not any(n.endswith(SHARD_EXTS) for n in os.listdir(spec)):
         return ImageFolderDataset(spec, image_size, **kwargs)
     return TarShardDataset(spec, image_size, **kwargs)
@@ -324,13 +296,11 @@ def collate(samples):
     """Batch sample dicts: tensors stacked (B, ...), numbers a tensor (B,), the rest a list of B."""
     out = {}
     for key in samples[0]:
-        values = [s[key] for s in samples]
+        values = out[key] = [s[key] for s in samples]
         if isinstance(values[0], torch.Tensor):
             out[key] = torch.stack(values)
         elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             out[key] = torch.tensor(values)
-        else:
-            out[key] = values
     return out
 
 
@@ -342,11 +312,10 @@ def pick_captions(captions, recaptions, p_recaption=0.95, generator=None):
 
 
 # ----------------------------------------------------------------------------- 5. Pretokenized tokens
-# Written once with the frozen tokenizer as WebDataset tars, one sample per image: <key>.tokens.npy
-# (VQ ids (K,), int16, int32 above 32768 codes) or <key>.mean.npy + .logvar.npy (KL, float32 (K, C)),
-# <key>.txt and <key>.json {"caption", "recaption", "aesthetic" (null if unknown), "source"}; plus
-# meta.json (tokenizer_meta). Ids stay integers: float16 cannot hold every integer above 2048
-# (8191 reads back as 8192), so the official float16 loader corrupts an 8192-code codebook's ids.
+# WebDataset tars, one sample per image: <key>.tokens.npy (VQ ids (K,), int16, int32 above 32768
+# codes) or <key>.mean.npy + .logvar.npy (KL, float32 (K, C)), <key>.txt and <key>.json {"caption",
+# "recaption", "aesthetic" (null if unknown), "source"}; plus meta.json. Ids stay integers: float16
+# cannot hold every integer above 2048, so the official float16 loader corrupts 8192-code ids.
 def token_dtype(codebook_size):
     """The smallest integer dtype that holds every id of the codebook."""
     return np.dtype(np.int16) if codebook_size <= np.iinfo(np.int16).max + 1 else np.dtype(np.int32)
@@ -375,15 +344,14 @@ def pretokenized_members(caption, recaption="", aesthetic=None, source="", token
 @torch.no_grad()
 def pretokenize(tokenizer, dataset, out_dir, *, batch_size=64, per_shard=5000, num_workers=0, rank=0,
                 max_samples=None, prefix=None, progress=False):  # fmt: skip
-    """Encode every image of `dataset` (already split for this rank) with the frozen TA-TiTok into
-    this rank's shards <out_dir>/<prefix>-NNNNNN.tar (prefix default "pretok-rank<rank>").
-    Returns {"samples": n, "shards": [paths], "skipped": the dataset's skip counts}."""
-    cfg, mode = tokenizer.config, tokenizer.config.quantize_mode
+    """Encode every image of `dataset` (this rank's split) with the frozen TA-TiTok into shards
+    <out_dir>/<prefix>-NNNNNN.tar -> {"samples": n, "shards": [paths], "skipped": counts}."""
+    mode = tokenizer.config.quantize_mode
     if mode not in ("vq", "kl"):
         raise ValueError(f"tokenizer quantize_mode must be 'vq' or 'kl', got {mode!r}")
     tokenizer.eval()
     device = next(tokenizer.parameters()).device
-    dtype = token_dtype(getattr(cfg, "codebook_size", 8192))
+    dtype = token_dtype(getattr(tokenizer.config, "codebook_size", 8192))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     if progress:
         from tqdm import tqdm
@@ -393,18 +361,15 @@ def pretokenize(tokenizer, dataset, out_dir, *, batch_size=64, per_shard=5000, n
         for batch in loader:
             images = batch["image"].to(device)  # (B, 3, S, S) in [0, 1]
             if mode == "vq":
-                ids = tokenizer.encode(images).cpu().numpy()  # (B, K) int64
-                arrays = [dict(tokens=row) for row in ids]
+                arrays = [dict(tokens=row) for row in tokenizer.encode(images).cpu().numpy()]  # (K,) int64 each
             else:
                 post = tokenizer.encode(images, return_posterior=True)
                 mean, logvar = post.mean.float().cpu().numpy(), post.logvar.float().cpu().numpy()  # (B, K, C) each
                 arrays = [dict(mean=m, logvar=v) for m, v in zip(mean, logvar)]
-            for i, arr in enumerate(arrays):
-                if max_samples is not None and n >= max_samples:
-                    break
-                members = pretokenized_members(batch["caption"][i], batch["recaption"][i], float(batch["aesthetic"][i]),
-                                               batch["key"][i], dtype=dtype, **arr)  # fmt: skip
-                writer.write(f"r{rank:03d}_{n:09d}", members)
+            for i, arr in enumerate(arrays[: None if max_samples is None else max(0, max_samples - n)]):
+                writer.write(f"r{rank:03d}_{n:09d}", pretokenized_members(
+                    batch["caption"][i], batch["recaption"][i], float(batch["aesthetic"][i]), batch["key"][i],
+                    dtype=dtype, **arr))  # fmt: skip
                 n += 1
             if max_samples is not None and n >= max_samples:
                 break
@@ -413,24 +378,11 @@ def pretokenize(tokenizer, dataset, out_dir, *, batch_size=64, per_shard=5000, n
     return {"samples": n, "shards": writer.paths, "skipped": dataset.skipped.counts()}
 
 
-def tokenizer_meta(tokenizer):
-    """What a MaskGen trainer needs to know about the tokens (written to meta.json)."""
-    cfg = tokenizer.config
-    meta = {"quantize_mode": cfg.quantize_mode, "num_tokens": cfg.num_latent_tokens,
-            "token_size": cfg.token_size, "image_size": cfg.image_size}  # fmt: skip
-    if cfg.quantize_mode == "vq":
-        meta.update(codebook_size=cfg.codebook_size, token_dtype=str(token_dtype(cfg.codebook_size)))
-    return meta
-
-
 def read_pretokenized_meta(path):
     """meta.json of a pretokenized folder (or of the folder holding a shard pattern), or None."""
     folder = path if os.path.isdir(path) else os.path.dirname(expand_braces(str(path).split("::")[0])[0])
-    meta_file = os.path.join(folder, "meta.json")
-    if not os.path.isfile(meta_file):
-        return None
-    with open(meta_file) as f:
-        return json.load(f)
+    meta_file = pathlib.Path(folder, "meta.json")
+    return json.loads(meta_file.read_text()) if meta_file.is_file() else None
 
 
 class TokenDtypeError(TypeError):
@@ -438,10 +390,9 @@ class TokenDtypeError(TypeError):
 
 
 class PretokenizedDataset(StreamDataset):
-    """The shards `pretokenize` writes (a folder, pattern, glob or list), for train_maskgen.py:
-    VQ {"tokens": LongTensor (K,)} or KL {"posterior": FloatTensor (K, 2C) = cat(mean, logvar)},
-    plus "caption", "recaption", "aesthetic" () and "key"; options as shards.StreamDataset.
-    Non-integer VQ ids raise TokenDtypeError instead of training on corrupted ids."""
+    """The shards `pretokenize` writes, for train_maskgen.py: VQ {"tokens": LongTensor (K,)}
+    or KL {"posterior": FloatTensor (K, 2C) = cat(mean, logvar)}, plus "caption", "recaption",
+    "aesthetic" () and "key"; options as shards.StreamDataset."""
 
     def __init__(self, shards, **stream):
         self.shards = list_shards(shards)
@@ -449,23 +400,21 @@ class PretokenizedDataset(StreamDataset):
 
     def _decode(self, group, check_only=False):
         where = sample_name(group)
-        out = {}
         try:
             if "tokens.npy" in group:
                 tokens = decode_npy(group["tokens.npy"])
-                if tokens.dtype.kind not in "iu":
-                    # Not a skip: the whole dataset would be silently wrong.
+                if tokens.dtype.kind not in "iu":  # not a skip: the whole dataset would be silently wrong
                     raise TokenDtypeError(f"{where}: VQ tokens are stored as {tokens.dtype}, not integers; float16 "
                                           f"cannot hold ids above 2048 exactly. Re-create the shards with "
                                           f"`python data.py pretokenize`.")  # fmt: skip
                 if tokens.ndim != 1:
                     raise ValueError(f"expected tokens of shape (K,), got {tokens.shape}")
-                out["tokens"] = torch.from_numpy(tokens.astype(np.int64))  # (K,)
+                out = {"tokens": torch.from_numpy(tokens.astype(np.int64))}  # (K,)
             elif "mean.npy" in group and "logvar.npy" in group:
                 mean, logvar = decode_npy(group["mean.npy"]), decode_npy(group["logvar.npy"])
                 if mean.shape != logvar.shape or mean.ndim != 2:
                     raise ValueError(f"mean {mean.shape} and logvar {logvar.shape} must both be (K, C)")
-                out["posterior"] = torch.from_numpy(np.concatenate([mean, logvar], -1).astype(np.float32))  # (K, 2C)
+                out = {"posterior": torch.from_numpy(np.concatenate([mean, logvar], -1).astype(np.float32))}  # (K,2C)
             else:
                 return self._reject("bad_tokens", f"{where} has neither tokens.npy nor mean.npy + logvar.npy",
                                     check_only)  # fmt: skip
@@ -500,8 +449,7 @@ def _cmd_make_shapes(args):
 
 
 def _cmd_inspect(args):
-    # Every readable sample at its own size; the resolution filter is reported, not applied:
-    # a dataset made for another image size (shapes: 64 px) would otherwise look empty.
+    # Each sample at its own size; the resolution filter is reported, not applied (shapes would look empty).
     ds = build_image_dataset(args.data, None, train=False, min_longer_side=0, max_aspect_ratio=None)
     sizes = collections.Counter()
     for n, sample in enumerate(ds):
@@ -518,10 +466,8 @@ def _cmd_inspect(args):
     print(f"image sizes: {common}{' ...' if len(sizes) > 5 else ''}")
     longer = args.image_size if args.min_longer_side is None else args.min_longer_side
     aspect = args.max_aspect_ratio or None
-    dropped = collections.Counter()
-    for (w, h), c in sizes.items():
-        dropped[size_filter(w, h, longer, aspect)] += c
-    dropped.pop(None, None)  # kept
+    dropped = collections.Counter(reason for (w, h), c in sizes.items()  # a size's skip reason, once per sample
+                                  for reason in [size_filter(w, h, longer, aspect)] * c if reason)  # fmt: skip
     rule = f"longer side >= {longer}" + (f", aspect ratio < {aspect:g}" if aspect else "")
     counts = " ".join(f"{k}={v}" for k, v in dropped.items())
     verdict = f"would drop {sum(dropped.values())} of these {n}: {counts}" if dropped else f"keeps all {n}"
@@ -530,8 +476,7 @@ def _cmd_inspect(args):
 
 
 def _cmd_pretokenize(args):
-    # Under torchrun each rank writes its share's shards; rank 0 adds meta.json once the counts
-    # are summed. (The group is joined here: train_common.py imports this file.)
+    # Under torchrun each rank writes its share's shards; rank 0 adds meta.json once the counts are summed.
     rank, world_size = resolve_rank()  # torchrun's RANK / WORLD_SIZE, else (0, 1)
     gpu = torch.cuda.is_available() and args.device in (None, "auto", "cuda")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if gpu else torch.device(
@@ -539,7 +484,6 @@ def _cmd_pretokenize(args):
     if world_size > 1:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     import checkpoint  # imported here so that data.py works without the models (shapes, shards)
-
     tok, _ = checkpoint.load_tokenizer(args.tokenizer, device, with_text=False)  # frozen; no text (no CLIP download)
     ds = build_image_dataset(args.data, tok.config.image_size, train=False, rank=rank, world_size=world_size,
                              min_longer_side=args.min_longer_side)  # fmt: skip
@@ -558,10 +502,14 @@ def _cmd_pretokenize(args):
     counts = summed.cpu()
     total = int(counts[-1])
     if rank == 0:
-        meta = dict(tokenizer_meta(tok), tokenizer=checkpoint.record_ref(args.tokenizer), data=str(args.data),
-                    num_samples=total, skipped={r: int(v) for r, v in zip(SKIP_REASONS, counts[:-1]) if v})  # fmt: skip
-        with open(os.path.join(args.out, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2)
+        cfg = tok.config  # what a MaskGen trainer needs to know about the tokens, and where they came from
+        meta = dict(quantize_mode=cfg.quantize_mode, num_tokens=cfg.num_latent_tokens, token_size=cfg.token_size,
+                    image_size=cfg.image_size)  # fmt: skip
+        if cfg.quantize_mode == "vq":
+            meta.update(codebook_size=cfg.codebook_size, token_dtype=str(token_dtype(cfg.codebook_size)))
+        meta.update(tokenizer=checkpoint.record_ref(args.tokenizer), data=str(args.data), num_samples=total,
+                    skipped={r: int(v) for r, v in zip(SKIP_REASONS, counts[:-1]) if v})  # fmt: skip
+        pathlib.Path(args.out, "meta.json").write_text(json.dumps(meta, indent=2))
         print(f"pretokenized {total} samples ({tok.config.quantize_mode}) into {args.out}/ "
               f"on {world_size} rank(s); skipped: {meta['skipped'] or 'none'}")  # fmt: skip
     if world_size > 1:

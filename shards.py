@@ -1,18 +1,15 @@
 """
-WebDataset tar shards, end to end: finding them, reading one shard (a local file, a
-pipe, a URL) as samples, writing shards, and the streaming dataset data.py builds on.
+WebDataset tar shards, end to end: finding them, reading one shard (a local file, a pipe,
+a URL) as samples, writing shards, and the streaming dataset data.py builds on.
 
-Paper: §5.1 "Training Data" / App. A. The web image-text pairs (DataComp, CC12M, LAION)
-come as WebDataset tars, the layout img2dataset writes; MaskGen's pretokenized tokens are
-stored the same way. A sample's members sit together and share a key, the member path up
-to the first dot of its name: 000123001.jpg, 000123001.txt, 000123001.recap.txt, ...
-A shard is "data/000123.tar" (or .tar.gz / .tgz), "pipe:COMMAND" (the tar on the stdout of
-a shell command, e.g. "pipe:aws s3 cp s3://bucket/000123.tar -"; a data spec is thus a
-command line: take one only from whom you would let run commands), or an http(s) URL
-(streamed, never downloaded whole). A plain local tar seeks straight to a sample's byte
-offset on resume; the others are read from their beginning, costing one partial shard.
-A cut or damaged tar keeps every complete sample before the cut and counts the shard once
-as "truncated_member". Bad inputs are counted in `dataset.skipped`, never a crash.
+Paper: §5.1 "Training Data" / App. A. The web image-text pairs (DataComp, CC12M, LAION) and
+MaskGen's pretokenized tokens are WebDataset tars, the layout img2dataset writes: a sample's
+members share a key, the path up to the first dot of the name (000123001.jpg, .txt, .recap.txt).
+A shard is "data/000123.tar" (or .tar.gz / .tgz), "pipe:COMMAND" (the tar on a shell command's
+stdout, e.g. "pipe:aws s3 cp s3://bucket/000123.tar -": take a data spec only from whom you
+would let run commands), or an http(s) URL (streamed). Only a plain local tar seeks straight to
+a sample on resume. A cut tar keeps every complete sample before the cut. Bad inputs are
+counted in `dataset.skipped`, never a crash.
 """
 import glob
 import io
@@ -37,8 +34,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 log = logging.getLogger("data")
 
 SHARD_EXTS = (".tar", ".tar.gz", ".tgz")
-# What a broken tar, a failing pipe or a dropped connection raises while it is read.
-READ_ERRORS = (OSError, EOFError, tarfile.TarError, zlib.error)
+READ_ERRORS = (OSError, EOFError, tarfile.TarError, zlib.error)  # from a broken tar, pipe or connection
 URL_TIMEOUT_S = 60  # seconds without a byte from an http(s) shard before it counts as unreadable
 COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz: these cannot seek to a member
 PIPE_TAIL_BYTES = 1 << 20  # what a pipe may still send after its tar's end (tar pads to 10 KiB records)
@@ -63,11 +59,9 @@ def expand_braces(pattern):
     else:
         raise ValueError(f"unbalanced '{{' in pattern {pattern!r}; close it with '}}'")
     head, body, tail = pattern[:start], pattern[start + 1 : end], pattern[end + 1 :]
-    m = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
-    if m:
+    if m := re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body):
         a, b = m.groups()
-        padded = (len(a) > 1 and a.startswith("0")) or (len(b) > 1 and b.startswith("0"))
-        width = max(len(a), len(b)) if padded else 0
+        width = max(len(a), len(b)) if any(len(x) > 1 and x.startswith("0") for x in (a, b)) else 0  # zero-padded
         step = 1 if int(b) >= int(a) else -1
         options = [str(i).zfill(width) for i in range(int(a), int(b) + step, step)]
     elif commas:
@@ -79,10 +73,8 @@ def expand_braces(pattern):
 
 
 def list_shards(spec, exts=SHARD_EXTS):
-    """Shard names from a brace pattern, a glob, a directory (its tar files), several joined
-    by "::", or a list. Missing local names are kept (read as unreadable shards) unless none
-    exists, which raises. pipe: and http(s) entries are brace-expanded whole, one shard per
-    expansion, and checked only when read: "pipe:aws s3 cp s3://b/{000..009}.tar -" -> 10."""
+    """Shard names from a brace pattern, glob, directory, several joined by "::", or a list; missing
+    files are kept (counted when read) unless none exists. pipe: and http(s) names are brace-expanded."""
     if isinstance(spec, (list, tuple)):
         return [p for s in spec for p in list_shards(s, exts)]
     out = []
@@ -102,9 +94,8 @@ def list_shards(spec, exts=SHARD_EXTS):
                                         f"'dir/{{000000..000099}}.tar'")  # fmt: skip
             out += names
             continue
-        names = []
-        for name in expand_braces(part):
-            names += sorted(glob.glob(name)) if any(c in name for c in "*?[") else [name]
+        names = [n for name in expand_braces(part)
+                 for n in (sorted(glob.glob(name)) if any(c in name for c in "*?[") else [name])]  # fmt: skip
         existing = [n for n in names if os.path.isfile(n)]
         if not existing:
             example = f" (it expands to {len(names)} name(s), e.g. {names[0]!r})" if names else ""
@@ -120,30 +111,27 @@ def list_shards(spec, exts=SHARD_EXTS):
 
 # ----------------------------------------------------------------------------- 2. One shard's samples
 def open_shard(source, offset=0):
-    """-> (file object, start, finish): `start` is the tar byte the file begins at (`offset`
-    for a plain local file, else 0: the caller reads forward). finish(completed) closes it and
-    returns why a pipe failed (exit status, stderr) or None; completed=False ends the command
-    unjudged. OSError when the source cannot be opened (missing file, HTTP error, no host)."""
+    """-> (file, start: the tar byte it begins at, finish(completed): closes it, returns why a pipe
+    failed or None; completed=False stops the command unjudged). OSError when unopenable."""
     if source.startswith("pipe:"):
         stderr = tempfile.TemporaryFile()  # a file, not a pipe: a chatty command cannot block on it
         proc = subprocess.Popen(source[len("pipe:"):], shell=True, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=stderr)  # fmt: skip
 
         def finish(completed):
-            # Read the padding after the tar's end so the command is not cut off mid-write. More
-            # than that (a cut tar, a command that goes on) is not waited for: it is stopped, unjudged.
+            # Read the padding after the tar's end so the command is not cut off mid-write; more is
+            # not waited for: the command is stopped, unjudged.
             if completed and proc.stdout.read(PIPE_TAIL_BYTES) and proc.stdout.read(1):
                 completed = False
             if proc.poll() is None and not completed:
                 proc.kill()
             proc.stdout.close()
             status = proc.wait()
-            stderr.seek(0)
-            message = stderr.read()[-600:].decode("utf-8", "replace").strip()
-            stderr.close()
+            with stderr:
+                stderr.seek(0)
+                message = stderr.read()[-600:].decode("utf-8", "replace").strip()
             if completed and status != 0:
                 return f"{source}: the command exited with status {status}: {message or '(nothing on stderr)'}"
-            return None
 
         return proc.stdout, 0, finish
     if re.match(r"https?://", source):
@@ -165,8 +153,7 @@ def split_key(name):
 
 
 class _Header(tarfile.TarInfo):
-    """A member header that remembers why reading stopped: tarfile ends an iteration silently
-    both on the end-of-archive block (a clean end) and on a missing, partial or damaged header (a cut)."""
+    """A header that records why reading stopped: tarfile stops silently at the end and at a cut."""
 
     @classmethod
     def fromtarfile(cls, tar):
@@ -178,11 +165,10 @@ class _Header(tarfile.TarInfo):
 
 
 def _groups(fileobj, source, start, skip_to):
-    """Yield the samples of an open tar stream that begins at tar byte `start`, passing over
-    members before byte `skip_to`; return (reason, detail) of the problem that ended it, or None."""
+    """Yield the samples of a tar stream that begins at tar byte `start` from byte `skip_to`
+    on; return (reason, detail) of the problem that ended it, or None."""
     try:
-        # "r|": forward-only (all a pipe or socket allows); "r|*" also detects compression,
-        # which only a stream from the shard's first byte can show.
+        # "r|": forward-only (all a pipe allows); "r|*" also detects compression (from byte 0 only).
         tar = tarfile.open(fileobj=fileobj, mode="r|" if start else "r|*", tarinfo=_Header)
     except READ_ERRORS as e:
         if start:  # a seek into the middle of a shard that has nothing readable there
@@ -202,13 +188,12 @@ def _groups(fileobj, source, start, skip_to):
                     data = tar.extractfile(member).read()
                 except READ_ERRORS as e:  # this member is cut: its sample is dropped
                     return "truncated_member", f"{source}: sample {key!r} is cut in {member.name} ({e})"
-                if group is None:
-                    group = {"__key__": key, "__shard__": source}
+                group = group or {"__key__": key, "__shard__": source}
                 group[ext] = data
                 group["__end__"] = start + tar.offset  # the tar byte after this member: where a reader resumes
-            # The loop ended without an error: at the end-of-archive block, or at a cut (_Header).
+            # The loop ended without an error: at the end-of-archive block (a clean end), or at a cut.
             stop, where = getattr(tar, "stopped_by", None), f"at byte {start + tar.offset}"
-            problem = None  # stop None or EOFHeaderError: the end-of-archive block, a clean end
+            problem = None
             if isinstance(stop, tarfile.EmptyHeaderError):
                 problem = f"the tar ends {where}, at a member boundary, without its end-of-archive blocks"
             elif isinstance(stop, tarfile.TruncatedHeaderError):
@@ -223,9 +208,8 @@ def _groups(fileobj, source, start, skip_to):
 
 
 def iter_tar_groups(source, skipped=None, offset=0):
-    """Yield a shard's samples in file order from byte `offset` (a sample's start, the "__end__"
-    of the one before): {"__key__", "__shard__": source, "__end__": byte after it, "<ext>": bytes}.
-    Counts "unreadable_shard" or "truncated_member" at most once per call in `skipped` (a SkipCounter)."""
+    """Yield a shard's samples {"__key__", "__shard__", "__end__": byte after it, "<ext>": bytes}
+    from byte `offset` (a sample's start); count a shard problem at most once in `skipped`."""
     count = skipped.add if skipped is not None else (lambda reason, detail="": None)
     try:
         fileobj, start, finish = open_shard(source, offset)
@@ -257,27 +241,22 @@ def decode_npy(data):
 
 
 class ShardWriter:
-    """Samples into tar shards of at most `per_shard` samples: out_dir/<prefix>-000000.tar, ...
-    Each is written as .tmp and renamed when complete, so an interrupted run leaves no
-    half-written shard that looks finished. Member values: bytes, str, dict/list (JSON), ndarray.
-        with ShardWriter("out", "train", per_shard=1000) as w:
-            w.write("000000001", {"png": png_bytes, "txt": "a red circle", "json": {...}})"""
+    """Samples into tar shards out_dir/<prefix>-000000.tar, ... of <= per_shard samples, each renamed
+    from .tmp once complete; member values: bytes, str, dict/list (JSON), ndarray (.npy)."""
 
     def __init__(self, out_dir, prefix="shard", per_shard=1000):
         if per_shard < 1:
             raise ValueError(f"per_shard must be >= 1, got {per_shard}")
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir, self.prefix, self.per_shard = out_dir, prefix, int(per_shard)
-        self.paths, self.count = [], 0
-        self._tar = self._tmp = None
+        self.paths, self.count, self._tar = [], 0, None
 
     def write(self, key, members):
         if "." in key or "/" in key or not key:
             raise ValueError(f"sample key {key!r} must be non-empty without '.' or '/' (the key ends at the first dot)")
         if self._tar is None:
             self._final = os.path.join(self.out_dir, f"{self.prefix}-{len(self.paths):06d}.tar")
-            self._tmp = self._final + ".tmp"
-            self._tar = tarfile.open(self._tmp, "w")
+            self._tar = tarfile.open(self._final + ".tmp", "w")
         for ext, value in members.items():
             if isinstance(value, str):
                 value = value.encode("utf-8")
@@ -299,7 +278,7 @@ class ShardWriter:
         """Finish the shard being written (rename it from .tmp); return every shard's path."""
         if self._tar is not None:
             self._tar.close()
-            os.replace(self._tmp, self._final)
+            os.replace(self._final + ".tmp", self._final)
             self.paths.append(self._final)
             self._tar = None
         return self.paths
@@ -322,14 +301,12 @@ RECAPTION_EXTS = ("recap.txt", "recap_txt", "recaption.txt")
 RECAPTION_FIELDS = ("recaption", "recap_caption", "recap_txt", "molmo_caption")
 AESTHETIC_EXTS = ("aesthetic", "score", "aes_score", "aesthetic.txt")
 AESTHETIC_FIELDS = ("aesthetic_score", "AESTHETIC_SCORE", "aesthetic", "aes_score")
-# NaN marks a missing score unknown: the trainer applies its own default, pretokenize stores null.
-MISSING_AESTHETIC = float("nan")
+MISSING_AESTHETIC = float("nan")  # unknown: the trainer applies its own default, pretokenize stores null
 RECAPTION_PREFIXES = tuple(f"The image {verb}" for verb in ("depicts", "displays", "showcases", "features", "shows"))
 
 
 def strip_recaption_prefix(text):
-    """Remove Molmo's stock opening ("The image depicts ...") and capitalise the rest:
-    App. A filters these prefixes so that they do not leak into training."""
+    """Remove Molmo's stock opening ("The image depicts ...") and capitalise the rest (App. A)."""
     text = text.strip()
     for prefix in RECAPTION_PREFIXES:
         if text.startswith(prefix):
@@ -349,8 +326,7 @@ def sample_name(group):
 
 
 # ----------------------------------------------------------------------------- 5. Skip counting
-# Why a sample (or a whole shard) is skipped. "filtered_*" are the paper's data filters
-# doing their job, not errors: counted, but logged only at DEBUG level.
+# Why a sample (or a shard) is skipped. "filtered_*" are the paper's filters: counted, logged at DEBUG only.
 SKIP_REASONS = (
     "unreadable_shard",  # missing file, not a tar, a failing pipe: command or URL (once per shard and pass)
     "truncated_member",  # the tar is cut or damaged; the rest of that shard is lost (once per shard and pass)
@@ -370,10 +346,8 @@ SKIP_REASONS = (
 
 
 class SkipCounter:
-    """Skipped samples per reason, summed over DataLoader workers: a shared-memory table with
-    one row per process (0: main, 1 + i: worker i), so each writes only its own row, lock-free.
-    counts() -> {"corrupt_image": 2, ...}; summary() -> "corrupt_image=2 missing_caption=1".
-    The first few skips of each reason in each process are logged."""
+    """Skipped samples per reason over DataLoader workers: a shared-memory table, one row per process
+    (0: main, 1 + i: worker i), each writing its own row, lock-free; the first few are logged."""
 
     ROWS, LOG_FIRST = 257, 5  # the main process + up to 256 workers; skips logged per reason and process
 
@@ -404,11 +378,9 @@ class SkipCounter:
 
 # ----------------------------------------------------------------------------- 6. The stream
 def resolve_rank(rank=None, world_size=None):
-    """(rank, world_size) as given, else the process group's, else torchrun's RANK and
-    WORLD_SIZE, else (0, 1); checked."""
+    """(rank, world_size) as given, else the process group's, else torchrun's, else (0, 1)."""
     joined = dist.is_available() and dist.is_initialized()
-    if rank is None:
-        rank = dist.get_rank() if joined else int(os.environ.get("RANK", 0))
+    rank = (dist.get_rank() if joined else int(os.environ.get("RANK", 0))) if rank is None else rank
     if world_size is None:
         world_size = dist.get_world_size() if joined else int(os.environ.get("WORLD_SIZE", 1))
     if not 0 <= rank < world_size:
@@ -422,8 +394,7 @@ def worker_slot():
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-# A reader's position, as a LongTensor (5,) that travels with each sample it yields.
-POSITION_FIELDS = ("epoch", "shard", "offset", "seen", "taken")
+POSITION_FIELDS = ("epoch", "shard", "offset", "seen", "taken")  # a reader's position, LongTensor (5,)
 START = (0, 0, 0, 0, 0)  # the position of a reader that has read nothing
 
 
@@ -436,17 +407,12 @@ class StreamDataset(IterableDataset):
     a generator seeded by where the block starts, so a reader's whole state is a position
     (POSITION_FIELDS): epoch, shard and byte offset of the block, the epoch's samples
     before it, and the block's samples used. Each sample carries the position after it.
-
-    Exact resume: worker j of a run starting at batch s is "logical worker" (s + j) % W of
-    the first run. positions (W, 5), where those stood (StreamPositions): it seeks there and
-    re-reads one block, at the same cost at any step; a row of -1 (or positions=None)
-    regenerates the stream and fast-forwards. Either way the run sees the samples, crops and
-    flips of the uninterrupted one, given the same world_size, num_workers, batch_size,
-    shuffle_buffer and seed.
+    Resume: worker j of a run starting at batch s is logical worker (s + j) % W of the first
+    run; it seeks to its saved position (StreamPositions), or without one (-1) regenerates
+    and fast-forwards: either way it sees the samples, crops and flips of the first run.
 
     min_aesthetic:     keep samples scoring >= this (paper: 5.0 pre-training, 6.0 fine-tuning)
-    default_aesthetic: the score of samples without one, which are kept (NaN = unknown)
-    """
+    default_aesthetic: the score of samples without one, which are kept (NaN = unknown)"""
 
     def __init__(self, *, shuffle=True, shuffle_buffer=1000, seed=0, infinite=True, rank=None, world_size=None,
                  batch_size=None, start_batch=0, positions=None, min_aesthetic=None,
@@ -466,29 +432,28 @@ class StreamDataset(IterableDataset):
 
     # --- subclass hooks: _epoch_groups (where raw samples come from), _decode (what they become) ---
     def _epoch_groups(self, epoch, slot, n_slots, start=(0, 0, 0)):
-        """Raw samples (dicts of bytes) of one epoch for this slot from the tar shards in
-        self.shards, from start = (shard, offset, seen); each carries "__next__", the
-        (shard, offset, seen) after it. With at least as many shards as readers, whole shards
-        are dealt out; with fewer, every reader reads every shard, keeps every n_slots-th
-        sample, and only reader 0 counts shard-level problems (nothing counted twice)."""
-        order = np.arange(len(self.shards))
-        if self.shuffle:  # the same order on every rank and worker: it depends on (seed, epoch) only
-            order = np.random.default_rng([self.seed, 2, epoch]).permutation(len(self.shards))
+        """Raw samples (dicts of bytes) of one epoch for this slot from self.shards, from start =
+        (shard, offset, seen), each with "__next__", the (shard, offset, seen) after it. Whole
+        shards are dealt out; with fewer shards than readers, every reader reads every shard,
+        keeps every n_slots-th sample, and only reader 0 counts shard-level problems."""
+        order = self._order(len(self.shards), epoch)
         few = len(self.shards) < n_slots
         mine = order if few else order[slot::n_slots]
         first, offset, seen = start
+        counter = self.skipped if slot == 0 or not few else None
         for k in range(first, len(mine)):
-            counter = self.skipped if slot == 0 or not few else None
             for group in iter_tar_groups(self.shards[mine[k]], counter, offset if k == first else 0):
-                keep = not few or seen % n_slots == slot
                 seen += 1
                 group["__next__"] = (k, group["__end__"], seen)
-                if keep:
+                if not few or (seen - 1) % n_slots == slot:
                     yield group
 
+    def _order(self, n, epoch):
+        """The epoch's order of n shards (or files): the same on every rank and worker (it depends on seed, epoch)."""
+        return np.random.default_rng([self.seed, 2, epoch]).permutation(n) if self.shuffle else np.arange(n)
+
     def _decode(self, group, check_only=False):
-        """Raw sample -> training dict, or None when skipped. check_only: validate
-        cheaply for fast-forwarding and count nothing."""
+        """Raw sample -> training dict, or None when skipped; check_only: validate cheaply, count nothing."""
         raise NotImplementedError
 
     def _reject(self, reason, detail, check_only):
@@ -500,23 +465,19 @@ class StreamDataset(IterableDataset):
         """{"caption", "recaption", "aesthetic": FloatTensor (), "key"} from the .txt / .json /
         score members, or None (counted) without a caption or below min_aesthetic."""
         where = sample_name(group)
-        # Text must be valid UTF-8: replacement characters would train on text nobody wrote.
-        text = {}
-        for ext in ("txt", "json", *RECAPTION_EXTS):
-            if ext in group:
-                try:
-                    text[ext] = group[ext].decode("utf-8").strip()
-                except UnicodeDecodeError as e:
-                    return self._reject("invalid_utf8", f"{where}: its .{ext} is not valid UTF-8 ({e})", check_only)
-        meta = {}
-        if "json" in text:
+        text = {}  # valid UTF-8 only: replacement characters would train on text nobody wrote
+        for ext in filter(group.__contains__, ("txt", "json", *RECAPTION_EXTS)):
             try:
-                meta = json.loads(text["json"])
-                if not isinstance(meta, dict):
-                    raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
-            except ValueError as e:
-                self._reject("bad_json", f"{where}: {e}", check_only)
-                meta = {}
+                text[ext] = group[ext].decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                return self._reject("invalid_utf8", f"{where}: its .{ext} is not valid UTF-8 ({e})", check_only)
+        try:
+            meta = json.loads(text.get("json", "{}"))
+            if not isinstance(meta, dict):
+                raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+        except ValueError as e:
+            self._reject("bad_json", f"{where}: {e}", check_only)
+            meta = {}
         caption = text.get("txt") or _field(meta, CAPTION_FIELDS)
         if not caption:
             return self._reject("missing_caption", f"{where} has no .txt and no caption in its .json", check_only)
@@ -526,11 +487,9 @@ class StreamDataset(IterableDataset):
             caption.encode("utf-8"), recaption.encode("utf-8")
         except UnicodeEncodeError as e:
             return self._reject("invalid_utf8", f"{where}: a caption in its .json is not valid UTF-8 ({e})", check_only)
-        # The aesthetic score: a json field, else a small text member.
-        raw = next((meta[k] for k in AESTHETIC_FIELDS if meta.get(k) is not None), None)
+        raw = next((meta[k] for k in AESTHETIC_FIELDS if meta.get(k) is not None), None)  # a score: json, else member
         if raw is None:
-            ext = next((e for e in AESTHETIC_EXTS if e in group), None)
-            raw = group[ext].decode("utf-8", "replace").strip() if ext else None
+            raw = next((group[e].decode("utf-8", "replace").strip() for e in AESTHETIC_EXTS if e in group), None)
         try:
             aesthetic = None if raw is None else float(raw)
             if aesthetic is not None and not math.isfinite(aesthetic):
@@ -546,7 +505,6 @@ class StreamDataset(IterableDataset):
         return {"caption": caption, "recaption": strip_recaption_prefix(recaption),
                 "aesthetic": torch.tensor(aesthetic, dtype=torch.float32), "key": where}  # fmt: skip
 
-    # --- the shared machinery ---
     def _stream(self, slot, n_slots, position):
         """(raw sample, this reader's position after it) from `position` on, block by block."""
         epoch, shard, offset, seen, taken = position
@@ -557,10 +515,8 @@ class StreamDataset(IterableDataset):
             n = 0
             while block := list(itertools.islice(groups, size)):
                 n += len(block)
-                order = range(len(block))
-                if size > 1:
-                    rng = np.random.default_rng([self.seed, 1, slot, n_slots, epoch, shard, offset, seen])
-                    order = rng.permutation(len(block))
+                seed = [self.seed, 1, slot, n_slots, epoch, shard, offset, seen]  # where the block starts
+                order = np.random.default_rng(seed).permutation(len(block)) if size > 1 else range(len(block))
                 for i in range(taken, len(block)):
                     group = block[order[i]]
                     group["__epoch__"] = epoch
@@ -583,8 +539,7 @@ class StreamDataset(IterableDataset):
                              f"resume with the num_workers the positions were saved with")  # fmt: skip
         saved = None if self.positions is None else self.positions[logical].tolist()
         known = saved is not None and saved[0] >= 0
-        # Without a saved position, regenerate the stream and skip the samples of the batches
-        # this logical worker made among batches 0 .. start_batch - 1.
+        # Without a saved position: regenerate and skip the samples of its batches among 0 .. start_batch - 1.
         made = max(0, (self.start_batch - logical + num_workers - 1) // num_workers)
         to_skip = 0 if known else made * self.batch_size
         produced = failures = n_groups = 0
@@ -610,14 +565,10 @@ class StreamDataset(IterableDataset):
 
 
 class StreamPositions:
-    """Where each reader of this rank stands after the batches a trainer consumed: what a
-    checkpoint saves for StreamDataset(positions=...). The DataLoader hands out its workers'
-    batches round-robin, so batch b came from logical worker b % W, and its last sample's
-    "position" is where that reader stands once the batch is consumed.
-        positions = StreamPositions.resume(ckpt, rank, num_workers, start_batch)  # ckpt None: fresh
-        ds = TarShardDataset(..., start_batch=start_batch, positions=positions.saved)
-        for batch in loader: positions.consumed(batch); ...
-        checkpoint["data_positions"] = [every rank's positions.state()]"""
+    """Where each reader of this rank stands after the batches consumed, for StreamDataset(positions=).
+    Batches come round-robin: batch b from logical worker b % W, now at its last sample's "position".
+    Use: resume(ckpt, ...) -> dataset(positions=.saved) -> consumed(batch) for each batch ->
+    ckpt["data_positions"] = [every rank's state()]."""
 
     def __init__(self, num_workers, start_batch=0, saved=None):
         self.workers, self.batch = max(1, int(num_workers)), int(start_batch)
@@ -633,8 +584,7 @@ class StreamPositions:
 
     @classmethod
     def resume(cls, ckpt, rank, num_workers, start_batch):
-        """This rank's positions from ckpt["data_positions"] (one state() per rank); fresh ones
-        when ckpt is None; unknown ones (fast-forward) when it holds none."""
+        """This rank's positions from ckpt["data_positions"]; fresh if ckpt is None, else unknown if none."""
         saved = ckpt["data_positions"][rank] if ckpt is not None and ckpt.get("data_positions") else None
         return cls(num_workers, start_batch, saved)
 
@@ -646,6 +596,5 @@ class StreamPositions:
         self.batch += 1
 
     def state(self):
-        """{"num_workers", "positions": LongTensor (W, 5)} for the checkpoint, or None when
-        the data is not a stream (the shapes world is indexed and needs none)."""
+        """{"num_workers", "positions": LongTensor (W, 5)} for the checkpoint; None if not a stream."""
         return {"num_workers": self.workers, "positions": self.table.clone()} if self.tracked else None

@@ -1,5 +1,4 @@
-"""
-MaskGen: text-to-image masked generative models on compact 1D tokens.
+"""MaskGen: text-to-image masked generative models on compact 1D tokens.
 
 Paper: "Democratizing Text-to-Image Masked Generative Models with Compact Text-Aware
 One-Dimensional Tokens" (Kim et al., arXiv 2501.07730): §3 (masked generation, diffusion
@@ -13,8 +12,7 @@ unmasking: from K [MASK] tokens, each step fills in those the model is most sure
 Both share an MM-DiT trunk (SD3): image tokens and CLIP text states as two streams with their own adaLN,
 projections and MLP, and ONE joint attention, modulated by the pooled text embedding plus an aesthetic
 score. A block is diffusers' `JointTransformerBlock` without qk-norm, as the official's. Read bottom-up.
-The official names (config.json fields, weight keys, diffusers' block names) are at the end of this file;
-checkpoint.py reads and writes release directories with them.
+Official names (config.json fields, weight keys) close the file; checkpoint.py reads and writes releases with them.
 
     model = build(PRESETS["maskgen_vq_l"])            # MaskGenVQ or MaskGenKL by config.mode
     model = checkpoint.load_generator("turkeyju/generator_maskgen_kl_l")   # a release (dir or Hub id)
@@ -42,9 +40,9 @@ from diffloss import DiffLoss
 class _AdaLN(nn.Module):
     """LayerNorm without affine, and silu(cond) (B, D) -> (B, n*D), prompt-only: generate() passes it as `mod`."""
 
-    def __init__(self, dim, n):
+    def __init__(self, dim):
         super().__init__()
-        self.linear = nn.Linear(dim, n * dim)
+        self.linear = nn.Linear(dim, self.n * dim)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
     def modulation(self, cond):
@@ -52,11 +50,9 @@ class _AdaLN(nn.Module):
 
 
 class AdaLNZero(_AdaLN):
-    """adaLN-Zero (DiT): shift, scale, gate for attention, then for the MLP (diffusers' order); the
-    attention input is modulated here, the rest goes back to the block."""
+    """adaLN-Zero (DiT): shift, scale, gate for attention, then the MLP (diffusers' order); modulates the input."""
 
-    def __init__(self, dim):
-        super().__init__(dim, 6)
+    n = 6
 
     def forward(self, x, cond, mod=None):
         mod = self.modulation(cond) if mod is None else mod  # (B, 6D)
@@ -68,8 +64,7 @@ class AdaLNZero(_AdaLN):
 class AdaLNContinuous(_AdaLN):
     """(1 + scale) * LayerNorm(x) + shift (scale first, as diffusers): final and last text norm."""
 
-    def __init__(self, dim):
-        super().__init__(dim, 2)
+    n = 2
 
     def forward(self, x, cond, mod=None):
         mod = self.modulation(cond) if mod is None else mod
@@ -85,19 +80,17 @@ FUSED_QKV = {"img_qkv": ("img_q", "img_k", "img_v"), "txt_qkv": ("txt_q", "txt_k
 
 
 class JointAttention(nn.Module):
-    """Attention over [image, text] with each stream's own projections; q, k, v of a stream are one
-    fused Linear (one matmul). txt_queries=False: the last block's text outputs would be thrown
-    away, so only its keys and values are computed (image outputs are unchanged)."""
+    """Attention over [image, text], each stream with its own fused q|k|v Linear (one matmul). txt_queries=False
+    (the last block, whose text outputs would be thrown away): text gives only keys and values."""
 
     def __init__(self, dim, heads, txt_queries=True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.txt_queries = heads, txt_queries
         self.img_qkv, self.img_out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         if txt_queries:
             self.txt_qkv, self.txt_out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         else:
             self.txt_kv = nn.Linear(dim, 2 * dim)
-        self.txt_queries = txt_queries
 
     def forward(self, img, txt):
         (B, N, D), h = img.shape, self.heads
@@ -141,11 +134,9 @@ class JointBlock(nn.Module):
         self.img_adaln = AdaLNZero(dim)
         self.txt_adaln = AdaLNContinuous(dim) if txt_pre_only else AdaLNZero(dim)
         self.attn = JointAttention(dim, heads, txt_queries=not txt_pre_only)
-        self.img_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.img_mlp = FeedForward(dim)
+        self.img_norm2, self.img_mlp = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6), FeedForward(dim)
         if not txt_pre_only:
-            self.txt_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-            self.txt_mlp = FeedForward(dim)
+            self.txt_norm2, self.txt_mlp = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6), FeedForward(dim)
 
     def forward(self, img, txt, cond, mods=None):
         img_mod, txt_mod = (None, None) if mods is None else mods  # precomputed by generate()
@@ -192,16 +183,13 @@ def aesthetic_embedding_kl(score, dim):  # sin, cos interleaved (sin0, cos0, sin
 
 class MMDiT(nn.Module):
     """The MM-DiT trunk (Fig. 3; SD3's, the aesthetic score in the timestep's place):
-
         CLIP penultimate states (B, L, text_width)           -> text_proj   -> txt  (B, L, D)
         CLIP pooled (B, pooled_dim) ++ aesthetic embedding    -> pooled_proj -> cond (B, D)
-        tokens (B, N, D), txt, cond -> depth x JointBlock -> AdaLNContinuous(cond) -> (B, N, D)
-    """
+        tokens (B, N, D), txt, cond -> depth x JointBlock -> AdaLNContinuous(cond) -> (B, N, D)"""
 
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        D = config.width
+        self.config, D = config, config.width
         self.text_proj = nn.Linear(config.text_width, D)
         self.pooled_proj = nn.Linear(config.pooled_dim + config.aes_embed_dim, D)
         self.blocks = nn.ModuleList([JointBlock(D, config.heads, txt_pre_only=(i == config.depth - 1))
@@ -250,11 +238,10 @@ class MMDiT(nn.Module):
         if null_text.shape[0] not in (1, B) or null_pooled.shape[0] not in (1, B):
             raise ValueError(f"null_text / null_pooled must have 1 or {B} rows (the '' caption's encoding), "
                              f"got {tuple(null_text.shape)} and {tuple(null_pooled.shape)}")  # fmt: skip
-        null_text = null_text.expand(B, -1, -1)
         null_pooled = null_pooled.reshape(null_pooled.shape[0], -1).expand(B, -1)
         score = self._aesthetic(aesthetic, B, text.device)
         # Project both halves in one batch, as the official does (same rounding).
-        return self.encode_condition(torch.cat([text, null_text.to(text.dtype)]),
+        return self.encode_condition(torch.cat([text, null_text.expand(B, -1, -1).to(text.dtype)]),
                                      torch.cat([pooled.reshape(B, -1), null_pooled.to(pooled.dtype)]),
                                      torch.cat([score, score]))  # fmt: skip
 
@@ -267,18 +254,15 @@ class MMDiT(nn.Module):
     def forward(self, img, txt, cond, mods=None):
         """img (B, N, D), txt (B, L, D), cond (B, D) -> (B, N, D); mods: self.modulations(cond)."""
         mods = [None] * (len(self.blocks) + 1) if mods is None else mods
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for blk, m in zip(self.blocks, mods):
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                img, txt = checkpoint(blk, img, txt, cond, m, use_reentrant=False)
-            else:
-                img, txt = blk(img, txt, cond, m)
+            img, txt = checkpoint(blk, img, txt, cond, m, use_reentrant=False) if ckpt else blk(img, txt, cond, m)
         return self.norm_out(img, cond, mods[-1])
 
 
 # -----------------------------------------------------------------------------
-# Schedules (§3, §4.2, Tab. 8), with the official numbers and float32 rounding. Per-step counts are
-# Python ints, so the decoding loops have static shapes and no host syncs (torch.compile). Then the
-# sampling inputs: one torch.Generator per image (diffusers' convention), and numbers.
+# Schedules (§3, §4.2, Tab. 8) with the official numbers and float32 rounding; per-step counts are Python ints
+# (static shapes, no host syncs under torch.compile). Then the sampling inputs: one torch.Generator per image.
 GUIDANCE_SCHEDULES = {"vq": ("cosine", "linear", "none"), "kl": ("linear", "constant")}
 
 
@@ -419,8 +403,7 @@ class MaskGenBase(nn.Module):
         if config.mode != self.mode:
             raise ValueError(f"{type(self).__name__} needs a config with mode={self.mode!r}, got {config.mode!r}; "
                              f"use build(config)")  # fmt: skip
-        self.config = config
-        self.trunk = MMDiT(config)
+        self.config, self.trunk = config, MMDiT(config)
         self.compiled_steps = {}  # step_function's compiled functions; a plain dict keeps them out of state_dict
 
     def step_function(self, fn, compile, dynamic_rows=False):
@@ -586,24 +569,20 @@ class MaskGenVQ(MaskGenBase):
         for step in range(N):
             ratio = (step + 1) / N
             if guided:
-                both = predict(torch.cat([ids, ids]), txt, cond, mods)  # (2B, K, V)
-                cond_logits, uncond_logits = both[:B], both[B:]
-                s = vq_guidance_scale(g, schedule, ratio, power)
-                logits = cond_logits + (cond_logits - uncond_logits) * s  # (B, K, V)
+                cond_logits, uncond_logits = predict(torch.cat([ids, ids]), txt, cond, mods).chunk(2)  # (B, K, V) each
+                logits = cond_logits + (cond_logits - uncond_logits) * vq_guidance_scale(g, schedule, ratio, power)
             else:
                 logits = predict(ids, txt, cond, mods)  # (B, K, V)
             logits = logits / (0.5 + 0.8 * (1 - ratio) if temperature is None else temperature)
             noise_t = rand_t * (1 - ratio)  # Gumbel-max sampling, annealed to argmax at the last step
             noisy = logits + noise_t * draw_rows(noise, logits.shape, generator) if noise_t > 0 else logits
-            sampled = noisy.argmax(dim=-1)  # (B, K)
             is_mask = ids == self.mask_id
-            sampled = torch.where(is_mask, sampled, ids)  # decoded tokens stay
+            sampled = torch.where(is_mask, noisy.argmax(dim=-1), ids)  # (B, K); decoded tokens stay
             if step == N - 1:
                 return sampled
             # Confidence: the chosen id's logit plus fresh Gumbel noise. Exactly remasked[step] go back (static
             # shapes; the official's `<= cut-off` picks the same set unless two confidences tie).
-            confidence = logits.gather(-1, sampled[..., None]).squeeze(-1)  # (B, K)
-            confidence = torch.where(is_mask, confidence, torch.inf)
+            confidence = torch.where(is_mask, logits.gather(-1, sampled[..., None]).squeeze(-1), torch.inf)  # (B, K)
             if noise_t > 0:
                 confidence = confidence + noise_t * draw_rows(noise, confidence.shape, generator)
             low = confidence.topk(remasked[step], dim=-1, largest=False).indices  # (B, n)
@@ -631,7 +610,7 @@ class MaskGenKL(MaskGenBase):
 
     def initialize_weights(self):
         # The official (MAR's): normal(pos_init_std) tables; Xavier-uniform for EVERY linear (replacing DiffLoss's
-        # zero-init), per block of a fused q|k|v as the official separate projections; unit LayerNorms.
+        # zero-init), per block of a fused q|k|v as the official separate projections; LayerNorms stay at unit.
         for p in (self.mask_token, self.pos_emb, self.diff_pos_emb):
             nn.init.normal_(p, std=self.config.pos_init_std)
         for name, m in self.named_modules():
@@ -642,9 +621,6 @@ class MaskGenKL(MaskGenBase):
                         nn.init.xavier_uniform_(w)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm) and m.weight is not None:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def token_conditions(self, x, mask, txt, cond, mods=None):
         """DiffLoss's conditions z (B, K, D) for scaled tokens x (B, K, C), mask (B, K) (1 = masked)."""
@@ -744,13 +720,12 @@ PRESETS = {
     # 2.5M parameters with the 2,048-way head; one token per step at guidance 1.5.
     "shapes_vq": MaskGenConfig(mode="vq", codebook_size=2048, num_class_rows=0, token_size=16, guidance_scale=1.5,
                                randomize_temperature=1.0, **_SHAPES),  # fmt: skip
-    # 3.0M parameters with DiffLoss; 2 noise levels per token (not 4) cut the step cost. Unclipped x0, a briefly
-    # trained DiffLoss drifts out of range and draws blank canvases. pos_init_std 1.0: a visible token enters as
-    # LayerNorm(z_proj(token)), ~1 per element, which a 0.02 table would drown, and a 1D token means nothing
-    # without its index (`evaluate.py context`). Constant guidance 3, temperature 0.5 (sharper tokens).
+    # 2 noise levels per token (not 4) cut the step cost; unclipped, a briefly trained DiffLoss's x0 drifts out of
+    # range (blank canvases). pos_init_std 1.0: a visible token enters as LayerNorm(z_proj(token)), ~1 per element,
+    # which a 0.02 table would drown, and a 1D token means nothing without its index (`evaluate.py context`).
     "shapes_kl": MaskGenConfig(mode="kl", token_size=8, pos_init_std=1.0, diffloss_depth=3, diffloss_width=192,
                                diffusion_batch_mul=2, num_sampling_steps="50", diffloss_clip_x0=3.0,
-                               guidance_scale=3.0, guidance_schedule="constant", temperature=0.5,
+                               guidance_scale=3.0, guidance_schedule="constant", temperature=0.5,  # sharper tokens
                                **_SHAPES),  # fmt: skip
 }
 
@@ -766,9 +741,8 @@ def preset_for(name, tokenizer_config, text_width, pooled_dim):
 # Official names: the authors' releases (turkeyju/generator_maskgen_*) hold config.json, the official nested
 # config, and weights under the official code's names. checkpoint.py reads and writes them with what follows.
 
-# config.json field -> ours, as tokenizer.TATITOK_FIELDS (a field without a default is required). The official
-# VQ "temperature" is our randomize_temperature (of the Gumbel noise that picks the tokens); KL's is the
-# diffusion sampling temperature.
+# config.json field -> ours, as tokenizer.TATITOK_FIELDS. The official VQ "temperature" is our randomize_temperature
+# (of the Gumbel noise that picks the tokens); KL's is the diffusion sampling temperature.
 MASKGEN_FIELDS = {
     "any": [("vq_model.num_latent_tokens", "num_tokens"), ("vq_model.text_embed_dim", "text_width", 768),
             ("maskgen.decoder_embed_dim", "width"), ("maskgen.decoder_depth", "depth"),
@@ -814,9 +788,8 @@ def official_config(c, s):
             "losses": s["losses"]}
 
 
-# Weight names: official key -> ours at the top level, per variant (an entry ending in "." is a prefix). TRUNK
-# is where our state dict keeps the MM-DiT trunk both variants share (text and pooled projections, blocks,
-# final norm): one line to change if it moves.
+# Weight names: official key -> ours at the top level, per variant (an entry ending in "." is a prefix). TRUNK is
+# where our state dict keeps the MM-DiT trunk both variants share: one line to change if it moves.
 TRUNK = "trunk."
 MASKGEN_RENAMES = {
     "vq": [("text_embed_proj.", TRUNK + "text_proj."), ("cond_pooled_proj.", TRUNK + "pooled_proj."),
@@ -828,8 +801,7 @@ MASKGEN_RENAMES = {
            ("decoder_pos_embed_learned", "pos_emb"), ("diffusion_pos_embed_learned", "diff_pos_emb"),
            ("diffloss.net.", "diffloss.net.")],
 }  # fmt: skip
-# Inside a block: diffusers' JointTransformerBlock names -> ours, with q, k and v as the separate parts that
-# split_qkv shows of our fused projections.
+# Inside a block: diffusers' JointTransformerBlock names -> ours; q, k, v as split_qkv's parts of our fused ones.
 BLOCK_RENAMES = [
     ("norm1.linear.", "img_adaln.linear."), ("norm1_context.linear.", "txt_adaln.linear."),
     ("attn.to_q.", "attn.img_q."), ("attn.to_k.", "attn.img_k."), ("attn.to_v.", "attn.img_v."),
@@ -867,8 +839,7 @@ def block_key_from_official(key):
 
 
 def last_q_proj(c):
-    """The release name of the last block's text-query projection, which we do not hold (that block's text
-    stream only gives keys and values, see JointAttention)."""
+    """The release name of the last block's text-query projection, which we do not hold (see JointAttention)."""
     return f"{'blocks' if c.mode == 'vq' else 'decoder_blocks'}.{c.depth - 1}.attn.add_q_proj"
 
 

@@ -1,15 +1,13 @@
-"""
-TA-TiTok: the Text-Aware Transformer-based 1-Dimensional Tokenizer.
+"""TA-TiTok: the Text-Aware Transformer-based 1-Dimensional Tokenizer.
 
 Paper: "Democratizing Text-to-Image Masked Generative Models with Compact
 Text-Aware One-Dimensional Tokens" (Kim et al., arXiv 2501.07730), §3.2 and §4.1.
 
-A ViT encoder reads an image's patches together with K learnable "latent tokens" and
-keeps only the latter: the image becomes a 1D sequence of K tokens (K = 32, 64 or 128),
-quantized against a codebook (VQ: discrete ids) or read as a diagonal Gaussian (KL:
-continuous tokens). A second ViT decodes the K tokens, a grid of mask tokens that become
-the output patches and -- new in TA-TiTok (Eq. 3) -- the CLIP text embedding of the
-caption, so that the tokens can spend their capacity on what the caption does not say.
+A ViT encoder reads an image's patches together with K learnable "latent tokens" and keeps only the
+latter: the image becomes a 1D sequence of K tokens (K = 32, 64 or 128), quantized against a codebook
+(VQ: discrete ids) or read as a diagonal Gaussian (KL: continuous tokens). A second ViT decodes the K
+tokens, a grid of mask tokens that become the output patches and -- new in TA-TiTok (Eq. 3) -- the
+caption's CLIP text embedding, so that the tokens can spend their capacity on what the caption does not say.
 
 Data flow, in the order the classes appear:
     images (B,3,H,W) in [0,1]
@@ -18,10 +16,9 @@ Data flow, in the order the classes appear:
          DiagonalGaussian   (KL)  mean / log-variance, sample() / mode() / kl()
       -> Decoder            tokens + mask grid + CLIP text -> ViT -> pixels
 
-The official names (config.json fields, weight keys) are at the end of this file, with the functions
-that turn them into ours; checkpoint.py reads and writes release directories with them.
+The official names (config.json fields, weight keys) close the file; checkpoint.py reads and writes releases with them.
 
-Public API (the CLIP text encoder is in text.py, the release format in checkpoint.py):
+Public API (the CLIP text encoder is in text.py):
     tok = TATiTok(PRESETS["tatitok_bl32_vq"])      or checkpoint.load_tokenizer(dir)[0]
     ids = tok.encode(images)                       # VQ: (B,K) long; KL: (B,K,C) mean
     text = TextEncoder()(["a photo of a cat"])     # text.py: .final / .penultimate / .pooled
@@ -41,18 +38,14 @@ import torch.nn.functional as F
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection.
-
-    The fused weight has the same [q; k; v] row layout as nn.MultiheadAttention's
-    `in_proj_weight`, which the official checkpoints use, so loading is a rename.
-    """
+    """Multi-head self-attention with one fused qkv projection, rows [q; k; v] as nn.MultiheadAttention's
+    `in_proj_weight`, which the official checkpoints use, so loading is a rename."""
 
     def __init__(self, dim, heads):
         super().__init__()
         assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x, keep=None):
         """keep: None, or a slice: return only those rows (every row still supplies keys and values)."""
@@ -64,7 +57,6 @@ class Attention(nn.Module):
             w, b = self.qkv.weight, self.qkv.bias
             q = F.linear(x[:, keep], w[:D], b[:D]).view(B, -1, h, d).transpose(1, 2)  # (B, h, n, d)
             k, v = F.linear(x, w[D:], b[D:]).view(B, N, 2, h, d).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
-        # SDPA picks the fastest kernel for the device (flash / memory-efficient / math).
         x = F.scaled_dot_product_attention(q, k, v)  # (B, h, N or n, d)
         return self.proj(x.transpose(1, 2).reshape(B, -1, D))  # (B, N or n, D)
 
@@ -72,16 +64,15 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dim, ratio=4.0):
         super().__init__()
-        self.c_fc = nn.Linear(dim, int(dim * ratio))
+        self.c_fc, self.c_proj = nn.Linear(dim, int(dim * ratio)), nn.Linear(int(dim * ratio), dim)
         self.gelu = nn.GELU()  # exact (erf) GELU, as nn.GELU() in the official blocks
-        self.c_proj = nn.Linear(int(dim * ratio), dim)
 
     def forward(self, x):
         return self.c_proj(self.gelu(self.c_fc(x)))
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)); keep: only those (independent) output rows."""
 
     def __init__(self, dim, heads):
         super().__init__()
@@ -91,8 +82,6 @@ class Block(nn.Module):
         self.mlp = MLP(dim)
 
     def forward(self, x, keep=None):
-        # keep (a slice): compute only those output rows (the last encoder / decoder block). Rows
-        # of attention and the MLP are independent, so discarded rows cost only their keys and values.
         x = (x if keep is None else x[:, keep]) + self.attn(self.ln_1(x), keep)
         return x + self.mlp(self.ln_2(x))
 
@@ -109,7 +98,6 @@ class Encoder(nn.Module):
         self.patch_embed = nn.Conv2d(3, W, cfg.enc_patch_size, stride=cfg.enc_patch_size)
         s = W**-0.5  # CLIP-style init scale for the embeddings
         self.class_embedding = nn.Parameter(s * torch.randn(1, W))
-        # One learned position per patch, plus one for the class token.
         self.positional_embedding = nn.Parameter(s * torch.randn(self.grid**2 + 1, W))
         # The latent tokens' content is TATiTok.latent_tokens; here their positions, so each slot can specialise.
         self.latent_token_positional_embedding = nn.Parameter(s * torch.randn(cfg.num_latent_tokens, W))
@@ -137,17 +125,12 @@ class Encoder(nn.Module):
 
 
 class VectorQuantizer(nn.Module):
-    """Nearest-neighbour codebook lookup with the straight-through estimator.
-
-    Losses follow VQ-VAE: the codebook term pulls codes towards the (frozen) encoder
-    outputs, the commitment term (x commitment_cost) the outputs towards the (frozen) codes.
-    clustering_vq (CVQ-VAE, Zheng & Vedaldi 2023) revives dead codes: each code tracks an
-    EMA of its usage, and rarely used codes move towards the encoder output nearest to them.
-    So that this sees an optimiser step's whole global batch however it is split into ranks
-    and micro-batches, each training forward only collects statistics (`_collect`) and the
-    trainer calls `revive_codes()` once per step: N ranks and one process with N x gradient
-    accumulation make the same update. (The official code revives inside every forward.)
-    """
+    """Nearest-neighbour codebook lookup with the straight-through estimator and VQ-VAE's losses: the codebook term
+    pulls codes towards the (frozen) encoder outputs, the commitment term (x commitment_cost) the outputs towards the
+    (frozen) codes. clustering_vq (CVQ-VAE, Zheng & Vedaldi 2023) revives dead codes: each code tracks an EMA of its
+    usage, and rarely used codes move onto their nearest encoder output. Training forwards only collect statistics
+    (`_collect`); the trainer calls `revive_codes()` once per step, so N ranks and one process with N x gradient
+    accumulation make the same update (the official code revives inside every forward)."""
 
     def __init__(self, codebook_size, token_size, commitment_cost=0.25, use_l2_norm=False, clustering_vq=False):
         super().__init__()
@@ -173,8 +156,7 @@ class VectorQuantizer(nn.Module):
     @torch.autocast("cuda", enabled=False)
     def forward(self, z):
         z = z.float()  # (B, K, C)
-        flat = z.reshape(-1, self.token_size)  # (B*K, C)
-        raw = flat  # un-normalised features, used for code revival
+        raw = flat = z.reshape(-1, self.token_size)  # (B*K, C); raw: un-normalised, for code revival
         if self.use_l2_norm:
             flat, z = F.normalize(flat, dim=-1), F.normalize(z, dim=-1)
         emb = self.codebook()  # (V, C)
@@ -195,10 +177,9 @@ class VectorQuantizer(nn.Module):
     # (not a decorator: that imports torch._dynamo, ~2 s that loading a model to sample skips).
     @torch.no_grad()
     def _collect(self, ids, d, raw):
-        """Add one micro-batch to the step's statistics: each code's pick count, and its nearest
-        feature so far (distance, un-normalised feature). Micro-batches arrive in slot order and
-        only a strictly smaller distance replaces the kept one, so ties go to the earliest
-        feature, as an argmin over the concatenated global batch would pick."""
+        """Add one micro-batch to the step's statistics: each code's pick count, and its nearest feature so
+        far (distance, un-normalised feature). Micro-batches arrive in slot order and only a strictly smaller
+        distance replaces the kept one: ties go to the earliest, as an argmin over the global batch would."""
         counts = torch.bincount(ids, minlength=self.codebook_size).float()  # (V,)
         rows = d.argmin(dim=0)  # (V,) the nearest feature to every code (first of equals)
         best = d.gather(0, rows[None])[0]  # (V,) its distance
@@ -230,8 +211,7 @@ class VectorQuantizer(nn.Module):
                 best, anchors = torch.where(closer, b, best), torch.where(closer[:, None], a, anchors)
         # counts / n: (V,) the share of the step's tokens that picked each code.
         self.embed_prob.mul_(self.decay).add_(counts / n, alpha=1 - self.decay)
-        # Codes in constant use get decay ~0 (untouched); unused ones ~1 (replaced by their anchor).
-        # Constants as in the official code.
+        # Official constants: codes in constant use get decay ~0 (untouched), unused ones ~1 (their anchor).
         decay = torch.exp(-(self.embed_prob * self.codebook_size * 10) / (1 - self.decay) - 1e-3)
         self.embedding.weight.data.mul_(1 - decay[:, None]).add_(anchors * decay[:, None])
 
@@ -248,8 +228,7 @@ class DiagonalGaussian:
 
     def __init__(self, params):  # params: (B, K, 2C) -> mean, logvar each (B, K, C)
         self.mean, logvar = params.float().chunk(2, dim=-1)
-        # Clamp as LDM does: keeps exp() finite early in training.
-        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.logvar = logvar.clamp(-30.0, 20.0)  # as LDM: keeps exp() finite early in training
         self.std = torch.exp(0.5 * self.logvar)
 
     def sample(self, generator=None):
@@ -388,18 +367,17 @@ class TATiTok(nn.Module):
         return self.decoder(tokens, text_hidden.to(tokens.dtype))
 
     def flops(self):
-        """Forward FLOPs per image: {"encode": ..., "decode": ...}. 2 per multiply-add of every matmul
-        and conv, attention QK^T and AV included (4 T^2 W per layer); norms, activations and softmax
-        left out (the MFU convention, as torch.utils.flop_counter). Training costs ~3x the forward."""
+        """Forward FLOPs per image: {"encode": ..., "decode": ...}. 2 per multiply-add of every matmul and conv,
+        attention QK^T and AV included (4 T^2 W per layer); norms, activations and softmax left out (the MFU
+        convention, as torch.utils.flop_counter). Training costs ~3x the forward."""
         c = self.config
-        P, K, C = (c.image_size // c.enc_patch_size) ** 2, c.num_latent_tokens, c.token_size  # P patches
+        P, K, C, W = (c.image_size // c.enc_patch_size) ** 2, c.num_latent_tokens, c.token_size, c.enc_width
 
         def blocks(T, n, W, depth):  # T tokens, n rows kept by the last block
             full = 24 * T * W * W + 4 * T * T * W  # qkv 6TW^2 + proj 2TW^2 + MLP 16TW^2, attention 4T^2W
             last = 4 * T * W * W + 20 * n * W * W + 4 * n * T * W  # k/v for all, the rest for n rows
             return (depth - 1) * full + last
 
-        W = c.enc_width
         enc = 2 * P * 3 * c.enc_patch_size**2 * W  # patch embedding
         enc += blocks(1 + P + K, K, W, c.enc_depth)  # [cls, patches, latent tokens]
         enc += 2 * K * W * C * (2 if c.quantize_mode == "kl" else 1)  # proj_out
@@ -464,23 +442,21 @@ def sincos_2d(grid, width):
 def _local_init(model, std=0.1, pos_scale=10.0, qk_std=0.4):
     """A locality-biased initialisation for small models trained briefly (init="local").
 
-    With the official init a small TA-TiTok on the shapes world long sits at the mean image:
-    attention starts uniform, so every latent token sees the image's average and every output
-    patch the tokens' average, and neither side can learn where to look before the other does.
-    This init breaks the symmetry, changing values only (checkpoints stay interchangeable):
-      - patches, grid slots and latent tokens get 2D sin-cos positions x pos_scale (position
-        dominates after the LayerNorm), latent token k at an evenly spaced patch, no content;
-      - W_k = W_q (std qk_std) in every attention, so q.k peaks at the same place: a latent token
-        first reads "its" patch, an output patch the nearest token (as the "mimetic" init,
-        Trockman & Kolter 2023); other weights ~ N(0, std), not 0.02, so inputs move outputs;
-      - l2-normalised VQ codes (per-channel RMS 1/sqrt(C)) enter the decoder x sqrt(token_size),
-        at a unit-variance token's scale, or the decoder first reads almost only the positions.
+    With the official init a small TA-TiTok on the shapes world long sits at the mean image: attention starts uniform,
+    so every latent token sees the image's average and every output patch the tokens' average, and neither side can
+    learn where to look first. This init breaks the symmetry, changing values only (checkpoints stay interchangeable):
+      - patches, grid slots and latent tokens get 2D sin-cos positions x pos_scale (position dominates
+        after the LayerNorm), latent token k at an evenly spaced patch, no content;
+      - W_k = W_q (std qk_std) in every attention, so q.k peaks at the same place: a latent token first
+        reads "its" patch, an output patch the nearest token ("mimetic" init, Trockman & Kolter 2023);
+        other weights ~ N(0, std), not 0.02, so inputs move outputs;
+      - l2-normalised VQ codes (per-channel RMS 1/sqrt(C)) enter the decoder x sqrt(token_size), at a
+        unit-variance token's scale, or the decoder first reads almost only the positions.
     """
-    c = model.config
+    c, K = model.config, model.config.num_latent_tokens
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
-    K = c.num_latent_tokens
     for side, part in (("enc", model.encoder), ("dec", model.decoder)):
         W, G = getattr(c, f"{side}_width"), c.image_size // getattr(c, f"{side}_patch_size")
         pos = pos_scale * sincos_2d(G, W)  # (G*G, W)
@@ -497,9 +473,7 @@ def _local_init(model, std=0.1, pos_scale=10.0, qk_std=0.4):
 
 # -----------------------------------------------------------------------------
 # Presets. "BL" = ViT-Base encoder + ViT-Large decoder; "SL" = Small + Large.
-
-# The official ViT sizes, by name: (width, depth, heads).
-VIT_SIZES = {"small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
+VIT_SIZES = {"small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}  # official: (width, depth, heads)
 
 
 def _preset(enc, dec, K, mode):
@@ -511,8 +485,7 @@ def _preset(enc, dec, K, mode):
 # For tests: 32 px, patch 8, two blocks each side, a 16-entry text context.
 _TINY = dict(image_size=32, enc_patch_size=8, dec_patch_size=8, enc_width=32, enc_depth=2, enc_heads=2,
              dec_width=32, dec_depth=2, dec_heads=2, num_latent_tokens=8, text_context_length=16, text_embed_dim=32)
-# The shapes world (shapes.ShapesWorld): 64 px, patch 8 (64 patches) -> 32 tokens, small widths,
-# the locality-biased init (see _local_init).
+# The shapes world (shapes.ShapesWorld): 64 px, patch 8 (64 patches) -> 32 tokens, small widths, init="local".
 _SHAPES = dict(image_size=64, enc_patch_size=8, dec_patch_size=8, enc_width=64, enc_depth=2, enc_heads=2,
                dec_width=64, num_latent_tokens=32, text_context_length=16, text_embed_dim=64, init="local")
 
@@ -585,7 +558,6 @@ def official_config(c, s):
 TATITOK_RENAMES = [(".transformer.", ".blocks."), (".attn.in_proj_weight", ".attn.qkv.weight"),
                    (".attn.in_proj_bias", ".attn.qkv.bias"), (".attn.out_proj.", ".attn.proj."),
                    ("encoder.conv_out.", "encoder.proj_out."), ("decoder.ffn.0.", "decoder.to_pixels.")]  # fmt: skip
-_CONV_1X1 = ("encoder.conv_out.weight", "decoder.ffn.0.weight")
 
 
 def release_view(sd):
@@ -594,5 +566,5 @@ def release_view(sd):
     for key, v in sd.items():
         for official, ours in TATITOK_RENAMES:
             key = key.replace(ours, official)
-        view[key] = v[:, :, None, None] if key in _CONV_1X1 else v
+        view[key] = v[:, :, None, None] if key in ("encoder.conv_out.weight", "decoder.ffn.0.weight") else v
     return view

@@ -5,17 +5,15 @@
     python bench.py --preset l --compile 0,1 --dtype fp32,bf16   # MaskGen-L on a GPU
     python bench.py --data-resume 8000                           # resuming a shard stream, early vs late
 
-For each (compile, dtype) pair, on random weights and inputs of the real shapes, VQ and KL:
-TA-TiTok encode and decode; MaskGen generate() with guidance at the preset's defaults; a MaskGen
-and a tokenizer (G + D) training step. Each figure is the median of --repeats CUDA-synchronised
-runs after --warmup. MFU = model FLOP/s (TATiTok.flops, MaskGen.flops) / peak FLOP/s: a known
-GPU's bf16 dense figure (train_common.PEAK_BF16_TFLOPS, or --peak_tflops), else the torch.matmul
-peak measured in the same run and dtype. Memory: the CUDA peak per row, or the CPU's peak RSS.
+For each (compile, dtype) pair, on random weights and inputs of the real shapes, VQ and KL: TA-TiTok encode and
+decode; MaskGen generate() with guidance at the preset's defaults; a MaskGen and a tokenizer (G + D) training step.
+Each figure is the median of --repeats CUDA-synchronised runs after --warmup. MFU = model FLOP/s (TATiTok.flops,
+MaskGen.flops) / peak FLOP/s: a known GPU's bf16 dense figure (train_common.PEAK_BF16_TFLOPS, or --peak_tflops),
+else the torch.matmul peak measured in the same run and dtype. Memory: the CUDA peak per row, or the CPU's peak RSS.
 
---data-resume N writes N shapes samples as tar shards (once, under /tmp) and times a resumed
-stream's first batch at a small and a large batch index, with the reader positions a checkpoint
-saves (seek, re-read one shuffle block) and by replaying the stream; both must give the batch
-the uninterrupted stream gave.
+--data-resume N writes N shapes samples as tar shards (once, under /tmp) and times a resumed stream's
+first batch at a small and a large batch index, with the reader positions a checkpoint saves (seek,
+re-read one shuffle block) and by replaying the stream; both must give the uninterrupted stream's batch.
 """
 
 import argparse
@@ -50,24 +48,19 @@ PRESETS = {
 
 
 def timed(fn, device, warmup, repeats, pick=statistics.median):
-    """Seconds of one call, the median (or `pick`) of the repeats after warm-up (which also
-    absorbs compilation)."""
+    """Seconds of one call, the median (or `pick`) of the repeats after warm-up (which absorbs compilation)."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
     times = []
-    for _ in range(repeats):
+    for _ in range(warmup + repeats):
         t = time.perf_counter()
         fn()
         sync()  # the GPU's work is done, not only queued
         times.append(time.perf_counter() - t)
-    return pick(times)
+    return pick(times[warmup:])  # the warm-up runs are not counted
 
 
-def matmul_peak(device, dtype, warmup, repeats):
-    """FLOP/s of a large square torch.matmul, the best of many (robust to a busy machine): the
-    attainable peak."""
+def matmul_peak(device, dtype, warmup=1, repeats=3):
+    """FLOP/s of a large square torch.matmul, the best of many (robust to a busy machine): the attainable peak."""
     n = 4096 if device.type == "cuda" else 1024  # CPU: 1024 keeps a slow (non-native) bf16 under a minute
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return 2 * n**3 / timed(lambda: a @ b, device, warmup, max(repeats, 10), pick=min)
@@ -75,17 +68,15 @@ def matmul_peak(device, dtype, warmup, repeats):
 
 def rows(p, device, dtype, compile_, args):
     """Yield (name, batch, seconds per call, steps per call, FLOPs per call, CUDA peak bytes)."""
-    amp = train_common.autocast(device, dtype)  # bf16: autocast
     B, (L, Dt, Dp) = p["batch"], p["text"]  # batch; text length, per-token and pooled widths
     g = torch.Generator(device=device).manual_seed(0)  # the inputs' and the samplers' draws
 
     def run(name, fn, flops, steps=1):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        with amp:
+        with train_common.autocast(device, dtype):  # bf16: autocast
             t = timed(fn, device, args.warmup, args.repeats)
-        mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        return name, B, t, steps, flops, mem
+        return name, B, t, steps, flops, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
     for mode, tok_name, gen_name in zip(("VQ", "KL"), p["tok"], p["gen"]):
         torch.manual_seed(0)
@@ -117,8 +108,7 @@ def rows(p, device, dtype, compile_, args):
         train_tokens = tokens if mode == "VQ" else torch.randn(B, mc.num_tokens, 2 * mc.token_size, device=device)
 
         def maskgen_step():  # forward, backward, clipping, AdamW
-            loss = fwd(train_tokens, text, pooled)
-            loss.backward()
+            fwd(train_tokens, text, pooled).backward()
             torch.nn.utils.clip_grad_norm_(train.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -134,12 +124,10 @@ def rows(p, device, dtype, compile_, args):
 
         def tokenizer_step():  # the generator's update, then the discriminator's
             recon, extras = fwd_tok(images, tok_text)
-            loss, _ = loss_fn.generator_loss(images, recon, extras, step=1)
-            loss.backward()
+            loss_fn.generator_loss(images, recon, extras, step=1)[0].backward()
             opt_g.step()
             opt_g.zero_grad(set_to_none=True)
-            d_loss, _ = loss_fn.discriminator_loss(images, recon.detach(), step=1)
-            d_loss.backward()
+            loss_fn.discriminator_loss(images, recon.detach(), step=1)[0].backward()
             opt_d.step()
             opt_d.zero_grad(set_to_none=True)
         # FLOPs: the tokenizer's 3x forward only (the loss networks are extra work), as in training.
@@ -162,17 +150,15 @@ def data_resume(n, batch=32):
     # One uninterrupted pass, noting the reader positions after a small and a large batch index
     # (the large one ~90% through the first pass, so that replaying it is a fair comparison).
     points = (10, n * 9 // 10 // batch)
-    stream = iter(DataLoader(data.TarShardDataset(root, image_size=64, seed=0, batch_size=batch), batch_size=batch))
+    loader = DataLoader(data.TarShardDataset(root, image_size=64, seed=0, batch_size=batch), batch_size=batch)
     tracker, saved = shards.StreamPositions(0, 0), {}  # the reader positions a checkpoint would save
-    for b in range(max(points) + 1):
-        out = next(stream)
+    for b, out in zip(range(max(points) + 1), loader):
         if b in points:
             saved[b] = (tracker.state()["positions"].clone(), out["key"])  # where batch b starts; its keys
         tracker.consumed(out)
     print(f"bench.py --data-resume {n}: batch {batch}, one reader, CPU {torch.get_num_threads()} threads")
     for b, (positions, keys) in saved.items():
-        t_seek, k_seek = first_batch(b, positions)
-        t_replay, k_replay = first_batch(b, None)
+        (t_seek, k_seek), (t_replay, k_replay) = first_batch(b, positions), first_batch(b, None)
         print(f"resume at batch {b:5d} ({b * batch:6d} samples in): saved positions {t_seek * 1e3:8.1f} ms, "
               f"replaying {t_replay * 1e3:8.1f} ms, same batch as uninterrupted: {k_seek == keys == k_replay}")
 
@@ -214,9 +200,8 @@ def main(argv=None):
     print(f"bench.py --preset {args.preset}: {name}, torch {torch.__version__}, batch {p['batch']}, "
           f"median of {args.repeats} after {args.warmup} warm-up")
     if args.peak_only:  # which dtype is fast here? (CPUs of the same kind differ by 50x in bf16)
-        for dtype in dtypes:
-            peak = matmul_peak(device, train_common.DTYPES[dtype], 1, 3)  # 1 warm-up, best of 10
-            print(f"{dtype}: torch.matmul peak {peak / 1e9:.1f} GFLOP/s")
+        for dtype in dtypes:  # 1 warm-up, best of 10
+            print(f"{dtype}: torch.matmul peak {matmul_peak(device, train_common.DTYPES[dtype]) / 1e9:.1f} GFLOP/s")
         return
     for dtype in dtypes:
         peak = train_common.peak_flops(device, args.peak_tflops)

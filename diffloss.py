@@ -7,10 +7,9 @@ Quantization", §3), the transformer emits a vector z for every masked token, an
 denoiser models p(x0 | z) as a Gaussian diffusion over the token's C channels: training minimises
 the diffusion loss of x0 given z; sampling runs the reverse chain from noise, conditioned on z.
 
-Reading order (bottom-up): the denoiser net(x_t, t, z) -> (N, 2C) = cat(eps, v), v in [-1, 1]
-interpolating the log-variance ("learned range"); the closed-form diffusion maths;
-GaussianDiffusion (q(x_t | x0), the posterior, the hybrid loss of improved DDPM (Nichol &
-Dhariwal 2021), the ancestral sampler, respacing 1000 training steps to N); DiffLoss.
+Bottom-up: the denoiser net(x_t, t, z) -> (N, 2C) = cat(eps, v), v in [-1, 1] interpolating the
+log-variance ("learned range"); the diffusion maths; GaussianDiffusion (q(x_t | x0), the posterior,
+improved DDPM's hybrid loss (Nichol & Dhariwal 2021), ancestral sampling, respacing); DiffLoss.
 
     dl = DiffLoss(target_channels=16, z_channels=1024, depth=8, width=1024, num_sampling_steps="100")
     loss = dl(target (N, C), z (N, Zc), mask (N,) float or None)       -> scalar
@@ -37,8 +36,7 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, width, freq_dim=256, max_period=10000):
         super().__init__()
-        self.freq_dim = freq_dim
-        self.max_period = max_period
+        self.freq_dim, self.max_period = freq_dim, max_period
         self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
 
     def sinusoids(self, t):
@@ -90,9 +88,6 @@ class SimpleMLPAdaLN(nn.Module):
 
     def __init__(self, in_channels, model_channels, out_channels, z_channels, num_res_blocks):
         super().__init__()
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.out_channels = out_channels
         self.time_embed = TimestepEmbedder(model_channels)
         self.cond_embed = nn.Linear(z_channels, model_channels)
         self.input_proj = nn.Linear(in_channels, model_channels)
@@ -101,19 +96,16 @@ class SimpleMLPAdaLN(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        # The official (DiT's): Xavier-uniform linears, zero biases, normal(0.02) timestep MLP, zero
-        # adaLN outputs and output layer. At init the net outputs 0: eps = 0, v = 0 (the log-variance
-        # halfway between the posterior's and beta_t's).
+        # DiT's: Xavier-uniform linears, zero biases, normal(0.02) timestep MLP, zero adaLN outputs and
+        # output layer, so the net starts at eps = 0, v = 0 (log-variance halfway: posterior's, beta_t's).
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
-        for block in self.res_blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+        zeroed = [b.adaLN_modulation[-1] for b in self.res_blocks] + [self.final_layer.adaLN_modulation[-1]]
+        for lin in zeroed + [self.final_layer.linear]:
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
@@ -134,8 +126,7 @@ class SimpleMLPAdaLN(nn.Module):
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def approx_standard_normal_cdf(x):
@@ -145,10 +136,9 @@ def approx_standard_normal_cdf(x):
 
 def discretized_gaussian_log_likelihood(x, means, log_scales):
     """log P(x) in nats for x on a 256-level grid in [-1, 1] under N(means, e^(2 log_scales)): each
-    value owns [x - 1/255, x + 1/255], the end bins extend to -inf / +inf. The decoder term L_0,
-    made for 8-bit pixels; MAR and MaskGen apply it unchanged to latent tokens (neither on the grid
-    nor in [-1, 1]). It is kept because the released models trained with it; it acts only at t = 0.
-    """
+    value owns [x - 1/255, x + 1/255], the end bins extend to -inf / +inf. The decoder term L_0 for
+    8-bit pixels, which MAR and MaskGen apply unchanged to latent tokens (off the grid, outside
+    [-1, 1]); kept because the released models trained with it. It acts only at t = 0."""
     centered = x - means
     inv_std = torch.exp(-log_scales)
     cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
@@ -157,8 +147,7 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(x < -0.999, log_cdf_plus,
-                       torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
 def cosine_betas(num_steps, max_beta=0.999):
@@ -173,18 +162,15 @@ def cosine_betas(num_steps, max_beta=0.999):
 def space_timesteps(num_steps, section_counts):
     """The sorted original steps a respaced chain keeps (MAR/improved-DDPM semantics). section_counts
     (an int, a list, or a string such as "100" or "10,15,20") cuts the chain into equal sections,
-    section k keeping counts[k] evenly strided steps, both ends included ("100" of 1000: 0, 10, ..., 999).
-    """
-    if isinstance(section_counts, int):
-        counts = [section_counts]
-    elif isinstance(section_counts, str):
+    section k keeping counts[k] evenly strided steps, both ends included ("100" of 1000: 0, 10, ..., 999)."""
+    if isinstance(section_counts, str):
         try:
             counts = [int(c) for c in section_counts.split(",")]
         except ValueError:
             raise ValueError(f"num_sampling_steps={section_counts!r} is not understood; pass a "
                              f"step count such as '100' or comma-separated counts such as '50,50'")
     else:
-        counts = [int(c) for c in section_counts]
+        counts = [section_counts] if isinstance(section_counts, int) else [int(c) for c in section_counts]
     if not counts or min(counts) < 1:
         raise ValueError(f"num_sampling_steps={section_counts!r}: every section needs >= 1 step")
     size, extra = divmod(num_steps, len(counts))
@@ -230,15 +216,13 @@ class GaussianDiffusion:
     from `module.to(bfloat16)`, which would ruin alpha_bar values close to 1. They live in float64
     on the CPU and go to the device as float32 per call (as the reference computes and uses them).
     timestep_map[i] is the original (1000-step) index of step i: the net always sees original
-    indices, so one net serves the training chain and the respaced sampling chain.
-    """
+    indices, so one net serves the training chain and the respaced sampling chain."""
 
     def __init__(self, betas, timestep_map=None):
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("betas must be a 1-D sequence of values in (0, 1]")
-        T = betas.shape[0]
-        self.num_timesteps = T
+        self.num_timesteps = T = betas.shape[0]
         self.timestep_map = (torch.arange(T) if timestep_map is None
                              else torch.as_tensor(timestep_map, dtype=torch.long))
         self.betas = betas
@@ -290,8 +274,7 @@ class GaussianDiffusion:
         eps, v = out.chunk(2, dim=-1)                                        # (N, C) each
         # Learned range: v = -1 gives the posterior variance (lower bound), v = +1 gives beta_t.
         frac = (v + 1) / 2
-        log_variance = (frac * _at(tab["log_betas"], t)
-                        + (1 - frac) * _at(tab["posterior_log_variance"], t))
+        log_variance = frac * _at(tab["log_betas"], t) + (1 - frac) * _at(tab["posterior_log_variance"], t)
         # Mean: estimate x0 from eps, then take the true posterior's mean.
         x0_hat = _at(tab["sqrt_recip_ac"], t) * x_t - _at(tab["sqrt_recipm1_ac"], t) * eps
         if clip_x0 > 0:
@@ -311,8 +294,7 @@ class GaussianDiffusion:
         out = model_fn(x_t, self.timestep_map.to(x0.device)[t]).float()      # (N, 2C)
         eps, v = out.chunk(2, dim=-1)
         mse = ((noise - eps) ** 2).mean(dim=-1)                              # (N,)
-        frozen = torch.cat([eps.detach(), v], dim=-1)
-        mean_p, log_var_p = self.p_mean_log_variance(frozen, x_t, t, tab)
+        mean_p, log_var_p = self.p_mean_log_variance(torch.cat([eps.detach(), v], dim=-1), x_t, t, tab)
         mean_q, log_var_q = self.q_posterior(x0, x_t, t, tab)
         kl = normal_kl(mean_q, log_var_q, mean_p, log_var_p).mean(dim=-1) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(
@@ -327,8 +309,7 @@ class GaussianDiffusion:
         noise, not the initial noise). generator: see randn_rows."""
         x = noise.float()
         n, device = x.shape[0], x.device
-        tab = self.tables_on(device)
-        tmap = self.timestep_map.to(device)
+        tab, tmap = self.tables_on(device), self.timestep_map.to(device)
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((n,), i, dtype=torch.long, device=device)
             out = model_fn(x, tmap[t]).float()                              # (N, 2C)
@@ -355,8 +336,7 @@ class DiffLoss(nn.Module):
     clip_x0: 0 (the reference) or a bound on the sampler's x0 estimates, in token units. At the
       first steps sqrt(alpha_bar) is ~1e-4, so x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)
       multiplies an eps error by ~1e4: after a short run the tokens leave the range where the net's
-      eps can bring them back (tokens ~1e4, a blank canvas). Training is unchanged.
-    """
+      eps can bring them back (tokens ~1e4, a blank canvas). Training is unchanged."""
 
     def __init__(self, target_channels, z_channels, depth, width, num_sampling_steps="100", clip_x0=0.0):
         super().__init__()
@@ -406,9 +386,7 @@ class DiffLoss(nn.Module):
         cond row, so a per-step schedule needs no host sync) z is [cond; uncond] (2M rows), eps is
         uncond + cfg * (cond - uncond), and both halves of the 2M result hold the guided sample.
         generator: a torch.Generator on z's device, or one per image when the (cond) rows are equal
-        blocks per image (randn_rows); checked here, so DiffLoss stands alone.
-        denoise: net.denoise or a compiled version of it (MaskGenKL's generate(compile=...)).
-        """
+        blocks per image (randn_rows). denoise: net.denoise or a compiled version of it."""
         self._check_z(z, None, "sample")
         many = isinstance(generator, (list, tuple))
         for i, g in enumerate(generator if many else [] if generator is None else [generator]):
@@ -440,11 +418,10 @@ class DiffLoss(nn.Module):
 
         def guided_fn(x, ts):
             # One shared state x (M, C): both halves see the same x_t and t, only the condition differs.
-            out = fn(torch.cat([x, x]), ts).float()
-            eps, v = out[:, :C], out[:, C:]                                  # (2M, C) each
-            cond_eps, uncond_eps = eps[:m], eps[m:]
+            out = fn(torch.cat([x, x]), ts).float()                          # (2M, 2C) = cat(eps, v)
+            cond_eps, uncond_eps = out[:m, :C], out[m:, :C]                  # (M, C) each
             # Guidance on eps only; the variance from the cond half (the reference's forward_with_cfg).
-            return torch.cat([uncond_eps + cfg * (cond_eps - uncond_eps), v[:m]], dim=-1)
+            return torch.cat([uncond_eps + cfg * (cond_eps - uncond_eps), out[:m, C:]], dim=-1)
 
         # The reference carries 2M rows and drops the uncond half's own drift; we carry the M guided
         # rows (the same cond-half result for the same noise) and return them twice.

@@ -1,18 +1,14 @@
-"""
-Losses for training the TA-TiTok tokenizer in one stage.
+"""Losses for training the TA-TiTok tokenizer in one stage.
 
-Paper §4.1, "Improved one-stage training recipe": TA-TiTok drops TiTok's two-stage
-(proxy-code distillation) training and trains pixels-to-pixels directly, with two ideas from
-MaskBit (Weber et al. 2024): a perceptual loss on a modern ImageNet classifier (ResNet-50,
-richer features than LPIPS' VGG), and a stronger PatchGAN discriminator (blur-kernel instead
-of average-pool downsampling, LeCAM regularisation of its logits). The released training
-configs (NOTES.md, "Training recipe") set L2 reconstruction x 1.0, perceptual x 1.1 with
-"lpips-convnext_s-1.0-0.1", GAN x 0.1 from step 200k (hinge loss, no adaptive weight),
-LeCAM x 0.001, and KL x 1e-6 (KL variant) or the quantizer loss x 1.0 (VQ variant).
-
-"lpips-convnext_s-1.0-0.1" in the official code: (1.0 * LPIPS(VGG-16) + 0.1 * MSE between
-ConvNeXt-S *logits*) / 1.1, so times the perceptual weight 1.1 exactly lpips + 0.1 * convnext.
-The paper's text describes MaskBit's ResNet-50 variant; LossConfig.perceptual picks either.
+Paper §4.1, "Improved one-stage training recipe": TA-TiTok drops TiTok's two-stage (proxy-code
+distillation) training and trains pixels-to-pixels directly, with two ideas from MaskBit (Weber et
+al. 2024): a perceptual loss on a modern ImageNet classifier (ResNet-50, richer features than LPIPS'
+VGG), and a stronger PatchGAN discriminator (blur-kernel instead of average-pool downsampling, LeCAM
+regularisation of its logits). The released training configs (NOTES.md, "Training recipe") set L2
+reconstruction x 1.0, perceptual x 1.1 with "lpips-convnext_s-1.0-0.1" = (1.0 * LPIPS(VGG-16) + 0.1 *
+MSE of ConvNeXt-S *logits*) / 1.1, GAN x 0.1 from step 200k (hinge loss, no adaptive weight), LeCAM
+x 0.001, and KL x 1e-6 (KL variant) or the quantizer loss x 1.0 (VQ variant). The paper's text
+describes MaskBit's ResNet-50 variant; LossConfig.perceptual picks either.
 
 Data flow, in the order the pieces appear below:
     images, recon (B,3,H,W) in [0,1]
@@ -39,15 +35,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# torchvision is imported lazily (inside the builders): the discriminator and the loss maths
-# work without it, and importing it costs ~1 s. Every torchvision classifier was trained on
-# (x - mean) / std of [0, 1] images with these ImageNet statistics.
+# torchvision is imported lazily (inside the builders): the discriminator and the loss maths work without
+# it, and importing it costs ~1 s. torchvision's classifiers take (x - mean) / std of [0, 1] images.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # -----------------------------------------------------------------------------
 # Frozen backbones from torchvision.
-
 
 def _load_weights(weights, allow_download=True):
     """State dict of a torchvision weight enum. torchvision downloads it into the torch.hub cache
@@ -66,10 +60,9 @@ def _load_weights(weights, allow_download=True):
 
 
 def _freeze_as_buffers(module):
-    """Turn every parameter and buffer of a frozen net into a non-persistent buffer: it still
-    follows .to(device) and passes gradients *through* to the reconstruction, but gets no .grad,
-    no optimizer or DDP sees it, and it stays out of checkpoints (ConvNeXt-S alone is 200 MB;
-    it is rebuilt from torchvision)."""
+    """Turn every parameter and buffer of a frozen net into a non-persistent buffer: it follows
+    .to(device) and passes gradients *through* to the reconstruction, but gets no .grad, no optimizer
+    or DDP sees it, and it stays out of checkpoints (ConvNeXt-S alone is 200 MB; torchvision rebuilds it)."""
     for m in module.modules():
         for name, p in list(m.named_parameters(recurse=False)):
             delattr(m, name)
@@ -80,10 +73,9 @@ def _freeze_as_buffers(module):
 
 
 class ClassifierPerceptual(nn.Module):
-    """MSE between a frozen ImageNet classifier's *logits* (1000 classes) on two images: MaskBit's
-    default and the official ConvNeXt-S term, asking that the reconstruction be recognised as the
-    same thing. on_logits=False adds the last feature map (ResNet-50 layer4 (B,2048,7,7) /
-    ConvNeXt-S (B,768,7,7)). Inputs are resized to 224 (bilinear, antialiased), normalised."""
+    """MSE between a frozen ImageNet classifier's *logits* on two images (MaskBit's default, the official
+    ConvNeXt-S term): the reconstruction should be recognised as the same thing. on_logits=False adds the
+    last feature map (ResNet-50 layer4 (B,2048,7,7) / ConvNeXt-S (B,768,7,7)). Inputs: resized to 224."""
 
     def __init__(self, arch="resnet50", pretrained=True, on_logits=True, resize=224, allow_download=True):
         super().__init__()
@@ -123,10 +115,9 @@ class ClassifierPerceptual(nn.Module):
 
 class LPIPS(nn.Module):
     """LPIPS (Zhang et al. 2018) with its VGG-16 backbone, as in the official config:
-    d(x, y) = sum over 5 VGG stages l of mean_{h,w} || w_l * (n(f_l(x)) - n(f_l(y))) ||^2, n()
-    unit-normalising each feature vector, w_l the learned per-channel "lin" weights. VGG comes
-    from torchvision, the lin weights from LPIPS' own v0.1 "vgg.pth" (inside the `lpips` pip
-    package: pass its path or install it); only the official "lpips-..." setting needs them."""
+    d(x, y) = sum over 5 VGG stages l of mean_{h,w} || w_l * (n(f_l(x)) - n(f_l(y))) ||^2, n() unit-
+    normalising each feature vector, w_l the learned per-channel "lin" weights. VGG comes from torchvision,
+    the lin weights from LPIPS' own v0.1 "vgg.pth" (inside the `lpips` pip package, or pass its path)."""
 
     # The VGG-16 `features` indices that end the 5 stages (relu1_2 .. relu5_3).
     STAGE_ENDS = (4, 9, 16, 23, 30)
@@ -176,8 +167,7 @@ class LPIPS(nn.Module):
         return path
 
     def forward(self, x, y):  # x, y: (B, 3, H, W) in [0, 1]
-        h = torch.cat([x, y]) * 2 - 1  # LPIPS was trained on [-1, 1] inputs: (2B, 3, H, W)
-        h = (h - self.shift) / self.scale
+        h = (torch.cat([x, y]) * 2 - 1 - self.shift) / self.scale  # LPIPS takes [-1, 1] inputs: (2B, 3, H, W)
         total = 0.0
         for stage, lin in zip(self.stages, self.lins):
             h = stage(h)  # (2B, C_l, H_l, W_l)
@@ -191,10 +181,9 @@ class LPIPS(nn.Module):
 
 
 class PerceptualLoss(nn.Module):
-    """A weighted average of perceptual terms, named as in the official configs: components
-    joined by '-', optionally followed by one weight each ("resnet50": MaskBit / the paper;
-    "convnext_s"; "lpips-convnext_s-1.0-0.1": the official setting). The result is
-    sum_i w_i * L_i / sum_i w_i (the official averaging): one component is just itself."""
+    """A weighted average of perceptual terms, named as in the official configs: components joined by '-',
+    optionally followed by one weight each ("resnet50": MaskBit / the paper; "convnext_s";
+    "lpips-convnext_s-1.0-0.1": the official setting) -> sum_i w_i * L_i / sum_i w_i (official averaging)."""
 
     COMPONENTS = ("lpips", "convnext_s", "resnet50")
 
@@ -213,10 +202,9 @@ class PerceptualLoss(nn.Module):
                              f"joined by '-', optionally followed by one weight each, e.g. 'resnet50' or "
                              f"'lpips-convnext_s-1.0-0.1'")
         self.weights = dict(zip(names, weights))
-        self.terms = nn.ModuleDict()
-        for name in names:
-            self.terms[name] = (LPIPS(pretrained, lpips_weights, allow_download) if name == "lpips" else
-                                ClassifierPerceptual(name, pretrained, on_logits, resize, allow_download))
+        self.terms = nn.ModuleDict({name: LPIPS(pretrained, lpips_weights, allow_download) if name == "lpips" else
+                                    ClassifierPerceptual(name, pretrained, on_logits, resize, allow_download)
+                                    for name in names})
 
     def forward(self, x, y):
         """x, y: (B, 3, H, W) in [0, 1] -> (scalar weighted average, {name: unweighted term})."""
@@ -228,12 +216,10 @@ class PerceptualLoss(nn.Module):
 # -----------------------------------------------------------------------------
 # The discriminator: an N-layer PatchGAN with blur downsampling (MaskBit's VQGAN+).
 
-
 class BlurDownsample(nn.Module):
-    """Anti-aliased 2x downsampling: a fixed binomial low-pass filter ([1,3,3,1] outer itself,
-    normalised, as StyleGAN / Zhang 2019 "Making CNNs shift-invariant again"), then stride 2.
-    Average pooling (a box filter) lets high frequencies alias; this keeps the discriminator's
-    judgement smooth under small shifts. TensorFlow-"same" padding: output size = ceil(H / 2)."""
+    """Anti-aliased 2x downsampling: a fixed binomial low-pass filter ([1,3,3,1] outer itself, normalised,
+    as StyleGAN / Zhang 2019), then stride 2. Average pooling (a box filter) lets high frequencies alias;
+    this keeps D's judgement smooth under small shifts. TensorFlow-"same" padding: size ceil(H / 2)."""
 
     KERNELS = {3: (1, 2, 1), 4: (1, 3, 3, 1), 5: (1, 4, 6, 4, 1)}
 
@@ -254,10 +240,10 @@ class BlurDownsample(nn.Module):
 
 
 class PatchDiscriminator(nn.Module):
-    """Conv 5x5 -> num_stages x [conv 3x3, blur-downsample, GroupNorm, LeakyReLU] -> adaptive
-    max-pool to a 16x16 patch grid (whatever the input size) -> 1x1 conv, 5x5 conv -> one logit
-    per patch. Widths 128 -> 128 -> 256 -> 512 by default (the official NLayerDiscriminator);
-    convs are stride 1, "same" padding: only the blur downsamples. Names as the official module."""
+    """Conv 5x5 -> num_stages x [conv 3x3, blur-downsample, GroupNorm, LeakyReLU] -> adaptive max-pool to
+    a 16x16 patch grid (whatever the input size) -> 1x1 conv, 5x5 conv -> one logit per patch. Widths
+    128 -> 128 -> 256 -> 512 by default (the official NLayerDiscriminator, whose names it keeps); convs
+    are stride 1, "same" padding: only the blur downsamples."""
 
     def __init__(self, in_channels=3, hidden=128, num_stages=3, blur_taps=4, pool_size=16):
         super().__init__()
@@ -269,8 +255,7 @@ class PatchDiscriminator(nn.Module):
         chans = [hidden] + [hidden * 2**i for i in range(num_stages)]
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), BlurDownsample(blur_taps), nn.GroupNorm(32, cout), act())
-            for cin, cout in zip(chans[:-1], chans[1:])
-        )
+            for cin, cout in zip(chans[:-1], chans[1:]))
         self.pool = nn.AdaptiveMaxPool2d(pool_size)
         self.to_logits = nn.Sequential(nn.Conv2d(chans[-1], chans[-1], 1), act(), nn.Conv2d(chans[-1], 1, 5, padding=2))
 
@@ -284,10 +269,8 @@ class PatchDiscriminator(nn.Module):
 # -----------------------------------------------------------------------------
 # Adversarial losses and LeCAM.
 
-
 def hinge_d_loss(logits_real, logits_fake):
-    """Discriminator hinge loss: push real logits above +1 and fake ones below -1.
-    0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(G(x)))), as in taming / MaskBit."""
+    """Real logits above +1, fakes below -1: 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(G(x)))) (taming)."""
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
@@ -297,12 +280,11 @@ def hinge_g_loss(logits_fake):
 
 
 class LeCAM(nn.Module):
-    """LeCAM regularisation (Tseng et al. 2021) as in MaskBit / the official code: EMAs (from 0,
-    decay 0.999) of the batch-mean real and fake logits, and a penalty on the current means for
-    drifting past the *other* side's EMA, which stops D from driving real and fake logits ever
-    further apart (how it overfits on limited data):
-        relu(mean D(real) - ema_fake)^2 + relu(ema_real - mean D(fake))^2
-    relu acts on the batch *means*, as in the official code (the LeCAM paper: per sample)."""
+    """LeCAM regularisation (Tseng et al. 2021) as in MaskBit / the official code: EMAs (from 0, decay
+    0.999) of the batch-mean real and fake logits, and a penalty on the current means for drifting past
+    the *other* side's EMA, which stops D from driving real and fake logits ever further apart (how it
+    overfits on limited data): relu(mean D(real) - ema_fake)^2 + relu(ema_real - mean D(fake))^2, relu
+    on the batch *means* as in the official code (the LeCAM paper: per sample)."""
 
     def __init__(self, decay=0.999):
         super().__init__()
@@ -328,7 +310,6 @@ class LeCAM(nn.Module):
 # -----------------------------------------------------------------------------
 # The combiner.
 
-
 @dataclass
 class LossConfig:
     # Defaults are the official TA-TiTok training config (configs/training/TA-TiTok/*).
@@ -352,26 +333,21 @@ class LossConfig:
 
 class TokenizerLoss(nn.Module):
     """All tokenizer training losses, with the GAN schedule.
-
     Generator: w_rec * L2 + w_perc * perceptual + (w_q * quantizer | w_kl * KL) + [step >= start] w_gan * hinge_G
     Discriminator, from step `discriminator_start` on: hinge_D + w_lecam * LeCAM.
-    The variant is read from the tokenizer's extras: "quantizer_loss" (VQ) or "posterior" (KL,
-    a DiagonalGaussian with .kl() -> (B,)). All losses run in fp32, autocast off (as the official
-    code): the GAN and perceptual terms are sums of small differences that bf16 would blur.
-    state_dict() holds only the discriminator and the LeCAM EMAs; the frozen perceptual nets are
-    rebuilt from torchvision on load.
-    """
+    The variant is read from the tokenizer's extras: "quantizer_loss" (VQ) or "posterior" (KL, a
+    DiagonalGaussian with .kl() -> (B,)). All losses run in fp32, autocast off (as the official code):
+    the GAN and perceptual terms are sums of small differences that bf16 would blur. state_dict()
+    holds only D and the LeCAM EMAs; the frozen perceptual nets are rebuilt from torchvision."""
 
     def __init__(self, config: LossConfig, allow_download=True):
         super().__init__()
         self.config = c = config
-        self.perceptual = None
-        if c.perceptual != "none" and c.perceptual_weight > 0:
-            self.perceptual = PerceptualLoss(c.perceptual, c.perceptual_pretrained, c.perceptual_on_logits,
-                                             c.perceptual_resize, c.lpips_weights, allow_download)  # fmt: skip
-        self.discriminator = None
-        if c.discriminator_weight > 0:
-            self.discriminator = PatchDiscriminator(3, c.disc_hidden, c.disc_stages, c.disc_blur_taps)
+        self.perceptual = (PerceptualLoss(c.perceptual, c.perceptual_pretrained, c.perceptual_on_logits,
+                                          c.perceptual_resize, c.lpips_weights, allow_download)
+                           if c.perceptual != "none" and c.perceptual_weight > 0 else None)  # fmt: skip
+        self.discriminator = (PatchDiscriminator(3, c.disc_hidden, c.disc_stages, c.disc_blur_taps)
+                              if c.discriminator_weight > 0 else None)
         self.lecam = LeCAM(c.lecam_decay)
 
     def discriminator_active(self, step):
@@ -397,8 +373,8 @@ class TokenizerLoss(nn.Module):
                 total = total + logs["quantizer"]
                 logs.update({k[:-5]: extras[k] for k in ("commitment_loss", "codebook_loss") if k in extras})
             elif "posterior" in extras:  # KL variant
-                # Sum over tokens and channels, mean over the batch (official). The official
-                # also divides L2 by exp(logvar) with a frozen logvar = 0, i.e. by 1: omitted.
+                # Sum over tokens and channels, mean over the batch. The official also divides L2
+                # by exp(logvar) with a frozen logvar = 0, i.e. by 1: omitted.
                 logs["kl"] = c.kl_weight * extras["posterior"].kl().mean()
                 total = total + logs["kl"]
             else:
@@ -415,8 +391,7 @@ class TokenizerLoss(nn.Module):
 
     def discriminator_loss(self, images, recon, step, discriminator=None):
         """One discriminator step's objective; before discriminator_active(step), a zero with no graph.
-        discriminator: the DDP-wrapped one under torchrun, so that its gradients are averaged over
-        ranks; by default the plain self.discriminator."""
+        discriminator: the DDP-wrapped one under torchrun (gradients averaged), else self.discriminator."""
         if not self.discriminator_active(step):
             return torch.zeros((), device=images.device), {}
         c = self.config
@@ -431,10 +406,8 @@ class TokenizerLoss(nn.Module):
             total = hinge + lecam
         if c.lecam_weight > 0:
             self.lecam.update(real_mean, fake_mean)  # after the loss: it used the previous EMAs
-        logs = dict(
-            disc_total=total, hinge=hinge, lecam=lecam, logits_real=real_mean, logits_fake=fake_mean,
-            ema_real=self.lecam.ema_real.clone(), ema_fake=self.lecam.ema_fake.clone(),
-        )  # fmt: skip
+        logs = dict(disc_total=total, hinge=hinge, lecam=lecam, logits_real=real_mean, logits_fake=fake_mean,
+                    ema_real=self.lecam.ema_real.clone(), ema_fake=self.lecam.ema_fake.clone())  # fmt: skip
         return total, {k: v.detach() for k, v in logs.items()}
 
 

@@ -1,5 +1,4 @@
-"""
-The shapes world: a tiny captioned world of coloured shapes, and the rule-based
+"""The shapes world: a tiny captioned world of coloured shapes, and the rule-based
 detector that scores images against its captions.
 
 A project addition, not in the paper: it stands in for the web image-text data (§5.1,
@@ -16,10 +15,10 @@ caption is in one of three categories:
 The spec in section 1 is shared with the detector below and with outside checks, so
 it is followed to the letter: change nothing there without them.
 
-Sections: 1. the spec, 2. scenes and drawing, 3. captions, 4. the world (ShapesWorld,
-held-out prompts), 5. the detector (detect_shapes, check_prompt, shapes_score).
-data.py turns the world into a dataset and tar shards (`python data.py make-shapes`);
-evaluate.py scores generated images against the held-out prompts (`python evaluate.py shapes`).
+Sections: 1. the spec, 2. scenes and drawing, 3. captions, 4. the world (ShapesWorld, held-out
+prompts), 5. the detector (detect_shapes, check_prompt, shapes_score). data.py makes it a dataset
+and tar shards (`python data.py make-shapes`); evaluate.py scores generated images against the
+held-out prompts (`python evaluate.py shapes`).
 """
 
 import re
@@ -63,12 +62,10 @@ _COLOR_NAMES = tuple(COLORS)
 # 2. Scenes: objects, what a caption asks for, and drawing
 # =============================================================================
 
-
 @dataclass(frozen=True)
 class ShapeObject:
-    """One object. (cx, cy) is the centre of its size x size bounding box in pixel-index
-    coordinates (the mean of the column / row indices the box covers), so the centroid
-    of a rendered square is exactly (cx, cy). x grows rightwards, y downwards."""
+    """One object. (cx, cy) is the centre of its size x size bounding box in pixel-index coordinates (the
+    mean of the column / row indices it covers): a rendered square's centroid is exactly (cx, cy)."""
 
     color: str
     shape: str
@@ -92,7 +89,6 @@ class ShapeObject:
 @dataclass(frozen=True)
 class CaptionSpec:
     """What a caption asks for; the detector scores images against it.
-
     objects: the (color, shape) pairs in caption order: one for "single" and "count",
     (subject, reference) for "relation". count: objects of each named kind (2 or 3 for
     "count", else 1). relation: one of RELATIONS for "relation", else None."""
@@ -141,8 +137,7 @@ def render(objects):
 
 
 def white_gap(a, b):
-    """White pixels between the boxes of a and b along the better-separated axis
-    (negative when the boxes overlap). The spec wants >= MIN_GAP."""
+    """White pixels between a's and b's boxes along the better-separated axis (< 0: overlap)."""
     (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a.box, b.box
     return max(bx0 - ax1, ax0 - bx1, by0 - ay1, ay0 - by1) - 1  # the larger of the x and y gaps
 
@@ -161,7 +156,6 @@ def relation_holds(subject, reference, relation):
 # =============================================================================
 # 3. Captions
 # =============================================================================
-
 
 def make_caption(spec):
     """CaptionSpec -> the caption string (the inverse of parse_caption)."""
@@ -184,8 +178,7 @@ _CAPTION_RES = {
 
 
 def parse_caption(caption):
-    """A shapes caption -> CaptionSpec. Case and extra spaces are forgiven; anything
-    outside the three caption forms raises ValueError."""
+    """A shapes caption -> CaptionSpec; case and extra spaces are forgiven, other forms raise ValueError."""
     text = " ".join(caption.lower().split())
     if m := _CAPTION_RES["relation"].fullmatch(text):
         c1, s1, rel, c2, s2 = m.groups()
@@ -195,17 +188,14 @@ def parse_caption(caption):
         return CaptionSpec("count", ((color, shape),), {w: n for n, w in NUMBER_WORDS.items()}[word])
     if m := _CAPTION_RES["single"].fullmatch(text):
         return CaptionSpec("single", (m.groups(),), 1)
-    raise ValueError(
-        f"{caption!r} is not a shapes caption; write 'a <colour> <shape>', "
-        f"'two|three <colour> <shape>s' or 'a <colour> <shape> <relation> a <colour> <shape>' "
-        f"with colours {_COLOR_NAMES}, shapes {SHAPES} and relations {RELATIONS}"
-    )
+    raise ValueError(f"{caption!r} is not a shapes caption; write 'a <colour> <shape>', "
+                     f"'two|three <colour> <shape>s' or 'a <colour> <shape> <relation> a <colour> <shape>' "
+                     f"with colours {_COLOR_NAMES}, shapes {SHAPES} and relations {RELATIONS}")
 
 
 # =============================================================================
 # 4. The world: seeded random scenes
 # =============================================================================
-
 
 def _scatter(rng, kinds, attempts=100, tries_per_object=50):
     """Place objects of the given (color, shape) kinds anywhere, pairwise >= MIN_GAP apart.
@@ -238,9 +228,8 @@ def _place_pair(rng, subject, reference, relation, attempts=100):
         # That already puts the centres >= (s1+s2)/2 + 3 >= 19 px apart (>= 16 required).
         a1 = int(rng.integers(0, IMAGE_SIZE - s1 - MIN_GAP - s2 + 1))
         a2 = int(rng.integers(a1 + s1 + MIN_GAP, IMAGE_SIZE - s2 + 1))
-        # Across it: box 1 anywhere, box 2 with its centre within 8 px of box 1's.
-        # In doubled units, centre = 2*start + size - 1, so 2*start2 must lie in
-        # [2*c1 + s1 - s2 - 16, 2*c1 + s1 - s2 + 16].
+        # Across it: box 1 anywhere, box 2 with its centre within 8 px of box 1's. In doubled units,
+        # centre = 2*start + size - 1, so 2*start2 must lie in [2*c1 + s1 - s2 - 16, 2*c1 + s1 - s2 + 16].
         c1 = int(rng.integers(0, IMAGE_SIZE - s1 + 1))
         mid = 2 * c1 + s1 - s2
         lo = max(0, -(-(mid - 2 * RELATION_MAX_CROSS) // 2))  # ceil division
@@ -266,8 +255,7 @@ class ShapesWorld:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.seed = int(seed)
         if isinstance(category_mix, dict):
-            unknown = set(category_mix) - set(CATEGORIES)
-            if unknown:
+            if unknown := set(category_mix) - set(CATEGORIES):
                 raise ValueError(f"category_mix has unknown categories {sorted(unknown)}; use {CATEGORIES}")
             category_mix = [category_mix.get(c, 0.0) for c in CATEGORIES]
         weights = [1.0] * 3 if category_mix is None else [float(w) for w in category_mix]
@@ -279,8 +267,7 @@ class ShapesWorld:
         self.weights = w / w.sum()  # (3,) probabilities of CATEGORIES
 
     def scene(self, index, category=None):
-        """(CaptionSpec, [ShapeObject]) of sample `index`, without rendering.
-        `category` forces the category (the held-out sampler uses it)."""
+        """(CaptionSpec, [ShapeObject]) of sample `index`, unrendered; `category` forces one (held-out)."""
         if category is None:
             rng = np.random.default_rng([self.seed, int(index)])
             category = CATEGORIES[int(rng.choice(3, p=self.weights))]
@@ -319,7 +306,6 @@ class ShapesWorld:
 
 def heldout_prompts(n_per_category=300, seed=HELDOUT_SEED):
     """Evaluation prompts: 3 * n captions, n per category, in CATEGORIES order.
-
     Drawn from a seed no training run uses. The caption space is small (18 single, 36 count,
     1224 relation captions), so single / count captions necessarily repeat training ones;
     what is held out is the draw (and the generation seeds), as in GenEval-style scoring."""
@@ -341,7 +327,6 @@ def heldout_samples(n_per_category=300, seed=HELDOUT_SEED):
 # -> connected components -> shape from the component's geometry -> position = centroid.
 # =============================================================================
 
-
 @dataclass
 class Detection:
     color: str
@@ -354,10 +339,9 @@ class Detection:
 
 
 def label_components(mask):
-    """4-connected components of a boolean (H, W) mask, numpy only -> (labels (H, W) int,
-    0 = background, 1..n; n). Each foreground pixel starts labelled by its flat index; each
-    sweep takes the smallest label among a pixel and its 4 foreground neighbours, until
-    nothing changes (sweeps <= the longest path inside a component, a few dozen here)."""
+    """4-connected components of a boolean (H, W) mask, numpy only -> (labels (H, W) int, 0 = background,
+    1..n; n). Each foreground pixel starts labelled by its flat index; each sweep takes the smallest label
+    among it and its 4 foreground neighbours, until nothing changes (a few dozen sweeps here)."""
     H, W = mask.shape
     big = H * W + 1
     lab = np.where(mask, np.arange(1, H * W + 1).reshape(H, W), big)
@@ -379,15 +363,13 @@ def label_components(mask):
 
 def classify_shape(comp):
     """Shape of one component, from a boolean mask cropped to its bounding box (h, w).
-
     Returns (shape name, fill ratio). Corner patches (side = a quarter of the box) and row widths:
       * an upright triangle has empty top corners, full bottom ones and rows widening downwards:
         (bottom - top corner coverage) + (bottom - top quarter mean row width) / w is ~1.5, else ~0;
       * a square fills its corners, a circle (pi/4 of its box) mostly not:
         corner coverage + fill / 2 is ~1.5 for a square, ~0.6 for a circle.
     Thresholds sit midway between the classes' ranges on renders blurred (sigma <= 1.2 px) and
-    noised (std <= 12 levels), a stand-in for a generator's output, with no errors on ~3000 objects.
-    """
+    noised (std <= 12 levels), a stand-in for a generator's output, with no errors on ~3000 objects."""
     h, w = comp.shape
     fill = float(comp.mean())
     c = max(2, min(h, w) // 4)
@@ -409,8 +391,7 @@ def detect_shapes(image, tol=60.0, min_area=40, white=230):
     tol: max RGB distance from a palette colour. The closest two (blue, purple) are ~115
       apart, so 60 is unambiguous yet tolerates soft edges and a generator's colour drift.
     min_area: smaller components are noise (a 16 px triangle covers ~130 px at 64x64);
-      scaled with the image area. white: pixels with every channel >= this are background.
-    """
+      scaled with the image area. white: pixels with every channel >= this are background."""
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {img.shape}")
@@ -456,7 +437,6 @@ def check_prompt(dets, spec, margin=4.0):
 
 def shapes_score(images, prompts, return_details=False, **detect_kw):
     """The compositional score of images (uint8 (H, W, 3) arrays) against their captions.
-
     Returns {"single": acc, "count": acc, "relation": acc, "overall": mean over the categories
     present (GenEval's), "n": {category: count}}; with return_details also "per_prompt":
     [{prompt, category, correct, reason, detections}]."""

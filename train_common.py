@@ -125,11 +125,18 @@ def parse_config(cls, presets, argv=None, default="tiny", rules=None):
         sys.exit(f"error: --config needs a value: --config={default} (--list names the presets)")
     if name not in presets:
         sys.exit(f"error: unknown --config={name}; choose one of {sorted(presets)}")
+    # The trainer's own fields first, then RunConfig's, each in declared order (as --help and --list show them).
+    order = sorted(dataclasses.fields(cls), key=lambda f: f.name in RunConfig.__dataclass_fields__)
+    fields = {f.name: f for f in order}
     if not argv or "help" in wants or "-h" in argv:  # a bare run would start a long training: say how instead
-        print_help(cls, presets, name)
-    if "list" in wants:
-        print_presets(cls, presets, default)
-    cfg, fields = copy.deepcopy(presets[name]), {f.name: f for f in dataclasses.fields(cls)}
+        print_help(cls, presets, name, order)
+    if "list" in wants:  # each preset, with the fields it sets apart from the defaults
+        base = cls()
+        for key, p in presets.items():
+            changed = [f"{f}={show(getattr(p, f))}" for f in fields if getattr(p, f) != getattr(base, f)]
+            print(f"{key}{' (default)' if key == default else ''}: {', '.join(changed) or 'the field defaults'}")
+        sys.exit(0)
+    cfg = copy.deepcopy(presets[name])
     for key, raw in args.items():
         if key not in fields:
             sys.exit(f"error: unknown option --{key}; valid options: {', '.join(sorted(fields))} (--help says more)")
@@ -159,13 +166,8 @@ def show(value):
     return str(value).lower() if isinstance(value, bool) else value if value != "" else '""'
 
 
-def own_fields_first(cls):
-    """The trainer's own fields, then RunConfig's, each in the order they are declared."""
-    return sorted(dataclasses.fields(cls), key=lambda f: f.name in RunConfig.__dataclass_fields__)
-
-
-def print_help(cls, presets, name):
-    """--help: usage, then every field with its type, its value in preset `name` and its help."""
+def print_help(cls, presets, name, fields):
+    """--help: usage, then every field (in `fields`' order) with its type, its value in preset `name`, its help."""
     module = sys.modules[cls.__module__]
     script = os.path.basename(getattr(module, "__file__", "") or "train.py")
     about = (module.__doc__ or "").strip().split("\n\n")[0]  # the first paragraph of the trainer's docstring
@@ -173,21 +175,12 @@ def print_help(cls, presets, name):
           f"       python {script} --list | --print_config | --help\n\n{about}\n\n"
           f"Fields, with their values in preset {name} (--config=NAME --help shows another's):")  # fmt: skip
     rows = [(f"--{f.name}={show(getattr(presets[name], f.name))}", f.type.__name__, f.metadata.get("help", ""))
-            for f in own_fields_first(cls)]  # fmt: skip
+            for f in fields]  # fmt: skip
     width = min(36, max(len(r[0]) for r in rows))
     for option_, kind, note in rows:
         print(f"  {option_:<{width}}  {kind:<5}  {note}")
     print("\n" + textwrap.fill(f"Presets (--list): {', '.join(presets)}. A bool may be given bare (--compile). "
                                f"Runs resume by themselves from the newest good checkpoint in --out_dir.", 100))
-    sys.exit(0)
-
-
-def print_presets(cls, presets, default):
-    """--list: each preset and the fields it sets apart from the defaults."""
-    base, order = dataclasses.asdict(cls()), own_fields_first(cls)
-    for name, p in presets.items():
-        changed = [f"{f.name}={show(getattr(p, f.name))}" for f in order if getattr(p, f.name) != base[f.name]]
-        print(f"{name}{' (default)' if name == default else ''}: {', '.join(changed) or 'the field defaults'}")
     sys.exit(0)
 
 

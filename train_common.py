@@ -591,14 +591,30 @@ class RunControl:
 
 # 8. Logging: log.jsonl and the trackers, progress and MFU, image grids ----------------------------
 class Logger:
-    """Rank 0 only: a JSONL record per log interval, also sent to the trackers asked for, and a
-    readable line. Every rank makes out_dir."""
+    """Rank 0 only: a JSONL record per log interval, also sent to the trackers asked for (W&B,
+    TensorBoard: neither is a dependency), and a readable line. Every rank makes out_dir."""
 
     def __init__(self, cfg, enabled):
         os.makedirs(cfg.out_dir, exist_ok=True)
-        self.enabled = enabled
+        self.enabled, self.trackers = enabled, []  # (write(scalars, step), close) pairs
         self.f = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if enabled else None
-        self.trackers = open_trackers(cfg) if enabled else []
+        if enabled and cfg.wandb_project:  # one W&B run per start of the run, named after its folder
+            run = self.need("wandb", "wandb", "--wandb_project").init(
+                project=cfg.wandb_project, name=os.path.basename(os.path.abspath(cfg.out_dir)),
+                config=dataclasses.asdict(cfg), dir=cfg.out_dir)  # fmt: skip
+            self.trackers.append((lambda rec, step: run.log(rec, step=step), run.finish))
+        if enabled and cfg.tensorboard_dir:
+            tb = self.need("torch.utils.tensorboard", "tensorboard", "--tensorboard_dir")
+            writer = tb.SummaryWriter(cfg.tensorboard_dir)
+            self.trackers.append((lambda rec, n: [writer.add_scalar(k, v, n) for k, v in rec.items()], writer.close))
+
+    @staticmethod
+    def need(module, package, flag):
+        """import `module`, or stop naming the pip package that `flag` needs."""
+        try:
+            return importlib.import_module(module)
+        except ImportError as e:
+            sys.exit(f"error: {flag} needs the {package} package ({e}); pip install {package}, or leave {flag} unset")
 
     def __call__(self, record=None, text=None):
         if self.enabled and record is not None:
@@ -615,29 +631,6 @@ class Logger:
             self.f.close()
             for _, close in self.trackers:
                 close()
-
-
-def open_trackers(cfg):
-    """The trackers asked for, as (write(scalars, step), close) pairs; neither is a dependency."""
-    out = []
-    if cfg.wandb_project:  # one W&B run per start of the run, named after its folder
-        wandb = import_for("wandb", "wandb", "--wandb_project")
-        run = wandb.init(project=cfg.wandb_project, name=os.path.basename(os.path.abspath(cfg.out_dir)),
-                         config=dataclasses.asdict(cfg), dir=cfg.out_dir)  # fmt: skip
-        out.append((lambda rec, step: run.log(rec, step=step), run.finish))
-    if cfg.tensorboard_dir:
-        writer = import_for("torch.utils.tensorboard", "tensorboard", "--tensorboard_dir").SummaryWriter(
-            cfg.tensorboard_dir)  # fmt: skip
-        out.append((lambda rec, step: [writer.add_scalar(k, v, step) for k, v in rec.items()], writer.close))
-    return out
-
-
-def import_for(module, package, flag):
-    """import `module`, or stop naming the pip package that `flag` needs."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        sys.exit(f"error: {flag} needs the {package} package ({e}); pip install {package}, or leave {flag} unset")
 
 
 def scalars(record, prefix=""):

@@ -259,10 +259,8 @@ def seed_everything(seed):
 
 # Dense bf16 tensor-core peaks in TFLOP/s per GPU (vendor data sheets), matched in this order against
 # torch.cuda.get_device_name(): first hit wins.
-PEAK_BF16_TFLOPS = [
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("B200", 2250.0),
-    ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0),
-]  # fmt: skip
+PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("B200", 2250.0),
+                    ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0)]  # fmt: skip
 
 
 def peak_flops(device, override_tflops=0.0):

@@ -1,13 +1,13 @@
 """
-What the two trainers (train_tokenizer.py, train_maskgen.py) share: the command line, where a
-process runs, the optimiser and its schedule (paper App. A, Tab. 7 and 8: AdamW, linear warm-up
-then cosine or constant, EMA weights), deterministic data slots, exact resume, preemption,
-logging and the training-curve picture. The maths of a step stays in each trainer's main().
+What the two trainers (train_tokenizer.py, train_maskgen.py) share: the command line, where a process runs,
+the optimiser and its schedule (paper App. A, Tab. 7 and 8: AdamW, linear warm-up then cosine or constant,
+EMA weights), deterministic data slots, exact resume, preemption, logging and the training-curve picture.
+The maths of a step stays in each trainer's main().
 
-Exact resume and DDP == one process rest on two rules: every random draw of a micro-step is
-seeded from (seed, step, global micro-batch slot) and the data of a slot is fixed
-(`seed_for_slot`, `image_batches`); a checkpoint holds everything a run's future depends on:
-weights, EMA, optimiser, grad scaler, step and every rank's RNG state (`run_state`).
+Exact resume and DDP == one process rest on two rules: every random draw of a micro-step is seeded from
+(seed, step, global micro-batch slot) and the data of a slot is fixed (`seed_for_slot`, `image_batches`);
+a checkpoint holds everything a run's future depends on: weights, EMA, optimiser, grad scaler, step and
+every rank's RNG state (`run_state`).
 """
 
 import copy
@@ -45,9 +45,9 @@ def option(default, help):
 
 @dataclasses.dataclass
 class RunConfig:
-    """The fields of every training run; each trainer's TrainConfig adds its model's and data's.
-    The optimisation defaults are the tokenizer's official recipe (Tab. 7: AdamW (0.9, 0.999),
-    wd 1e-4, lr 1e-4, 10k warm-up, cosine to 1e-5); MaskGen's presets set their own (Tab. 8)."""
+    """The fields of every training run; each trainer's TrainConfig adds its model's and data's. The defaults
+    are the tokenizer's official recipe (Tab. 7: AdamW (0.9, 0.999), wd 1e-4, lr 1e-4, 10k warm-up, cosine to
+    1e-5); MaskGen's presets set their own (Tab. 8)."""
 
     num_workers: int = option(4, "DataLoader processes reading shards / folders (the data order depends on it)")
     batch_size: int = option(32, "per GPU, per micro-step")
@@ -110,10 +110,10 @@ COMMON_RULES = {
 
 
 def parse_config(cls, presets, argv=None, default="tiny", rules=None):
-    """Build a config dataclass from `--config=NAME` (a preset; `default` when not given) plus
-    `--field=value` overrides (argv: default sys.argv[1:]), converted to each field's type (a
-    bool may be given bare: --compile) and checked against COMMON_RULES and `rules`. No
-    arguments, -h or --help print the fields; --list the presets; --print_config the config."""
+    """A config dataclass from `--config=NAME` (a preset, else `default`) and `--field=value` overrides (argv:
+    default sys.argv[1:]) of each field's type (a bool may be given bare: --compile), checked against
+    COMMON_RULES and `rules`. No arguments, -h or --help print the fields; --list the presets; --print_config
+    the config."""
     argv = sys.argv[1:] if argv is None else list(argv)
     stray = [a for a in argv if not a.startswith("--") and a != "-h"]
     if stray:
@@ -125,11 +125,18 @@ def parse_config(cls, presets, argv=None, default="tiny", rules=None):
         sys.exit(f"error: --config needs a value: --config={default} (--list names the presets)")
     if name not in presets:
         sys.exit(f"error: unknown --config={name}; choose one of {sorted(presets)}")
+    # The trainer's own fields first, then RunConfig's, each in declared order (as --help and --list show them).
+    order = sorted(dataclasses.fields(cls), key=lambda f: f.name in RunConfig.__dataclass_fields__)
+    fields = {f.name: f for f in order}
     if not argv or "help" in wants or "-h" in argv:  # a bare run would start a long training: say how instead
-        print_help(cls, presets, name)
-    if "list" in wants:
-        print_presets(cls, presets, default)
-    cfg, fields = copy.deepcopy(presets[name]), {f.name: f for f in dataclasses.fields(cls)}
+        print_help(cls, presets, name, order)
+    if "list" in wants:  # each preset, with the fields it sets apart from the defaults
+        base = cls()
+        for key, p in presets.items():
+            changed = [f"{f}={show(getattr(p, f))}" for f in fields if getattr(p, f) != getattr(base, f)]
+            print(f"{key}{' (default)' if key == default else ''}: {', '.join(changed) or 'the field defaults'}")
+        sys.exit(0)
+    cfg = copy.deepcopy(presets[name])
     for key, raw in args.items():
         if key not in fields:
             sys.exit(f"error: unknown option --{key}; valid options: {', '.join(sorted(fields))} (--help says more)")
@@ -159,13 +166,8 @@ def show(value):
     return str(value).lower() if isinstance(value, bool) else value if value != "" else '""'
 
 
-def own_fields_first(cls):
-    """The trainer's own fields, then RunConfig's, each in the order they are declared."""
-    return sorted(dataclasses.fields(cls), key=lambda f: f.name in RunConfig.__dataclass_fields__)
-
-
-def print_help(cls, presets, name):
-    """--help: usage, then every field with its type, its value in preset `name` and its help."""
+def print_help(cls, presets, name, fields):
+    """--help: usage, then every field (in `fields`' order) with its type, its value in preset `name`, its help."""
     module = sys.modules[cls.__module__]
     script = os.path.basename(getattr(module, "__file__", "") or "train.py")
     about = (module.__doc__ or "").strip().split("\n\n")[0]  # the first paragraph of the trainer's docstring
@@ -173,7 +175,7 @@ def print_help(cls, presets, name):
           f"       python {script} --list | --print_config | --help\n\n{about}\n\n"
           f"Fields, with their values in preset {name} (--config=NAME --help shows another's):")  # fmt: skip
     rows = [(f"--{f.name}={show(getattr(presets[name], f.name))}", f.type.__name__, f.metadata.get("help", ""))
-            for f in own_fields_first(cls)]  # fmt: skip
+            for f in fields]  # fmt: skip
     width = min(36, max(len(r[0]) for r in rows))
     for option_, kind, note in rows:
         print(f"  {option_:<{width}}  {kind:<5}  {note}")
@@ -182,20 +184,11 @@ def print_help(cls, presets, name):
     sys.exit(0)
 
 
-def print_presets(cls, presets, default):
-    """--list: each preset and the fields it sets apart from the defaults."""
-    base, order = dataclasses.asdict(cls()), own_fields_first(cls)
-    for name, p in presets.items():
-        changed = [f"{f.name}={show(getattr(p, f.name))}" for f in order if getattr(p, f.name) != base[f.name]]
-        print(f"{name}{' (default)' if name == default else ''}: {', '.join(changed) or 'the field defaults'}")
-    sys.exit(0)
-
-
 # 2. Processes: device, process group, numerics, seeds, peak FLOP/s (also for sample, evaluate, data, bench) --
 def pick_device(name="auto", mps=True):
-    """The torch.device for --device=NAME: "auto" is this process's GPU (LOCAL_RANK, as is a bare
-    "cuda"), else MPS where `mps`, else the CPU. A device this machine lacks is refused here, in
-    words (torch would fail much later, obscurely)."""
+    """The torch.device for --device=NAME: "auto" is this process's GPU (LOCAL_RANK, as is a bare "cuda"), else
+    MPS where `mps`, else the CPU. A device this machine lacks is refused here, in words (torch would fail
+    much later, obscurely)."""
     mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if mps and mps_ok else "cpu"
@@ -246,8 +239,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def allow_tf32():
-    """Let fp32 matmuls and convolutions use TF32 on Ampere and newer GPUs: ~8x the fp32
-    throughput with a 10-bit mantissa, plenty for these models (the official configs do too)."""
+    """Let fp32 matmuls and convolutions use TF32 on Ampere and newer GPUs: ~8x the fp32 throughput with a
+    10-bit mantissa, plenty for these models (the official configs do too)."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
@@ -264,17 +257,15 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-# Dense bf16 tensor-core peaks in TFLOP/s per GPU (vendor data sheets), matched in this
-# order against torch.cuda.get_device_name(): first hit wins.
-PEAK_BF16_TFLOPS = [
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("B200", 2250.0),
-    ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0),
-]  # fmt: skip
+# Dense bf16 tensor-core peaks in TFLOP/s per GPU (vendor data sheets), matched in this order against
+# torch.cuda.get_device_name(): first hit wins.
+PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("B200", 2250.0),
+                    ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0)]  # fmt: skip
 
 
 def peak_flops(device, override_tflops=0.0):
-    """Peak FLOP/s of one device for MFU: the override, else the table's figure for a known
-    GPU, else None (then no MFU is reported: a guess would mislead)."""
+    """Peak FLOP/s of one device for MFU: the override, else the table's figure for a known GPU, else None
+    (then no MFU is reported: a guess would mislead)."""
     if override_tflops > 0:
         return override_tflops * 1e12
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
@@ -283,16 +274,15 @@ def peak_flops(device, override_tflops=0.0):
 
 # 3. Set-up of a training run ----------------------------------------------------------------------
 def setup_run(cfg):
-    """DDP under torchrun (a collective timeout ends a stuck job with an error), the numerics and
-    the rank-0 logger. Returns (rank, world, device, autocast, scaler, log)."""
+    """DDP under torchrun (a collective timeout ends a stuck job with an error), the numerics and the rank-0
+    logger. Returns (rank, world, device, autocast, scaler, log)."""
     try:
         rank, world, device = setup_distributed(cfg.device, mps=False, timeout=timedelta(seconds=cfg.dist_timeout_s))
     except ValueError as e:  # a device this machine does not have
         sys.exit(f"error: {e}")
-    # The one place where training numerics are chosen: TF32 for fp32 matmuls, autocast on
-    # CUDA only (CPU bf16 is slow on most machines, and tests want fp32), loss scaling for
-    # fp16 only, whose narrow exponent range would flush small gradients to zero. A disabled
-    # scaler passes everything through: scale(loss) is loss, step(opt) is opt.step().
+    # The one place where training numerics are chosen: TF32 for fp32 matmuls, autocast on CUDA only (CPU
+    # bf16 is slow on most machines, and tests want fp32), loss scaling for fp16 only, whose narrow exponent
+    # range would flush small gradients to zero. A disabled scaler passes everything through.
     allow_tf32()
     amp = cfg.dtype if device.type == "cuda" else "fp32"
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
@@ -320,16 +310,16 @@ def adamw(model, lr, betas, weight_decay):
             skip = p.ndim < 2 or "ln" in n or "norm" in n or "bias" in n or "latent_tokens" in n
             (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused: one kernel per step for all tensors instead of a dozen ops per tensor, on CUDA
-    # and (since PyTorch 2.4) CPU; the same maths up to float rounding.
+    # fused: one kernel per step for all tensors instead of a dozen ops per tensor, on CUDA and (PyTorch >= 2.4)
+    # CPU; the same maths up to float rounding.
     fused = next(model.parameters()).device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
 @torch.no_grad()
 def ema_update(ema, model, step, max_decay):
-    """ema <- decay * ema + (1 - decay) * model; buffers are copied. The decay warms up as
-    (1+t)/(10+t) (a copy at step 0), so early EMA weights are not the random initialisation's."""
+    """ema <- decay * ema + (1 - decay) * model; buffers are copied. The decay warms up as (1+t)/(10+t) (a copy
+    at step 0), so early EMA weights are not the random initialisation's."""
     decay = min(max_decay, (1 + step) / (10 + step)) if step > 0 else 0.0
     for e, m in zip(ema.parameters(), model.parameters()):
         e.lerp_(m.detach(), 1.0 - decay)
@@ -346,19 +336,17 @@ def shapes_mix(text):
 def shapes_mix_ok(text):
     """Whether --shapes_mix is "" or three weights ShapesWorld accepts."""
     try:
-        ShapesWorld(category_mix=shapes_mix(text))
+        return ShapesWorld(category_mix=shapes_mix(text)) is not None
     except ValueError:
         return False
-    return True
 
 
 def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0, resume=None):
-    """Returns get(step, k) -> (images (B,3,S,S) in [0,1], captions) for micro-step k.
-    Every micro-batch has a global slot = rank * grad_accum + k; the shapes world is indexed,
-    so a slot is a fixed set of sample ids: one process with grad_accum=2 sees the data of two
-    DDP ranks with grad_accum=1, and a resumed run the data it would have seen. Shards and
-    folders are streams: get.positions (shards.StreamPositions) follows each reader, run_state
-    saves it, and resume=<the checkpoint> starts every reader there, exactly, at any step."""
+    """get(step, k) -> (images (B,3,S,S) in [0,1], captions) for micro-step k, whose global slot is rank *
+    grad_accum + k. The shapes world is indexed, so a slot is a fixed set of sample ids: one process with
+    grad_accum=2 sees the data of two DDP ranks with grad_accum=1, and a resumed run the data it would have
+    seen. Shards and folders are streams: get.positions (shards.StreamPositions) follows each reader,
+    run_state saves it, and resume=<the checkpoint> starts every reader there, exactly, at any step."""
     B, A = cfg.batch_size, cfg.grad_accum
     if cfg.data == "shapes":
         shapes = ShapesWorld(seed=cfg.seed, category_mix=shapes_mix(getattr(cfg, "shapes_mix", "")))
@@ -369,14 +357,11 @@ def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0, 
             return images, [s.caption for s in samples]
 
         return get
-    # A seeded stream per rank; corrupt or filtered samples are skipped and counted (get.skipped).
-    import data
-
+    import data  # a seeded stream per rank; corrupt or filtered samples are skipped and counted (get.skipped)
     positions = resume_positions(resume, rank, cfg.num_workers, start_step * A)
-    loader = data.image_text_loader(
-        cfg.data, image_size=image_size, batch_size=B, rank=rank, world_size=world, num_workers=cfg.num_workers,
-        seed=cfg.seed, start_batch=start_step * A, positions=positions.saved,
-    )  # fmt: skip
+    loader = data.image_text_loader(cfg.data, image_size=image_size, batch_size=B, rank=rank, world_size=world,
+                                    num_workers=cfg.num_workers, seed=cfg.seed, start_batch=start_step * A,
+                                    positions=positions.saved)  # fmt: skip
     stream = iter(loader)
 
     def get(step, k):
@@ -391,10 +376,9 @@ def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0, 
 
 
 def resume_positions(resume, rank, num_workers, start_batch):
-    """This rank's shards.StreamPositions from the checkpoint resumed (None: a fresh run); one
-    written with another num_workers stops the run with the reason."""
+    """This rank's shards.StreamPositions from the checkpoint resumed (None: a fresh run); one written with
+    another num_workers stops the run with the reason."""
     from shards import StreamPositions
-
     try:
         return StreamPositions.resume(resume, rank, num_workers, start_batch)
     except ValueError as e:
@@ -402,18 +386,16 @@ def resume_positions(resume, rank, num_workers, start_batch):
 
 
 def seed_for_slot(seed, step, slot):
-    """Reseed every RNG from (seed, step, global micro-batch slot) before each micro-step:
-    random draws (masks, noise) then depend on which data they belong to, not on which rank
-    runs them, so DDP equals one process with the same global batch, and resuming needs no
-    RNG bookkeeping to be exact."""
+    """Reseed every RNG from (seed, step, global micro-batch slot) before each micro-step: random draws (masks,
+    noise) then depend on which data they belong to, not on which rank runs them, so DDP equals one process
+    with the same global batch, and resuming needs no RNG bookkeeping to be exact."""
     seed_everything(hash((seed, step, slot)) % 2**62)
 
 
 # 6. Exact resume: what may change, the checkpoint's run state, the checks on resuming -------------
-# Fields that may change between a run and its resumption, as they do not change the maths
-# (tests/test_train.py shows each, bit for bit): what is logged, sampled and kept, where and
-# when, the stop conditions, trackers, compile and device (float rounding only), init_from
-# (read by fresh runs only). max_steps only where no step so far depended on it (below).
+# Fields that may change between a run and its resumption, as they leave the maths alone (tests/test_train.py
+# shows each, bit for bit): what is logged, sampled and kept, where and when, the stop conditions, trackers,
+# compile and device (float rounding only), init_from (read by fresh runs only). max_steps: see below.
 RESUMABLE_FIELDS = {"log_every", "sample_every", "ckpt_every", "stop_at", "keep_ckpts", "out_dir", "compile", "device",
                     "peak_tflops", "max_nonfinite_steps", "dist_timeout_s", "wandb_project", "tensorboard_dir",
                     "sample_prompts", "init_from"}  # fmt: skip
@@ -423,12 +405,11 @@ WHY_FIXED = {"max_steps": " (the cosine decay's length, which the steps so far f
 
 
 def check_resume_config(saved, current, step, pinned=()):
-    """Stop, naming every differing field, when a run would resume a checkpoint written with
-    other maths (fields outside RESUMABLE_FIELDS). `pinned`: fields naming files whose content
-    the checkpoint pins by hash (find_resume), which may therefore move. max_steps may change
-    where no step trained so far had an LR that depended on it (a constant schedule, or a run
-    still in warm-up: the last trained step decides). The tokenizer has no schedule: cosine."""
-    def lr(max_steps):
+    """Stop, naming every differing field, when a run would resume a checkpoint written with other maths
+    (fields outside RESUMABLE_FIELDS). `pinned`: fields naming files whose content the checkpoint pins by hash
+    (find_resume), which may therefore move. max_steps may change where no trained step's LR depended on it
+    (a constant schedule, or a run still in warm-up). The tokenizer has no `schedule`: cosine."""
+    def lr(max_steps):  # the LR of the last trained step
         return lr_at(step - 1, current["lr"], current["warmup_steps"], max_steps, current.get("schedule", "cosine"),
                      current["end_lr"])  # fmt: skip
 
@@ -444,10 +425,9 @@ def check_resume_config(saved, current, step, pinned=()):
 
 
 def find_resume(cfg, log, inputs=None):
-    """(path, checkpoint) of the newest good checkpoint in cfg.out_dir, after checking that it
-    was written with this config and, for `inputs` ({name: sha256} of the frozen models the
-    run trains on, recorded in its checkpoints), on the same weights; (None, None) for a fresh
-    run. Then rank 0 writes the resolved config to out_dir/config.json (the latest start's)."""
+    """(path, checkpoint) of the newest good checkpoint in cfg.out_dir, checked to be written with this config
+    and, for `inputs` ({name: sha256} of the frozen models the run trains on, recorded in its checkpoints), on
+    the same weights; (None, None) for a fresh run. Rank 0 then writes the config to out_dir/config.json."""
     rejected = []
     path, ckpt = newest_checkpoint(cfg.out_dir, log=lambda s: log(text=s), rejected=rejected)
     if ckpt is not None:
@@ -472,9 +452,9 @@ def find_resume(cfg, log, inputs=None):
 
 
 def run_state(cfg, step, scaler, world, data=None):
-    """A checkpoint's part besides models and optimisers: config, step, grad scaler, every rank's
-    RNG state and, for a stream (`data`: the batch function, with .positions), every rank's
-    reader positions. A collective: every rank calls it."""
+    """A checkpoint's part besides models and optimisers: config, step, grad scaler, every rank's RNG state
+    and, for a stream (`data`: the batch function, with .positions), every rank's reader positions. A
+    collective: every rank calls it."""
     def every_rank(mine):  # [rank 0's, rank 1's, ...]
         out = [mine] * world
         if world > 1:
@@ -495,8 +475,8 @@ def run_state(cfg, step, scaler, world, data=None):
 
 
 def restore_run_state(ckpt, scaler, rank, world):
-    """Restore the scaler and this rank's RNG state (the inverse of run_state); returns the
-    step. (Stream positions go to image_batches / the token loader: resume=ckpt.)"""
+    """Restore the scaler and this rank's RNG state (the inverse of run_state); returns the step. (Stream
+    positions go to image_batches / the token loader: resume=ckpt.)"""
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     if len(ckpt["rng"]) != world:
@@ -514,19 +494,16 @@ def restore_run_state(ckpt, scaler, rank, world):
 
 # 7. Stopping: non-finite steps, preemption, the checkpoint on the way out -------------------------
 class RunControl:
-    """What stops a run early, the same way on every rank:
-      - non-finite steps: after cfg.max_nonfinite_steps skipped steps in a row the run stops,
-        naming the last good checkpoint;
-      - preemption: SIGTERM / SIGINT (what SLURM, Kubernetes, torchrun and Ctrl-C send) set a
-        flag; the ranks agree on it after every step (one tiny all-reduce), write a checkpoint
-        and exit with 128 + the signal number. A second signal exits at once, with the same
-        status, leaving no partial checkpoint; a third is the default action.
-    Every way out goes through close(), which also closes log.jsonl and the trackers."""
+    """What stops a run early, alike on every rank: cfg.max_nonfinite_steps skipped steps in a row
+    (naming the last good checkpoint), or SIGTERM / SIGINT (from SLURM, Kubernetes, torchrun, Ctrl-C):
+    a flag the ranks agree on after every step (a tiny all-reduce), then a checkpoint and exit 128 +
+    signal. A second signal exits at once with that status, leaving no partial checkpoint; a third is
+    the default action. Every way out goes through close(), which closes log.jsonl and the trackers."""
 
     def __init__(self, cfg, world, log, last_ckpt=None):
         self.cfg, self.world, self.log, self.last_ckpt = cfg, world, log, last_ckpt
-        self.in_a_row, self.skipped, self.signum = 0, 0, 0
-        self.stopping = 0  # the signal every rank agreed on at the last stop_requested(); 0 = go on
+        # stopping: the signal every rank agreed on at the last stop_requested(); 0 = go on
+        self.in_a_row = self.skipped = self.signum = self.stopping = 0
         self.old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _on_signal(self, signum, frame):
@@ -547,8 +524,7 @@ class RunControl:
             teardown()
 
     def count_skipped(self, ok, step):
-        """Count a skipped (non-finite) step; stop after too many in a row (alike on every rank: the
-        norm is of the all-reduced gradients)."""
+        """Count a skipped step; too many in a row stop the run (on every rank: the grad norm is all-reduced)."""
         self.in_a_row = 0 if ok else self.in_a_row + 1
         self.skipped += not ok
         if self.in_a_row >= self.cfg.max_nonfinite_steps:
@@ -558,16 +534,14 @@ class RunControl:
                      f"lower --lr or raise --grad_clip / use --dtype=fp32, and resume from it")  # fmt: skip
 
     def stop_requested(self):
-        """Whether any rank got a signal: a collective every step, so every rank gets the same
-        answer. A signal landing after the flag was read waits for the next step's call (one
-        rank stopping alone would crash the others' collectives)."""
+        """Whether any rank got a signal (a collective: every rank gets the same answer). A signal landing
+        after the flag was read waits for the next step (one rank stopping alone would crash the others)."""
         flag = self.signum
         if self.world > 1:
             t = torch.tensor([flag], device="cuda" if dist.get_backend() == "nccl" else "cpu")  # NCCL: CUDA only
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = int(t.item())
-        self.signum = self.signum or flag  # a rank that got none treats the next signal as the second
-        self.stopping = flag
+        self.signum, self.stopping = self.signum or flag, flag  # a rank that got none: the next signal is the 2nd
         return bool(flag)
 
     def save(self, step, payload):
@@ -598,19 +572,34 @@ class RunControl:
 
 # 8. Logging: log.jsonl and the trackers, progress and MFU, image grids ----------------------------
 class Logger:
-    """Rank 0 only: a JSONL record per log interval, also sent to the trackers asked for, and a
-    readable line. Every rank makes out_dir."""
+    """Rank 0 only: a JSONL record per log interval, also sent to the trackers asked for (W&B,
+    TensorBoard: neither is a dependency), and a readable line. Every rank makes out_dir."""
 
     def __init__(self, cfg, enabled):
         os.makedirs(cfg.out_dir, exist_ok=True)
-        self.enabled = enabled
-        self.f = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if enabled else None
-        self.trackers = open_trackers(cfg) if enabled else []
+        self.enabled, self.trackers = enabled, []  # (write(scalars, step), close) pairs
+        self.f = open(os.path.join(cfg.out_dir, "log.jsonl"), "a", buffering=1) if enabled else None  # line-buffered
+        if enabled and cfg.wandb_project:  # one W&B run per start of the run, named after its folder
+            run = self.need("wandb", "wandb", "--wandb_project").init(
+                project=cfg.wandb_project, name=os.path.basename(os.path.abspath(cfg.out_dir)),
+                config=dataclasses.asdict(cfg), dir=cfg.out_dir)  # fmt: skip
+            self.trackers.append((lambda rec, step: run.log(rec, step=step), run.finish))
+        if enabled and cfg.tensorboard_dir:
+            tb = self.need("torch.utils.tensorboard", "tensorboard", "--tensorboard_dir")
+            writer = tb.SummaryWriter(cfg.tensorboard_dir)
+            self.trackers.append((lambda rec, n: [writer.add_scalar(k, v, n) for k, v in rec.items()], writer.close))
+
+    @staticmethod
+    def need(module, package, flag):
+        """import `module`, or stop naming the pip package that `flag` needs."""
+        try:
+            return importlib.import_module(module)
+        except ImportError as e:
+            sys.exit(f"error: {flag} needs the {package} package ({e}); pip install {package}, or leave {flag} unset")
 
     def __call__(self, record=None, text=None):
         if self.enabled and record is not None:
-            self.f.write(json.dumps(record) + "\n")
-            self.f.flush()
+            self.f.write(json.dumps(record) + "\n")  # flushed at once: a reader (plot_curves) sees every record
             for write, _ in self.trackers:
                 write(scalars(record), record.get("step"))
         if self.enabled and text is not None:
@@ -622,29 +611,6 @@ class Logger:
             self.f.close()
             for _, close in self.trackers:
                 close()
-
-
-def open_trackers(cfg):
-    """The trackers asked for, as (write(scalars, step), close) pairs; neither is a dependency."""
-    out = []
-    if cfg.wandb_project:  # one W&B run per start of the run, named after its folder
-        wandb = import_for("wandb", "wandb", "--wandb_project")
-        run = wandb.init(project=cfg.wandb_project, name=os.path.basename(os.path.abspath(cfg.out_dir)),
-                         config=dataclasses.asdict(cfg), dir=cfg.out_dir)  # fmt: skip
-        out.append((lambda rec, step: run.log(rec, step=step), run.finish))
-    if cfg.tensorboard_dir:
-        writer = import_for("torch.utils.tensorboard", "tensorboard", "--tensorboard_dir").SummaryWriter(
-            cfg.tensorboard_dir)  # fmt: skip
-        out.append((lambda rec, step: [writer.add_scalar(k, v, step) for k, v in rec.items()], writer.close))
-    return out
-
-
-def import_for(module, package, flag):
-    """import `module`, or stop naming the pip package that `flag` needs."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        sys.exit(f"error: {flag} needs the {package} package ({e}); pip install {package}, or leave {flag} unset")
 
 
 def scalars(record, prefix=""):
@@ -682,11 +648,10 @@ class Progress:
 
 
 def save_grid(images, path, nrow):
-    """Tile (B, 3, H, W) images in [0, 1] into one PNG, nrow per row, 2 px white gaps. Rounded
-    to the 256 levels first, halves to even (data.to_uint8's rounding): save_image alone rounds
-    halves up, and resized shapes images hold many exact halves."""
+    """Tile (B, 3, H, W) images in [0, 1] into one PNG, nrow per row, 2 px white gaps. Rounded to the 256 levels
+    first, halves to even (data.to_uint8's rounding): save_image alone rounds halves up, and resized shapes
+    images hold many exact halves."""
     from torchvision.utils import save_image  # here: sample.py imports this file and never needs torchvision
-
     levels = (images.detach().float().clamp(0, 1) * 255).round()
     save_image(levels / 255, path, nrow=nrow, padding=2, pad_value=1.0)
 
@@ -697,9 +662,9 @@ PANEL_W, PANEL_H, MARGIN = 360, 200, 56  # pixels per panel and the room for its
 
 
 def read_log(path):
-    """log.jsonl -> [record, ...] sorted by step, one per step. A resumed run appends the steps it
-    replays after its last checkpoint, so the last record of a step wins (the surviving run's).
-    Lines that are not JSON objects with a step (cut by a kill) are ignored."""
+    """log.jsonl -> [record, ...] sorted by step, one per step: a resumed run appends the steps it replays after
+    its last checkpoint, so the last record of a step wins. Lines that are not JSON objects with a step (cut
+    by a kill) are ignored."""
     by_step = {}
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -713,8 +678,8 @@ def read_log(path):
 
 
 def series(records):
-    """{name: ([step, ...], [value, ...])} for every numeric field worth a curve, finite values
-    only (a skipped non-finite step logs nan): the losses in logged order, then lr, grad_norm."""
+    """{name: ([step, ...], [value, ...])} for every numeric field worth a curve, finite values only (a skipped
+    non-finite step logs nan): the losses in logged order, then lr, grad_norm."""
     out = {}
     for rec in records:
         for key, v in rec.items():
@@ -727,10 +692,9 @@ def series(records):
 
 
 def _panel(draw, font, x0, y0, name, xs, ys):
-    """One curve in the box at (x0, y0): title, frame, the line, the value range on the left
-    (short numbers: 1.67e-04, not 0.000167) and the steps below. The y axis is logarithmic
-    when every value is positive and they span more than a factor of 20 (losses and the LR
-    warm-up do; marked "log"), linear otherwise."""
+    """One curve in the box at (x0, y0): title, frame, the line, the value range on the left (short numbers:
+    1.67e-04, not 0.000167) and the steps below. The y axis is logarithmic (marked "log") when every value
+    is positive and they span more than a factor of 20 (losses and the LR warm-up do), linear otherwise."""
     left, top, w, h = x0 + MARGIN, y0 + 18, PANEL_W - MARGIN - 8, PANEL_H - 18 - 22
     draw.text((left, y0 + 2), name, fill="black", font=font)
     draw.rectangle([left, top, left + w, top + h], outline=(160, 160, 160))
@@ -755,10 +719,9 @@ def _panel(draw, font, x0, y0, name, xs, ys):
 
 
 def plot_curves(run_dir, out=None, cols=3):
-    """Draw RUN_DIR/log.jsonl into RUN_DIR/curves.png (or `out`): every logged loss, the LR and
-    the gradient norm against the step, one panel each. The trainers call it at each sample
-    interval; `python train_common.py curves RUN_DIR ...` redraws by hand. Returns the PNG's
-    path, or None when the log has nothing to draw yet."""
+    """Draw RUN_DIR/log.jsonl into RUN_DIR/curves.png (or `out`): every logged loss, the LR and the gradient
+    norm against the step, one panel each. The trainers call it at each sample interval; `python
+    train_common.py curves RUN_DIR ...` redraws by hand. Returns the PNG's path, or None if nothing is logged."""
     log_path = os.path.join(run_dir, "log.jsonl")
     curves = series(read_log(log_path)) if os.path.isfile(log_path) else {}
     if not curves:

@@ -2,9 +2,8 @@
 Reading and writing models: checkpoint files and training-run folders, the official release layout of
 TA-TiTok (paper §3.2) and MaskGen (§3.3, §4.2), Hugging Face Hub ids, and the loader that turns a reference
 into a tokenizer and a generator checked to fit each other (§4.2: MaskGen-VQ works on TA-TiTok's VQ ids,
-MaskGen-KL on its continuous KL tokens; both read CLIP text features). The networks (tokenizer.py,
-maskgen.py, text.py) never import this file. The official names (config.json field tables, weight renames)
-sit at the end of each model's file, tokenizer.py and maskgen.py; this file reads and writes with them.
+MaskGen-KL on its continuous KL tokens; both read CLIP text features). The official names (config.json
+field tables, weight renames) sit at the end of tokenizer.py and maskgen.py, which never import this file.
 
 Every entry point accepts any model reference (resolve()):
     a release directory   config.json + model.safetensors, the official Hugging Face layout; the shipped
@@ -12,8 +11,7 @@ Every entry point accepts any model reference (resolve()):
     a Hub id              owner/name, hf-hub:owner/name or owner/name@revision (a local path of that name wins)
     a training run        a folder of ckpt_*.pt, read at its newest good one
     a checkpoint file     one ckpt_*.pt written by train_tokenizer.py / train_maskgen.py
-A checkpoint's EMA weights are used when it has them (they sample better). The pairing checks read only the
-configs, so a wrong pairing is refused before any model is built.
+The pairing checks read only the configs, so a wrong pairing is refused before any model is built.
 """
 
 import dataclasses
@@ -48,31 +46,22 @@ class CheckpointError(ValueError):
         self.path, self.cause = path, cause
 
 
-# The fix offered for every file torch cannot read: which files this project reads.
-_OURS = ("Fix: pass a file written by train_tokenizer.py or train_maskgen.py, or a release directory "
-         "(config.json + model.safetensors)")
-
-
 def torch_load(path):
     """torch.load, weights_only and memory-mapped, for files this process did not write. A file that cannot
-    be read raises CheckpointError in our words; torch's advice to load it with weights_only=False is never
-    passed on."""
+    be read raises CheckpointError in our words, never torch's advice to pass weights_only=False."""
     path = os.fspath(path)
+    with open(path, "rb") as f:  # missing, a directory, unreadable: the OS error names the file already
+        head = f.read(4)
     try:
         with warnings.catch_warnings():  # "Detected pickle protocol 4": noise before the real error
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:  # files in the legacy (non-zip) format cannot be memory-mapped
-                if "mmap" not in str(e):
-                    raise
-                return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:  # missing, a directory, unreadable: the OS error names the file already
+            # Only a zip archive (torch.save) can be memory-mapped, not the legacy format (a pickle).
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=head == b"PK\x03\x04")
+    except OSError:
         raise
     except Exception as e:
-        with open(path, "rb") as f:
-            head = f.read(2)
-        fix = _OURS
+        fix = ("Fix: pass a file written by train_tokenizer.py or train_maskgen.py, or a release directory "
+               "(config.json + model.safetensors)")
         if not head:
             cause = "is empty, not a checkpoint"
         elif not head.startswith((b"PK", b"\x80")):  # neither a zip archive (torch.save) nor a pickle (legacy)
@@ -216,10 +205,9 @@ def load_good(path):
     """(checkpoint, None) when the run-folder checkpoint at `path` is good, else (None, why)."""
     try:
         ckpt = torch_load(path)
-    except CheckpointError as e:  # truncated zip, bad pickle, ...
-        return None, f"unreadable ({e.cause[:160]})"
-    except Exception as e:
-        return None, f"unreadable ({type(e).__name__}: {str(e)[:120]})"
+    except Exception as e:  # CheckpointError: a truncated zip, a bad pickle, ...
+        why = e.cause[:160] if isinstance(e, CheckpointError) else f"{type(e).__name__}: {str(e)[:120]}"
+        return None, f"unreadable ({why})"
     if not isinstance(ckpt, dict):
         return None, f"not a checkpoint dict ({type(ckpt).__name__})"
     digest = ckpt.pop("sha256", None)
@@ -260,14 +248,12 @@ def save_checkpoint(out_dir, step, payload, keep=2, log=print):
         raise ValueError(f"refusing to write a checkpoint with non-finite weights ({', '.join(bad)})")
     path = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
     atomic_write(path, lambda f: torch.save({**payload, "sha256": content_digest(payload)}, f))
-    st = os.stat(path)  # the file just written is good: it is not read back
-    _GOOD[(path, st.st_size, st.st_mtime_ns)] = True
     good, unreadable = [], []
     for p in run_checkpoints(out_dir):
         st = os.stat(p)
         key = (p, st.st_size, st.st_mtime_ns)
-        if key not in _GOOD:
-            _GOOD[key] = load_good(p)[0] is not None
+        if key not in _GOOD:  # the file just written is good: it is not read back
+            _GOOD[key] = p == path or load_good(p)[0] is not None
         (good if _GOOD[key] else unreadable).append(p)
     for old in good[max(1, keep):]:  # the newest good one is never deleted
         os.remove(old)
@@ -435,12 +421,8 @@ def load_weights(model, release):
     check_fit(release.path, missing, unexpected, shapes, model=f"the {what} model its config.json describes",
               fix="Fix: use the config.json that was released with these weights (same variant and size); a "
               "directory written by this project must use official key names (checkpoint.release_state_dict).")
-    bad = []
     with torch.no_grad():  # tensor by tensor: one copy of the weights in memory
-        for name, key in found.items():
-            t = release.get(key)
-            bad += nonfinite([(key, t)])
-            view[name].copy_(t)
+        bad = nonfinite((key, view[name].copy_(release.get(key))) for name, key in found.items())
     if bad:  # a diverged run or a damaged file: it would only draw noise
         raise ValueError(f"{release.file} holds non-finite weights (nan or inf: {', '.join(bad[:5])}); "
                          f"re-download the release, or export it again from a good checkpoint")
@@ -495,11 +477,8 @@ def hub_id(ref):
         return None
     ref = os.fspath(ref)
     m = _HUB_ID.fullmatch(ref)
-    if m is None or os.path.exists(ref) or m[1].endswith(_FILE_EXTS):
-        return None
-    if not ref.startswith("hf-hub:") and os.path.isdir(m[1].split("/")[0]):
-        return None
-    return m[1], m[2]
+    local = m is None or os.path.exists(ref) or m[1].endswith(_FILE_EXTS)
+    return None if local or (not ref.startswith("hf-hub:") and os.path.isdir(m[1].split("/")[0])) else (m[1], m[2])
 
 
 def local_path(ref, revision=None, what="checkpoint"):
@@ -510,7 +489,6 @@ def local_path(ref, revision=None, what="checkpoint"):
         return ref
     repo_id, rev = hub[0], hub[1] or revision
     from huggingface_hub import constants, snapshot_download  # here: only Hub ids need it
-
     offline = bool(constants.HF_HUB_OFFLINE)
     try:
         return snapshot_download(repo_id, revision=rev, local_files_only=offline)
@@ -532,13 +510,11 @@ def local_path(ref, revision=None, what="checkpoint"):
     tried = f"the local path {os.path.abspath(ref)!r}, the Hub cache {constants.HF_HUB_CACHE}"
     tried += "" if offline else f", the Hub at {constants.ENDPOINT}"
     get = f"hf download {repo_id}" + (f" --revision {rev}" if rev else "") + " --local-dir DIR"
-    raise HubError(
-        f"{what} {ref!r} is not a local path, and as the Hugging Face Hub id {repo_id!r} ({at}) it could not be "
-        f"fetched: {why}. Tried: {tried}. Fix: download it where there is network, `{get}` (`huggingface-cli "
-        f"download` before huggingface_hub 1.0), and pass DIR"
-        + ("; or unset HF_HUB_OFFLINE to let it download" if offline else "")
-        + "; or, if a local path was meant, correct it."
-    ) from None
+    raise HubError(f"{what} {ref!r} is not a local path, and as the Hugging Face Hub id {repo_id!r} ({at}) it "
+                   f"could not be fetched: {why}. Tried: {tried}. Fix: download it where there is network, `{get}` "
+                   "(`huggingface-cli download` before huggingface_hub 1.0), and pass DIR"
+                   + ("; or unset HF_HUB_OFFLINE to let it download" if offline else "")
+                   + "; or, if a local path was meant, correct it.") from None
 
 
 def record_ref(ref):
@@ -647,12 +623,11 @@ def resolve(ref, role=None, revision=None):
     path = os.fspath(local_path(ref, revision, f"{name} checkpoint"))
     if not os.path.exists(path):
         example = "tokenizer_tatitok_bl32_vq" if role == "tokenizer" else "generator_maskgen_vq_l"
-        raise FileNotFoundError(
-            f"{name} checkpoint {path!r} does not exist; pass {flag} a release directory (config.json + "
-            f"model.safetensors) or its Hub id (owner/name[@revision]), one of our run folders (ckpt_*.pt) or a "
-            f"checkpoint file; download an official release with e.g. `hf download turkeyju/{example} --local-dir DIR` "
-            f"(`huggingface-cli download` before huggingface_hub 1.0)"
-        )  # fmt: skip
+        raise FileNotFoundError(f"{name} checkpoint {path!r} does not exist; pass {flag} a release directory "
+                                "(config.json + model.safetensors) or its Hub id (owner/name[@revision]), one of our "
+                                "run folders (ckpt_*.pt) or a checkpoint file; download an official release with "
+                                f"e.g. `hf download turkeyju/{example} --local-dir DIR` (`huggingface-cli download` "
+                                "before huggingface_hub 1.0)")
     if os.path.isdir(path) and is_release(path):  # a local path: local_path returns it as is
         cfg, file = read_config(path), os.path.join(path, "config.json")
         found = "generator" if "maskgen" in _unwrap(cfg).get("model", {}) else "tokenizer"
@@ -740,12 +715,6 @@ def _same_text(a, b):
     return a.state.keys() == b.state.keys() and all(torch.equal(a.state[k], b.state[k]) for k in a.state)
 
 
-def _refuse(head, problems, fix):
-    """A ValueError listing `problems` under `head`, when there are any."""
-    if problems:
-        raise ValueError(head + "\n  - " + "\n  - ".join(problems) + "\n" + fix)
-
-
 def check_pair(tcfg, gcfg, tok_where, gen_where):
     """The tokenizer must produce exactly the tokens the generator was trained on."""
     tmode, problems = tcfg.quantize_mode, []
@@ -758,9 +727,11 @@ def check_pair(tcfg, gcfg, tok_where, gen_where):
         problems.append(f"codebook size: tokenizer {tcfg.codebook_size} vs generator {gcfg.codebook_size}")
     if tmode == gcfg.mode == "kl" and tcfg.token_size != gcfg.token_size:
         problems.append(f"token channels C: tokenizer {tcfg.token_size} vs generator {gcfg.token_size}")
-    _refuse(f"tokenizer {tok_where!r} and generator {gen_where!r} do not fit together:", problems,
-            "Fix: pass --tokenizer the TA-TiTok the generator was trained with (for our runs it is recorded in the "
-            f"generator's config; omit --tokenizer to use it). Official pairs: {OFFICIAL_PAIRS}")
+    if problems:
+        raise ValueError(f"tokenizer {tok_where!r} and generator {gen_where!r} do not fit together:\n  - "
+                         + "\n  - ".join(problems) + "\nFix: pass --tokenizer the TA-TiTok the generator was trained "
+                         "with (for our runs it is recorded in the generator's config; omit --tokenizer to use it). "
+                         f"Official pairs: {OFFICIAL_PAIRS}")
 
 
 def check_text(gcfg, tcfg, gen_text, tok_text, gen_where, tok_where):
@@ -773,7 +744,9 @@ def check_text(gcfg, tcfg, gen_text, tok_text, gen_where, tok_where):
     if (tok_text.context_length, tok_text.width) != (tcfg.text_context_length, tcfg.text_embed_dim):
         problems.append(f"{tok} text states ({tcfg.text_context_length}, {tcfg.text_embed_dim}), "
                         f"its text encoder gives ({tok_text.context_length}, {tok_text.width})")
-    _refuse("text encoder mismatch:", problems, "Fix: use the checkpoints as trained (same text encoder).")
+    if problems:
+        raise ValueError("text encoder mismatch:\n  - " + "\n  - ".join(problems)
+                         + "\nFix: use the checkpoints as trained (same text encoder).")
 
 
 def _tokenizer_of(gen, tokenizer=None, revision=None):

@@ -35,7 +35,8 @@ import tokenizer as T
 from text import TEXT_PRESETS, build_text_encoder
 
 # -----------------------------------------------------------------------------
-# Reading a checkpoint file safely: weights_only, so a checkpoint is data and never code.
+# Reading a checkpoint file safely (weights_only: a checkpoint is data, never code); writing a file, or a
+# directory's content, so that it appears whole or not at all.
 
 
 class CheckpointError(ValueError):
@@ -79,10 +80,6 @@ def torch_load(path):
         else:
             cause = f"cannot be read as a checkpoint (torch.load: {type(e).__name__}: {e})"
         raise CheckpointError(path, cause, fix) from None
-
-
-# -----------------------------------------------------------------------------
-# Writing: a file, or a directory's content, appears whole or not at all.
 
 
 def atomic_write(path, write):
@@ -263,14 +260,12 @@ def save_checkpoint(out_dir, step, payload, keep=2, log=print):
 
 
 # -----------------------------------------------------------------------------
-# The release layout: the authors' Hugging Face repositories (turkeyju/tokenizer_tatitok_*,
-# turkeyju/generator_maskgen_*) each hold config.json, the official nested (OmegaConf) config, and
-# model.safetensors (or pytorch_model.bin), the weights under the official code's names. Our releases may add
-# top-level config.json entries that the official code ignores: "text_encoder" (a text tower other than
-# OpenAI's CLIP; a small random tower's weights go in text_encoder.safetensors), "tokenizer" (a generator's
-# tokenizer, relative to its directory) and EXTRA. Our modules name the weights differently and, in places,
-# lay them out differently: TA-TiTok's 1x1 convs are Linears here, MaskGen's q/k/v one fused matrix per stream
-# (the renames: release_view at the end of tokenizer.py and maskgen.py).
+# The release layout of the authors' Hugging Face repositories (turkeyju/tokenizer_tatitok_*,
+# turkeyju/generator_maskgen_*): config.json, the official nested (OmegaConf) config, and model.safetensors (or
+# pytorch_model.bin) under the official code's weight names, renamed and re-laid-out to ours by release_view in
+# tokenizer.py and maskgen.py. Our releases may add top-level entries that the official code ignores:
+# "text_encoder" (a tower other than OpenAI's CLIP; a small random one's weights in text_encoder.safetensors),
+# "tokenizer" (a generator's tokenizer, relative to its directory) and EXTRA.
 
 
 class Release:
@@ -386,17 +381,12 @@ def release_config(model):
     return {**d, EXTRA: extra} if extra else d
 
 
-def _release_view(model):
-    """{official key: the model's tensor in the release's shape}, views (copying into one loads it) that
-    release_view in tokenizer.py / maskgen.py gives; state the releases lack (MaskGen's tied head) is left out."""
-    sd, c = model.state_dict(), model.config
-    return M.release_view(sd, c.mode) if hasattr(c, "mode") else T.release_view(sd)
-
-
 def load_weights(model, release):
     """Copy the weights of a Release into `model`, one tensor at a time, after every missing, unexpected or
     mis-shaped key is reported by its release name; weights holding nan or inf are refused."""
-    view, skip, alias, c = _release_view(model), set(), {}, model.config
+    c, sd, skip, alias = model.config, model.state_dict(), set(), {}
+    # {official key: the model's tensor in the release's shape}: views, so copying into one loads it
+    view = M.release_view(sd, c.mode) if hasattr(c, "mode") else T.release_view(sd)
     what = f"MaskGen-{c.mode.upper()}" if hasattr(c, "mode") else "TA-TiTok"
     if hasattr(c, "mode"):
         # Not loaded on purpose: the last block's text queries (unused), and the tied LM head, which is the
@@ -407,24 +397,17 @@ def load_weights(model, release):
             skip.add("lm_head.weight")
         elif c.mode == "vq":
             alias["lm_head.weight"] = "embeddings.weight"
-    found, unexpected, shapes, misfit = {}, [], [], set()
-    for key in (k for k in release.keys if k not in skip):
-        name = alias.get(key, key)
-        if name not in view:
-            unexpected.append(key)
-        elif release.shape(key) != tuple(view[name].shape):
-            shapes.append(f"{key}: checkpoint {release.shape(key)} vs model {tuple(view[name].shape)}")
-            misfit.add(name)
-        else:
-            found[name] = key
-    missing = [k for k in view if k not in found and k not in misfit]
+    found = {alias.get(k, k): k for k in release.keys if k not in skip}  # our name -> release key
+    missing, unexpected = [n for n in view if n not in found], [k for n, k in found.items() if n not in view]
+    shapes = [f"{k}: checkpoint {release.shape(k)} vs model {tuple(view[n].shape)}"
+              for n, k in found.items() if n in view and release.shape(k) != tuple(view[n].shape)]
     check_fit(release.path, missing, unexpected, shapes, model=f"the {what} model its config.json describes",
               fix="Fix: use the config.json that was released with these weights (same variant and size); a "
               "directory written by this project must use official key names (checkpoint.release_state_dict).")
     with torch.no_grad():  # tensor by tensor: one copy of the weights in memory
         bad = nonfinite((key, view[name].copy_(release.get(key))) for name, key in found.items())
     if bad:  # a diverged run or a damaged file: it would only draw noise
-        raise ValueError(f"{release.file} holds non-finite weights (nan or inf: {', '.join(bad[:5])}); "
+        raise ValueError(f"{release.file} holds non-finite weights (nan or inf: {', '.join(bad)}); "
                          f"re-download the release, or export it again from a good checkpoint")
     return model
 
@@ -438,9 +421,11 @@ def release_state_dict(model, half=False):
     """Our weights under the release's names and shapes (the inverse of load_weights), as copies (safetensors
     refuses shared storage). MaskGen's unused last-block text-query projection is written as zeros so the
     official code can load the result strictly; its tied lm_head is left out, as in the released files."""
-    out = {k: v.clone() for k, v in _release_view(model).items()}
-    if hasattr(model.config, "mode"):
-        c, ref = model.config, next(model.parameters())
+    c, sd = model.config, model.state_dict()
+    view = M.release_view(sd, c.mode) if hasattr(c, "mode") else T.release_view(sd)
+    out = {k: v.clone() for k, v in view.items()}
+    if hasattr(c, "mode"):
+        ref = next(model.parameters())
         out[f"{M.last_q_proj(c)}.weight"] = torch.zeros(c.width, c.width, dtype=ref.dtype, device=ref.device)
         out[f"{M.last_q_proj(c)}.bias"] = torch.zeros(c.width, dtype=ref.dtype, device=ref.device)
     return _half(out, half)
@@ -528,12 +513,11 @@ def record_ref(ref):
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The small shapes-world models that ship with the repository: DEFAULT_RELEASE/{generator,tokenizer}.
 DEFAULT_RELEASE = os.path.join(HERE, "checkpoints", "shapes")
-HOW_TO_GET_DEFAULT = (
-    "It ships with the repository: restore it with `git checkout -- checkpoints/shapes` (or re-clone; "
-    "with Git LFS run `git lfs pull`), or train your own with train_tokenizer.py and then train_maskgen.py "
-    "on the shapes world (exact commands in README.md) and pass --generator RUN_DIR. "
-    "For the paper's models, download official releases and pass --tokenizer DIR --generator DIR."
-)
+HOW_TO_GET_DEFAULT = ("It ships with the repository: restore it with `git checkout -- checkpoints/shapes` (or "
+                      "re-clone; with Git LFS run `git lfs pull`), or train your own with train_tokenizer.py and then "
+                      "train_maskgen.py on the shapes world (exact commands in README.md) and pass --generator "
+                      "RUN_DIR. For the paper's models, download official releases and pass --tokenizer DIR "
+                      "--generator DIR.")
 
 
 class TextSpec(NamedTuple):

@@ -36,7 +36,7 @@ from text import TEXT_PRESETS, build_text_encoder
 
 # -----------------------------------------------------------------------------
 # Reading a checkpoint file safely (weights_only: a checkpoint is data, never code); writing a file, or a
-# directory's content, so that it appears whole or not at all.
+# directory's content, so that it appears whole or not at all; weights that do not fit or are not finite.
 
 
 class CheckpointError(ValueError):
@@ -58,8 +58,6 @@ def torch_load(path):
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             # Only a zip archive (torch.save) can be memory-mapped, not the legacy format (a pickle).
             return torch.load(path, map_location="cpu", weights_only=True, mmap=head == b"PK\x03\x04")
-    except OSError:
-        raise
     except Exception as e:
         fix = ("Fix: pass a file written by train_tokenizer.py or train_maskgen.py, or a release directory "
                "(config.json + model.safetensors)")
@@ -127,10 +125,6 @@ def write_dir(out, write):
             os.replace(os.path.join(tmp, name), dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-# -----------------------------------------------------------------------------
-# Weights that do not fit a model, and weights that are not finite.
 
 
 def check_fit(where, missing, unexpected, shapes, model="the model built from its config",
@@ -240,8 +234,7 @@ _GOOD = {}  # (path, size, mtime) -> is it good: retention checks each file once
 def save_checkpoint(out_dir, step, payload, keep=2, log=print):
     """Write ckpt_<step>.pt with its checksum atomically, then keep the newest `keep` good checkpoints (bad
     files are named and left alone). Non-finite weights are refused (ValueError): they would only spread."""
-    bad = nonfinite_weights(payload)
-    if bad:
+    if bad := nonfinite_weights(payload):
         raise ValueError(f"refusing to write a checkpoint with non-finite weights ({', '.join(bad)})")
     path = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
     atomic_write(path, lambda f: torch.save({**payload, "sha256": content_digest(payload)}, f))
@@ -296,8 +289,7 @@ def read_config(path):
     fix = "re-download the release, or re-export it with `python sample.py export`"
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
-        cfg = json.loads(text) if text.strip() else None
+            cfg = json.loads(text) if (text := f.read()).strip() else None
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not a text file (not UTF-8), so not a config.json; {fix}") from None
     except json.JSONDecodeError as e:
@@ -318,11 +310,10 @@ def open_safetensors(path):
                          f"download or write it again") from None
 
 
-# config.json fields <-> ours, one table per model read both ways (TATITOK_FIELDS in tokenizer.py,
-# MASKGEN_FIELDS in maskgen.py): ("section.official_key", our field[, the value assumed when a release leaves
-# it out]); a field without one is REQUIRED. Our fields that the official layout has no place for (e.g. the
-# shapes models' init, pos_init_std) go in a section of their own, EXTRA, only when they differ from what the
-# official fields give, so the release of an official-size model stays official.
+# config.json fields <-> ours, one table per model read both ways (TATITOK_FIELDS, MASKGEN_FIELDS):
+# ("section.official_key", our field[, the value assumed when a release leaves it out; else REQUIRED]). Our
+# fields the official layout has no place for (e.g. pos_init_std) go to EXTRA, only when they differ from what
+# the official fields give, so the release of an official-size model stays official.
 REQUIRED, EXTRA = object(), "extra_fields"
 
 
@@ -337,9 +328,8 @@ def _unwrap(d):
 
 
 def _read_fields(d, table, finish, path, what, expected):
-    """config.json dict -> our config's kwargs by a field table; finish(sections, kwargs, mode, path) reads
-    what the table cannot (kwargs_from_official in tokenizer.py / maskgen.py). A missing field, or one of the
-    wrong kind, is a ValueError."""
+    """config.json dict -> our config's kwargs by a field table, and finish(sections, kwargs, mode, path) for
+    what it cannot (kwargs_from_official); a missing field, or one of the wrong kind, is a ValueError."""
     d = _unwrap(d)
     try:
         # The sections the tables name: model.vq_model, model.maskgen, losses, dataset.preprocessing.
@@ -389,9 +379,8 @@ def load_weights(model, release):
     view = M.release_view(sd, c.mode) if hasattr(c, "mode") else T.release_view(sd)
     what = f"MaskGen-{c.mode.upper()}" if hasattr(c, "mode") else "TA-TiTok"
     if hasattr(c, "mode"):
-        # Not loaded on purpose: the last block's text queries (unused), and the tied LM head, which is the
-        # embedding table itself. safetensors keeps one name for shared tensors; only if that name is
-        # lm_head.weight is it read, as the table.
+        # Not loaded on purpose: the last block's text queries (unused), and the tied LM head (the embedding
+        # table itself; safetensors keeps one name for shared tensors: if it is lm_head.weight, read as the table).
         skip = {f"{M.last_q_proj(c)}.weight", f"{M.last_q_proj(c)}.bias"}
         if c.mode == "vq" and "embeddings.weight" in release.keys:
             skip.add("lm_head.weight")
@@ -419,15 +408,14 @@ def _half(sd, half):
 
 def release_state_dict(model, half=False):
     """Our weights under the release's names and shapes (the inverse of load_weights), as copies (safetensors
-    refuses shared storage). MaskGen's unused last-block text-query projection is written as zeros so the
-    official code can load the result strictly; its tied lm_head is left out, as in the released files."""
+    refuses shared storage). MaskGen's unused last-block text queries are zeros (the official code loads
+    strictly); its tied lm_head is left out, as in the released files."""
     c, sd = model.config, model.state_dict()
     view = M.release_view(sd, c.mode) if hasattr(c, "mode") else T.release_view(sd)
     out = {k: v.clone() for k, v in view.items()}
     if hasattr(c, "mode"):
-        ref = next(model.parameters())
-        out[f"{M.last_q_proj(c)}.weight"] = torch.zeros(c.width, c.width, dtype=ref.dtype, device=ref.device)
-        out[f"{M.last_q_proj(c)}.bias"] = torch.zeros(c.width, dtype=ref.dtype, device=ref.device)
+        q, ref = M.last_q_proj(c), next(model.parameters())
+        out[f"{q}.weight"], out[f"{q}.bias"] = ref.new_zeros(c.width, c.width), ref.new_zeros(c.width)
     return _half(out, half)
 
 
@@ -589,13 +577,12 @@ def is_release(ref, revision=None):
 
 def _release_text(path, cfg):
     """The TextSpec a release's config.json records ("text_encoder"; the official CLIP when absent)."""
-    spec = cfg.get("text_encoder")
+    spec, file = cfg.get("text_encoder"), os.path.join(path, TEXT_FILE)
     if spec is None:
         return OFFICIAL_TEXT
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise ValueError(f"{path}/config.json: 'text_encoder' must be {{\"name\": ..., \"pretrained\": ...}}, "
                          f"got {spec!r}")
-    file = os.path.join(path, TEXT_FILE)
     f = open_safetensors(file) if os.path.isfile(file) else None  # a small random tower's weights
     return TextSpec(spec["name"], spec.get("pretrained", "openai"), f and {k: f.get_tensor(k) for k in f.keys()})
 
@@ -734,9 +721,8 @@ def check_text(gcfg, tcfg, gen_text, tok_text, gen_where, tok_where):
 
 
 def _tokenizer_of(gen, tokenizer=None, revision=None):
-    """The tokenizer Source for generator Source `gen`, checked to fit it: `tokenizer`, else the one the
-    generator records. A path recorded in a run's config is tried as given, then next to the run, then next
-    to this file; a Hub id found nowhere is fetched."""
+    """The tokenizer Source for generator Source `gen`, checked to fit it: `tokenizer`, else the one it records,
+    tried as given, then next to the run, then next to this file; a Hub id found nowhere is fetched."""
     if tokenizer is not None:
         src = resolve(tokenizer, "tokenizer", revision)
     elif gen.tokenizer is None:
@@ -810,8 +796,7 @@ def export_release(ref, out, which=None, tokenizer=None, overwrite=False, revisi
     def write(tmp):
         for role, (s, text) in parts.items():  # built one at a time: one model in memory
             d = os.path.join(tmp, role) if len(parts) > 1 else tmp
-            official = text == OFFICIAL_TEXT  # the official code assumes CLIP ViT-L-14-336; others are recorded
-            extra = {} if official else {"text_encoder": {"name": text.name, "pretrained": text.pretrained}}
+            extra = {} if text == OFFICIAL_TEXT else {"text_encoder": dict(name=text.name, pretrained=text.pretrained)}
             beside = role == "generator" and "tokenizer" in parts  # its tokenizer is written beside it
             save_release(_build(s, "cpu")[0], d, half, **extra, **({"tokenizer": "../tokenizer"} if beside else {}))
             if text.state is not None and not (beside and text is parts["tokenizer"][1]):  # one copy of a shared tower

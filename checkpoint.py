@@ -161,9 +161,8 @@ def nonfinite_weights(ckpt):
 
 
 # -----------------------------------------------------------------------------
-# Run folders: ckpt_<step>.pt files, each written atomically with a checksum of its content. A file is
-# "good" when it loads, its checksum matches and its model / EMA weights are finite; only good files are
-# resumed from, read, or counted by retention.
+# Run folders: ckpt_<step>.pt files, each written atomically with a checksum of its content. A "good" file
+# loads, matches its checksum and holds finite weights; only good files are resumed from, read or kept.
 
 
 def content_digest(obj):
@@ -272,7 +271,6 @@ class Release:
             raise FileNotFoundError(f"{path!r} has neither model.safetensors nor pytorch_model.bin; "
                                     "re-download the release")
         self.file = st if os.path.isfile(st) else pt
-        # safetensors reads each tensor from the file when asked; a .bin is memory-mapped by torch_load
         self._st, self._sd = (open_safetensors(st), None) if self.file == st else (None, torch_load(pt))
         self.keys = list(self._st.keys() if self._st is not None else self._sd.keys())
 
@@ -433,8 +431,7 @@ def save_release(model, path, half=False, **extra):
 # Hugging Face Hub ids: wherever a release directory is accepted, so is its id. huggingface_hub (installed
 # with open_clip) fetches it once into its cache, and the snapshot directory there is read like any other.
 
-# owner/name, optionally with open_clip's "hf-hub:" before and "@revision" after (a branch, tag or commit;
-# it may hold slashes itself, e.g. refs/pr/1).
+# owner/name, with open_clip's optional "hf-hub:" before and "@revision" after (branch, tag, commit, refs/pr/1)
 _HUB_ID = re.compile(r"(?:hf-hub:)?([A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_])(?:@(.+))?")
 _FILE_EXTS = (".pt", ".pth", ".bin", ".safetensors", ".json")  # 'runs/ckpt.pt' is a missing file, not an id
 
@@ -457,8 +454,7 @@ def hub_id(ref):
 def local_path(ref, revision=None, what="checkpoint"):
     """`ref` unchanged, or for a Hub id the directory of its snapshot (downloaded, or found in the Hub cache,
     only there when HF_HUB_OFFLINE is set) at `revision` when the id names none. Failures raise HubError."""
-    hub = hub_id(ref)
-    if hub is None:
+    if (hub := hub_id(ref)) is None:
         return ref
     repo_id, rev = hub[0], hub[1] or revision
     from huggingface_hub import constants, snapshot_download  # here: only Hub ids need it
@@ -496,7 +492,8 @@ def record_ref(ref):
 
 
 # -----------------------------------------------------------------------------
-# References: resolve() opens one and says what it is (configs only, nothing built).
+# References: resolve() opens one and says what it is (configs only, nothing built); the loaders then build
+# the models, after the pairing checks.
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The small shapes-world models that ship with the repository: DEFAULT_RELEASE/{generator,tokenizer}.
@@ -650,10 +647,6 @@ def _build(src, device):
     return model.to(device).eval(), f"{src.where} ({which})"
 
 
-# -----------------------------------------------------------------------------
-# Loading, with the pairing checks.
-
-
 def load_tokenizer(ref, device="cpu", with_text=True, revision=None):
     """(frozen TA-TiTok in eval mode, the text encoder its decoder was trained with) from any reference; the
     text encoder is None with with_text=False (pretokenization needs no text, so no CLIP download)."""
@@ -758,8 +751,7 @@ def load_models(generator=None, tokenizer=None, device="cpu", revision=None):
     gen_model, gen_source = _build(gen, device)  # one model at a time
     tok, tok_source = _build(src, device)
     tok_text = build_text_encoder(*src.text, src.where).to(device)  # official releases: CLIP ViT-L-14-336
-    # One text encoder serves both models unless the generator was trained with another.
-    if _same_text(gen.text, src.text):
+    if _same_text(gen.text, src.text):  # one text encoder serves both, unless the generator was trained with another
         gen_text = tok_text
     else:
         print(f"note: the generator's text encoder {gen.text.name!r} differs from the tokenizer's "
@@ -770,10 +762,9 @@ def load_models(generator=None, tokenizer=None, device="cpu", revision=None):
 
 
 def export_release(ref, out, which=None, tokenizer=None, overwrite=False, revision=None, half=False):
-    """Write the model(s) of `ref` as release directories (EMA weights when present; fp16 with half) ->
-    {role: directory}. which: "tokenizer" | "generator" | "both" (default: both for a generator). One model
-    fills `out`; both go to out/generator and out/tokenizer, the generator recording "../tokenizer" and a small
-    text tower they share written once, with the tokenizer. tokenizer: the generator's when it records none."""
+    """Write the model(s) of `ref` as release directories (EMA weights if any; fp16 with half) -> {role: dir}.
+    which: tokenizer | generator | both (a generator's default: out/{generator,tokenizer}, the generator recording
+    "../tokenizer", a shared small text tower written once); tokenizer: the generator's, if it records none."""
     if which not in (None, "tokenizer", "generator", "both"):
         raise ValueError(f"--which must be tokenizer, generator or both, got {which!r}")
     check_out_dir(out, overwrite)  # before any work

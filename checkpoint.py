@@ -2,9 +2,8 @@
 Reading and writing models: checkpoint files and training-run folders, the official release layout of
 TA-TiTok (paper §3.2) and MaskGen (§3.3, §4.2), Hugging Face Hub ids, and the loader that turns a reference
 into a tokenizer and a generator checked to fit each other (§4.2: MaskGen-VQ works on TA-TiTok's VQ ids,
-MaskGen-KL on its continuous KL tokens; both read CLIP text features). The networks (tokenizer.py,
-maskgen.py, text.py) never import this file. The official names (config.json field tables, weight renames)
-sit at the end of each model's file, tokenizer.py and maskgen.py; this file reads and writes with them.
+MaskGen-KL on its continuous KL tokens; both read CLIP text features). The official names (config.json
+field tables, weight renames) sit at the end of tokenizer.py and maskgen.py, which never import this file.
 
 Every entry point accepts any model reference (resolve()):
     a release directory   config.json + model.safetensors, the official Hugging Face layout; the shipped
@@ -12,8 +11,7 @@ Every entry point accepts any model reference (resolve()):
     a Hub id              owner/name, hf-hub:owner/name or owner/name@revision (a local path of that name wins)
     a training run        a folder of ckpt_*.pt, read at its newest good one
     a checkpoint file     one ckpt_*.pt written by train_tokenizer.py / train_maskgen.py
-A checkpoint's EMA weights are used when it has them (they sample better). The pairing checks read only the
-configs, so a wrong pairing is refused before any model is built.
+The pairing checks read only the configs, so a wrong pairing is refused before any model is built.
 """
 
 import dataclasses
@@ -37,7 +35,8 @@ import tokenizer as T
 from text import TEXT_PRESETS, build_text_encoder
 
 # -----------------------------------------------------------------------------
-# Reading a checkpoint file safely: weights_only, so a checkpoint is data and never code.
+# Reading a checkpoint file safely (weights_only: a checkpoint is data, never code); writing a file, or a
+# directory's content, so that it appears whole or not at all; weights that do not fit or are not finite.
 
 
 class CheckpointError(ValueError):
@@ -48,31 +47,20 @@ class CheckpointError(ValueError):
         self.path, self.cause = path, cause
 
 
-# The fix offered for every file torch cannot read: which files this project reads.
-_OURS = ("Fix: pass a file written by train_tokenizer.py or train_maskgen.py, or a release directory "
-         "(config.json + model.safetensors)")
-
-
 def torch_load(path):
     """torch.load, weights_only and memory-mapped, for files this process did not write. A file that cannot
-    be read raises CheckpointError in our words; torch's advice to load it with weights_only=False is never
-    passed on."""
+    be read raises CheckpointError in our words, never torch's advice to pass weights_only=False."""
     path = os.fspath(path)
+    with open(path, "rb") as f:  # missing, a directory, unreadable: the OS error names the file already
+        head = f.read(4)
     try:
         with warnings.catch_warnings():  # "Detected pickle protocol 4": noise before the real error
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:  # files in the legacy (non-zip) format cannot be memory-mapped
-                if "mmap" not in str(e):
-                    raise
-                return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:  # missing, a directory, unreadable: the OS error names the file already
-        raise
+            # Only a zip archive (torch.save) can be memory-mapped, not the legacy format (a pickle).
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=head == b"PK\x03\x04")
     except Exception as e:
-        with open(path, "rb") as f:
-            head = f.read(2)
-        fix = _OURS
+        fix = ("Fix: pass a file written by train_tokenizer.py or train_maskgen.py, or a release directory "
+               "(config.json + model.safetensors)")
         if not head:
             cause = "is empty, not a checkpoint"
         elif not head.startswith((b"PK", b"\x80")):  # neither a zip archive (torch.save) nor a pickle (legacy)
@@ -90,10 +78,6 @@ def torch_load(path):
         else:
             cause = f"cannot be read as a checkpoint (torch.load: {type(e).__name__}: {e})"
         raise CheckpointError(path, cause, fix) from None
-
-
-# -----------------------------------------------------------------------------
-# Writing: a file, or a directory's content, appears whole or not at all.
 
 
 def atomic_write(path, write):
@@ -143,10 +127,6 @@ def write_dir(out, write):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# -----------------------------------------------------------------------------
-# Weights that do not fit a model, and weights that are not finite.
-
-
 def check_fit(where, missing, unexpected, shapes, model="the model built from its config",
               fix="Check that the config belongs to these weights (same variant and size)."):
     """Raise a RuntimeError listing missing / unexpected keys and shape mismatches (20 of each at most)."""
@@ -181,9 +161,8 @@ def nonfinite_weights(ckpt):
 
 
 # -----------------------------------------------------------------------------
-# Run folders: ckpt_<step>.pt files, each written atomically with a checksum of its content. A file is
-# "good" when it loads, its checksum matches and its model / EMA weights are finite; only good files are
-# resumed from, read, or counted by retention.
+# Run folders: ckpt_<step>.pt files, each written atomically with a checksum of its content. A "good" file
+# loads, matches its checksum and holds finite weights; only good files are resumed from, read or kept.
 
 
 def content_digest(obj):
@@ -216,10 +195,9 @@ def load_good(path):
     """(checkpoint, None) when the run-folder checkpoint at `path` is good, else (None, why)."""
     try:
         ckpt = torch_load(path)
-    except CheckpointError as e:  # truncated zip, bad pickle, ...
-        return None, f"unreadable ({e.cause[:160]})"
-    except Exception as e:
-        return None, f"unreadable ({type(e).__name__}: {str(e)[:120]})"
+    except Exception as e:  # CheckpointError: a truncated zip, a bad pickle, ...
+        why = e.cause[:160] if isinstance(e, CheckpointError) else f"{type(e).__name__}: {str(e)[:120]}"
+        return None, f"unreadable ({why})"
     if not isinstance(ckpt, dict):
         return None, f"not a checkpoint dict ({type(ckpt).__name__})"
     digest = ckpt.pop("sha256", None)
@@ -255,19 +233,16 @@ _GOOD = {}  # (path, size, mtime) -> is it good: retention checks each file once
 def save_checkpoint(out_dir, step, payload, keep=2, log=print):
     """Write ckpt_<step>.pt with its checksum atomically, then keep the newest `keep` good checkpoints (bad
     files are named and left alone). Non-finite weights are refused (ValueError): they would only spread."""
-    bad = nonfinite_weights(payload)
-    if bad:
+    if bad := nonfinite_weights(payload):
         raise ValueError(f"refusing to write a checkpoint with non-finite weights ({', '.join(bad)})")
     path = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
     atomic_write(path, lambda f: torch.save({**payload, "sha256": content_digest(payload)}, f))
-    st = os.stat(path)  # the file just written is good: it is not read back
-    _GOOD[(path, st.st_size, st.st_mtime_ns)] = True
     good, unreadable = [], []
     for p in run_checkpoints(out_dir):
         st = os.stat(p)
         key = (p, st.st_size, st.st_mtime_ns)
-        if key not in _GOOD:
-            _GOOD[key] = load_good(p)[0] is not None
+        if key not in _GOOD:  # the file just written is good: it is not read back
+            _GOOD[key] = p == path or load_good(p)[0] is not None
         (good if _GOOD[key] else unreadable).append(p)
     for old in good[max(1, keep):]:  # the newest good one is never deleted
         os.remove(old)
@@ -277,14 +252,12 @@ def save_checkpoint(out_dir, step, payload, keep=2, log=print):
 
 
 # -----------------------------------------------------------------------------
-# The release layout: the authors' Hugging Face repositories (turkeyju/tokenizer_tatitok_*,
-# turkeyju/generator_maskgen_*) each hold config.json, the official nested (OmegaConf) config, and
-# model.safetensors (or pytorch_model.bin), the weights under the official code's names. Our releases may add
-# top-level config.json entries that the official code ignores: "text_encoder" (a text tower other than
-# OpenAI's CLIP; a small random tower's weights go in text_encoder.safetensors), "tokenizer" (a generator's
-# tokenizer, relative to its directory) and EXTRA. Our modules name the weights differently and, in places,
-# lay them out differently: TA-TiTok's 1x1 convs are Linears here, MaskGen's q/k/v one fused matrix per stream
-# (the renames: release_view at the end of tokenizer.py and maskgen.py).
+# The release layout of the authors' Hugging Face repositories (turkeyju/tokenizer_tatitok_*,
+# turkeyju/generator_maskgen_*): config.json, the official nested (OmegaConf) config, and model.safetensors (or
+# pytorch_model.bin) under the official code's weight names, renamed and re-laid-out to ours by release_view in
+# tokenizer.py and maskgen.py. Our releases may add top-level entries that the official code ignores:
+# "text_encoder" (a tower other than OpenAI's CLIP; a small random one's weights in text_encoder.safetensors),
+# "tokenizer" (a generator's tokenizer, relative to its directory) and EXTRA.
 
 
 class Release:
@@ -298,7 +271,6 @@ class Release:
             raise FileNotFoundError(f"{path!r} has neither model.safetensors nor pytorch_model.bin; "
                                     "re-download the release")
         self.file = st if os.path.isfile(st) else pt
-        # safetensors reads each tensor from the file when asked; a .bin is memory-mapped by torch_load
         self._st, self._sd = (open_safetensors(st), None) if self.file == st else (None, torch_load(pt))
         self.keys = list(self._st.keys() if self._st is not None else self._sd.keys())
 
@@ -315,8 +287,7 @@ def read_config(path):
     fix = "re-download the release, or re-export it with `python sample.py export`"
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
-        cfg = json.loads(text) if text.strip() else None
+            cfg = json.loads(text) if (text := f.read()).strip() else None
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not a text file (not UTF-8), so not a config.json; {fix}") from None
     except json.JSONDecodeError as e:
@@ -337,11 +308,10 @@ def open_safetensors(path):
                          f"download or write it again") from None
 
 
-# config.json fields <-> ours, one table per model read both ways (TATITOK_FIELDS in tokenizer.py,
-# MASKGEN_FIELDS in maskgen.py): ("section.official_key", our field[, the value assumed when a release leaves
-# it out]); a field without one is REQUIRED. Our fields that the official layout has no place for (e.g. the
-# shapes models' init, pos_init_std) go in a section of their own, EXTRA, only when they differ from what the
-# official fields give, so the release of an official-size model stays official.
+# config.json fields <-> ours, one table per model read both ways (TATITOK_FIELDS, MASKGEN_FIELDS):
+# ("section.official_key", our field[, the value assumed when a release leaves it out; else REQUIRED]). Our
+# fields the official layout has no place for (e.g. pos_init_std) go to EXTRA, only when they differ from what
+# the official fields give, so the release of an official-size model stays official.
 REQUIRED, EXTRA = object(), "extra_fields"
 
 
@@ -356,9 +326,8 @@ def _unwrap(d):
 
 
 def _read_fields(d, table, finish, path, what, expected):
-    """config.json dict -> our config's kwargs by a field table; finish(sections, kwargs, mode, path) reads
-    what the table cannot (kwargs_from_official in tokenizer.py / maskgen.py). A missing field, or one of the
-    wrong kind, is a ValueError."""
+    """config.json dict -> our config's kwargs by a field table, and finish(sections, kwargs, mode, path) for
+    what it cannot (kwargs_from_official); a missing field, or one of the wrong kind, is a ValueError."""
     d = _unwrap(d)
     try:
         # The sections the tables name: model.vq_model, model.maskgen, losses, dataset.preprocessing.
@@ -400,49 +369,32 @@ def release_config(model):
     return {**d, EXTRA: extra} if extra else d
 
 
-def _release_view(model):
-    """{official key: the model's tensor in the release's shape}, views (copying into one loads it) that
-    release_view in tokenizer.py / maskgen.py gives; state the releases lack (MaskGen's tied head) is left out."""
-    sd, c = model.state_dict(), model.config
-    return M.release_view(sd, c.mode) if hasattr(c, "mode") else T.release_view(sd)
-
-
 def load_weights(model, release):
     """Copy the weights of a Release into `model`, one tensor at a time, after every missing, unexpected or
     mis-shaped key is reported by its release name; weights holding nan or inf are refused."""
-    view, skip, alias, c = _release_view(model), set(), {}, model.config
+    c, sd, skip, alias = model.config, model.state_dict(), set(), {}
+    # {official key: the model's tensor in the release's shape}: views, so copying into one loads it
+    view = M.release_view(sd, c.mode) if hasattr(c, "mode") else T.release_view(sd)
     what = f"MaskGen-{c.mode.upper()}" if hasattr(c, "mode") else "TA-TiTok"
     if hasattr(c, "mode"):
-        # Not loaded on purpose: the last block's text queries (unused), and the tied LM head, which is the
-        # embedding table itself. safetensors keeps one name for shared tensors; only if that name is
-        # lm_head.weight is it read, as the table.
+        # Not loaded on purpose: the last block's text queries (unused), and the tied LM head (the embedding
+        # table itself; safetensors keeps one name for shared tensors: if it is lm_head.weight, read as the table).
         skip = {f"{M.last_q_proj(c)}.weight", f"{M.last_q_proj(c)}.bias"}
         if c.mode == "vq" and "embeddings.weight" in release.keys:
             skip.add("lm_head.weight")
         elif c.mode == "vq":
             alias["lm_head.weight"] = "embeddings.weight"
-    found, unexpected, shapes, misfit = {}, [], [], set()
-    for key in (k for k in release.keys if k not in skip):
-        name = alias.get(key, key)
-        if name not in view:
-            unexpected.append(key)
-        elif release.shape(key) != tuple(view[name].shape):
-            shapes.append(f"{key}: checkpoint {release.shape(key)} vs model {tuple(view[name].shape)}")
-            misfit.add(name)
-        else:
-            found[name] = key
-    missing = [k for k in view if k not in found and k not in misfit]
+    found = {alias.get(k, k): k for k in release.keys if k not in skip}  # our name -> release key
+    missing, unexpected = [n for n in view if n not in found], [k for n, k in found.items() if n not in view]
+    shapes = [f"{k}: checkpoint {release.shape(k)} vs model {tuple(view[n].shape)}"
+              for n, k in found.items() if n in view and release.shape(k) != tuple(view[n].shape)]
     check_fit(release.path, missing, unexpected, shapes, model=f"the {what} model its config.json describes",
               fix="Fix: use the config.json that was released with these weights (same variant and size); a "
               "directory written by this project must use official key names (checkpoint.release_state_dict).")
-    bad = []
     with torch.no_grad():  # tensor by tensor: one copy of the weights in memory
-        for name, key in found.items():
-            t = release.get(key)
-            bad += nonfinite([(key, t)])
-            view[name].copy_(t)
+        bad = nonfinite((key, view[name].copy_(release.get(key))) for name, key in found.items())
     if bad:  # a diverged run or a damaged file: it would only draw noise
-        raise ValueError(f"{release.file} holds non-finite weights (nan or inf: {', '.join(bad[:5])}); "
+        raise ValueError(f"{release.file} holds non-finite weights (nan or inf: {', '.join(bad)}); "
                          f"re-download the release, or export it again from a good checkpoint")
     return model
 
@@ -454,13 +406,14 @@ def _half(sd, half):
 
 def release_state_dict(model, half=False):
     """Our weights under the release's names and shapes (the inverse of load_weights), as copies (safetensors
-    refuses shared storage). MaskGen's unused last-block text-query projection is written as zeros so the
-    official code can load the result strictly; its tied lm_head is left out, as in the released files."""
-    out = {k: v.clone() for k, v in _release_view(model).items()}
-    if hasattr(model.config, "mode"):
-        c, ref = model.config, next(model.parameters())
-        out[f"{M.last_q_proj(c)}.weight"] = torch.zeros(c.width, c.width, dtype=ref.dtype, device=ref.device)
-        out[f"{M.last_q_proj(c)}.bias"] = torch.zeros(c.width, dtype=ref.dtype, device=ref.device)
+    refuses shared storage). MaskGen's unused last-block text queries are zeros (the official code loads
+    strictly); its tied lm_head is left out, as in the released files."""
+    c, sd = model.config, model.state_dict()
+    view = M.release_view(sd, c.mode) if hasattr(c, "mode") else T.release_view(sd)
+    out = {k: v.clone() for k, v in view.items()}
+    if hasattr(c, "mode"):
+        q, ref = M.last_q_proj(c), next(model.parameters())
+        out[f"{q}.weight"], out[f"{q}.bias"] = ref.new_zeros(c.width, c.width), ref.new_zeros(c.width)
     return _half(out, half)
 
 
@@ -478,8 +431,7 @@ def save_release(model, path, half=False, **extra):
 # Hugging Face Hub ids: wherever a release directory is accepted, so is its id. huggingface_hub (installed
 # with open_clip) fetches it once into its cache, and the snapshot directory there is read like any other.
 
-# owner/name, optionally with open_clip's "hf-hub:" before and "@revision" after (a branch, tag or commit;
-# it may hold slashes itself, e.g. refs/pr/1).
+# owner/name, with open_clip's optional "hf-hub:" before and "@revision" after (branch, tag, commit, refs/pr/1)
 _HUB_ID = re.compile(r"(?:hf-hub:)?([A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_])(?:@(.+))?")
 _FILE_EXTS = (".pt", ".pth", ".bin", ".safetensors", ".json")  # 'runs/ckpt.pt' is a missing file, not an id
 
@@ -495,22 +447,17 @@ def hub_id(ref):
         return None
     ref = os.fspath(ref)
     m = _HUB_ID.fullmatch(ref)
-    if m is None or os.path.exists(ref) or m[1].endswith(_FILE_EXTS):
-        return None
-    if not ref.startswith("hf-hub:") and os.path.isdir(m[1].split("/")[0]):
-        return None
-    return m[1], m[2]
+    local = m is None or os.path.exists(ref) or m[1].endswith(_FILE_EXTS)
+    return None if local or (not ref.startswith("hf-hub:") and os.path.isdir(m[1].split("/")[0])) else (m[1], m[2])
 
 
 def local_path(ref, revision=None, what="checkpoint"):
     """`ref` unchanged, or for a Hub id the directory of its snapshot (downloaded, or found in the Hub cache,
     only there when HF_HUB_OFFLINE is set) at `revision` when the id names none. Failures raise HubError."""
-    hub = hub_id(ref)
-    if hub is None:
+    if (hub := hub_id(ref)) is None:
         return ref
     repo_id, rev = hub[0], hub[1] or revision
     from huggingface_hub import constants, snapshot_download  # here: only Hub ids need it
-
     offline = bool(constants.HF_HUB_OFFLINE)
     try:
         return snapshot_download(repo_id, revision=rev, local_files_only=offline)
@@ -532,13 +479,11 @@ def local_path(ref, revision=None, what="checkpoint"):
     tried = f"the local path {os.path.abspath(ref)!r}, the Hub cache {constants.HF_HUB_CACHE}"
     tried += "" if offline else f", the Hub at {constants.ENDPOINT}"
     get = f"hf download {repo_id}" + (f" --revision {rev}" if rev else "") + " --local-dir DIR"
-    raise HubError(
-        f"{what} {ref!r} is not a local path, and as the Hugging Face Hub id {repo_id!r} ({at}) it could not be "
-        f"fetched: {why}. Tried: {tried}. Fix: download it where there is network, `{get}` (`huggingface-cli "
-        f"download` before huggingface_hub 1.0), and pass DIR"
-        + ("; or unset HF_HUB_OFFLINE to let it download" if offline else "")
-        + "; or, if a local path was meant, correct it."
-    ) from None
+    raise HubError(f"{what} {ref!r} is not a local path, and as the Hugging Face Hub id {repo_id!r} ({at}) it "
+                   f"could not be fetched: {why}. Tried: {tried}. Fix: download it where there is network, `{get}` "
+                   "(`huggingface-cli download` before huggingface_hub 1.0), and pass DIR"
+                   + ("; or unset HF_HUB_OFFLINE to let it download" if offline else "")
+                   + "; or, if a local path was meant, correct it.") from None
 
 
 def record_ref(ref):
@@ -547,17 +492,17 @@ def record_ref(ref):
 
 
 # -----------------------------------------------------------------------------
-# References: resolve() opens one and says what it is (configs only, nothing built).
+# References: resolve() opens one and says what it is (configs only, nothing built); the loaders then build
+# the models, after the pairing checks.
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The small shapes-world models that ship with the repository: DEFAULT_RELEASE/{generator,tokenizer}.
 DEFAULT_RELEASE = os.path.join(HERE, "checkpoints", "shapes")
-HOW_TO_GET_DEFAULT = (
-    "It ships with the repository: restore it with `git checkout -- checkpoints/shapes` (or re-clone; "
-    "with Git LFS run `git lfs pull`), or train your own with train_tokenizer.py and then train_maskgen.py "
-    "on the shapes world (exact commands in README.md) and pass --generator RUN_DIR. "
-    "For the paper's models, download official releases and pass --tokenizer DIR --generator DIR."
-)
+HOW_TO_GET_DEFAULT = ("It ships with the repository: restore it with `git checkout -- checkpoints/shapes` (or "
+                      "re-clone; with Git LFS run `git lfs pull`), or train your own with train_tokenizer.py and then "
+                      "train_maskgen.py on the shapes world (exact commands in README.md) and pass --generator "
+                      "RUN_DIR. For the paper's models, download official releases and pass --tokenizer DIR "
+                      "--generator DIR.")
 
 
 class TextSpec(NamedTuple):
@@ -629,13 +574,12 @@ def is_release(ref, revision=None):
 
 def _release_text(path, cfg):
     """The TextSpec a release's config.json records ("text_encoder"; the official CLIP when absent)."""
-    spec = cfg.get("text_encoder")
+    spec, file = cfg.get("text_encoder"), os.path.join(path, TEXT_FILE)
     if spec is None:
         return OFFICIAL_TEXT
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise ValueError(f"{path}/config.json: 'text_encoder' must be {{\"name\": ..., \"pretrained\": ...}}, "
                          f"got {spec!r}")
-    file = os.path.join(path, TEXT_FILE)
     f = open_safetensors(file) if os.path.isfile(file) else None  # a small random tower's weights
     return TextSpec(spec["name"], spec.get("pretrained", "openai"), f and {k: f.get_tensor(k) for k in f.keys()})
 
@@ -647,12 +591,11 @@ def resolve(ref, role=None, revision=None):
     path = os.fspath(local_path(ref, revision, f"{name} checkpoint"))
     if not os.path.exists(path):
         example = "tokenizer_tatitok_bl32_vq" if role == "tokenizer" else "generator_maskgen_vq_l"
-        raise FileNotFoundError(
-            f"{name} checkpoint {path!r} does not exist; pass {flag} a release directory (config.json + "
-            f"model.safetensors) or its Hub id (owner/name[@revision]), one of our run folders (ckpt_*.pt) or a "
-            f"checkpoint file; download an official release with e.g. `hf download turkeyju/{example} --local-dir DIR` "
-            f"(`huggingface-cli download` before huggingface_hub 1.0)"
-        )  # fmt: skip
+        raise FileNotFoundError(f"{name} checkpoint {path!r} does not exist; pass {flag} a release directory "
+                                "(config.json + model.safetensors) or its Hub id (owner/name[@revision]), one of our "
+                                "run folders (ckpt_*.pt) or a checkpoint file; download an official release with "
+                                f"e.g. `hf download turkeyju/{example} --local-dir DIR` (`huggingface-cli download` "
+                                "before huggingface_hub 1.0)")
     if os.path.isdir(path) and is_release(path):  # a local path: local_path returns it as is
         cfg, file = read_config(path), os.path.join(path, "config.json")
         found = "generator" if "maskgen" in _unwrap(cfg).get("model", {}) else "tokenizer"
@@ -704,10 +647,6 @@ def _build(src, device):
     return model.to(device).eval(), f"{src.where} ({which})"
 
 
-# -----------------------------------------------------------------------------
-# Loading, with the pairing checks.
-
-
 def load_tokenizer(ref, device="cpu", with_text=True, revision=None):
     """(frozen TA-TiTok in eval mode, the text encoder its decoder was trained with) from any reference; the
     text encoder is None with with_text=False (pretokenization needs no text, so no CLIP download)."""
@@ -740,12 +679,6 @@ def _same_text(a, b):
     return a.state.keys() == b.state.keys() and all(torch.equal(a.state[k], b.state[k]) for k in a.state)
 
 
-def _refuse(head, problems, fix):
-    """A ValueError listing `problems` under `head`, when there are any."""
-    if problems:
-        raise ValueError(head + "\n  - " + "\n  - ".join(problems) + "\n" + fix)
-
-
 def check_pair(tcfg, gcfg, tok_where, gen_where):
     """The tokenizer must produce exactly the tokens the generator was trained on."""
     tmode, problems = tcfg.quantize_mode, []
@@ -758,9 +691,11 @@ def check_pair(tcfg, gcfg, tok_where, gen_where):
         problems.append(f"codebook size: tokenizer {tcfg.codebook_size} vs generator {gcfg.codebook_size}")
     if tmode == gcfg.mode == "kl" and tcfg.token_size != gcfg.token_size:
         problems.append(f"token channels C: tokenizer {tcfg.token_size} vs generator {gcfg.token_size}")
-    _refuse(f"tokenizer {tok_where!r} and generator {gen_where!r} do not fit together:", problems,
-            "Fix: pass --tokenizer the TA-TiTok the generator was trained with (for our runs it is recorded in the "
-            f"generator's config; omit --tokenizer to use it). Official pairs: {OFFICIAL_PAIRS}")
+    if problems:
+        raise ValueError(f"tokenizer {tok_where!r} and generator {gen_where!r} do not fit together:\n  - "
+                         + "\n  - ".join(problems) + "\nFix: pass --tokenizer the TA-TiTok the generator was trained "
+                         "with (for our runs it is recorded in the generator's config; omit --tokenizer to use it). "
+                         f"Official pairs: {OFFICIAL_PAIRS}")
 
 
 def check_text(gcfg, tcfg, gen_text, tok_text, gen_where, tok_where):
@@ -773,13 +708,14 @@ def check_text(gcfg, tcfg, gen_text, tok_text, gen_where, tok_where):
     if (tok_text.context_length, tok_text.width) != (tcfg.text_context_length, tcfg.text_embed_dim):
         problems.append(f"{tok} text states ({tcfg.text_context_length}, {tcfg.text_embed_dim}), "
                         f"its text encoder gives ({tok_text.context_length}, {tok_text.width})")
-    _refuse("text encoder mismatch:", problems, "Fix: use the checkpoints as trained (same text encoder).")
+    if problems:
+        raise ValueError("text encoder mismatch:\n  - " + "\n  - ".join(problems)
+                         + "\nFix: use the checkpoints as trained (same text encoder).")
 
 
 def _tokenizer_of(gen, tokenizer=None, revision=None):
-    """The tokenizer Source for generator Source `gen`, checked to fit it: `tokenizer`, else the one the
-    generator records. A path recorded in a run's config is tried as given, then next to the run, then next
-    to this file; a Hub id found nowhere is fetched."""
+    """The tokenizer Source for generator Source `gen`, checked to fit it: `tokenizer`, else the one it records,
+    tried as given, then next to the run, then next to this file; a Hub id found nowhere is fetched."""
     if tokenizer is not None:
         src = resolve(tokenizer, "tokenizer", revision)
     elif gen.tokenizer is None:
@@ -815,8 +751,7 @@ def load_models(generator=None, tokenizer=None, device="cpu", revision=None):
     gen_model, gen_source = _build(gen, device)  # one model at a time
     tok, tok_source = _build(src, device)
     tok_text = build_text_encoder(*src.text, src.where).to(device)  # official releases: CLIP ViT-L-14-336
-    # One text encoder serves both models unless the generator was trained with another.
-    if _same_text(gen.text, src.text):
+    if _same_text(gen.text, src.text):  # one text encoder serves both, unless the generator was trained with another
         gen_text = tok_text
     else:
         print(f"note: the generator's text encoder {gen.text.name!r} differs from the tokenizer's "
@@ -827,10 +762,9 @@ def load_models(generator=None, tokenizer=None, device="cpu", revision=None):
 
 
 def export_release(ref, out, which=None, tokenizer=None, overwrite=False, revision=None, half=False):
-    """Write the model(s) of `ref` as release directories (EMA weights when present; fp16 with half) ->
-    {role: directory}. which: "tokenizer" | "generator" | "both" (default: both for a generator). One model
-    fills `out`; both go to out/generator and out/tokenizer, the generator recording "../tokenizer" and a small
-    text tower they share written once, with the tokenizer. tokenizer: the generator's when it records none."""
+    """Write the model(s) of `ref` as release directories (EMA weights if any; fp16 with half) -> {role: dir}.
+    which: tokenizer | generator | both (a generator's default: out/{generator,tokenizer}, the generator recording
+    "../tokenizer", a shared small text tower written once); tokenizer: the generator's, if it records none."""
     if which not in (None, "tokenizer", "generator", "both"):
         raise ValueError(f"--which must be tokenizer, generator or both, got {which!r}")
     check_out_dir(out, overwrite)  # before any work
@@ -853,8 +787,7 @@ def export_release(ref, out, which=None, tokenizer=None, overwrite=False, revisi
     def write(tmp):
         for role, (s, text) in parts.items():  # built one at a time: one model in memory
             d = os.path.join(tmp, role) if len(parts) > 1 else tmp
-            official = text == OFFICIAL_TEXT  # the official code assumes CLIP ViT-L-14-336; others are recorded
-            extra = {} if official else {"text_encoder": {"name": text.name, "pretrained": text.pretrained}}
+            extra = {} if text == OFFICIAL_TEXT else {"text_encoder": dict(name=text.name, pretrained=text.pretrained)}
             beside = role == "generator" and "tokenizer" in parts  # its tokenizer is written beside it
             save_release(_build(s, "cpu")[0], d, half, **extra, **({"tokenizer": "../tokenizer"} if beside else {}))
             if text.state is not None and not (beside and text is parts["tokenizer"][1]):  # one copy of a shared tower

@@ -181,6 +181,8 @@ def check_outdir(outdir, planned, overwrite, clear):
     """Refuse an outdir holding images this run will not write (not in `planned`), or with
     overwrite delete them first (where `clear`: rank 0). Only sample.py's own files are ever
     deleted; other images always stop the run."""
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise ValueError(f"--outdir {outdir} is a file, not a folder; move it or choose another --outdir")
     if not os.path.isdir(outdir):
         return
     planned = {os.path.relpath(p, outdir).replace(os.sep, "/") for p in planned}
@@ -241,10 +243,13 @@ def labelled_grid(rows, row_labels=None, tile_labels=None, min_tile=128, pad=4):
     draw = ImageDraw.Draw(grid)
 
     def fit(text, width):  # text cut to `width` pixels, the cut marked with "..."
-        cut = text
-        while cut and draw.textlength(cut + "...", font=font) > width:
-            cut = cut[:-1]
-        return text if draw.textlength(text, font=font) <= width else cut + "..."
+        if draw.textlength(text, font=font) <= width:
+            return text
+        lo, hi = 0, min(len(text), width)  # a glyph is at least 1 px wide; binary search: widths grow with length
+        while lo < hi:  # the longest text[:lo] + "..." that fits
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if draw.textlength(text[:mid] + "...", font=font) <= width else (lo, mid - 1)
+        return text[:lo] + "..."
 
     for r, row in enumerate(rows):
         y = pad + r * row_h
@@ -436,13 +441,14 @@ def main(argv=None):
     torchrun, hours = "RANK" in os.environ, datetime.timedelta(hours=4)
     rank, world, device = (train_common.setup_distributed(args.device, backend="gloo", timeout=hours) if torchrun
                            else (0, 1, pick_device(args.device)))
-    # 3. Another run's images in the output folder are refused, or deleted with --overwrite
-    # (by rank 0; never one this run writes, so no rank waits for it).
+    # 3. Another run's images in the output folder are refused, or deleted with --overwrite once the
+    # models have loaded (by rank 0; never one this run writes, so no rank waits for it).
     metas = {p: os.path.join(args.outdir, f"{p:05d}", "metadata.jsonl") for p in range(len(prompts)) if geneval}
     planned = [path_of(it) for it in items] + [os.path.join(args.outdir, "grid.png")] * (args.grid_rows > 0)
-    check_outdir(args.outdir, planned + list(metas.values()), args.overwrite, clear=rank == 0)
+    check_outdir(args.outdir, planned + list(metas.values()), args.overwrite, clear=False)
     # 4. Checkpoints, cross-checked (tokens, codebook, text widths); options for one variant only.
     models = checkpoint.load_models(args.generator, args.tokenizer, device, revision=args.revision)
+    check_outdir(args.outdir, planned + list(metas.values()), args.overwrite, clear=rank == 0)
     gcfg = models.generator.config
     if args.guidance_schedule is not None:
         check_guidance_schedule(gcfg.mode, args.guidance_schedule, "--guidance_schedule")
@@ -469,21 +475,25 @@ def main(argv=None):
                 f.write(json.dumps({**row, "prompt": text}) + "\n")
     written = []
     autocast = torch.autocast(device.type, dtype=train_common.DTYPES[args.dtype], enabled=args.dtype != "fp32")
-    with torch.inference_mode(), autocast:
-        null = models.gen_text([""])  # the classifier-free guidance null condition, computed once
-        batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
-        for batch in tqdm(batches, desc=f"sampling (rank {rank})" if world > 1 else "sampling", disable=rank != 0):
-            images = generate_images(models, [prompts[it.prompt_index] for it in batch],
-                                     [aesthetics[it.aes_index] for it in batch], [it.seed for it in batch],
-                                     null, opts, device, args.seeding)  # (B,3,H,W)
-            for it, arr in zip(batch, to_pixels(images)):  # (B,H,W,3) uint8
-                path = path_of(it)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                save_png(arr, path)
-                written.append(path)
-                if geneval and it.image_index == 0:  # the rank that owns image 0 writes the metadata, verbatim
-                    with open(metas[it.prompt_index], "w", encoding="utf-8") as f:
-                        f.write(geneval_lines[it.prompt_index] + "\n")
+    try:
+        with torch.inference_mode(), autocast:
+            null = models.gen_text([""])  # the classifier-free guidance null condition, computed once
+            batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
+            for batch in tqdm(batches, desc=f"sampling (rank {rank})" if world > 1 else "sampling", disable=rank != 0):
+                images = generate_images(models, [prompts[it.prompt_index] for it in batch],
+                                         [aesthetics[it.aes_index] for it in batch], [it.seed for it in batch],
+                                         null, opts, device, args.seeding)  # (B,3,H,W)
+                for it, arr in zip(batch, to_pixels(images)):  # (B,H,W,3) uint8
+                    path = path_of(it)
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    save_png(arr, path)
+                    written.append(path)
+                    if geneval and it.image_index == 0:  # the rank that owns image 0 writes the metadata, verbatim
+                        with open(metas[it.prompt_index], "w", encoding="utf-8") as f:
+                            f.write(geneval_lines[it.prompt_index] + "\n")
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; 130 = 128 + SIGINT, as a shell reports it
+        print(f"\ninterrupted: wrote {len(written)} of {len(mine)} image(s) to {args.outdir}", file=sys.stderr)
+        sys.exit(130)
     # 6. After every rank is done (and has left the process group), rank 0 draws the grid from the files on disk.
     if torchrun:
         train_common.barrier()

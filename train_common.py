@@ -104,8 +104,8 @@ COMMON_RULES = {
     "grad_clip": Rule(lambda v: v > 0, "it must be > 0 (inf: no clipping)"),
     **dict.fromkeys(("batch_size", "grad_accum", "max_steps", "log_every", "sample_every", "ckpt_every",
                      "keep_ckpts", "max_nonfinite_steps", "dist_timeout_s"), at_least(1)),
-    **dict.fromkeys(("lr", "end_lr", "warmup_steps", "weight_decay", "num_workers", "stop_at", "peak_tflops"),
-                    at_least(0)),
+    **dict.fromkeys(("lr", "end_lr", "warmup_steps", "weight_decay", "num_workers", "stop_at", "peak_tflops",
+                     "seed"), at_least(0)),
 }  # fmt: skip
 
 

@@ -115,11 +115,14 @@ def main(argv=None):
     cfg = parse_config(TrainConfig, PRESETS, argv, default="tiny_vq", rules=RULES)  # no arguments: --help
     if not cfg.tokenizer:
         sys.exit("error: --tokenizer is required: an official TA-TiTok directory or a train_tokenizer.py run")
+    # ---- frozen tokenizer and text encoder, loaded (on the CPU) before the run folder is made
+    try:
+        tokenizer, text_encoder = checkpoint.load_tokenizer(cfg.tokenizer)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
     rank, world, device, autocast, scaler, log = setup_run(cfg)  # DDP, precision, rank-0 logger
     master = rank == 0
-
-    # ---- frozen tokenizer and text encoder
-    tokenizer, text_encoder = checkpoint.load_tokenizer(cfg.tokenizer, device)
+    tokenizer, text_encoder = tokenizer.to(device), text_encoder.to(device)
     tcfg = tokenizer.requires_grad_(False).config
 
     # ---- the MaskGen config: sizes from the preset, tokens from the tokenizer, text widths from CLIP

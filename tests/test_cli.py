@@ -118,6 +118,8 @@ def test_print_config_shows_the_resolved_config(tmp_path, capsys):
     ("maskgen", "--maskgen=tiny", r"--maskgen=tiny is not allowed; choose one of \["),
     ("maskgen", "--scale_factor=0", r"--scale_factor=0.0 is not allowed; it must be > 0, or -1"),
     ("maskgen", "--aesthetic_default=inf", r"--aesthetic_default=inf is not allowed; it must be a finite number"),
+    ("tokenizer", "--seed=-1", r"--seed=-1 is not allowed; it must be >= 0"),
+    ("maskgen", "--seed=-1", r"--seed=-1 is not allowed; it must be >= 0"),
     ("maskgen", "--compile=maybe", r"--compile=maybe is not a valid bool"),
     ("maskgen", "-x", r"arguments must look like --field=value, got \['-x'\]"),
 ])  # fmt: skip
@@ -126,6 +128,12 @@ def test_bad_values_are_refused_with_what_is_allowed(which, arg, message, tmp_pa
     # --out_dir then replaces the value given before it.)
     with pytest.raises(SystemExit, match="^error: " + message):
         TRAINERS[which].main([f"--config={DEFAULTS[which]}", f"--out_dir={tmp_path}/run", arg])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_tokenizer_is_refused_before_the_run_folder(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: tokenizer checkpoint 'missing_dir' does not exist; pass --tokenizer"):
+        train_maskgen.main(["--config=tiny_vq", "--tokenizer=missing_dir", "--device=cpu", f"--out_dir={tmp_path}/run"])
     assert not (tmp_path / "run").exists()
 
 

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -472,6 +473,50 @@ def test_outdir_with_other_images_needs_overwrite(ckpts, tmp_path):
         run(gen + ["--geneval", str(geneval), "--num_images", "1"], tmp_path / "ge")
     run(gen + ["--geneval", str(geneval), "--num_images", "1", "--overwrite"], tmp_path / "ge")
     assert sorted(os.listdir(tmp_path / "ge")) == ["00000", "grid.png"]
+
+
+def test_overwrite_deletes_only_after_the_models_load(ckpts, tmp_path):
+    out = tmp_path / "out"
+    run(["--generator", ckpts["gen"], "--prompt", "a", "--prompt", "b"], out)
+    before = folder_pixels(out)
+    with pytest.raises(FileNotFoundError, match=r"generator checkpoint .*nope.* does not exist"):
+        run(["--generator", str(tmp_path / "nope"), "--prompt", "c", "--overwrite"], out)
+    after = folder_pixels(out)
+    assert list(after) == list(before) == ["00000_s0000.png", "00001_s0001.png"]
+    assert all(np.array_equal(before[f], after[f]) for f in before)
+
+
+def test_outdir_naming_a_file_is_refused(ckpts, tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    with pytest.raises(ValueError, match=rf"--outdir {tmp_path / 'taken'} is a file, not a folder; move it or choose"):
+        run(["--generator", ckpts["gen"], "--prompt", "a"], tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "not a folder"
+
+
+def test_ctrl_c_says_what_was_written_and_exits_130(ckpts, tmp_path, monkeypatch, capsys):
+    real, calls = S.generate_images, []
+
+    def interrupted_on_the_second_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(S, "generate_images", interrupted_on_the_second_batch)
+    with pytest.raises(SystemExit) as e:
+        run(["--generator", ckpts["gen"], "--prompt", "a", "--num_images", "3", "--batch_size", "1"], tmp_path)
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"interrupted: wrote 1 of 3 image(s) to {tmp_path}"
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".png")) == ["00000_s0000.png"]
+
+
+def test_a_very_long_label_is_cut_in_linear_time():
+    one = Image.new("RGB", (32, 32), "white")
+    start = time.time()
+    grid = S.labelled_grid([[one, one]], ["a red circle " * 16000], [["x" * 200000, "seed 0"]])
+    assert time.time() - start < 5 and grid.size == S.labelled_grid([[one, one]], ["x"], [["x", "y"]]).size
+    ink = (np.asarray(grid.convert("L"))[4:20] < 128).any(axis=0).nonzero()[0]
+    assert 0 < ink[-1] < grid.size[0] - 4  # the label drawn, and cut to the grid's width
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -15,7 +15,6 @@ The pairing checks read only the configs, so a wrong pairing is refused before a
 """
 
 import dataclasses
-import glob
 import hashlib
 import json
 import os
@@ -191,8 +190,9 @@ def content_digest(obj):
     return h.hexdigest()
 
 
-def load_good(path):
-    """(checkpoint, None) when the run-folder checkpoint at `path` is good, else (None, why)."""
+def load_good(path, strict=False):
+    """(checkpoint, None) when the run-folder checkpoint at `path` is good, else (None, why). strict (a trainer's
+    resume and retention): a file without a checksum was not written by save_checkpoint, so it is not good."""
     try:
         ckpt = torch_load(path)
     except Exception as e:  # CheckpointError: a truncated zip, a bad pickle, ...
@@ -201,23 +201,30 @@ def load_good(path):
     if not isinstance(ckpt, dict):
         return None, f"not a checkpoint dict ({type(ckpt).__name__})"
     digest = ckpt.pop("sha256", None)
+    if digest is None and strict:
+        return None, "without a checksum (not written by a training run)"
     if digest is not None and digest != content_digest(ckpt):  # a file written without a checksum is not checked
         return None, "checksum mismatch (its content was damaged)"
     bad = nonfinite_weights(ckpt)
     return (None, f"non-finite weights ({', '.join(bad)})") if bad else (ckpt, None)
 
 
-def run_checkpoints(run_dir):
-    """A run folder's ckpt_*.pt files, newest first (zero-padded step numbers sort in order)."""
-    return sorted(glob.glob(os.path.join(run_dir, "ckpt_*.pt")), reverse=True)
+def run_checkpoints(run_dir, log=None):
+    """A run folder's ckpt_<step>.pt files, highest step first. Other ckpt_* entries (ckpt_best.pt, a .bak copy,
+    a .tmp left by a crash) were not written by a run: never read nor deleted, named to `log` when given."""
+    names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+    steps = {n: int(m[1]) for n in names if (m := re.fullmatch(r"ckpt_(\d+)\.pt", n))}
+    if log and (others := sorted(n for n in names if n.startswith("ckpt_") and n not in steps)):
+        log(f"note: ignoring {', '.join(others)} in {run_dir}: only ckpt_<step>.pt files are checkpoints")
+    return [os.path.join(run_dir, n) for n in sorted(steps, key=steps.get, reverse=True)]
 
 
-def newest_checkpoint(run_dir, log=print, rejected=None):
-    """(path, checkpoint) of the newest good ckpt_*.pt in a run folder, or (None, None). Each bad file
-    before it is logged (and appended as (path, why) to `rejected` when given)."""
-    paths = run_checkpoints(run_dir)
+def newest_checkpoint(run_dir, log=print, rejected=None, strict=False):
+    """(path, checkpoint) of the newest good ckpt_<step>.pt in a run folder, or (None, None). Each bad file
+    before it is logged (and appended as (path, why) to `rejected` when given); strict as load_good."""
+    paths = run_checkpoints(run_dir, log)
     for i, path in enumerate(paths):
-        ckpt, why = load_good(path)
+        ckpt, why = load_good(path, strict)
         if ckpt is not None:
             return path, ckpt
         if rejected is not None:
@@ -231,8 +238,9 @@ _GOOD = {}  # (path, size, mtime) -> is it good: retention checks each file once
 
 
 def save_checkpoint(out_dir, step, payload, keep=2, log=print):
-    """Write ckpt_<step>.pt with its checksum atomically, then keep the newest `keep` good checkpoints (bad
-    files are named and left alone). Non-finite weights are refused (ValueError): they would only spread."""
+    """Write ckpt_<step>.pt with its checksum atomically, then keep the newest `keep` good checkpoints and the
+    one just written (bad files, and any not named ckpt_<step>.pt, are left alone). Non-finite weights are refused
+    (ValueError): they would only spread."""
     if bad := nonfinite_weights(payload):
         raise ValueError(f"refusing to write a checkpoint with non-finite weights ({', '.join(bad)})")
     path = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
@@ -242,10 +250,11 @@ def save_checkpoint(out_dir, step, payload, keep=2, log=print):
         st = os.stat(p)
         key = (p, st.st_size, st.st_mtime_ns)
         if key not in _GOOD:  # the file just written is good: it is not read back
-            _GOOD[key] = p == path or load_good(p)[0] is not None
+            _GOOD[key] = p == path or load_good(p, strict=True)[0] is not None
         (good if _GOOD[key] else unreadable).append(p)
-    for old in good[max(1, keep):]:  # the newest good one is never deleted
-        os.remove(old)
+    for old in good[max(1, keep):]:  # the newest good one is never deleted, nor the one just written
+        if old != path:
+            os.remove(old)
     if unreadable:
         log(f"warning: left alone, not counted as checkpoints (bad files): {', '.join(unreadable)}")
     return path

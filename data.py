@@ -49,6 +49,9 @@ log = logging.getLogger("data")
 
 # ----------------------------------------------------------------------------- 1. Image helpers
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")  # file extensions, in the order a tar sample's are tried
+# The formats Pillow may decode them as (web images are often GIF or TIFF under a .jpg name); never others,
+# e.g. EPS, which Pillow hands to Ghostscript: a sample's bytes are untrusted input.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 def find_images(root):
@@ -112,7 +115,7 @@ def load_image(path, size=None):
     (bicubic) and centre-cropped (the ImageNet-val protocol); size=None: as it is, (3, H, W)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image {path!r} does not exist")
-    with Image.open(path) as image:
+    with Image.open(path, formats=IMAGE_FORMATS) as image:
         image.load()
     if size is None:
         return to_tensor(to_rgb(image))
@@ -161,7 +164,7 @@ class _ImageStream(StreamDataset):
             return None
         # Every exception is caught: decoders raise OSError, SyntaxError, struct.error, ... on bad bytes.
         try:
-            image = Image.open(io.BytesIO(group[image_ext]))  # reads the header only
+            image = Image.open(io.BytesIO(group[image_ext]), formats=IMAGE_FORMATS)  # reads the header only
             w, h = image.size
             # The pixel limit and the paper's resolution filter, on the header size before any pixel is decoded.
             if w * h > self.max_pixels:

@@ -332,7 +332,7 @@ SKIP_REASONS = (
     "truncated_member",  # the tar is cut or damaged; the rest of that shard is lost (once per shard and pass)
     "unreadable_file",  # image folder: a file that cannot be read
     "missing_image",  # a sample with no image member (data.IMAGE_EXTS)
-    "corrupt_image",  # image bytes that do not decode (garbage, truncated)
+    "corrupt_image",  # image bytes that do not decode (garbage, truncated, a format not in data.IMAGE_FORMATS)
     "missing_caption",  # no .txt and no caption field in the .json
     "bad_json",  # a .json member that does not parse (the sample may still have a .txt caption)
     "bad_aesthetic",  # an aesthetic score that is not a number (the default is used)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from checkpoint import atomic_write, newest_checkpoint, save_checkpoint
+from checkpoint import atomic_write, load_good, newest_checkpoint, save_checkpoint
 from shapes import ShapesWorld
 
 # data.py and shards.py are imported where a stream is opened: they import this file.
@@ -427,9 +427,21 @@ def check_resume_config(saved, current, step, pinned=()):
 def find_resume(cfg, log, inputs=None):
     """(path, checkpoint) of the newest good checkpoint in cfg.out_dir, checked to be written with this config
     and, for `inputs` ({name: sha256} of the frozen models the run trains on, recorded in its checkpoints), on
-    the same weights; (None, None) for a fresh run. Rank 0 then writes the config to out_dir/config.json."""
-    rejected = []
-    path, ckpt = newest_checkpoint(cfg.out_dir, log=lambda s: log(text=s), rejected=rejected)
+    the same weights; (None, None) for a fresh run. Rank 0 then writes the config to out_dir/config.json.
+    Under torchrun rank 0 picks the checkpoint and every rank loads that one: a rank that cannot stops the job."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rejected, path, ckpt = [], None, None
+    if rank == 0:
+        path, ckpt = newest_checkpoint(cfg.out_dir, lambda s: log(text=s), rejected, strict=True)
+    if world > 1:  # rank 0's path, then every rank's cause of failure (None: loaded) for all to see
+        chosen, whys = [path], [None] * world
+        dist.broadcast_object_list(chosen)
+        path, why = chosen[0], None
+        if rank > 0 and path is not None:
+            ckpt, why = load_good(path, strict=True)
+        dist.all_gather_object(whys, why)
+        if bad := next(((r, w) for r, w in enumerate(whys) if w), None):
+            sys.exit(f"error: rank {bad[0]} cannot read {path}, the checkpoint rank 0 resumes from: it is {bad[1]}")
     if ckpt is not None:
         check_resume_config(ckpt["config"], dataclasses.asdict(cfg), ckpt["step"], pinned=ckpt.get("inputs") or ())
         recorded = ckpt.get("inputs")

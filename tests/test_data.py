@@ -226,6 +226,25 @@ def test_pixel_limit_before_decoding(tmp_path):
     assert list(small) == [] and small.skipped.total() == small.skipped.counts()["too_many_pixels"] == 3
 
 
+def test_only_the_listed_image_formats_are_decoded(tmp_path, monkeypatch):
+    """An EPS file under a .jpg name (Pillow would hand it to Ghostscript) is skipped as corrupt_image; the
+    EPS plugin is never even asked to read it. load_image refuses it the same way."""
+    from PIL import EpsImagePlugin, UnidentifiedImageError
+
+    used = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: used.append(self) or 1 / 0)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 300 300\n0 0 moveto 300 300 lineto stroke\nshowpage\n"
+    path = _write_tar(tmp_path / "e.tar", [("x.jpg", eps), ("x.txt", b"postscript"), ("ok.png", _png(300, 300)),
+                                           ("ok.txt", b"fine")])  # fmt: skip
+    ds = data.TarShardDataset(path, image_size=256, infinite=False, shuffle=False)
+    assert [s["caption"] for s in ds] == ["fine"]
+    assert {k: v for k, v in ds.skipped.counts().items() if v} == {"corrupt_image": 1}
+    (tmp_path / "x.jpg").write_bytes(eps)
+    with pytest.raises(UnidentifiedImageError):
+        data.load_image(str(tmp_path / "x.jpg"))
+    assert used == []
+
+
 def test_captions_must_be_utf8(tmp_path):
     path = _write_tar(tmp_path / "u.tar", [
         ("good.png", _png()), ("good.txt", "un café ☕".encode()),

@@ -62,6 +62,102 @@ def test_no_usable_checkpoint_says_so_and_starts_from_scratch(tmp_path, capsys):
     assert ck["step"] == 2 and ckpts(tmp_path) == ["ckpt_00000002.pt", "ckpt_00000004.pt"]
 
 
+def test_only_ckpt_step_files_are_checkpoints_ordered_by_step(tmp_path):
+    """Steps sort as numbers (1e8 has 9 digits); ckpt_best.pt, .bak copies and files without a checksum are never
+    resumed from nor deleted; retention keeps the file just written even when a higher step is good."""
+    payload = {"model": {"w": torch.ones(2)}, "ema": {}}
+    for step in (99999999, 100000000):
+        checkpoint.save_checkpoint(str(tmp_path), step, payload, keep=5)
+    names = [os.path.basename(p) for p in checkpoint.run_checkpoints(str(tmp_path))]
+    assert names == ["ckpt_100000000.pt", "ckpt_99999999.pt"]
+    good = (tmp_path / "ckpt_99999999.pt").read_bytes()
+    for stray in ("ckpt_best.pt", "ckpt_00000010.pt.bak"):
+        (tmp_path / stray).write_bytes(good)
+    torch.save(payload, tmp_path / "ckpt_200000000.pt")  # checkpoint-shaped, but not written by a run
+    lines = []
+    path, ck = checkpoint.newest_checkpoint(str(tmp_path), log=lines.append, strict=True)
+    assert path.endswith("ckpt_100000000.pt")
+    assert lines[0] == f"note: ignoring ckpt_00000010.pt.bak, ckpt_best.pt in {tmp_path}: only ckpt_<step>.pt " \
+                       "files are checkpoints"  # fmt: skip
+    assert "ckpt_200000000.pt is without a checksum (not written by a training run); falling back" in lines[1]
+    assert sum("ignoring" in line for line in lines) == 1
+    checkpoint.save_checkpoint(str(tmp_path), 5, payload, keep=1, log=lines.append)  # an older step than the newest
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt_00000005.pt", "ckpt_00000010.pt.bak", "ckpt_100000000.pt", "ckpt_200000000.pt", "ckpt_best.pt"]
+    assert "left alone" in lines[-1] and "ckpt_200000000.pt" in lines[-1]
+
+
+class _Log(list):
+    """A stand-in for the trainers' Logger that keeps the lines (enabled: rank 0)."""
+
+    def __init__(self, enabled=True):
+        super().__init__()
+        self.enabled = enabled
+
+    def __call__(self, record=None, text=None):
+        self.append(text)
+
+
+def _run_folder(out, steps):
+    cfg = dataclasses.replace(train_tokenizer.PRESETS["tiny"], out_dir=str(out))
+    out.mkdir(exist_ok=True)
+    for step in steps:
+        payload = {"config": dataclasses.asdict(cfg), "step": step, "model": {"w": torch.ones(2)}, "ema": {}}
+        checkpoint.save_checkpoint(str(out), step, payload, keep=5)
+    return cfg
+
+
+def test_a_checkpoint_without_checksum_is_skipped_on_resume(tmp_path):
+    import train_common
+
+    cfg = _run_folder(tmp_path, [2])
+    torch.save({"model": {"w": torch.ones(2)}, "ema": {}}, tmp_path / "ckpt_00000004.pt")  # no config, step, sha256
+    log = _Log()
+    path, ck = train_common.find_resume(cfg, log)
+    assert path.endswith("ckpt_00000002.pt") and ck["step"] == 2
+    assert any("ckpt_00000004.pt is without a checksum" in line for line in log)
+
+
+def _resume_on_rank(rank, init, dirs, damaged_rank, results):
+    import train_common
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    if rank == damaged_rank:  # this rank cannot read the file rank 0 chose (another node's damaged copy)
+        train_common.load_good = lambda path, strict: (None, "unreadable (its copy on this node is damaged)")
+    cfg = dataclasses.replace(train_tokenizer.PRESETS["tiny"], out_dir=dirs[rank])
+    try:
+        path, ck = train_common.find_resume(cfg, _Log(enabled=rank == 0))
+        results.put((rank, path, ck["step"]))
+    except SystemExit as e:
+        results.put((rank, str(e.code), None))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("damaged_rank", [None, 1])
+def test_every_rank_resumes_from_rank_0s_choice(tmp_path, damaged_rank):
+    """Rank 1's folder has a newer checkpoint (its view differs): it still loads rank 0's; a rank that cannot
+    read that file stops every rank, naming the rank, the file and the cause."""
+    _run_folder(tmp_path / "rank0", [2])
+    _run_folder(tmp_path / "rank1", [2, 4])
+    ctx = torch.multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    args = (f"file://{tmp_path}/pg", [str(tmp_path / "rank0"), str(tmp_path / "rank1")], damaged_rank, results)
+    procs = [ctx.Process(target=_resume_on_rank, args=(rank, *args)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    chosen = str(tmp_path / "rank0" / "ckpt_00000002.pt")
+    if damaged_rank is None:
+        assert got == [(0, chosen, 2), (1, chosen, 2)]
+    else:
+        msg = f"error: rank 1 cannot read {chosen}, the checkpoint rank 0 resumes from: it is unreadable (its copy " \
+              "on this node is damaged)"  # fmt: skip
+        assert got == [(0, msg, None), (1, msg, None)]
+
+
 def _rewrite(path, change, rehash):
     ck = torch.load(path, weights_only=True)
     digest = ck.pop("sha256")

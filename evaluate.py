@@ -290,7 +290,7 @@ def evaluate_generation(gen_batches, extractor=None, ref_batches=None, ref_stats
 def generate_shapes_images(prompts, generator=None, tokenizer=None, device="cpu", seed=0, batch_size=50,
                            num_steps=None, guidance_scale=None, guidance_schedule=None, temperature=None):
     """uint8 (H, W, 3) images for `prompts` in their order, prompt j sampled with seed + j by
-    sample.py (generator None: the shipped checkpoints/shapes.pt). Under torchrun rank r draws
+    sample.py (generator None: the shipped checkpoints/shapes). Under torchrun rank r draws
     prompts r::world and every rank gets all images."""
     models = checkpoint.load_models(generator, tokenizer, device)
     opts = dict(num_steps=num_steps, guidance_scale=guidance_scale, guidance_schedule=guidance_schedule,
@@ -694,12 +694,12 @@ def cmd_shapes(args, device):
             text = {"caption": caps, "next": caps[1:] + caps[:1], "empty": [""] * len(caps)}[args.decoder_text]
             images = reconstruct(images, text, args.generator, args.tokenizer, device, args.batch_size)
             of = args.tokenizer if args.generator is None and args.tokenizer else args.generator
-            source = f"ground-truth renders reconstructed by the tokenizer of {of or 'checkpoints/shapes.pt'}"
+            source = f"ground-truth renders reconstructed by the tokenizer of {of or 'checkpoints/shapes'}"
     else:  # the held-out prompts (a seed no training run uses), generated
         caps = shapes.heldout_prompts(args.n_per_category, args.seed)
         images = generate_shapes_images(caps, args.generator, args.tokenizer, device, args.sample_seed, args.batch_size,
                                         args.steps, args.guidance_scale, args.guidance_schedule, args.temperature)
-        source = args.generator or "the shipped checkpoints/shapes.pt"
+        source = args.generator or "the shipped checkpoints/shapes"
         if train_common.rank_world()[0] != 0:
             return {}, source
     res = shapes.shapes_score(images, caps, return_details=bool(args.details or args.save))
@@ -722,7 +722,7 @@ def cmd_context(args, device):
     images = torch.tensor(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float().div(255).to(device)
     scenes = (models, images, [s.caption for s in samples], shapes.SHAPES_AESTHETIC)
     res = {**context_use(*scenes, seed=args.sample_seed), **inpaint_use(*scenes, seed=args.sample_seed)[0]}
-    return res, f"context use of {args.generator or 'checkpoints/shapes.pt'} on {len(samples)} held-out scenes"
+    return res, f"context use of {args.generator or 'checkpoints/shapes'} on {len(samples)} held-out scenes"
 
 
 def main(argv=None):

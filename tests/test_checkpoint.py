@@ -565,20 +565,20 @@ def test_sample_cli_with_hub_ids(offline, tmp_path):
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = {"vq": os.path.join(HERE, "checkpoints", "shapes"), "kl": os.path.join(HERE, "checkpoints", "shapes_kl")}
-BUNDLES = {mode: os.path.join(d, "generator") for mode, d in SHIPPED.items()}  # each generator records its tokenizer
+GENERATORS = {mode: os.path.join(d, "generator") for mode, d in SHIPPED.items()}  # each generator records its tokenizer
 
 
-@pytest.fixture(params=sorted(BUNDLES))
-def bundle(request):
-    path = BUNDLES[request.param]
+@pytest.fixture(params=sorted(GENERATORS))
+def shipped(request):
+    path = GENERATORS[request.param]
     assert os.path.isfile(os.path.join(path, "config.json")), f"{path} ships with the repository"
     size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(SHIPPED[request.param], "*", "*")))
     assert size <= 20 * 2**20, "a shipped model (both release directories) stays under 20 MiB"
     return request.param, path
 
 
-def test_quickstart_draws_with_each_shipped_model(bundle, tmp_path, capsys):
-    mode, path = bundle
+def test_quickstart_draws_with_each_shipped_model(shipped, tmp_path, capsys):
+    mode, path = shipped
     args = ["--generator", path] if mode == "kl" else []  # the VQ model is the default
     res = S.main(args + ["--prompt", "a red circle to the left of a blue square", "--outdir", str(tmp_path)] + CPU)
     assert res["images"][0] in capsys.readouterr().out  # it says where the image went
@@ -589,8 +589,8 @@ def test_quickstart_draws_with_each_shipped_model(bundle, tmp_path, capsys):
     assert m.generator.config.mode == m.tokenizer.config.quantize_mode == mode
 
 
-def test_shipped_tokenizer_for_pretokenize_and_train_maskgen(bundle, tmp_path):
-    mode, path = bundle
+def test_shipped_tokenizer_for_pretokenize_and_train_maskgen(shipped, tmp_path):
+    mode, path = shipped
     path = os.path.join(os.path.dirname(path), "tokenizer")
     out = tmp_path / "pretok"
     data.main(["pretokenize", "--tokenizer", path, "--data", "shapes:12", "--out", str(out),
@@ -609,11 +609,11 @@ def test_shipped_tokenizer_for_pretokenize_and_train_maskgen(bundle, tmp_path):
     assert ck["maskgen_config"]["num_tokens"] == tok.num_latent_tokens and ck["maskgen_config"]["mode"] == mode
 
 
-def test_each_shipped_model_reads_its_context(bundle, tmp_path):
+def test_each_shipped_model_reads_its_context(shipped, tmp_path):
     # `evaluate.py context`: the shipped generators predict masked tokens far better with
     # most tokens visible than with none (VQ: cross-entropy; KL: R^2 of the masked tokens'
     # means from the DiffLoss conditions). The KL model shipped before pos_init_std did not.
-    mode, path = bundle
+    mode, path = shipped
     res = evaluate.main(["context", "--generator", path, "--n-per-category", "20", "--out", str(tmp_path / "ctx")] + CPU)
     if mode == "vq":
         assert res["masked_ce@0.9"] < res["masked_ce@0"] - 1.0
@@ -627,8 +627,8 @@ def test_evaluate_shapes_passes_the_sampling_options_through(tmp_path):
     # schedule, given explicitly, draws the default's images; another schedule or a softmax
     # temperature draws others; a schedule of the other variant is refused by name.
     prompts = shapes.heldout_prompts(2)
-    cfg = C.load_models(BUNDLES["vq"], None, "cpu").generator.config
-    kw = dict(generator=BUNDLES["vq"], device="cpu")
+    cfg = C.load_models(GENERATORS["vq"], None, "cpu").generator.config
+    kw = dict(generator=GENERATORS["vq"], device="cpu")
     base = evaluate.generate_shapes_images(prompts, **kw)
     same = evaluate.generate_shapes_images(prompts, guidance_schedule=cfg.guidance_schedule, **kw)
     other = evaluate.generate_shapes_images(prompts, guidance_schedule="none", **kw)
@@ -636,5 +636,5 @@ def test_evaluate_shapes_passes_the_sampling_options_through(tmp_path):
     assert all((a == b).all() for a, b in zip(base, same))
     assert any((a != b).any() for a, b in zip(base, other)) and any((a != b).any() for a, b in zip(base, cooler))
     with pytest.raises(ValueError, match="cosine"):
-        evaluate.main(["shapes", "--generator", BUNDLES["kl"], "--guidance-schedule", "cosine",
+        evaluate.main(["shapes", "--generator", GENERATORS["kl"], "--guidance-schedule", "cosine",
                        "--n-per-category", "1", "--out", str(tmp_path / "s")] + CPU)  # fmt: skip

@@ -9,7 +9,7 @@ figures (§5.2, Fig. 4; App. G, Fig. 8). Per batch of prompts:
 
     captions --TextEncoder--> .penultimate (B,L,W), .pooled (B,E)  -> MaskGen conditions
                               .final       (B,L,W)                 -> TA-TiTok decoder
-    "" (computed once)    --> the classifier-free guidance null condition
+    "" (computed once)    --> the classifier-free guidance null condition (or --negative_prompt)
     MaskGen.generate()    --> tokens: VQ ids (B,K) | KL vectors (B,K,C)
     TATiTok.decode        --> images (B,3,H,W) in [0,1] -> PNG files
 
@@ -372,6 +372,7 @@ def main(argv=None):
     s.add_argument("--steps", type=int, help="decoding steps (paper: 16 VQ, 32 KL)")
     s.add_argument("--guidance_scale", type=float, help="classifier-free guidance scale; 1 = no guidance")
     s.add_argument("--guidance_schedule", help="VQ: cosine | linear | none;  KL: linear | constant")
+    s.add_argument("--negative_prompt", default="", help="guidance's unconditional caption (default \"\", as trained)")
     s.add_argument("--randomize_temperature", type=float, help="VQ: Gumbel temperature, annealed to 0")
     s.add_argument("--temperature", type=float, help="VQ: softmax temperature (default annealed); KL: DiffLoss noise")
     s.add_argument("--aesthetic", type=float, nargs="+", help="aesthetic score(s); several: a grid row each (Fig. 7)")
@@ -477,7 +478,9 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=train_common.DTYPES[args.dtype], enabled=args.dtype != "fp32")
     try:
         with torch.inference_mode(), autocast:
-            null = models.gen_text([""])  # the classifier-free guidance null condition, computed once
+            # CFG's unconditional branch: the "" caption the model was trained with (caption dropout), or a
+            # negative prompt in its place, so that guidance steers away from it. Computed once.
+            null = models.gen_text([args.negative_prompt])
             batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
             for batch in tqdm(batches, desc=f"sampling (rank {rank})" if world > 1 else "sampling", disable=rank != 0):
                 images = generate_images(models, [prompts[it.prompt_index] for it in batch],

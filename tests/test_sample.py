@@ -385,6 +385,30 @@ def test_item_seeding_batches_with_one_generator_per_image(ckpts, tmp_path, monk
     assert list(a) == list(c) and all(np.abs(a[f].astype(int) - c[f].astype(int)).max() <= 1 for f in a)
 
 
+def test_negative_prompt_replaces_the_empty_caption(ckpts, tmp_path, monkeypatch):
+    # --negative_prompt's encoding is CFG's unconditional branch; without it (or with ""), the
+    # empty caption is, and the images are the same bytes.
+    nulls, outs, generate = [], [], M.MaskGenBase.generate
+
+    def spy(self, text, pooled, null_text=None, null_pooled=None, **kw):
+        nulls.append((null_text, null_pooled))
+        outs.append(generate(self, text, pooled, null_text, null_pooled, **kw))
+        return outs[-1]
+
+    monkeypatch.setattr(M.MaskGenBase, "generate", spy)
+    args = ["--generator", ckpts["gen_kl"], "--prompt", "a red circle", "--num_images", "2", "--guidance_scale", "3"]
+    run(args, tmp_path / "plain")
+    run(args + ["--negative_prompt", ""], tmp_path / "empty")
+    run(args + ["--negative_prompt", "two blue squares"], tmp_path / "neg")
+    text = L.load_models(ckpts["gen_kl"], device="cpu").gen_text
+    for (null_text, null_pooled), caption in zip(nulls, ["", "", "two blue squares"]):
+        want = text([caption])
+        assert torch.equal(null_text, want.penultimate) and torch.equal(null_pooled, want.pooled)
+    plain, empty = (folder_pixels(tmp_path / d) for d in ("plain", "empty"))
+    assert all(np.array_equal(plain[f], empty[f]) for f in plain)
+    assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], outs[2])  # the tokens guidance drew
+
+
 def write_mjhq(path, entries):
     path.write_text(json.dumps({i: {"category": c, "prompt": p} for i, c, p in entries}))
     return str(path)

@@ -388,6 +388,8 @@ class DiffLoss(nn.Module):
         generator: a torch.Generator on z's device, or one per image when the (cond) rows are equal
         blocks per image (randn_rows). denoise: net.denoise or a compiled version of it."""
         self._check_z(z, None, "sample")
+        # The generator checks of maskgen.check_generators, kept here so DiffLoss stands alone: this file
+        # cannot import maskgen.py (maskgen imports it), and VQ sampling never calls into this file.
         many = isinstance(generator, (list, tuple))
         for i, g in enumerate(generator if many else [] if generator is None else [generator]):
             name, g_device = f"generator[{i}]" if many else "the generator", getattr(g, "device", None)

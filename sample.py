@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import checkpoint
+from checkpoint import pick_device
 import train_common
 from data import IMAGE_EXTS, load_image
 from maskgen import check_guidance_schedule
@@ -131,24 +132,6 @@ def generate_images(models, prompts, aesthetics, seeds, null, opts, device, seed
     tokens = models.generator.generate(text.penultimate, text.pooled, null.penultimate, null.pooled, aesthetic=aes,
                                        generator=gens if seeding == "item" else gens[0], **opts)  # (B,K) | (B,K,C)
     return models.tokenizer.decode(tokens, final)  # (B,3,H,W)
-
-
-def pick_device(name):
-    """--device NAME -> torch.device; "auto" is CUDA, then MPS, then the CPU. A device this
-    machine lacks is refused here, in words, not by torch much later."""
-    has = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if name == "auto":
-        name = "cuda" if has["cuda"] else "mps" if has["mps"] else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if not has.get(device.type, True):
-        check = "torch.cuda.is_available()" if device.type == "cuda" else "torch.backends.mps.is_available()"
-        raise ValueError(f"--device {name} was asked for but {check} is False; use --device cpu or auto")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
-    return device
 
 
 def to_pixels(images):

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from checkpoint import atomic_write, load_good, newest_checkpoint, save_checkpoint
+from checkpoint import atomic_write, load_good, newest_checkpoint, pick_device, save_checkpoint
 from shapes import ShapesWorld
 
 # data.py and shards.py are imported where a stream is opened: they import this file.
@@ -185,26 +185,6 @@ def print_help(cls, presets, name, fields):
 
 
 # 2. Processes: device, process group, numerics, seeds, peak FLOP/s (also for sample, evaluate, data, bench) --
-def pick_device(name="auto", mps=True):
-    """The torch.device for --device=NAME: "auto" is this process's GPU (LOCAL_RANK, as is a bare "cuda"), else
-    MPS where `mps`, else the CPU. A device this machine lacks is refused here, in words (torch would fail
-    much later, obscurely)."""
-    mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps and mps_ok else "cpu"
-    try:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    check = {"cuda": ("cuda", torch.cuda.is_available()), "mps": ("backends.mps", mps_ok)}.get(device.type)
-    if check and not check[1]:
-        raise ValueError(f"--device {name} was asked for but torch.{check[0]}.is_available() is False; "
-                         f"use --device cpu or auto")  # fmt: skip
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
-    return device
-
-
 def rank_world():
     """(rank, world_size): from the process group, else torchrun's environment, else (0, 1)."""
     if dist.is_available() and dist.is_initialized():

@@ -574,7 +574,7 @@ def test_temperature_zero_and_devices(ckpts, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"--device cuda was asked for but torch.cuda.is_available\(\) is False; use --device cpu or auto"):
         S.main(["--prompt", "x", "--device", "cuda", "--outdir", str(tmp_path / "out")])
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    for pick_device in (S.pick_device, train_common.pick_device):  # sample.py's own, and the trainers' (torchrun)
+    for pick_device in (S.pick_device, train_common.pick_device):  # one function (checkpoint.py), as both see it
         with pytest.raises(ValueError, match=r"unknown --device 'gpu'"):
             pick_device("gpu")
         with pytest.raises(ValueError, match=r"--device mps was asked for but torch.backends.mps.is_available\(\) is False"):

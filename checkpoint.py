@@ -693,11 +693,28 @@ def load_generator(ref, device="cpu", revision=None):
     return _build(resolve(ref, "generator", revision), device)[0]
 
 
-def generator_weights(ref):
-    """(state dict under our names, where) of a MaskGen reference, for train_maskgen.py --init_from: a run's
-    or checkpoint's EMA weights when present, a release's as loaded."""
-    src = resolve(ref, "generator")
-    return (_build(src, "cpu")[0].state_dict() if src.ckpt is None else _weights(src.ckpt, src.where)[0]), src.where
+def init_weights(ref, role, config, presets, flag, tokenizer=None):
+    """(state dict under our names, its Source) for a trainer's --init_from: the `role` model ("generator" |
+    "tokenizer") of any reference, a run's or checkpoint's EMA weights when present, a release's as loaded.
+    `config` is what the trainer's preset builds; where the init's differs (but for the KL scale factor: a
+    property of its tokens, which the init keeps) a ValueError names the fields, and the presets among
+    `presets` ({name: config}) that fit, as `flag`=name. tokenizer: (its config, where) for a generator,
+    checked first to make the tokens it was trained on (check_pair)."""
+    src = resolve(ref, role)
+    if tokenizer is not None:
+        check_pair(tokenizer[0], src.config, tokenizer[1], src.where)
+
+    def differs(c):  # the fields in which config c differs from the init's
+        return [f.name for f in dataclasses.fields(c) if f.name != "scale_factor" and getattr(c, f.name) !=
+                getattr(src.config, f.name)]  # fmt: skip
+
+    if diff := differs(config):
+        held, built = (", ".join(f"{k} {getattr(c, k)!r}" for k in diff) for c in (src.config, config))
+        fits = " or ".join(f"{flag}={n}" for n, c in presets.items() if not differs(c))
+        raise ValueError(f"{src.where!r} holds a {role} with {held}, but the preset builds {built}; "
+                         f"pick the preset it was trained with ({fits or 'none fits: add one with its config'})")
+    sd = _build(src, "cpu")[0].state_dict() if src.ckpt is None else _weights(src.ckpt, src.where)[0]
+    return sd, src
 
 
 def _same_text(a, b):

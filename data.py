@@ -93,7 +93,7 @@ class ImageTransform:
             raise ValueError(f"resize ({self.resize}) must be >= the crop size ({self.size})")
         self.random_crop, self.random_flip = random_crop, random_flip
 
-    def __call__(self, image, rng):  # image: PIL; rng: np.random.Generator (drives the crop and the flip)
+    def __call__(self, image, rng, flip=True):  # image: PIL; rng: np.random.Generator (drives the crop and the flip)
         image = to_rgb(image)
         w, h = image.size
         scale = self.resize / min(w, h)
@@ -105,7 +105,7 @@ class ImageTransform:
         else:
             left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
         image = image.crop((left, top, left + self.size, top + self.size))
-        if self.random_flip and rng.random() < 0.5:
+        if self.random_flip and rng.random() < 0.5 and flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         return to_tensor(image)  # (3, size, size)
 
@@ -185,7 +185,9 @@ class _ImageStream(StreamDataset):
             return {"image": to_tensor(to_rgb(image)), **fields}
         name = f"{os.path.basename(group['__shard__'])}/{group['__key__']}".encode()  # crop, flip: per sample, epoch
         rng = np.random.default_rng([self.seed, 3, group["__epoch__"], zlib.crc32(name)])
-        return {"image": self.transform(image, rng), **fields}
+        # A mirrored image would contradict a caption that says left or right: those are never flipped.
+        sided = re.search(r"\b(left|right)\b", f"{fields['caption']} {fields['recaption']}".lower())
+        return {"image": self.transform(image, rng, flip=not sided), **fields}
 
 
 class TarShardDataset(_ImageStream):
@@ -430,25 +432,37 @@ class PretokenizedDataset(StreamDataset):
 
 
 # ----------------------------------------------------------------------------- 6. Shapes shards, command line
-def make_shapes_shards(out_dir, n, per_shard=1000, seed=0, category_mix=None, prefix="shapes"):
+def make_shapes_shards(out_dir, n, per_shard=1000, seed=0, category_mix=None, prefix="shapes", counts=None, share=0.0,
+                       folder=False):  # fmt: skip
     """Shapes samples 0..n-1 as WebDataset tars of <key>.png (lossless: exact palette colours),
-    .txt and .json (caption, category, aesthetic_score, objects) -> the shard paths."""
-    world = shapes.ShapesWorld(seed, category_mix)
+    .txt and .json (caption, category, aesthetic_score, objects) -> the shard paths; folder: as the
+    files themselves (an image folder). counts, share: that share of the samples, spread evenly, are
+    count scenes of `counts` (a world of its own, seed + 1), the rest the usual world (fine-tuning data
+    that teaches a new number word and replays the old vocabulary)."""
+    world, new = shapes.ShapesWorld(seed, category_mix), counts and shapes.ShapesWorld(seed + 1, (0, 1, 0), counts)
     with ShardWriter(out_dir, prefix, per_shard) as writer:
         for index in range(n):
-            s = world.sample(index)
+            s = new.sample(index) if new and int((index + 1) * share) > int(index * share) else world.sample(index)
             png = io.BytesIO()
             Image.fromarray(s.image).save(png, format="PNG")
             objects = [dict(color=o.color, shape=o.shape, cx=o.cx, cy=o.cy, size=o.size) for o in s.objects]
             meta = {"caption": s.caption, "category": s.category, "aesthetic_score": s.aesthetic,
                     "objects": objects, "seed": seed, "index": index}  # fmt: skip
-            writer.write(f"{index:09d}", {"png": png.getvalue(), "txt": s.caption, "json": meta})
-    return writer.paths
+            if not folder:
+                writer.write(f"{index:09d}", {"png": png.getvalue(), "txt": s.caption, "json": meta})
+                continue
+            for ext, b in (("png", png.getvalue()), ("txt", s.caption.encode()), ("json", json.dumps(meta).encode())):
+                pathlib.Path(out_dir, f"{index:09d}.{ext}").write_bytes(b)
+    return [out_dir] if folder else writer.paths
 
 
 def _cmd_make_shapes(args):
-    paths = make_shapes_shards(args.out, args.n, args.per_shard, args.seed)
-    print(f"wrote {args.n} shapes samples in {len(paths)} shard(s) to {args.out}/")
+    counts = tuple(args.counts) if args.counts else None
+    if counts and not 0 < args.share <= 1:
+        raise ValueError(f"--share must be in (0, 1] with --counts, got {args.share}")
+    paths = make_shapes_shards(args.out, args.n, args.per_shard, args.seed, counts=counts, share=args.share,
+                               folder=args.folder)  # fmt: skip
+    print(f"wrote {args.n} shapes samples {'as files' if args.folder else f'in {len(paths)} shard(s)'} to {args.out}/")
 
 
 def _cmd_inspect(args):
@@ -528,6 +542,10 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=10000, help="number of samples")
     p.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--counts", type=int, nargs="+", choices=sorted(shapes.NUMBER_WORDS),
+                   help="teach these counts: --share of the samples are count scenes of them (e.g. --counts 4)")
+    p.add_argument("--share", type=float, default=0.3, help="with --counts: their share of the samples")
+    p.add_argument("--folder", action="store_true", help="write <key>.png/.txt/.json files, not tar shards")
     p.set_defaults(func=_cmd_make_shapes)
 
     p = sub.add_parser("inspect", help="read a dataset once at its own image sizes; print a few samples, the skip "

@@ -10,7 +10,7 @@ A scene is a 64x64 white canvas with 1-3 objects, each one of 6 palette colours 
 3 shapes, drawn without antialiasing, with >= 3 white pixels between objects. Its
 caption is in one of three categories:
     single     "a red circle"
-    count      "three yellow triangles"              (2 or 3 objects of one kind)
+    count      "three yellow triangles"              (2 or 3 objects of one kind; 4, "four", only when asked)
     relation   "a blue square above a purple circle" (two different kinds)
 The spec in section 1 is shared with the detector below and with outside checks, so
 it is followed to the letter: change nothing there without them.
@@ -52,7 +52,10 @@ RELATION_MAX_CROSS = 8  # ... and by <= this along the other axis
 # "subject <relation> reference" true (y grows downwards).
 RELATION_AXES = {"to the left of": ("x", -1), "to the right of": ("x", +1), "above": ("y", -1), "below": ("y", +1)}
 CATEGORIES = ("single", "count", "relation")
-NUMBER_WORDS = {2: "two", 3: "three"}
+NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
+# The counts the world draws by default. "four" is a word the shipped models never saw: ShapesWorld(counts=(4,))
+# makes scenes to teach it (`python data.py make-shapes --counts 4`), and the detector scores it like the others.
+COUNTS = (2, 3)
 SHAPES_AESTHETIC = 6.5  # every shapes sample carries this constant aesthetic score
 HELDOUT_SEED = 1_000_003  # the held-out prompt sampler's seed; training uses small seeds (0, 1, ...)
 
@@ -90,8 +93,8 @@ class ShapeObject:
 class CaptionSpec:
     """What a caption asks for; the detector scores images against it.
     objects: the (color, shape) pairs in caption order: one for "single" and "count",
-    (subject, reference) for "relation". count: objects of each named kind (2 or 3 for
-    "count", else 1). relation: one of RELATIONS for "relation", else None."""
+    (subject, reference) for "relation". count: objects of each named kind (a NUMBER_WORDS
+    key for "count", else 1). relation: one of RELATIONS for "relation", else None."""
 
     category: str
     objects: tuple
@@ -189,7 +192,7 @@ def parse_caption(caption):
     if m := _CAPTION_RES["single"].fullmatch(text):
         return CaptionSpec("single", (m.groups(),), 1)
     raise ValueError(f"{caption!r} is not a shapes caption; write 'a <colour> <shape>', "
-                     f"'two|three <colour> <shape>s' or 'a <colour> <shape> <relation> a <colour> <shape>' "
+                     f"'{'|'.join(NUMBER_WORDS.values())} <colour> <shape>s' or 'a <colour> <shape> <relation> a <colour> <shape>' "
                      f"with colours {_COLOR_NAMES}, shapes {SHAPES} and relations {RELATIONS}")
 
 
@@ -248,12 +251,15 @@ def _place_pair(rng, subject, reference, relation, attempts=100):
 class ShapesWorld:
     """Seeded generator of shapes scenes. Sample `index` draws from its own numpy Generator
     seeded with [seed, index], so it can be regenerated alone, in any order, on any rank.
-    category_mix: None (equal thirds), {"single": w, "count": w, "relation": w}, or 3 weights."""
+    category_mix: None (equal thirds), {"single": w, "count": w, "relation": w}, or 3 weights.
+    counts: the object counts of "count" scenes, drawn uniformly (NUMBER_WORDS keys)."""
 
-    def __init__(self, seed=0, category_mix=None):
+    def __init__(self, seed=0, category_mix=None, counts=COUNTS):
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        self.seed = int(seed)
+        if not counts or not set(counts) <= set(NUMBER_WORDS):
+            raise ValueError(f"counts must be some of {sorted(NUMBER_WORDS)}, got {counts}")
+        self.seed, self.counts = int(seed), tuple(int(n) for n in counts)
         if isinstance(category_mix, dict):
             if unknown := set(category_mix) - set(CATEGORIES):
                 raise ValueError(f"category_mix has unknown categories {sorted(unknown)}; use {CATEGORIES}")
@@ -280,7 +286,7 @@ class ShapesWorld:
         if category == "single":
             return CaptionSpec("single", (kind,)), _scatter(rng, [kind])
         if category == "count":
-            n = int(rng.integers(2, 4))
+            n = self.counts[int(rng.integers(len(self.counts)))]  # (2, 3): the draw integers(2, 4) - 2
             return CaptionSpec("count", (kind,), n), _scatter(rng, [kind] * n)
         # "relation": the reference is any of the other 17 (colour, shape) kinds.
         kinds = [(c, s) for c in _COLOR_NAMES for s in SHAPES if (c, s) != kind]

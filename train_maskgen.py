@@ -50,7 +50,8 @@ class TrainConfig(RunConfig):  # RunConfig: optimisation, numerics, device, seed
     aesthetic_default: float = option(6.5, "the aesthetic score of a sample that carries none")
     scale_factor: float = option(-1.0, "KL: token scale; -1 = the preset's for official tokenizers, else 1/std")
     schedule: str = option("cosine", "cosine | constant (after the warm-up)")
-    init_from: str = option("", "stage 2: start from a stage-1 run's EMA weights (dir or checkpoint)")
+    init_from: str = option("", "fine-tune (stage 2): start from these weights (EMA if any): a release dir or Hub id, "
+                                "a run or ckpt file; the preset must build its model")  # fmt: skip
     sample_prompts: str = option("", '"|"-separated prompts of the sample grids; empty = a fixed shapes-world set')
     out_dir: str = option("runs/maskgen", "checkpoints, log.jsonl, config.json, sample grids")
 
@@ -136,8 +137,17 @@ def main(argv=None):
     inputs = {"tokenizer": content_digest(tokenizer.state_dict()),
               "text_encoder": content_digest(text_encoder.state_dict())}  # sha256 of the weights
     path, ckpt = find_resume(cfg, log, inputs)  # refuses a checkpoint trained on other inputs
+    init = None
     if ckpt is not None:
         mcfg = M.MaskGenConfig(**ckpt["maskgen_config"])  # includes the scale factor chosen at the start
+    elif cfg.init_from:  # a fine-tune: the init's weights and config (KL: its scale factor), a fresh optimizer
+        presets = {n: M.preset_for(n, tcfg, text_encoder.width, text_encoder.embed_dim) for n in M.PRESETS}
+        try:
+            init, src = checkpoint.init_weights(cfg.init_from, "generator", mcfg, presets, "--maskgen",
+                                                (tcfg, cfg.tokenizer))  # fmt: skip
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"error: --init_from={cfg.init_from}: {e}")
+        mcfg = src.config
     elif mcfg.mode == "kl" and cfg.scale_factor < 0 and not checkpoint.is_release(cfg.tokenizer):
         # Our own tokenizer: tokens scaled to unit variance (as LDM), on global batch slot 0 (alike on every rank).
         tokens, _, _ = token_batches(cfg, tokenizer, 0, 1, 0, device)(0, 0)
@@ -150,12 +160,9 @@ def main(argv=None):
 
     seed_everything(cfg.seed)  # identical initial weights on every rank
     model = M.build(mcfg).to(device)
-    if cfg.init_from and ckpt is None:  # stage 2 fine-tuning starts from stage 1's EMA
-        try:
-            init, where = checkpoint.generator_weights(cfg.init_from)  # a run folder or checkpoint file
-        except (ValueError, FileNotFoundError) as e:
-            sys.exit(f"error: --init_from={cfg.init_from}: {e}")
-        load_checked(model, init, where)
+    if init is not None:  # step 0 of a run of its own: this run's schedule, warm-up and EMA from the init
+        load_checked(model, init, src.where)
+        log(text=f"initialised from {src.where}")
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # eval: no code revival, no dropout
     opt = adamw(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
     step = 0

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint
 import losses
 import tokenizer as T
 from text import TEXT_PRESETS, TextEncoder
@@ -57,6 +58,8 @@ class TrainConfig(RunConfig):  # RunConfig: optimisation, numerics, device, seed
                                    "tiny)")  # fmt: skip
     disc_start: int = option(-1, "step at which the GAN switches on; -1 keeps the loss preset's (official 200k)")
     caption_drop: float = option(0.0, 'share of training samples decoded with the empty caption "" (official: 0)')
+    init_from: str = option("", "fine-tune: start from these weights (EMA if any; the discriminator starts afresh): a "
+                                "release dir or Hub id, a run or ckpt file; the preset must build its model")  # fmt: skip
     out_dir: str = option("runs/tokenizer", "checkpoints, log.jsonl, config.json, reconstruction grids")
 
 
@@ -108,7 +111,26 @@ def main(argv=None):
     # ---- resume: config check, weights, optimisers, step, every rank's RNG
     step = 0
     path, ckpt = find_resume(cfg, log)
+    if ckpt is None and cfg.init_from:
+        # A fine-tune: step 0 of a run of its own (schedule, warm-up, optimisers) from the init's tokenizer, the
+        # decoder reading the text tower it was trained with. Releases hold no discriminator, and one from the
+        # init's run would have learnt to tell its reconstructions of other data: it starts afresh (disc_start
+        # counts from here).
+        try:
+            init, src = checkpoint.init_weights(cfg.init_from, "tokenizer", tcfg, T.PRESETS, "--tokenizer")
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"error: --init_from={cfg.init_from}: {e}")
+        if src.text.name not in (None, cfg.text_encoder) or (src.text.state is None and src.text.pretrained !=
+                                                              cfg.text_pretrained):  # fmt: skip
+            sys.exit(f"error: --init_from={cfg.init_from} was trained with text encoder {src.text.name} "
+                     f"({src.text.pretrained}); pass --text_encoder={src.text.name} --text_pretrained={src.text.pretrained}")
+        if src.text.state is not None:  # a small random tower: the init's own weights
+            text_encoder.load_state_dict(src.text.state)
+        ema.load_state_dict(checkpoint.load_checked(model, init, src.where).state_dict())
+        log(text=f"initialised from {src.where}")
     if ckpt is not None:
+        if ckpt.get("text_encoder") is not None:  # a small random tower: the run's own weights
+            text_encoder.load_state_dict(ckpt["text_encoder"])
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         loss_fn.load_state_dict(ckpt["loss_state"])  # the discriminator and the LeCAM EMAs

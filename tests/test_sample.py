@@ -278,9 +278,10 @@ def test_one_loader_for_every_form(ckpts):
         L.load_tokenizer(ckpts["gen"])
     # --init_from's weights: the EMA ones, from a run folder or the generator release.
     ema = torch.load(os.path.join(ckpts["gen"], "ckpt_00000020.pt"), weights_only=True)["ema"]
-    sd, where = L.generator_weights(ckpts["gen"])
-    assert where.endswith("ckpt_00000020.pt") and all(torch.equal(sd[k], ema[k]) for k in ema)
-    sd, _ = L.generator_weights(ckpts["release"])
+    cfg = L.resolve(ckpts["gen"], "generator").config
+    sd, src = L.init_weights(ckpts["gen"], "generator", cfg, {}, "--maskgen")
+    assert src.where.endswith("ckpt_00000020.pt") and all(torch.equal(sd[k], ema[k]) for k in ema)
+    sd, _ = L.init_weights(ckpts["release"], "generator", cfg, {}, "--maskgen")
     assert all(torch.equal(sd[k].float(), ema[k].half().float()) for k in ema if ema[k].is_floating_point())
 
 

@@ -3,13 +3,16 @@ determinism, held-out prompts) and its rule-based detector, on freshly rendered
 ground truth. Fast (CPU, numpy)."""
 
 import dataclasses
+import hashlib
 import itertools
 import re
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import data
 import shapes
 
 # -----------------------------------------------------------------------------
@@ -179,7 +182,7 @@ def test_parse_caption_round_trip(samples):
             assert spec.count == len(s.objects) and spec.objects == ((s.objects[0].color, s.objects[0].shape),)
     spec = shapes.parse_caption("  A Red circle   to the left of a green TRIANGLE ")
     assert spec == shapes.CaptionSpec("relation", (("red", "circle"), ("green", "triangle")), 1, "to the left of")
-    for bad in ("a pink circle", "two red circle", "four red circles", "a red circle near a blue square", ""):
+    for bad in ("a pink circle", "two red circle", "five red circles", "a red circle near a blue square", ""):
         with pytest.raises(ValueError, match="not a shapes caption"):
             shapes.parse_caption(bad)
 
@@ -269,3 +272,45 @@ def test_detector_tolerates_blur_and_noise():
         images.append(np.clip(x, 0, 255).astype(np.uint8))
     res = shapes.shapes_score(images, [s.caption for s in samples])
     assert res["overall"] >= 0.95, res
+
+
+# ---------------------------------------------------------------------------- a new word: "four"
+
+
+def test_four_is_drawn_and_scored_only_when_asked():
+    # The default world and the held-out set are as they were before "four" existed (digest of their pixels
+    # and captions taken then), and never say "four".
+    h = hashlib.sha256()
+    for s in [shapes.ShapesWorld(0).sample(i) for i in range(200)] + shapes.heldout_samples(20):
+        h.update(s.image.tobytes() + s.caption.encode())
+    assert h.hexdigest() == "7b9224af453ff0aefef6e72664b1f4dca05d5af7e65248b499688e914cd0b5e1"
+    assert not any("four" in p for p in shapes.heldout_prompts())
+    fours = [shapes.ShapesWorld(3, {"count": 1}, counts=(4,)).sample(i) for i in range(40)]
+    assert all(len(s.objects) == 4 and s.caption.startswith("four ") for s in fours)
+    assert all(shapes.white_gap(a, b) >= shapes.MIN_GAP for s in fours for a in s.objects for b in s.objects if a != b)
+    assert shapes.parse_caption("Four red  circles") == shapes.CaptionSpec("count", (("red", "circle"),), 4)
+    assert shapes.shapes_score([s.image for s in fours], [s.caption for s in fours])["count"] == 1.0
+    three = [s.caption.replace("four", "three") for s in fours]  # the detector counts: 4 objects are not three
+    assert shapes.shapes_score([s.image for s in fours], three)["count"] == 0.0
+    with pytest.raises(ValueError, match=r"counts must be some of \[2, 3, 4\], got \(5,\)"):
+        shapes.ShapesWorld(0, counts=(5,))
+    with pytest.raises(ValueError, match="two|three|four <colour> <shape>s"):
+        shapes.parse_caption("five red circles")
+
+
+def test_make_shapes_writes_a_folder_that_teaches_four(tmp_path):
+    data.main(["make-shapes", "--out", str(tmp_path), "--n", "40", "--counts", "4", "--share", "0.25", "--folder"])
+    caps = [open(tmp_path / f"{i:09d}.txt").read() for i in range(40)]
+    world = shapes.ShapesWorld(0)
+    assert [i for i, c in enumerate(caps) if c.startswith("four ")] == list(range(3, 40, 4))  # evenly spread
+    assert all(c == world.sample(i).caption for i, c in enumerate(caps) if i % 4 != 3)  # the rest: the usual world
+    # Training reads it as an image folder. Random flips would contradict "to the left of" / "to the right of":
+    # those samples are never flipped; the others are, half the time.
+    ds = data.build_image_dataset(str(tmp_path), 64, seed=1)
+    flipped = {}
+    for s, _ in zip(ds, range(80)):
+        png = torch.from_numpy(np.array(Image.open(tmp_path / f"{s['key'].split(':')[-1]}.png"))).permute(2, 0, 1) / 255
+        flipped.setdefault(bool(re.search("left|right", s["caption"])), set()).add(not torch.equal(png, s["image"]))
+    assert flipped == {True: {False}, False: {False, True}}
+    with pytest.raises(ValueError, match=r"--share must be in \(0, 1\] with --counts, got 0.0"):
+        data.main(["make-shapes", "--out", str(tmp_path / "x"), "--counts", "4", "--share", "0"])

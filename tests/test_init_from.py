@@ -107,3 +107,12 @@ def test_a_preset_that_does_not_fit_is_refused(inits, tmp_path):
                                          r"is MaskGen-VQ"):
         mg_run(tmp_path / "d", tmp_path / "kl", f"--init_from={d / 'gen'}", *FRESH, config="tiny_kl")
     assert not any(glob.glob(f"{tmp_path}/{x}/ckpt_*.pt") for x in "abcd")  # refused before any step
+
+
+def test_kl_fine_tune_keeps_the_scale_factor_its_init_was_trained_with(tmp_path):
+    tok_run(tmp_path / "tok", "--tokenizer=tiny_kl", "--max_steps=1", "--sample_every=100")
+    mg_run(tmp_path / "gen", tmp_path / "tok", "--max_steps=1", "--sample_every=100", config="tiny_kl")
+    mg_run(tmp_path / "new", tmp_path / "tok", "--max_steps=1", "--sample_every=100", "--seed=5", config="tiny_kl")
+    mg_run(tmp_path / "ft", tmp_path / "tok", f"--init_from={tmp_path / 'gen'}", *FRESH, "--seed=5", config="tiny_kl")
+    scale = {run: last(tmp_path / run)["maskgen_config"]["scale_factor"] for run in ("gen", "new", "ft")}
+    assert scale["ft"] == scale["gen"] != scale["new"]  # a fresh run measures its own on other batches

@@ -460,7 +460,8 @@ def _cmd_make_shapes(args):
     counts = tuple(args.counts) if args.counts else None
     if counts and not 0 < args.share <= 1:
         raise ValueError(f"--share must be in (0, 1] with --counts, got {args.share}")
-    paths = make_shapes_shards(args.out, args.n, args.per_shard, args.seed, counts=counts, share=args.share,
+    mix = [float(w) for w in args.mix.split(",")] if args.mix else None
+    paths = make_shapes_shards(args.out, args.n, args.per_shard, args.seed, mix, counts=counts, share=args.share,
                                folder=args.folder)  # fmt: skip
     print(f"wrote {args.n} shapes samples {'as files' if args.folder else f'in {len(paths)} shard(s)'} to {args.out}/")
 
@@ -542,6 +543,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=10000, help="number of samples")
     p.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mix", help="weights of single,count,relation scenes, e.g. 0.2,0.5,0.3 (default: thirds)")
     p.add_argument("--counts", type=int, nargs="+", choices=sorted(shapes.NUMBER_WORDS),
                    help="teach these counts: --share of the samples are count scenes of them (e.g. --counts 4)")
     p.add_argument("--share", type=float, default=0.3, help="with --counts: their share of the samples")

@@ -312,5 +312,8 @@ def test_make_shapes_writes_a_folder_that_teaches_four(tmp_path):
         png = torch.from_numpy(np.array(Image.open(tmp_path / f"{s['key'].split(':')[-1]}.png"))).permute(2, 0, 1) / 255
         flipped.setdefault(bool(re.search("left|right", s["caption"])), set()).add(not torch.equal(png, s["image"]))
     assert flipped == {True: {False}, False: {False, True}}
+    data.main(["make-shapes", "--out", str(tmp_path / "c"), "--n", "8", "--mix", "0,1,0", "--folder"])  # counts only
+    world = shapes.ShapesWorld(0, (0, 1, 0))
+    assert all(open(tmp_path / "c" / f"{i:09d}.txt").read() == world.sample(i).caption for i in range(8))
     with pytest.raises(ValueError, match=r"--share must be in \(0, 1\] with --counts, got 0.0"):
         data.main(["make-shapes", "--out", str(tmp_path / "x"), "--counts", "4", "--share", "0"])

@@ -105,7 +105,6 @@ class TextTower(nn.Module):
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         self.transformer = nn.Module()  # a container, so the weight names match open_clip's
         self.transformer.resblocks = nn.ModuleList(TextBlock(width, heads, mlp_ratio) for _ in range(layers))
-        self.transformer.batch_first = True
         self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
         # Additive causal mask: token i sees tokens <= i.
@@ -152,12 +151,10 @@ class TextEncoder(nn.Module):
         self.register_buffer("attn_mask", _tower.attn_mask, persistent=False)  # causal (L, L)
         self.tokenizer = _tokenizer
         self._memo = {}  # caption -> TextFeatures of one row, for cached(); a plain dict, not state
-        self.context_length = self.positional_embedding.shape[0]
-        self.width = self.token_embedding.weight.shape[1]
+        self.context_length, self.width = self.positional_embedding.shape  # (L, W)
         proj = self.text_projection
         self.embed_dim = proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
-        self.requires_grad_(False)
-        self.eval()
+        self.requires_grad_(False).eval()
 
     @classmethod
     def from_config(cls, text_cfg, embed_dim):
@@ -180,14 +177,10 @@ class TextEncoder(nn.Module):
     def forward(self, text):
         ids = (text if torch.is_tensor(text) else self.tokenize(text)).to(self.token_embedding.weight.device)  # (B, L)
         x = self.token_embedding(ids) + self.positional_embedding  # (B, L, W)
-        # open_clip >= 2.31 runs its blocks batch-first; older versions want (L, B, W).
-        seq_first = not getattr(self.transformer, "batch_first", False)
-        x = x.transpose(0, 1) if seq_first else x
+        # Batch-first blocks, as open_clip >= 2.31 runs them (requirements.txt asks for >= 3.0).
         for blk in self.transformer.resblocks[:-1]:
             x = blk(x, attn_mask=self.attn_mask)
-        penultimate, x = x, self.transformer.resblocks[-1](x, attn_mask=self.attn_mask)
-        if seq_first:
-            x, penultimate = x.transpose(0, 1), penultimate.transpose(0, 1)
+        penultimate, x = x, self.transformer.resblocks[-1](x, attn_mask=self.attn_mask)  # (B, L, W) each
         final = self.ln_final(x)  # (B, L, W)
         # The end-of-text token has the largest id in CLIP's vocabulary, so argmax finds it.
         eot = final[torch.arange(final.shape[0], device=final.device), ids.argmax(dim=-1)]  # (B, W)

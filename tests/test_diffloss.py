@@ -116,7 +116,7 @@ def test_respacing_keeps_the_marginals():
 
 def test_perfect_prediction_has_zero_vlb_and_mse():
     # eps = the true noise and v = -1 (the posterior variance) make p equal the true posterior:
-    # KL = 0 and MSE = 0 at every t >= 1. This exercises q_sample, x0-from-eps and the
+    # KL = 0 and MSE = 0 at every t >= 1. This exercises q(x_t | x0), x0-from-eps and the
     # posterior mean/variance together.
     diff = D.GaussianDiffusion(D.cosine_betas(1000))
     x0, noise = torch.randn(999, C) * 0.7, torch.randn(999, C)

@@ -43,9 +43,8 @@ class TimestepEmbedder(nn.Module):
         # cos first, then sin: the released weights were trained with this order.
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)       # (N, freq_dim)
 
-    def forward(self, t):
-        emb = self.sinusoids(t).to(self.mlp[0].weight.dtype)                # (N, freq_dim)
-        return self.mlp(emb)                                                # (N, width)
+    def forward(self, t):  # (N,) -> sinusoids (N, freq_dim) -> (N, width)
+        return self.mlp(self.sinusoids(t).to(self.mlp[0].weight.dtype))
 
 
 class ResBlock(nn.Module):
@@ -101,9 +100,8 @@ class SimpleMLPAdaLN(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, x, t, c):
-        y = self.time_embed(t) + self.cond_embed(c)              # (N, W) shared condition
-        return self.denoise(x, y)                                # (N, out)
+    def forward(self, x, t, c):  # -> (N, out); the shared condition y (N, W) sums both embeddings
+        return self.denoise(x, self.time_embed(t) + self.cond_embed(c))
 
     def denoise(self, x, y):
         """The residual stream for an embedded condition y (N, W); sample() reuses y's parts."""

@@ -82,14 +82,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2.0 * float(tr_sqrt))
 
 
-def inception_score(logits=None, probs=None, splits=1):
+def inception_score(logits, splits=1):
     """IS = exp(E_x KL(p(y|x) || p(y))): high when each image is confidently one class and the
-    classes are diverse. logits or probs (N, C) -> (mean, std) over `splits` chunks; 1 split is
-    the official TA-TiTok evaluator, 10 Salimans' / torch-fidelity's."""
-    if (logits is None) == (probs is None):
-        raise ValueError("pass exactly one of logits= or probs=")
-    p = torch.as_tensor(logits if probs is None else probs, dtype=torch.float64)  # (N, C)
-    p = p.softmax(dim=1) if probs is None else p
+    classes are diverse. logits (N, C) (or log-probabilities) -> (mean, std) over `splits` chunks;
+    1 split is the official TA-TiTok evaluator, 10 Salimans' / torch-fidelity's."""
+    p = torch.as_tensor(logits, dtype=torch.float64).softmax(dim=1)  # p(y|x): (N, C)
     n = p.shape[0]
     if n < splits:
         raise ValueError(f"{n} samples cannot be cut into {splits} splits")

@@ -170,12 +170,10 @@ class TextEncoder(nn.Module):
     def train(self, mode=True):  # always frozen: ignore .train() from a parent module
         return super().train(False)
 
-    def tokenize(self, captions):
-        return self.tokenizer(list(captions))  # (B, L) long
-
     @torch.no_grad()
     def forward(self, text):
-        ids = (text if torch.is_tensor(text) else self.tokenize(text)).to(self.token_embedding.weight.device)  # (B, L)
+        ids = text if torch.is_tensor(text) else self.tokenizer(list(text))  # (B, L) long
+        ids = ids.to(self.token_embedding.weight.device)
         x = self.token_embedding(ids) + self.positional_embedding  # (B, L, W)
         # Batch-first blocks, as open_clip >= 2.31 runs them (requirements.txt asks for >= 3.0).
         for blk in self.transformer.resblocks[:-1]:

@@ -144,33 +144,20 @@ def cosine_betas(num_steps, max_beta=0.999):
     return (1.0 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)      # (T,)
 
 
-def space_timesteps(num_steps, section_counts):
-    """The sorted original steps a respaced chain keeps (MAR/improved-DDPM semantics). section_counts
-    (an int, a list, or a string such as "100" or "10,15,20") cuts the chain into equal sections,
-    section k keeping counts[k] evenly strided steps, both ends included ("100" of 1000: 0, 10, ..., 999)."""
-    if isinstance(section_counts, str):
-        try:
-            counts = [int(c) for c in section_counts.split(",")]
-        except ValueError:
-            raise ValueError(f"num_sampling_steps={section_counts!r} is not understood; pass a "
-                             f"step count such as '100' or comma-separated counts such as '50,50'")
-    else:
-        counts = [section_counts] if isinstance(section_counts, int) else [int(c) for c in section_counts]
-    if not counts or min(counts) < 1:
-        raise ValueError(f"num_sampling_steps={section_counts!r}: every section needs >= 1 step")
-    size, extra = divmod(num_steps, len(counts))
-    kept, start = [], 0
-    for k, count in enumerate(counts):
-        section = size + (1 if k < extra else 0)     # the first `extra` sections get one more
-        if count > section:
-            raise ValueError(f"num_sampling_steps={section_counts!r}: cannot keep {count} steps "
-                             f"of a {section}-step section of the {num_steps}-step chain; use fewer")
-        stride = (section - 1) / (count - 1) if count > 1 else 1
-        pos = 0.0  # the fractional position, accumulated and rounded as the reference does
-        for _ in range(count):
-            kept.append(start + round(pos))
-            pos += stride
-        start += section
+def space_timesteps(num_steps, count):
+    """The sorted original steps a respaced chain of `count` steps keeps (MAR / improved DDPM's respacing,
+    as one section): evenly strided, both ends included ("100" of 1000: 0, 10, ..., 999). count: int or str."""
+    try:
+        n = int(count)
+    except ValueError:
+        raise ValueError(f"num_sampling_steps={count!r} is not understood; pass a step count such as '100'") from None
+    if not 1 <= n <= num_steps:
+        raise ValueError(f"num_sampling_steps={count!r}: cannot keep {n} steps of the {num_steps}-step chain; "
+                         f"pass 1 to {num_steps}")
+    stride, pos, kept = (num_steps - 1) / (n - 1) if n > 1 else 1, 0.0, []
+    for _ in range(n):  # the fractional position, accumulated and rounded as the reference does
+        kept.append(round(pos))
+        pos += stride
     return sorted(set(kept))
 
 

@@ -77,15 +77,15 @@ def test_psnr_by_hand():
 
 def test_codebook_usage_and_perplexity():
     k = 64
-    res = E.CodebookCounter(k).update(torch.arange(k).repeat(3)).result()  # uniform usage
+    res = E.codebook_stats(torch.arange(k).repeat(3), k)  # uniform usage
     assert res["codebook_perplexity"] == pytest.approx(k)
     assert res["codebook_usage"] == 1.0 and res["codebook_entropy_bits"] == pytest.approx(6.0)
-    res = E.CodebookCounter(k).update(torch.tensor([5, 5, 5, 9])).result()
+    res = E.codebook_stats(torch.tensor([[5, 5], [5, 9]]), k)
     p = np.array([0.75, 0.25])
     assert res["codebook_usage"] == 2 / k
     assert res["codebook_perplexity"] == pytest.approx(math.exp(-(p * np.log(p)).sum()))
     with pytest.raises(ValueError, match="code ids"):
-        E.CodebookCounter(4).update(torch.tensor([4]))
+        E.codebook_stats(torch.tensor([4]), 4)
 
 
 # ---------------------------------------------------------------------------- extractor, pipelines

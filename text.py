@@ -143,11 +143,8 @@ class TextEncoder(nn.Module):
             _tower, _tokenizer = model, open_clip.get_tokenizer(model_name)
             del model.visual  # the image tower is never used: free ~300M parameters
         # The same attribute names exist on open_clip's CLIP, its TextTransformer and TextTower.
-        self.token_embedding = _tower.token_embedding
-        self.positional_embedding = _tower.positional_embedding
-        self.transformer = _tower.transformer
-        self.ln_final = _tower.ln_final
-        self.text_projection = _tower.text_projection
+        for name in ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection"):
+            setattr(self, name, getattr(_tower, name))
         self.register_buffer("attn_mask", _tower.attn_mask, persistent=False)  # causal (L, L)
         self.tokenizer = _tokenizer
         self._memo = {}  # caption -> TextFeatures of one row, for cached(); a plain dict, not state

@@ -465,22 +465,43 @@ class MaskGenBase(nn.Module):
     @torch.no_grad()
     def generate(self, text, pooled, null_text=None, null_pooled=None, aesthetic=None, num_steps=None,
                  guidance_scale=None, guidance_schedule=None, randomize_temperature=None, temperature=None,
-                 generator=None, guidance_scale_pow=1.0, compile=False):  # fmt: skip
+                 generator=None, guidance_scale_pow=1.0, compile=False, init_tokens=None, strength=1.0):  # fmt: skip
         """VQ ids (B, K) or KL tokens (B, K, C) for B captions, for TATiTok.decode; None = the config's value.
         null_*: the "" caption's, needed when guided. aesthetic: a number or (B,) scores, used as given (the
         official ignores it). guidance_scale 1.0 = no guidance. generator: a torch.Generator, or one per image
-        (image b then equals a call for caption b alone). compile: True or torch.compile options."""
-        c = self.config
+        (image b then equals a call for caption b alone). compile: True or torch.compile options.
+        Image-to-image: init_tokens, an image's tokens as TATiTok.encode gives them (VQ (1|B, K) ids, KL
+        (1|B, K, C) posterior means), of which round(strength * K), at positions the generator draws, are
+        regenerated under the prompt and the others returned unchanged. strength 0 returns init_tokens, 1 is
+        plain generation (the same draws, the same tokens)."""
+        c, B, K = self.config, text.shape[0], self.config.num_tokens
         g = float(c.guidance_scale if guidance_scale is None else guidance_scale)
         schedule = c.guidance_schedule if guidance_schedule is None else guidance_schedule
         check_guidance_schedule(c.mode, schedule)
         check_number("guidance_scale", g)
-        generator = check_generators(generator, text.device, count=text.shape[0])
+        if not (isinstance(strength, (int, float)) and 0 <= strength <= 1) or (init_tokens is None and strength != 1):
+            raise ValueError(f"generate(): strength must be a number in [0, 1] with init_tokens (the share of the "
+                             f"image's tokens to regenerate), got {strength!r}" + " and no init_tokens" * (init_tokens is None))
+        n = round(strength * K)  # tokens to regenerate; K: all, as plain generation
+        if init_tokens is not None:
+            want, kl = (K, c.token_size) if self.mode == "kl" else (K,), self.mode == "kl"
+            if (tuple(init_tokens.shape[1:]) != want or init_tokens.shape[0] not in (1, B)
+                    or init_tokens.is_floating_point() != kl):  # fmt: skip
+                raise ValueError(f"init_tokens must be (1 or {B}, {', '.join(map(str, want))}) "
+                                 f"{'float tokens' if kl else 'integer ids'}, TATiTok.encode(image) of this "
+                                 f"generator's tokenizer; got {tuple(init_tokens.shape)} {init_tokens.dtype}")
+            if not kl and (init_tokens.min() < 0 or init_tokens.max() >= c.codebook_size):
+                raise ValueError(f"init_tokens: code ids must lie in [0, {c.codebook_size}), this codebook's size")
+            init_tokens = init_tokens.expand(B, *want)
+            if n == 0:
+                return init_tokens.clone()
+        generator = check_generators(generator, text.device, count=B)
         txt, cond = self.trunk.prompt_conditions(text, pooled, null_text, null_pooled, aesthetic, g != 1.0)
         mods = self.trunk.modulations(cond)  # once: every step reuses them
         N = c.num_steps if num_steps is None else int(num_steps)
-        return self._decode(txt, cond, mods, text.shape[0], N, g, schedule, generator, compile, temperature=temperature,
-                            randomize_temperature=randomize_temperature, power=guidance_scale_pow)  # fmt: skip
+        return self._decode(txt, cond, mods, B, N, g, schedule, generator, compile, temperature=temperature,
+                            randomize_temperature=randomize_temperature, power=guidance_scale_pow,
+                            init=init_tokens if n < K else None, n=n)  # fmt: skip
 
 
 class MaskGenVQ(MaskGenBase):
@@ -551,11 +572,12 @@ class MaskGenVQ(MaskGenBase):
         return (ce * w).sum() / w.sum()
 
     def _decode(self, txt, cond, mods, B, N, g, schedule, generator, compile, temperature, randomize_temperature,
-                power):  # fmt: skip
+                power, init, n):  # fmt: skip
         """MaskGIT decoding -> ids (B, K): each step predicts all tokens, samples the masked ones by
         Gumbel-max (randomize_temperature, annealed to 0) and re-masks the least confident.
         guidance: cond + (cond - uncond) * s as the official, s ramped from 1 to g (cosine ramp's
-        exponent: power). temperature: None = the official 0.5 + 0.8 (1 - ratio), else constant."""
+        exponent: power). temperature: None = the official 0.5 + 0.8 (1 - ratio), else constant.
+        init (B, K): the ids to edit, of which n, at random positions, start masked (None: all K)."""
         c = self.config
         rand_t = float(c.randomize_temperature if randomize_temperature is None else randomize_temperature)
         temperature = c.temperature if temperature is None else temperature
@@ -566,7 +588,18 @@ class MaskGenVQ(MaskGenBase):
         remasked = vq_mask_schedule(K, N)
         noise = lambda shape, gen: gumbel(shape, gen, device)  # noqa: E731
         ids = torch.full((B, K), self.mask_id, dtype=torch.long, device=device)
-        for step in range(N):
+        start = 0
+        if init is not None:  # n random positions masked, the rest keep the image's ids (and confidence inf)
+            rank = draw_rows(lambda shape, gen: torch.rand(shape, generator=gen, device=device), (B, K), generator)
+            ids = torch.where(rank.argsort(-1).argsort(-1) < n, self.mask_id, init)  # (B, K)
+            # MaskGIT-style editing: decoding joins the schedule at the last step that starts with >= n masked
+            # (step t starts with remasked[t - 1]). The arccos schedule pairs each count of masked tokens with
+            # how many a step may commit, its temperatures and guidance weight; joining it there puts the model
+            # in the states plain generation visits, costs steps in proportion to what is redrawn (as SDEdit
+            # skips the start of a noise schedule) and, at n = K, is plain generation. Running all N steps over
+            # the n tokens instead would commit tokens faster and anneal noise more slowly than either was tuned.
+            start = sum(r >= n for r in remasked[:-1])
+        for step in range(start, N):
             ratio = (step + 1) / N
             if guided:
                 cond_logits, uncond_logits = predict(torch.cat([ids, ids]), txt, cond, mods).chunk(2)  # (B, K, V) each
@@ -658,10 +691,11 @@ class MaskGenKL(MaskGenBase):
         z = z.reshape(B * K, -1).repeat(m, 1)  # (m*B*K, D)
         return self.diffloss(target, z, mask.reshape(B * K).repeat(m))
 
-    def _decode(self, txt, cond, mods, B, N, g, schedule, generator, compile, temperature, **_):
+    def _decode(self, txt, cond, mods, B, N, g, schedule, generator, compile, temperature, init, n, **_):
         """MAR decoding -> tokens (B, K, C) / scale_factor: each step draws the next tokens of a random
         order per sample with DiffLoss (noise temperature, None: 1.0), conditioned on the trunk's
-        output there, guided uncond + s (cond - uncond) with s ramped linearly (MAR) or constant."""
+        output there, guided uncond + s (cond - uncond) with s ramped linearly (MAR) or constant.
+        init (B, K, C): the tokens to edit; the first n of the order are redrawn, the rest returned as given."""
         c = self.config
         temperature = (1.0 if c.temperature is None else c.temperature) if temperature is None else temperature
         check_number("temperature", temperature)  # scales DiffLoss's noise: 0 = no noise
@@ -673,7 +707,14 @@ class MaskGenKL(MaskGenBase):
         order = order.argsort(dim=-1)  # (B, K)
         tokens = torch.zeros(B, K, C, device=device)
         mask = torch.ones(B, K, device=device)  # 1 = still masked
+        if init is not None:  # the image's tokens where plain decoding would have drawn them before n remain
+            keep = order.argsort(dim=-1) >= n  # (B, K) bool: order[:, n:]
+            tokens = torch.where(keep[..., None], init.float() * c.scale_factor, tokens)
+            mask = (~keep).float()
         for lo, hi, left in kl_draw_schedule(K, N):
+            if lo >= n:  # with an init: steps that draw only kept tokens are skipped (the VQ schedule's reasons)
+                continue
+            hi = min(hi, n)  # the step under way when n remain masked draws the rest of its share
             s = 1 + (g - 1) * (K - left) / K if schedule == "linear" else g  # MAR's ramp, or constant
             idx = order[:, lo:hi]  # (B, n): this step's draws; order[:, :hi] is masked
             z = conditions(tokens.repeat(halves, 1, 1), mask.repeat(halves, 1), txt, cond, mods)  # ([2]B, K, D)
@@ -683,7 +724,8 @@ class MaskGenKL(MaskGenBase):
             new = new[: B * (hi - lo)].reshape(B, hi - lo, C)  # the guided (cond-half) samples
             tokens = tokens.scatter(1, idx[..., None].expand(-1, -1, C), new.to(tokens.dtype))
             mask = mask.scatter(1, idx, 0.0)
-        return tokens / c.scale_factor  # (B, K, C)
+        tokens = tokens / c.scale_factor  # (B, K, C)
+        return tokens if init is None else torch.where(keep[..., None], init.to(tokens.dtype), tokens)  # kept: exact
 
 
 def build(config, init_weights=True):

@@ -480,8 +480,8 @@ class MaskGenBase(nn.Module):
         check_guidance_schedule(c.mode, schedule)
         check_number("guidance_scale", g)
         if not (isinstance(strength, (int, float)) and 0 <= strength <= 1) or (init_tokens is None and strength != 1):
-            raise ValueError(f"generate(): strength must be a number in [0, 1] with init_tokens (the share of the "
-                             f"image's tokens to regenerate), got {strength!r}" + " and no init_tokens" * (init_tokens is None))
+            raise ValueError(f"generate(): strength, the share of init_tokens to redraw, must be a number in [0, 1] "
+                             f"given with init_tokens; got {strength!r}" + " alone" * (init_tokens is None))
         n = round(strength * K)  # tokens to regenerate; K: all, as plain generation
         if init_tokens is not None:
             want, kl = (K, c.token_size) if self.mode == "kl" else (K,), self.mode == "kl"
@@ -707,7 +707,10 @@ class MaskGenKL(MaskGenBase):
         order = order.argsort(dim=-1)  # (B, K)
         tokens = torch.zeros(B, K, C, device=device)
         mask = torch.ones(B, K, device=device)  # 1 = still masked
-        if init is not None:  # the image's tokens where plain decoding would have drawn them before n remain
+        # With an init: the image's tokens where plain decoding would have drawn them before n remain masked. They
+        # are the posterior means (training's samples, kl_tokens="sample", centre on them; the reconstruction decodes
+        # them), scaled as in training.
+        if init is not None:
             keep = order.argsort(dim=-1) >= n  # (B, K) bool: order[:, n:]
             tokens = torch.where(keep[..., None], init.float() * c.scale_factor, tokens)
             mask = (~keep).float()

@@ -19,6 +19,7 @@ Official names (config.json fields, weight keys) close the file; checkpoint.py r
     loss = model(tokens, text, pooled, aesthetic)     # VQ (B,K) long; KL (B,K,2C) = cat(mean, logvar)
     tokens = model.generate(text, pooled, null_text, null_pooled)  # VQ (B,K) ids | KL (B,K,C), for TATiTok.decode
     text/pooled: text.TextEncoder(...)(captions).penultimate / .pooled; null_*: the "" caption's.
+    tokens = model.generate(text, pooled, null_text, null_pooled, init_tokens=ids, strength=0.5)  # image-to-image
 """
 
 import dataclasses
@@ -470,10 +471,9 @@ class MaskGenBase(nn.Module):
         null_*: the "" caption's, needed when guided. aesthetic: a number or (B,) scores, used as given (the
         official ignores it). guidance_scale 1.0 = no guidance. generator: a torch.Generator, or one per image
         (image b then equals a call for caption b alone). compile: True or torch.compile options.
-        Image-to-image: init_tokens, an image's tokens as TATiTok.encode gives them (VQ (1|B, K) ids, KL
-        (1|B, K, C) posterior means), of which round(strength * K), at positions the generator draws, are
-        regenerated under the prompt and the others returned unchanged. strength 0 returns init_tokens, 1 is
-        plain generation (the same draws, the same tokens)."""
+        Image-to-image: of init_tokens, an image's TATiTok.encode (VQ (1|B, K) ids, KL (1|B, K, C) means),
+        round(strength * K) at positions the generator draws are redrawn under the prompt, the rest returned as
+        they are: strength 0 returns init_tokens, 1 is plain generation (the same draws, the same tokens)."""
         c, B, K = self.config, text.shape[0], self.config.num_tokens
         g = float(c.guidance_scale if guidance_scale is None else guidance_scale)
         schedule = c.guidance_schedule if guidance_schedule is None else guidance_schedule
@@ -485,13 +485,12 @@ class MaskGenBase(nn.Module):
         n = round(strength * K)  # tokens to regenerate; K: all, as plain generation
         if init_tokens is not None:
             want, kl = (K, c.token_size) if self.mode == "kl" else (K,), self.mode == "kl"
-            if (tuple(init_tokens.shape[1:]) != want or init_tokens.shape[0] not in (1, B)
-                    or init_tokens.is_floating_point() != kl):  # fmt: skip
+            x = init_tokens
+            if (tuple(x.shape[1:]) != want or x.shape[0] not in (1, B) or x.is_floating_point() != kl
+                    or not kl and (x.min() < 0 or x.max() >= c.codebook_size)):  # fmt: skip
                 raise ValueError(f"init_tokens must be (1 or {B}, {', '.join(map(str, want))}) "
-                                 f"{'float tokens' if kl else 'integer ids'}, TATiTok.encode(image) of this "
-                                 f"generator's tokenizer; got {tuple(init_tokens.shape)} {init_tokens.dtype}")
-            if not kl and (init_tokens.min() < 0 or init_tokens.max() >= c.codebook_size):
-                raise ValueError(f"init_tokens: code ids must lie in [0, {c.codebook_size}), this codebook's size")
+                                 f"{'float tokens' if kl else f'integer ids in [0, {c.codebook_size})'}, TATiTok.encode"
+                                 f"(image) of this generator's tokenizer; got {tuple(x.shape)} {x.dtype}")
             init_tokens = init_tokens.expand(B, *want)
             if n == 0:
                 return init_tokens.clone()
@@ -588,18 +587,16 @@ class MaskGenVQ(MaskGenBase):
         remasked = vq_mask_schedule(K, N)
         noise = lambda shape, gen: gumbel(shape, gen, device)  # noqa: E731
         ids = torch.full((B, K), self.mask_id, dtype=torch.long, device=device)
-        start = 0
         if init is not None:  # n random positions masked, the rest keep the image's ids (and confidence inf)
             rank = draw_rows(lambda shape, gen: torch.rand(shape, generator=gen, device=device), (B, K), generator)
             ids = torch.where(rank.argsort(-1).argsort(-1) < n, self.mask_id, init)  # (B, K)
-            # MaskGIT-style editing: decoding joins the schedule at the last step that starts with >= n masked
-            # (step t starts with remasked[t - 1]). The arccos schedule pairs each count of masked tokens with
-            # how many a step may commit, its temperatures and guidance weight; joining it there puts the model
-            # in the states plain generation visits, costs steps in proportion to what is redrawn (as SDEdit
-            # skips the start of a noise schedule) and, at n = K, is plain generation. Running all N steps over
-            # the n tokens instead would commit tokens faster and anneal noise more slowly than either was tuned.
-            start = sum(r >= n for r in remasked[:-1])
-        for step in range(start, N):
+        # MaskGIT-style editing: decoding joins the schedule at the last step that starts with >= n masked (step
+        # t starts with remasked[t - 1]; n = K, plain generation: step 0). The arccos schedule pairs each count of
+        # masked tokens with how many a step may commit, its temperatures and guidance weight; joining it there
+        # puts the model in the states plain generation visits and costs steps in proportion to what is redrawn
+        # (as SDEdit skips the start of a noise schedule). Running all N steps over the n tokens instead would
+        # commit tokens faster and anneal the noise more slowly than either was tuned for.
+        for step in range(sum(r >= n for r in remasked[:-1]), N):
             ratio = (step + 1) / N
             if guided:
                 cond_logits, uncond_logits = predict(torch.cat([ids, ids]), txt, cond, mods).chunk(2)  # (B, K, V) each
@@ -707,17 +704,15 @@ class MaskGenKL(MaskGenBase):
         order = order.argsort(dim=-1)  # (B, K)
         tokens = torch.zeros(B, K, C, device=device)
         mask = torch.ones(B, K, device=device)  # 1 = still masked
-        # With an init: the image's tokens where plain decoding would have drawn them before n remain masked. They
-        # are the posterior means (training's samples, kl_tokens="sample", centre on them; the reconstruction decodes
-        # them), scaled as in training.
+        # With an init: the image's tokens where plain decoding would have drawn them before n remain masked (the
+        # posterior means, which training's samples (kl_tokens="sample") centre on and the reconstruction decodes,
+        # scaled as in training). Steps that draw only kept tokens are skipped (MaskGenVQ's decoding gives the
+        # reasons); the step under way when n remain masked draws the rest of its share.
         if init is not None:
             keep = order.argsort(dim=-1) >= n  # (B, K) bool: order[:, n:]
             tokens = torch.where(keep[..., None], init.float() * c.scale_factor, tokens)
             mask = (~keep).float()
-        for lo, hi, left in kl_draw_schedule(K, N):
-            if lo >= n:  # with an init: steps that draw only kept tokens are skipped (the VQ schedule's reasons)
-                continue
-            hi = min(hi, n)  # the step under way when n remain masked draws the rest of its share
+        for lo, hi, left in [(lo, min(hi, n), left) for lo, hi, left in kl_draw_schedule(K, N) if lo < n]:
             s = 1 + (g - 1) * (K - left) / K if schedule == "linear" else g  # MAR's ramp, or constant
             idx = order[:, lo:hi]  # (B, n): this step's draws; order[:, :hi] is masked
             z = conditions(tokens.repeat(halves, 1, 1), mask.repeat(halves, 1), txt, cond, mods)  # ([2]B, K, D)

@@ -17,6 +17,7 @@ Usage:
     python sample.py --prompt "a red circle to the left of a blue square"   # the shipped model
     python sample.py --prompts prompts.txt --num_images 4 --aesthetic 5 6 7
     python sample.py --generator runs/maskgen --geneval evaluation_metadata.jsonl   # or --mjhq meta_data.json
+    python sample.py --prompt "a blue square" --init_image img.png --strength 0.5   # image-to-image
     torchrun --nproc_per_node=8 sample.py ...                 # shards the prompts over GPUs
     python sample.py export runs/maskgen --out release/ [--fp16]   # the official release layout
     python sample.py tokviz --image img.png --caption "a red circle"   # swap.png, attention.png

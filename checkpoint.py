@@ -445,10 +445,9 @@ def save_release(model, path, half=False, text=None, records=None, **extra):
     for name, sd in files.items():
         save_file(sd, os.path.join(path, name))
     cfg = release_config(model)
-    sha = {name: file_sha256(os.path.join(path, name)) for name in files}
-    cfg[EXTRA] = {**cfg.get(EXTRA, {}), **(records or {}), "sha256": sha}
+    sha = {name: file_sha256(os.path.join(path, name)) for name in files}  # of the files as written
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({**cfg, **extra}, f, indent=2)
+        json.dump({**cfg, EXTRA: {**cfg.get(EXTRA, {}), **(records or {}), "sha256": sha}, **extra}, f, indent=2)
     return os.fspath(path)
 
 
@@ -578,7 +577,7 @@ class Source(NamedTuple):
     text: TextSpec  # the text encoder its conditions come from
     tokenizer: Optional[str] = None  # generators: the tokenizer recorded with it (a path or Hub id), if any
     ckpt: Optional[dict] = None  # our checkpoint dict (None: a release)
-    records: dict = {}  # RECORDS: a release's (from EXTRA) or a checkpoint's ("inputs"), each only where present
+    records: dict = {}  # a release's RECORDS (from EXTRA), those it has
 
 
 class Models(NamedTuple):
@@ -659,11 +658,10 @@ def resolve(ref, role=None, revision=None):
             tok = os.path.normpath(os.path.join(path, tok))
         records = {k: v for k, v in cfg.get(EXTRA, {}).items() if k in RECORDS}
         for name, want in records.get("sha256", {}).items():  # our releases: every weights file, as written
-            got = file_sha256(os.path.join(path, name)) if os.path.isfile(os.path.join(path, name)) else None
+            got = file_sha256(p) if os.path.isfile(p := os.path.join(path, name)) else None
             if got != want:
-                raise ValueError(f"{os.path.join(path, name)} {f'has sha256 {got[:16]}' if got else 'is missing'}, "
-                                 f"but {file} records {want[:16]}: the file was damaged or replaced; re-download the "
-                                 "release, or export it again (`python sample.py export`)")
+                raise ValueError(f"{p} {f'has sha256 {got[:16]}' if got else 'is missing'}, but {file} records "
+                                 f"{want[:16]}: damaged or replaced; re-download or re-export it (sample.py export)")
         return Source(found, path, config, _release_text(path, cfg), tok, None, records)
     if os.path.isdir(path):  # one of our training runs
         found, ckpt = newest_checkpoint(path)
@@ -680,10 +678,9 @@ def resolve(ref, role=None, revision=None):
         raise ValueError(_WRONG["ckpt", role, found].format(w=path, keys=sorted(ckpt)[:10]))
     cfg = ckpt.get("config") or {}  # the training config: text encoder, tokenizer path
     text = TextSpec(cfg.get("text_encoder"), cfg.get("text_pretrained", "openai"), ckpt.get("text_encoder"))
-    records = {k: ckpt[k] for k in RECORDS if isinstance(ckpt.get(k), dict)}  # train_maskgen.py's "inputs"
     if found == "generator":
-        return Source(found, path, M.MaskGenConfig(**ckpt["maskgen_config"]), text, cfg.get("tokenizer"), ckpt, records)
-    return Source(found, path, T.TATiTokConfig(**ckpt["tokenizer_config"]), text, None, ckpt, records)
+        return Source(found, path, M.MaskGenConfig(**ckpt["maskgen_config"]), text, cfg.get("tokenizer"), ckpt)
+    return Source(found, path, T.TATiTokConfig(**ckpt["tokenizer_config"]), text, None, ckpt)
 
 
 def _weights(ckpt, where):
@@ -775,7 +772,7 @@ def check_text(gcfg, tcfg, gen_text, tok_text, gen_where, tok_where):
 def _tokenizer_of(gen, tokenizer=None, revision=None):
     """(Source, _build's (model, where) on the CPU) of the tokenizer for generator Source `gen`, checked to fit it:
     `tokenizer`, else the one it records, tried as given, then next to the run, then next to this file; a Hub id
-    found nowhere is fetched. A generator that records its tokenizer's digest (records["inputs"]: content_digest of
+    found nowhere is fetched. A generator that records its tokenizer's digest ("inputs": content_digest of
     the tokenizer's state dict as loaded, fp32, as train_maskgen.py pins it) gets a tokenizer with that digest: in a
     run folder the checkpoint that has it, not the newest; none is refused. Hashing costs ~1 s per GB of weights."""
     if tokenizer is not None:
@@ -793,7 +790,7 @@ def _tokenizer_of(gen, tokenizer=None, revision=None):
             raise FileNotFoundError(f"{recorded}, which is not found from here; pass --tokenizer PATH to that "
                                     "tokenizer run or release")
         ref, rev = found, None
-    pin, seen = (gen.records.get("inputs") or {}).get("tokenizer"), []
+    pin, seen = ((gen.ckpt or gen.records).get("inputs") or {}).get("tokenizer"), []
     run = pin and os.path.isdir(ref) and not is_release(ref)  # then each of its checkpoints, newest first
     for r in (run and run_checkpoints(ref)) or [ref]:
         try:
@@ -820,13 +817,11 @@ def load_models(generator=None, tokenizer=None, device="cpu", revision=None):
     checkpoints/shapes/generator by default; the tokenizer may be omitted when the generator records it."""
     if generator is None:
         if tokenizer is not None:
-            raise ValueError("--tokenizer was given without --generator; pass the MaskGen checkpoint as --generator "
-                             "too")
+            raise ValueError("--tokenizer was given without --generator; give the MaskGen checkpoint as --generator")
         generator = default_release("generator", "no checkpoint given")
     gen = resolve(generator, "generator", revision)
     src, (tok, tok_source) = _tokenizer_of(gen, tokenizer, revision)  # configs checked before any model is built
     gen_model, gen_source = _build(gen, device)
-    tok = tok.to(device)
     tok_text = build_text_encoder(*src.text, src.where).to(device)  # official releases: CLIP ViT-L-14-336
     if _same_text(gen.text, src.text):  # one text encoder serves both, unless the generator was trained with another
         gen_text = tok_text
@@ -835,20 +830,16 @@ def load_models(generator=None, tokenizer=None, device="cpu", revision=None):
               f"{src.text.name!r}; using both")
         gen_text = build_text_encoder(*gen.text, gen.where).to(device)
     check_text(gen.config, src.config, gen_text, tok_text, gen.where, src.where)
-    return Models(gen_model, tok.requires_grad_(False), gen_text, tok_text, gen_source, tok_source,
+    return Models(gen_model, tok.to(device).requires_grad_(False), gen_text, tok_text, gen_source, tok_source,
                   gen.records.get("vocabulary"))
 
 
 def _vocabulary(src):
     """The words of the captions a Source was trained on, when that was the shapes world (a run's --data shapes or
     shapes:N; a release records them), for sample.py's out-of-vocabulary warning, which never reads shapes.py."""
-    if src.ckpt is None:
-        return src.records.get("vocabulary")
-    data = str((src.ckpt.get("config") or {}).get("data", ""))
-    if data != "shapes" and not data.startswith("shapes:"):
-        return None
+    if src.ckpt is None or str((src.ckpt.get("config") or {}).get("data", "")).split(":")[0] != "shapes":
+        return src.records.get("vocabulary")  # a run's records never hold it
     import shapes  # only here. Its captions: "a|two|three <colour> <shape>[s] [<relation> a <colour> <shape>]"
-
     words = {"a", *shapes.COLORS, *shapes.SHAPES, *(s + "s" for s in shapes.SHAPES), *shapes.NUMBER_WORDS.values()}
     return sorted(words | set(" ".join(shapes.RELATIONS).split()))
 
@@ -883,11 +874,10 @@ def export_release(ref, out, which=None, tokenizer=None, overwrite=False, revisi
             d = os.path.join(tmp, role) if len(parts) > 1 else tmp
             extra = {} if text == OFFICIAL_TEXT else {"text_encoder": dict(name=text.name, pretrained=text.pretrained)}
             beside = role == "generator" and "tokenizer" in parts  # its tokenizer is written beside it
-            inputs = s.records.get("inputs") if role == "generator" and tok is None else None  # kept as recorded
+            records = {"vocabulary": words} if (words := _vocabulary(s)) else {}
             if role == "generator" and tok is not None:  # its tokenizer's digest as loaded from where it is written
                 loaded = resolve(os.path.join(tmp, "tokenizer"), "tokenizer") if beside else tok  # (fp16: rounded)
-                inputs = {"tokenizer": content_digest(_build(loaded, "cpu")[0].state_dict())}
-            records = {k: v for k, v in (("inputs", inputs), ("vocabulary", _vocabulary(s))) if v}
+                records["inputs"] = {"tokenizer": content_digest(_build(loaded, "cpu")[0].state_dict())}
             shared = beside and text is parts["tokenizer"][1]  # a shared small tower: one copy, the tokenizer's
             save_release(_build(s, "cpu")[0], d, half, None if shared else text.state, records, **extra,
                          **({"tokenizer": "../tokenizer"} if beside else {}))

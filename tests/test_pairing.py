@@ -35,11 +35,12 @@ def runs(tmp_path_factory):
     train_tokenizer.main([f"--out_dir={tok}", "--config=tiny", "--max_steps=2", *steps])
     train_maskgen.main([f"--out_dir={gen}", "--config=tiny_vq", f"--tokenizer={tok}", "--max_steps=1", *steps])
     train_tokenizer.main([f"--out_dir={tok}", "--config=tiny", "--max_steps=4", *steps])  # resumes: ckpt 4 is newest
-    return {"tok": str(tok), "gen": str(gen), "old": str(tok / "ckpt_00000002.pt"), "new": str(tok / "ckpt_00000004.pt")}
+    old, new = (str(tok / f"ckpt_{step:08d}.pt") for step in (2, 4))
+    return {"tok": str(tok), "gen": str(gen), "old": old, "new": new}
 
 
-def test_the_generator_gets_the_tokenizer_checkpoint_it_was_trained_on(runs, tmp_path, capsys):
-    pinned = C.resolve(runs["gen"], "generator").records["inputs"]["tokenizer"]
+def test_the_generator_gets_the_tokenizer_checkpoint_it_was_trained_on(runs, tmp_path):
+    pinned = C.resolve(runs["gen"], "generator").ckpt["inputs"]["tokenizer"]
     assert pinned == digest(runs["old"]) != digest(runs["new"]) == digest(runs["tok"])  # the run's newest is not it
     for tokenizer in (None, runs["tok"]):  # recorded, or given as the run folder: its step-2 checkpoint
         m = C.load_models(runs["gen"], tokenizer)
@@ -67,12 +68,12 @@ def test_a_release_records_its_tokenizers_digest(runs, tmp_path):
     # fp16 export: the tokenizer release loads as rounded weights, so the generator records that digest.
     rel = C.export_release(runs["gen"], str(tmp_path / "rel"), half=True)
     extra = json.loads(open(os.path.join(rel["generator"], "config.json")).read())["extra_fields"]
-    assert extra["inputs"] == {"tokenizer": digest(rel["tokenizer"])} and extra["inputs"]["tokenizer"] != digest(runs["old"])
-    m = C.load_models(rel["generator"])
-    assert C.content_digest(m.tokenizer.state_dict()) == extra["inputs"]["tokenizer"]
+    pinned = extra["inputs"]["tokenizer"]
+    assert extra["inputs"] == {"tokenizer": digest(rel["tokenizer"])} and pinned != digest(runs["old"])
+    assert C.content_digest(C.load_models(rel["generator"]).tokenizer.state_dict()) == pinned
     # Another tokenizer release with it is refused; a release that records no digest (older) loads with any.
     other = C.export_release(runs["new"], str(tmp_path / "other"))["tokenizer"]
-    with pytest.raises(ValueError, match=rf"digest {extra['inputs']['tokenizer'][:16]}, but '{other}' has "):
+    with pytest.raises(ValueError, match=rf"digest {pinned[:16]}, but '{other}' has "):
         C.load_models(rel["generator"], other)
     cfg = json.loads(open(os.path.join(rel["generator"], "config.json")).read())
     del cfg["extra_fields"]["inputs"]
@@ -94,8 +95,9 @@ def test_damaged_release_weights_are_refused(runs, tmp_path):
         recorded = json.loads(open(os.path.join(rel[role], "config.json")).read())["extra_fields"]["sha256"][name]
         flip_byte(path)
         now = C.file_sha256(path)
+        fix = r"damaged or replaced; re-download or re-export it \(sample.py export\)$"
         with pytest.raises(ValueError, match=rf"^{re.escape(path)} has sha256 {now[:16]}, but .*config.json records "
-                                             rf"{recorded[:16]}: .*re-download the release, or export it again"):
+                                             rf"{recorded[:16]}: {fix}"):
             C.load_models(rel["generator"])
         flip_byte(path)
     # As official releases: no hashes recorded, so the same damage (a byte of a weight) goes unseen.
@@ -107,8 +109,7 @@ def test_damaged_release_weights_are_refused(runs, tmp_path):
 
 
 def test_shapes_releases_warn_about_words_outside_their_world(runs, tmp_path, capsys):
-    vocab = C.export_release(runs["gen"], str(tmp_path / "rel"))  # trained on --data shapes
-    gen = vocab["generator"]
+    gen = C.export_release(runs["gen"], str(tmp_path / "rel"))["generator"]  # trained on --data shapes
     words = json.loads(open(os.path.join(gen, "config.json")).read())["extra_fields"]["vocabulary"]
     assert {w for p in shapes.heldout_prompts(50) for w in p.split()} == set(words)  # every word of every category
     prompts = ["a red circle to the left of a blue square", "four red circles", "A dog.", "three cyan triangles"]

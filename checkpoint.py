@@ -429,7 +429,7 @@ def release_state_dict(model, half=False):
 
 
 def file_sha256(path):
-    """The sha256 of a file's bytes (hex), read in blocks: a few seconds for a 1-2 GB weights file."""
+    """The sha256 of a file's bytes (hex), read in blocks: a 1-2 GB weights file takes seconds."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -774,7 +774,7 @@ def _tokenizer_of(gen, tokenizer=None, revision=None):
     `tokenizer`, else the one it records, tried as given, then next to the run, then next to this file; a Hub id
     found nowhere is fetched. A generator that records its tokenizer's digest ("inputs": content_digest of
     the tokenizer's state dict as loaded, fp32, as train_maskgen.py pins it) gets a tokenizer with that digest: in a
-    run folder the checkpoint that has it, not the newest; none is refused. Hashing costs ~1 s per GB of weights."""
+    run folder the checkpoint that has it, not the newest; none is refused. Hashing costs seconds per GB of weights."""
     if tokenizer is not None:
         ref, rev, recorded = tokenizer, revision, None
     elif gen.tokenizer is None:

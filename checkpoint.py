@@ -656,7 +656,7 @@ def resolve(ref, role=None, revision=None):
         tok = cfg.get("tokenizer")  # written relative to the generator's own directory
         if tok is not None and not (os.path.isabs(tok) or hub_id(tok)):
             tok = os.path.normpath(os.path.join(path, tok))
-        records = {k: v for k, v in cfg.get(EXTRA, {}).items() if k in RECORDS}
+        records = {k: v for k, v in cfg.get(EXTRA, {}).items() if k in RECORDS and isinstance(v, (dict, list))}
         for name, want in records.get("sha256", {}).items():  # our releases: every weights file, as written
             got = file_sha256(p) if os.path.isfile(p := os.path.join(path, name)) else None
             if got != want:

@@ -429,8 +429,8 @@ def main(argv=None):
         if value is not None and value < 0 and flag != "--aesthetic":
             raise ValueError(f"{flag} must be >= 0, got {value}" + " (1 = no guidance)" * (flag == "--guidance_scale"))
     if args.strength is not None and not (args.init_image and 0 <= args.strength <= 1):
-        raise ValueError(f"--strength {args.strength} needs --init_image IMG and a value in [0, 1] (the share of "
-                         f"the image's tokens redrawn: 0 keeps them all, 1 redraws every one)")
+        raise ValueError(f"--strength {args.strength} " + ("must be in [0, 1], the share of the image's tokens redrawn "
+                         "(0 keeps them all, 1 redraws every one)" if args.init_image else "needs --init_image IMG"))
     items = make_items(len(prompts), num_images, len(aesthetics), args.seed)
 
     def path_of(item):

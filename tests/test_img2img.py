@@ -202,8 +202,8 @@ def test_cli_strength_0_writes_the_reconstruction_and_1_plain_samples(ckpts, tmp
 def test_cli_refuses_bad_input_in_one_line(ckpts, tmp_path):
     base = ["--generator", ckpts["vq"], "--prompt", "a red circle"]
     for extra, message in [(["--strength", "0.5"], "needs --init_image"),
-                           (["--init_image", ckpts["image"], "--strength", "1.5"], r"value in \[0, 1\]"),
-                           (["--init_image", ckpts["image"], "--strength", "-0.1"], r"value in \[0, 1\]"),
+                           (["--init_image", ckpts["image"], "--strength", "1.5"], r"must be in \[0, 1\]"),
+                           (["--init_image", ckpts["image"], "--strength", "-0.1"], r"must be in \[0, 1\]"),
                            (["--init_image", str(tmp_path / "nope.png")], "does not exist")]:  # fmt: skip
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             sample(base + extra, tmp_path / "out")

@@ -484,8 +484,7 @@ class MaskGenBase(nn.Module):
                              f"given with init_tokens; got {strength!r}" + " alone" * (init_tokens is None))
         n = round(strength * K)  # tokens to regenerate; K: all, as plain generation
         if init_tokens is not None:
-            want, kl = (K, c.token_size) if self.mode == "kl" else (K,), self.mode == "kl"
-            x = init_tokens
+            x, kl, want = init_tokens, self.mode == "kl", (K, c.token_size) if self.mode == "kl" else (K,)
             if (tuple(x.shape[1:]) != want or x.shape[0] not in (1, B) or x.is_floating_point() != kl
                     or not kl and (x.min() < 0 or x.max() >= c.codebook_size)):  # fmt: skip
                 raise ValueError(f"init_tokens must be (1 or {B}, {', '.join(map(str, want))}) "
@@ -595,7 +594,8 @@ class MaskGenVQ(MaskGenBase):
         # masked tokens with how many a step may commit, its temperatures and guidance weight; joining it there
         # puts the model in the states plain generation visits and costs steps in proportion to what is redrawn
         # (as SDEdit skips the start of a noise schedule). Running all N steps over the n tokens instead would
-        # commit tokens faster and anneal the noise more slowly than either was tuned for.
+        # commit them more slowly than the schedule does at that count, stretch the temperature and guidance ramps
+        # over them and cost a full generation.
         for step in range(sum(r >= n for r in remasked[:-1]), N):
             ratio = (step + 1) / N
             if guided:

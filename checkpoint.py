@@ -95,37 +95,6 @@ def atomic_write(path, write):
         raise
 
 
-def check_out_dir(out, overwrite):
-    """Refuse, before any work, to write into a file, or into a non-empty directory unless asked."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out!r} is a file; give a directory to write into")
-    held = sorted(os.listdir(out)) if os.path.isdir(out) else []
-    if held and not overwrite:
-        more = f", ... ({len(held)} entries)" if len(held) > 4 else ""
-        raise ValueError(f"--out {out!r} is not empty (it holds {', '.join(held[:4])}{more}); pass --overwrite "
-                         f"to replace what this command writes there, or choose an empty or new directory")
-
-
-def write_dir(out, write):
-    """write(tmp) fills a fresh folder beside `out`, whose entries then replace those of the same name in
-    `out` (others are left alone). A failure leaves `out` as it was."""
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", suffix=".tmp", dir=parent)
-    try:
-        write(tmp)
-        os.makedirs(out, exist_ok=True)
-        for name in os.listdir(tmp):
-            dst = os.path.join(out, name)
-            if os.path.isdir(dst) and not os.path.islink(dst):  # a folder is replaced whole
-                shutil.rmtree(dst)
-            elif os.path.lexists(dst):
-                os.remove(dst)
-            os.replace(os.path.join(tmp, name), dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def check_fit(where, missing, unexpected, shapes, model="the model built from its config",
               fix="Check that the config belongs to these weights (same variant and size)."):
     """Raise a RuntimeError listing missing / unexpected keys and shape mismatches (20 of each at most)."""
@@ -149,14 +118,12 @@ def load_checked(model, sd, where):
 
 
 def nonfinite(named):
-    """The names among (name, tensor) pairs whose floating-point tensor holds nan or inf (at most 5)."""
+    """The names among (name, tensor) pairs, or of a checkpoint dict's model / EMA tensors, whose floating-point
+    tensor holds nan or inf (at most 5)."""
+    if isinstance(named, dict):
+        parts = [p for p in ("model", "ema") if isinstance(named.get(p), dict)]
+        named = [(f"{p}.{k}", v) for p in parts for k, v in named[p].items()]
     return [k for k, v in named if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()][:5]
-
-
-def nonfinite_weights(ckpt):
-    """Names of a checkpoint dict's model / EMA tensors that hold nan or inf (at most 5)."""
-    parts = [part for part in ("model", "ema") if isinstance(ckpt.get(part), dict)]
-    return nonfinite((f"{part}.{k}", v) for part in parts for k, v in ckpt[part].items())
 
 
 # -----------------------------------------------------------------------------
@@ -205,7 +172,7 @@ def load_good(path, strict=False):
         return None, "without a checksum (not written by a training run)"
     if digest is not None and digest != content_digest(ckpt):  # a file written without a checksum is not checked
         return None, "checksum mismatch (its content was damaged)"
-    bad = nonfinite_weights(ckpt)
+    bad = nonfinite(ckpt)
     return (None, f"non-finite weights ({', '.join(bad)})") if bad else (ckpt, None)
 
 
@@ -241,7 +208,7 @@ def save_checkpoint(out_dir, step, payload, keep=2, log=print):
     """Write ckpt_<step>.pt with its checksum atomically, then keep the newest `keep` good checkpoints and the
     one just written (bad files, and any not named ckpt_<step>.pt, are left alone). Non-finite weights are refused
     (ValueError): they would only spread."""
-    if bad := nonfinite_weights(payload):
+    if bad := nonfinite(payload):
         raise ValueError(f"refusing to write a checkpoint with non-finite weights ({', '.join(bad)})")
     path = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
     atomic_write(path, lambda f: torch.save({**payload, "sha256": content_digest(payload)}, f))
@@ -336,33 +303,24 @@ def _unwrap(d):
     return d["config"] if "model" not in d and isinstance(d.get("config"), dict) else d
 
 
-def _read_fields(d, table, finish, path, what, expected):
-    """config.json dict -> our config's kwargs by a field table, and finish(sections, kwargs, mode, path) for
-    what it cannot (kwargs_from_official); a missing field, or one of the wrong kind, is a ValueError."""
-    d = _unwrap(d)
+def config_kwargs(d, maskgen, path="config.json"):
+    """A MaskGen (maskgen) or TA-TiTok config.json dict -> MaskGenConfig / TATiTokConfig(**kwargs), by the field
+    table, then kwargs_from_official(sections, kwargs, mode, path) for what the table cannot; a missing field, or
+    one of the wrong kind, is a ValueError."""
+    d, (mod, table) = _unwrap(d), (M, M.MASKGEN_FIELDS) if maskgen else (T, T.TATITOK_FIELDS)
     try:
         # The sections the tables name: model.vq_model, model.maskgen, losses, dataset.preprocessing.
         s = dict(d["model"], losses=d.get("losses", {}), preprocessing=d.get("dataset", {}).get("preprocessing", {}))
         mode = {"vq": "vq", "vae": "kl"}[s["vq_model"].get("quantize_mode", "vq")]
         kw = {ours: s[sec][key] if default is REQUIRED else s[sec].get(key, default)
               for sec, key, ours, default in _fields(table, mode)}  # fmt: skip
-        finish(s, kw, mode, path)
+        mod.kwargs_from_official(s, kw, mode, path)
     except (KeyError, TypeError, AttributeError) as e:
         why = f"missing field {e}" if isinstance(e, KeyError) else f"a field of the wrong kind ({e})"
-        raise ValueError(f"{path} is not a {what}: {why} (expected {expected})") from None
+        what = ("MaskGen config.json: {} (expected model.vq_model, model.maskgen, losses)" if maskgen else
+                "TA-TiTok config: {} (expected model.vq_model and dataset.preprocessing.crop_size)")
+        raise ValueError(f"{path} is not a " + what.format(why)) from None
     return {**kw, **{k: v for k, v in d.get(EXTRA, {}).items() if k not in RECORDS}}
-
-
-def tatitok_kwargs(d, path="config.json"):
-    """A TA-TiTok config.json dict -> TATiTokConfig(**kwargs)."""
-    expected = "model.vq_model and dataset.preprocessing.crop_size"
-    return _read_fields(d, T.TATITOK_FIELDS, T.kwargs_from_official, path, "TA-TiTok config", expected)
-
-
-def maskgen_kwargs(d, path="config.json"):
-    """A MaskGen config.json dict -> MaskGenConfig(**kwargs)."""
-    expected = "model.vq_model, model.maskgen, losses"
-    return _read_fields(d, M.MASKGEN_FIELDS, M.kwargs_from_official, path, "MaskGen config.json", expected)
 
 
 def release_config(model):
@@ -375,7 +333,7 @@ def release_config(model):
         s[sec][key] = getattr(c, ours)
     d = (M if is_maskgen else T).official_config(c, s)
     # Read it back: whatever the official fields do not reproduce goes to EXTRA.
-    back = type(c)(**(maskgen_kwargs if is_maskgen else tatitok_kwargs)(d))
+    back = type(c)(**config_kwargs(d, is_maskgen))
     extra = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if getattr(back, f.name) != getattr(c, f.name)}
     return {**d, EXTRA: extra} if extra else d
 
@@ -546,11 +504,6 @@ def record_ref(ref):
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The small shapes-world models that ship with the repository: DEFAULT_RELEASE/{generator,tokenizer}.
 DEFAULT_RELEASE = os.path.join(HERE, "checkpoints", "shapes")
-HOW_TO_GET_DEFAULT = ("It ships with the repository: restore it with `git checkout -- checkpoints/shapes` (or "
-                      "re-clone; with Git LFS run `git lfs pull`), or train your own with train_tokenizer.py and then "
-                      "train_maskgen.py on the shapes world (exact commands in README.md) and pass --generator "
-                      "RUN_DIR. For the paper's models, download official releases and pass --tokenizer DIR "
-                      "--generator DIR.")
 
 
 class TextSpec(NamedTuple):
@@ -610,7 +563,11 @@ def default_release(role, missing):
     """The shipped model's `role` directory, or a FileNotFoundError starting with `missing`."""
     path = os.path.join(DEFAULT_RELEASE, role)
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{missing} and the default {path} is missing. {HOW_TO_GET_DEFAULT}")
+        raise FileNotFoundError(f"{missing} and the default {path} is missing. It ships with the repository: restore "
+                                "it with `git checkout -- checkpoints/shapes` (or re-clone; with Git LFS run `git lfs "
+                                "pull`), or train your own with train_tokenizer.py and then train_maskgen.py on the "
+                                "shapes world (exact commands in README.md) and pass --generator RUN_DIR. For the "
+                                "paper's models, download official releases and pass --tokenizer DIR --generator DIR.")
     return path
 
 
@@ -620,18 +577,6 @@ def is_release(ref, revision=None):
     path = local_path(ref, revision)
     run = os.path.isfile(os.path.join(path, "log.jsonl")) or run_checkpoints(path)
     return os.path.isfile(os.path.join(path, "config.json")) and not run
-
-
-def _release_text(path, cfg):
-    """The TextSpec a release's config.json records ("text_encoder"; the official CLIP when absent)."""
-    spec, file = cfg.get("text_encoder"), os.path.join(path, TEXT_FILE)
-    if spec is None:
-        return OFFICIAL_TEXT
-    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-        raise ValueError(f"{path}/config.json: 'text_encoder' must be {{\"name\": ..., \"pretrained\": ...}}, "
-                         f"got {spec!r}")
-    f = open_safetensors(file) if os.path.isfile(file) else None  # a small random tower's weights
-    return TextSpec(spec["name"], spec.get("pretrained", "openai"), f and {k: f.get_tensor(k) for k in f.keys()})
 
 
 def resolve(ref, role=None, revision=None):
@@ -652,7 +597,7 @@ def resolve(ref, role=None, revision=None):
         if role not in (None, found):
             raise ValueError(_WRONG["release", role, found].format(w=path))
         gen = found == "generator"
-        config = M.MaskGenConfig(**maskgen_kwargs(cfg, file)) if gen else T.TATiTokConfig(**tatitok_kwargs(cfg, file))
+        config = (M.MaskGenConfig if gen else T.TATiTokConfig)(**config_kwargs(cfg, gen, file))
         tok = cfg.get("tokenizer")  # written relative to the generator's own directory
         if tok is not None and not (os.path.isabs(tok) or hub_id(tok)):
             tok = os.path.normpath(os.path.join(path, tok))
@@ -662,7 +607,15 @@ def resolve(ref, role=None, revision=None):
             if got != want:
                 raise ValueError(f"{p} {f'has sha256 {got[:16]}' if got else 'is missing'}, but {file} records "
                                  f"{want[:16]}: damaged or replaced; re-download or re-export it (sample.py export)")
-        return Source(found, path, config, _release_text(path, cfg), tok, None, records)
+        # The text encoder it records (none: the official CLIP), with a small random tower's weights beside it.
+        spec, tf = cfg.get("text_encoder"), os.path.join(path, TEXT_FILE)
+        if spec is not None and not (isinstance(spec, dict) and isinstance(spec.get("name"), str)):
+            raise ValueError(f"{path}/config.json: 'text_encoder' must be {{\"name\": ..., \"pretrained\": ...}}, "
+                             f"got {spec!r}")
+        f = open_safetensors(tf) if spec is not None and os.path.isfile(tf) else None
+        state = f and {k: f.get_tensor(k) for k in f.keys()}
+        text = spec and TextSpec(spec["name"], spec.get("pretrained", "openai"), state)
+        return Source(found, path, config, text or OFFICIAL_TEXT, tok, None, records)
     if os.path.isdir(path):  # one of our training runs
         found, ckpt = newest_checkpoint(path)
         if found is None:
@@ -754,21 +707,6 @@ def check_pair(tcfg, gcfg, tok_where, gen_where):
                          f"Official pairs: {OFFICIAL_PAIRS}")
 
 
-def check_text(gcfg, tcfg, gen_text, tok_text, gen_where, tok_where):
-    """Both text encoders give the widths their models were built for."""
-    problems, gen, tok = [], f"generator {gen_where!r} expects", f"tokenizer {tok_where!r} expects"
-    if gen_text.width != gcfg.text_width:
-        problems.append(f"{gen} text states of width {gcfg.text_width}, its text encoder gives {gen_text.width}")
-    if gen_text.embed_dim != gcfg.pooled_dim:
-        problems.append(f"{gen} pooled text of size {gcfg.pooled_dim}, its text encoder gives {gen_text.embed_dim}")
-    if (tok_text.context_length, tok_text.width) != (tcfg.text_context_length, tcfg.text_embed_dim):
-        problems.append(f"{tok} text states ({tcfg.text_context_length}, {tcfg.text_embed_dim}), "
-                        f"its text encoder gives ({tok_text.context_length}, {tok_text.width})")
-    if problems:
-        raise ValueError("text encoder mismatch:\n  - " + "\n  - ".join(problems)
-                         + "\nFix: use the checkpoints as trained (same text encoder).")
-
-
 def _tokenizer_of(gen, tokenizer=None, revision=None):
     """(Source, _build's (model, where) on the CPU) of the tokenizer for generator Source `gen`, checked to fit it:
     `tokenizer`, else the one it records, tried as given, then next to the run, then next to this file; a Hub id
@@ -829,19 +767,20 @@ def load_models(generator=None, tokenizer=None, device="cpu", revision=None):
         print(f"note: the generator's text encoder {gen.text.name!r} differs from the tokenizer's "
               f"{src.text.name!r}; using both")
         gen_text = build_text_encoder(*gen.text, gen.where).to(device)
-    check_text(gen.config, src.config, gen_text, tok_text, gen.where, src.where)
+    # Both text encoders must give the widths their models were built for.
+    problems, g, t, want = [], gen.config, src.config, f"generator {gen.where!r} expects"
+    if gen_text.width != g.text_width:
+        problems.append(f"{want} text states of width {g.text_width}, its text encoder gives {gen_text.width}")
+    if gen_text.embed_dim != g.pooled_dim:
+        problems.append(f"{want} pooled text of size {g.pooled_dim}, its text encoder gives {gen_text.embed_dim}")
+    if (tok_text.context_length, tok_text.width) != (t.text_context_length, t.text_embed_dim):
+        problems.append(f"tokenizer {src.where!r} expects text states ({t.text_context_length}, {t.text_embed_dim}), "
+                        f"its text encoder gives ({tok_text.context_length}, {tok_text.width})")
+    if problems:
+        raise ValueError("text encoder mismatch:\n  - " + "\n  - ".join(problems)
+                         + "\nFix: use the checkpoints as trained (same text encoder).")
     return Models(gen_model, tok.to(device).requires_grad_(False), gen_text, tok_text, gen_source, tok_source,
                   gen.records.get("vocabulary"))
-
-
-def _vocabulary(src):
-    """The words of the captions a Source was trained on, when that was the shapes world (a run's --data shapes or
-    shapes:N; a release records them), for sample.py's out-of-vocabulary warning, which never reads shapes.py."""
-    if src.ckpt is None or str((src.ckpt.get("config") or {}).get("data", "")).split(":")[0] != "shapes":
-        return src.records.get("vocabulary")  # a run's records never hold it
-    import shapes  # only here. Its captions: "a|two|three <colour> <shape>[s] [<relation> a <colour> <shape>]"
-    words = {"a", *shapes.COLORS, *shapes.SHAPES, *(s + "s" for s in shapes.SHAPES), *shapes.NUMBER_WORDS.values()}
-    return sorted(words | set(" ".join(shapes.RELATIONS).split()))
 
 
 def export_release(ref, out, which=None, tokenizer=None, overwrite=False, revision=None, half=False):
@@ -852,7 +791,13 @@ def export_release(ref, out, which=None, tokenizer=None, overwrite=False, revisi
     generator the digest of its tokenizer as loaded from the release written beside it (fp16: the rounded weights)."""
     if which not in (None, "tokenizer", "generator", "both"):
         raise ValueError(f"--which must be tokenizer, generator or both, got {which!r}")
-    check_out_dir(out, overwrite)  # before any work
+    # Before any work: never into a file, nor into a non-empty directory unless asked.
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a file; give a directory to write into")
+    if (held := sorted(os.listdir(out)) if os.path.isdir(out) else []) and not overwrite:
+        more = f", ... ({len(held)} entries)" if len(held) > 4 else ""
+        raise ValueError(f"--out {out!r} is not empty (it holds {', '.join(held[:4])}{more}); pass --overwrite "
+                         f"to replace what this command writes there, or choose an empty or new directory")
     src = resolve(ref, None, revision)
     which = which or ("tokenizer" if src.role == "tokenizer" else "both")
     if src.role == "tokenizer" and which != "tokenizer":
@@ -868,21 +813,40 @@ def export_release(ref, out, which=None, tokenizer=None, overwrite=False, revisi
         if text.name is None or (text.state is None and text.name in TEXT_PRESETS):  # it could not be rebuilt
             raise ValueError(f"the {role} {s.where!r} does not record the text encoder it was trained with (or a "
                              f"random tower's weights); pass --tokenizer, the TA-TiTok run it was trained with")
-
-    def write(tmp):
+    # Written into a fresh folder beside `out`, whose entries then replace those of the same name in `out` (others
+    # are left alone): a failure leaves `out` as it was.
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", suffix=".tmp", dir=parent)
+    try:
         for role, (s, text) in parts.items():  # built one at a time: one model in memory
             d = os.path.join(tmp, role) if len(parts) > 1 else tmp
             extra = {} if text == OFFICIAL_TEXT else {"text_encoder": dict(name=text.name, pretrained=text.pretrained)}
             beside = role == "generator" and "tokenizer" in parts  # its tokenizer is written beside it
-            records = {"vocabulary": words} if (words := _vocabulary(s)) else {}
+            # The words of its captions when that was the shapes world (a run's --data shapes or shapes:N; a release
+            # records them), for sample.py's out-of-vocabulary warning, which never reads shapes.py.
+            words = s.records.get("vocabulary")  # a run's records never hold it
+            if s.ckpt is not None and str((s.ckpt.get("config") or {}).get("data", "")).split(":")[0] == "shapes":
+                import shapes  # only here. Captions: "a|two|three <colour> <shape>[s] [<relation> a <colour> <shape>]"
+                words = sorted({"a", *shapes.COLORS, *shapes.NUMBER_WORDS.values(), *" ".join(shapes.RELATIONS).split(),
+                                *shapes.SHAPES, *(w + "s" for w in shapes.SHAPES)})
+            records = {"vocabulary": words} if words else {}
             if role == "generator" and tok is not None:  # its tokenizer's digest as loaded from where it is written
                 loaded = resolve(os.path.join(tmp, "tokenizer"), "tokenizer") if beside else tok  # (fp16: rounded)
                 records["inputs"] = {"tokenizer": content_digest(_build(loaded, "cpu")[0].state_dict())}
             shared = beside and text is parts["tokenizer"][1]  # a shared small tower: one copy, the tokenizer's
             save_release(_build(s, "cpu")[0], d, half, None if shared else text.state, records, **extra,
                          **({"tokenizer": "../tokenizer"} if beside else {}))
-
-    write_dir(out, write)
+        os.makedirs(out, exist_ok=True)
+        for name in os.listdir(tmp):
+            dst = os.path.join(out, name)
+            if os.path.isdir(dst) and not os.path.islink(dst):  # a folder is replaced whole
+                shutil.rmtree(dst)
+            elif os.path.lexists(dst):
+                os.remove(dst)
+            os.replace(os.path.join(tmp, name), dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     dirs = {role: os.path.join(out, role) if len(parts) > 1 else out for role in parts}
     for role, d in dirs.items():
         print(f"wrote the {role} release {d}/ from {src.where}; load it with --{role} {d}")

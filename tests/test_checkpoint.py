@@ -202,7 +202,7 @@ def test_maskgen_errors(tmp_path):
         del cfg["model"]["maskgen"]
 
     with pytest.raises(ValueError, match="not a MaskGen config.json: missing field 'maskgen'"):
-        C.maskgen_kwargs(C.read_config(write_official(vq, tmp_path / "bad_cfg", config_edit=not_maskgen)))
+        C.config_kwargs(C.read_config(write_official(vq, tmp_path / "bad_cfg", config_edit=not_maskgen)), maskgen=True)
 
 
 # ---------------------------------------------------------------------------- both

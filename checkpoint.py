@@ -260,18 +260,17 @@ class Release:
 def read_config(path):
     """A release's config.json (the file or its directory) -> dict; anything else is a ValueError."""
     path = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    fix = "re-download the release, or re-export it with `python sample.py export`"
     try:
         with open(path, encoding="utf-8") as f:
             cfg = json.loads(text) if (text := f.read()).strip() else None
+        why = (None if isinstance(cfg, dict) else "is empty (an interrupted download or copy?)" if cfg is None
+               else f"holds a JSON {type(cfg).__name__}, not the object a config.json is")
     except UnicodeDecodeError:
-        raise ValueError(f"{path} is not a text file (not UTF-8), so not a config.json; {fix}") from None
+        why = "is not a text file (not UTF-8), so not a config.json"
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); {fix}") from None
-    if cfg is None:
-        raise ValueError(f"{path} is empty (an interrupted download or copy?); {fix}")
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path} holds a JSON {type(cfg).__name__}, not the object a config.json is; {fix}")
+        why = f"is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+    if why:
+        raise ValueError(f"{path} {why}; re-download the release, or re-export it with `python sample.py export`")
     return cfg
 
 

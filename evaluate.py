@@ -564,16 +564,6 @@ def shared_categories(gen_cats, ref_cats, ref):
     return sorted(gen)
 
 
-def load_ref_stats(path):
-    """A .npz written by --save-ref-stats -> {"": (mu, sigma), category: (mu, sigma)}."""
-    z = np.load(path)
-    if not {"mu", "sigma"} <= set(z.files):
-        raise ValueError(f"{path} holds {z.files}, not mu and sigma; write it with `evaluate.py gen --save-ref-stats`")
-    cats = z["categories"] if "categories" in z.files else []
-    per = {str(c): (z["mu_per_category"][k], z["sigma_per_category"][k]) for k, c in enumerate(cats)}
-    return {"": (z["mu"], z["sigma"]), **per}
-
-
 def cmd_gen(args, device):
     def categories_of(fs, root):  # each file's first folder under root (MJHQ's <category>/), or None
         return [(os.path.relpath(f, root).split(os.sep)[:-1] or [None])[0] for f in fs]
@@ -588,7 +578,13 @@ def cmd_gen(args, device):
         if args.ref is None:
             raise ValueError("gFID needs --ref (a folder of reference images or a .npz with mu, sigma), or --no-fid")
         if args.ref.endswith(".npz"):
-            ref_stats = load_ref_stats(args.ref)
+            z = np.load(args.ref)  # --save-ref-stats' {"": (mu, sigma), category: (mu, sigma)}
+            if not {"mu", "sigma"} <= set(z.files):
+                raise ValueError(f"{args.ref} holds {z.files}, not mu and sigma; write it with `evaluate.py gen "
+                                 "--save-ref-stats`")
+            cats = z["categories"] if "categories" in z.files else []
+            per = {str(c): (z["mu_per_category"][k], z["sigma_per_category"][k]) for k, c in enumerate(cats)}
+            ref_stats = {"": (z["mu"], z["sigma"]), **per}
             categories = shared_categories(gen_cats, list(ref_stats), args.ref)
         else:
             ref_files = list_images(args.ref)[: args.ref_limit]
@@ -602,31 +598,13 @@ def cmd_gen(args, device):
     res, stats = evaluate_generation(gen, extractor, ref_batches, ref_stats, clip, args.is_splits, categories)
     res = with_skips(with_skips(res, gen_skipped), ref_skipped, "ref_skipped")
     if args.save_ref_stats and stats is not None and train_common.rank_world()[0] == 0:
-        # The .npz load_ref_stats reads: mu, sigma and, with categories, their names and stacked stats.
+        # The .npz that --ref reads: mu, sigma and, with categories, their names and stacked stats.
         cats = [c for c in stats if c]
         per = dict(categories=np.array(cats), mu_per_category=np.stack([stats[c][0] for c in cats]),
                    sigma_per_category=np.stack([stats[c][1] for c in cats])) if cats else {}
         np.savez(args.save_ref_stats, mu=stats[""][0], sigma=stats[""][1], **per)
         print(f"saved reference statistics to {args.save_ref_stats}")
     return res, f"generation: {args.images} vs {args.ref}"
-
-
-def save_scored(folder, images, rows):
-    """Write the scored images, to look at the misses: <folder>/<category>/<i>_<ok|miss>.png (i:
-    the prompt's number in its category), its prompt in <i>_<ok|miss>.txt (so `--images folder`
-    scores them again), and the detector's verdicts in <folder>/results.jsonl."""
-    counts = {}
-    os.makedirs(folder, exist_ok=True)  # empty or new: cmd_shapes refuses a used one, so nothing is overwritten
-    with open(os.path.join(folder, "results.jsonl"), "w") as log:
-        for img, row in zip(images, rows):
-            i = counts[row["category"]] = counts.get(row["category"], -1) + 1
-            name = os.path.join(row["category"], f"{i:04d}_{'ok' if row['correct'] else 'miss'}")
-            os.makedirs(os.path.join(folder, row["category"]), exist_ok=True)
-            Image.fromarray(img).save(os.path.join(folder, name + ".png"))
-            with open(os.path.join(folder, name + ".txt"), "w") as f:
-                f.write(row["prompt"] + "\n")
-            log.write(json.dumps({"file": name + ".png", **row}) + "\n")
-    print(f"saved {len(rows)} scored images to {folder}/<category>/ (misses: *_miss.png; verdicts: results.jsonl)")
 
 
 def reconstruct(images, captions, generator, tokenizer, device, batch_size):
@@ -679,7 +657,21 @@ def cmd_shapes(args, device):
     res = shapes.shapes_score(images, caps, return_details=bool(args.details or args.save))
     rows = res.pop("per_prompt", None)
     if args.save:
-        save_scored(args.save, images, rows)
+        # The scored images, to look at the misses: <save>/<category>/<i>_<ok|miss>.png (i: the prompt's number in
+        # its category), its prompt in <i>_<ok|miss>.txt (so `--images <save>` scores them again), and the
+        # detector's verdicts in <save>/results.jsonl. Empty or new: refused above if used, so nothing is overwritten.
+        counts, folder = {}, args.save
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "results.jsonl"), "w") as log:
+            for img, row in zip(images, rows):
+                i = counts[row["category"]] = counts.get(row["category"], -1) + 1
+                name = os.path.join(row["category"], f"{i:04d}_{'ok' if row['correct'] else 'miss'}")
+                os.makedirs(os.path.join(folder, row["category"]), exist_ok=True)
+                Image.fromarray(img).save(os.path.join(folder, name + ".png"))
+                with open(os.path.join(folder, name + ".txt"), "w") as f:
+                    f.write(row["prompt"] + "\n")
+                log.write(json.dumps({"file": name + ".png", **row}) + "\n")
+        print(f"saved {len(rows)} scored images to {folder}/<category>/ (misses: *_miss.png; verdicts: results.jsonl)")
     if args.details:
         with open(args.details, "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)

@@ -135,19 +135,6 @@ def generate_images(models, prompts, aesthetics, seeds, null, opts, device, seed
     return models.tokenizer.decode(tokens, final)  # (B,3,H,W)
 
 
-def encode_init_image(tokenizer, path, device):
-    """Image-to-image's start: the image file at `path`, shorter side resized to the tokenizer's
-    image size and centre-cropped (as every image it reads), -> its tokens for generate()'s
-    init_tokens: VQ ids (1,K), KL posterior means (1,K,C) (its reconstruction decodes those)."""
-    try:
-        image = load_image(path, tokenizer.config.image_size)  # (3,S,S) in [0,1]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--init_image {path!r} does not exist; give the image file to start from") from None
-    except (OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"--init_image {path!r} is not a readable image ({e}); give a PNG or JPEG file") from None
-    return tokenizer.encode(image[None].to(device))  # (1,K) | (1,K,C)
-
-
 def to_pixels(images):
     """(..., 3, H, W) in [0, 1] -> uint8 numpy (..., H, W, 3), rounded to the nearest level
     (a plain .to(uint8) truncates, darkening every pixel by half a level on average)."""
@@ -242,11 +229,10 @@ def labelled_grid(rows, row_labels=None, tile_labels=None, min_tile=128, pad=4):
     def fit(text, width):  # text cut to `width` pixels, the cut marked with "..."
         if draw.textlength(text, font=font) <= width:
             return text
-        lo, hi = 0, min(len(text), width)  # a glyph is at least 1 px wide; binary search: widths grow with length
-        while lo < hi:  # the longest text[:lo] + "..." that fits
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if draw.textlength(text[:mid] + "...", font=font) <= width else (lo, mid - 1)
-        return text[:lo] + "..."
+        cut = text[:width]  # a glyph is at least 1 px wide; then the longest cut + "..." that fits
+        while cut and draw.textlength(cut + "...", font=font) > width:
+            cut = cut[:-1]
+        return cut + "..."
 
     for r, row in enumerate(rows):
         y = pad + r * row_h
@@ -290,8 +276,7 @@ def swap_tokens(tok, tokens, text_final, positions, replacements, batch_size=64)
     """
     cfg = tok.config
     K, P, J, vq = cfg.num_latent_tokens, len(positions), len(replacements), cfg.quantize_mode == "vq"
-    bad = [i for i in positions if not 0 <= i < K]
-    if bad:
+    if bad := [i for i in positions if not 0 <= i < K]:
         raise ValueError(f"token positions {bad} are out of range: this tokenizer has K={K} tokens (0..{K - 1})")
     codes = torch.as_tensor(replacements, dtype=torch.long if vq else tokens.dtype, device=tokens.device)  # (J,)|(J,C)
     if vq and codes.numel() and (codes.min() < 0 or codes.max() >= cfg.codebook_size):
@@ -490,7 +475,17 @@ def main(argv=None):
             # negative prompt in its place, so that guidance steers away from it. Computed once.
             null = models.gen_text([args.negative_prompt])
             if args.init_image:  # image-to-image: its tokens, once, for every prompt
-                init = encode_init_image(models.tokenizer, args.init_image, device)  # (1,K) | (1,K,C)
+                # The image resized (shorter side) to the tokenizer's image size and centre-cropped, as every image
+                # it reads -> tokens: VQ ids (1,K), KL posterior means (1,K,C) (its reconstruction decodes those).
+                try:
+                    image = load_image(args.init_image, models.tokenizer.config.image_size)  # (3,S,S) in [0,1]
+                except FileNotFoundError:
+                    raise FileNotFoundError(f"--init_image {args.init_image!r} does not exist; give the image file to "
+                                            "start from") from None
+                except (OSError, Image.DecompressionBombError) as e:
+                    raise ValueError(f"--init_image {args.init_image!r} is not a readable image ({e}); give a PNG or "
+                                     "JPEG file") from None
+                init = models.tokenizer.encode(image[None].to(device))  # (1,K) | (1,K,C)
                 opts.update(init_tokens=init, strength=0.5 if args.strength is None else args.strength)
             batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
             for batch in tqdm(batches, desc=f"sampling (rank {rank})" if world > 1 else "sampling", disable=rank != 0):

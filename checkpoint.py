@@ -214,8 +214,7 @@ def save_checkpoint(out_dir, step, payload, keep=2, log=print):
     atomic_write(path, lambda f: torch.save({**payload, "sha256": content_digest(payload)}, f))
     good, unreadable = [], []
     for p in run_checkpoints(out_dir):
-        st = os.stat(p)
-        key = (p, st.st_size, st.st_mtime_ns)
+        key = (p, (st := os.stat(p)).st_size, st.st_mtime_ns)
         if key not in _GOOD:  # the file just written is good: it is not read back
             _GOOD[key] = p == path or load_good(p, strict=True)[0] is not None
         (good if _GOOD[key] else unreadable).append(p)
@@ -678,10 +677,8 @@ def generator_weights(ref):
 def _same_text(a, b):
     """Do two TextSpecs describe the same encoder? One that records none is taken to match (a generator
     trained with its tokenizer's; a release pair stores a small tower's weights once, with the tokenizer)."""
-    if a.name is None or b.name is None:
-        return True
-    if a.name != b.name:
-        return False
+    if a.name is None or b.name is None or a.name != b.name:
+        return a.name is None or b.name is None
     if a.state is None or b.state is None:
         return a.state is not None or b.state is not None or a.pretrained == b.pretrained
     return a.state.keys() == b.state.keys() and all(torch.equal(a.state[k], b.state[k]) for k in a.state)

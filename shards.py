@@ -12,16 +12,20 @@ a sample on resume. A cut tar keeps every complete sample before the cut. Bad in
 counted in `dataset.skipped`, never a crash.
 """
 import glob
+import hashlib
 import io
 import itertools
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
+import signal
 import subprocess
 import tarfile
 import tempfile
+import threading
 import urllib.request
 import zlib
 
@@ -388,10 +392,31 @@ def resolve_rank(rank=None, world_size=None):
     return int(rank), int(world_size)
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def worker_slot():
-    """(this DataLoader worker's id, number of workers); (0, 1) in the main process."""
+    """(this DataLoader worker's id, number of workers); (0, 1) in the main process. Every dataset's
+    __iter__ calls it first, so it also guards each worker against stop signals, once."""
     info = get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
+    if info is None:
+        return 0, 1
+    # A stop signal is the main process's to handle (train_common.RunControl finishes the step, writes a
+    # checkpoint, exits 143 / 130), but torchrun, a shell and Ctrl-C signal a whole process group: a worker
+    # that died of it would turn the stop into a DataLoader error, with no checkpoint. Ignoring the signals
+    # is not enough, as multiprocessing ends workers with SIGTERM when the main process exits. So a worker
+    # blocks them, and a thread exits it on one sent by the main process only. A worker whose main process
+    # died exits by itself (PyTorch's watchdog, between batches).
+    if signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS):  # not yet guarded
+        main = multiprocessing.parent_process().pid
+
+        def wait():  # os._exit: the worker has nothing to clean up that its main process needs
+            while signal.sigwaitinfo(STOP_SIGNALS).si_pid != main:
+                pass
+            os._exit(0)
+
+        threading.Thread(target=wait, daemon=True).start()
+    return info.id, info.num_workers
 
 
 POSITION_FIELDS = ("epoch", "shard", "offset", "seen", "taken")  # a reader's position, LongTensor (5,)

@@ -473,6 +473,20 @@ class StreamDataset(IterableDataset):
                 if not few or (seen - 1) % n_slots == slot:
                     yield group
 
+    def sources(self):
+        """The list that positions point into, as checkpoints record it: {"count", "sha256", "list": zlib'd
+        "name<TAB>size" lines} of self.shards in order (image folders: self.files), a local file by its base
+        name (moving the data changes nothing) and byte size, -1 for a missing file, a pipe: or URL, and an
+        image folder's file (no byte offsets there). About 8 bytes a shard: 100k shards add < 1 MB."""
+        shards = getattr(self, "shards", None)
+        lines = []
+        for s in self.files if shards is None else shards:
+            remote = s.startswith("pipe:") or re.match(r"https?://", s)
+            size = os.path.getsize(s) if shards is not None and not remote and os.path.isfile(s) else -1
+            lines.append(f"{s if remote else os.path.basename(s)}\t{size}")
+        text = "\n".join(lines).encode()
+        return {"count": len(lines), "sha256": hashlib.sha256(text).hexdigest(), "list": zlib.compress(text)}
+
     def _order(self, n, epoch):
         """The epoch's order of n shards (or files): the same on every rank and worker (it depends on seed, epoch)."""
         return np.random.default_rng([self.seed, 2, epoch]).permutation(n) if self.shuffle else np.arange(n)
@@ -589,6 +603,18 @@ class StreamDataset(IterableDataset):
                         "min_longer_side)", type(self).__name__, slot, n_slots, self.skipped.summary())  # fmt: skip
 
 
+def source_changes(saved, now):
+    """None where two StreamDataset.sources() records match, else a line naming what changed (size -1: no file)."""
+    if saved["sha256"] == now["sha256"]:
+        return None
+    old, new = (dict(e.rsplit("\t", 1) for e in zlib.decompress(r["list"]).decode().split("\n")) for r in (saved, now))
+    changes = {"added": [n for n in new if old.get(n, "-1") == "-1" != new[n] or n not in old],
+               "missing": [n for n in old if new.get(n, "-1") == "-1" != old[n] or n not in new],
+               "resized": [f"{n} ({old[n]} -> {new[n]} bytes)" for n in new if "-1" != old.get(n, "-1") != new[n] != "-1"]}
+    text = "; ".join(f"{len(v)} {k}: {', '.join(v[:3])}{' ...' if len(v) > 3 else ''}" for k, v in changes.items() if v)
+    return f"{saved['count']} shards then, {now['count']} now; {text or 'the same shards in another order'}"
+
+
 class StreamPositions:
     """Where each reader of this rank stands after the batches consumed, for StreamDataset(positions=).
     Batches come round-robin: batch b from logical worker b % W, now at its last sample's "position".
@@ -612,6 +638,14 @@ class StreamPositions:
         """This rank's positions from ckpt["data_positions"]; fresh if ckpt is None, else unknown if none."""
         saved = ckpt["data_positions"][rank] if ckpt is not None and ckpt.get("data_positions") else None
         return cls(num_workers, start_batch, saved)
+
+    def new_epoch(self):
+        """Move every reader whose position is known to the start of its next epoch: a stream re-planned on
+        another shard list (--replan_data), whose saved offsets point into the old one."""
+        known = self.saved[:, 0] >= 0
+        self.saved[known, 0] += 1
+        self.saved[known, 1:] = 0
+        self.table = self.saved.clone()
 
     def consumed(self, batch):
         """Record a batch the trainer took (batches without "position": nothing to track)."""

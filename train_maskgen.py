@@ -72,9 +72,9 @@ def token_batches(cfg, tokenizer, rank, world, start_step, device, resume=None):
     B, mode = cfg.batch_size, tokenizer.config.quantize_mode
     if cfg.data.startswith("pretokenized:"):
         start = start_step * cfg.grad_accum
-        positions = resume_positions(resume, rank, cfg.num_workers, start)
         ds = data.PretokenizedDataset(cfg.data.split(":", 1)[1], rank=rank, world_size=world, seed=cfg.seed,
-                                 start_batch=start, batch_size=B, positions=positions.saved)  # fmt: skip
+                                      start_batch=start, batch_size=B)  # fmt: skip
+        positions = resume_positions(resume, rank, cfg, start, ds)  # checked against ds's shards; given to ds
         loader = torch.utils.data.DataLoader(ds, batch_size=B, num_workers=cfg.num_workers, collate_fn=data.collate)
         stream = iter(loader)
 

@@ -134,7 +134,8 @@ def test_group_sigterm_under_torchrun_with_workers(tmp_path, shard_dir):
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             for run in (out, tmp_path / "straight")]  # resumed, and uninterrupted, side by side (--standalone: own ports)
     for job in jobs:
-        assert job.wait(timeout=300) == 0, job.stdout.read()[-3000:]
+        text = job.communicate(timeout=300)[0]
+        assert job.returncode == 0, text[-3000:]
     _assert_same(_ckpt(out, step + 1), _ckpt(tmp_path / "straight", step + 1))
 
 

@@ -401,12 +401,11 @@ def worker_slot():
     info = get_worker_info()
     if info is None:
         return 0, 1
-    # A stop signal is the main process's to handle (train_common.RunControl finishes the step, writes a
-    # checkpoint, exits 143 / 130), but torchrun, a shell and Ctrl-C signal a whole process group: a worker
-    # that died of it would turn the stop into a DataLoader error, with no checkpoint. Ignoring the signals
-    # is not enough, as multiprocessing ends workers with SIGTERM when the main process exits. So a worker
-    # blocks them, and a thread exits it on one sent by the main process only. A worker whose main process
-    # died exits by itself (PyTorch's watchdog, between batches).
+    # Stop signals are the main process's (train_common.RunControl: finish the step, checkpoint, exit 143 / 130),
+    # but torchrun, shells and Ctrl-C signal a whole process group: a worker dying of one would make the stop a
+    # DataLoader error, with no checkpoint. Ignoring them is not enough: multiprocessing ends workers with SIGTERM
+    # as the main process exits. So a worker blocks them and a thread exits it on one from the main process only;
+    # one whose main process died exits by itself (PyTorch's watchdog, between batches).
     if signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS):  # not yet guarded
         main = multiprocessing.parent_process().pid
 
@@ -475,15 +474,11 @@ class StreamDataset(IterableDataset):
 
     def sources(self):
         """The list that positions point into, as checkpoints record it: {"count", "sha256", "list": zlib'd
-        "name<TAB>size" lines} of self.shards in order (image folders: self.files), a local file by its base
-        name (moving the data changes nothing) and byte size, -1 for a missing file, a pipe: or URL, and an
-        image folder's file (no byte offsets there). About 8 bytes a shard: 100k shards add < 1 MB."""
-        shards = getattr(self, "shards", None)
-        lines = []
-        for s in self.files if shards is None else shards:
-            remote = s.startswith("pipe:") or re.match(r"https?://", s)
-            size = os.path.getsize(s) if shards is not None and not remote and os.path.isfile(s) else -1
-            lines.append(f"{s if remote else os.path.basename(s)}\t{size}")
+        "name<TAB>size" lines} of self.shards in order, each by its base name (moving the data changes nothing)
+        and byte size (-1: not a local file). About 8 bytes a shard: 100k shards add < 1 MB to a checkpoint."""
+        shards = getattr(self, "shards", None)  # image folders list self.files: no byte offsets, so no sizes
+        lines = [f"{os.path.basename(s)}\t{os.path.getsize(s) if shards is not None and os.path.isfile(s) else -1}"
+                 for s in (self.files if shards is None else shards)]  # fmt: skip
         text = "\n".join(lines).encode()
         return {"count": len(lines), "sha256": hashlib.sha256(text).hexdigest(), "list": zlib.compress(text)}
 
@@ -640,8 +635,7 @@ class StreamPositions:
         return cls(num_workers, start_batch, saved)
 
     def new_epoch(self):
-        """Move every reader whose position is known to the start of its next epoch: a stream re-planned on
-        another shard list (--replan_data), whose saved offsets point into the old one."""
+        """Move each reader whose position is known to its next epoch's start (re-planned on another shard list)."""
         known = self.saved[:, 0] >= 0
         self.saved[known, 0] += 1
         self.saved[known, 1:] = 0

@@ -356,29 +356,26 @@ def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0, 
 
 
 def resume_positions(resume, rank, cfg, start_batch, dataset):
-    """This rank's shards.StreamPositions from the checkpoint resumed (None: a fresh run), handed to `dataset`
-    (a stream not yet iterated). Positions are offsets into the shard list the checkpoint records (names and
-    sizes): another list would make readers seek into other shards, so it stops the run with what changed,
-    unless cfg.replan_data starts every reader on a new epoch over it. Another num_workers stops the run."""
+    """This rank's shards.StreamPositions from the checkpoint resumed (None: a fresh run), given to `dataset`, a
+    stream not yet iterated. They are offsets into the shard list the checkpoint records (names, sizes): another
+    list stops the run naming the change, or with cfg.replan_data each reader starts a new epoch over it."""
     from shards import StreamPositions, source_changes
     try:
         positions = StreamPositions.resume(resume, rank, cfg.num_workers, start_batch)
-    except ValueError as e:
+    except ValueError as e:  # another num_workers
         sys.exit(f"error: {e}")
     positions.sources = dataset.sources() if hasattr(dataset, "sources") else None
-    if positions.saved is not None:
-        saved = resume.get("data_sources")
-        change = None if saved is None else source_changes(saved, positions.sources)
-        if change and not cfg.replan_data:
-            sys.exit(f"error: the data changed since the checkpoint at step {resume['step']}: {change}. Restore the "
-                     f"shards it was trained on, or pass --replan_data to go on with these (the data order changes)")
-        if change:
-            positions.new_epoch()
-        if (change or saved is None) and rank == 0:
-            tqdm.write(f"warning: the data changed since the checkpoint ({change}); --replan_data: each reader starts "
-                       f"a new epoch over these shards, so the data order differs from an uninterrupted run's"
-                       if change else "warning: the checkpoint predates recording its shard list; if shards were "
-                       "added, removed or rewritten since, readers resume at wrong offsets")  # fmt: skip
+    recorded = resume.get("data_sources", {}) if positions.saved is not None else None  # {}: not recorded
+    change = recorded and source_changes(recorded, positions.sources)
+    if change and not cfg.replan_data:
+        sys.exit(f"error: the data changed since the checkpoint at step {resume['step']}: {change}. Restore the "
+                 f"shards it was trained on, or pass --replan_data to go on with these (the data order changes)")
+    if change:
+        positions.new_epoch()
+    if rank == 0 and (change or recorded == {}):
+        tqdm.write(f"warning: the data changed since the checkpoint ({change}); --replan_data: each reader starts a "
+                   f"new epoch over these shards (the data order changes)" if change else "warning: the checkpoint "
+                   "predates recording its shard list; shards added, removed or rewritten since go unnoticed")
     dataset.positions = positions.saved
     return positions
 

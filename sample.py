@@ -447,6 +447,10 @@ def main(argv=None):
     if rank == 0:
         print(f"generator: {models.gen_source} [MaskGen-{gcfg.mode.upper()}, K={gcfg.num_tokens}]")
         print(f"tokenizer: {models.tok_source}")
+    for p in prompts if models.vocabulary and rank == 0 else []:  # a model of a closed world (shapes) names its words
+        if unknown := sorted({w for w in re.findall(r"\w+", p.lower()) if w not in models.vocabulary}):
+            print(f"warning: the prompt {p!r} has words this model never saw ({', '.join(unknown)}); it will draw "
+                  f"something else. Its vocabulary: {' '.join(models.vocabulary)}")
     opts = dict(num_steps=args.steps, guidance_scale=args.guidance_scale, guidance_schedule=args.guidance_schedule,
                 randomize_temperature=args.randomize_temperature, temperature=args.temperature)
     # 5. This rank's share of the work list, in batches.

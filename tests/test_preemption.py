@@ -132,7 +132,7 @@ def test_group_sigterm_under_torchrun_with_workers(tmp_path, shard_dir):
     assert len(ck["rng"]) == 2 and [p["num_workers"] for p in ck["data_positions"]] == [1, 1]
     jobs = [subprocess.Popen(_torchrun(run, *opts, f"--stop_at={step + 1}"), cwd=ROOT, env=ENV, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            for run in (out, tmp_path / "straight")]  # resumed, and uninterrupted, side by side (--standalone: own ports)
+            for run in (out, tmp_path / "straight")]  # resumed, and uninterrupted, side by side (own ports)
     for job in jobs:
         text = job.communicate(timeout=300)[0]
         assert job.returncode == 0, text[-3000:]

@@ -256,7 +256,7 @@ def test_changed_shard_list_is_refused_or_replanned(tmp_path, capsys):
             undo()
     capsys.readouterr()
     second = run(2, "--replan_data")  # on the resized shard
-    assert "warning: the data changed since the checkpoint (3 shards then, 3 now; 1 resized" in capsys.readouterr().out
+    assert "warning: the data changed (3 shards then, 3 now; 1 resized" in capsys.readouterr().out
     assert first["data_positions"][0]["positions"][0, 0] == 0 and second["data_positions"][0]["positions"][0, 0] == 1
     assert second["data_sources"]["sha256"] != first["data_sources"]["sha256"]  # the new list, from now on
     ck = torch.load(tmp_path / "run" / "ckpt_00000002.pt", weights_only=True)

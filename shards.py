@@ -618,7 +618,7 @@ class StreamPositions:
         # A fresh run's readers are at their start; a run resumed without positions does not know yet (-1).
         unknown = torch.full((self.workers, len(POSITION_FIELDS)), -1 if start_batch else 0, dtype=torch.int64)
         self.table = unknown if self.saved is None else self.saved.clone()
-        self.tracked = False
+        self.tracked, self.sources = False, None  # sources: StreamDataset.sources(), for the checkpoint
 
     def consumed(self, batch):
         """Record a batch the trainer took (batches without "position": nothing to track)."""

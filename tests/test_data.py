@@ -430,11 +430,11 @@ def test_pretokenized_vq_ids_round_trip_exactly(tmp_path):
         assert s["tokens"].dtype == torch.int64 and s["tokens"].tolist() == np.roll(ids, i).tolist()
         assert s["caption"] == f"cap {i}" and float(s["aesthetic"]) == 5.0
     assert data.token_dtype(2**16) == np.int32
-    # A float16 token file (the official layout's bug) is refused, not silently read.
+    # A float16 token file (the official layout's bug) is skipped and counted, never read as ids.
     path = _write_tar(tmp_path / "fp16.tar", [("x.tokens.npy", shards.encode_npy(ids.astype(np.float16))),
                                               ("x.txt", b"c")])  # fmt: skip
-    with pytest.raises(TypeError, match="not integers"):
-        list(data.PretokenizedDataset(path, infinite=False))
+    ds = data.PretokenizedDataset(path, infinite=False)
+    assert list(ds) == [] and ds.skipped.counts()["bad_tokens"] == 1
 
 
 def test_pretokenized_kl_round_trip(tmp_path):

@@ -420,7 +420,8 @@ class PretokenizedDataset(StreamDataset):
                 if mean.dtype.kind != "f" or logvar.dtype.kind != "f" or mean.shape != logvar.shape or mean.ndim != 2:
                     raise ValueError(f"mean {mean.dtype} {mean.shape} and logvar {logvar.dtype} {logvar.shape} "
                                      f"must both be floats of shape (K, C)")  # fmt: skip
-                posterior = np.concatenate([mean, logvar], -1).astype(np.float32)  # (K, 2C)
+                with np.errstate(over="ignore"):  # float64 values beyond float32 become inf, refused below
+                    posterior = np.concatenate([mean, logvar], -1).astype(np.float32)  # (K, 2C)
                 if not np.isfinite(posterior).all():
                     raise ValueError("the posterior holds non-finite values")
                 misfit = ("a KL posterior for a VQ tokenizer" if V is not None else

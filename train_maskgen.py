@@ -69,8 +69,7 @@ def token_batches(cfg, tokenizer, rank, world, start_step, device, resume=None):
     ids (B, K); KL tokens the posterior's cat(mean, logvar) (B, K, 2C), from which MaskGen draws
     a fresh sample each time. Streams keep get.positions and restart from resume= (as
     train_common.image_batches)."""
-    B, tcfg = cfg.batch_size, tokenizer.config
-    mode = tcfg.quantize_mode
+    B, tcfg, mode = cfg.batch_size, tokenizer.config, tokenizer.config.quantize_mode
     if cfg.data.startswith("pretokenized:"):
         start = start_step * cfg.grad_accum
         positions = resume_positions(resume, rank, cfg.num_workers, start)
@@ -125,8 +124,8 @@ def main(argv=None):
     # train without an error, and mean nothing to this decoder. Each folder's meta.json records its digest.
     tok_digest, unrecorded = content_digest(tokenizer.state_dict()), []  # sha256 of the weights
     try:
-        shards = data.list_shards(cfg.data.split(":", 1)[1]) if cfg.data.startswith("pretokenized:") else []
-        for folder in sorted({os.path.dirname(p) or "." for p in shards}):
+        paths = data.list_shards(cfg.data.split(":", 1)[1]) if cfg.data.startswith("pretokenized:") else []
+        for folder in sorted({os.path.dirname(p) or "." for p in paths}):
             meta = data.read_pretokenized_meta(folder) or {}
             wrote, source = meta.get("tokenizer_digest"), meta.get("tokenizer")
             if wrote is None:

@@ -502,6 +502,7 @@ def test_pretokenize_cli_end_to_end_ddp(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     meta = json.loads((out / "meta.json").read_text())
     assert meta["num_samples"] == 7 and meta["quantize_mode"] == "vq" and meta["token_dtype"] == "int16"
+    assert meta["tokenizer_digest"] == checkpoint.content_digest(model.state_dict())  # what wrote them, by content
     assert sorted(os.listdir(out)) == ["meta.json", "pretok-rank000-000000.tar", "pretok-rank001-000000.tar"]
     got = {s["caption"] + "|" + s["key"]: s["tokens"] for s in data.PretokenizedDataset(str(out), infinite=False)}
     assert len(got) == 7

@@ -323,37 +323,29 @@ def ridge_r2(x_train, y_train, x_test, y_test, lam=1.0):
     return (1 - err / (y_test.double() - y_train.double().mean(0)).pow(2).sum()).item()
 
 
-def hidden_token_setup(models, images, captions, aesthetic, seed):
-    """(hiding order rank (B, K), true tokens, KL posterior or None, CPU generator, predict) for context_use and
-    inpaint_use. At fraction f a token is hidden when rank >= round(f K). The tokens are what the generator reads
-    (VQ ids (B, K); KL (B, K, C) scaled, a posterior sample or the mean as in training). predict(masked (B, K) bool)
-    is MaskGen's view of the hidden tokens given the visible true ones: VQ logits (B, K, V), KL per-token conditions
-    z (B, K, D). Every draw comes from the CPU generator, so a seed gives the same draws on every device."""
-    G, T = models.generator, models.tokenizer
-    device, c = next(G.parameters()).device, G.config
-    g = torch.Generator().manual_seed(seed)
-    feats = models.gen_text(captions)
-    aes = torch.full((len(captions),), float(aesthetic), device=device)
-    rank = torch.rand(len(captions), c.num_tokens, generator=g).argsort(-1).argsort(-1).to(device)  # (B, K)
-    if c.mode == "vq":
-        x = T.encode(images)
-        return rank, x, None, g, lambda m: G.logits(torch.where(m, G.mask_id, x), feats.penultimate, feats.pooled, aes)
-    post = T.encode(images, return_posterior=True)
-    noise = torch.randn(post.mean.shape, generator=g).to(device)  # drawn even for "mean": later draws stay the same
-    x = (post.mean + post.std * noise if c.kl_tokens == "sample" else post.mean) * c.scale_factor
-    txt, cond = G.trunk.encode_condition(feats.penultimate, feats.pooled, aes)
-    return rank, x, post, g, lambda m: G.token_conditions(x, m.float(), txt, cond)
-
-
 @torch.no_grad()
 def context_use(models, images, captions, aesthetic, fractions=(0.0, 0.5, 0.9), seed=0):
     """How much MaskGen's predictions for the hidden tokens of images (B, 3, H, W) in [0, 1] depend on the visible
     `fraction`: VQ {"masked_ce@f"}, their cross-entropy; KL {"r2_from_z@f"}, the R^2 of a ridge regression from the
     per-token conditions z (what DiffLoss sees) to their posterior means, fit on even images, scored on odd ones. A
-    model that reads its context does far better with tokens visible than without."""
-    c = models.generator.config
-    B, K = len(captions), c.num_tokens
-    rank, x, post, _, predict = hidden_token_setup(models, images, captions, aesthetic, seed)
+    model that reads its context does far better with tokens visible than without. The visible tokens are those
+    the generator reads in training (KL: scaled, a posterior sample or the mean). Every draw comes from a CPU
+    generator, so a seed gives the same draws on every device."""
+    G, T, c = models.generator, models.tokenizer, models.generator.config
+    B, K, device = len(captions), c.num_tokens, next(G.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    feats = models.gen_text(captions)
+    aes = torch.full((B,), float(aesthetic), device=device)
+    rank = torch.rand(B, K, generator=g).argsort(-1).argsort(-1).to(device)  # (B, K): hidden where rank >= round(f K)
+    if c.mode == "vq":
+        x = T.encode(images)  # (B, K)
+        predict = lambda m: G.logits(torch.where(m, G.mask_id, x), feats.penultimate, feats.pooled, aes)  # noqa: E731
+    else:  # predict(masked): the per-token conditions z (B, K, D)
+        post = T.encode(images, return_posterior=True)
+        noise = torch.randn(post.mean.shape, generator=g).to(device)  # drawn even for "mean"
+        x = (post.mean + post.std * noise if c.kl_tokens == "sample" else post.mean) * c.scale_factor  # (B, K, C)
+        txt, cond = G.trunk.encode_condition(feats.penultimate, feats.pooled, aes)
+        predict = lambda m: G.token_conditions(x, m.float(), txt, cond)  # noqa: E731
     even = (torch.arange(B, device=x.device) % 2 == 0)[:, None]  # (B, 1)
     out = {}
     for f in fractions:
@@ -369,24 +361,18 @@ def context_use(models, images, captions, aesthetic, fractions=(0.0, 0.5, 0.9), 
 
 @torch.no_grad()
 def inpaint_use(models, images, captions, aesthetic, fractions=(0.5, 0.75, 0.9), seed=0):
-    """How well MaskGen fills in a real scene whose tokens but `fraction` are hidden: all drawn
-    in ONE unguided step from the true visible ones (VQ: the likeliest id; KL: one DiffLoss
-    draw), so the per-token predictions are measured apart from the decoding schedule. ->
+    """How well MaskGen fills in a real scene whose tokens but `fraction` are hidden: generate()'s
+    image-to-image at strength 1 - fraction in ONE unguided step (VQ: the likeliest id; KL: one
+    DiffLoss draw), so the per-token predictions are measured apart from the decoding schedule. ->
     ({"inpaint@f": the shapes detector's overall score}, {f: decoded (B, 3, H, W) in [0, 1]})."""
     G, T = models.generator, models.tokenizer
-    c, K = G.config, G.config.num_tokens
-    rank, visible, _, g, predict = hidden_token_setup(models, images, captions, aesthetic, seed)
-    tok_text = models.tok_text(captions).final
-    temperature = 1.0 if c.temperature is None else c.temperature
-    draws = g if visible.device.type == "cpu" else None  # DiffLoss draws on visible's device
+    feats, tok_text = models.gen_text(captions), models.tok_text(captions).final
+    init = T.encode(images)  # VQ ids (B, K) | KL posterior means (B, K, C), what the reconstruction decodes
     out, decoded = {}, {}
-    for f in fractions:
-        masked = rank >= round(f * K)  # (B, K) bool
-        if c.mode == "vq":
-            tokens = torch.where(masked, predict(masked).argmax(-1), visible)  # (B, K)
-        else:
-            new = G.diffloss.sample(predict(masked)[masked], temperature=temperature, generator=draws)  # (hidden, C)
-            tokens = visible.masked_scatter(masked[..., None], new.to(visible.dtype)) / c.scale_factor  # (B, K, C)
+    for f in fractions:  # a fresh generator per fraction: one random order, so the hidden sets nest
+        gen = torch.Generator(images.device).manual_seed(seed)
+        tokens = G.generate(feats.penultimate, feats.pooled, aesthetic=aesthetic, num_steps=1, guidance_scale=1.0,
+                            generator=gen, init_tokens=init, strength=1 - f)  # (B, K) | (B, K, C)
         decoded[f] = T.decode(tokens, tok_text)
         uint8 = list(to_uint8(decoded[f]).permute(0, 2, 3, 1).cpu().numpy())
         out[f"inpaint@{f:g}"] = shapes.shapes_score(uint8, captions)["overall"]

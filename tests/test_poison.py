@@ -254,6 +254,9 @@ def test_tokens_of_another_tokenizer_are_refused_at_start(tokens, tmp_path):
     name = sorted(weights)[0]
     weights[name] = weights[name] + 0.01
     save_file(weights, str(other / "model.safetensors"))
+    cfg = json.loads((other / "config.json").read_text())  # a release records its files' sha256: record the new one
+    cfg[checkpoint.EXTRA]["sha256"]["model.safetensors"] = checkpoint.file_sha256(str(other / "model.safetensors"))
+    (other / "config.json").write_text(json.dumps(cfg))
     digest = {t: checkpoint.content_digest(checkpoint.load_tokenizer(str(t), with_text=False)[0].state_dict())[:16]
               for t in (SHIPPED_TOKENIZER, other)}  # fmt: skip
     assert digest[SHIPPED_TOKENIZER] != digest[other]

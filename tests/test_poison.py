@@ -74,7 +74,8 @@ def _boom(text):  # a decoder step that fails in a way no check foresaw
 IMG, TXT = _png(), "a red square"
 POISONS = [
     # ---- text fields (shared by every stream)
-    Poison("image", "json_nested_too_deeply", {"png": IMG, "json": _deep_json()}, {"bad_json": 1, "missing_caption": 1}),
+    Poison("image", "json_nested_too_deeply", {"png": IMG, "json": _deep_json()},
+           {"bad_json": 1, "missing_caption": 1}),  # fmt: skip
     Poison("image", "json_nested_too_deeply_beside_a_txt", {"png": IMG, "txt": TXT, "json": _deep_json()},
            {"bad_json": 1}, kept=True),  # fmt: skip
     Poison("image", "json_is_a_list", {"png": IMG, "json": b'[{"caption": "a red square"}]'},
@@ -93,9 +94,11 @@ POISONS = [
            {"text_too_long": 1}),  # fmt: skip
     Poison("image", "aesthetic_1e999", {"png": IMG, "txt": TXT, "json": b'{"aesthetic_score": 1e999}'},
            {"bad_aesthetic": 1}, kept=True),  # fmt: skip
-    Poison("image", "aesthetic_400_digit_integer", {"png": IMG, "txt": TXT, "json": b'{"aesthetic": 9' + b"9" * 399 + b"}"},
+    Poison("image", "aesthetic_400_digit_integer", {"png": IMG, "txt": TXT,
+                                                    "json": b'{"aesthetic": ' + b"9" * 400 + b"}"},
            {"bad_aesthetic": 1}, kept=True),  # fmt: skip
-    Poison("image", "aesthetic_10000_digit_integer", {"png": IMG, "txt": TXT, "json": b'{"aesthetic": ' + b"7" * 10_000 + b"}"},
+    Poison("image", "aesthetic_10000_digit_integer", {"png": IMG, "txt": TXT,
+                                                      "json": b'{"aesthetic": ' + b"7" * 10_000 + b"}"},
            {"bad_json": 1}, kept=True),  # the integer is past what json parses: the .json is ignored  # fmt: skip
     Poison("image", "aesthetic_nan", {"png": IMG, "txt": TXT, "aesthetic": b"nan"}, {"bad_aesthetic": 1}, kept=True),
     Poison("image", "aesthetic_json_NaN", {"png": IMG, "txt": TXT, "json": b'{"aesthetic_score": NaN}'},
@@ -104,7 +107,8 @@ POISONS = [
            {"bad_aesthetic": 1}, kept=True),  # fmt: skip
     Poison("image", "aesthetic_list", {"png": IMG, "txt": TXT, "json": b'{"aesthetic_score": [5]}'},
            {"bad_aesthetic": 1}, kept=True),  # fmt: skip
-    Poison("image", "aesthetic_not_utf8", {"png": IMG, "txt": TXT, "score": b"\xff\xfe"}, {"bad_aesthetic": 1}, kept=True),
+    Poison("image", "aesthetic_not_utf8", {"png": IMG, "txt": TXT, "score": b"\xff\xfe"}, {"bad_aesthetic": 1},
+           kept=True),  # fmt: skip
     # ---- images
     Poison("image", "image_garbage", {"png": b"\x89PNG\r\n\x1a\n not really", "txt": TXT}, {"corrupt_image": 1}),
     Poison("image", "image_truncated", {"png": _png(30, noise=True)[:1500], "txt": TXT}, {"corrupt_image": 1}),
@@ -131,11 +135,13 @@ POISONS = [
     Poison("vq", "ids_huge_uint64", {"tokens.npy": _npy(np.full(K, 2**64 - 1, np.uint64)), "txt": TXT},
            {"token_mismatch": 1}),  # fmt: skip
     Poison("vq", "a_kl_posterior", {**GOOD["kl"]}, {"token_mismatch": 1}),
-    Poison("vq", "good_ids_bad_text", {"tokens.npy": _npy(IDS), "json": _deep_json()}, {"bad_json": 1, "missing_caption": 1}),
+    Poison("vq", "good_ids_bad_text", {"tokens.npy": _npy(IDS), "json": _deep_json()},
+           {"bad_json": 1, "missing_caption": 1}),  # fmt: skip
     # ---- KL posteriors
-    Poison("kl", "posterior_nan", {"mean.npy": _npy(MEAN * np.nan), "logvar.npy": _npy(MEAN), "txt": TXT}, {"bad_tokens": 1}),
-    Poison("kl", "posterior_inf_as_float32", {"mean.npy": _npy(MEAN.astype(np.float64) * 1e300), "logvar.npy": _npy(MEAN),
-                                              "txt": TXT}, {"bad_tokens": 1}),  # fmt: skip
+    Poison("kl", "posterior_nan", {"mean.npy": _npy(MEAN * np.nan), "logvar.npy": _npy(MEAN), "txt": TXT},
+           {"bad_tokens": 1}),  # fmt: skip
+    Poison("kl", "posterior_inf_as_float32", {"mean.npy": _npy(MEAN.astype(np.float64) * 1e300),
+                                              "logvar.npy": _npy(MEAN), "txt": TXT}, {"bad_tokens": 1}),  # fmt: skip
     Poison("kl", "mean_logvar_shapes_differ", {"mean.npy": _npy(MEAN), "logvar.npy": _npy(MEAN[:, :-1]), "txt": TXT},
            {"bad_tokens": 1}),  # fmt: skip
     Poison("kl", "posterior_ints", {"mean.npy": _npy(IDS.reshape(2, -1)), "logvar.npy": _npy(IDS.reshape(2, -1)),

@@ -82,14 +82,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2.0 * float(tr_sqrt))
 
 
-def inception_score(logits=None, probs=None, splits=1):
+def inception_score(logits, splits=1):
     """IS = exp(E_x KL(p(y|x) || p(y))): high when each image is confidently one class and the
-    classes are diverse. logits or probs (N, C) -> (mean, std) over `splits` chunks; 1 split is
-    the official TA-TiTok evaluator, 10 Salimans' / torch-fidelity's."""
-    if (logits is None) == (probs is None):
-        raise ValueError("pass exactly one of logits= or probs=")
-    p = torch.as_tensor(logits if probs is None else probs, dtype=torch.float64)  # (N, C)
-    p = p.softmax(dim=1) if probs is None else p
+    classes are diverse. logits (N, C) (or log-probabilities) -> (mean, std) over `splits` chunks;
+    1 split is the official TA-TiTok evaluator, 10 Salimans' / torch-fidelity's."""
+    p = torch.as_tensor(logits, dtype=torch.float64).softmax(dim=1)  # p(y|x): (N, C)
     n = p.shape[0]
     if n < splits:
         raise ValueError(f"{n} samples cannot be cut into {splits} splits")
@@ -113,30 +110,21 @@ def psnr(a, b, data_range=1.0):
     return 10.0 * torch.log10(data_range**2 / mse)
 
 
-class CodebookCounter:
-    """How a VQ tokenizer uses its codebook, over batches: usage = the fraction of codes chosen at
-    least once (the official evaluator's "CodebookUsage"); perplexity = exp(entropy of the code
-    frequencies), the codebook size when all are used equally."""
-
-    def __init__(self, codebook_size):
-        self.counts = torch.zeros(codebook_size, dtype=torch.float64)
-
-    def update(self, ids):
-        ids = torch.as_tensor(ids).flatten().long().cpu()
-        if ids.numel() and (ids.min() < 0 or ids.max() >= self.counts.numel()):
-            raise ValueError(f"code ids must lie in [0, {self.counts.numel()}), got [{ids.min()}, {ids.max()}]")
-        self.counts += torch.bincount(ids, minlength=self.counts.numel()).double()
-        return self
-
-    def result(self):
-        counts = gather_rows(self.counts[None]).sum(dim=0)  # (codebook_size,) summed over ranks
-        total = counts.sum().item()
-        if total == 0:
-            raise ValueError("no code ids were counted")
-        p = counts / total
-        entropy = -torch.special.xlogy(p, p).sum().item()  # nats
-        return dict(codebook_usage=float((counts > 0).double().mean()), codebook_perplexity=math.exp(entropy),
-                    codebook_entropy_bits=entropy / math.log(2))
+def codebook_stats(ids, codebook_size):
+    """How a VQ tokenizer uses its codebook, over this rank's code ids (any shape), all ranks joined:
+    usage = the fraction of codes chosen at least once (the official evaluator's "CodebookUsage");
+    perplexity = exp(entropy of the code frequencies), the codebook size when all are used equally."""
+    ids = torch.as_tensor(ids).flatten().long().cpu()
+    if ids.numel() and (ids.min() < 0 or ids.max() >= codebook_size):
+        raise ValueError(f"code ids must lie in [0, {codebook_size}), got [{ids.min()}, {ids.max()}]")
+    counts = gather_rows(torch.bincount(ids, minlength=codebook_size).double()[None]).sum(dim=0)  # (V,) all ranks
+    total = counts.sum().item()
+    if total == 0:
+        raise ValueError("no code ids were counted")
+    p = counts / total
+    entropy = -torch.special.xlogy(p, p).sum().item()  # nats
+    return dict(codebook_usage=float((counts > 0).double().mean()), codebook_perplexity=math.exp(entropy),
+                codebook_entropy_bits=entropy / math.log(2))
 
 
 # -----------------------------------------------------------------------------
@@ -223,22 +211,22 @@ def evaluate_reconstruction(tokenizer, text_encoder, batches, extractor=None, is
     posterior mean (what encode() returns); the text-aware decoder reads the captions."""
     device = next(tokenizer.parameters()).device
     real_bank, fake_bank, psnrs = FeatureBank(extractor), FeatureBank(extractor), []
-    counter = CodebookCounter(tokenizer.config.codebook_size) if tokenizer.config.quantize_mode == "vq" else None
+    codes = [] if tokenizer.config.quantize_mode == "vq" else None  # VQ: every code id, for codebook_stats
     for images, captions, *_ in batches:  # category ids, from folder_batches, unused
         images = images.to(device)
         tokens = tokenizer.encode(images)  # VQ (B, K) ids | KL (B, K, C) mean
         recon = tokenizer.decode(tokens, text_encoder(list(captions)).final.to(device)).float().clamp(0, 1)
         # PSNR of the 8-bit images one would save: both rounded to 256 levels first.
         psnrs.append(psnr(to_uint8(images).float() / 255, to_uint8(recon).float() / 255).cpu())
-        if counter is not None:
-            counter.update(tokens)
+        if codes is not None:
+            codes.append(tokens.cpu())
         if extractor is not None:
             real_bank.add(images)
             fake_bank.add(recon)
     p = gather_rows(torch.cat(psnrs).float() if psnrs else torch.zeros(0))  # (N,) all ranks; a rank may get none
     res = {"num_images": int(p.numel()), "psnr": float(p.mean())}
-    if counter is not None:
-        res.update(counter.result())
+    if codes is not None:
+        res.update(codebook_stats(torch.cat(codes) if codes else torch.zeros(0), tokenizer.config.codebook_size))
     if extractor is not None:
         (fr, _, _), (ff, lf, _) = real_bank.gather(), fake_bank.gather()
         res["rfid"] = frechet_distance(*feature_stats(fr), *feature_stats(ff))

@@ -18,7 +18,6 @@ import itertools
 import json
 import logging
 import math
-import multiprocessing
 import os
 import re
 import signal
@@ -404,16 +403,15 @@ def resolve_rank(rank=None, world_size=None):
 
 
 def worker_slot():
-    """(this DataLoader worker's id, number of workers); (0, 1) in the main process. Every dataset's
-    __iter__ calls it first, so it also guards each worker against stop signals, once."""
-    # Stop signals are the main process's (train_common.RunControl: finish the step, checkpoint, exit 143 / 130),
-    # but torchrun, shells and Ctrl-C signal a whole process group: a worker dying of one would make the stop a
-    # DataLoader error, with no checkpoint. Ignoring them is not enough: multiprocessing ends workers with SIGTERM
-    # as the main process exits. So a worker blocks them and a thread exits it on one from the main process only;
-    # one whose main process died exits by itself (PyTorch's watchdog, between batches).
+    """(this DataLoader worker's id, number of workers); (0, 1) in the main process. Called first by every
+    dataset's __iter__, it also leaves stop signals to the main process (train_common.RunControl: finish the
+    step, checkpoint, exit 143 / 130): torchrun, shells and Ctrl-C signal a whole process group, and a worker
+    dying of one would make the stop a DataLoader error. Ignoring them is not enough (multiprocessing ends its
+    workers with SIGTERM as the main process exits): a worker blocks them, and a thread exits it on one from the
+    main process only. One whose main process died exits by itself (PyTorch's watchdog, between batches)."""
     info, stop = get_worker_info(), {signal.SIGTERM, signal.SIGINT}
     if info is not None and signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, stop):  # not yet guarded
-        main = multiprocessing.parent_process().pid
+        main = torch.multiprocessing.parent_process().pid  # the standard module's, re-exported
 
         def wait():  # os._exit: the worker holds nothing its main process needs
             while signal.sigwaitinfo(stop).si_pid != main:
@@ -479,9 +477,8 @@ class StreamDataset(IterableDataset):
                     yield group
 
     def sources(self):
-        """The list that positions point into, as checkpoints record it: {"count", "sha256", "list": zlib'd
-        "name<TAB>size" lines} of self.shards in order, each by its base name (moving the data changes nothing)
-        and byte size (-1: not a local file). About 8 bytes a shard: 100k shards add < 1 MB to a checkpoint."""
+        """The shard list positions point into, as checkpoints record it: {"count", "sha256", "list": zlib'd lines
+        "base name<TAB>byte size" (-1: not a local file)}: moving the data changes nothing; ~8 bytes a shard."""
         shards = getattr(self, "shards", None)  # image folders list self.files: no byte offsets, so no sizes
         lines = [f"{os.path.basename(s)}\t{os.path.getsize(s) if shards is not None and os.path.isfile(s) else -1}"
                  for s in (self.files if shards is None else shards)]  # fmt: skip
@@ -625,11 +622,10 @@ def source_changes(saved, now):
     if saved["sha256"] == now["sha256"]:
         return None
     old, new = (dict(e.rsplit("\t", 1) for e in zlib.decompress(r["list"]).decode().split("\n")) for r in (saved, now))
-    changes = {
-        "added": [n for n in new if old.get(n, "-1") == "-1" != new[n] or n not in old],
-        "missing": [n for n in old if new.get(n, "-1") == "-1" != old[n] or n not in new],
-        "resized": [f"{n} ({old[n]} -> {new[n]} bytes)" for n in new if "-1" != old.get(n, "-1") != new[n] != "-1"]}
-    text = "; ".join(f"{len(v)} {k}: {', '.join(v[:3])}{' ...' if len(v) > 3 else ''}" for k, v in changes.items() if v)
+    diff = {"added": [n for n in new if old.get(n, "-1") == "-1" != new[n] or n not in old],
+            "missing": [n for n in old if new.get(n, "-1") == "-1" != old[n] or n not in new],
+            "resized": [f"{n} ({old[n]} -> {new[n]} bytes)" for n in new if "-1" != old.get(n, "-1") != new[n] != "-1"]}
+    text = "; ".join(f"{len(v)} {k}: {', '.join(v[:3])}{' ...' if len(v) > 3 else ''}" for k, v in diff.items() if v)
     return f"{saved['count']} shards then, {now['count']} now; {text or 'the same shards in another order'}"
 
 
@@ -639,16 +635,21 @@ class StreamPositions:
     Use: StreamPositions(W, start, ckpt["data_positions"][rank]) -> dataset(positions=.saved) -> consumed(batch)
     for each batch -> ckpt["data_positions"] = [every rank's state()] (train_common.resume_positions, run_state)."""
 
-    def __init__(self, num_workers, start_batch=0, saved=None):
+    def __init__(self, num_workers, start_batch=0, saved=None, sources=None, new_epoch=False):
         self.workers, self.batch = max(1, int(num_workers)), int(start_batch)
+        self.sources = sources  # StreamDataset.sources(): the shard list positions point into, for the checkpoint
         if saved is not None and saved["num_workers"] != self.workers:
             raise ValueError(f"the checkpoint's data positions are for {saved['num_workers']} readers, this run has "
                              f"{self.workers}: resume with --num_workers={saved['num_workers']} (who reads what)")
         self.saved = None if saved is None else saved["positions"].clone()
+        if new_epoch:  # re-planned on another shard list: each reader that knows its place starts its next epoch
+            known = self.saved[:, 0] >= 0
+            self.saved[known, 0] += 1
+            self.saved[known, 1:] = 0
         # A fresh run's readers are at their start; a run resumed without positions does not know yet (-1).
         unknown = torch.full((self.workers, len(POSITION_FIELDS)), -1 if start_batch else 0, dtype=torch.int64)
         self.table = unknown if self.saved is None else self.saved.clone()
-        self.tracked, self.sources = False, None  # sources: StreamDataset.sources(), for the checkpoint
+        self.tracked = False
 
     def consumed(self, batch):
         """Record a batch the trainer took (batches without "position": nothing to track)."""

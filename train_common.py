@@ -358,28 +358,22 @@ def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0, 
 def resume_positions(resume, rank, cfg, start_batch, dataset):
     """This rank's shards.StreamPositions from the checkpoint resumed (None: a fresh run; none saved: unknown),
     given to `dataset`, a stream not yet iterated. They are offsets into the shard list the checkpoint records
-    (names, sizes): another list stops the run naming the change, or with cfg.replan_data each reader starts a
-    new epoch over it. Positions saved with another num_workers stop the run."""
+    (names, sizes): another list stops the run naming the change, or cfg.replan_data starts a new epoch over it."""
     from shards import StreamPositions, source_changes
     saved = resume["data_positions"][rank] if resume is not None and resume.get("data_positions") else None
-    try:
-        positions = StreamPositions(cfg.num_workers, start_batch, saved)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    positions.sources = dataset.sources() if hasattr(dataset, "sources") else None
+    sources = dataset.sources() if hasattr(dataset, "sources") else None
     recorded = resume.get("data_sources", {}) if saved is not None else None  # {}: not recorded
-    change = recorded and source_changes(recorded, positions.sources)
+    change = recorded and source_changes(recorded, sources)
     if change and not cfg.replan_data:
         sys.exit(f"error: the data changed since the checkpoint at step {resume['step']}: {change}. Restore the "
                  f"shards it was trained on, or pass --replan_data to go on with these (the data order changes)")
-    if change:  # each reader whose position is known starts its next epoch, over the new list
-        known = positions.saved[:, 0] >= 0
-        positions.saved[known, 0] += 1
-        positions.saved[known, 1:] = 0
-        positions.table = positions.saved.clone()
     if rank == 0 and (change or recorded == {}):  # re-planned, or a checkpoint older than the record
         tqdm.write(f"warning: the data changed ({change}); --replan_data: each reader starts a new epoch over it" if
                    change else "warning: the checkpoint predates recording its shard list: changes go unnoticed")
+    try:
+        positions = StreamPositions(cfg.num_workers, start_batch, saved, sources, new_epoch=bool(change))
+    except ValueError as e:  # another num_workers
+        sys.exit(f"error: {e}")
     dataset.positions = positions.saved
     return positions
 

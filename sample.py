@@ -144,13 +144,7 @@ def to_pixels(images):
 def save_png(arr, path):
     """Write a (H, W, 3) uint8 image atomically: a run stopped mid-write leaves the whole
     PNG or none (a partial file, removed on any error, never takes its name)."""
-    tmp = path + ".tmp"
-    try:
-        Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    checkpoint.atomic_write(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))
 
 
 # The output folder: never a mix of old and new samples, since evaluate.py scores every image

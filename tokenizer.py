@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -89,13 +88,12 @@ class Block(nn.Module):
 
 def run_blocks(vit, x, keep):
     """x through vit.blocks, the last one returning only rows `keep`. With vit.grad_checkpointing, in training, each
-    block keeps only its input for backward and recomputes its activations there (torch.utils.checkpoint, the
-    non-reentrant form, which torch.compile and DDP support). A block draws no random numbers (checkpoint would
-    restore the RNG state if it did) and changes no state: gradients are unchanged, bit for bit on CPU."""
+    block saves only its input and recomputes the rest in backward (non-reentrant torch.utils.checkpoint: it works
+    under torch.compile and DDP). Blocks draw no random numbers and change no state: the gradients are the same."""
     ckpt = vit.grad_checkpointing and vit.training and torch.is_grad_enabled()
     for i, blk in enumerate(vit.blocks):
         k = keep if i == len(vit.blocks) - 1 else None
-        x = checkpoint(blk, x, k, use_reentrant=False) if ckpt else blk(x, k)
+        x = torch.utils.checkpoint.checkpoint(blk, x, k, use_reentrant=False) if ckpt else blk(x, k)
     return x
 
 

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
 import maskgen as M
 import tokenizer as T
@@ -18,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def counting(module, monkeypatch):
-    """Patch module.checkpoint to count its calls (the checkpointed blocks): returns the counter."""
+    """Patch module.checkpoint (torch.utils.checkpoint's function, as maskgen.py imports it) to count its calls (the
+    checkpointed blocks): returns the counter."""
     calls, real = [], module.checkpoint
     monkeypatch.setattr(module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
@@ -43,7 +45,7 @@ def test_tokenizer_gradients_are_identical(name, monkeypatch):
     torch.manual_seed(0)
     model = T.TATiTok(T.PRESETS[name]).train()
     plain = tokenizer_grads(model, False)
-    calls = counting(T, monkeypatch)
+    calls = counting(torch.utils.checkpoint, monkeypatch)  # tokenizer.py calls it by its full name
     ckpt = tokenizer_grads(model, True)
     assert len(calls) == model.config.enc_depth + model.config.dec_depth  # every block was checkpointed
     assert plain.keys() == ckpt.keys() and len(plain) == len(list(model.parameters()))

@@ -3,6 +3,7 @@ recompute their activations in backward, and the gradients stay bit-identical on
 same kernels on the same inputs); under torch.compile too (up to compile's own rounding); and a trainer run with
 it equals one without, weights and losses."""
 
+import dataclasses
 import glob
 import json
 
@@ -82,20 +83,27 @@ def test_maskgen_gradients_are_identical(name, monkeypatch):
 
 
 def test_checkpointing_under_torch_compile():
-    """Dynamo traces torch.utils.checkpoint as one higher-order op: the compiled module trains with it (one
-    checkpointed encoder here, to keep the test fast). aot_eager (graph capture, AOTAutograd's joint graph, eager
-    kernels) stands in for inductor; its gradients equal eager's up to the float reordering its graph may make."""
+    """Dynamo traces torch.utils.checkpoint as one higher-order op: the compiled module trains with it, and saves
+    memory with it (one 6-block encoder here, to keep the test fast). aot_eager (graph capture, AOTAutograd's joint graph,
+    eager kernels) stands in for inductor; its gradients equal eager's up to the float reordering its graph may make.
+    Memory as bench.py --grad-ckpt measures it: the peak of torch.profiler's allocation events in a step."""
     torch.manual_seed(0)
-    enc = T.TATiTok(T.PRESETS["tiny"]).encoder.train()
-    images, lat = torch.rand(2, 3, 32, 32), torch.randn(8, 32)  # (B, 3, H, W), (K, W)
-    grads = []
-    for on in (False, True):
+    enc = T.TATiTok(dataclasses.replace(T.PRESETS["tiny"], enc_depth=6)).encoder.train()
+    images, lat = torch.rand(8, 3, 32, 32), torch.randn(8, 32)  # (B, 3, H, W), (K, W)
+    grads, peaks = [], []
+    for on in (False, True):  # eager without checkpointing, then compiled with it
         enc.grad_checkpointing = on
         torch._dynamo.reset()
-        enc.zero_grad(set_to_none=True)
-        (torch.compile(enc, backend="aot_eager", fullgraph=True) if on else enc)(images, lat).pow(2).mean().backward()
+        fwd = torch.compile(enc, backend="aot_eager", fullgraph=True) if on else enc
+        fwd(images, lat).pow(2).mean().backward()  # compiles; allocates the gradient buffers
+        enc.zero_grad(set_to_none=False)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            fwd(images, lat).pow(2).mean().backward()
+        mem = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.nbytes())
+        peaks.append(torch.tensor([0] + [b for _, b in mem]).cumsum(0).max().item())
         grads.append([p.grad.clone() for p in enc.parameters()])
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads))
+    assert peaks[1] < 0.75 * peaks[0], peaks
 
 
 def final(out):

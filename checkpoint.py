@@ -320,8 +320,10 @@ def open_safetensors(path):
 # config.json fields <-> ours, one table per model read both ways (TATITOK_FIELDS, MASKGEN_FIELDS):
 # ("section.official_key", our field[, the value assumed when a release leaves it out; else REQUIRED]). Our
 # fields the official layout has no place for (e.g. pos_init_std) go to EXTRA, only when they differ from what
-# the official fields give, so the release of an official-size model stays official.
-REQUIRED, EXTRA = object(), "extra_fields"
+# the official fields give, so the release of an official-size model stays official. EXTRA also holds RECORDS,
+# what a release knows of itself (save_release): "sha256" of each weights file, "inputs" (the digest of the tokenizer
+# the generator was trained on, as train_maskgen.py pins it) and "vocabulary" (the words of the shapes world).
+REQUIRED, EXTRA, RECORDS = object(), "extra_fields", ("sha256", "inputs", "vocabulary")
 
 
 def _fields(table, mode):
@@ -348,7 +350,7 @@ def _read_fields(d, table, finish, path, what, expected):
     except (KeyError, TypeError, AttributeError) as e:
         why = f"missing field {e}" if isinstance(e, KeyError) else f"a field of the wrong kind ({e})"
         raise ValueError(f"{path} is not a {what}: {why} (expected {expected})") from None
-    return {**kw, **d.get(EXTRA, {})}
+    return {**kw, **{k: v for k, v in d.get(EXTRA, {}).items() if k not in RECORDS}}
 
 
 def tatitok_kwargs(d, path="config.json"):
@@ -426,13 +428,26 @@ def release_state_dict(model, half=False):
     return _half(out, half)
 
 
-def save_release(model, path, half=False, **extra):
-    """Write `model` as a release directory (config.json + model.safetensors), fp16 with half; extra: more
-    top-level config.json entries (a text encoder, a tokenizer). Returns path."""
+def file_sha256(path):
+    """The sha256 of a file's bytes (hex), read in blocks: a 1-2 GB weights file takes seconds."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def save_release(model, path, half=False, text=None, records=None, **extra):
+    """Write `model` as a release directory: model.safetensors (fp16 with half), a small text tower's state dict
+    `text` as TEXT_FILE, then config.json, whose EXTRA records each weights file's sha256 (checked by resolve())
+    and `records` (RECORDS); extra: more top-level entries (a text encoder, a tokenizer). Returns path."""
     os.makedirs(path, exist_ok=True)
+    files = {"model.safetensors": release_state_dict(model, half)}
+    if text is not None:
+        files[TEXT_FILE] = {k: v.clone() for k, v in _half(text, half).items()}  # clones: no shared storage
+    for name, sd in files.items():
+        save_file(sd, os.path.join(path, name))
+    cfg = release_config(model)
+    sha = {name: file_sha256(os.path.join(path, name)) for name in files}  # of the files as written
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({**release_config(model), **extra}, f, indent=2)
-    save_file(release_state_dict(model, half), os.path.join(path, "model.safetensors"))
+        json.dump({**cfg, EXTRA: {**cfg.get(EXTRA, {}), **(records or {}), "sha256": sha}, **extra}, f, indent=2)
     return os.fspath(path)
 
 
@@ -562,6 +577,7 @@ class Source(NamedTuple):
     text: TextSpec  # the text encoder its conditions come from
     tokenizer: Optional[str] = None  # generators: the tokenizer recorded with it (a path or Hub id), if any
     ckpt: Optional[dict] = None  # our checkpoint dict (None: a release)
+    records: dict = {}  # a release's RECORDS (from EXTRA), those it has
 
 
 class Models(NamedTuple):
@@ -571,6 +587,7 @@ class Models(NamedTuple):
     tok_text: torch.nn.Module  # TextEncoder for the decoder (.final); usually the same object
     gen_source: str  # "where (which weights)"
     tok_source: str
+    vocabulary: Optional[list] = None  # the words the generator's captions were made of, when its release records them
 
 
 # A reference of one kind where the other was asked for, or of neither: (kind, wanted, found).
@@ -639,7 +656,13 @@ def resolve(ref, role=None, revision=None):
         tok = cfg.get("tokenizer")  # written relative to the generator's own directory
         if tok is not None and not (os.path.isabs(tok) or hub_id(tok)):
             tok = os.path.normpath(os.path.join(path, tok))
-        return Source(found, path, config, _release_text(path, cfg), tok)
+        records = {k: v for k, v in cfg.get(EXTRA, {}).items() if k in RECORDS and isinstance(v, (dict, list))}
+        for name, want in records.get("sha256", {}).items():  # our releases: every weights file, as written
+            got = file_sha256(p) if os.path.isfile(p := os.path.join(path, name)) else None
+            if got != want:
+                raise ValueError(f"{p} {f'has sha256 {got[:16]}' if got else 'is missing'}, but {file} records "
+                                 f"{want[:16]}: damaged or replaced; re-download or re-export it (sample.py export)")
+        return Source(found, path, config, _release_text(path, cfg), tok, None, records)
     if os.path.isdir(path):  # one of our training runs
         found, ckpt = newest_checkpoint(path)
         if found is None:
@@ -747,10 +770,13 @@ def check_text(gcfg, tcfg, gen_text, tok_text, gen_where, tok_where):
 
 
 def _tokenizer_of(gen, tokenizer=None, revision=None):
-    """The tokenizer Source for generator Source `gen`, checked to fit it: `tokenizer`, else the one it records,
-    tried as given, then next to the run, then next to this file; a Hub id found nowhere is fetched."""
+    """(Source, _build's (model, where) on the CPU) of the tokenizer for generator Source `gen`, checked to fit it:
+    `tokenizer`, else the one it records, tried as given, then next to the run, then next to this file; a Hub id
+    found nowhere is fetched. A generator that records its tokenizer's digest ("inputs": content_digest of
+    the tokenizer's state dict as loaded, fp32, as train_maskgen.py pins it) gets a tokenizer with that digest: in a
+    run folder the checkpoint that has it, not the newest; none is refused. Hashing costs seconds per GB of weights."""
     if tokenizer is not None:
-        src = resolve(tokenizer, "tokenizer", revision)
+        ref, rev, recorded = tokenizer, revision, None
     elif gen.tokenizer is None:
         raise ValueError(f"the generator {gen.where!r} does not say which tokenizer it was trained with (official "
                          f"releases never do); pass --tokenizer DIR. Official pairs: {OFFICIAL_PAIRS}")
@@ -763,12 +789,27 @@ def _tokenizer_of(gen, tokenizer=None, revision=None):
         if found is None:
             raise FileNotFoundError(f"{recorded}, which is not found from here; pass --tokenizer PATH to that "
                                     "tokenizer run or release")
+        ref, rev = found, None
+    pin, seen = ((gen.ckpt or gen.records).get("inputs") or {}).get("tokenizer"), []
+    run = pin and os.path.isdir(ref) and not is_release(ref)  # then each of its checkpoints, newest first
+    for r in (run and run_checkpoints(ref)) or [ref]:
         try:
-            src = resolve(found, "tokenizer")
+            src = resolve(r, "tokenizer", rev)
         except HubError as e:
-            raise HubError(f"{recorded}: {e}") from None
-    check_pair(src.config, gen.config, src.where, gen.where)
-    return src
+            raise HubError(f"{recorded}: {e}" if recorded else str(e)) from None
+        except ValueError as e:  # a damaged checkpoint in the run folder: the others may hold the weights
+            if not run:
+                raise
+            seen.append(f"{r!r} is unreadable ({str(e)[:80]})")
+            continue
+        check_pair(src.config, gen.config, src.where, gen.where)
+        built = _build(src, "cpu")
+        if pin is None or (got := content_digest(built[0].state_dict())) == pin:
+            return src, built
+        seen.append(f"{src.where!r} has {got[:16]}")
+    raise ValueError(f"the generator {gen.where!r} was trained on a tokenizer whose weights have digest {pin[:16]}, "
+                     f"but {', '.join(seen)} (sha256 of the weights as loaded); pass --tokenizer=<the checkpoint it "
+                     "was trained on> (a ckpt_*.pt of that tokenizer run, or the tokenizer release exported with it)")
 
 
 def load_models(generator=None, tokenizer=None, device="cpu", revision=None):
@@ -776,13 +817,11 @@ def load_models(generator=None, tokenizer=None, device="cpu", revision=None):
     checkpoints/shapes/generator by default; the tokenizer may be omitted when the generator records it."""
     if generator is None:
         if tokenizer is not None:
-            raise ValueError("--tokenizer was given without --generator; pass the MaskGen checkpoint as --generator "
-                             "too")
+            raise ValueError("--tokenizer was given without --generator; give the MaskGen checkpoint as --generator")
         generator = default_release("generator", "no checkpoint given")
     gen = resolve(generator, "generator", revision)
-    src = _tokenizer_of(gen, tokenizer, revision)  # both configs checked before anything big is built
-    gen_model, gen_source = _build(gen, device)  # one model at a time
-    tok, tok_source = _build(src, device)
+    src, (tok, tok_source) = _tokenizer_of(gen, tokenizer, revision)  # configs checked before any model is built
+    gen_model, gen_source = _build(gen, device)
     tok_text = build_text_encoder(*src.text, src.where).to(device)  # official releases: CLIP ViT-L-14-336
     if _same_text(gen.text, src.text):  # one text encoder serves both, unless the generator was trained with another
         gen_text = tok_text
@@ -791,13 +830,26 @@ def load_models(generator=None, tokenizer=None, device="cpu", revision=None):
               f"{src.text.name!r}; using both")
         gen_text = build_text_encoder(*gen.text, gen.where).to(device)
     check_text(gen.config, src.config, gen_text, tok_text, gen.where, src.where)
-    return Models(gen_model, tok.requires_grad_(False), gen_text, tok_text, gen_source, tok_source)
+    return Models(gen_model, tok.to(device).requires_grad_(False), gen_text, tok_text, gen_source, tok_source,
+                  gen.records.get("vocabulary"))
+
+
+def _vocabulary(src):
+    """The words of the captions a Source was trained on, when that was the shapes world (a run's --data shapes or
+    shapes:N; a release records them), for sample.py's out-of-vocabulary warning, which never reads shapes.py."""
+    if src.ckpt is None or str((src.ckpt.get("config") or {}).get("data", "")).split(":")[0] != "shapes":
+        return src.records.get("vocabulary")  # a run's records never hold it
+    import shapes  # only here. Its captions: "a|two|three <colour> <shape>[s] [<relation> a <colour> <shape>]"
+    words = {"a", *shapes.COLORS, *shapes.SHAPES, *(s + "s" for s in shapes.SHAPES), *shapes.NUMBER_WORDS.values()}
+    return sorted(words | set(" ".join(shapes.RELATIONS).split()))
 
 
 def export_release(ref, out, which=None, tokenizer=None, overwrite=False, revision=None, half=False):
     """Write the model(s) of `ref` as release directories (EMA weights if any; fp16 with half) -> {role: dir}.
     which: tokenizer | generator | both (a generator's default: out/{generator,tokenizer}, the generator recording
-    "../tokenizer", a shared small text tower written once); tokenizer: the generator's, if it records none."""
+    "../tokenizer", a shared small text tower written once); tokenizer: the generator's, if it records none.
+    Each release records (save_release) its files' sha256, the shapes world's words if trained on it, and a
+    generator the digest of its tokenizer as loaded from the release written beside it (fp16: the rounded weights)."""
     if which not in (None, "tokenizer", "generator", "both"):
         raise ValueError(f"--which must be tokenizer, generator or both, got {which!r}")
     check_out_dir(out, overwrite)  # before any work
@@ -807,7 +859,7 @@ def export_release(ref, out, which=None, tokenizer=None, overwrite=False, revisi
         raise ValueError(f"{src.where!r} is a TA-TiTok tokenizer; it holds no generator: use --which tokenizer")
     gen, tok = (None, src) if src.role == "tokenizer" else (src, None)
     if gen is not None and (which != "generator" or tokenizer is not None or gen.tokenizer is not None):
-        tok = _tokenizer_of(gen, tokenizer, revision)  # its text encoder too
+        tok = _tokenizer_of(gen, tokenizer, revision)[0]  # its text encoder too; the one it was trained on, if pinned
     # role -> (Source, TextSpec); a generator that records no text encoder was trained with its tokenizer's
     parts = {"tokenizer": (tok, tok.text)} if tok is not None and which != "generator" else {}
     if gen is not None and which != "tokenizer":
@@ -822,9 +874,13 @@ def export_release(ref, out, which=None, tokenizer=None, overwrite=False, revisi
             d = os.path.join(tmp, role) if len(parts) > 1 else tmp
             extra = {} if text == OFFICIAL_TEXT else {"text_encoder": dict(name=text.name, pretrained=text.pretrained)}
             beside = role == "generator" and "tokenizer" in parts  # its tokenizer is written beside it
-            save_release(_build(s, "cpu")[0], d, half, **extra, **({"tokenizer": "../tokenizer"} if beside else {}))
-            if text.state is not None and not (beside and text is parts["tokenizer"][1]):  # one copy of a shared tower
-                save_file({k: v.clone() for k, v in _half(text.state, half).items()}, os.path.join(d, TEXT_FILE))
+            records = {"vocabulary": words} if (words := _vocabulary(s)) else {}
+            if role == "generator" and tok is not None:  # its tokenizer's digest as loaded from where it is written
+                loaded = resolve(os.path.join(tmp, "tokenizer"), "tokenizer") if beside else tok  # (fp16: rounded)
+                records["inputs"] = {"tokenizer": content_digest(_build(loaded, "cpu")[0].state_dict())}
+            shared = beside and text is parts["tokenizer"][1]  # a shared small tower: one copy, the tokenizer's
+            save_release(_build(s, "cpu")[0], d, half, None if shared else text.state, records, **extra,
+                         **({"tokenizer": "../tokenizer"} if beside else {}))
 
     write_dir(out, write)
     dirs = {role: os.path.join(out, role) if len(parts) > 1 else out for role in parts}

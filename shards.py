@@ -38,6 +38,7 @@ READ_ERRORS = (OSError, EOFError, tarfile.TarError, zlib.error)  # from a broken
 URL_TIMEOUT_S = 60  # seconds without a byte from an http(s) shard before it counts as unreadable
 COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz: these cannot seek to a member
 PIPE_TAIL_BYTES = 1 << 20  # what a pipe may still send after its tar's end (tar pads to 10 KiB records)
+MAX_MEMBER_BYTES = 1 << 28  # a larger member is left unread (a worker holds a sample in memory) and its sample skipped
 
 
 # ----------------------------------------------------------------------------- 1. Finding shards
@@ -184,12 +185,14 @@ def _groups(fileobj, source, start, skip_to):
                 if group is not None and key != group["__key__"]:
                     yield group  # the next sample has begun, so this one is complete
                     group = None
-                try:
-                    data = tar.extractfile(member).read()
-                except READ_ERRORS as e:  # this member is cut: its sample is dropped
-                    return "truncated_member", f"{source}: sample {key!r} is cut in {member.name} ({e})"
                 group = group or {"__key__": key, "__shard__": source}
-                group[ext] = data
+                if member.size > MAX_MEMBER_BYTES:  # left unread; StreamDataset counts its sample as skipped
+                    group["__too_large__"] = f"{member.name} holds {member.size} bytes > {MAX_MEMBER_BYTES}"
+                else:
+                    try:
+                        group[ext] = tar.extractfile(member).read()
+                    except READ_ERRORS as e:  # this member is cut: its sample is dropped
+                        return "truncated_member", f"{source}: sample {key!r} is cut in {member.name} ({e})"
                 group["__end__"] = start + tar.offset  # the tar byte after this member: where a reader resumes
             # The loop ended without an error: at the end-of-archive block (a clean end), or at a cut.
             stop, where = getattr(tar, "stopped_by", None), f"at byte {start + tar.offset}"
@@ -237,7 +240,12 @@ def encode_npy(array):
 
 
 def decode_npy(data):
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """.npy bytes -> a numeric ndarray; ValueError for anything else: a pickle or an object array (refused
+    unrun), an .npz archive, strings, cut bytes."""
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+        raise ValueError(f"expected a numeric .npy array, got {getattr(array, 'dtype', type(array).__name__)}")
+    return array
 
 
 class ShardWriter:
@@ -301,6 +309,8 @@ RECAPTION_EXTS = ("recap.txt", "recap_txt", "recaption.txt")
 RECAPTION_FIELDS = ("recaption", "recap_caption", "recap_txt", "molmo_caption")
 AESTHETIC_EXTS = ("aesthetic", "score", "aes_score", "aesthetic.txt")
 AESTHETIC_FIELDS = ("aesthetic_score", "AESTHETIC_SCORE", "aesthetic", "aes_score")
+# Longer text skips the sample: CLIP reads 77 tokens, and its BPE takes time quadratic in a word's length.
+MAX_TEXT_BYTES, MAX_CAPTION_CHARS = 1 << 20, 4096  # per .txt / .json / recaption member; per caption
 MISSING_AESTHETIC = float("nan")  # unknown: the trainer applies its own default, pretokenize stores null
 RECAPTION_PREFIXES = tuple(f"The image {verb}" for verb in ("depicts", "displays", "showcases", "features", "shows"))
 
@@ -336,8 +346,12 @@ SKIP_REASONS = (
     "missing_caption",  # no .txt and no caption field in the .json
     "bad_json",  # a .json member that does not parse (the sample may still have a .txt caption)
     "bad_aesthetic",  # an aesthetic score that is not a number (the default is used)
-    "bad_tokens",  # pretokenized: token arrays missing or unreadable
+    "bad_tokens",  # pretokenized: token arrays missing, unreadable (decode_npy), of a wrong dtype, or non-finite
+    "token_mismatch",  # pretokenized: tokens that do not fit the tokenizer (kind, count, width, ids past the codebook)
     "invalid_utf8",  # a caption, recaption or .json that is not valid UTF-8
+    "text_too_long",  # a text member over MAX_TEXT_BYTES, or a caption over MAX_CAPTION_CHARS
+    "member_too_large",  # a tar member over MAX_MEMBER_BYTES (never read)
+    "undecodable",  # any other failure while decoding a sample (the exception is logged)
     "too_many_pixels",  # an image whose header says width x height > max_pixels (never decoded)
     "filtered_resolution",  # longer side < min_longer_side
     "filtered_aspect",  # aspect ratio >= max_aspect_ratio
@@ -463,10 +477,14 @@ class StreamDataset(IterableDataset):
 
     def _text_fields(self, group, check_only):
         """{"caption", "recaption", "aesthetic": FloatTensor (), "key"} from the .txt / .json /
-        score members, or None (counted) without a caption or below min_aesthetic."""
+        score members, or None (counted) without a caption or below min_aesthetic. Whatever a .json
+        or a score holds that does not parse is counted, and the sample goes on without it."""
         where = sample_name(group)
         text = {}  # valid UTF-8 only: replacement characters would train on text nobody wrote
         for ext in filter(group.__contains__, ("txt", "json", *RECAPTION_EXTS)):
+            if len(group[ext]) > MAX_TEXT_BYTES:
+                return self._reject("text_too_long", f"{where}: its .{ext} holds {len(group[ext])} bytes",
+                                    check_only)  # fmt: skip
             try:
                 text[ext] = group[ext].decode("utf-8").strip()
             except UnicodeDecodeError as e:
@@ -475,14 +493,17 @@ class StreamDataset(IterableDataset):
             meta = json.loads(text.get("json", "{}"))
             if not isinstance(meta, dict):
                 raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
-        except ValueError as e:
-            self._reject("bad_json", f"{where}: {e}", check_only)
+        except Exception as e:  # ValueError, RecursionError (nested too deeply), ...
+            self._reject("bad_json", f"{where}: {type(e).__name__}: {str(e)[:200]}", check_only)
             meta = {}
         caption = text.get("txt") or _field(meta, CAPTION_FIELDS)
         if not caption:
             return self._reject("missing_caption", f"{where} has no .txt and no caption in its .json", check_only)
         recap_ext = next((e for e in RECAPTION_EXTS if e in text), None)
         recaption = text[recap_ext] if recap_ext else _field(meta, RECAPTION_FIELDS)
+        if max(len(caption), len(recaption)) > MAX_CAPTION_CHARS:
+            return self._reject("text_too_long", f"{where}: a caption of {max(len(caption), len(recaption))} "
+                                f"characters > {MAX_CAPTION_CHARS}", check_only)  # fmt: skip
         try:  # a JSON string may still hold an unpaired surrogate escape ("\\ud800"), which is not UTF-8
             caption.encode("utf-8"), recaption.encode("utf-8")
         except UnicodeEncodeError as e:
@@ -491,12 +512,14 @@ class StreamDataset(IterableDataset):
         if raw is None:
             raw = next((group[e].decode("utf-8", "replace").strip() for e in AESTHETIC_EXTS if e in group), None)
         try:
+            if isinstance(raw, bool):  # JSON true is no score, though float(True) is 1.0
+                raise TypeError("a boolean")
             aesthetic = None if raw is None else float(raw)
             if aesthetic is not None and not math.isfinite(aesthetic):
                 raise ValueError("not finite")
-        except (TypeError, ValueError):
-            self._reject("bad_aesthetic", f"{where}: aesthetic score {raw!r} is not a number; using the default",
-                         check_only)  # fmt: skip
+        except (TypeError, ValueError, OverflowError):  # a list, "high", 1e999, a 400-digit integer, true, NaN
+            self._reject("bad_aesthetic", f"{where}: aesthetic score {str(raw)[:40]!r} is not a finite number; "
+                         f"using the default", check_only)  # fmt: skip
             aesthetic = None
         if aesthetic is None:  # no score, or not a usable one: the default, and the sample is kept
             aesthetic = self.default_aesthetic
@@ -546,7 +569,14 @@ class StreamDataset(IterableDataset):
         for group, after in self._stream(slot, n_slots, saved if known else START):
             n_groups += 1
             fast_forward = produced < to_skip
-            sample = self._decode(group, check_only=fast_forward)
+            if "__too_large__" in group:  # a member _groups left unread
+                sample = self._reject("member_too_large", f"{sample_name(group)}: {group['__too_large__']}",
+                                      fast_forward)  # fmt: skip
+            else:
+                try:  # no sample can stop the run: whatever a decoder did not foresee is a skip too
+                    sample = self._decode(group, check_only=fast_forward)
+                except Exception as e:
+                    sample = self._reject("undecodable", f"{sample_name(group)}: {type(e).__name__}: {e}", fast_forward)
             if sample is None:
                 failures += 1
                 if self.infinite and failures >= self.max_consecutive_skips:

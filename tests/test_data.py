@@ -430,11 +430,11 @@ def test_pretokenized_vq_ids_round_trip_exactly(tmp_path):
         assert s["tokens"].dtype == torch.int64 and s["tokens"].tolist() == np.roll(ids, i).tolist()
         assert s["caption"] == f"cap {i}" and float(s["aesthetic"]) == 5.0
     assert data.token_dtype(2**16) == np.int32
-    # A float16 token file (the official layout's bug) is refused, not silently read.
+    # A float16 token file (the official layout's bug) is skipped and counted, never read as ids.
     path = _write_tar(tmp_path / "fp16.tar", [("x.tokens.npy", shards.encode_npy(ids.astype(np.float16))),
                                               ("x.txt", b"c")])  # fmt: skip
-    with pytest.raises(TypeError, match="not integers"):
-        list(data.PretokenizedDataset(path, infinite=False))
+    ds = data.PretokenizedDataset(path, infinite=False)
+    assert list(ds) == [] and ds.skipped.counts()["bad_tokens"] == 1
 
 
 def test_pretokenized_kl_round_trip(tmp_path):
@@ -502,6 +502,7 @@ def test_pretokenize_cli_end_to_end_ddp(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     meta = json.loads((out / "meta.json").read_text())
     assert meta["num_samples"] == 7 and meta["quantize_mode"] == "vq" and meta["token_dtype"] == "int16"
+    assert meta["tokenizer_digest"] == checkpoint.content_digest(model.state_dict())  # what wrote them, by content
     assert sorted(os.listdir(out)) == ["meta.json", "pretok-rank000-000000.tar", "pretok-rank001-000000.tar"]
     got = {s["caption"] + "|" + s["key"]: s["tokens"] for s in data.PretokenizedDataset(str(out), infinite=False)}
     assert len(got) == 7

@@ -12,6 +12,7 @@ a sample on resume. A cut tar keeps every complete sample before the cut. Bad in
 counted in `dataset.skipped`, never a crash.
 """
 import glob
+import hashlib
 import io
 import itertools
 import json
@@ -19,9 +20,11 @@ import logging
 import math
 import os
 import re
+import signal
 import subprocess
 import tarfile
 import tempfile
+import threading
 import urllib.request
 import zlib
 
@@ -90,9 +93,8 @@ def list_shards(spec, exts=SHARD_EXTS):
         if os.path.isdir(part):
             names = sorted(p for p in glob.glob(os.path.join(part, "*")) if p.endswith(exts))
             if not names:
-                raise FileNotFoundError(f"directory {part!r} holds no shard files ({', '.join(exts)}); pass a "
-                                        f"directory of tar shards or a pattern like "
-                                        f"'dir/{{000000..000099}}.tar'")  # fmt: skip
+                raise FileNotFoundError(f"directory {part!r} holds no shard files ({', '.join(exts)}); pass a folder "
+                                        f"of tar shards or a pattern like 'dir/{{000000..000099}}.tar'")  # fmt: skip
             out += names
             continue
         names = [n for name in expand_braces(part)
@@ -100,10 +102,9 @@ def list_shards(spec, exts=SHARD_EXTS):
         existing = [n for n in names if os.path.isfile(n)]
         if not existing:
             example = f" (it expands to {len(names)} name(s), e.g. {names[0]!r})" if names else ""
-            raise FileNotFoundError(f"shard pattern {part!r} matched no files{example}; "
-                                    f"check the directory and the brace range")  # fmt: skip
+            raise FileNotFoundError(f"shard pattern {part!r} matched no files{example}; check its folder and braces")
         if len(existing) < len(names):
-            missing = [n for n in names if n not in set(existing)]
+            missing = sorted(set(names) - set(existing))  # sets: 100k names take milliseconds
             log.warning("data: %d of %d shards of %r do not exist (e.g. %s); they will be skipped and counted",
                         len(missing), len(names), part, missing[0])  # fmt: skip
         out += names
@@ -273,8 +274,7 @@ class ShardWriter:
             elif isinstance(value, (dict, list)):
                 value = json.dumps(value).encode("utf-8")
             elif not isinstance(value, bytes):
-                raise TypeError(f"cannot store a {type(value).__name__} in a tar shard; "
-                                f"pass bytes, str, dict or np.ndarray")  # fmt: skip
+                raise TypeError(f"cannot store a {type(value).__name__} in a shard; pass bytes, str, dict or ndarray")
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mode, info.mtime = len(value), 0o644, 0  # mtime 0: byte-identical reruns
             self._tar.addfile(info, io.BytesIO(value))
@@ -403,8 +403,22 @@ def resolve_rank(rank=None, world_size=None):
 
 
 def worker_slot():
-    """(this DataLoader worker's id, number of workers); (0, 1) in the main process."""
-    info = get_worker_info()
+    """(this DataLoader worker's id, number of workers); (0, 1) in the main process. Called first by every
+    dataset's __iter__, it also leaves stop signals to the main process (train_common.RunControl: finish the
+    step, checkpoint, exit 143 / 130): torchrun, shells and Ctrl-C signal a whole process group, and a worker
+    dying of one would make the stop a DataLoader error. Ignoring them is not enough (multiprocessing ends its
+    workers with SIGTERM as the main process exits): a worker blocks them, and a thread exits it on one from the
+    main process only. One whose main process died exits by itself (PyTorch's watchdog, between batches)."""
+    info, stop = get_worker_info(), {signal.SIGTERM, signal.SIGINT}
+    if info is not None and signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, stop):  # not yet guarded
+        main = torch.multiprocessing.parent_process().pid  # the standard module's, re-exported
+
+        def wait():  # os._exit: the worker holds nothing its main process needs
+            while signal.sigwaitinfo(stop).si_pid != main:
+                pass
+            os._exit(0)
+
+        threading.Thread(target=wait, daemon=True).start()
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
@@ -461,6 +475,15 @@ class StreamDataset(IterableDataset):
                 group["__next__"] = (k, group["__end__"], seen)
                 if not few or (seen - 1) % n_slots == slot:
                     yield group
+
+    def sources(self):
+        """The shard list positions point into, as checkpoints record it: {"count", "sha256", "list": zlib'd lines
+        "base name<TAB>byte size" (-1: not a local file)}: moving the data changes nothing; ~8 bytes a shard."""
+        shards = getattr(self, "shards", None)  # image folders list self.files: no byte offsets, so no sizes
+        lines = [f"{os.path.basename(s)}\t{os.path.getsize(s) if shards is not None and os.path.isfile(s) else -1}"
+                 for s in (self.files if shards is None else shards)]  # fmt: skip
+        text = "\n".join(lines).encode()
+        return {"count": len(lines), "sha256": hashlib.sha256(text).hexdigest(), "list": zlib.compress(text)}
 
     def _order(self, n, epoch):
         """The epoch's order of n shards (or files): the same on every rank and worker (it depends on seed, epoch)."""
@@ -594,29 +617,39 @@ class StreamDataset(IterableDataset):
                         "min_longer_side)", type(self).__name__, slot, n_slots, self.skipped.summary())  # fmt: skip
 
 
+def source_changes(saved, now):
+    """None where two StreamDataset.sources() records match, else a line naming what changed (size -1: no file)."""
+    if saved["sha256"] == now["sha256"]:
+        return None
+    old, new = (dict(e.rsplit("\t", 1) for e in zlib.decompress(r["list"]).decode().split("\n")) for r in (saved, now))
+    diff = {"added": [n for n in new if old.get(n, "-1") == "-1" != new[n] or n not in old],
+            "missing": [n for n in old if new.get(n, "-1") == "-1" != old[n] or n not in new],
+            "resized": [f"{n} ({old[n]} -> {new[n]} bytes)" for n in new if "-1" != old.get(n, "-1") != new[n] != "-1"]}
+    text = "; ".join(f"{len(v)} {k}: {', '.join(v[:3])}{' ...' if len(v) > 3 else ''}" for k, v in diff.items() if v)
+    return f"{saved['count']} shards then, {now['count']} now; {text or 'the same shards in another order'}"
+
+
 class StreamPositions:
     """Where each reader of this rank stands after the batches consumed, for StreamDataset(positions=).
     Batches come round-robin: batch b from logical worker b % W, now at its last sample's "position".
-    Use: resume(ckpt, ...) -> dataset(positions=.saved) -> consumed(batch) for each batch ->
-    ckpt["data_positions"] = [every rank's state()]."""
+    Use: StreamPositions(W, start, ckpt["data_positions"][rank]) -> dataset(positions=.saved) -> consumed(batch)
+    for each batch -> ckpt["data_positions"] = [every rank's state()] (train_common.resume_positions, run_state)."""
 
-    def __init__(self, num_workers, start_batch=0, saved=None):
+    def __init__(self, num_workers, start_batch=0, saved=None, sources=None, new_epoch=False):
         self.workers, self.batch = max(1, int(num_workers)), int(start_batch)
+        self.sources = sources  # StreamDataset.sources(): the shard list positions point into, for the checkpoint
         if saved is not None and saved["num_workers"] != self.workers:
-            raise ValueError(f"the checkpoint's data positions are for num_workers={saved['num_workers']}, this run "
-                             f"has {self.workers}; resume with --num_workers={saved['num_workers']} (the number of "
-                             f"readers decides which samples each one reads)")  # fmt: skip
+            raise ValueError(f"the checkpoint's data positions are for {saved['num_workers']} readers, this run has "
+                             f"{self.workers}: resume with --num_workers={saved['num_workers']} (who reads what)")
         self.saved = None if saved is None else saved["positions"].clone()
+        if new_epoch:  # re-planned on another shard list: each reader that knows its place starts its next epoch
+            known = self.saved[:, 0] >= 0
+            self.saved[known, 0] += 1
+            self.saved[known, 1:] = 0
         # A fresh run's readers are at their start; a run resumed without positions does not know yet (-1).
         unknown = torch.full((self.workers, len(POSITION_FIELDS)), -1 if start_batch else 0, dtype=torch.int64)
         self.table = unknown if self.saved is None else self.saved.clone()
         self.tracked = False
-
-    @classmethod
-    def resume(cls, ckpt, rank, num_workers, start_batch):
-        """This rank's positions from ckpt["data_positions"]; fresh if ckpt is None, else unknown if none."""
-        saved = ckpt["data_positions"][rank] if ckpt is not None and ckpt.get("data_positions") else None
-        return cls(num_workers, start_batch, saved)
 
     def consumed(self, batch):
         """Record a batch the trainer took (batches without "position": nothing to track)."""

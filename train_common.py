@@ -50,6 +50,7 @@ class RunConfig:
     1e-5); MaskGen's presets set their own (Tab. 8)."""
 
     num_workers: int = option(4, "DataLoader processes reading shards / folders (the data order depends on it)")
+    replan_data: bool = option(False, "resume on a changed shard list: each reader starts a new epoch over it")
     batch_size: int = option(32, "per GPU, per micro-step")
     grad_accum: int = option(1, "micro-steps per optimiser step (global batch = batch_size x grad_accum x GPUs)")
     max_steps: int = option(650_000, "optimiser steps; a cosine schedule decays until here")
@@ -339,10 +340,9 @@ def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0, 
 
         return get
     import data  # a seeded stream per rank; corrupt or filtered samples are skipped and counted (get.skipped)
-    positions = resume_positions(resume, rank, cfg.num_workers, start_step * A)
     loader = data.image_text_loader(cfg.data, image_size=image_size, batch_size=B, rank=rank, world_size=world,
-                                    num_workers=cfg.num_workers, seed=cfg.seed, start_batch=start_step * A,
-                                    positions=positions.saved)  # fmt: skip
+                                    num_workers=cfg.num_workers, seed=cfg.seed, start_batch=start_step * A)
+    positions = resume_positions(resume, rank, cfg, start_step * A, loader.dataset)
     stream = iter(loader)
 
     def get(step, k):
@@ -356,14 +356,27 @@ def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0, 
     return get
 
 
-def resume_positions(resume, rank, num_workers, start_batch):
-    """This rank's shards.StreamPositions from the checkpoint resumed (None: a fresh run); one written with
-    another num_workers stops the run with the reason."""
-    from shards import StreamPositions
+def resume_positions(resume, rank, cfg, start_batch, dataset):
+    """This rank's shards.StreamPositions from the checkpoint resumed (None: a fresh run; none saved: unknown),
+    given to `dataset`, a stream not yet iterated. They are offsets into the shard list the checkpoint records
+    (names, sizes): another list stops the run naming the change, or cfg.replan_data starts a new epoch over it."""
+    from shards import StreamPositions, source_changes
+    saved = resume["data_positions"][rank] if resume is not None and resume.get("data_positions") else None
+    sources = dataset.sources() if hasattr(dataset, "sources") else None
+    recorded = resume.get("data_sources", {}) if saved is not None else None  # {}: not recorded
+    change = recorded and source_changes(recorded, sources)
+    if change and not cfg.replan_data:
+        sys.exit(f"error: the data changed since the checkpoint at step {resume['step']}: {change}. Restore the "
+                 f"shards it was trained on, or pass --replan_data to go on with these (the data order changes)")
+    if rank == 0 and (change or recorded == {}):  # re-planned, or a checkpoint older than the record
+        tqdm.write(f"warning: the data changed ({change}); --replan_data: each reader starts a new epoch over it" if
+                   change else "warning: the checkpoint predates recording its shard list: changes go unnoticed")
     try:
-        return StreamPositions.resume(resume, rank, num_workers, start_batch)
-    except ValueError as e:
+        positions = StreamPositions(cfg.num_workers, start_batch, saved, sources, new_epoch=bool(change))
+    except ValueError as e:  # another num_workers
         sys.exit(f"error: {e}")
+    dataset.positions = positions.saved
+    return positions
 
 
 def seed_for_slot(seed, step, slot):
@@ -379,7 +392,7 @@ def seed_for_slot(seed, step, slot):
 # compile and device (float rounding only), grad_checkpointing, init_from (read by fresh runs only). max_steps: below.
 RESUMABLE_FIELDS = {"log_every", "sample_every", "ckpt_every", "stop_at", "keep_ckpts", "out_dir", "compile", "device",
                     "peak_tflops", "max_nonfinite_steps", "dist_timeout_s", "wandb_project", "tensorboard_dir",
-                    "sample_prompts", "init_from", "grad_checkpointing"}  # fmt: skip
+                    "sample_prompts", "init_from", "replan_data", "grad_checkpointing"}  # fmt: skip
 WHY_FIXED = {"max_steps": " (the cosine decay's length, which the steps so far followed; to stop early and go on "
                           "later, keep it and pass --stop_at=STEP)",
              "num_workers": " (the order of the shard data depends on it)"}  # fmt: skip
@@ -464,6 +477,7 @@ def run_state(cfg, step, scaler, world, data=None):
     mine = data.positions.state() if getattr(data, "positions", None) is not None else None
     if mine is not None:  # the same kind of data on every rank, so every rank gathers
         state["data_positions"] = every_rank(mine)
+        state["data_sources"] = data.positions.sources  # the shard list they point into: alike on every rank
     return state
 
 

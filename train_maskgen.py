@@ -72,12 +72,11 @@ def token_batches(cfg, tokenizer, rank, world, start_step, device, resume=None):
     B, tcfg, mode = cfg.batch_size, tokenizer.config, tokenizer.config.quantize_mode
     if cfg.data.startswith("pretokenized:"):
         start = start_step * cfg.grad_accum
-        positions = resume_positions(resume, rank, cfg.num_workers, start)
         # Samples that do not fit this tokenizer (token count, codebook or width) are skipped and counted.
         fit = dict(codebook_size=tcfg.codebook_size) if mode == "vq" else dict(token_size=tcfg.token_size)
         ds = data.PretokenizedDataset(cfg.data.split(":", 1)[1], rank=rank, world_size=world, seed=cfg.seed,
-                                      start_batch=start, batch_size=B, positions=positions.saved,
-                                      num_tokens=tcfg.num_latent_tokens, **fit)  # fmt: skip
+                                      start_batch=start, batch_size=B, num_tokens=tcfg.num_latent_tokens, **fit)
+        positions = resume_positions(resume, rank, cfg, start, ds)  # checked against ds's shards; given to ds
         loader = torch.utils.data.DataLoader(ds, batch_size=B, num_workers=cfg.num_workers, collate_fn=data.collate)
         stream = iter(loader)
 

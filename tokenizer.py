@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -86,6 +87,17 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def run_blocks(vit, x, keep):
+    """x through vit.blocks, the last one returning only rows `keep`. With vit.grad_checkpointing, in training, each
+    block saves only its input and recomputes the rest in backward (non-reentrant torch.utils.checkpoint: it works
+    under torch.compile and DDP). Blocks draw no random numbers and change no state: the gradients are the same."""
+    ckpt = vit.grad_checkpointing and vit.training and torch.is_grad_enabled()
+    for i, blk in enumerate(vit.blocks):
+        k = keep if i == len(vit.blocks) - 1 else None
+        x = torch.utils.checkpoint.checkpoint(blk, x, k, use_reentrant=False) if ckpt else blk(x, k)
+    return x
+
+
 # -----------------------------------------------------------------------------
 # Encoder: image patches + K latent tokens -> K token vectors (paper §3.2).
 
@@ -103,6 +115,7 @@ class Encoder(nn.Module):
         self.latent_token_positional_embedding = nn.Parameter(s * torch.randn(cfg.num_latent_tokens, W))
         self.ln_pre = nn.LayerNorm(W)
         self.blocks = nn.ModuleList(Block(W, cfg.enc_heads) for _ in range(cfg.enc_depth))
+        self.grad_checkpointing = False  # training: recompute each block in backward (run_blocks), saving memory
         self.ln_post = nn.LayerNorm(W)
         # The KL variant predicts a mean and a log-variance per channel.
         self.proj_out = nn.Linear(W, cfg.token_size * (2 if cfg.quantize_mode == "kl" else 1))
@@ -114,9 +127,7 @@ class Encoder(nn.Module):
         lat = latent_tokens + self.latent_token_positional_embedding  # (K, W)
         x = self.ln_pre(torch.cat([x, lat.expand(B, -1, -1)], dim=1))  # (B, 1+G*G+K, W)
         # Keep only the latent tokens: all the decoder sees of the image passes through these K slots.
-        latents = slice(1 + self.grid**2, None)
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, latents if i == len(self.blocks) - 1 else None)  # last: (B, K, W)
+        x = run_blocks(self, x, keep=slice(1 + self.grid**2, None))  # (B, K, W)
         return self.proj_out(self.ln_post(x))  # (B, K, C) or (B, K, 2C)
 
 
@@ -262,6 +273,7 @@ class Decoder(nn.Module):
         self.text_guidance_positional_embedding = nn.Parameter(s * torch.randn(cfg.text_context_length, W))
         self.ln_pre = nn.LayerNorm(W)
         self.blocks = nn.ModuleList(Block(W, cfg.dec_heads) for _ in range(cfg.dec_depth))
+        self.grad_checkpointing = False  # as the encoder's
         self.ln_post = nn.LayerNorm(W)
         # Each grid slot predicts its p x p x 3 pixels directly (a 1x1 conv on the grid, written as a
         # Linear on tokens); a 3x3 conv then smooths the seams between neighbouring patches.
@@ -275,9 +287,7 @@ class Decoder(nn.Module):
         grid = (grid + self.positional_embedding).expand(B, -1, -1)  # (B, 1+G*G, W)
         t = self.text_guidance_proj(text) + self.text_guidance_positional_embedding  # (B, L, W)
         x = self.ln_pre(torch.cat([grid, x, t], dim=1))  # (B, 1+G*G+K+L, W)
-        slots = slice(1, 1 + G * G)  # the output patch slots
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, slots if i == len(self.blocks) - 1 else None)  # last: (B, G*G, W)
+        x = run_blocks(self, x, keep=slice(1, 1 + G * G))  # the output patch slots: (B, G*G, W)
         x = self.to_pixels(self.ln_post(x))  # (B, G*G, p*p*3), channel order (p1, p2, rgb)
         x = x.view(B, G, G, p, p, 3).permute(0, 5, 1, 3, 2, 4)  # (B, 3, G, p, G, p)
         return self.conv_out(x.reshape(B, 3, G * p, G * p))  # (B, 3, H, W)

@@ -64,6 +64,7 @@ class RunConfig:
     ema_decay: float = option(0.999, "of the EMA weights (warmed up as (1+t)/(10+t))")
     dtype: str = option("bf16", "bf16 | fp16 | fp32 (autocast is used on CUDA only)")
     compile: bool = option(True, "torch.compile the model (faster; changes float rounding, not the maths)")
+    grad_checkpointing: bool = option(False, "recompute each block's activations in backward: less memory, more time")
     device: str = option("auto", "auto | cpu | cuda | cuda:N; auto = this process's GPU, else the CPU")
     peak_tflops: float = option(0.0, "per device, for MFU; 0 = the bf16 peak of a known GPU (PEAK_BF16_TFLOPS)")
     seed: int = option(42, "seeds the initial weights, the data order and every random draw")
@@ -388,10 +389,10 @@ def seed_for_slot(seed, step, slot):
 # 6. Exact resume: what may change, the checkpoint's run state, the checks on resuming -------------
 # Fields that may change between a run and its resumption, as they leave the maths alone (tests/test_train.py
 # shows each, bit for bit): what is logged, sampled and kept, where and when, the stop conditions, trackers,
-# compile and device (float rounding only), init_from (read by fresh runs only). max_steps: see below.
+# compile and device (float rounding only), grad_checkpointing, init_from (read by fresh runs only). max_steps: below.
 RESUMABLE_FIELDS = {"log_every", "sample_every", "ckpt_every", "stop_at", "keep_ckpts", "out_dir", "compile", "device",
                     "peak_tflops", "max_nonfinite_steps", "dist_timeout_s", "wandb_project", "tensorboard_dir",
-                    "sample_prompts", "init_from", "replan_data"}  # fmt: skip
+                    "sample_prompts", "init_from", "replan_data", "grad_checkpointing"}  # fmt: skip
 WHY_FIXED = {"max_steps": " (the cosine decay's length, which the steps so far followed; to stop early and go on "
                           "later, keep it and pass --stop_at=STEP)",
              "num_workers": " (the order of the shard data depends on it)"}  # fmt: skip

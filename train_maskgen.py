@@ -194,6 +194,7 @@ def main(argv=None):
     log(text=f"MaskGen-{mcfg.mode.upper()} ({cfg.maskgen}): {n / 1e6:.1f}M parameters, {mcfg.num_tokens} tokens, "
              f"{train_flops / 1e9:.2f} GFLOP per sample per step, {world} process(es) on {device}")  # rank 0 logs
 
+    model.trunk.grad_checkpointing = cfg.grad_checkpointing  # recompute each joint block in backward
     fwd_model = torch.compile(model) if cfg.compile else model
     if world > 1:
         fwd_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -109,9 +109,7 @@ class JointAttention(nn.Module):
         v = torch.cat([img_v, txt_v], dim=2)  # (B, h, N+L, d)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N or N+L, d)
         out = out.transpose(1, 2).reshape(B, -1, D)  # (B, N or N+L, D)
-        img_out = self.img_out(out[:, :N])  # (B, N, D)
-        txt_out = self.txt_out(out[:, N:]) if self.txt_queries else None  # (B, L, D)
-        return img_out, txt_out
+        return self.img_out(out[:, :N]), self.txt_out(out[:, N:]) if self.txt_queries else None  # (B, N|L, D)
 
 
 class FeedForward(nn.Module):
@@ -271,12 +269,6 @@ def check_guidance_schedule(mode, schedule, name="guidance_schedule"):
     if schedule not in GUIDANCE_SCHEDULES[mode]:
         raise ValueError(f"{name} {schedule!r} is not available for MaskGen-{mode.upper()}; "
                          f"choose one of {GUIDANCE_SCHEDULES[mode]}")  # fmt: skip
-
-
-def gumbel(shape, generator, device):
-    """Gumbel(0, 1) noise, with the official clamps (u = 0 cannot give inf)."""
-    u = torch.rand(shape, generator=generator, device=device)
-    return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
 
 
 def arccos_mask_rate(u):
@@ -584,7 +576,11 @@ class MaskGenVQ(MaskGenBase):
         device, K, guided = txt.device, c.num_tokens, g != 1.0
         predict = self.step_function(self.predict, compile)  # same shapes every step: one graph
         remasked = vq_mask_schedule(K, N)
-        noise = lambda shape, gen: gumbel(shape, gen, device)  # noqa: E731
+
+        def noise(shape, gen):  # Gumbel(0, 1) noise, with the official clamps (u = 0 cannot give inf)
+            u = torch.rand(shape, generator=gen, device=device)
+            return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
+
         ids = torch.full((B, K), self.mask_id, dtype=torch.long, device=device)
         if init is not None:  # n random positions masked, the rest keep the image's ids (and confidence inf)
             rank = draw_rows(lambda shape, gen: torch.rand(shape, generator=gen, device=device), (B, K), generator)
@@ -871,11 +867,6 @@ def split_qkv(sd, copy=False):
 def _rename(key, table):
     """`key` renamed by the first (from, to) entry of `table` that matches it, else None."""
     return next((b + key[len(a) :] for a, b in table if key == a or (a.endswith(".") and key.startswith(a))), None)
-
-
-def block_key_from_official(key):
-    """A diffusers JointTransformerBlock key ('attn.to_q.weight') -> ours, or None."""
-    return _rename(key, BLOCK_RENAMES)
 
 
 def last_q_proj(c):

@@ -197,13 +197,11 @@ def _groups(fileobj, source, start, skip_to):
                 group["__end__"] = start + tar.offset  # the tar byte after this member: where a reader resumes
             # The loop ended without an error: at the end-of-archive block (a clean end), or at a cut.
             stop, where = getattr(tar, "stopped_by", None), f"at byte {start + tar.offset}"
-            problem = None
-            if isinstance(stop, tarfile.EmptyHeaderError):
-                problem = f"the tar ends {where}, at a member boundary, without its end-of-archive blocks"
-            elif isinstance(stop, tarfile.TruncatedHeaderError):
-                problem = f"the tar ends {where}, inside a member header"
-            elif stop is not None and not isinstance(stop, tarfile.EOFHeaderError):
-                problem = f"a damaged member header {where} ({stop})"
+            problem = None if stop is None or isinstance(stop, tarfile.EOFHeaderError) else {
+                tarfile.EmptyHeaderError: f"the tar ends {where}, at a member boundary, without its end-of-archive "
+                                          f"blocks",
+                tarfile.TruncatedHeaderError: f"the tar ends {where}, inside a member header",
+            }.get(type(stop), f"a damaged member header {where} ({stop})")  # fmt: skip
         except READ_ERRORS as e:
             problem = f"{type(e).__name__}: {e} after byte {start + tar.offset}"
     if group is not None:
@@ -267,12 +265,10 @@ class ShardWriter:
             self._final = os.path.join(self.out_dir, f"{self.prefix}-{len(self.paths):06d}.tar")
             self._tar = tarfile.open(self._final + ".tmp", "w")
         for ext, value in members.items():
-            if isinstance(value, str):
-                value = value.encode("utf-8")
+            if isinstance(value, (str, dict, list)):  # text, or JSON
+                value = (value if isinstance(value, str) else json.dumps(value)).encode("utf-8")
             elif isinstance(value, np.ndarray):
                 value = encode_npy(value)
-            elif isinstance(value, (dict, list)):
-                value = json.dumps(value).encode("utf-8")
             elif not isinstance(value, bytes):
                 raise TypeError(f"cannot store a {type(value).__name__} in a shard; pass bytes, str, dict or ndarray")
             info = tarfile.TarInfo(f"{key}.{ext}")
@@ -383,8 +379,8 @@ class SkipCounter:
     def counts(self):
         return dict(zip(SKIP_REASONS, self._table.sum(0).tolist()))
 
-    def total(self, include_filtered=True):
-        return sum(v for k, v in self.counts().items() if include_filtered or not k.startswith("filtered_"))
+    def total(self):
+        return sum(self.counts().values())
 
     def summary(self):
         return " ".join(f"{k}={v}" for k, v in self.counts().items() if v) or "none"
@@ -534,13 +530,11 @@ class StreamDataset(IterableDataset):
         raw = next((meta[k] for k in AESTHETIC_FIELDS if meta.get(k) is not None), None)  # a score: json, else member
         if raw is None:
             raw = next((group[e].decode("utf-8", "replace").strip() for e in AESTHETIC_EXTS if e in group), None)
-        try:
-            if isinstance(raw, bool):  # JSON true is no score, though float(True) is 1.0
-                raise TypeError("a boolean")
-            aesthetic = None if raw is None else float(raw)
-            if aesthetic is not None and not math.isfinite(aesthetic):
-                raise ValueError("not finite")
-        except (TypeError, ValueError, OverflowError):  # a list, "high", 1e999, a 400-digit integer, true, NaN
+        try:  # JSON true is no score, though float(True) is 1.0
+            aesthetic = None if raw is None else float("nan" if isinstance(raw, bool) else raw)
+        except (TypeError, ValueError, OverflowError):  # a list, "high", a 400-digit integer
+            aesthetic = math.nan
+        if aesthetic is not None and not math.isfinite(aesthetic):  # also 1e999, true, NaN
             self._reject("bad_aesthetic", f"{where}: aesthetic score {str(raw)[:40]!r} is not a finite number; "
                          f"using the default", check_only)  # fmt: skip
             aesthetic = None
@@ -592,14 +586,12 @@ class StreamDataset(IterableDataset):
         for group, after in self._stream(slot, n_slots, saved if known else START):
             n_groups += 1
             fast_forward = produced < to_skip
-            if "__too_large__" in group:  # a member _groups left unread
-                sample = self._reject("member_too_large", f"{sample_name(group)}: {group['__too_large__']}",
-                                      fast_forward)  # fmt: skip
-            else:
-                try:  # no sample can stop the run: whatever a decoder did not foresee is a skip too
-                    sample = self._decode(group, check_only=fast_forward)
-                except Exception as e:
-                    sample = self._reject("undecodable", f"{sample_name(group)}: {type(e).__name__}: {e}", fast_forward)
+            try:  # no sample can stop the run: whatever a decoder did not foresee is a skip too
+                sample = (self._decode(group, check_only=fast_forward) if "__too_large__" not in group else  # unread
+                          self._reject("member_too_large", f"{sample_name(group)}: {group['__too_large__']}",
+                                       fast_forward))  # fmt: skip
+            except Exception as e:
+                sample = self._reject("undecodable", f"{sample_name(group)}: {type(e).__name__}: {e}", fast_forward)
             if sample is None:
                 failures += 1
                 if self.infinite and failures >= self.max_consecutive_skips:

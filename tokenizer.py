@@ -77,10 +77,8 @@ class Block(nn.Module):
 
     def __init__(self, dim, heads):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.ln_2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim)
+        self.ln_1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.ln_2, self.mlp = nn.LayerNorm(dim), MLP(dim)
 
     def forward(self, x, keep=None):
         x = (x if keep is None else x[:, keep]) + self.attn(self.ln_1(x), keep)

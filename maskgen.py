@@ -43,8 +43,7 @@ class _AdaLN(nn.Module):
 
     def __init__(self, dim):
         super().__init__()
-        self.linear = nn.Linear(dim, self.n * dim)
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear, self.norm = nn.Linear(dim, self.n * dim), nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
     def modulation(self, cond):
         return self.linear(F.silu(cond))

@@ -156,10 +156,6 @@ class VectorQuantizer(nn.Module):
         w = self.embedding.weight
         return F.normalize(w, dim=-1) if self.use_l2_norm else w
 
-    def lookup(self, ids):
-        """(...,) long -> (..., C): the code vectors the decoder reads."""
-        return F.embedding(ids, self.codebook())
-
     # Distances, losses and the revival update run in fp32 even under autocast:
     # bf16 argmin over 8192 near-equal distances would pick codes at random.
     @torch.autocast("cuda", enabled=False)
@@ -364,7 +360,7 @@ class TATiTok(nn.Module):
                 raise TypeError(f"a VQ tokenizer decodes integer code ids, got {tokens.dtype}")
             if tokens.numel() and (tokens.min() < 0 or tokens.max() >= cfg.codebook_size):
                 raise ValueError(f"code ids must lie in [0, {cfg.codebook_size}); got a value out of range")
-            tokens = self.quantize.lookup(tokens.long())  # (B, K, C)
+            tokens = F.embedding(tokens.long(), self.quantize.codebook())  # (B, K, C): the code vectors
         want = (tokens.shape[0], cfg.num_latent_tokens, cfg.token_size)
         if tuple(tokens.shape) != want:
             raise ValueError(f"expected tokens of shape {want[1:]} per image, got {tuple(tokens.shape[1:])}")

@@ -117,8 +117,7 @@ def parse_config(cls, presets, argv=None, default="tiny", rules=None):
     COMMON_RULES and `rules`. No arguments, -h or --help print the fields; --list the presets; --print_config
     the config."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    stray = [a for a in argv if not a.startswith("--") and a != "-h"]
-    if stray:
+    if stray := [a for a in argv if not a.startswith("--") and a != "-h"]:
         sys.exit(f"error: arguments must look like --field=value, got {stray} (--help lists the fields)")
     args = dict(a[2:].split("=", 1) if "=" in a else (a[2:], None) for a in argv if a.startswith("--"))
     wants = {k for k in ("help", "list", "print_config") if args.pop(k, False) is None}
@@ -131,7 +130,21 @@ def parse_config(cls, presets, argv=None, default="tiny", rules=None):
     order = sorted(dataclasses.fields(cls), key=lambda f: f.name in RunConfig.__dataclass_fields__)
     fields = {f.name: f for f in order}
     if not argv or "help" in wants or "-h" in argv:  # a bare run would start a long training: say how instead
-        print_help(cls, presets, name, order)
+        # Usage, then every field (in `order`) with its type, its value in preset `name`, its help.
+        module = sys.modules[cls.__module__]
+        script = os.path.basename(getattr(module, "__file__", "") or "train.py")
+        about = (module.__doc__ or "").strip().split("\n\n")[0]  # the first paragraph of the trainer's docstring
+        print(f"usage: python {script} --config=PRESET [--field=value ...]     (torchrun takes the same arguments)\n"
+              f"       python {script} --list | --print_config | --help\n\n{about}\n\n"
+              f"Fields, with their values in preset {name} (--config=NAME --help shows another's):")  # fmt: skip
+        rows = [(f"--{f.name}={show(getattr(presets[name], f.name))}", f.type.__name__, f.metadata.get("help", ""))
+                for f in order]  # fmt: skip
+        width = min(36, max(len(r[0]) for r in rows))
+        for option_, kind, note in rows:
+            print(f"  {option_:<{width}}  {kind:<5}  {note}")
+        print("\n" + textwrap.fill(f"Presets (--list): {', '.join(presets)}. A bool may be given bare (--compile). "
+                                   f"Runs resume by themselves from the newest good checkpoint in --out_dir.", 100))
+        sys.exit(0)
     if "list" in wants:  # each preset, with the fields it sets apart from the defaults
         base = cls()
         for key, p in presets.items():
@@ -166,24 +179,6 @@ def parse_config(cls, presets, argv=None, default="tiny", rules=None):
 def show(value):
     """A config value the way it is typed on the command line."""
     return str(value).lower() if isinstance(value, bool) else value if value != "" else '""'
-
-
-def print_help(cls, presets, name, fields):
-    """--help: usage, then every field (in `fields`' order) with its type, its value in preset `name`, its help."""
-    module = sys.modules[cls.__module__]
-    script = os.path.basename(getattr(module, "__file__", "") or "train.py")
-    about = (module.__doc__ or "").strip().split("\n\n")[0]  # the first paragraph of the trainer's docstring
-    print(f"usage: python {script} --config=PRESET [--field=value ...]     (torchrun takes the same arguments)\n"
-          f"       python {script} --list | --print_config | --help\n\n{about}\n\n"
-          f"Fields, with their values in preset {name} (--config=NAME --help shows another's):")  # fmt: skip
-    rows = [(f"--{f.name}={show(getattr(presets[name], f.name))}", f.type.__name__, f.metadata.get("help", ""))
-            for f in fields]  # fmt: skip
-    width = min(36, max(len(r[0]) for r in rows))
-    for option_, kind, note in rows:
-        print(f"  {option_:<{width}}  {kind:<5}  {note}")
-    print("\n" + textwrap.fill(f"Presets (--list): {', '.join(presets)}. A bool may be given bare (--compile). "
-                               f"Runs resume by themselves from the newest good checkpoint in --out_dir.", 100))
-    sys.exit(0)
 
 
 # 2. Processes: device, process group, numerics, seeds, peak FLOP/s (also for sample, evaluate, data, bench) --

@@ -521,15 +521,12 @@ class MaskGenVQ(MaskGenBase):
                 nn.init.zeros_(m.linear.weight)
                 nn.init.zeros_(m.linear.bias)
 
-    @property
-    def head_weight(self):  # the LM head: a view of the first V embedding rows (weight tying)
-        return self.tok_emb.weight[: self.config.codebook_size]  # (V, D)
-
     def predict(self, ids, txt, cond, mods=None):
         """ids (B, K) with [MASK] = V, txt (B, L, D), cond (B, D) -> logits (B, K, V)."""
         x = self.tok_emb(ids) + self.pos_emb[:, : ids.shape[1]]  # (B, K, D)
         x = self.trunk(x, txt, cond, mods)  # (B, K, D)
-        return torch.matmul(x, self.head_weight.t())  # (B, K, V)
+        # The LM head: a view of the first V embedding rows (weight tying), (V, D).
+        return torch.matmul(x, self.tok_emb.weight[: self.config.codebook_size].t())  # (B, K, V)
 
     def logits(self, ids, text, pooled, aesthetic=None):
         """Logits (B, K, V) for (possibly masked) ids, from raw CLIP features."""

@@ -379,9 +379,6 @@ class SkipCounter:
     def counts(self):
         return dict(zip(SKIP_REASONS, self._table.sum(0).tolist()))
 
-    def total(self):
-        return sum(self.counts().values())
-
     def summary(self):
         return " ".join(f"{k}={v}" for k, v in self.counts().items() if v) or "none"
 

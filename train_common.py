@@ -405,8 +405,7 @@ def check_resume_config(saved, current, step, pinned=()):
     free = RESUMABLE_FIELDS | set(pinned)
     if step == 0 or lr(saved.get("max_steps")) == lr(current["max_steps"]):
         free = free | {"max_steps"}
-    diff = {k: (saved.get(k), v) for k, v in current.items() if k not in free and saved.get(k) != v}
-    if diff:
+    if diff := {k: (saved.get(k), v) for k, v in current.items() if k not in free and saved.get(k) != v}:
         lines = "\n".join(f"  {k}: checkpoint has {a!r}, this run has {b!r}{WHY_FIXED.get(k, '')}"
                           for k, (a, b) in diff.items())  # fmt: skip
         sys.exit(f"error: the config does not match the checkpoint being resumed:\n{lines}\n"
@@ -582,9 +581,8 @@ class Logger:
         self.enabled, self.trackers = enabled, []  # (write(scalars, step), close) pairs
         self.f = open(os.path.join(cfg.out_dir, "log.jsonl"), "a", buffering=1) if enabled else None  # line-buffered
         if enabled and cfg.wandb_project:  # one W&B run per start of the run, named after its folder
-            run = self.need("wandb", "wandb", "--wandb_project").init(
-                project=cfg.wandb_project, name=os.path.basename(os.path.abspath(cfg.out_dir)),
-                config=dataclasses.asdict(cfg), dir=cfg.out_dir)  # fmt: skip
+            run = self.need("wandb", "wandb", "--wandb_project").init(project=cfg.wandb_project, dir=cfg.out_dir,
+                name=os.path.basename(os.path.abspath(cfg.out_dir)), config=dataclasses.asdict(cfg))  # fmt: skip
             self.trackers.append((lambda rec, step: run.log(rec, step=step), run.finish))
         if enabled and cfg.tensorboard_dir:
             tb = self.need("torch.utils.tensorboard", "tensorboard", "--tensorboard_dir")
@@ -693,33 +691,6 @@ def series(records):
     return {k: out[k] for k in [k for k in out if k not in last] + last}
 
 
-def _panel(draw, font, x0, y0, name, xs, ys):
-    """One curve in the box at (x0, y0): title, frame, the line, the value range on the left (short numbers:
-    1.67e-04, not 0.000167) and the steps below. The y axis is logarithmic (marked "log") when every value
-    is positive and they span more than a factor of 20 (losses and the LR warm-up do), linear otherwise."""
-    left, top, w, h = x0 + MARGIN, y0 + 18, PANEL_W - MARGIN - 8, PANEL_H - 18 - 22
-    draw.text((left, y0 + 2), name, fill="black", font=font)
-    draw.rectangle([left, top, left + w, top + h], outline=(160, 160, 160))
-    lo, hi = min(ys), max(ys)
-    log_y = lo > 0 and hi / lo > 20
-    f = math.log10 if log_y else (lambda v: v)
-    a, b = (f(lo) - 1, f(hi) + 1) if f(hi) - f(lo) < 1e-12 else (f(lo), f(hi))  # a flat line: centred
-    x_lo, x_span = min(xs), max(max(xs) - min(xs), 1)
-    pts = [(left + (x - x_lo) / x_span * w, top + h - (f(y) - a) / (b - a) * h) for x, y in zip(xs, ys)]
-    if len(pts) == 1:
-        draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=(31, 119, 180))
-    else:
-        draw.line(pts, fill=(31, 119, 180), width=2)
-    for value, y in ((hi, top - 2), (lo, top + h - 10)):
-        text = f"{value:.2e}" if value and abs(value) < 1e-2 else f"{value:.3g}"
-        draw.text((x0 + 2, y), text, fill="black", font=font)
-    if log_y:
-        draw.text((x0 + 2, top + h // 2 - 5), "log", fill=(120, 120, 120), font=font)
-    label = f"step {int(max(xs))}"
-    draw.text((left, top + h + 4), str(int(x_lo)), fill="black", font=font)
-    draw.text((left + w - draw.textlength(label, font=font), top + h + 4), label, fill="black", font=font)
-
-
 def plot_curves(run_dir, out=None, cols=3):
     """Draw RUN_DIR/log.jsonl into RUN_DIR/curves.png (or `out`): every logged loss, the LR and the gradient
     norm against the step, one panel each. The trainers call it at each sample interval; `python
@@ -732,7 +703,31 @@ def plot_curves(run_dir, out=None, cols=3):
     image = Image.new("RGB", (cols * PANEL_W, rows * PANEL_H), "white")
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
     for i, (name, (xs, ys)) in enumerate(curves.items()):
-        _panel(draw, font, (i % cols) * PANEL_W, (i // cols) * PANEL_H, name, xs, ys)
+        # One panel per curve, in its box at (x0, y0): title, frame, the line, the value range on the left (short
+        # numbers: 1.67e-04, not 0.000167) and the steps below. The y axis is logarithmic (marked "log") when every
+        # value is positive and they span more than a factor of 20 (losses and the LR warm-up do), linear otherwise.
+        x0, y0 = (i % cols) * PANEL_W, (i // cols) * PANEL_H
+        left, top, w, h = x0 + MARGIN, y0 + 18, PANEL_W - MARGIN - 8, PANEL_H - 18 - 22
+        draw.text((left, y0 + 2), name, fill="black", font=font)
+        draw.rectangle([left, top, left + w, top + h], outline=(160, 160, 160))
+        lo, hi = min(ys), max(ys)
+        log_y = lo > 0 and hi / lo > 20
+        f = math.log10 if log_y else (lambda v: v)
+        a, b = (f(lo) - 1, f(hi) + 1) if f(hi) - f(lo) < 1e-12 else (f(lo), f(hi))  # a flat line: centred
+        x_lo, x_span = min(xs), max(max(xs) - min(xs), 1)
+        pts = [(left + (x - x_lo) / x_span * w, top + h - (f(y) - a) / (b - a) * h) for x, y in zip(xs, ys)]
+        if len(pts) == 1:
+            draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=(31, 119, 180))
+        else:
+            draw.line(pts, fill=(31, 119, 180), width=2)
+        for value, y in ((hi, top - 2), (lo, top + h - 10)):
+            text = f"{value:.2e}" if value and abs(value) < 1e-2 else f"{value:.3g}"
+            draw.text((x0 + 2, y), text, fill="black", font=font)
+        if log_y:
+            draw.text((x0 + 2, top + h // 2 - 5), "log", fill=(120, 120, 120), font=font)
+        label = f"step {int(max(xs))}"
+        draw.text((left, top + h + 4), str(int(x_lo)), fill="black", font=font)
+        draw.text((left + w - draw.textlength(label, font=font), top + h + 4), label, fill="black", font=font)
     out = out or os.path.join(run_dir, "curves.png")
     image.save(out + ".tmp.png")  # written then renamed: a reader never sees half a PNG
     os.replace(out + ".tmp.png", out)

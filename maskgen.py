@@ -104,10 +104,8 @@ class JointAttention(nn.Module):
             q = torch.cat([img_q, txt_q], dim=2)  # (B, h, N+L, d)
         else:
             (txt_k, txt_v), q = heads_first(self.txt_kv(txt), 2), img_q  # q: (B, h, N, d)
-        k = torch.cat([img_k, txt_k], dim=2)  # (B, h, N+L, d)
-        v = torch.cat([img_v, txt_v], dim=2)  # (B, h, N+L, d)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N or N+L, d)
-        out = out.transpose(1, 2).reshape(B, -1, D)  # (B, N or N+L, D)
+        k, v = torch.cat([img_k, txt_k], dim=2), torch.cat([img_v, txt_v], dim=2)  # (B, h, N+L, d) each
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, -1, D)  # (B, N or N+L, D)
         return self.img_out(out[:, :N]), self.txt_out(out[:, N:]) if self.txt_queries else None  # (B, N|L, D)
 
 
@@ -129,8 +127,7 @@ class JointBlock(nn.Module):
     def __init__(self, dim, heads, txt_pre_only=False):
         super().__init__()
         self.txt_pre_only = txt_pre_only
-        self.img_adaln = AdaLNZero(dim)
-        self.txt_adaln = AdaLNContinuous(dim) if txt_pre_only else AdaLNZero(dim)
+        self.img_adaln, self.txt_adaln = AdaLNZero(dim), AdaLNContinuous(dim) if txt_pre_only else AdaLNZero(dim)
         self.attn = JointAttention(dim, heads, txt_queries=not txt_pre_only)
         self.img_norm2, self.img_mlp = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6), FeedForward(dim)
         if not txt_pre_only:
@@ -502,8 +499,7 @@ class MaskGenVQ(MaskGenBase):
         super().__init__(config)
         V, D = config.codebook_size, config.width
         # V codes, [MASK] (id V), then num_class_rows + 1 unused rows the released table carries.
-        self.mask_id = V
-        self.tok_emb = nn.Embedding(V + 1 + config.num_class_rows + 1, D)
+        self.mask_id, self.tok_emb = V, nn.Embedding(V + 1 + config.num_class_rows + 1, D)
         self.pos_emb = nn.Parameter(torch.zeros(1, config.num_tokens, D))
         if init_weights:  # False when a checkpoint overwrites every weight anyway
             self.initialize_weights()
@@ -521,12 +517,15 @@ class MaskGenVQ(MaskGenBase):
                 nn.init.zeros_(m.linear.weight)
                 nn.init.zeros_(m.linear.bias)
 
+    @property
+    def head_weight(self):  # the LM head: a view of the first V embedding rows (weight tying)
+        return self.tok_emb.weight[: self.config.codebook_size]  # (V, D)
+
     def predict(self, ids, txt, cond, mods=None):
         """ids (B, K) with [MASK] = V, txt (B, L, D), cond (B, D) -> logits (B, K, V)."""
         x = self.tok_emb(ids) + self.pos_emb[:, : ids.shape[1]]  # (B, K, D)
         x = self.trunk(x, txt, cond, mods)  # (B, K, D)
-        # The LM head: a view of the first V embedding rows (weight tying), (V, D).
-        return torch.matmul(x, self.tok_emb.weight[: self.config.codebook_size].t())  # (B, K, V)
+        return torch.matmul(x, self.head_weight.t())  # (B, K, V)
 
     def logits(self, ids, text, pooled, aesthetic=None):
         """Logits (B, K, V) for (possibly masked) ids, from raw CLIP features."""
@@ -621,8 +620,7 @@ class MaskGenKL(MaskGenBase):
         super().__init__(config)
         C, D, K = config.token_size, config.width, config.num_tokens
         self.z_proj = nn.Linear(C, D)  # token (C) -> width
-        self.z_norm = nn.LayerNorm(D, eps=1e-6)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.z_norm, self.mask_token = nn.LayerNorm(D, eps=1e-6), nn.Parameter(torch.zeros(1, 1, D))
         self.pos_emb = nn.Parameter(torch.zeros(1, K, D))  # added before the blocks
         self.diff_pos_emb = nn.Parameter(torch.zeros(1, K, D))  # added to the conditions for DiffLoss
         self.diffloss = DiffLoss(C, D, config.diffloss_depth, config.diffloss_width,
@@ -649,8 +647,7 @@ class MaskGenKL(MaskGenBase):
         x = self.z_norm(self.z_proj(x))  # (B, K, D)
         # The official's MAE-style drop and pad-back, with no separate encoder, is exactly this.
         x = torch.where(mask[..., None].bool(), self.mask_token.to(x.dtype), x)
-        x = self.trunk(x + self.pos_emb, txt, cond, mods)  # (B, K, D)
-        return x + self.diff_pos_emb  # (B, K, D)
+        return self.trunk(x + self.pos_emb, txt, cond, mods) + self.diff_pos_emb  # (B, K, D)
 
     def forward(self, tokens, text, pooled, aesthetic=None):
         """Training loss. tokens: (B, K, 2C) = cat(mean, logvar) from TATiTok.encode(...,
@@ -702,8 +699,7 @@ class MaskGenKL(MaskGenBase):
         # reasons); the step under way when n remain masked draws the rest of its share.
         if init is not None:
             keep = order.argsort(dim=-1) >= n  # (B, K) bool: order[:, n:]
-            tokens = torch.where(keep[..., None], init.float() * c.scale_factor, tokens)
-            mask = (~keep).float()
+            tokens, mask = torch.where(keep[..., None], init.float() * c.scale_factor, tokens), (~keep).float()
         for lo, hi, left in [(lo, min(hi, n), left) for lo, hi, left in kl_draw_schedule(K, N) if lo < n]:
             s = 1 + (g - 1) * (K - left) / K if schedule == "linear" else g  # MAR's ramp, or constant
             idx = order[:, lo:hi]  # (B, n): this step's draws; order[:, :hi] is masked

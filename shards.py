@@ -362,8 +362,7 @@ class SkipCounter:
     ROWS, LOG_FIRST = 257, 5  # the main process + up to 256 workers; skips logged per reason and process
 
     def __init__(self):
-        self._table = torch.zeros(self.ROWS, len(SKIP_REASONS), dtype=torch.int64).share_memory_()
-        self._logged = {}
+        self._table, self._logged = torch.zeros(self.ROWS, len(SKIP_REASONS), dtype=torch.int64).share_memory_(), {}
 
     def add(self, reason, detail=""):
         info = get_worker_info()
@@ -637,8 +636,7 @@ class StreamPositions:
             self.saved[known, 1:] = 0
         # A fresh run's readers are at their start; a run resumed without positions does not know yet (-1).
         unknown = torch.full((self.workers, len(POSITION_FIELDS)), -1 if start_batch else 0, dtype=torch.int64)
-        self.table = unknown if self.saved is None else self.saved.clone()
-        self.tracked = False
+        self.table, self.tracked = (unknown if self.saved is None else self.saved.clone()), False
 
     def consumed(self, batch):
         """Record a batch the trainer took (batches without "position": nothing to track)."""

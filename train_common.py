@@ -218,8 +218,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def allow_tf32():
     """Let fp32 matmuls and convolutions use TF32 on Ampere and newer GPUs: ~8x the fp32 throughput with a
     10-bit mantissa, plenty for these models (the official configs do too)."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
 def autocast(device, dtype):
@@ -289,8 +288,7 @@ def adamw(model, lr, betas, weight_decay):
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused: one kernel per step for all tensors instead of a dozen ops per tensor, on CUDA and (PyTorch >= 2.4)
     # CPU; the same maths up to float rounding.
-    fused = next(model.parameters()).device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=next(model.parameters()).device.type in ("cuda", "cpu"))
 
 
 @torch.no_grad()
@@ -632,8 +630,7 @@ class Progress:
         self.bar = tqdm(total=cfg.max_steps, initial=step, disable=not enabled, dynamic_ncols=True)
         self.images_per_step = cfg.batch_size * cfg.grad_accum * world
         self.flops_per_image, self.world = flops_per_image, world
-        self.peak = peak_flops(device, cfg.peak_tflops)
-        self.t0, self.steps = time.time(), 0
+        self.peak, self.t0, self.steps = peak_flops(device, cfg.peak_tflops), time.time(), 0
 
     def update(self):
         self.bar.update(1)

@@ -4,6 +4,7 @@
     python bench.py --preset shapes                              # the CPU table in README.md
     python bench.py --preset l --compile 0,1 --dtype fp32,bf16   # MaskGen-L on a GPU
     python bench.py --data-resume 8000                           # resuming a shard stream, early vs late
+    python bench.py --preset l --grad-ckpt --batch 2             # the memory --grad_checkpointing saves (CPU)
 
 For each (compile, dtype) pair, on random weights and inputs of the real shapes, VQ and KL: TA-TiTok encode and
 decode; MaskGen generate() with guidance at the preset's defaults; a MaskGen and a tokenizer (G + D) training step.
@@ -135,6 +136,37 @@ def rows(p, device, dtype, compile_, args):
         del tok, loss_fn, opt_g, opt_d, fwd_tok
 
 
+def grad_ckpt_memory(p):
+    """Print what gradient checkpointing saves in a training forward + backward of the preset's MaskGen-VQ and
+    TA-TiTok-VQ on CPU: the peak memory above the weights and their gradients, with and without, as the running sum
+    of torch.profiler's allocation and free events (profile_memory=True)."""
+    B, (L, Dt, Dp), tc = p["batch"], p["text"], T.PRESETS[p["tok"][0]]
+    mc, S = M.preset_for(p["gen"][0], tc, Dt, Dp), tc.image_size
+    print(f"bench.py --grad-ckpt: CPU, batch {B}; peak memory above weights and gradients (torch.profiler's events)")
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's log: no "GPU not found" error line
+    for name, build, loss in [  # each model on random inputs (TA-TiTok: an L2 loss only)
+            (f"MaskGen-VQ {p['gen'][0]}", lambda: M.build(mc), lambda m: m(
+                torch.randint(mc.codebook_size, (B, mc.num_tokens)), torch.randn(B, L, Dt), torch.randn(B, Dp))),
+            (f"TA-TiTok-VQ {p['tok'][0]}", lambda: T.TATiTok(tc), lambda m: m(
+                torch.rand(B, 3, S, S), torch.randn(B, tc.text_context_length, tc.text_embed_dim))[0].pow(2).mean())]:
+        model, peak = build().train(), {}
+        vits = [model.trunk] if hasattr(model, "trunk") else [model.encoder, model.decoder]  # the block stacks
+        for w in model.parameters():
+            w.grad = torch.zeros_like(w)  # gradient buffers first: backward accumulates into them
+        for on in (False, True):
+            for vit in vits:
+                vit.grad_checkpointing = on
+            torch.manual_seed(0)  # the same inputs (and MaskGen masks) in both runs
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+                loss(model).backward()
+            # Its "[memory]" events, allocations (+ bytes) and frees (-), in time order: the peak of their running sum.
+            mem = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.nbytes())
+            peak[on] = torch.tensor([0] + [b for _, b in mem]).cumsum(0).max().item() / 2**20  # MiB
+        print(f"{name} ({' + '.join(str(len(v.blocks)) for v in vits)} blocks): peak activation memory with / without "
+              f"checkpointing {peak[True]:,.1f} / {peak[False]:,.1f} MiB, saved {1 - peak[True] / peak[False]:.1%}")
+        del model
+
+
 def data_resume(n, batch=32):
     """Print the resume cost of a shard stream (see the module docstring)."""
     root = os.path.join(tempfile.gettempdir(), f"bench_shapes_shards_{n}")
@@ -178,6 +210,8 @@ def main(argv=None):
     ap.add_argument("--peak-only", action="store_true", help="print the torch.matmul peak of each --dtype and exit")
     ap.add_argument("--data-resume", type=int, default=0, metavar="N",
                     help="instead of the models: time resuming a stream of N shapes samples in tar shards")
+    ap.add_argument("--grad-ckpt", action="store_true",
+                    help="instead of the timings: the memory --grad_checkpointing saves (CPU)")
     args = ap.parse_args(argv)
     if args.data_resume and args.data_resume < 1000:
         ap.error(f"--data-resume needs at least 1000 samples (a large and a small resume point), "
@@ -197,6 +231,8 @@ def main(argv=None):
     train_common.allow_tf32()  # as in training
     p = dict(PRESETS[args.preset], batch=args.batch or PRESETS[args.preset]["batch"])  # --batch applied
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if args.grad_ckpt:
+        return grad_ckpt_memory(p)
     print(f"bench.py --preset {args.preset}: {name}, torch {torch.__version__}, batch {p['batch']}, "
           f"median of {args.repeats} after {args.warmup} warm-up")
     if args.peak_only:  # which dtype is fast here? (CPUs of the same kind differ by 50x in bf16)

@@ -95,37 +95,6 @@ def atomic_write(path, write):
         raise
 
 
-def check_out_dir(out, overwrite):
-    """Refuse, before any work, to write into a file, or into a non-empty directory unless asked."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out!r} is a file; give a directory to write into")
-    held = sorted(os.listdir(out)) if os.path.isdir(out) else []
-    if held and not overwrite:
-        more = f", ... ({len(held)} entries)" if len(held) > 4 else ""
-        raise ValueError(f"--out {out!r} is not empty (it holds {', '.join(held[:4])}{more}); pass --overwrite "
-                         f"to replace what this command writes there, or choose an empty or new directory")
-
-
-def write_dir(out, write):
-    """write(tmp) fills a fresh folder beside `out`, whose entries then replace those of the same name in
-    `out` (others are left alone). A failure leaves `out` as it was."""
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", suffix=".tmp", dir=parent)
-    try:
-        write(tmp)
-        os.makedirs(out, exist_ok=True)
-        for name in os.listdir(tmp):
-            dst = os.path.join(out, name)
-            if os.path.isdir(dst) and not os.path.islink(dst):  # a folder is replaced whole
-                shutil.rmtree(dst)
-            elif os.path.lexists(dst):
-                os.remove(dst)
-            os.replace(os.path.join(tmp, name), dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def check_fit(where, missing, unexpected, shapes, model="the model built from its config",
               fix="Check that the config belongs to these weights (same variant and size)."):
     """Raise a RuntimeError listing missing / unexpected keys and shape mismatches (20 of each at most)."""
@@ -149,14 +118,12 @@ def load_checked(model, sd, where):
 
 
 def nonfinite(named):
-    """The names among (name, tensor) pairs whose floating-point tensor holds nan or inf (at most 5)."""
+    """The names among (name, tensor) pairs, or of a checkpoint dict's model / EMA tensors, whose floating-point
+    tensor holds nan or inf (at most 5)."""
+    if isinstance(named, dict):
+        parts = [p for p in ("model", "ema") if isinstance(named.get(p), dict)]
+        named = [(f"{p}.{k}", v) for p in parts for k, v in named[p].items()]
     return [k for k, v in named if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()][:5]
-
-
-def nonfinite_weights(ckpt):
-    """Names of a checkpoint dict's model / EMA tensors that hold nan or inf (at most 5)."""
-    parts = [part for part in ("model", "ema") if isinstance(ckpt.get(part), dict)]
-    return nonfinite((f"{part}.{k}", v) for part in parts for k, v in ckpt[part].items())
 
 
 # -----------------------------------------------------------------------------
@@ -205,7 +172,7 @@ def load_good(path, strict=False):
         return None, "without a checksum (not written by a training run)"
     if digest is not None and digest != content_digest(ckpt):  # a file written without a checksum is not checked
         return None, "checksum mismatch (its content was damaged)"
-    bad = nonfinite_weights(ckpt)
+    bad = nonfinite(ckpt)
     return (None, f"non-finite weights ({', '.join(bad)})") if bad else (ckpt, None)
 
 
@@ -241,14 +208,13 @@ def save_checkpoint(out_dir, step, payload, keep=2, log=print):
     """Write ckpt_<step>.pt with its checksum atomically, then keep the newest `keep` good checkpoints and the
     one just written (bad files, and any not named ckpt_<step>.pt, are left alone). Non-finite weights are refused
     (ValueError): they would only spread."""
-    if bad := nonfinite_weights(payload):
+    if bad := nonfinite(payload):
         raise ValueError(f"refusing to write a checkpoint with non-finite weights ({', '.join(bad)})")
     path = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
     atomic_write(path, lambda f: torch.save({**payload, "sha256": content_digest(payload)}, f))
     good, unreadable = [], []
     for p in run_checkpoints(out_dir):
-        st = os.stat(p)
-        key = (p, st.st_size, st.st_mtime_ns)
+        key = (p, (st := os.stat(p)).st_size, st.st_mtime_ns)
         if key not in _GOOD:  # the file just written is good: it is not read back
             _GOOD[key] = p == path or load_good(p, strict=True)[0] is not None
         (good if _GOOD[key] else unreadable).append(p)
@@ -293,18 +259,17 @@ class Release:
 def read_config(path):
     """A release's config.json (the file or its directory) -> dict; anything else is a ValueError."""
     path = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    fix = "re-download the release, or re-export it with `python sample.py export`"
     try:
         with open(path, encoding="utf-8") as f:
             cfg = json.loads(text) if (text := f.read()).strip() else None
+        why = (None if isinstance(cfg, dict) else "is empty (an interrupted download or copy?)" if cfg is None
+               else f"holds a JSON {type(cfg).__name__}, not the object a config.json is")
     except UnicodeDecodeError:
-        raise ValueError(f"{path} is not a text file (not UTF-8), so not a config.json; {fix}") from None
+        why = "is not a text file (not UTF-8), so not a config.json"
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); {fix}") from None
-    if cfg is None:
-        raise ValueError(f"{path} is empty (an interrupted download or copy?); {fix}")
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path} holds a JSON {type(cfg).__name__}, not the object a config.json is; {fix}")
+        why = f"is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+    if why:
+        raise ValueError(f"{path} {why}; re-download the release, or re-export it with `python sample.py export`")
     return cfg
 
 
@@ -320,8 +285,10 @@ def open_safetensors(path):
 # config.json fields <-> ours, one table per model read both ways (TATITOK_FIELDS, MASKGEN_FIELDS):
 # ("section.official_key", our field[, the value assumed when a release leaves it out; else REQUIRED]). Our
 # fields the official layout has no place for (e.g. pos_init_std) go to EXTRA, only when they differ from what
-# the official fields give, so the release of an official-size model stays official.
-REQUIRED, EXTRA = object(), "extra_fields"
+# the official fields give, so the release of an official-size model stays official. EXTRA also holds RECORDS,
+# what a release knows of itself (save_release): "sha256" of each weights file, "inputs" (the digest of the tokenizer
+# the generator was trained on, as train_maskgen.py pins it) and "vocabulary" (the words of the shapes world).
+REQUIRED, EXTRA, RECORDS = object(), "extra_fields", ("sha256", "inputs", "vocabulary")
 
 
 def _fields(table, mode):
@@ -334,33 +301,24 @@ def _unwrap(d):
     return d["config"] if "model" not in d and isinstance(d.get("config"), dict) else d
 
 
-def _read_fields(d, table, finish, path, what, expected):
-    """config.json dict -> our config's kwargs by a field table, and finish(sections, kwargs, mode, path) for
-    what it cannot (kwargs_from_official); a missing field, or one of the wrong kind, is a ValueError."""
-    d = _unwrap(d)
+def config_kwargs(d, maskgen, path="config.json"):
+    """A MaskGen (maskgen) or TA-TiTok config.json dict -> MaskGenConfig / TATiTokConfig(**kwargs), by the field
+    table, then kwargs_from_official(sections, kwargs, mode, path) for what the table cannot; a missing field, or
+    one of the wrong kind, is a ValueError."""
+    d, (mod, table) = _unwrap(d), (M, M.MASKGEN_FIELDS) if maskgen else (T, T.TATITOK_FIELDS)
     try:
         # The sections the tables name: model.vq_model, model.maskgen, losses, dataset.preprocessing.
         s = dict(d["model"], losses=d.get("losses", {}), preprocessing=d.get("dataset", {}).get("preprocessing", {}))
         mode = {"vq": "vq", "vae": "kl"}[s["vq_model"].get("quantize_mode", "vq")]
         kw = {ours: s[sec][key] if default is REQUIRED else s[sec].get(key, default)
               for sec, key, ours, default in _fields(table, mode)}  # fmt: skip
-        finish(s, kw, mode, path)
+        mod.kwargs_from_official(s, kw, mode, path)
     except (KeyError, TypeError, AttributeError) as e:
         why = f"missing field {e}" if isinstance(e, KeyError) else f"a field of the wrong kind ({e})"
-        raise ValueError(f"{path} is not a {what}: {why} (expected {expected})") from None
-    return {**kw, **d.get(EXTRA, {})}
-
-
-def tatitok_kwargs(d, path="config.json"):
-    """A TA-TiTok config.json dict -> TATiTokConfig(**kwargs)."""
-    expected = "model.vq_model and dataset.preprocessing.crop_size"
-    return _read_fields(d, T.TATITOK_FIELDS, T.kwargs_from_official, path, "TA-TiTok config", expected)
-
-
-def maskgen_kwargs(d, path="config.json"):
-    """A MaskGen config.json dict -> MaskGenConfig(**kwargs)."""
-    expected = "model.vq_model, model.maskgen, losses"
-    return _read_fields(d, M.MASKGEN_FIELDS, M.kwargs_from_official, path, "MaskGen config.json", expected)
+        what = ("MaskGen config.json: {} (expected model.vq_model, model.maskgen, losses)" if maskgen else
+                "TA-TiTok config: {} (expected model.vq_model and dataset.preprocessing.crop_size)")
+        raise ValueError(f"{path} is not a " + what.format(why)) from None
+    return {**kw, **{k: v for k, v in d.get(EXTRA, {}).items() if k not in RECORDS}}
 
 
 def release_config(model):
@@ -373,7 +331,7 @@ def release_config(model):
         s[sec][key] = getattr(c, ours)
     d = (M if is_maskgen else T).official_config(c, s)
     # Read it back: whatever the official fields do not reproduce goes to EXTRA.
-    back = type(c)(**(maskgen_kwargs if is_maskgen else tatitok_kwargs)(d))
+    back = type(c)(**config_kwargs(d, is_maskgen))
     extra = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if getattr(back, f.name) != getattr(c, f.name)}
     return {**d, EXTRA: extra} if extra else d
 
@@ -426,13 +384,26 @@ def release_state_dict(model, half=False):
     return _half(out, half)
 
 
-def save_release(model, path, half=False, **extra):
-    """Write `model` as a release directory (config.json + model.safetensors), fp16 with half; extra: more
-    top-level config.json entries (a text encoder, a tokenizer). Returns path."""
+def file_sha256(path):
+    """The sha256 of a file's bytes (hex), read in blocks: a 1-2 GB weights file takes seconds."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def save_release(model, path, half=False, text=None, records=None, **extra):
+    """Write `model` as a release directory: model.safetensors (fp16 with half), a small text tower's state dict
+    `text` as TEXT_FILE, then config.json, whose EXTRA records each weights file's sha256 (checked by resolve())
+    and `records` (RECORDS); extra: more top-level entries (a text encoder, a tokenizer). Returns path."""
     os.makedirs(path, exist_ok=True)
+    files = {"model.safetensors": release_state_dict(model, half)}
+    if text is not None:
+        files[TEXT_FILE] = {k: v.clone() for k, v in _half(text, half).items()}  # clones: no shared storage
+    for name, sd in files.items():
+        save_file(sd, os.path.join(path, name))
+    cfg = release_config(model)
+    sha = {name: file_sha256(os.path.join(path, name)) for name in files}  # of the files as written
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({**release_config(model), **extra}, f, indent=2)
-    save_file(release_state_dict(model, half), os.path.join(path, "model.safetensors"))
+        json.dump({**cfg, EXTRA: {**cfg.get(EXTRA, {}), **(records or {}), "sha256": sha}, **extra}, f, indent=2)
     return os.fspath(path)
 
 
@@ -531,11 +502,6 @@ def record_ref(ref):
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The small shapes-world models that ship with the repository: DEFAULT_RELEASE/{generator,tokenizer}.
 DEFAULT_RELEASE = os.path.join(HERE, "checkpoints", "shapes")
-HOW_TO_GET_DEFAULT = ("It ships with the repository: restore it with `git checkout -- checkpoints/shapes` (or "
-                      "re-clone; with Git LFS run `git lfs pull`), or train your own with train_tokenizer.py and then "
-                      "train_maskgen.py on the shapes world (exact commands in README.md) and pass --generator "
-                      "RUN_DIR. For the paper's models, download official releases and pass --tokenizer DIR "
-                      "--generator DIR.")
 
 
 class TextSpec(NamedTuple):
@@ -562,6 +528,7 @@ class Source(NamedTuple):
     text: TextSpec  # the text encoder its conditions come from
     tokenizer: Optional[str] = None  # generators: the tokenizer recorded with it (a path or Hub id), if any
     ckpt: Optional[dict] = None  # our checkpoint dict (None: a release)
+    records: dict = {}  # a release's RECORDS (from EXTRA), those it has
 
 
 class Models(NamedTuple):
@@ -571,6 +538,7 @@ class Models(NamedTuple):
     tok_text: torch.nn.Module  # TextEncoder for the decoder (.final); usually the same object
     gen_source: str  # "where (which weights)"
     tok_source: str
+    vocabulary: Optional[list] = None  # the words the generator's captions were made of, when its release records them
 
 
 # A reference of one kind where the other was asked for, or of neither: (kind, wanted, found).
@@ -593,7 +561,11 @@ def default_release(role, missing):
     """The shipped model's `role` directory, or a FileNotFoundError starting with `missing`."""
     path = os.path.join(DEFAULT_RELEASE, role)
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{missing} and the default {path} is missing. {HOW_TO_GET_DEFAULT}")
+        raise FileNotFoundError(f"{missing} and the default {path} is missing. It ships with the repository: restore "
+                                "it with `git checkout -- checkpoints/shapes` (or re-clone; with Git LFS run `git lfs "
+                                "pull`), or train your own with train_tokenizer.py and then train_maskgen.py on the "
+                                "shapes world (exact commands in README.md) and pass --generator RUN_DIR. For the "
+                                "paper's models, download official releases and pass --tokenizer DIR --generator DIR.")
     return path
 
 
@@ -603,18 +575,6 @@ def is_release(ref, revision=None):
     path = local_path(ref, revision)
     run = os.path.isfile(os.path.join(path, "log.jsonl")) or run_checkpoints(path)
     return os.path.isfile(os.path.join(path, "config.json")) and not run
-
-
-def _release_text(path, cfg):
-    """The TextSpec a release's config.json records ("text_encoder"; the official CLIP when absent)."""
-    spec, file = cfg.get("text_encoder"), os.path.join(path, TEXT_FILE)
-    if spec is None:
-        return OFFICIAL_TEXT
-    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-        raise ValueError(f"{path}/config.json: 'text_encoder' must be {{\"name\": ..., \"pretrained\": ...}}, "
-                         f"got {spec!r}")
-    f = open_safetensors(file) if os.path.isfile(file) else None  # a small random tower's weights
-    return TextSpec(spec["name"], spec.get("pretrained", "openai"), f and {k: f.get_tensor(k) for k in f.keys()})
 
 
 def resolve(ref, role=None, revision=None):
@@ -635,11 +595,25 @@ def resolve(ref, role=None, revision=None):
         if role not in (None, found):
             raise ValueError(_WRONG["release", role, found].format(w=path))
         gen = found == "generator"
-        config = M.MaskGenConfig(**maskgen_kwargs(cfg, file)) if gen else T.TATiTokConfig(**tatitok_kwargs(cfg, file))
+        config = (M.MaskGenConfig if gen else T.TATiTokConfig)(**config_kwargs(cfg, gen, file))
         tok = cfg.get("tokenizer")  # written relative to the generator's own directory
         if tok is not None and not (os.path.isabs(tok) or hub_id(tok)):
             tok = os.path.normpath(os.path.join(path, tok))
-        return Source(found, path, config, _release_text(path, cfg), tok)
+        records = {k: v for k, v in cfg.get(EXTRA, {}).items() if k in RECORDS and isinstance(v, (dict, list))}
+        for name, want in records.get("sha256", {}).items():  # our releases: every weights file, as written
+            got = file_sha256(p) if os.path.isfile(p := os.path.join(path, name)) else None
+            if got != want:
+                raise ValueError(f"{p} {f'has sha256 {got[:16]}' if got else 'is missing'}, but {file} records "
+                                 f"{want[:16]}: damaged or replaced; re-download or re-export it (sample.py export)")
+        # The text encoder it records (none: the official CLIP), with a small random tower's weights beside it.
+        spec, tf = cfg.get("text_encoder"), os.path.join(path, TEXT_FILE)
+        if spec is not None and not (isinstance(spec, dict) and isinstance(spec.get("name"), str)):
+            raise ValueError(f"{path}/config.json: 'text_encoder' must be {{\"name\": ..., \"pretrained\": ...}}, "
+                             f"got {spec!r}")
+        f = open_safetensors(tf) if spec is not None and os.path.isfile(tf) else None
+        state = f and {k: f.get_tensor(k) for k in f.keys()}
+        text = spec and TextSpec(spec["name"], spec.get("pretrained", "openai"), state)
+        return Source(found, path, config, text or OFFICIAL_TEXT, tok, None, records)
     if os.path.isdir(path):  # one of our training runs
         found, ckpt = newest_checkpoint(path)
         if found is None:
@@ -720,10 +694,8 @@ def init_weights(ref, role, config, presets, flag, tokenizer=None):
 def _same_text(a, b):
     """Do two TextSpecs describe the same encoder? One that records none is taken to match (a generator
     trained with its tokenizer's; a release pair stores a small tower's weights once, with the tokenizer)."""
-    if a.name is None or b.name is None:
-        return True
-    if a.name != b.name:
-        return False
+    if a.name is None or b.name is None or a.name != b.name:
+        return a.name is None or b.name is None
     if a.state is None or b.state is None:
         return a.state is not None or b.state is not None or a.pretrained == b.pretrained
     return a.state.keys() == b.state.keys() and all(torch.equal(a.state[k], b.state[k]) for k in a.state)
@@ -748,26 +720,14 @@ def check_pair(tcfg, gcfg, tok_where, gen_where):
                          f"Official pairs: {OFFICIAL_PAIRS}")
 
 
-def check_text(gcfg, tcfg, gen_text, tok_text, gen_where, tok_where):
-    """Both text encoders give the widths their models were built for."""
-    problems, gen, tok = [], f"generator {gen_where!r} expects", f"tokenizer {tok_where!r} expects"
-    if gen_text.width != gcfg.text_width:
-        problems.append(f"{gen} text states of width {gcfg.text_width}, its text encoder gives {gen_text.width}")
-    if gen_text.embed_dim != gcfg.pooled_dim:
-        problems.append(f"{gen} pooled text of size {gcfg.pooled_dim}, its text encoder gives {gen_text.embed_dim}")
-    if (tok_text.context_length, tok_text.width) != (tcfg.text_context_length, tcfg.text_embed_dim):
-        problems.append(f"{tok} text states ({tcfg.text_context_length}, {tcfg.text_embed_dim}), "
-                        f"its text encoder gives ({tok_text.context_length}, {tok_text.width})")
-    if problems:
-        raise ValueError("text encoder mismatch:\n  - " + "\n  - ".join(problems)
-                         + "\nFix: use the checkpoints as trained (same text encoder).")
-
-
 def _tokenizer_of(gen, tokenizer=None, revision=None):
-    """The tokenizer Source for generator Source `gen`, checked to fit it: `tokenizer`, else the one it records,
-    tried as given, then next to the run, then next to this file; a Hub id found nowhere is fetched."""
+    """(Source, _build's (model, where) on the CPU) of the tokenizer for generator Source `gen`, checked to fit it:
+    `tokenizer`, else the one it records, tried as given, then next to the run, then next to this file; a Hub id
+    found nowhere is fetched. A generator that records its tokenizer's digest ("inputs": content_digest of
+    the tokenizer's state dict as loaded, fp32, as train_maskgen.py pins it) gets a tokenizer with that digest: in a
+    run folder the checkpoint that has it, not the newest; none is refused. Hashing costs seconds per GB of weights."""
     if tokenizer is not None:
-        src = resolve(tokenizer, "tokenizer", revision)
+        ref, rev, recorded = tokenizer, revision, None
     elif gen.tokenizer is None:
         raise ValueError(f"the generator {gen.where!r} does not say which tokenizer it was trained with (official "
                          f"releases never do); pass --tokenizer DIR. Official pairs: {OFFICIAL_PAIRS}")
@@ -780,12 +740,27 @@ def _tokenizer_of(gen, tokenizer=None, revision=None):
         if found is None:
             raise FileNotFoundError(f"{recorded}, which is not found from here; pass --tokenizer PATH to that "
                                     "tokenizer run or release")
+        ref, rev = found, None
+    pin, seen = ((gen.ckpt or gen.records).get("inputs") or {}).get("tokenizer"), []
+    run = pin and os.path.isdir(ref) and not is_release(ref)  # then each of its checkpoints, newest first
+    for r in (run and run_checkpoints(ref)) or [ref]:
         try:
-            src = resolve(found, "tokenizer")
+            src = resolve(r, "tokenizer", rev)
         except HubError as e:
-            raise HubError(f"{recorded}: {e}") from None
-    check_pair(src.config, gen.config, src.where, gen.where)
-    return src
+            raise HubError(f"{recorded}: {e}" if recorded else str(e)) from None
+        except ValueError as e:  # a damaged checkpoint in the run folder: the others may hold the weights
+            if not run:
+                raise
+            seen.append(f"{r!r} is unreadable ({str(e)[:80]})")
+            continue
+        check_pair(src.config, gen.config, src.where, gen.where)
+        built = _build(src, "cpu")
+        if pin is None or (got := content_digest(built[0].state_dict())) == pin:
+            return src, built
+        seen.append(f"{src.where!r} has {got[:16]}")
+    raise ValueError(f"the generator {gen.where!r} was trained on a tokenizer whose weights have digest {pin[:16]}, "
+                     f"but {', '.join(seen)} (sha256 of the weights as loaded); pass --tokenizer=<the checkpoint it "
+                     "was trained on> (a ckpt_*.pt of that tokenizer run, or the tokenizer release exported with it)")
 
 
 def load_models(generator=None, tokenizer=None, device="cpu", revision=None):
@@ -793,13 +768,11 @@ def load_models(generator=None, tokenizer=None, device="cpu", revision=None):
     checkpoints/shapes/generator by default; the tokenizer may be omitted when the generator records it."""
     if generator is None:
         if tokenizer is not None:
-            raise ValueError("--tokenizer was given without --generator; pass the MaskGen checkpoint as --generator "
-                             "too")
+            raise ValueError("--tokenizer was given without --generator; give the MaskGen checkpoint as --generator")
         generator = default_release("generator", "no checkpoint given")
     gen = resolve(generator, "generator", revision)
-    src = _tokenizer_of(gen, tokenizer, revision)  # both configs checked before anything big is built
-    gen_model, gen_source = _build(gen, device)  # one model at a time
-    tok, tok_source = _build(src, device)
+    src, (tok, tok_source) = _tokenizer_of(gen, tokenizer, revision)  # configs checked before any model is built
+    gen_model, gen_source = _build(gen, device)
     tok_text = build_text_encoder(*src.text, src.where).to(device)  # official releases: CLIP ViT-L-14-336
     if _same_text(gen.text, src.text):  # one text encoder serves both, unless the generator was trained with another
         gen_text = tok_text
@@ -807,24 +780,44 @@ def load_models(generator=None, tokenizer=None, device="cpu", revision=None):
         print(f"note: the generator's text encoder {gen.text.name!r} differs from the tokenizer's "
               f"{src.text.name!r}; using both")
         gen_text = build_text_encoder(*gen.text, gen.where).to(device)
-    check_text(gen.config, src.config, gen_text, tok_text, gen.where, src.where)
-    return Models(gen_model, tok.requires_grad_(False), gen_text, tok_text, gen_source, tok_source)
+    # Both text encoders must give the widths their models were built for.
+    problems, g, t, want = [], gen.config, src.config, f"generator {gen.where!r} expects"
+    if gen_text.width != g.text_width:
+        problems.append(f"{want} text states of width {g.text_width}, its text encoder gives {gen_text.width}")
+    if gen_text.embed_dim != g.pooled_dim:
+        problems.append(f"{want} pooled text of size {g.pooled_dim}, its text encoder gives {gen_text.embed_dim}")
+    if (tok_text.context_length, tok_text.width) != (t.text_context_length, t.text_embed_dim):
+        problems.append(f"tokenizer {src.where!r} expects text states ({t.text_context_length}, {t.text_embed_dim}), "
+                        f"its text encoder gives ({tok_text.context_length}, {tok_text.width})")
+    if problems:
+        raise ValueError("text encoder mismatch:\n  - " + "\n  - ".join(problems)
+                         + "\nFix: use the checkpoints as trained (same text encoder).")
+    return Models(gen_model, tok.to(device).requires_grad_(False), gen_text, tok_text, gen_source, tok_source,
+                  gen.records.get("vocabulary"))
 
 
 def export_release(ref, out, which=None, tokenizer=None, overwrite=False, revision=None, half=False):
     """Write the model(s) of `ref` as release directories (EMA weights if any; fp16 with half) -> {role: dir}.
     which: tokenizer | generator | both (a generator's default: out/{generator,tokenizer}, the generator recording
-    "../tokenizer", a shared small text tower written once); tokenizer: the generator's, if it records none."""
+    "../tokenizer", a shared small text tower written once); tokenizer: the generator's, if it records none.
+    Each release records (save_release) its files' sha256, the shapes world's words if trained on it, and a
+    generator the digest of its tokenizer as loaded from the release written beside it (fp16: the rounded weights)."""
     if which not in (None, "tokenizer", "generator", "both"):
         raise ValueError(f"--which must be tokenizer, generator or both, got {which!r}")
-    check_out_dir(out, overwrite)  # before any work
+    # Before any work: never into a file, nor into a non-empty directory unless asked.
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a file; give a directory to write into")
+    if (held := sorted(os.listdir(out)) if os.path.isdir(out) else []) and not overwrite:
+        more = f", ... ({len(held)} entries)" if len(held) > 4 else ""
+        raise ValueError(f"--out {out!r} is not empty (it holds {', '.join(held[:4])}{more}); pass --overwrite "
+                         f"to replace what this command writes there, or choose an empty or new directory")
     src = resolve(ref, None, revision)
     which = which or ("tokenizer" if src.role == "tokenizer" else "both")
     if src.role == "tokenizer" and which != "tokenizer":
         raise ValueError(f"{src.where!r} is a TA-TiTok tokenizer; it holds no generator: use --which tokenizer")
     gen, tok = (None, src) if src.role == "tokenizer" else (src, None)
     if gen is not None and (which != "generator" or tokenizer is not None or gen.tokenizer is not None):
-        tok = _tokenizer_of(gen, tokenizer, revision)  # its text encoder too
+        tok = _tokenizer_of(gen, tokenizer, revision)[0]  # its text encoder too; the one it was trained on, if pinned
     # role -> (Source, TextSpec); a generator that records no text encoder was trained with its tokenizer's
     parts = {"tokenizer": (tok, tok.text)} if tok is not None and which != "generator" else {}
     if gen is not None and which != "tokenizer":
@@ -833,17 +826,40 @@ def export_release(ref, out, which=None, tokenizer=None, overwrite=False, revisi
         if text.name is None or (text.state is None and text.name in TEXT_PRESETS):  # it could not be rebuilt
             raise ValueError(f"the {role} {s.where!r} does not record the text encoder it was trained with (or a "
                              f"random tower's weights); pass --tokenizer, the TA-TiTok run it was trained with")
-
-    def write(tmp):
+    # Written into a fresh folder beside `out`, whose entries then replace those of the same name in `out` (others
+    # are left alone): a failure leaves `out` as it was.
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", suffix=".tmp", dir=parent)
+    try:
         for role, (s, text) in parts.items():  # built one at a time: one model in memory
             d = os.path.join(tmp, role) if len(parts) > 1 else tmp
             extra = {} if text == OFFICIAL_TEXT else {"text_encoder": dict(name=text.name, pretrained=text.pretrained)}
             beside = role == "generator" and "tokenizer" in parts  # its tokenizer is written beside it
-            save_release(_build(s, "cpu")[0], d, half, **extra, **({"tokenizer": "../tokenizer"} if beside else {}))
-            if text.state is not None and not (beside and text is parts["tokenizer"][1]):  # one copy of a shared tower
-                save_file({k: v.clone() for k, v in _half(text.state, half).items()}, os.path.join(d, TEXT_FILE))
-
-    write_dir(out, write)
+            # The words of its captions when that was the shapes world (a run's --data shapes or shapes:N; a release
+            # records them), for sample.py's out-of-vocabulary warning, which never reads shapes.py.
+            words = s.records.get("vocabulary")  # a run's records never hold it
+            if s.ckpt is not None and str((s.ckpt.get("config") or {}).get("data", "")).split(":")[0] == "shapes":
+                import shapes  # only here. Captions: "a|two|three <colour> <shape>[s] [<relation> a <colour> <shape>]"
+                words = sorted({"a", *shapes.COLORS, *shapes.NUMBER_WORDS.values(), *" ".join(shapes.RELATIONS).split(),
+                                *shapes.SHAPES, *(w + "s" for w in shapes.SHAPES)})
+            records = {"vocabulary": words} if words else {}
+            if role == "generator" and tok is not None:  # its tokenizer's digest as loaded from where it is written
+                loaded = resolve(os.path.join(tmp, "tokenizer"), "tokenizer") if beside else tok  # (fp16: rounded)
+                records["inputs"] = {"tokenizer": content_digest(_build(loaded, "cpu")[0].state_dict())}
+            shared = beside and text is parts["tokenizer"][1]  # a shared small tower: one copy, the tokenizer's
+            save_release(_build(s, "cpu")[0], d, half, None if shared else text.state, records, **extra,
+                         **({"tokenizer": "../tokenizer"} if beside else {}))
+        os.makedirs(out, exist_ok=True)
+        for name in os.listdir(tmp):
+            dst = os.path.join(out, name)
+            if os.path.isdir(dst) and not os.path.islink(dst):  # a folder is replaced whole
+                shutil.rmtree(dst)
+            elif os.path.lexists(dst):
+                os.remove(dst)
+            os.replace(os.path.join(tmp, name), dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     dirs = {role: os.path.join(out, role) if len(parts) > 1 else out for role in parts}
     for role, d in dirs.items():
         print(f"wrote the {role} release {d}/ from {src.where}; load it with --{role} {d}")

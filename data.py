@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 import shapes
 from shards import (
-    SHARD_EXTS, SKIP_REASONS, ShardWriter, SkipCounter, StreamDataset, decode_npy, expand_braces, list_shards,
+    SHARD_EXTS, SKIP_REASONS, ShardWriter, SkipCounter, StreamDataset, decode_npy, list_shards,
     resolve_rank, sample_name, worker_slot,
 )  # fmt: skip
 
@@ -175,19 +175,19 @@ class _ImageStream(StreamDataset):
             if check_only:  # JPEG: decode at 1/8 scale, which still reads (and checks) every byte
                 image.draft("RGB", (max(1, w // 8), max(1, h // 8)))
             image.load()  # truncated files fail here
+            if check_only:
+                return True
+            if self.transform is None:  # image_size=None: the image as it is, (3, H, W)
+                return {"image": to_tensor(to_rgb(image)), **fields}
+            name = f"{os.path.basename(group['__shard__'])}/{group['__key__']}".encode()  # crop, flip: per sample
+            rng = np.random.default_rng([self.seed, 3, group["__epoch__"], zlib.crc32(name)])  # and epoch
+            # A mirrored image would contradict a caption that says left or right: those are never flipped.
+            sided = re.search(r"\b(left|right)\b", f"{fields['caption']} {fields['recaption']}".lower())
+            return {"image": self.transform(image, rng, not sided), **fields}  # a mode that does not convert fails here
         except Image.DecompressionBombError as e:  # PIL's own (higher) limit, raised by the header read
             return self._reject("too_many_pixels", f"{where}: {e}", check_only)
         except Exception as e:
             return self._reject("corrupt_image", f"{where}: {type(e).__name__}: {e}", check_only)
-        if check_only:
-            return True
-        if self.transform is None:  # image_size=None: the image as it is, (3, H, W)
-            return {"image": to_tensor(to_rgb(image)), **fields}
-        name = f"{os.path.basename(group['__shard__'])}/{group['__key__']}".encode()  # crop, flip: per sample, epoch
-        rng = np.random.default_rng([self.seed, 3, group["__epoch__"], zlib.crc32(name)])
-        # A mirrored image would contradict a caption that says left or right: those are never flipped.
-        sided = re.search(r"\b(left|right)\b", f"{fields['caption']} {fields['recaption']}".lower())
-        return {"image": self.transform(image, rng, flip=not sided), **fields}
 
 
 class TarShardDataset(_ImageStream):
@@ -384,49 +384,58 @@ def pretokenize(tokenizer, dataset, out_dir, *, batch_size=64, per_shard=5000, n
 
 
 def read_pretokenized_meta(path):
-    """meta.json of a pretokenized folder (or of the folder holding a shard pattern), or None."""
-    folder = path if os.path.isdir(path) else os.path.dirname(expand_braces(str(path).split("::")[0])[0])
-    meta_file = pathlib.Path(folder, "meta.json")
-    return json.loads(meta_file.read_text()) if meta_file.is_file() else None
-
-
-class TokenDtypeError(TypeError):
-    """Pretokenized VQ ids stored in a non-integer dtype (e.g. the official float16)."""
+    """meta.json (a dict) of a pretokenized folder or of the folder holding a shard, or None; ValueError if bad."""
+    meta_file = pathlib.Path(path if os.path.isdir(path) else os.path.dirname(path), "meta.json")
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+    if meta is not None and not isinstance(meta, dict):
+        raise ValueError(f"{meta_file} holds a JSON {type(meta).__name__}, not the object data.py pretokenize writes")
+    return meta
 
 
 class PretokenizedDataset(StreamDataset):
     """The shards `pretokenize` writes, for train_maskgen.py: VQ {"tokens": LongTensor (K,)}
     or KL {"posterior": FloatTensor (K, 2C) = cat(mean, logvar)}, plus "caption", "recaption",
-    "aesthetic" () and "key"; options as shards.StreamDataset."""
+    "aesthetic" () and "key"; options as shards.StreamDataset. The tokenizer's num_tokens K,
+    codebook_size (VQ) or token_size C (KL), where given, are checked: a sample that does not fit
+    them is skipped ("token_mismatch"), as is one whose arrays do not load ("bad_tokens")."""
 
-    def __init__(self, shards, **stream):
+    def __init__(self, shards, *, num_tokens=None, codebook_size=None, token_size=None, **stream):
         self.shards = list_shards(shards)
+        self.num_tokens, self.codebook_size, self.token_size = num_tokens, codebook_size, token_size
         super().__init__(**stream)
 
     def _decode(self, group, check_only=False):
-        where = sample_name(group)
-        try:
+        where, K, V, C = sample_name(group), self.num_tokens, self.codebook_size, self.token_size
+        try:  # every failure is a skip: bytes that are no numeric .npy (shards.decode_npy), a dtype, a shape
             if "tokens.npy" in group:
                 tokens = decode_npy(group["tokens.npy"])
-                if tokens.dtype.kind not in "iu":  # not a skip: the whole dataset would be silently wrong
-                    raise TokenDtypeError(f"{where}: VQ tokens are stored as {tokens.dtype}, not integers; float16 "
-                                          f"cannot hold ids above 2048 exactly. Re-create the shards with "
-                                          f"`python data.py pretokenize`.")  # fmt: skip
-                if tokens.ndim != 1:
-                    raise ValueError(f"expected tokens of shape (K,), got {tokens.shape}")
+                if tokens.dtype.kind not in "iu" or tokens.ndim != 1:  # float16 cannot hold ids above 2048 exactly
+                    raise ValueError(f"VQ tokens must be integers of shape (K,), got {tokens.dtype} {tokens.shape}; "
+                                     f"re-create the shards with `python data.py pretokenize`")  # fmt: skip
+                misfit = ("VQ ids for a KL tokenizer" if C is not None else
+                          f"{len(tokens)} tokens, not {K}" if K is not None and len(tokens) != K else
+                          f"ids in [{tokens.min()}, {tokens.max()}], outside the codebook's [0, {V})"
+                          if V is not None and len(tokens) and not 0 <= tokens.min() <= tokens.max() < V else "")
                 out = {"tokens": torch.from_numpy(tokens.astype(np.int64))}  # (K,)
             elif "mean.npy" in group and "logvar.npy" in group:
                 mean, logvar = decode_npy(group["mean.npy"]), decode_npy(group["logvar.npy"])
-                if mean.shape != logvar.shape or mean.ndim != 2:
-                    raise ValueError(f"mean {mean.shape} and logvar {logvar.shape} must both be (K, C)")
-                out = {"posterior": torch.from_numpy(np.concatenate([mean, logvar], -1).astype(np.float32))}  # (K,2C)
+                if mean.dtype.kind != "f" or logvar.dtype.kind != "f" or mean.shape != logvar.shape or mean.ndim != 2:
+                    raise ValueError(f"mean {mean.dtype} {mean.shape} and logvar {logvar.dtype} {logvar.shape} "
+                                     f"must both be floats of shape (K, C)")  # fmt: skip
+                with np.errstate(over="ignore"):  # float64 values beyond float32 become inf, refused below
+                    posterior = np.concatenate([mean, logvar], -1).astype(np.float32)  # (K, 2C)
+                if not np.isfinite(posterior).all():
+                    raise ValueError("the posterior holds non-finite values")
+                misfit = ("a KL posterior for a VQ tokenizer" if V is not None else
+                          f"{len(mean)} tokens, not {K}" if K is not None and len(mean) != K else
+                          f"tokens of width {mean.shape[1]}, not {C}" if C is not None and mean.shape[1] != C else "")
+                out = {"posterior": torch.from_numpy(posterior)}  # (K, 2C)
             else:
-                return self._reject("bad_tokens", f"{where} has neither tokens.npy nor mean.npy + logvar.npy",
-                                    check_only)  # fmt: skip
-        except TokenDtypeError:
-            raise
+                raise ValueError("it has neither tokens.npy nor mean.npy + logvar.npy")
         except Exception as e:
             return self._reject("bad_tokens", f"{where}: {type(e).__name__}: {e}", check_only)
+        if misfit:
+            return self._reject("token_mismatch", f"{where}: {misfit}; pretokenize with this tokenizer", check_only)
         fields = self._text_fields(group, check_only)  # caption, recaption, aesthetic, key
         return None if fields is None else {**out, **fields}
 
@@ -525,8 +534,10 @@ def _cmd_pretokenize(args):
                     image_size=cfg.image_size)  # fmt: skip
         if cfg.quantize_mode == "vq":
             meta.update(codebook_size=cfg.codebook_size, token_dtype=str(token_dtype(cfg.codebook_size)))
-        meta.update(tokenizer=checkpoint.record_ref(args.tokenizer), data=str(args.data), num_samples=total,
-                    skipped={r: int(v) for r, v in zip(SKIP_REASONS, counts[:-1]) if v})  # fmt: skip
+        # The tokenizer by name and by content: train_maskgen.py refuses these tokens with any other weights.
+        meta.update(tokenizer=checkpoint.record_ref(args.tokenizer), tokenizer_digest=checkpoint.content_digest(
+            tok.state_dict()), data=str(args.data), num_samples=total,
+            skipped={r: int(v) for r, v in zip(SKIP_REASONS, counts[:-1]) if v})  # fmt: skip
         pathlib.Path(args.out, "meta.json").write_text(json.dumps(meta, indent=2))
         print(f"pretokenized {total} samples ({tok.config.quantize_mode}) into {args.out}/ "
               f"on {world_size} rank(s); skipped: {meta['skipped'] or 'none'}")  # fmt: skip

@@ -26,11 +26,6 @@ import torch.nn as nn
 # ----------------------------------------------------------------------------------------------
 # The denoiser: an MLP with adaLN conditioning (a DiT block without attention)
 
-def modulate(x, shift, scale):
-    # adaLN; (1 + scale), so a zero-initialised modulation starts as the identity
-    return x * (1 + scale) + shift
-
-
 class TimestepEmbedder(nn.Module):
     """Integer diffusion step t (N,) -> (N, width): fixed sinusoids, then a learned MLP."""
 
@@ -48,9 +43,8 @@ class TimestepEmbedder(nn.Module):
         # cos first, then sin: the released weights were trained with this order.
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)       # (N, freq_dim)
 
-    def forward(self, t):
-        emb = self.sinusoids(t).to(self.mlp[0].weight.dtype)                # (N, freq_dim)
-        return self.mlp(emb)                                                # (N, width)
+    def forward(self, t):  # (N,) -> sinusoids (N, freq_dim) -> (N, width)
+        return self.mlp(self.sinusoids(t).to(self.mlp[0].weight.dtype))
 
 
 class ResBlock(nn.Module):
@@ -64,8 +58,8 @@ class ResBlock(nn.Module):
 
     def forward(self, x, y):
         shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)     # 3 x (N, W)
-        h = self.mlp(modulate(self.in_ln(x), shift, scale))                 # (N, W)
-        return x + gate * h                                                 # (N, W)
+        # adaLN; (1 + scale), so a zero-initialised modulation starts as the identity
+        return x + gate * self.mlp(self.in_ln(x) * (1 + scale) + shift)    # (N, W)
 
 
 class FinalLayer(nn.Module):
@@ -79,7 +73,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, y):
         shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)           # 2 x (N, W)
-        return self.linear(modulate(self.norm_final(x), shift, scale))      # (N, out)
+        return self.linear(self.norm_final(x) * (1 + scale) + shift)        # (N, out)
 
 
 class SimpleMLPAdaLN(nn.Module):
@@ -93,9 +87,6 @@ class SimpleMLPAdaLN(nn.Module):
         self.input_proj = nn.Linear(in_channels, model_channels)
         self.res_blocks = nn.ModuleList([ResBlock(model_channels) for _ in range(num_res_blocks)])
         self.final_layer = FinalLayer(model_channels, out_channels)
-        self.init_weights()
-
-    def init_weights(self):
         # DiT's: Xavier-uniform linears, zero biases, normal(0.02) timestep MLP, zero adaLN outputs and
         # output layer, so the net starts at eps = 0, v = 0 (log-variance halfway: posterior's, beta_t's).
         for m in self.modules():
@@ -109,9 +100,8 @@ class SimpleMLPAdaLN(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, x, t, c):
-        y = self.time_embed(t) + self.cond_embed(c)              # (N, W) shared condition
-        return self.denoise(x, y)                                # (N, out)
+    def forward(self, x, t, c):  # -> (N, out); the shared condition y (N, W) sums both embeddings
+        return self.denoise(x, self.time_embed(t) + self.cond_embed(c))
 
     def denoise(self, x, y):
         """The residual stream for an embedded condition y (N, W); sample() reuses y's parts."""
@@ -129,20 +119,15 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
-def approx_standard_normal_cdf(x):
-    # improved DDPM's tanh approximation of Phi(x), not erf: the released models trained with it
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
-
-
 def discretized_gaussian_log_likelihood(x, means, log_scales):
     """log P(x) in nats for x on a 256-level grid in [-1, 1] under N(means, e^(2 log_scales)): each
     value owns [x - 1/255, x + 1/255], the end bins extend to -inf / +inf. The decoder term L_0 for
     8-bit pixels, which MAR and MaskGen apply unchanged to latent tokens (off the grid, outside
     [-1, 1]); kept because the released models trained with it. It acts only at t = 0."""
-    centered = x - means
-    inv_std = torch.exp(-log_scales)
-    cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
-    cdf_min = approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    # improved DDPM's tanh approximation of Phi(x), not erf: the released models trained with it
+    cdf = lambda v: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))  # noqa: E731
+    centered, inv_std = x - means, torch.exp(-log_scales)
+    cdf_plus, cdf_min = cdf(inv_std * (centered + 1.0 / 255.0)), cdf(inv_std * (centered - 1.0 / 255.0))
     # clamp before log: far-off bins have probability that underflows to 0
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
@@ -159,33 +144,20 @@ def cosine_betas(num_steps, max_beta=0.999):
     return (1.0 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)      # (T,)
 
 
-def space_timesteps(num_steps, section_counts):
-    """The sorted original steps a respaced chain keeps (MAR/improved-DDPM semantics). section_counts
-    (an int, a list, or a string such as "100" or "10,15,20") cuts the chain into equal sections,
-    section k keeping counts[k] evenly strided steps, both ends included ("100" of 1000: 0, 10, ..., 999)."""
-    if isinstance(section_counts, str):
-        try:
-            counts = [int(c) for c in section_counts.split(",")]
-        except ValueError:
-            raise ValueError(f"num_sampling_steps={section_counts!r} is not understood; pass a "
-                             f"step count such as '100' or comma-separated counts such as '50,50'")
-    else:
-        counts = [section_counts] if isinstance(section_counts, int) else [int(c) for c in section_counts]
-    if not counts or min(counts) < 1:
-        raise ValueError(f"num_sampling_steps={section_counts!r}: every section needs >= 1 step")
-    size, extra = divmod(num_steps, len(counts))
-    kept, start = [], 0
-    for k, count in enumerate(counts):
-        section = size + (1 if k < extra else 0)     # the first `extra` sections get one more
-        if count > section:
-            raise ValueError(f"num_sampling_steps={section_counts!r}: cannot keep {count} steps "
-                             f"of a {section}-step section of the {num_steps}-step chain; use fewer")
-        stride = (section - 1) / (count - 1) if count > 1 else 1
-        pos = 0.0  # the fractional position, accumulated and rounded as the reference does
-        for _ in range(count):
-            kept.append(start + round(pos))
-            pos += stride
-        start += section
+def space_timesteps(num_steps, count):
+    """The sorted original steps a respaced chain of `count` steps keeps (MAR / improved DDPM's respacing,
+    as one section): evenly strided, both ends included ("100" of 1000: 0, 10, ..., 999). count: int or str."""
+    try:
+        n = int(count)
+    except ValueError:
+        raise ValueError(f"num_sampling_steps={count!r} is not understood; pass a step count such as '100'") from None
+    if not 1 <= n <= num_steps:
+        raise ValueError(f"num_sampling_steps={count!r}: cannot keep {n} steps of the {num_steps}-step chain; "
+                         f"pass 1 to {num_steps}")
+    stride, pos, kept = (num_steps - 1) / (n - 1) if n > 1 else 1, 0.0, []
+    for _ in range(n):  # the fractional position, accumulated and rounded as the reference does
+        kept.append(round(pos))
+        pos += stride
     return sorted(set(kept))
 
 
@@ -219,9 +191,7 @@ class GaussianDiffusion:
     indices, so one net serves the training chain and the respaced sampling chain."""
 
     def __init__(self, betas, timestep_map=None):
-        betas = torch.as_tensor(betas, dtype=torch.float64)
-        if betas.ndim != 1 or not bool(((betas > 0) & (betas <= 1)).all()):
-            raise ValueError("betas must be a 1-D sequence of values in (0, 1]")
+        betas = torch.as_tensor(betas, dtype=torch.float64)  # (T,), each in (0, 1]
         self.num_timesteps = T = betas.shape[0]
         self.timestep_map = (torch.arange(T) if timestep_map is None
                              else torch.as_tensor(timestep_map, dtype=torch.long))
@@ -249,19 +219,13 @@ class GaussianDiffusion:
         """The chain of the original steps `keep` with the same marginals: each kept step jumps from
         the previous one, beta = 1 - alpha_bar[k_i] / alpha_bar[k_{i-1}], so q(x_t | x0) is unchanged."""
         alphas_cumprod = torch.cumprod(1.0 - torch.as_tensor(betas, dtype=torch.float64), dim=0)
-        keep = sorted(set(int(k) for k in keep))
-        if not keep or keep[0] < 0 or keep[-1] >= len(alphas_cumprod):
-            raise ValueError(f"respaced: kept steps must lie in [0, {len(alphas_cumprod)}), got {keep[:3]}...")
+        keep = sorted(set(int(k) for k in keep))                             # space_timesteps' steps
         kept = alphas_cumprod[keep]                                          # (N,)
         prev = torch.cat([kept.new_ones(1), kept[:-1]])
         return cls(1.0 - kept / prev, timestep_map=keep)
 
     def tables_on(self, device):
         return {k: v.to(device=device, dtype=torch.float32) for k, v in self.tables.items()}
-
-    def q_sample(self, x0, t, noise, tab):
-        # x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps                (N, C)
-        return _at(tab["sqrt_ac"], t) * x0 + _at(tab["sqrt_one_minus_ac"], t) * noise
 
     def q_posterior(self, x0, x_t, t, tab):
         # mean and clipped log-variance of q(x_{t-1} | x_t, x0)                 (N, C) each
@@ -290,7 +254,8 @@ class GaussianDiffusion:
         x0 = x0.float()
         noise = torch.randn_like(x0) if noise is None else noise.float()
         tab = self.tables_on(x0.device)
-        x_t = self.q_sample(x0, t, noise, tab)                               # (N, C)
+        # q(x_t | x0): x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps
+        x_t = _at(tab["sqrt_ac"], t) * x0 + _at(tab["sqrt_one_minus_ac"], t) * noise  # (N, C)
         out = model_fn(x_t, self.timestep_map.to(x0.device)[t]).float()      # (N, 2C)
         eps, v = out.chunk(2, dim=-1)
         mse = ((noise - eps) ** 2).mean(dim=-1)                              # (N,)
@@ -314,11 +279,10 @@ class GaussianDiffusion:
             t = torch.full((n,), i, dtype=torch.long, device=device)
             out = model_fn(x, tmap[t]).float()                              # (N, 2C)
             mean, log_variance = self.p_mean_log_variance(out, x, t, tab, clip_x0)
-            if i == 0:
-                x = mean
-            else:
+            if i > 0:                                                        # the last step is the mean
                 z = randn_rows(x.shape, generator, device, x.dtype)           # (N, C)
-                x = mean + torch.exp(0.5 * log_variance) * z * temperature  # (N, C)
+                mean = mean + torch.exp(0.5 * log_variance) * z * temperature
+            x = mean                                                          # (N, C)
         return x
 
 
@@ -404,10 +368,7 @@ class DiffLoss(nn.Module):
         # net(x, ts, z) for less work: z's embedding is fixed for the chain, and every row is at the
         # same step, so t is embedded for one row and broadcast.
         z_emb = net.cond_embed(z)                                             # (N, W)
-
-        def fn(x, ts):
-            return denoise(x.to(z.dtype), net.time_embed(ts[:1]) + z_emb)   # (N, 2C)
-
+        fn = lambda x, ts: denoise(x.to(z.dtype), net.time_embed(ts[:1]) + z_emb)  # noqa: E731  (N, 2C)
         if not guided:
             noise = randn_rows((z.shape[0], C), generator, z.device)
             return self.gen_diffusion.p_sample_loop(fn, noise, temperature, generator, self.clip_x0)

@@ -82,14 +82,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2.0 * float(tr_sqrt))
 
 
-def inception_score(logits=None, probs=None, splits=1):
+def inception_score(logits, splits=1):
     """IS = exp(E_x KL(p(y|x) || p(y))): high when each image is confidently one class and the
-    classes are diverse. logits or probs (N, C) -> (mean, std) over `splits` chunks; 1 split is
-    the official TA-TiTok evaluator, 10 Salimans' / torch-fidelity's."""
-    if (logits is None) == (probs is None):
-        raise ValueError("pass exactly one of logits= or probs=")
-    p = torch.as_tensor(logits if probs is None else probs, dtype=torch.float64)  # (N, C)
-    p = p.softmax(dim=1) if probs is None else p
+    classes are diverse. logits (N, C) (or log-probabilities) -> (mean, std) over `splits` chunks;
+    1 split is the official TA-TiTok evaluator, 10 Salimans' / torch-fidelity's."""
+    p = torch.as_tensor(logits, dtype=torch.float64).softmax(dim=1)  # p(y|x): (N, C)
     n = p.shape[0]
     if n < splits:
         raise ValueError(f"{n} samples cannot be cut into {splits} splits")
@@ -113,30 +110,21 @@ def psnr(a, b, data_range=1.0):
     return 10.0 * torch.log10(data_range**2 / mse)
 
 
-class CodebookCounter:
-    """How a VQ tokenizer uses its codebook, over batches: usage = the fraction of codes chosen at
-    least once (the official evaluator's "CodebookUsage"); perplexity = exp(entropy of the code
-    frequencies), the codebook size when all are used equally."""
-
-    def __init__(self, codebook_size):
-        self.counts = torch.zeros(codebook_size, dtype=torch.float64)
-
-    def update(self, ids):
-        ids = torch.as_tensor(ids).flatten().long().cpu()
-        if ids.numel() and (ids.min() < 0 or ids.max() >= self.counts.numel()):
-            raise ValueError(f"code ids must lie in [0, {self.counts.numel()}), got [{ids.min()}, {ids.max()}]")
-        self.counts += torch.bincount(ids, minlength=self.counts.numel()).double()
-        return self
-
-    def result(self):
-        counts = gather_rows(self.counts[None]).sum(dim=0)  # (codebook_size,) summed over ranks
-        total = counts.sum().item()
-        if total == 0:
-            raise ValueError("no code ids were counted")
-        p = counts / total
-        entropy = -torch.special.xlogy(p, p).sum().item()  # nats
-        return dict(codebook_usage=float((counts > 0).double().mean()), codebook_perplexity=math.exp(entropy),
-                    codebook_entropy_bits=entropy / math.log(2))
+def codebook_stats(ids, codebook_size):
+    """How a VQ tokenizer uses its codebook, over this rank's code ids (any shape), all ranks joined:
+    usage = the fraction of codes chosen at least once (the official evaluator's "CodebookUsage");
+    perplexity = exp(entropy of the code frequencies), the codebook size when all are used equally."""
+    ids = torch.as_tensor(ids).flatten().long().cpu()
+    if ids.numel() and (ids.min() < 0 or ids.max() >= codebook_size):
+        raise ValueError(f"code ids must lie in [0, {codebook_size}), got [{ids.min()}, {ids.max()}]")
+    counts = gather_rows(torch.bincount(ids, minlength=codebook_size).double()[None]).sum(dim=0)  # (V,) all ranks
+    total = counts.sum().item()
+    if total == 0:
+        raise ValueError("no code ids were counted")
+    p = counts / total
+    entropy = -torch.special.xlogy(p, p).sum().item()  # nats
+    return dict(codebook_usage=float((counts > 0).double().mean()), codebook_perplexity=math.exp(entropy),
+                codebook_entropy_bits=entropy / math.log(2))
 
 
 # -----------------------------------------------------------------------------
@@ -223,22 +211,22 @@ def evaluate_reconstruction(tokenizer, text_encoder, batches, extractor=None, is
     posterior mean (what encode() returns); the text-aware decoder reads the captions."""
     device = next(tokenizer.parameters()).device
     real_bank, fake_bank, psnrs = FeatureBank(extractor), FeatureBank(extractor), []
-    counter = CodebookCounter(tokenizer.config.codebook_size) if tokenizer.config.quantize_mode == "vq" else None
+    codes = [] if tokenizer.config.quantize_mode == "vq" else None  # VQ: every code id, for codebook_stats
     for images, captions, *_ in batches:  # category ids, from folder_batches, unused
         images = images.to(device)
         tokens = tokenizer.encode(images)  # VQ (B, K) ids | KL (B, K, C) mean
         recon = tokenizer.decode(tokens, text_encoder(list(captions)).final.to(device)).float().clamp(0, 1)
         # PSNR of the 8-bit images one would save: both rounded to 256 levels first.
         psnrs.append(psnr(to_uint8(images).float() / 255, to_uint8(recon).float() / 255).cpu())
-        if counter is not None:
-            counter.update(tokens)
+        if codes is not None:
+            codes.append(tokens.cpu())
         if extractor is not None:
             real_bank.add(images)
             fake_bank.add(recon)
     p = gather_rows(torch.cat(psnrs).float() if psnrs else torch.zeros(0))  # (N,) all ranks; a rank may get none
     res = {"num_images": int(p.numel()), "psnr": float(p.mean())}
-    if counter is not None:
-        res.update(counter.result())
+    if codes is not None:
+        res.update(codebook_stats(torch.cat(codes) if codes else torch.zeros(0), tokenizer.config.codebook_size))
     if extractor is not None:
         (fr, _, _), (ff, lf, _) = real_bank.gather(), fake_bank.gather()
         res["rfid"] = frechet_distance(*feature_stats(fr), *feature_stats(ff))
@@ -323,37 +311,29 @@ def ridge_r2(x_train, y_train, x_test, y_test, lam=1.0):
     return (1 - err / (y_test.double() - y_train.double().mean(0)).pow(2).sum()).item()
 
 
-def hidden_token_setup(models, images, captions, aesthetic, seed):
-    """(hiding order rank (B, K), true tokens, KL posterior or None, CPU generator, predict) for context_use and
-    inpaint_use. At fraction f a token is hidden when rank >= round(f K). The tokens are what the generator reads
-    (VQ ids (B, K); KL (B, K, C) scaled, a posterior sample or the mean as in training). predict(masked (B, K) bool)
-    is MaskGen's view of the hidden tokens given the visible true ones: VQ logits (B, K, V), KL per-token conditions
-    z (B, K, D). Every draw comes from the CPU generator, so a seed gives the same draws on every device."""
-    G, T = models.generator, models.tokenizer
-    device, c = next(G.parameters()).device, G.config
-    g = torch.Generator().manual_seed(seed)
-    feats = models.gen_text(captions)
-    aes = torch.full((len(captions),), float(aesthetic), device=device)
-    rank = torch.rand(len(captions), c.num_tokens, generator=g).argsort(-1).argsort(-1).to(device)  # (B, K)
-    if c.mode == "vq":
-        x = T.encode(images)
-        return rank, x, None, g, lambda m: G.logits(torch.where(m, G.mask_id, x), feats.penultimate, feats.pooled, aes)
-    post = T.encode(images, return_posterior=True)
-    noise = torch.randn(post.mean.shape, generator=g).to(device)  # drawn even for "mean": later draws stay the same
-    x = (post.mean + post.std * noise if c.kl_tokens == "sample" else post.mean) * c.scale_factor
-    txt, cond = G.trunk.encode_condition(feats.penultimate, feats.pooled, aes)
-    return rank, x, post, g, lambda m: G.token_conditions(x, m.float(), txt, cond)
-
-
 @torch.no_grad()
 def context_use(models, images, captions, aesthetic, fractions=(0.0, 0.5, 0.9), seed=0):
     """How much MaskGen's predictions for the hidden tokens of images (B, 3, H, W) in [0, 1] depend on the visible
     `fraction`: VQ {"masked_ce@f"}, their cross-entropy; KL {"r2_from_z@f"}, the R^2 of a ridge regression from the
     per-token conditions z (what DiffLoss sees) to their posterior means, fit on even images, scored on odd ones. A
-    model that reads its context does far better with tokens visible than without."""
-    c = models.generator.config
-    B, K = len(captions), c.num_tokens
-    rank, x, post, _, predict = hidden_token_setup(models, images, captions, aesthetic, seed)
+    model that reads its context does far better with tokens visible than without. The visible tokens are those
+    the generator reads in training (KL: scaled, a posterior sample or the mean). Every draw comes from a CPU
+    generator, so a seed gives the same draws on every device."""
+    G, T, c = models.generator, models.tokenizer, models.generator.config
+    B, K, device = len(captions), c.num_tokens, next(G.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    feats = models.gen_text(captions)
+    aes = torch.full((B,), float(aesthetic), device=device)
+    rank = torch.rand(B, K, generator=g).argsort(-1).argsort(-1).to(device)  # (B, K): hidden where rank >= round(f K)
+    if c.mode == "vq":
+        x = T.encode(images)  # (B, K)
+        predict = lambda m: G.logits(torch.where(m, G.mask_id, x), feats.penultimate, feats.pooled, aes)  # noqa: E731
+    else:  # predict(masked): the per-token conditions z (B, K, D)
+        post = T.encode(images, return_posterior=True)
+        noise = torch.randn(post.mean.shape, generator=g).to(device)  # drawn even for "mean"
+        x = (post.mean + post.std * noise if c.kl_tokens == "sample" else post.mean) * c.scale_factor  # (B, K, C)
+        txt, cond = G.trunk.encode_condition(feats.penultimate, feats.pooled, aes)
+        predict = lambda m: G.token_conditions(x, m.float(), txt, cond)  # noqa: E731
     even = (torch.arange(B, device=x.device) % 2 == 0)[:, None]  # (B, 1)
     out = {}
     for f in fractions:
@@ -369,24 +349,18 @@ def context_use(models, images, captions, aesthetic, fractions=(0.0, 0.5, 0.9), 
 
 @torch.no_grad()
 def inpaint_use(models, images, captions, aesthetic, fractions=(0.5, 0.75, 0.9), seed=0):
-    """How well MaskGen fills in a real scene whose tokens but `fraction` are hidden: all drawn
-    in ONE unguided step from the true visible ones (VQ: the likeliest id; KL: one DiffLoss
-    draw), so the per-token predictions are measured apart from the decoding schedule. ->
+    """How well MaskGen fills in a real scene whose tokens but `fraction` are hidden: generate()'s
+    image-to-image at strength 1 - fraction in ONE unguided step (VQ: the likeliest id; KL: one
+    DiffLoss draw), so the per-token predictions are measured apart from the decoding schedule. ->
     ({"inpaint@f": the shapes detector's overall score}, {f: decoded (B, 3, H, W) in [0, 1]})."""
     G, T = models.generator, models.tokenizer
-    c, K = G.config, G.config.num_tokens
-    rank, visible, _, g, predict = hidden_token_setup(models, images, captions, aesthetic, seed)
-    tok_text = models.tok_text(captions).final
-    temperature = 1.0 if c.temperature is None else c.temperature
-    draws = g if visible.device.type == "cpu" else None  # DiffLoss draws on visible's device
+    feats, tok_text = models.gen_text(captions), models.tok_text(captions).final
+    init = T.encode(images)  # VQ ids (B, K) | KL posterior means (B, K, C), what the reconstruction decodes
     out, decoded = {}, {}
-    for f in fractions:
-        masked = rank >= round(f * K)  # (B, K) bool
-        if c.mode == "vq":
-            tokens = torch.where(masked, predict(masked).argmax(-1), visible)  # (B, K)
-        else:
-            new = G.diffloss.sample(predict(masked)[masked], temperature=temperature, generator=draws)  # (hidden, C)
-            tokens = visible.masked_scatter(masked[..., None], new.to(visible.dtype)) / c.scale_factor  # (B, K, C)
+    for f in fractions:  # a fresh generator per fraction: one random order, so the hidden sets nest
+        gen = torch.Generator(images.device).manual_seed(seed)
+        tokens = G.generate(feats.penultimate, feats.pooled, aesthetic=aesthetic, num_steps=1, guidance_scale=1.0,
+                            generator=gen, init_tokens=init, strength=1 - f)  # (B, K) | (B, K, C)
         decoded[f] = T.decode(tokens, tok_text)
         uint8 = list(to_uint8(decoded[f]).permute(0, 2, 3, 1).cpu().numpy())
         out[f"inpaint@{f:g}"] = shapes.shapes_score(uint8, captions)["overall"]
@@ -590,16 +564,6 @@ def shared_categories(gen_cats, ref_cats, ref):
     return sorted(gen)
 
 
-def load_ref_stats(path):
-    """A .npz written by --save-ref-stats -> {"": (mu, sigma), category: (mu, sigma)}."""
-    z = np.load(path)
-    if not {"mu", "sigma"} <= set(z.files):
-        raise ValueError(f"{path} holds {z.files}, not mu and sigma; write it with `evaluate.py gen --save-ref-stats`")
-    cats = z["categories"] if "categories" in z.files else []
-    per = {str(c): (z["mu_per_category"][k], z["sigma_per_category"][k]) for k, c in enumerate(cats)}
-    return {"": (z["mu"], z["sigma"]), **per}
-
-
 def cmd_gen(args, device):
     def categories_of(fs, root):  # each file's first folder under root (MJHQ's <category>/), or None
         return [(os.path.relpath(f, root).split(os.sep)[:-1] or [None])[0] for f in fs]
@@ -614,7 +578,13 @@ def cmd_gen(args, device):
         if args.ref is None:
             raise ValueError("gFID needs --ref (a folder of reference images or a .npz with mu, sigma), or --no-fid")
         if args.ref.endswith(".npz"):
-            ref_stats = load_ref_stats(args.ref)
+            z = np.load(args.ref)  # --save-ref-stats' {"": (mu, sigma), category: (mu, sigma)}
+            if not {"mu", "sigma"} <= set(z.files):
+                raise ValueError(f"{args.ref} holds {z.files}, not mu and sigma; write it with `evaluate.py gen "
+                                 "--save-ref-stats`")
+            cats = z["categories"] if "categories" in z.files else []
+            per = {str(c): (z["mu_per_category"][k], z["sigma_per_category"][k]) for k, c in enumerate(cats)}
+            ref_stats = {"": (z["mu"], z["sigma"]), **per}
             categories = shared_categories(gen_cats, list(ref_stats), args.ref)
         else:
             ref_files = list_images(args.ref)[: args.ref_limit]
@@ -628,31 +598,13 @@ def cmd_gen(args, device):
     res, stats = evaluate_generation(gen, extractor, ref_batches, ref_stats, clip, args.is_splits, categories)
     res = with_skips(with_skips(res, gen_skipped), ref_skipped, "ref_skipped")
     if args.save_ref_stats and stats is not None and train_common.rank_world()[0] == 0:
-        # The .npz load_ref_stats reads: mu, sigma and, with categories, their names and stacked stats.
+        # The .npz that --ref reads: mu, sigma and, with categories, their names and stacked stats.
         cats = [c for c in stats if c]
         per = dict(categories=np.array(cats), mu_per_category=np.stack([stats[c][0] for c in cats]),
                    sigma_per_category=np.stack([stats[c][1] for c in cats])) if cats else {}
         np.savez(args.save_ref_stats, mu=stats[""][0], sigma=stats[""][1], **per)
         print(f"saved reference statistics to {args.save_ref_stats}")
     return res, f"generation: {args.images} vs {args.ref}"
-
-
-def save_scored(folder, images, rows):
-    """Write the scored images, to look at the misses: <folder>/<category>/<i>_<ok|miss>.png (i:
-    the prompt's number in its category), its prompt in <i>_<ok|miss>.txt (so `--images folder`
-    scores them again), and the detector's verdicts in <folder>/results.jsonl."""
-    counts = {}
-    os.makedirs(folder, exist_ok=True)  # empty or new: cmd_shapes refuses a used one, so nothing is overwritten
-    with open(os.path.join(folder, "results.jsonl"), "w") as log:
-        for img, row in zip(images, rows):
-            i = counts[row["category"]] = counts.get(row["category"], -1) + 1
-            name = os.path.join(row["category"], f"{i:04d}_{'ok' if row['correct'] else 'miss'}")
-            os.makedirs(os.path.join(folder, row["category"]), exist_ok=True)
-            Image.fromarray(img).save(os.path.join(folder, name + ".png"))
-            with open(os.path.join(folder, name + ".txt"), "w") as f:
-                f.write(row["prompt"] + "\n")
-            log.write(json.dumps({"file": name + ".png", **row}) + "\n")
-    print(f"saved {len(rows)} scored images to {folder}/<category>/ (misses: *_miss.png; verdicts: results.jsonl)")
 
 
 def reconstruct(images, captions, generator, tokenizer, device, batch_size):
@@ -705,7 +657,21 @@ def cmd_shapes(args, device):
     res = shapes.shapes_score(images, caps, return_details=bool(args.details or args.save))
     rows = res.pop("per_prompt", None)
     if args.save:
-        save_scored(args.save, images, rows)
+        # The scored images, to look at the misses: <save>/<category>/<i>_<ok|miss>.png (i: the prompt's number in
+        # its category), its prompt in <i>_<ok|miss>.txt (so `--images <save>` scores them again), and the
+        # detector's verdicts in <save>/results.jsonl. Empty or new: refused above if used, so nothing is overwritten.
+        counts, folder = {}, args.save
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "results.jsonl"), "w") as log:
+            for img, row in zip(images, rows):
+                i = counts[row["category"]] = counts.get(row["category"], -1) + 1
+                name = os.path.join(row["category"], f"{i:04d}_{'ok' if row['correct'] else 'miss'}")
+                os.makedirs(os.path.join(folder, row["category"]), exist_ok=True)
+                Image.fromarray(img).save(os.path.join(folder, name + ".png"))
+                with open(os.path.join(folder, name + ".txt"), "w") as f:
+                    f.write(row["prompt"] + "\n")
+                log.write(json.dumps({"file": name + ".png", **row}) + "\n")
+        print(f"saved {len(rows)} scored images to {folder}/<category>/ (misses: *_miss.png; verdicts: results.jsonl)")
     if args.details:
         with open(args.details, "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)

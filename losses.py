@@ -81,12 +81,10 @@ class ClassifierPerceptual(nn.Module):
         super().__init__()
         from torchvision import models
 
-        if arch == "resnet50":  # MaskBit uses the V1 (original) ResNet-50 weights
-            net, weights = models.resnet50(weights=None), models.ResNet50_Weights.IMAGENET1K_V1
-        elif arch == "convnext_s":
-            net, weights = models.convnext_small(weights=None), models.ConvNeXt_Small_Weights.IMAGENET1K_V1
-        else:
-            raise ValueError(f"unknown perceptual backbone {arch!r}; use 'resnet50' or 'convnext_s'")
+        # arch: a name PerceptualLoss has checked. MaskBit uses the V1 (original) ResNet-50 weights.
+        build, weights = {"resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1),
+                          "convnext_s": (models.convnext_small, models.ConvNeXt_Small_Weights.IMAGENET1K_V1)}[arch]
+        net = build(weights=None)
         if pretrained:
             net.load_state_dict(_load_weights(weights, allow_download))
         self.net = _freeze_as_buffers(net)
@@ -129,7 +127,14 @@ class LPIPS(nn.Module):
         from torchvision.models.vgg import cfgs as vgg_cfgs, make_layers
 
         # Resolve LPIPS' own weight file first: it is the one most likely to be missing.
-        lin_path = self._find_lin_weights(weights_path) if pretrained else None
+        lin_path, spec = weights_path, importlib.util.find_spec("lpips") if weights_path is None else None
+        if spec is not None and spec.submodule_search_locations:  # the file ships inside the lpips package
+            lin_path = os.path.join(list(spec.submodule_search_locations)[0], "weights", "v0.1", "vgg.pth")
+        if pretrained and (lin_path is None or not os.path.exists(lin_path)):
+            raise FileNotFoundError(f"LPIPS needs its learned linear-layer weights (v0.1 'vgg.pth'; looked for "
+                                    f"{lin_path}). Fix: `pip install lpips` (the file ships inside that package), or "
+                                    "pass LossConfig(lpips_weights='/path/to/vgg.pth'), or choose a perceptual "
+                                    "setting without LPIPS (perceptual='resnet50' or 'convnext_s').")
         # Only VGG-16's convolutional trunk: its 120M-parameter classifier is never used.
         feats = make_layers(vgg_cfgs["D"])  # the same layers as models.vgg16().features
         if pretrained:
@@ -152,19 +157,6 @@ class LPIPS(nn.Module):
         # LPIPS' input scaling, for inputs in [-1, 1] (constants of the LPIPS release).
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
-
-    @staticmethod
-    def _find_lin_weights(path):
-        if path is None:
-            spec = importlib.util.find_spec("lpips")
-            if spec is not None and spec.submodule_search_locations:
-                path = os.path.join(list(spec.submodule_search_locations)[0], "weights", "v0.1", "vgg.pth")
-        if path is None or not os.path.exists(path):
-            raise FileNotFoundError(f"LPIPS needs its learned linear-layer weights (v0.1 'vgg.pth'; looked for "
-                                    f"{path}). Fix: `pip install lpips` (the file ships inside that package), or "
-                                    "pass LossConfig(lpips_weights='/path/to/vgg.pth'), or choose a perceptual "
-                                    "setting without LPIPS (perceptual='resnet50' or 'convnext_s').")
-        return path
 
     def forward(self, x, y):  # x, y: (B, 3, H, W) in [0, 1]
         h = (torch.cat([x, y]) * 2 - 1 - self.shift) / self.scale  # LPIPS takes [-1, 1] inputs: (2B, 3, H, W)
@@ -360,23 +352,19 @@ class TokenizerLoss(nn.Module):
         c = self.config
         with torch.autocast(device_type=images.device.type, enabled=False):
             images, recon = images.float(), recon.float()
-            total = c.reconstruction_weight * F.mse_loss(recon, images)
-            logs = {"recon": total}
+            logs = {"recon": c.reconstruction_weight * F.mse_loss(recon, images)}
             if self.perceptual is not None:
                 perc, parts = self.perceptual(recon, images)
                 logs["perceptual"] = c.perceptual_weight * perc
-                total = total + logs["perceptual"]
                 if len(parts) > 1:  # unweighted components, to see what each contributes
                     logs.update({f"perceptual_{k}": v for k, v in parts.items()})
             if "quantizer_loss" in extras:  # VQ variant
                 logs["quantizer"] = c.quantizer_weight * extras["quantizer_loss"].float()
-                total = total + logs["quantizer"]
                 logs.update({k[:-5]: extras[k] for k in ("commitment_loss", "codebook_loss") if k in extras})
             elif "posterior" in extras:  # KL variant
                 # Sum over tokens and channels, mean over the batch. The official also divides L2
                 # by exp(logvar) with a frozen logvar = 0, i.e. by 1: omitted.
                 logs["kl"] = c.kl_weight * extras["posterior"].kl().mean()
-                total = total + logs["kl"]
             else:
                 raise KeyError("extras must hold 'quantizer_loss' (VQ tokenizer) or 'posterior' (KL tokenizer); "
                                f"got keys {sorted(extras)}. Pass the second output of TATiTok.forward().")
@@ -385,8 +373,8 @@ class TokenizerLoss(nn.Module):
                 # (Call the plain module here, not a DDP wrapper of it.)
                 self.discriminator.requires_grad_(False)
                 logs["gan"] = c.discriminator_weight * hinge_g_loss(self.discriminator(recon))
-                total = total + logs["gan"]
-            logs["total"] = total
+            # The weighted terms, summed in this order (the unweighted parts above are for logging only).
+            logs["total"] = total = sum(logs[k] for k in ("recon", "perceptual", "quantizer", "kl", "gan") if k in logs)
         return total, {k: v.detach() for k, v in logs.items()}
 
     def discriminator_loss(self, images, recon, step, discriminator=None):

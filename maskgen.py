@@ -19,6 +19,7 @@ Official names (config.json fields, weight keys) close the file; checkpoint.py r
     loss = model(tokens, text, pooled, aesthetic)     # VQ (B,K) long; KL (B,K,2C) = cat(mean, logvar)
     tokens = model.generate(text, pooled, null_text, null_pooled)  # VQ (B,K) ids | KL (B,K,C), for TATiTok.decode
     text/pooled: text.TextEncoder(...)(captions).penultimate / .pooled; null_*: the "" caption's.
+    tokens = model.generate(text, pooled, null_text, null_pooled, init_tokens=ids, strength=0.5)  # image-to-image
 """
 
 import dataclasses
@@ -42,8 +43,7 @@ class _AdaLN(nn.Module):
 
     def __init__(self, dim):
         super().__init__()
-        self.linear = nn.Linear(dim, self.n * dim)
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear, self.norm = nn.Linear(dim, self.n * dim), nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
     def modulation(self, cond):
         return self.linear(F.silu(cond))
@@ -104,13 +104,9 @@ class JointAttention(nn.Module):
             q = torch.cat([img_q, txt_q], dim=2)  # (B, h, N+L, d)
         else:
             (txt_k, txt_v), q = heads_first(self.txt_kv(txt), 2), img_q  # q: (B, h, N, d)
-        k = torch.cat([img_k, txt_k], dim=2)  # (B, h, N+L, d)
-        v = torch.cat([img_v, txt_v], dim=2)  # (B, h, N+L, d)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N or N+L, d)
-        out = out.transpose(1, 2).reshape(B, -1, D)  # (B, N or N+L, D)
-        img_out = self.img_out(out[:, :N])  # (B, N, D)
-        txt_out = self.txt_out(out[:, N:]) if self.txt_queries else None  # (B, L, D)
-        return img_out, txt_out
+        k, v = torch.cat([img_k, txt_k], dim=2), torch.cat([img_v, txt_v], dim=2)  # (B, h, N+L, d) each
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, -1, D)  # (B, N or N+L, D)
+        return self.img_out(out[:, :N]), self.txt_out(out[:, N:]) if self.txt_queries else None  # (B, N|L, D)
 
 
 class FeedForward(nn.Module):
@@ -131,8 +127,7 @@ class JointBlock(nn.Module):
     def __init__(self, dim, heads, txt_pre_only=False):
         super().__init__()
         self.txt_pre_only = txt_pre_only
-        self.img_adaln = AdaLNZero(dim)
-        self.txt_adaln = AdaLNContinuous(dim) if txt_pre_only else AdaLNZero(dim)
+        self.img_adaln, self.txt_adaln = AdaLNZero(dim), AdaLNContinuous(dim) if txt_pre_only else AdaLNZero(dim)
         self.attn = JointAttention(dim, heads, txt_queries=not txt_pre_only)
         self.img_norm2, self.img_mlp = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6), FeedForward(dim)
         if not txt_pre_only:
@@ -270,12 +265,6 @@ def check_guidance_schedule(mode, schedule, name="guidance_schedule"):
     if schedule not in GUIDANCE_SCHEDULES[mode]:
         raise ValueError(f"{name} {schedule!r} is not available for MaskGen-{mode.upper()}; "
                          f"choose one of {GUIDANCE_SCHEDULES[mode]}")  # fmt: skip
-
-
-def gumbel(shape, generator, device):
-    """Gumbel(0, 1) noise, with the official clamps (u = 0 cannot give inf)."""
-    u = torch.rand(shape, generator=generator, device=device)
-    return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
 
 
 def arccos_mask_rate(u):
@@ -465,22 +454,40 @@ class MaskGenBase(nn.Module):
     @torch.no_grad()
     def generate(self, text, pooled, null_text=None, null_pooled=None, aesthetic=None, num_steps=None,
                  guidance_scale=None, guidance_schedule=None, randomize_temperature=None, temperature=None,
-                 generator=None, guidance_scale_pow=1.0, compile=False):  # fmt: skip
+                 generator=None, guidance_scale_pow=1.0, compile=False, init_tokens=None, strength=1.0):  # fmt: skip
         """VQ ids (B, K) or KL tokens (B, K, C) for B captions, for TATiTok.decode; None = the config's value.
         null_*: the "" caption's, needed when guided. aesthetic: a number or (B,) scores, used as given (the
         official ignores it). guidance_scale 1.0 = no guidance. generator: a torch.Generator, or one per image
-        (image b then equals a call for caption b alone). compile: True or torch.compile options."""
-        c = self.config
+        (image b then equals a call for caption b alone). compile: True or torch.compile options.
+        Image-to-image: of init_tokens, an image's TATiTok.encode (VQ (1|B, K) ids, KL (1|B, K, C) means),
+        round(strength * K) at positions the generator draws are redrawn under the prompt, the rest returned as
+        they are: strength 0 returns init_tokens, 1 is plain generation (the same draws, the same tokens)."""
+        c, B, K = self.config, text.shape[0], self.config.num_tokens
         g = float(c.guidance_scale if guidance_scale is None else guidance_scale)
         schedule = c.guidance_schedule if guidance_schedule is None else guidance_schedule
         check_guidance_schedule(c.mode, schedule)
         check_number("guidance_scale", g)
-        generator = check_generators(generator, text.device, count=text.shape[0])
+        if not (isinstance(strength, (int, float)) and 0 <= strength <= 1) or (init_tokens is None and strength != 1):
+            raise ValueError(f"generate(): strength, the share of init_tokens to redraw, must be a number in [0, 1] "
+                             f"given with init_tokens; got {strength!r}" + " alone" * (init_tokens is None))
+        n = round(strength * K)  # tokens to regenerate; K: all, as plain generation
+        if init_tokens is not None:
+            x, kl, want = init_tokens, self.mode == "kl", (K, c.token_size) if self.mode == "kl" else (K,)
+            if (tuple(x.shape[1:]) != want or x.shape[0] not in (1, B) or x.is_floating_point() != kl
+                    or not kl and (x.min() < 0 or x.max() >= c.codebook_size)):  # fmt: skip
+                raise ValueError(f"init_tokens must be (1 or {B}, {', '.join(map(str, want))}) "
+                                 f"{'float tokens' if kl else f'integer ids in [0, {c.codebook_size})'}, TATiTok.encode"
+                                 f"(image) of this generator's tokenizer; got {tuple(x.shape)} {x.dtype}")
+            init_tokens = init_tokens.expand(B, *want)
+            if n == 0:
+                return init_tokens.clone()
+        generator = check_generators(generator, text.device, count=B)
         txt, cond = self.trunk.prompt_conditions(text, pooled, null_text, null_pooled, aesthetic, g != 1.0)
         mods = self.trunk.modulations(cond)  # once: every step reuses them
         N = c.num_steps if num_steps is None else int(num_steps)
-        return self._decode(txt, cond, mods, text.shape[0], N, g, schedule, generator, compile, temperature=temperature,
-                            randomize_temperature=randomize_temperature, power=guidance_scale_pow)  # fmt: skip
+        return self._decode(txt, cond, mods, B, N, g, schedule, generator, compile, temperature=temperature,
+                            randomize_temperature=randomize_temperature, power=guidance_scale_pow,
+                            init=init_tokens if n < K else None, n=n)  # fmt: skip
 
 
 class MaskGenVQ(MaskGenBase):
@@ -492,8 +499,7 @@ class MaskGenVQ(MaskGenBase):
         super().__init__(config)
         V, D = config.codebook_size, config.width
         # V codes, [MASK] (id V), then num_class_rows + 1 unused rows the released table carries.
-        self.mask_id = V
-        self.tok_emb = nn.Embedding(V + 1 + config.num_class_rows + 1, D)
+        self.mask_id, self.tok_emb = V, nn.Embedding(V + 1 + config.num_class_rows + 1, D)
         self.pos_emb = nn.Parameter(torch.zeros(1, config.num_tokens, D))
         if init_weights:  # False when a checkpoint overwrites every weight anyway
             self.initialize_weights()
@@ -551,11 +557,12 @@ class MaskGenVQ(MaskGenBase):
         return (ce * w).sum() / w.sum()
 
     def _decode(self, txt, cond, mods, B, N, g, schedule, generator, compile, temperature, randomize_temperature,
-                power):  # fmt: skip
+                power, init, n):  # fmt: skip
         """MaskGIT decoding -> ids (B, K): each step predicts all tokens, samples the masked ones by
         Gumbel-max (randomize_temperature, annealed to 0) and re-masks the least confident.
         guidance: cond + (cond - uncond) * s as the official, s ramped from 1 to g (cosine ramp's
-        exponent: power). temperature: None = the official 0.5 + 0.8 (1 - ratio), else constant."""
+        exponent: power). temperature: None = the official 0.5 + 0.8 (1 - ratio), else constant.
+        init (B, K): the ids to edit, of which n, at random positions, start masked (None: all K)."""
         c = self.config
         rand_t = float(c.randomize_temperature if randomize_temperature is None else randomize_temperature)
         temperature = c.temperature if temperature is None else temperature
@@ -564,9 +571,23 @@ class MaskGenVQ(MaskGenBase):
         device, K, guided = txt.device, c.num_tokens, g != 1.0
         predict = self.step_function(self.predict, compile)  # same shapes every step: one graph
         remasked = vq_mask_schedule(K, N)
-        noise = lambda shape, gen: gumbel(shape, gen, device)  # noqa: E731
+
+        def noise(shape, gen):  # Gumbel(0, 1) noise, with the official clamps (u = 0 cannot give inf)
+            u = torch.rand(shape, generator=gen, device=device)
+            return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
+
         ids = torch.full((B, K), self.mask_id, dtype=torch.long, device=device)
-        for step in range(N):
+        if init is not None:  # n random positions masked, the rest keep the image's ids (and confidence inf)
+            rank = draw_rows(lambda shape, gen: torch.rand(shape, generator=gen, device=device), (B, K), generator)
+            ids = torch.where(rank.argsort(-1).argsort(-1) < n, self.mask_id, init)  # (B, K)
+        # MaskGIT-style editing: decoding joins the schedule at the last step that starts with >= n masked (step
+        # t starts with remasked[t - 1]; n = K, plain generation: step 0). The arccos schedule pairs each count of
+        # masked tokens with how many a step may commit, its temperatures and guidance weight; joining it there
+        # puts the model in the states plain generation visits and costs steps in proportion to what is redrawn
+        # (as SDEdit skips the start of a noise schedule). Running all N steps over the n tokens instead would
+        # commit them more slowly than the schedule does at that count, stretch the temperature and guidance ramps
+        # over them and cost a full generation.
+        for step in range(sum(r >= n for r in remasked[:-1]), N):
             ratio = (step + 1) / N
             if guided:
                 cond_logits, uncond_logits = predict(torch.cat([ids, ids]), txt, cond, mods).chunk(2)  # (B, K, V) each
@@ -599,8 +620,7 @@ class MaskGenKL(MaskGenBase):
         super().__init__(config)
         C, D, K = config.token_size, config.width, config.num_tokens
         self.z_proj = nn.Linear(C, D)  # token (C) -> width
-        self.z_norm = nn.LayerNorm(D, eps=1e-6)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.z_norm, self.mask_token = nn.LayerNorm(D, eps=1e-6), nn.Parameter(torch.zeros(1, 1, D))
         self.pos_emb = nn.Parameter(torch.zeros(1, K, D))  # added before the blocks
         self.diff_pos_emb = nn.Parameter(torch.zeros(1, K, D))  # added to the conditions for DiffLoss
         self.diffloss = DiffLoss(C, D, config.diffloss_depth, config.diffloss_width,
@@ -627,8 +647,7 @@ class MaskGenKL(MaskGenBase):
         x = self.z_norm(self.z_proj(x))  # (B, K, D)
         # The official's MAE-style drop and pad-back, with no separate encoder, is exactly this.
         x = torch.where(mask[..., None].bool(), self.mask_token.to(x.dtype), x)
-        x = self.trunk(x + self.pos_emb, txt, cond, mods)  # (B, K, D)
-        return x + self.diff_pos_emb  # (B, K, D)
+        return self.trunk(x + self.pos_emb, txt, cond, mods) + self.diff_pos_emb  # (B, K, D)
 
     def forward(self, tokens, text, pooled, aesthetic=None):
         """Training loss. tokens: (B, K, 2C) = cat(mean, logvar) from TATiTok.encode(...,
@@ -658,10 +677,11 @@ class MaskGenKL(MaskGenBase):
         z = z.reshape(B * K, -1).repeat(m, 1)  # (m*B*K, D)
         return self.diffloss(target, z, mask.reshape(B * K).repeat(m))
 
-    def _decode(self, txt, cond, mods, B, N, g, schedule, generator, compile, temperature, **_):
+    def _decode(self, txt, cond, mods, B, N, g, schedule, generator, compile, temperature, init, n, **_):
         """MAR decoding -> tokens (B, K, C) / scale_factor: each step draws the next tokens of a random
         order per sample with DiffLoss (noise temperature, None: 1.0), conditioned on the trunk's
-        output there, guided uncond + s (cond - uncond) with s ramped linearly (MAR) or constant."""
+        output there, guided uncond + s (cond - uncond) with s ramped linearly (MAR) or constant.
+        init (B, K, C): the tokens to edit; the first n of the order are redrawn, the rest returned as given."""
         c = self.config
         temperature = (1.0 if c.temperature is None else c.temperature) if temperature is None else temperature
         check_number("temperature", temperature)  # scales DiffLoss's noise: 0 = no noise
@@ -673,7 +693,14 @@ class MaskGenKL(MaskGenBase):
         order = order.argsort(dim=-1)  # (B, K)
         tokens = torch.zeros(B, K, C, device=device)
         mask = torch.ones(B, K, device=device)  # 1 = still masked
-        for lo, hi, left in kl_draw_schedule(K, N):
+        # With an init: the image's tokens where plain decoding would have drawn them before n remain masked (the
+        # posterior means, which training's samples (kl_tokens="sample") centre on and the reconstruction decodes,
+        # scaled as in training). Steps that draw only kept tokens are skipped (MaskGenVQ's decoding gives the
+        # reasons); the step under way when n remain masked draws the rest of its share.
+        if init is not None:
+            keep = order.argsort(dim=-1) >= n  # (B, K) bool: order[:, n:]
+            tokens, mask = torch.where(keep[..., None], init.float() * c.scale_factor, tokens), (~keep).float()
+        for lo, hi, left in [(lo, min(hi, n), left) for lo, hi, left in kl_draw_schedule(K, N) if lo < n]:
             s = 1 + (g - 1) * (K - left) / K if schedule == "linear" else g  # MAR's ramp, or constant
             idx = order[:, lo:hi]  # (B, n): this step's draws; order[:, :hi] is masked
             z = conditions(tokens.repeat(halves, 1, 1), mask.repeat(halves, 1), txt, cond, mods)  # ([2]B, K, D)
@@ -683,7 +710,8 @@ class MaskGenKL(MaskGenBase):
             new = new[: B * (hi - lo)].reshape(B, hi - lo, C)  # the guided (cond-half) samples
             tokens = tokens.scatter(1, idx[..., None].expand(-1, -1, C), new.to(tokens.dtype))
             mask = mask.scatter(1, idx, 0.0)
-        return tokens / c.scale_factor  # (B, K, C)
+        tokens = tokens / c.scale_factor  # (B, K, C)
+        return tokens if init is None else torch.where(keep[..., None], init.to(tokens.dtype), tokens)  # kept: exact
 
 
 def build(config, init_weights=True):
@@ -831,11 +859,6 @@ def split_qkv(sd, copy=False):
 def _rename(key, table):
     """`key` renamed by the first (from, to) entry of `table` that matches it, else None."""
     return next((b + key[len(a) :] for a, b in table if key == a or (a.endswith(".") and key.startswith(a))), None)
-
-
-def block_key_from_official(key):
-    """A diffusers JointTransformerBlock key ('attn.to_q.weight') -> ours, or None."""
-    return _rename(key, BLOCK_RENAMES)
 
 
 def last_q_proj(c):

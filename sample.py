@@ -17,6 +17,7 @@ Usage:
     python sample.py --prompt "a red circle to the left of a blue square"   # the shipped model
     python sample.py --prompts prompts.txt --num_images 4 --aesthetic 5 6 7
     python sample.py --generator runs/maskgen --geneval evaluation_metadata.jsonl   # or --mjhq meta_data.json
+    python sample.py --prompt "a blue square" --init_image img.png --strength 0.5   # image-to-image
     torchrun --nproc_per_node=8 sample.py ...                 # shards the prompts over GPUs
     python sample.py export runs/maskgen --out release/ [--fp16]   # the official release layout
     python sample.py tokviz --image img.png --caption "a red circle"   # swap.png, attention.png
@@ -143,13 +144,7 @@ def to_pixels(images):
 def save_png(arr, path):
     """Write a (H, W, 3) uint8 image atomically: a run stopped mid-write leaves the whole
     PNG or none (a partial file, removed on any error, never takes its name)."""
-    tmp = path + ".tmp"
-    try:
-        Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    checkpoint.atomic_write(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))
 
 
 # The output folder: never a mix of old and new samples, since evaluate.py scores every image
@@ -228,11 +223,10 @@ def labelled_grid(rows, row_labels=None, tile_labels=None, min_tile=128, pad=4):
     def fit(text, width):  # text cut to `width` pixels, the cut marked with "..."
         if draw.textlength(text, font=font) <= width:
             return text
-        lo, hi = 0, min(len(text), width)  # a glyph is at least 1 px wide; binary search: widths grow with length
-        while lo < hi:  # the longest text[:lo] + "..." that fits
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if draw.textlength(text[:mid] + "...", font=font) <= width else (lo, mid - 1)
-        return text[:lo] + "..."
+        cut = text[:width]  # a glyph is at least 1 px wide; then the longest cut + "..." that fits
+        while cut and draw.textlength(cut + "...", font=font) > width:
+            cut = cut[:-1]
+        return cut + "..."
 
     for r, row in enumerate(rows):
         y = pad + r * row_h
@@ -276,8 +270,7 @@ def swap_tokens(tok, tokens, text_final, positions, replacements, batch_size=64)
     """
     cfg = tok.config
     K, P, J, vq = cfg.num_latent_tokens, len(positions), len(replacements), cfg.quantize_mode == "vq"
-    bad = [i for i in positions if not 0 <= i < K]
-    if bad:
+    if bad := [i for i in positions if not 0 <= i < K]:
         raise ValueError(f"token positions {bad} are out of range: this tokenizer has K={K} tokens (0..{K - 1})")
     codes = torch.as_tensor(replacements, dtype=torch.long if vq else tokens.dtype, device=tokens.device)  # (J,)|(J,C)
     if vq and codes.numel() and (codes.min() < 0 or codes.max() >= cfg.codebook_size):
@@ -359,6 +352,10 @@ def main(argv=None):
     s.add_argument("--randomize_temperature", type=float, help="VQ: Gumbel temperature, annealed to 0")
     s.add_argument("--temperature", type=float, help="VQ: softmax temperature (default annealed); KL: DiffLoss noise")
     s.add_argument("--aesthetic", type=float, nargs="+", help="aesthetic score(s); several: a grid row each (Fig. 7)")
+    s.add_argument("--init_image", help="image-to-image: start from this image's tokens, for every prompt (resized "
+                   "to the tokenizer's image size: shorter side, centre crop)")
+    s.add_argument("--strength", type=float, help="with --init_image: the share of its tokens redrawn under the "
+                   "prompt, 0 (its reconstruction) to 1 (plain generation); default 0.5")
     s.add_argument("--seed", type=int, default=0, help="image (p, i) uses seed + p * num_images + i")
     s.add_argument("--seeding", choices=("item", "batch"), default="item", help="a generator per image or per batch")
     s.add_argument("--num_images", type=int, help="images per prompt (default 1; 4 with --geneval, as GenEval)")
@@ -410,6 +407,9 @@ def main(argv=None):
             raise ValueError(f"{flag} must be a finite number, got {value}")
         if value is not None and value < 0 and flag != "--aesthetic":
             raise ValueError(f"{flag} must be >= 0, got {value}" + " (1 = no guidance)" * (flag == "--guidance_scale"))
+    if args.strength is not None and not (args.init_image and 0 <= args.strength <= 1):
+        raise ValueError(f"--strength {args.strength} " + ("must be in [0, 1], the share of the image's tokens redrawn "
+                         "(0 keeps them all, 1 redraws every one)" if args.init_image else "needs --init_image IMG"))
     items = make_items(len(prompts), num_images, len(aesthetics), args.seed)
 
     def path_of(item):
@@ -447,6 +447,10 @@ def main(argv=None):
     if rank == 0:
         print(f"generator: {models.gen_source} [MaskGen-{gcfg.mode.upper()}, K={gcfg.num_tokens}]")
         print(f"tokenizer: {models.tok_source}")
+    for p in prompts if models.vocabulary and rank == 0 else []:  # a model of a closed world (shapes) names its words
+        if unknown := sorted({w for w in re.findall(r"\w+", p.lower()) if w not in models.vocabulary}):
+            print(f"warning: the prompt {p!r} has words this model never saw ({', '.join(unknown)}); it will draw "
+                  f"something else. Its vocabulary: {' '.join(models.vocabulary)}")
     opts = dict(num_steps=args.steps, guidance_scale=args.guidance_scale, guidance_schedule=args.guidance_schedule,
                 randomize_temperature=args.randomize_temperature, temperature=args.temperature)
     # 5. This rank's share of the work list, in batches.
@@ -464,6 +468,19 @@ def main(argv=None):
             # CFG's unconditional branch: the "" caption the model was trained with (caption dropout), or a
             # negative prompt in its place, so that guidance steers away from it. Computed once.
             null = models.gen_text([args.negative_prompt])
+            if args.init_image:  # image-to-image: its tokens, once, for every prompt
+                # The image resized (shorter side) to the tokenizer's image size and centre-cropped, as every image
+                # it reads -> tokens: VQ ids (1,K), KL posterior means (1,K,C) (its reconstruction decodes those).
+                try:
+                    image = load_image(args.init_image, models.tokenizer.config.image_size)  # (3,S,S) in [0,1]
+                except FileNotFoundError:
+                    raise FileNotFoundError(f"--init_image {args.init_image!r} does not exist; give the image file to "
+                                            "start from") from None
+                except (OSError, Image.DecompressionBombError) as e:
+                    raise ValueError(f"--init_image {args.init_image!r} is not a readable image ({e}); give a PNG or "
+                                     "JPEG file") from None
+                init = models.tokenizer.encode(image[None].to(device))  # (1,K) | (1,K,C)
+                opts.update(init_tokens=init, strength=0.5 if args.strength is None else args.strength)
             batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
             for batch in tqdm(batches, desc=f"sampling (rank {rank})" if world > 1 else "sampling", disable=rank != 0):
                 images = generate_images(models, [prompts[it.prompt_index] for it in batch],

@@ -12,6 +12,7 @@ a sample on resume. A cut tar keeps every complete sample before the cut. Bad in
 counted in `dataset.skipped`, never a crash.
 """
 import glob
+import hashlib
 import io
 import itertools
 import json
@@ -19,9 +20,11 @@ import logging
 import math
 import os
 import re
+import signal
 import subprocess
 import tarfile
 import tempfile
+import threading
 import urllib.request
 import zlib
 
@@ -38,6 +41,7 @@ READ_ERRORS = (OSError, EOFError, tarfile.TarError, zlib.error)  # from a broken
 URL_TIMEOUT_S = 60  # seconds without a byte from an http(s) shard before it counts as unreadable
 COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz: these cannot seek to a member
 PIPE_TAIL_BYTES = 1 << 20  # what a pipe may still send after its tar's end (tar pads to 10 KiB records)
+MAX_MEMBER_BYTES = 1 << 28  # a larger member is left unread (a worker holds a sample in memory) and its sample skipped
 
 
 # ----------------------------------------------------------------------------- 1. Finding shards
@@ -89,9 +93,8 @@ def list_shards(spec, exts=SHARD_EXTS):
         if os.path.isdir(part):
             names = sorted(p for p in glob.glob(os.path.join(part, "*")) if p.endswith(exts))
             if not names:
-                raise FileNotFoundError(f"directory {part!r} holds no shard files ({', '.join(exts)}); pass a "
-                                        f"directory of tar shards or a pattern like "
-                                        f"'dir/{{000000..000099}}.tar'")  # fmt: skip
+                raise FileNotFoundError(f"directory {part!r} holds no shard files ({', '.join(exts)}); pass a folder "
+                                        f"of tar shards or a pattern like 'dir/{{000000..000099}}.tar'")  # fmt: skip
             out += names
             continue
         names = [n for name in expand_braces(part)
@@ -99,10 +102,9 @@ def list_shards(spec, exts=SHARD_EXTS):
         existing = [n for n in names if os.path.isfile(n)]
         if not existing:
             example = f" (it expands to {len(names)} name(s), e.g. {names[0]!r})" if names else ""
-            raise FileNotFoundError(f"shard pattern {part!r} matched no files{example}; "
-                                    f"check the directory and the brace range")  # fmt: skip
+            raise FileNotFoundError(f"shard pattern {part!r} matched no files{example}; check its folder and braces")
         if len(existing) < len(names):
-            missing = [n for n in names if n not in set(existing)]
+            missing = sorted(set(names) - set(existing))  # sets: 100k names take milliseconds
             log.warning("data: %d of %d shards of %r do not exist (e.g. %s); they will be skipped and counted",
                         len(missing), len(names), part, missing[0])  # fmt: skip
         out += names
@@ -184,22 +186,22 @@ def _groups(fileobj, source, start, skip_to):
                 if group is not None and key != group["__key__"]:
                     yield group  # the next sample has begun, so this one is complete
                     group = None
-                try:
-                    data = tar.extractfile(member).read()
-                except READ_ERRORS as e:  # this member is cut: its sample is dropped
-                    return "truncated_member", f"{source}: sample {key!r} is cut in {member.name} ({e})"
                 group = group or {"__key__": key, "__shard__": source}
-                group[ext] = data
+                if member.size > MAX_MEMBER_BYTES:  # left unread; StreamDataset counts its sample as skipped
+                    group["__too_large__"] = f"{member.name} holds {member.size} bytes > {MAX_MEMBER_BYTES}"
+                else:
+                    try:
+                        group[ext] = tar.extractfile(member).read()
+                    except READ_ERRORS as e:  # this member is cut: its sample is dropped
+                        return "truncated_member", f"{source}: sample {key!r} is cut in {member.name} ({e})"
                 group["__end__"] = start + tar.offset  # the tar byte after this member: where a reader resumes
             # The loop ended without an error: at the end-of-archive block (a clean end), or at a cut.
             stop, where = getattr(tar, "stopped_by", None), f"at byte {start + tar.offset}"
-            problem = None
-            if isinstance(stop, tarfile.EmptyHeaderError):
-                problem = f"the tar ends {where}, at a member boundary, without its end-of-archive blocks"
-            elif isinstance(stop, tarfile.TruncatedHeaderError):
-                problem = f"the tar ends {where}, inside a member header"
-            elif stop is not None and not isinstance(stop, tarfile.EOFHeaderError):
-                problem = f"a damaged member header {where} ({stop})"
+            problem = None if stop is None or isinstance(stop, tarfile.EOFHeaderError) else {
+                tarfile.EmptyHeaderError: f"the tar ends {where}, at a member boundary, without its end-of-archive "
+                                          f"blocks",
+                tarfile.TruncatedHeaderError: f"the tar ends {where}, inside a member header",
+            }.get(type(stop), f"a damaged member header {where} ({stop})")  # fmt: skip
         except READ_ERRORS as e:
             problem = f"{type(e).__name__}: {e} after byte {start + tar.offset}"
     if group is not None:
@@ -237,7 +239,12 @@ def encode_npy(array):
 
 
 def decode_npy(data):
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """.npy bytes -> a numeric ndarray; ValueError for anything else: a pickle or an object array (refused
+    unrun), an .npz archive, strings, cut bytes."""
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+        raise ValueError(f"expected a numeric .npy array, got {getattr(array, 'dtype', type(array).__name__)}")
+    return array
 
 
 class ShardWriter:
@@ -258,15 +265,12 @@ class ShardWriter:
             self._final = os.path.join(self.out_dir, f"{self.prefix}-{len(self.paths):06d}.tar")
             self._tar = tarfile.open(self._final + ".tmp", "w")
         for ext, value in members.items():
-            if isinstance(value, str):
-                value = value.encode("utf-8")
+            if isinstance(value, (str, dict, list)):  # text, or JSON
+                value = (value if isinstance(value, str) else json.dumps(value)).encode("utf-8")
             elif isinstance(value, np.ndarray):
                 value = encode_npy(value)
-            elif isinstance(value, (dict, list)):
-                value = json.dumps(value).encode("utf-8")
             elif not isinstance(value, bytes):
-                raise TypeError(f"cannot store a {type(value).__name__} in a tar shard; "
-                                f"pass bytes, str, dict or np.ndarray")  # fmt: skip
+                raise TypeError(f"cannot store a {type(value).__name__} in a shard; pass bytes, str, dict or ndarray")
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mode, info.mtime = len(value), 0o644, 0  # mtime 0: byte-identical reruns
             self._tar.addfile(info, io.BytesIO(value))
@@ -301,6 +305,8 @@ RECAPTION_EXTS = ("recap.txt", "recap_txt", "recaption.txt")
 RECAPTION_FIELDS = ("recaption", "recap_caption", "recap_txt", "molmo_caption")
 AESTHETIC_EXTS = ("aesthetic", "score", "aes_score", "aesthetic.txt")
 AESTHETIC_FIELDS = ("aesthetic_score", "AESTHETIC_SCORE", "aesthetic", "aes_score")
+# Longer text skips the sample: CLIP reads 77 tokens, and its BPE takes time quadratic in a word's length.
+MAX_TEXT_BYTES, MAX_CAPTION_CHARS = 1 << 20, 4096  # per .txt / .json / recaption member; per caption
 MISSING_AESTHETIC = float("nan")  # unknown: the trainer applies its own default, pretokenize stores null
 RECAPTION_PREFIXES = tuple(f"The image {verb}" for verb in ("depicts", "displays", "showcases", "features", "shows"))
 
@@ -336,8 +342,12 @@ SKIP_REASONS = (
     "missing_caption",  # no .txt and no caption field in the .json
     "bad_json",  # a .json member that does not parse (the sample may still have a .txt caption)
     "bad_aesthetic",  # an aesthetic score that is not a number (the default is used)
-    "bad_tokens",  # pretokenized: token arrays missing or unreadable
+    "bad_tokens",  # pretokenized: token arrays missing, unreadable (decode_npy), of a wrong dtype, or non-finite
+    "token_mismatch",  # pretokenized: tokens that do not fit the tokenizer (kind, count, width, ids past the codebook)
     "invalid_utf8",  # a caption, recaption or .json that is not valid UTF-8
+    "text_too_long",  # a text member over MAX_TEXT_BYTES, or a caption over MAX_CAPTION_CHARS
+    "member_too_large",  # a tar member over MAX_MEMBER_BYTES (never read)
+    "undecodable",  # any other failure while decoding a sample (the exception is logged)
     "too_many_pixels",  # an image whose header says width x height > max_pixels (never decoded)
     "filtered_resolution",  # longer side < min_longer_side
     "filtered_aspect",  # aspect ratio >= max_aspect_ratio
@@ -352,8 +362,7 @@ class SkipCounter:
     ROWS, LOG_FIRST = 257, 5  # the main process + up to 256 workers; skips logged per reason and process
 
     def __init__(self):
-        self._table = torch.zeros(self.ROWS, len(SKIP_REASONS), dtype=torch.int64).share_memory_()
-        self._logged = {}
+        self._table, self._logged = torch.zeros(self.ROWS, len(SKIP_REASONS), dtype=torch.int64).share_memory_(), {}
 
     def add(self, reason, detail=""):
         info = get_worker_info()
@@ -368,9 +377,6 @@ class SkipCounter:
 
     def counts(self):
         return dict(zip(SKIP_REASONS, self._table.sum(0).tolist()))
-
-    def total(self, include_filtered=True):
-        return sum(v for k, v in self.counts().items() if include_filtered or not k.startswith("filtered_"))
 
     def summary(self):
         return " ".join(f"{k}={v}" for k, v in self.counts().items() if v) or "none"
@@ -389,8 +395,22 @@ def resolve_rank(rank=None, world_size=None):
 
 
 def worker_slot():
-    """(this DataLoader worker's id, number of workers); (0, 1) in the main process."""
-    info = get_worker_info()
+    """(this DataLoader worker's id, number of workers); (0, 1) in the main process. Called first by every
+    dataset's __iter__, it also leaves stop signals to the main process (train_common.RunControl: finish the
+    step, checkpoint, exit 143 / 130): torchrun, shells and Ctrl-C signal a whole process group, and a worker
+    dying of one would make the stop a DataLoader error. Ignoring them is not enough (multiprocessing ends its
+    workers with SIGTERM as the main process exits): a worker blocks them, and a thread exits it on one from the
+    main process only. One whose main process died exits by itself (PyTorch's watchdog, between batches)."""
+    info, stop = get_worker_info(), {signal.SIGTERM, signal.SIGINT}
+    if info is not None and signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, stop):  # not yet guarded
+        main = torch.multiprocessing.parent_process().pid  # the standard module's, re-exported
+
+        def wait():  # os._exit: the worker holds nothing its main process needs
+            while signal.sigwaitinfo(stop).si_pid != main:
+                pass
+            os._exit(0)
+
+        threading.Thread(target=wait, daemon=True).start()
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
@@ -448,6 +468,15 @@ class StreamDataset(IterableDataset):
                 if not few or (seen - 1) % n_slots == slot:
                     yield group
 
+    def sources(self):
+        """The shard list positions point into, as checkpoints record it: {"count", "sha256", "list": zlib'd lines
+        "base name<TAB>byte size" (-1: not a local file)}: moving the data changes nothing; ~8 bytes a shard."""
+        shards = getattr(self, "shards", None)  # image folders list self.files: no byte offsets, so no sizes
+        lines = [f"{os.path.basename(s)}\t{os.path.getsize(s) if shards is not None and os.path.isfile(s) else -1}"
+                 for s in (self.files if shards is None else shards)]  # fmt: skip
+        text = "\n".join(lines).encode()
+        return {"count": len(lines), "sha256": hashlib.sha256(text).hexdigest(), "list": zlib.compress(text)}
+
     def _order(self, n, epoch):
         """The epoch's order of n shards (or files): the same on every rank and worker (it depends on seed, epoch)."""
         return np.random.default_rng([self.seed, 2, epoch]).permutation(n) if self.shuffle else np.arange(n)
@@ -463,10 +492,14 @@ class StreamDataset(IterableDataset):
 
     def _text_fields(self, group, check_only):
         """{"caption", "recaption", "aesthetic": FloatTensor (), "key"} from the .txt / .json /
-        score members, or None (counted) without a caption or below min_aesthetic."""
+        score members, or None (counted) without a caption or below min_aesthetic. Whatever a .json
+        or a score holds that does not parse is counted, and the sample goes on without it."""
         where = sample_name(group)
         text = {}  # valid UTF-8 only: replacement characters would train on text nobody wrote
         for ext in filter(group.__contains__, ("txt", "json", *RECAPTION_EXTS)):
+            if len(group[ext]) > MAX_TEXT_BYTES:
+                return self._reject("text_too_long", f"{where}: its .{ext} holds {len(group[ext])} bytes",
+                                    check_only)  # fmt: skip
             try:
                 text[ext] = group[ext].decode("utf-8").strip()
             except UnicodeDecodeError as e:
@@ -475,14 +508,17 @@ class StreamDataset(IterableDataset):
             meta = json.loads(text.get("json", "{}"))
             if not isinstance(meta, dict):
                 raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
-        except ValueError as e:
-            self._reject("bad_json", f"{where}: {e}", check_only)
+        except Exception as e:  # ValueError, RecursionError (nested too deeply), ...
+            self._reject("bad_json", f"{where}: {type(e).__name__}: {str(e)[:200]}", check_only)
             meta = {}
         caption = text.get("txt") or _field(meta, CAPTION_FIELDS)
         if not caption:
             return self._reject("missing_caption", f"{where} has no .txt and no caption in its .json", check_only)
         recap_ext = next((e for e in RECAPTION_EXTS if e in text), None)
         recaption = text[recap_ext] if recap_ext else _field(meta, RECAPTION_FIELDS)
+        if max(len(caption), len(recaption)) > MAX_CAPTION_CHARS:
+            return self._reject("text_too_long", f"{where}: a caption of {max(len(caption), len(recaption))} "
+                                f"characters > {MAX_CAPTION_CHARS}", check_only)  # fmt: skip
         try:  # a JSON string may still hold an unpaired surrogate escape ("\\ud800"), which is not UTF-8
             caption.encode("utf-8"), recaption.encode("utf-8")
         except UnicodeEncodeError as e:
@@ -490,13 +526,13 @@ class StreamDataset(IterableDataset):
         raw = next((meta[k] for k in AESTHETIC_FIELDS if meta.get(k) is not None), None)  # a score: json, else member
         if raw is None:
             raw = next((group[e].decode("utf-8", "replace").strip() for e in AESTHETIC_EXTS if e in group), None)
-        try:
-            aesthetic = None if raw is None else float(raw)
-            if aesthetic is not None and not math.isfinite(aesthetic):
-                raise ValueError("not finite")
-        except (TypeError, ValueError):
-            self._reject("bad_aesthetic", f"{where}: aesthetic score {raw!r} is not a number; using the default",
-                         check_only)  # fmt: skip
+        try:  # JSON true is no score, though float(True) is 1.0
+            aesthetic = None if raw is None else float("nan" if isinstance(raw, bool) else raw)
+        except (TypeError, ValueError, OverflowError):  # a list, "high", a 400-digit integer
+            aesthetic = math.nan
+        if aesthetic is not None and not math.isfinite(aesthetic):  # also 1e999, true, NaN
+            self._reject("bad_aesthetic", f"{where}: aesthetic score {str(raw)[:40]!r} is not a finite number; "
+                         f"using the default", check_only)  # fmt: skip
             aesthetic = None
         if aesthetic is None:  # no score, or not a usable one: the default, and the sample is kept
             aesthetic = self.default_aesthetic
@@ -546,7 +582,12 @@ class StreamDataset(IterableDataset):
         for group, after in self._stream(slot, n_slots, saved if known else START):
             n_groups += 1
             fast_forward = produced < to_skip
-            sample = self._decode(group, check_only=fast_forward)
+            try:  # no sample can stop the run: whatever a decoder did not foresee is a skip too
+                sample = (self._decode(group, check_only=fast_forward) if "__too_large__" not in group else  # unread
+                          self._reject("member_too_large", f"{sample_name(group)}: {group['__too_large__']}",
+                                       fast_forward))  # fmt: skip
+            except Exception as e:
+                sample = self._reject("undecodable", f"{sample_name(group)}: {type(e).__name__}: {e}", fast_forward)
             if sample is None:
                 failures += 1
                 if self.infinite and failures >= self.max_consecutive_skips:
@@ -564,29 +605,38 @@ class StreamDataset(IterableDataset):
                         "min_longer_side)", type(self).__name__, slot, n_slots, self.skipped.summary())  # fmt: skip
 
 
+def source_changes(saved, now):
+    """None where two StreamDataset.sources() records match, else a line naming what changed (size -1: no file)."""
+    if saved["sha256"] == now["sha256"]:
+        return None
+    old, new = (dict(e.rsplit("\t", 1) for e in zlib.decompress(r["list"]).decode().split("\n")) for r in (saved, now))
+    diff = {"added": [n for n in new if old.get(n, "-1") == "-1" != new[n] or n not in old],
+            "missing": [n for n in old if new.get(n, "-1") == "-1" != old[n] or n not in new],
+            "resized": [f"{n} ({old[n]} -> {new[n]} bytes)" for n in new if "-1" != old.get(n, "-1") != new[n] != "-1"]}
+    text = "; ".join(f"{len(v)} {k}: {', '.join(v[:3])}{' ...' if len(v) > 3 else ''}" for k, v in diff.items() if v)
+    return f"{saved['count']} shards then, {now['count']} now; {text or 'the same shards in another order'}"
+
+
 class StreamPositions:
     """Where each reader of this rank stands after the batches consumed, for StreamDataset(positions=).
     Batches come round-robin: batch b from logical worker b % W, now at its last sample's "position".
-    Use: resume(ckpt, ...) -> dataset(positions=.saved) -> consumed(batch) for each batch ->
-    ckpt["data_positions"] = [every rank's state()]."""
+    Use: StreamPositions(W, start, ckpt["data_positions"][rank]) -> dataset(positions=.saved) -> consumed(batch)
+    for each batch -> ckpt["data_positions"] = [every rank's state()] (train_common.resume_positions, run_state)."""
 
-    def __init__(self, num_workers, start_batch=0, saved=None):
+    def __init__(self, num_workers, start_batch=0, saved=None, sources=None, new_epoch=False):
         self.workers, self.batch = max(1, int(num_workers)), int(start_batch)
+        self.sources = sources  # StreamDataset.sources(): the shard list positions point into, for the checkpoint
         if saved is not None and saved["num_workers"] != self.workers:
-            raise ValueError(f"the checkpoint's data positions are for num_workers={saved['num_workers']}, this run "
-                             f"has {self.workers}; resume with --num_workers={saved['num_workers']} (the number of "
-                             f"readers decides which samples each one reads)")  # fmt: skip
+            raise ValueError(f"the checkpoint's data positions are for {saved['num_workers']} readers, this run has "
+                             f"{self.workers}: resume with --num_workers={saved['num_workers']} (who reads what)")
         self.saved = None if saved is None else saved["positions"].clone()
+        if new_epoch:  # re-planned on another shard list: each reader that knows its place starts its next epoch
+            known = self.saved[:, 0] >= 0
+            self.saved[known, 0] += 1
+            self.saved[known, 1:] = 0
         # A fresh run's readers are at their start; a run resumed without positions does not know yet (-1).
         unknown = torch.full((self.workers, len(POSITION_FIELDS)), -1 if start_batch else 0, dtype=torch.int64)
-        self.table = unknown if self.saved is None else self.saved.clone()
-        self.tracked = False
-
-    @classmethod
-    def resume(cls, ckpt, rank, num_workers, start_batch):
-        """This rank's positions from ckpt["data_positions"]; fresh if ckpt is None, else unknown if none."""
-        saved = ckpt["data_positions"][rank] if ckpt is not None and ckpt.get("data_positions") else None
-        return cls(num_workers, start_batch, saved)
+        self.table, self.tracked = (unknown if self.saved is None else self.saved.clone()), False
 
     def consumed(self, batch):
         """Record a batch the trainer took (batches without "position": nothing to track)."""

@@ -105,7 +105,6 @@ class TextTower(nn.Module):
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         self.transformer = nn.Module()  # a container, so the weight names match open_clip's
         self.transformer.resblocks = nn.ModuleList(TextBlock(width, heads, mlp_ratio) for _ in range(layers))
-        self.transformer.batch_first = True
         self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
         # Additive causal mask: token i sees tokens <= i.
@@ -144,20 +143,15 @@ class TextEncoder(nn.Module):
             _tower, _tokenizer = model, open_clip.get_tokenizer(model_name)
             del model.visual  # the image tower is never used: free ~300M parameters
         # The same attribute names exist on open_clip's CLIP, its TextTransformer and TextTower.
-        self.token_embedding = _tower.token_embedding
-        self.positional_embedding = _tower.positional_embedding
-        self.transformer = _tower.transformer
-        self.ln_final = _tower.ln_final
-        self.text_projection = _tower.text_projection
+        for name in ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection"):
+            setattr(self, name, getattr(_tower, name))
         self.register_buffer("attn_mask", _tower.attn_mask, persistent=False)  # causal (L, L)
         self.tokenizer = _tokenizer
         self._memo = {}  # caption -> TextFeatures of one row, for cached(); a plain dict, not state
-        self.context_length = self.positional_embedding.shape[0]
-        self.width = self.token_embedding.weight.shape[1]
+        self.context_length, self.width = self.positional_embedding.shape  # (L, W)
         proj = self.text_projection
         self.embed_dim = proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
-        self.requires_grad_(False)
-        self.eval()
+        self.requires_grad_(False).eval()
 
     @classmethod
     def from_config(cls, text_cfg, embed_dim):
@@ -173,21 +167,15 @@ class TextEncoder(nn.Module):
     def train(self, mode=True):  # always frozen: ignore .train() from a parent module
         return super().train(False)
 
-    def tokenize(self, captions):
-        return self.tokenizer(list(captions))  # (B, L) long
-
     @torch.no_grad()
     def forward(self, text):
-        ids = (text if torch.is_tensor(text) else self.tokenize(text)).to(self.token_embedding.weight.device)  # (B, L)
+        ids = text if torch.is_tensor(text) else self.tokenizer(list(text))  # (B, L) long
+        ids = ids.to(self.token_embedding.weight.device)
         x = self.token_embedding(ids) + self.positional_embedding  # (B, L, W)
-        # open_clip >= 2.31 runs its blocks batch-first; older versions want (L, B, W).
-        seq_first = not getattr(self.transformer, "batch_first", False)
-        x = x.transpose(0, 1) if seq_first else x
+        # Batch-first blocks, as open_clip >= 2.31 runs them (requirements.txt asks for >= 3.0).
         for blk in self.transformer.resblocks[:-1]:
             x = blk(x, attn_mask=self.attn_mask)
-        penultimate, x = x, self.transformer.resblocks[-1](x, attn_mask=self.attn_mask)
-        if seq_first:
-            x, penultimate = x.transpose(0, 1), penultimate.transpose(0, 1)
+        penultimate, x = x, self.transformer.resblocks[-1](x, attn_mask=self.attn_mask)  # (B, L, W) each
         final = self.ln_final(x)  # (B, L, W)
         # The end-of-text token has the largest id in CLIP's vocabulary, so argmax finds it.
         eot = final[torch.arange(final.shape[0], device=final.device), ids.argmax(dim=-1)]  # (B, W)

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -44,8 +45,7 @@ class Attention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
         assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
-        self.heads = heads
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x, keep=None):
         """keep: None, or a slice: return only those rows (every row still supplies keys and values)."""
@@ -57,8 +57,7 @@ class Attention(nn.Module):
             w, b = self.qkv.weight, self.qkv.bias
             q = F.linear(x[:, keep], w[:D], b[:D]).view(B, -1, h, d).transpose(1, 2)  # (B, h, n, d)
             k, v = F.linear(x, w[D:], b[D:]).view(B, N, 2, h, d).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, h, N or n, d)
-        return self.proj(x.transpose(1, 2).reshape(B, -1, D))  # (B, N or n, D)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, -1, D))  # (B, N or n, D)
 
 
 class MLP(nn.Module):
@@ -76,14 +75,23 @@ class Block(nn.Module):
 
     def __init__(self, dim, heads):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.ln_2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim)
+        self.ln_1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.ln_2, self.mlp = nn.LayerNorm(dim), MLP(dim)
 
     def forward(self, x, keep=None):
         x = (x if keep is None else x[:, keep]) + self.attn(self.ln_1(x), keep)
         return x + self.mlp(self.ln_2(x))
+
+
+def run_blocks(vit, x, keep):
+    """x through vit.blocks, the last one returning only rows `keep`. With vit.grad_checkpointing, in training, each
+    block saves only its input and recomputes the rest in backward (non-reentrant torch.utils.checkpoint: it works
+    under torch.compile and DDP). Blocks draw no random numbers and change no state: the gradients are the same."""
+    ckpt = vit.grad_checkpointing and vit.training and torch.is_grad_enabled()
+    for i, blk in enumerate(vit.blocks):
+        k = keep if i == len(vit.blocks) - 1 else None
+        x = torch.utils.checkpoint.checkpoint(blk, x, k, use_reentrant=False) if ckpt else blk(x, k)
+    return x
 
 
 # -----------------------------------------------------------------------------
@@ -101,8 +109,8 @@ class Encoder(nn.Module):
         self.positional_embedding = nn.Parameter(s * torch.randn(self.grid**2 + 1, W))
         # The latent tokens' content is TATiTok.latent_tokens; here their positions, so each slot can specialise.
         self.latent_token_positional_embedding = nn.Parameter(s * torch.randn(cfg.num_latent_tokens, W))
-        self.ln_pre = nn.LayerNorm(W)
-        self.blocks = nn.ModuleList(Block(W, cfg.enc_heads) for _ in range(cfg.enc_depth))
+        self.ln_pre, self.blocks = nn.LayerNorm(W), nn.ModuleList(Block(W, cfg.enc_heads) for _ in range(cfg.enc_depth))
+        self.grad_checkpointing = False  # training: recompute each block in backward (run_blocks), saving memory
         self.ln_post = nn.LayerNorm(W)
         # The KL variant predicts a mean and a log-variance per channel.
         self.proj_out = nn.Linear(W, cfg.token_size * (2 if cfg.quantize_mode == "kl" else 1))
@@ -114,9 +122,7 @@ class Encoder(nn.Module):
         lat = latent_tokens + self.latent_token_positional_embedding  # (K, W)
         x = self.ln_pre(torch.cat([x, lat.expand(B, -1, -1)], dim=1))  # (B, 1+G*G+K, W)
         # Keep only the latent tokens: all the decoder sees of the image passes through these K slots.
-        latents = slice(1 + self.grid**2, None)
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, latents if i == len(self.blocks) - 1 else None)  # last: (B, K, W)
+        x = run_blocks(self, x, keep=slice(1 + self.grid**2, None))  # (B, K, W)
         return self.proj_out(self.ln_post(x))  # (B, K, C) or (B, K, 2C)
 
 
@@ -147,10 +153,6 @@ class VectorQuantizer(nn.Module):
         w = self.embedding.weight
         return F.normalize(w, dim=-1) if self.use_l2_norm else w
 
-    def lookup(self, ids):
-        """(...,) long -> (..., C): the code vectors the decoder reads."""
-        return F.embedding(ids, self.codebook())
-
     # Distances, losses and the revival update run in fp32 even under autocast:
     # bf16 argmin over 8192 near-equal distances would pick codes at random.
     @torch.autocast("cuda", enabled=False)
@@ -164,8 +166,7 @@ class VectorQuantizer(nn.Module):
         d = flat.pow(2).sum(1, keepdim=True) + emb.pow(2).sum(1) - 2 * flat @ emb.t()  # (B*K, V)
         ids = d.argmin(dim=1)  # (B*K,)
         zq = F.embedding(ids, emb).view_as(z)  # (B, K, C)
-        commitment = self.commitment_cost * (zq.detach() - z).pow(2).mean()
-        codebook = (zq - z.detach()).pow(2).mean()
+        commitment, codebook = self.commitment_cost * (zq.detach() - z).pow(2).mean(), (zq - z.detach()).pow(2).mean()
         if self.clustering_vq and self.training:
             self._collect(ids, d, raw)
         # Straight-through: forward uses the code, backward copies the gradient to z.
@@ -198,8 +199,7 @@ class VectorQuantizer(nn.Module):
         and move rarely used codes onto their nearest feature (nothing if no training forward ran)."""
         if self._pending is None:
             return
-        counts, n, best, anchors = self._pending
-        self._pending = None
+        (counts, n, best, anchors), self._pending = self._pending, None
         # Under DDP every rank must make the same update: merge the ranks' statistics in
         # rank order (rank r holds global slots r*A .. r*A+A-1, so this is slot order).
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -260,13 +260,12 @@ class Decoder(nn.Module):
         # CLIP text states (B, 77, 768) -> decoder width, with their own positions.
         self.text_guidance_proj = nn.Linear(cfg.text_embed_dim, W)
         self.text_guidance_positional_embedding = nn.Parameter(s * torch.randn(cfg.text_context_length, W))
-        self.ln_pre = nn.LayerNorm(W)
-        self.blocks = nn.ModuleList(Block(W, cfg.dec_heads) for _ in range(cfg.dec_depth))
+        self.ln_pre, self.blocks = nn.LayerNorm(W), nn.ModuleList(Block(W, cfg.dec_heads) for _ in range(cfg.dec_depth))
+        self.grad_checkpointing = False  # as the encoder's
         self.ln_post = nn.LayerNorm(W)
         # Each grid slot predicts its p x p x 3 pixels directly (a 1x1 conv on the grid, written as a
         # Linear on tokens); a 3x3 conv then smooths the seams between neighbouring patches.
-        self.to_pixels = nn.Linear(W, self.patch * self.patch * 3)
-        self.conv_out = nn.Conv2d(3, 3, 3, padding=1)
+        self.to_pixels, self.conv_out = nn.Linear(W, self.patch * self.patch * 3), nn.Conv2d(3, 3, 3, padding=1)
 
     def forward(self, z, text):  # z: (B, K, C); text: (B, L, Dt)
         B, G, p = z.shape[0], self.grid, self.patch
@@ -275,9 +274,7 @@ class Decoder(nn.Module):
         grid = (grid + self.positional_embedding).expand(B, -1, -1)  # (B, 1+G*G, W)
         t = self.text_guidance_proj(text) + self.text_guidance_positional_embedding  # (B, L, W)
         x = self.ln_pre(torch.cat([grid, x, t], dim=1))  # (B, 1+G*G+K+L, W)
-        slots = slice(1, 1 + G * G)  # the output patch slots
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, slots if i == len(self.blocks) - 1 else None)  # last: (B, G*G, W)
+        x = run_blocks(self, x, keep=slice(1, 1 + G * G))  # the output patch slots: (B, G*G, W)
         x = self.to_pixels(self.ln_post(x))  # (B, G*G, p*p*3), channel order (p1, p2, rgb)
         x = x.view(B, G, G, p, p, 3).permute(0, 5, 1, 3, 2, 4)  # (B, 3, G, p, G, p)
         return self.conv_out(x.reshape(B, 3, G * p, G * p))  # (B, 3, H, W)
@@ -318,8 +315,7 @@ class TATiTok(nn.Module):
         for side in ("enc", "dec"):
             if cfg.image_size % getattr(cfg, f"{side}_patch_size"):
                 raise ValueError(f"image_size {cfg.image_size} is not a multiple of {side}_patch_size")
-        self.config = cfg
-        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.config, self.encoder, self.decoder = cfg, Encoder(cfg), Decoder(cfg)
         # The K latent tokens' content: learned, shared by every image.
         self.latent_tokens = nn.Parameter(cfg.enc_width**-0.5 * torch.randn(cfg.num_latent_tokens, cfg.enc_width))
         self.apply(_init_weights)
@@ -356,7 +352,7 @@ class TATiTok(nn.Module):
                 raise TypeError(f"a VQ tokenizer decodes integer code ids, got {tokens.dtype}")
             if tokens.numel() and (tokens.min() < 0 or tokens.max() >= cfg.codebook_size):
                 raise ValueError(f"code ids must lie in [0, {cfg.codebook_size}); got a value out of range")
-            tokens = self.quantize.lookup(tokens.long())  # (B, K, C)
+            tokens = F.embedding(tokens.long(), self.quantize.codebook())  # (B, K, C): the code vectors
         want = (tokens.shape[0], cfg.num_latent_tokens, cfg.token_size)
         if tuple(tokens.shape) != want:
             raise ValueError(f"expected tokens of shape {want[1:]} per image, got {tuple(tokens.shape[1:])}")

@@ -50,6 +50,7 @@ class RunConfig:
     1e-5); MaskGen's presets set their own (Tab. 8)."""
 
     num_workers: int = option(4, "DataLoader processes reading shards / folders (the data order depends on it)")
+    replan_data: bool = option(False, "resume on a changed shard list: each reader starts a new epoch over it")
     batch_size: int = option(32, "per GPU, per micro-step")
     grad_accum: int = option(1, "micro-steps per optimiser step (global batch = batch_size x grad_accum x GPUs)")
     max_steps: int = option(650_000, "optimiser steps; a cosine schedule decays until here")
@@ -63,6 +64,7 @@ class RunConfig:
     ema_decay: float = option(0.999, "of the EMA weights (warmed up as (1+t)/(10+t))")
     dtype: str = option("bf16", "bf16 | fp16 | fp32 (autocast is used on CUDA only)")
     compile: bool = option(True, "torch.compile the model (faster; changes float rounding, not the maths)")
+    grad_checkpointing: bool = option(False, "recompute each block's activations in backward: less memory, more time")
     device: str = option("auto", "auto | cpu | cuda | cuda:N; auto = this process's GPU, else the CPU")
     peak_tflops: float = option(0.0, "per device, for MFU; 0 = the bf16 peak of a known GPU (PEAK_BF16_TFLOPS)")
     seed: int = option(42, "seeds the initial weights, the data order and every random draw")
@@ -115,8 +117,7 @@ def parse_config(cls, presets, argv=None, default="tiny", rules=None):
     COMMON_RULES and `rules`. No arguments, -h or --help print the fields; --list the presets; --print_config
     the config."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    stray = [a for a in argv if not a.startswith("--") and a != "-h"]
-    if stray:
+    if stray := [a for a in argv if not a.startswith("--") and a != "-h"]:
         sys.exit(f"error: arguments must look like --field=value, got {stray} (--help lists the fields)")
     args = dict(a[2:].split("=", 1) if "=" in a else (a[2:], None) for a in argv if a.startswith("--"))
     wants = {k for k in ("help", "list", "print_config") if args.pop(k, False) is None}
@@ -129,7 +130,21 @@ def parse_config(cls, presets, argv=None, default="tiny", rules=None):
     order = sorted(dataclasses.fields(cls), key=lambda f: f.name in RunConfig.__dataclass_fields__)
     fields = {f.name: f for f in order}
     if not argv or "help" in wants or "-h" in argv:  # a bare run would start a long training: say how instead
-        print_help(cls, presets, name, order)
+        # Usage, then every field (in `order`) with its type, its value in preset `name`, its help.
+        module = sys.modules[cls.__module__]
+        script = os.path.basename(getattr(module, "__file__", "") or "train.py")
+        about = (module.__doc__ or "").strip().split("\n\n")[0]  # the first paragraph of the trainer's docstring
+        print(f"usage: python {script} --config=PRESET [--field=value ...]     (torchrun takes the same arguments)\n"
+              f"       python {script} --list | --print_config | --help\n\n{about}\n\n"
+              f"Fields, with their values in preset {name} (--config=NAME --help shows another's):")  # fmt: skip
+        rows = [(f"--{f.name}={show(getattr(presets[name], f.name))}", f.type.__name__, f.metadata.get("help", ""))
+                for f in order]  # fmt: skip
+        width = min(36, max(len(r[0]) for r in rows))
+        for option_, kind, note in rows:
+            print(f"  {option_:<{width}}  {kind:<5}  {note}")
+        print("\n" + textwrap.fill(f"Presets (--list): {', '.join(presets)}. A bool may be given bare (--compile). "
+                                   f"Runs resume by themselves from the newest good checkpoint in --out_dir.", 100))
+        sys.exit(0)
     if "list" in wants:  # each preset, with the fields it sets apart from the defaults
         base = cls()
         for key, p in presets.items():
@@ -164,24 +179,6 @@ def parse_config(cls, presets, argv=None, default="tiny", rules=None):
 def show(value):
     """A config value the way it is typed on the command line."""
     return str(value).lower() if isinstance(value, bool) else value if value != "" else '""'
-
-
-def print_help(cls, presets, name, fields):
-    """--help: usage, then every field (in `fields`' order) with its type, its value in preset `name`, its help."""
-    module = sys.modules[cls.__module__]
-    script = os.path.basename(getattr(module, "__file__", "") or "train.py")
-    about = (module.__doc__ or "").strip().split("\n\n")[0]  # the first paragraph of the trainer's docstring
-    print(f"usage: python {script} --config=PRESET [--field=value ...]     (torchrun takes the same arguments)\n"
-          f"       python {script} --list | --print_config | --help\n\n{about}\n\n"
-          f"Fields, with their values in preset {name} (--config=NAME --help shows another's):")  # fmt: skip
-    rows = [(f"--{f.name}={show(getattr(presets[name], f.name))}", f.type.__name__, f.metadata.get("help", ""))
-            for f in fields]  # fmt: skip
-    width = min(36, max(len(r[0]) for r in rows))
-    for option_, kind, note in rows:
-        print(f"  {option_:<{width}}  {kind:<5}  {note}")
-    print("\n" + textwrap.fill(f"Presets (--list): {', '.join(presets)}. A bool may be given bare (--compile). "
-                               f"Runs resume by themselves from the newest good checkpoint in --out_dir.", 100))
-    sys.exit(0)
 
 
 # 2. Processes: device, process group, numerics, seeds, peak FLOP/s (also for sample, evaluate, data, bench) --
@@ -221,8 +218,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def allow_tf32():
     """Let fp32 matmuls and convolutions use TF32 on Ampere and newer GPUs: ~8x the fp32 throughput with a
     10-bit mantissa, plenty for these models (the official configs do too)."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
 def autocast(device, dtype):
@@ -292,8 +288,7 @@ def adamw(model, lr, betas, weight_decay):
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused: one kernel per step for all tensors instead of a dozen ops per tensor, on CUDA and (PyTorch >= 2.4)
     # CPU; the same maths up to float rounding.
-    fused = next(model.parameters()).device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=next(model.parameters()).device.type in ("cuda", "cpu"))
 
 
 @torch.no_grad()
@@ -338,10 +333,9 @@ def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0, 
 
         return get
     import data  # a seeded stream per rank; corrupt or filtered samples are skipped and counted (get.skipped)
-    positions = resume_positions(resume, rank, cfg.num_workers, start_step * A)
     loader = data.image_text_loader(cfg.data, image_size=image_size, batch_size=B, rank=rank, world_size=world,
-                                    num_workers=cfg.num_workers, seed=cfg.seed, start_batch=start_step * A,
-                                    positions=positions.saved)  # fmt: skip
+                                    num_workers=cfg.num_workers, seed=cfg.seed, start_batch=start_step * A)
+    positions = resume_positions(resume, rank, cfg, start_step * A, loader.dataset)
     stream = iter(loader)
 
     def get(step, k):
@@ -355,14 +349,27 @@ def image_batches(cfg, image_size, rank, world, start_step, recaption_prob=0.0, 
     return get
 
 
-def resume_positions(resume, rank, num_workers, start_batch):
-    """This rank's shards.StreamPositions from the checkpoint resumed (None: a fresh run); one written with
-    another num_workers stops the run with the reason."""
-    from shards import StreamPositions
+def resume_positions(resume, rank, cfg, start_batch, dataset):
+    """This rank's shards.StreamPositions from the checkpoint resumed (None: a fresh run; none saved: unknown),
+    given to `dataset`, a stream not yet iterated. They are offsets into the shard list the checkpoint records
+    (names, sizes): another list stops the run naming the change, or cfg.replan_data starts a new epoch over it."""
+    from shards import StreamPositions, source_changes
+    saved = resume["data_positions"][rank] if resume is not None and resume.get("data_positions") else None
+    sources = dataset.sources() if hasattr(dataset, "sources") else None
+    recorded = resume.get("data_sources", {}) if saved is not None else None  # {}: not recorded
+    change = recorded and source_changes(recorded, sources)
+    if change and not cfg.replan_data:
+        sys.exit(f"error: the data changed since the checkpoint at step {resume['step']}: {change}. Restore the "
+                 f"shards it was trained on, or pass --replan_data to go on with these (the data order changes)")
+    if rank == 0 and (change or recorded == {}):  # re-planned, or a checkpoint older than the record
+        tqdm.write(f"warning: the data changed ({change}); --replan_data: each reader starts a new epoch over it" if
+                   change else "warning: the checkpoint predates recording its shard list: changes go unnoticed")
     try:
-        return StreamPositions.resume(resume, rank, num_workers, start_batch)
-    except ValueError as e:
+        positions = StreamPositions(cfg.num_workers, start_batch, saved, sources, new_epoch=bool(change))
+    except ValueError as e:  # another num_workers
         sys.exit(f"error: {e}")
+    dataset.positions = positions.saved
+    return positions
 
 
 def seed_for_slot(seed, step, slot):
@@ -375,10 +382,10 @@ def seed_for_slot(seed, step, slot):
 # 6. Exact resume: what may change, the checkpoint's run state, the checks on resuming -------------
 # Fields that may change between a run and its resumption, as they leave the maths alone (tests/test_train.py
 # shows each, bit for bit): what is logged, sampled and kept, where and when, the stop conditions, trackers,
-# compile and device (float rounding only), init_from (read by fresh runs only). max_steps: see below.
+# compile and device (float rounding only), grad_checkpointing, init_from (read by fresh runs only). max_steps: below.
 RESUMABLE_FIELDS = {"log_every", "sample_every", "ckpt_every", "stop_at", "keep_ckpts", "out_dir", "compile", "device",
                     "peak_tflops", "max_nonfinite_steps", "dist_timeout_s", "wandb_project", "tensorboard_dir",
-                    "sample_prompts", "init_from"}  # fmt: skip
+                    "sample_prompts", "init_from", "replan_data", "grad_checkpointing"}  # fmt: skip
 WHY_FIXED = {"max_steps": " (the cosine decay's length, which the steps so far followed; to stop early and go on "
                           "later, keep it and pass --stop_at=STEP)",
              "num_workers": " (the order of the shard data depends on it)"}  # fmt: skip
@@ -396,8 +403,7 @@ def check_resume_config(saved, current, step, pinned=()):
     free = RESUMABLE_FIELDS | set(pinned)
     if step == 0 or lr(saved.get("max_steps")) == lr(current["max_steps"]):
         free = free | {"max_steps"}
-    diff = {k: (saved.get(k), v) for k, v in current.items() if k not in free and saved.get(k) != v}
-    if diff:
+    if diff := {k: (saved.get(k), v) for k, v in current.items() if k not in free and saved.get(k) != v}:
         lines = "\n".join(f"  {k}: checkpoint has {a!r}, this run has {b!r}{WHY_FIXED.get(k, '')}"
                           for k, (a, b) in diff.items())  # fmt: skip
         sys.exit(f"error: the config does not match the checkpoint being resumed:\n{lines}\n"
@@ -463,6 +469,7 @@ def run_state(cfg, step, scaler, world, data=None):
     mine = data.positions.state() if getattr(data, "positions", None) is not None else None
     if mine is not None:  # the same kind of data on every rank, so every rank gathers
         state["data_positions"] = every_rank(mine)
+        state["data_sources"] = data.positions.sources  # the shard list they point into: alike on every rank
     return state
 
 
@@ -572,9 +579,8 @@ class Logger:
         self.enabled, self.trackers = enabled, []  # (write(scalars, step), close) pairs
         self.f = open(os.path.join(cfg.out_dir, "log.jsonl"), "a", buffering=1) if enabled else None  # line-buffered
         if enabled and cfg.wandb_project:  # one W&B run per start of the run, named after its folder
-            run = self.need("wandb", "wandb", "--wandb_project").init(
-                project=cfg.wandb_project, name=os.path.basename(os.path.abspath(cfg.out_dir)),
-                config=dataclasses.asdict(cfg), dir=cfg.out_dir)  # fmt: skip
+            run = self.need("wandb", "wandb", "--wandb_project").init(project=cfg.wandb_project, dir=cfg.out_dir,
+                name=os.path.basename(os.path.abspath(cfg.out_dir)), config=dataclasses.asdict(cfg))  # fmt: skip
             self.trackers.append((lambda rec, step: run.log(rec, step=step), run.finish))
         if enabled and cfg.tensorboard_dir:
             tb = self.need("torch.utils.tensorboard", "tensorboard", "--tensorboard_dir")
@@ -624,8 +630,7 @@ class Progress:
         self.bar = tqdm(total=cfg.max_steps, initial=step, disable=not enabled, dynamic_ncols=True)
         self.images_per_step = cfg.batch_size * cfg.grad_accum * world
         self.flops_per_image, self.world = flops_per_image, world
-        self.peak = peak_flops(device, cfg.peak_tflops)
-        self.t0, self.steps = time.time(), 0
+        self.peak, self.t0, self.steps = peak_flops(device, cfg.peak_tflops), time.time(), 0
 
     def update(self):
         self.bar.update(1)
@@ -683,33 +688,6 @@ def series(records):
     return {k: out[k] for k in [k for k in out if k not in last] + last}
 
 
-def _panel(draw, font, x0, y0, name, xs, ys):
-    """One curve in the box at (x0, y0): title, frame, the line, the value range on the left (short numbers:
-    1.67e-04, not 0.000167) and the steps below. The y axis is logarithmic (marked "log") when every value
-    is positive and they span more than a factor of 20 (losses and the LR warm-up do), linear otherwise."""
-    left, top, w, h = x0 + MARGIN, y0 + 18, PANEL_W - MARGIN - 8, PANEL_H - 18 - 22
-    draw.text((left, y0 + 2), name, fill="black", font=font)
-    draw.rectangle([left, top, left + w, top + h], outline=(160, 160, 160))
-    lo, hi = min(ys), max(ys)
-    log_y = lo > 0 and hi / lo > 20
-    f = math.log10 if log_y else (lambda v: v)
-    a, b = (f(lo) - 1, f(hi) + 1) if f(hi) - f(lo) < 1e-12 else (f(lo), f(hi))  # a flat line: centred
-    x_lo, x_span = min(xs), max(max(xs) - min(xs), 1)
-    pts = [(left + (x - x_lo) / x_span * w, top + h - (f(y) - a) / (b - a) * h) for x, y in zip(xs, ys)]
-    if len(pts) == 1:
-        draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=(31, 119, 180))
-    else:
-        draw.line(pts, fill=(31, 119, 180), width=2)
-    for value, y in ((hi, top - 2), (lo, top + h - 10)):
-        text = f"{value:.2e}" if value and abs(value) < 1e-2 else f"{value:.3g}"
-        draw.text((x0 + 2, y), text, fill="black", font=font)
-    if log_y:
-        draw.text((x0 + 2, top + h // 2 - 5), "log", fill=(120, 120, 120), font=font)
-    label = f"step {int(max(xs))}"
-    draw.text((left, top + h + 4), str(int(x_lo)), fill="black", font=font)
-    draw.text((left + w - draw.textlength(label, font=font), top + h + 4), label, fill="black", font=font)
-
-
 def plot_curves(run_dir, out=None, cols=3):
     """Draw RUN_DIR/log.jsonl into RUN_DIR/curves.png (or `out`): every logged loss, the LR and the gradient
     norm against the step, one panel each. The trainers call it at each sample interval; `python
@@ -722,7 +700,31 @@ def plot_curves(run_dir, out=None, cols=3):
     image = Image.new("RGB", (cols * PANEL_W, rows * PANEL_H), "white")
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
     for i, (name, (xs, ys)) in enumerate(curves.items()):
-        _panel(draw, font, (i % cols) * PANEL_W, (i // cols) * PANEL_H, name, xs, ys)
+        # One panel per curve, in its box at (x0, y0): title, frame, the line, the value range on the left (short
+        # numbers: 1.67e-04, not 0.000167) and the steps below. The y axis is logarithmic (marked "log") when every
+        # value is positive and they span more than a factor of 20 (losses and the LR warm-up do), linear otherwise.
+        x0, y0 = (i % cols) * PANEL_W, (i // cols) * PANEL_H
+        left, top, w, h = x0 + MARGIN, y0 + 18, PANEL_W - MARGIN - 8, PANEL_H - 18 - 22
+        draw.text((left, y0 + 2), name, fill="black", font=font)
+        draw.rectangle([left, top, left + w, top + h], outline=(160, 160, 160))
+        lo, hi = min(ys), max(ys)
+        log_y = lo > 0 and hi / lo > 20
+        f = math.log10 if log_y else (lambda v: v)
+        a, b = (f(lo) - 1, f(hi) + 1) if f(hi) - f(lo) < 1e-12 else (f(lo), f(hi))  # a flat line: centred
+        x_lo, x_span = min(xs), max(max(xs) - min(xs), 1)
+        pts = [(left + (x - x_lo) / x_span * w, top + h - (f(y) - a) / (b - a) * h) for x, y in zip(xs, ys)]
+        if len(pts) == 1:
+            draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=(31, 119, 180))
+        else:
+            draw.line(pts, fill=(31, 119, 180), width=2)
+        for value, y in ((hi, top - 2), (lo, top + h - 10)):
+            text = f"{value:.2e}" if value and abs(value) < 1e-2 else f"{value:.3g}"
+            draw.text((x0 + 2, y), text, fill="black", font=font)
+        if log_y:
+            draw.text((x0 + 2, top + h // 2 - 5), "log", fill=(120, 120, 120), font=font)
+        label = f"step {int(max(xs))}"
+        draw.text((left, top + h + 4), str(int(x_lo)), fill="black", font=font)
+        draw.text((left + w - draw.textlength(label, font=font), top + h + 4), label, fill="black", font=font)
     out = out or os.path.join(run_dir, "curves.png")
     image.save(out + ".tmp.png")  # written then renamed: a reader never sees half a PNG
     os.replace(out + ".tmp.png", out)

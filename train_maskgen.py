@@ -70,27 +70,25 @@ def token_batches(cfg, tokenizer, rank, world, start_step, device, resume=None):
     ids (B, K); KL tokens the posterior's cat(mean, logvar) (B, K, 2C), from which MaskGen draws
     a fresh sample each time. Streams keep get.positions and restart from resume= (as
     train_common.image_batches)."""
-    B, mode = cfg.batch_size, tokenizer.config.quantize_mode
+    B, tcfg, mode = cfg.batch_size, tokenizer.config, tokenizer.config.quantize_mode
     if cfg.data.startswith("pretokenized:"):
         start = start_step * cfg.grad_accum
-        positions = resume_positions(resume, rank, cfg.num_workers, start)
+        # Samples that do not fit this tokenizer (token count, codebook or width) are skipped and counted.
+        fit = dict(codebook_size=tcfg.codebook_size) if mode == "vq" else dict(token_size=tcfg.token_size)
         ds = data.PretokenizedDataset(cfg.data.split(":", 1)[1], rank=rank, world_size=world, seed=cfg.seed,
-                                 start_batch=start, batch_size=B, positions=positions.saved)  # fmt: skip
+                                      start_batch=start, batch_size=B, num_tokens=tcfg.num_latent_tokens, **fit)
+        positions = resume_positions(resume, rank, cfg, start, ds)  # checked against ds's shards; given to ds
         loader = torch.utils.data.DataLoader(ds, batch_size=B, num_workers=cfg.num_workers, collate_fn=data.collate)
         stream = iter(loader)
 
         def get(step, k):
             b = next(stream)
             positions.consumed(b)  # where this batch's reader now stands, for the checkpoint
-            key = "tokens" if mode == "vq" else "posterior"
-            if key not in b:
-                sys.exit(f"error: {cfg.data} holds {'posteriors' if key == 'tokens' else 'VQ ids'}, but the "
-                         f"tokenizer is {mode.upper()}; pretokenize with the same tokenizer")  # fmt: skip
             aes = torch.tensor([cfg.aesthetic_default if a is None or math.isnan(a) else a for a in b["aesthetic"]])
             captions = data.pick_captions(b["caption"], b["recaption"], cfg.recaption_prob)  # 95% recaption
-            return b[key].to(device), captions, aes.to(device)
+            return b["tokens" if mode == "vq" else "posterior"].to(device), captions, aes.to(device)
 
-        get.positions = positions
+        get.positions, get.skipped = positions, ds.skipped
         return get
 
     get_images = image_batches(cfg, tokenizer.config.image_size, rank, world, start_step, cfg.recaption_prob, resume)
@@ -104,6 +102,7 @@ def token_batches(cfg, tokenizer, rank, world, start_step, device, resume=None):
         return tokens, captions, torch.full((len(captions),), aes_const, device=device)
 
     get.positions = getattr(get_images, "positions", None)  # shards / folders; the shapes world has none
+    get.skipped = getattr(get_images, "skipped", None)  # corrupt / filtered samples, by reason
     return get
 
 
@@ -121,7 +120,27 @@ def main(argv=None):
         tokenizer, text_encoder = checkpoint.load_tokenizer(cfg.tokenizer)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    # ---- pretokenized shards pair with the tokenizer by content: ids written by other weights would
+    # train without an error, and mean nothing to this decoder. Each folder's meta.json records its digest.
+    tok_digest, unrecorded = content_digest(tokenizer.state_dict()), []  # sha256 of the weights
+    try:
+        paths = data.list_shards(cfg.data.split(":", 1)[1]) if cfg.data.startswith("pretokenized:") else []
+        for folder in sorted({os.path.dirname(p) or "." for p in paths}):
+            meta = data.read_pretokenized_meta(folder) or {}
+            wrote, source = meta.get("tokenizer_digest"), meta.get("tokenizer")
+            if wrote is None:
+                unrecorded.append(folder)
+            elif wrote != tok_digest:
+                sys.exit(f"error: the tokens in {folder} were written by tokenizer {source} (weights "
+                         f"{str(wrote)[:16]}), not by --tokenizer={cfg.tokenizer} (weights {tok_digest[:16]}); pass "
+                         f"--tokenizer={source}, or pretokenize again with this tokenizer: python data.py "
+                         f"pretokenize --tokenizer {cfg.tokenizer} --data ... --out NEW_FOLDER")  # fmt: skip
+    except (ValueError, FileNotFoundError) as e:  # no shards there, a meta.json that does not parse
+        sys.exit(f"error: --data={cfg.data}: {e}")
     rank, world, device, autocast, scaler, log = setup_run(cfg)  # DDP, precision, rank-0 logger
+    if unrecorded:
+        log(text=f"warning: no tokenizer digest recorded in {', '.join(unrecorded)} (meta.json of data.py "
+                 f"pretokenize); the tokens are not checked against --tokenizer={cfg.tokenizer}")
     master = rank == 0
     tokenizer, text_encoder = tokenizer.to(device), text_encoder.to(device)
     tcfg = tokenizer.requires_grad_(False).config
@@ -134,8 +153,7 @@ def main(argv=None):
 
     # ---- resume or start. The frozen inputs are pinned by content: a resume on other weights
     # (same path, new files) would go on with other tokens.
-    inputs = {"tokenizer": content_digest(tokenizer.state_dict()),
-              "text_encoder": content_digest(text_encoder.state_dict())}  # sha256 of the weights
+    inputs = {"tokenizer": tok_digest, "text_encoder": content_digest(text_encoder.state_dict())}
     path, ckpt = find_resume(cfg, log, inputs)  # refuses a checkpoint trained on other inputs
     init = None
     if ckpt is not None:
@@ -183,6 +201,7 @@ def main(argv=None):
     log(text=f"MaskGen-{mcfg.mode.upper()} ({cfg.maskgen}): {n / 1e6:.1f}M parameters, {mcfg.num_tokens} tokens, "
              f"{train_flops / 1e9:.2f} GFLOP per sample per step, {world} process(es) on {device}")  # rank 0 logs
 
+    model.trunk.grad_checkpointing = cfg.grad_checkpointing  # recompute each joint block in backward
     fwd_model = torch.compile(model) if cfg.compile else model
     if world > 1:
         fwd_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -239,7 +258,11 @@ def main(argv=None):
         if master and (step % cfg.log_every == 0 or step == end):
             rec = {"step": step, "loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm), **progress.read()}
             rec["skipped_nonfinite"] = control.skipped  # steps skipped so far (non-finite grad norm)
-            log(rec, f"step {step:7d} | " + " | ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "step"))
+            line = " | ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "step")
+            if get_batch.skipped is not None:  # streams: bad / filtered samples so far, by reason
+                rec["skipped"] = get_batch.skipped.counts()
+                line += f" | skipped {get_batch.skipped.summary()}"
+            log(rec, f"step {step:7d} | {line}")
         if master and (step % cfg.sample_every == 0 or step == end):
             with torch.no_grad():
                 f, gen = prompt_feats, torch.Generator(device=device).manual_seed(cfg.seed)

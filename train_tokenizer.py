@@ -142,6 +142,7 @@ def main(argv=None):
     control = RunControl(cfg, world, log, last_ckpt=path)  # non-finite steps, SIGTERM / SIGINT
 
     # ---- compile, then wrap for DDP (compile the plain module; DDP syncs its grads)
+    model.encoder.grad_checkpointing = model.decoder.grad_checkpointing = cfg.grad_checkpointing  # per block
     fwd_model = torch.compile(model.before_compile()) if cfg.compile else model
     fwd_disc = torch.compile(disc) if cfg.compile and disc is not None else disc
     if world > 1:

@@ -3,6 +3,7 @@ figures (no timing assertions: this machine's speed is not under test)."""
 
 import math
 
+import pytest
 import torch
 
 import bench
@@ -29,8 +30,6 @@ def test_bench_tiny(capsys):
 
 
 def test_bench_help_is_a_plain_description(capsys):
-    import pytest
-
     with pytest.raises(SystemExit):
         bench.main(["--help"])
     out = capsys.readouterr().out
@@ -54,3 +53,18 @@ def test_peak_only_prints_one_peak_per_dtype(capsys):
     bench.main(["--peak-only", "--dtype", "fp32"])
     out = capsys.readouterr().out.splitlines()
     assert out[-1].startswith("fp32: torch.matmul peak ") and float(out[-1].split()[-2]) > 0
+
+
+def test_grad_ckpt_memory_tiny(capsys):
+    """--grad-ckpt on the tiny preset: one line per model, the method named, and checkpointing needs less
+    memory than not (it keeps each block's input instead of all its activations)."""
+    bench.main(["--preset", "tiny", "--grad-ckpt", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "CPU" in out.splitlines()[0] and "torch.profiler's events" in out.splitlines()[0]
+    lines = [line for line in out.splitlines() if "peak activation memory with / without checkpointing" in line]
+    assert [line.split(" (")[0] for line in lines] == ["MaskGen-VQ tiny_vq", "TA-TiTok-VQ tiny"]
+    for line in lines:
+        mib = line.split("checkpointing ")[1].split(" MiB")[0]  # "with / without"
+        with_, without = (float(v.replace(",", "")) for v in mib.split(" / "))
+        saved = float(line.split("saved ")[1].rstrip("%"))
+        assert 0 < with_ < without and 0 < saved < 100

@@ -202,7 +202,7 @@ def test_maskgen_errors(tmp_path):
         del cfg["model"]["maskgen"]
 
     with pytest.raises(ValueError, match="not a MaskGen config.json: missing field 'maskgen'"):
-        C.maskgen_kwargs(C.read_config(write_official(vq, tmp_path / "bad_cfg", config_edit=not_maskgen)))
+        C.config_kwargs(C.read_config(write_official(vq, tmp_path / "bad_cfg", config_edit=not_maskgen)), maskgen=True)
 
 
 # ---------------------------------------------------------------------------- both
@@ -228,7 +228,9 @@ def test_save_writes_a_loadable_release(tmp_path):
     for model, load in ((tok, tok_from), (vq, C.load_generator)):
         path = C.save_release(model, tmp_path / type(model).__name__)
         assert sorted(os.listdir(path)) == ["config.json", "model.safetensors"]
-        assert json.loads((tmp_path / type(model).__name__ / "config.json").read_text()) == C.release_config(model)
+        sha = {"model.safetensors": hashlib.sha256(open(os.path.join(path, "model.safetensors"), "rb").read()).hexdigest()}
+        want = {**C.release_config(model), "extra_fields": {"sha256": sha}}  # the official layout + the file's hash
+        assert json.loads((tmp_path / type(model).__name__ / "config.json").read_text()) == want
         loaded = load(path)
         assert loaded.config == model.config
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
@@ -373,6 +375,9 @@ def test_bad_release_files_are_named(tmp_path):
             C.load_tokenizer(str(path))
     C.save_release(model, path)
     (path / "model.safetensors").write_bytes(b"garbage" * 3)
+    with pytest.raises(ValueError, match=r"model.safetensors has sha256 [0-9a-f]{16}, but .*config.json records"):
+        tok_from(path)
+    (path / "config.json").write_text(json.dumps(C.release_config(model)))  # no hashes recorded, as official
     with pytest.raises(ValueError, match=r"model.safetensors is not a readable safetensors file \(.*header.*\); "
                                          r"it is damaged or incomplete"):  # fmt: skip
         tok_from(path)
@@ -391,12 +396,13 @@ def test_release_keeps_every_setting_and_refuses_nonfinite_weights(tmp_path):
     for model, load in ((kl, C.load_generator), (vq, C.load_generator), (tok, tok_from)):
         path = C.save_release(model, tmp_path / type(model).__name__)
         assert load(path).config == model.config, type(model).__name__
-    assert json.loads((tmp_path / "MaskGenKL" / "config.json").read_text())["extra_fields"] == {
-        "pos_init_std": 1.0, "diffloss_clip_x0": 3.0}
+    extra = json.loads((tmp_path / "MaskGenKL" / "config.json").read_text())["extra_fields"]
+    assert {k: v for k, v in extra.items() if k != "sha256"} == {"pos_init_std": 1.0, "diffloss_clip_x0": 3.0}
     for official_size in (PRESETS["maskgen_vq_l"], PRESETS["maskgen_kl_l"], T.PRESETS["tatitok_bl32_vq"]):
         assert "extra_fields" not in C.release_config(types.SimpleNamespace(config=official_size))
     cfg = json.loads((tmp_path / "MaskGenVQ" / "config.json").read_text())
     cfg["model"]["maskgen"].update(cfg=2.0, num_iter=3)
+    del cfg["extra_fields"]["sha256"]  # the file is rewritten below
     (tmp_path / "MaskGenVQ" / "config.json").write_text(json.dumps(cfg))
     loaded = C.load_generator(tmp_path / "MaskGenVQ")
     assert (loaded.config.guidance_scale, loaded.config.num_steps) == (2.0, 3)

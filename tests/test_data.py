@@ -156,7 +156,7 @@ def test_corrupt_shard_is_read_through_and_counted(tmp_path, caplog):
     ds2 = data.TarShardDataset(pattern, image_size=32, infinite=False, shuffle=False)
     batches = list(DataLoader(ds2, batch_size=2, num_workers=1))
     assert sum(len(b["key"]) for b in batches) == 3
-    assert ds2.skipped.counts()["corrupt_image"] == 2 and ds2.skipped.total() == 8
+    assert ds2.skipped.counts()["corrupt_image"] == 2 and sum(ds2.skipped.counts().values()) == 8
 
 
 def _abc_tar(tmp_path):
@@ -184,7 +184,7 @@ def test_truncated_tar_keeps_every_complete_sample(tmp_path, cut):
     # Samples a and b are complete before every cut, so both are kept (a cut in c's first
     # member must not drop b), and every kind of cut is counted once.
     assert keys == (["a", "b", "c"] if cut == "none" else ["a", "b"])
-    assert counter.counts()["truncated_member"] == (cut != "none") and counter.total() == (cut != "none")
+    assert counter.counts()["truncated_member"] == (cut != "none") and sum(counter.counts().values()) == (cut != "none")
 
 
 def test_bad_shard_counted_once_per_epoch(tmp_path):
@@ -223,7 +223,7 @@ def test_pixel_limit_before_decoding(tmp_path):
     assert {k: v for k, v in ds.skipped.counts().items() if v} == {"too_many_pixels": 1, "corrupt_image": 1}
     assert data.MAX_PIXELS == 8192 * 8192
     small = data.TarShardDataset(path, image_size=256, infinite=False, shuffle=False, max_pixels=300 * 300 - 1)
-    assert list(small) == [] and small.skipped.total() == small.skipped.counts()["too_many_pixels"] == 3
+    assert list(small) == [] and sum(small.skipped.counts().values()) == small.skipped.counts()["too_many_pixels"] == 3
 
 
 def test_only_the_listed_image_formats_are_decoded(tmp_path, monkeypatch):
@@ -430,11 +430,11 @@ def test_pretokenized_vq_ids_round_trip_exactly(tmp_path):
         assert s["tokens"].dtype == torch.int64 and s["tokens"].tolist() == np.roll(ids, i).tolist()
         assert s["caption"] == f"cap {i}" and float(s["aesthetic"]) == 5.0
     assert data.token_dtype(2**16) == np.int32
-    # A float16 token file (the official layout's bug) is refused, not silently read.
+    # A float16 token file (the official layout's bug) is skipped and counted, never read as ids.
     path = _write_tar(tmp_path / "fp16.tar", [("x.tokens.npy", shards.encode_npy(ids.astype(np.float16))),
                                               ("x.txt", b"c")])  # fmt: skip
-    with pytest.raises(TypeError, match="not integers"):
-        list(data.PretokenizedDataset(path, infinite=False))
+    ds = data.PretokenizedDataset(path, infinite=False)
+    assert list(ds) == [] and ds.skipped.counts()["bad_tokens"] == 1
 
 
 def test_pretokenized_kl_round_trip(tmp_path):
@@ -502,6 +502,7 @@ def test_pretokenize_cli_end_to_end_ddp(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     meta = json.loads((out / "meta.json").read_text())
     assert meta["num_samples"] == 7 and meta["quantize_mode"] == "vq" and meta["token_dtype"] == "int16"
+    assert meta["tokenizer_digest"] == checkpoint.content_digest(model.state_dict())  # what wrote them, by content
     assert sorted(os.listdir(out)) == ["meta.json", "pretok-rank000-000000.tar", "pretok-rank001-000000.tar"]
     got = {s["caption"] + "|" + s["key"]: s["tokens"] for s in data.PretokenizedDataset(str(out), infinite=False)}
     assert len(got) == 7

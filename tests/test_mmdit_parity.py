@@ -7,7 +7,7 @@ import torch
 diffusers_attention = pytest.importorskip("diffusers.models.attention")
 diffusers_norm = pytest.importorskip("diffusers.models.normalization")
 
-from maskgen import AdaLNContinuous, JointBlock, block_key_from_official, split_qkv  # noqa: E402
+from maskgen import BLOCK_RENAMES, AdaLNContinuous, JointBlock, _rename, split_qkv  # noqa: E402
 
 D, HEADS, N, L = 64, 4, 10, 7
 
@@ -25,7 +25,7 @@ def test_joint_block_matches_diffusers(pre_only):
     ref = diffusers_attention.JointTransformerBlock(D, HEADS, D // HEADS, context_pre_only=pre_only).eval()
     randomise(ref, seed=int(pre_only))
     ours = JointBlock(D, HEADS, txt_pre_only=pre_only).eval()
-    sd = {block_key_from_official(k): v for k, v in ref.state_dict().items()}
+    sd = {_rename(k, BLOCK_RENAMES): v for k, v in ref.state_dict().items()}
     if pre_only:  # its text queries are unused; we do not hold them
         assert sd.pop("attn.txt_q.weight") is not None and sd.pop("attn.txt_q.bias") is not None
     assert None not in sd

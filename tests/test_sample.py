@@ -589,7 +589,7 @@ def test_png_writes_are_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["a.png"] and pixels(tmp_path / "a.png").shape == (4, 4, 3)
 
     def dies_mid_write(self, fp, *a, **k):
-        open(fp, "wb").write(b"\x89PNG half")
+        fp.write(b"\x89PNG half")  # into the file object atomic_write opened
         raise OSError("No space left on device")
 
     monkeypatch.setattr(Image.Image, "save", dies_mid_write)

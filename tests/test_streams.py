@@ -1,6 +1,7 @@
 """Shard streams: O(1) exact resume from saved reader positions (tar shards, image
-batches over DataLoader workers and DDP ranks, pretokenized tokens, a trainer), and
-shards read through `pipe:` commands and http:// URLs. Fast (CPU, tiny shards)."""
+batches over DataLoader workers and DDP ranks, pretokenized tokens, a trainer), the shard
+list checkpoints record (a changed one is refused, or re-planned on request), and shards
+read through `pipe:` commands and http:// URLs. Fast (CPU, tiny shards)."""
 
 import functools
 import glob
@@ -8,6 +9,7 @@ import http.server
 import io
 import logging
 import os
+import shutil
 import tarfile
 import threading
 
@@ -17,6 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import checkpoint
 import data
 import shards
 import train_tokenizer
@@ -197,6 +200,69 @@ def test_trainer_resume_on_shards_is_exact(tmp_path):
     for key in ("model", "ema"):
         assert all(torch.equal(straight[key][k], resumed[key][k]) for k in straight[key]), key
     assert torch.equal(straight["data_positions"][0]["positions"], resumed["data_positions"][0]["positions"])
+
+
+def test_shard_list_changes_are_named(tmp_path):
+    _shards(tmp_path / "a", n_shards=5)
+
+    def record(spec):
+        return data.TarShardDataset(spec, image_size=8).sources()
+
+    before = record(str(tmp_path / "a"))
+    assert before["count"] == 5 and len(before["list"]) < 100  # compressed names and sizes
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")  # the same files elsewhere: nothing changed
+    assert shards.source_changes(before, record(str(tmp_path / "moved"))) is None
+    order = "::".join(str(tmp_path / "a" / f"{i:03d}.tar") for i in (1, 0, 2, 3, 4))
+    assert shards.source_changes(before, record(order)).endswith("the same shards in another order")
+    os.remove(tmp_path / "a" / "003.tar")  # a brace pattern keeps a missing name (counted when read)
+    assert shards.source_changes(before, record(str(tmp_path / "a" / "{000..004}.tar"))) == \
+        "5 shards then, 5 now; 1 missing: 003.tar"  # fmt: skip
+    for i in range(5, 10):
+        shutil.copy(tmp_path / "a" / "000.tar", tmp_path / "a" / f"{i:03d}.tar")
+    assert shards.source_changes(before, record(str(tmp_path / "a"))) == \
+        "5 shards then, 9 now; 5 added: 005.tar, 006.tar, 007.tar ...; 1 missing: 003.tar"  # fmt: skip
+    piped = f"pipe:cat {tmp_path}/a/{{000..002}}.tar"  # pipes and URLs: by name only
+    assert shards.source_changes(record(piped), record(piped)) is None
+
+
+def test_changed_shard_list_is_refused_or_replanned(tmp_path, capsys):
+    """Resuming on shards added, removed or rewritten since the checkpoint is refused, naming
+    them; --replan_data starts every reader on a new epoch over the new list, with a warning.
+    A checkpoint without the record resumes as before, with a warning."""
+    folder, away = tmp_path / "shards", tmp_path / "away.tar"
+    data.make_shapes_shards(str(folder), n=30, per_shard=10)  # shapes-000000.tar .. shapes-000002.tar
+    opts = [f"--data={folder}", "--batch_size=3", "--max_steps=10", "--sample_every=100", "--disc_start=100"]
+
+    def run(stop, *args):
+        train_tokenizer.main([f"--out_dir={tmp_path / 'run'}", "--config=tiny", *opts, f"--stop_at={stop}", *args])
+        return torch.load(tmp_path / "run" / f"ckpt_{stop:08d}.pt", weights_only=True)
+
+    first = run(1)
+    faults = {  # each fault, then how it is undone, and what the refusal names
+        "added": (lambda: shutil.copy(folder / "shapes-000000.tar", folder / "shapes-000003.tar"),
+                  lambda: os.remove(folder / "shapes-000003.tar"), "3 shards then, 4 now; 1 added: shapes-000003.tar"),
+        "removed": (lambda: os.replace(folder / "shapes-000001.tar", away),
+                    lambda: os.replace(away, folder / "shapes-000001.tar"),
+                    "3 shards then, 2 now; 1 missing: shapes-000001.tar"),
+        "resized": (lambda: open(folder / "shapes-000002.tar", "ab").write(bytes(10240)), None,  # padded: same samples
+                    "3 shards then, 3 now; 1 resized: shapes-000002.tar \\(\\d+ -> \\d+ bytes\\)"),
+    }  # fmt: skip
+    for fault, (do, undo, named) in faults.items():
+        do()
+        with pytest.raises(SystemExit, match=rf"^error: the data changed since the checkpoint at step 1: {named}\. "
+                                             r"Restore the shards .* or pass --replan_data"):  # fmt: skip
+            run(2)
+        if undo:
+            undo()
+    capsys.readouterr()
+    second = run(2, "--replan_data")  # on the resized shard
+    assert "warning: the data changed (3 shards then, 3 now; 1 resized" in capsys.readouterr().out
+    assert first["data_positions"][0]["positions"][0, 0] == 0 and second["data_positions"][0]["positions"][0, 0] == 1
+    assert second["data_sources"]["sha256"] != first["data_sources"]["sha256"]  # the new list, from now on
+    ck = torch.load(tmp_path / "run" / "ckpt_00000002.pt", weights_only=True)
+    del ck["sha256"], ck["data_sources"]  # as written before checkpoints recorded the list
+    torch.save({**ck, "sha256": checkpoint.content_digest(ck)}, tmp_path / "run" / "ckpt_00000002.pt")
+    assert run(3)["step"] == 3 and "predates recording its shard list" in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------

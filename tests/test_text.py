@@ -45,8 +45,8 @@ def test_small_tower_matches_open_clip(name):
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
     assert torch.equal(ours.attn_mask, theirs.attn_mask)
     # Same tokenizer, same maths.
-    ids = ours.tokenize(CAPTIONS)
-    assert torch.equal(ids, theirs.tokenize(CAPTIONS))
+    ids = ours.tokenizer(CAPTIONS)
+    assert torch.equal(ids, theirs.tokenizer(CAPTIONS))
     f_ours, f_theirs = ours(ids), theirs(ids)
     for x, y in zip(f_ours, f_theirs):
         assert torch.allclose(x, y, atol=1e-5), (x - y).abs().max()

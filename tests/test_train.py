@@ -370,6 +370,8 @@ CHANGES = {
     "peak_tflops": ["--peak_tflops=1"], "max_nonfinite_steps": ["--max_nonfinite_steps=1"],
     "dist_timeout_s": ["--dist_timeout_s=30"], "sample_prompts": ["--sample_prompts=a red circle|two blue squares"],
     "init_from": ["--init_from=no/such/run"],  # read by fresh runs only
+    "grad_checkpointing": ["--grad_checkpointing=true"],  # recomputes the same activations: the same gradients
+    "replan_data": ["--replan_data"],  # the shapes world: nothing to re-plan
     "wandb_project": ["--wandb_project=p"], "tensorboard_dir": ["--tensorboard_dir=tb"],  # fake trackers
     "max_steps": ["--max_steps=8", "--stop_at=4"],  # a constant schedule does not read it
     "tokenizer": [],  # the same tokenizer, moved: --tokenizer=<a copy> (its content is pinned by hash)

@@ -679,8 +679,7 @@ def init_weights(ref, role, config, presets, flag, tokenizer=None):
         check_pair(tokenizer[0], src.config, tokenizer[1], src.where)
 
     def differs(c):  # the fields in which config c differs from the init's
-        return [f.name for f in dataclasses.fields(c) if f.name != "scale_factor" and getattr(c, f.name) !=
-                getattr(src.config, f.name)]  # fmt: skip
+        return [k for k in vars(c) if k != "scale_factor" and getattr(c, k) != getattr(src.config, k)]
 
     if diff := differs(config):
         held, built = (", ".join(f"{k} {getattr(c, k)!r}" for k in diff) for c in (src.config, config))

@@ -466,11 +466,10 @@ def make_shapes_shards(out_dir, n, per_shard=1000, seed=0, category_mix=None, pr
 
 
 def _cmd_make_shapes(args):
-    counts = tuple(args.counts) if args.counts else None
-    if counts and not 0 < args.share <= 1:
+    if args.counts and not 0 < args.share <= 1:
         raise ValueError(f"--share must be in (0, 1] with --counts, got {args.share}")
     mix = [float(w) for w in args.mix.split(",")] if args.mix else None
-    paths = make_shapes_shards(args.out, args.n, args.per_shard, args.seed, mix, counts=counts, share=args.share,
+    paths = make_shapes_shards(args.out, args.n, args.per_shard, args.seed, mix, counts=args.counts, share=args.share,
                                folder=args.folder)  # fmt: skip
     print(f"wrote {args.n} shapes samples {'as files' if args.folder else f'in {len(paths)} shard(s)'} to {args.out}/")
 

@@ -52,10 +52,7 @@ RELATION_MAX_CROSS = 8  # ... and by <= this along the other axis
 # "subject <relation> reference" true (y grows downwards).
 RELATION_AXES = {"to the left of": ("x", -1), "to the right of": ("x", +1), "above": ("y", -1), "below": ("y", +1)}
 CATEGORIES = ("single", "count", "relation")
-NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
-# The counts the world draws by default. "four" is a word the shipped models never saw: ShapesWorld(counts=(4,))
-# makes scenes to teach it (`python data.py make-shapes --counts 4`), and the detector scores it like the others.
-COUNTS = (2, 3)
+NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}  # "four": only in scenes asked for (ShapesWorld's counts)
 SHAPES_AESTHETIC = 6.5  # every shapes sample carries this constant aesthetic score
 HELDOUT_SEED = 1_000_003  # the held-out prompt sampler's seed; training uses small seeds (0, 1, ...)
 
@@ -192,7 +189,8 @@ def parse_caption(caption):
     if m := _CAPTION_RES["single"].fullmatch(text):
         return CaptionSpec("single", (m.groups(),), 1)
     raise ValueError(f"{caption!r} is not a shapes caption; write 'a <colour> <shape>', "
-                     f"'{'|'.join(NUMBER_WORDS.values())} <colour> <shape>s' or 'a <colour> <shape> <relation> a <colour> <shape>' "
+                     f"'{'|'.join(NUMBER_WORDS.values())} <colour> <shape>s' or "
+                     "'a <colour> <shape> <relation> a <colour> <shape>' "
                      f"with colours {_COLOR_NAMES}, shapes {SHAPES} and relations {RELATIONS}")
 
 
@@ -252,9 +250,10 @@ class ShapesWorld:
     """Seeded generator of shapes scenes. Sample `index` draws from its own numpy Generator
     seeded with [seed, index], so it can be regenerated alone, in any order, on any rank.
     category_mix: None (equal thirds), {"single": w, "count": w, "relation": w}, or 3 weights.
-    counts: the object counts of "count" scenes, drawn uniformly (NUMBER_WORDS keys)."""
+    counts: the object counts of "count" scenes, drawn uniformly (NUMBER_WORDS keys). (4,) teaches the word
+    "four", which the shipped models never saw (`python data.py make-shapes --counts 4`)."""
 
-    def __init__(self, seed=0, category_mix=None, counts=COUNTS):
+    def __init__(self, seed=0, category_mix=None, counts=(2, 3)):
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         if not counts or not set(counts) <= set(NUMBER_WORDS):

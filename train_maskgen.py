@@ -50,8 +50,8 @@ class TrainConfig(RunConfig):  # RunConfig: optimisation, numerics, device, seed
     aesthetic_default: float = option(6.5, "the aesthetic score of a sample that carries none")
     scale_factor: float = option(-1.0, "KL: token scale; -1 = the preset's for official tokenizers, else 1/std")
     schedule: str = option("cosine", "cosine | constant (after the warm-up)")
-    init_from: str = option("", "fine-tune (stage 2): start from these weights (EMA if any): a release dir or Hub id, "
-                                "a run or ckpt file; the preset must build its model")  # fmt: skip
+    init_from: str = option("", "fine-tune (stage 2): start from these weights (EMA if any): a release dir or Hub "
+                                "id, a run or ckpt file; the preset must build its model")  # fmt: skip
     sample_prompts: str = option("", '"|"-separated prompts of the sample grids; empty = a fixed shapes-world set')
     out_dir: str = option("runs/maskgen", "checkpoints, log.jsonl, config.json, sample grids")
 

@@ -58,8 +58,8 @@ class TrainConfig(RunConfig):  # RunConfig: optimisation, numerics, device, seed
                                    "tiny)")  # fmt: skip
     disc_start: int = option(-1, "step at which the GAN switches on; -1 keeps the loss preset's (official 200k)")
     caption_drop: float = option(0.0, 'share of training samples decoded with the empty caption "" (official: 0)')
-    init_from: str = option("", "fine-tune: start from these weights (EMA if any; the discriminator starts afresh): a "
-                                "release dir or Hub id, a run or ckpt file; the preset must build its model")  # fmt: skip
+    init_from: str = option("", "fine-tune: start from these weights (EMA if any; a fresh discriminator): a release "
+                                "dir or Hub id, a run or ckpt file; the preset must build its model")  # fmt: skip
     out_dir: str = option("runs/tokenizer", "checkpoints, log.jsonl, config.json, reconstruction grids")
 
 
@@ -83,11 +83,8 @@ def main(argv=None):
     seed_everything(cfg.seed)
     tcfg = T.PRESETS[cfg.tokenizer]
     model = T.TATiTok(tcfg).to(device)
-    if cfg.text_encoder in TEXT_PRESETS:  # a small random tower (tests, shapes world)
-        text_encoder = TextEncoder.from_config(**TEXT_PRESETS[cfg.text_encoder])
-    else:
-        text_encoder = TextEncoder(cfg.text_encoder, cfg.text_pretrained)
-    text_encoder.to(device)
+    text_encoder = (TextEncoder.from_config(**TEXT_PRESETS[cfg.text_encoder]) if cfg.text_encoder in TEXT_PRESETS
+                    else TextEncoder(cfg.text_encoder, cfg.text_pretrained)).to(device)  # random: tests, shapes world
     if (text_encoder.context_length, text_encoder.width) != (tcfg.text_context_length, tcfg.text_embed_dim):
         sys.exit(f"error: text encoder {cfg.text_encoder} gives (L={text_encoder.context_length}, "
                  f"W={text_encoder.width}) but tokenizer {cfg.tokenizer} expects (L={tcfg.text_context_length}, "
@@ -120,12 +117,12 @@ def main(argv=None):
             init, src = checkpoint.init_weights(cfg.init_from, "tokenizer", tcfg, T.PRESETS, "--tokenizer")
         except (ValueError, FileNotFoundError) as e:
             sys.exit(f"error: --init_from={cfg.init_from}: {e}")
-        if src.text.name not in (None, cfg.text_encoder) or (src.text.state is None and src.text.pretrained !=
-                                                              cfg.text_pretrained):  # fmt: skip
-            sys.exit(f"error: --init_from={cfg.init_from} was trained with text encoder {src.text.name} "
-                     f"({src.text.pretrained}); pass --text_encoder={src.text.name} --text_pretrained={src.text.pretrained}")
-        if src.text.state is not None:  # a small random tower: the init's own weights
-            text_encoder.load_state_dict(src.text.state)
+        t = src.text  # the text encoder it was trained with (a small random tower: with its weights)
+        if t.name not in (None, cfg.text_encoder) or t.state is None and t.pretrained != cfg.text_pretrained:
+            sys.exit(f"error: --init_from={cfg.init_from} was trained with text encoder {t.name} ({t.pretrained}); "
+                     f"pass --text_encoder={t.name} --text_pretrained={t.pretrained}")
+        if t.state is not None:
+            text_encoder.load_state_dict(t.state)
         ema.load_state_dict(checkpoint.load_checked(model, init, src.where).state_dict())
         log(text=f"initialised from {src.where}")
     if ckpt is not None:

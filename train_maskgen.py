@@ -48,7 +48,7 @@ class TrainConfig(RunConfig):  # RunConfig: optimisation, numerics, device, seed
     caption_drop: float = option(0.1, "fraction of samples trained on the empty caption (CFG's null condition)")
     recaption_prob: float = option(0.95, "use the recaption (if a sample has one) with this probability")
     aesthetic_default: float = option(6.5, "the aesthetic score of a sample that carries none")
-    scale_factor: float = option(-1.0, "KL: token scale; -1 = the init's, the preset's (official tokenizers), else 1/std")
+    scale_factor: float = option(-1.0, "KL: token scale; -1: the init's, an official tokenizer's preset, or 1/std")
     schedule: str = option("cosine", "cosine | constant (after the warm-up)")
     init_from: str = option("", "fine-tune (stage 2): start from these weights (EMA if any): a release dir or Hub "
                                 "id, a run or ckpt file; the preset must build its model")  # fmt: skip

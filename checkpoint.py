@@ -839,9 +839,9 @@ def export_release(ref, out, which=None, tokenizer=None, overwrite=False, revisi
             # records them), for sample.py's out-of-vocabulary warning, which never reads shapes.py.
             words = s.records.get("vocabulary")  # a run's records never hold it
             if s.ckpt is not None and str((s.ckpt.get("config") or {}).get("data", "")).split(":")[0] == "shapes":
-                import shapes  # only here. Captions: "a|two|three <colour> <shape>[s] [<relation> a <colour> <shape>]"
-                words = sorted({"a", *shapes.COLORS, *shapes.NUMBER_WORDS.values(), *" ".join(shapes.RELATIONS).split(),
-                                *shapes.SHAPES, *(w + "s" for w in shapes.SHAPES)})
+                import shapes  # only here: the default world's words ("four" only where asked for)
+                words = sorted({"a", *shapes.COLORS, *map(shapes.NUMBER_WORDS.get, shapes.ShapesWorld().counts),
+                                *" ".join(shapes.RELATIONS).split(), *shapes.SHAPES, *(w + "s" for w in shapes.SHAPES)})
             records = {"vocabulary": words} if words else {}
             if role == "generator" and tok is not None:  # its tokenizer's digest as loaded from where it is written
                 loaded = resolve(os.path.join(tmp, "tokenizer"), "tokenizer") if beside else tok  # (fp16: rounded)

@@ -499,7 +499,6 @@ def main(argv=None):
         sys.exit(130)
     # 6. After every rank is done (and has left the process group), rank 0 draws the grid from the files on disk.
     if torchrun:
-        train_common.barrier()
         train_common.teardown()
     grid_path = os.path.join(args.outdir, "grid.png") if rank == 0 and args.grid_rows > 0 else None
     if grid_path:  # outside the numbered folders: GenEval skips it

@@ -201,14 +201,10 @@ def setup_distributed(device="auto", mps=True, backend=None, timeout=None):
     return rank, world, device
 
 
-def barrier():
+def teardown():
+    """Wait for every rank, then leave the process group, if this process joined one."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def teardown():
-    """Leave the process group, if this process joined one."""
-    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -497,21 +493,25 @@ class RunControl:
     (naming the last good checkpoint), or SIGTERM / SIGINT (from SLURM, Kubernetes, torchrun, Ctrl-C):
     a flag the ranks agree on after every step (a tiny all-reduce), then a checkpoint and exit 128 +
     signal. A second signal exits at once with that status, leaving no partial checkpoint; a third is
-    the default action. Every way out goes through close(), which closes log.jsonl and the trackers."""
+    the default action. A repeat within ECHO_S seconds is the first seen twice (SLURM signals every
+    process of a job, torchrun forwards its own copy). Every way out goes through close()."""
+
+    ECHO_S = 2.0
 
     def __init__(self, cfg, world, log, last_ckpt=None):
         self.cfg, self.world, self.log, self.last_ckpt = cfg, world, log, last_ckpt
         # stopping: the signal every rank agreed on at the last stop_requested(); 0 = go on
-        self.in_a_row = self.skipped = self.signum = self.stopping = 0
+        self.in_a_row = self.skipped = self.signum = self.stopping = self.t_signal = 0
         self.old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _on_signal(self, signum, frame):
-        if self.signum:  # the second signal: stop now, wherever the run is. Raised, not killed,
-            self.close(logs=False)  # so cleanup runs (a checkpoint being written removes its .tmp)
-            raise SystemExit(128 + signum)  # (the trackers are left to exit: wandb may sync for long)
-        self.signum = signum
-        tqdm.write(f"received {signal.Signals(signum).name}: finishing this step and writing a checkpoint "
-                   f"(send it again to stop at once)")  # fmt: skip
+        if self.signum and time.monotonic() - self.t_signal >= self.ECHO_S:  # the second: stop now, wherever
+            self.close(logs=False)  # the run is. Raised, not killed, so cleanup runs (a checkpoint being
+            raise SystemExit(128 + signum)  # written removes its .tmp; the trackers are left to exit)
+        if not self.signum:  # the first (an echo of it within ECHO_S is ignored)
+            self.signum, self.t_signal = signum, time.monotonic()
+            tqdm.write(f"received {signal.Signals(signum).name}: finishing this step and writing a checkpoint "
+                       f"(send it again after {self.ECHO_S:g} s to stop at once)")  # fmt: skip
 
     def close(self, logs=True, leave=False):
         """Restore SIGTERM / SIGINT's handlers; close log.jsonl and the trackers (and the group)."""
@@ -540,7 +540,8 @@ class RunControl:
             t = torch.tensor([flag], device="cuda" if dist.get_backend() == "nccl" else "cpu")  # NCCL: CUDA only
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = int(t.item())
-        self.signum, self.stopping = self.signum or flag, flag  # a rank that got none: the next signal is the 2nd
+        self.t_signal = time.monotonic() if flag and not self.signum else self.t_signal  # its own copy may follow
+        self.signum, self.stopping = self.signum or flag, flag  # a rank that got none: its next one is the 2nd
         return bool(flag)
 
     def save(self, step, payload):
